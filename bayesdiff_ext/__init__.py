@@ -1,0 +1,20 @@
+"""bayesdiff_ext: per-pixel uncertainty for diffusion models (BayesDiff, exact and fused).
+
+Importing the package loads the compiled library, which registers the ops under
+``torch.ops.bayesdiff_ext``; ``bayesdiff_ext.ops`` is their checked Python face and
+``bayesdiff_ext.reference`` holds their float64 pure-PyTorch references.
+"""
+
+from bayesdiff_ext import _C
+from bayesdiff_ext import ops, reference
+from bayesdiff_ext.ops import mc_moments, moment_step
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Facts about the compiled library: torch version built against, CUDA mode and architectures."""
+    return dict(_C.build_info())
+
+
+__all__ = ["build_info", "mc_moments", "moment_step", "ops", "reference"]

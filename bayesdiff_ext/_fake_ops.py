@@ -1,0 +1,43 @@
+"""Fake (meta) implementations of the ops, so that torch.compile and export can trace them.
+
+They are registered for every namespace that carries the schemas: the real library and the
+host emulation of the CUDA kernels used by the tests.
+"""
+
+import torch
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit inputs are accumulated and returned in float32."""
+    return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+def _check_same(name: str, t, ref, ref_name: str, shape) -> None:
+    if t is None:
+        return
+    torch._check(
+        t.device == ref.device,
+        lambda: f"`{name}` is on {t.device} but `{ref_name}` is on {ref.device}; all tensors must be on one device",
+    )
+    torch._check(t.dtype == ref.dtype, lambda: f"`{name}` has dtype {t.dtype} but `{ref_name}` has {ref.dtype}")
+    torch._check(tuple(t.shape) == tuple(shape), lambda: f"`{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def register_fakes(namespace: str) -> None:
+    @torch.library.register_fake(f"{namespace}::moment_step")
+    def _moment_step_fake(mean_x, var_x, eps_mean, eps_var, cov_x_eps, a, b, c2, clamp=True):
+        for name, t in (("var_x", var_x), ("eps_mean", eps_mean), ("eps_var", eps_var), ("cov_x_eps", cov_x_eps)):
+            _check_same(name, t, mean_x, "mean_x", mean_x.shape)
+        dtype = result_dtype(mean_x.dtype)
+        return mean_x.new_empty(mean_x.shape, dtype=dtype), mean_x.new_empty(mean_x.shape, dtype=dtype)
+
+    @torch.library.register_fake(f"{namespace}::mc_moments")
+    def _mc_moments_fake(x, eps_mean, eps_var, mean_x):
+        torch._check(x.dim() >= 1, lambda: "`x` must have shape (S, ...)")
+        _check_same("eps_mean", eps_mean, x, "x", x.shape)
+        _check_same("eps_var", eps_var, x, "x", x.shape)
+        _check_same("mean_x", mean_x, x, "x", x.shape[1:])
+        dtype = result_dtype(x.dtype)
+        return tuple(mean_x.new_empty(mean_x.shape, dtype=dtype) for _ in range(3))

@@ -1,0 +1,85 @@
+// CPU implementation of the moment ops: the per-element math of kernels/moment_math.h in
+// at::parallel_for loops.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "glue/dtype_dispatch.h"
+#include "glue/moment_args.h"
+#include "kernels/moment_math.h"
+
+namespace bdx::cpu {
+namespace {
+
+constexpr int64_t kGrain = 4096;
+
+std::tuple<at::Tensor, at::Tensor> moment_step(const at::Tensor& mean_x, const at::Tensor& var_x,
+                                               const at::Tensor& eps_mean, const std::optional<at::Tensor>& eps_var,
+                                               const std::optional<at::Tensor>& cov_x_eps, double a, double b,
+                                               double c2, bool clamp) {
+  auto args = glue::prepare_moment_step(mean_x, var_x, eps_mean, eps_var, cov_x_eps, a, b, c2);
+  BDX_DISPATCH_FLOATING(args.mean_x.scalar_type(), "moment_step", [&] {
+    using Acc = acc_t<T>;
+    const MomentCoefficients<Acc> k{static_cast<Acc>(a), static_cast<Acc>(b), static_cast<Acc>(c2), clamp};
+    const T* mx = glue::data_or_null<T>(args.mean_x);
+    const T* vx = glue::data_or_null<T>(args.var_x);
+    const T* em = glue::data_or_null<T>(args.eps_mean);
+    const T* ev = glue::data_or_null<T>(args.eps_var);
+    const T* cv = glue::data_or_null<T>(args.cov_x_eps);
+    Acc* mean_out = args.mean_next.data_ptr<Acc>();
+    Acc* var_out = args.var_next.data_ptr<Acc>();
+    at::parallel_for(0, args.mean_x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        moment_step_element(k, load<Acc>(mx, i), load<Acc>(vx, i), load<Acc>(em, i), ev ? load<Acc>(ev, i) : Acc(0),
+                            cv ? load<Acc>(cv, i) : Acc(0), &mean_out[i], &var_out[i]);
+      }
+    });
+  });
+  return {args.mean_next, args.var_next};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_moments(const at::Tensor& x, const at::Tensor& eps_mean,
+                                                          const std::optional<at::Tensor>& eps_var,
+                                                          const at::Tensor& mean_x) {
+  auto args = glue::prepare_mc_moments(x, eps_mean, eps_var, mean_x);
+  BDX_DISPATCH_FLOATING(args.x.scalar_type(), "mc_moments", [&] {
+    using Acc = acc_t<T>;
+    const T* xs = glue::data_or_null<T>(args.x);
+    const T* ms = glue::data_or_null<T>(args.eps_mean);
+    const T* vs = glue::data_or_null<T>(args.eps_var);
+    const T* mx = glue::data_or_null<T>(args.mean_x);
+    Acc* e_out = args.e_eps.data_ptr<Acc>();
+    Acc* v_out = args.var_eps.data_ptr<Acc>();
+    Acc* c_out = args.cov_x_eps.data_ptr<Acc>();
+    const int64_t n = args.numel;
+    const int64_t samples = args.samples;
+    // Samples outermost within a chunk: each pass streams one contiguous slice of every stack.
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<McState<Acc>> states(end - begin, mc_init<Acc>());
+      for (int64_t s = 0; s < samples; ++s) {
+        const Acc inv_count = Acc(1) / static_cast<Acc>(s + 1);
+        const int64_t offset = s * n;
+        for (int64_t i = begin; i < end; ++i) {
+          mc_accumulate(states[i - begin], load<Acc>(xs, offset + i), load<Acc>(ms, offset + i),
+                        vs ? load<Acc>(vs, offset + i) : Acc(0), inv_count);
+        }
+      }
+      const Acc inv_samples = Acc(1) / static_cast<Acc>(samples);
+      for (int64_t i = begin; i < end; ++i) {
+        mc_finalize(states[i - begin], inv_samples, load<Acc>(mx, i), &e_out[i], &v_out[i], &c_out[i]);
+      }
+    });
+  });
+  return {args.e_eps, args.var_eps, args.cov_x_eps};
+}
+
+}  // namespace
+}  // namespace bdx::cpu
+
+TORCH_LIBRARY_IMPL(bayesdiff_ext, CPU, m) {
+  m.impl("moment_step", &bdx::cpu::moment_step);
+  m.impl("mc_moments", &bdx::cpu::mc_moments);
+}

@@ -1,0 +1,18 @@
+// Every op schema of the library, in one place. The real library (bayesdiff_ext) and the host
+// emulation of the CUDA kernels (bayesdiff_ext_emu) define the same schemas from here.
+#pragma once
+
+#include <torch/library.h>
+
+namespace bdx {
+
+inline void define_schemas(torch::Library& m) {
+  m.def(
+      "moment_step(Tensor mean_x, Tensor var_x, Tensor eps_mean, Tensor? eps_var, Tensor? cov_x_eps, "
+      "float a, float b, float c2, bool clamp=True) -> (Tensor mean_next, Tensor var_next)");
+  m.def(
+      "mc_moments(Tensor x, Tensor eps_mean, Tensor? eps_var, Tensor mean_x) "
+      "-> (Tensor e_eps, Tensor var_eps, Tensor cov_x_eps)");
+}
+
+}  // namespace bdx
