@@ -1,0 +1,239 @@
+"""Writing a run's results to disk, all at once or not at all.
+
+Layout of an output folder (``bayesdiff-out/<timestamp>/`` by default)::
+
+    samples/00000.png ...      the images, model scale [-1, 1] mapped to 8 bit
+    uncertainty/00000.png ...  Var[x_0] averaged over channels, 'inferno', one shared linear scale
+    kept/00000.png ...         the samples the filter kept (same names as in samples/)
+    grid_sorted.png            samples beside their maps, sorted by score, scores printed
+    scores.csv                 index, one column per aggregation, kept (1/0)
+    summary.json               scores, filter decision, colour scale, settings, versions, timings
+    tensors.safetensors        the native-resolution float tensors (images, variance, mean, scores)
+
+PNGs of small images are enlarged by an integer nearest-neighbour factor (see
+:mod:`bayesdiff_ext.io.images`); ``tensors.safetensors`` keeps the exact values.
+
+Everything is written into a hidden sibling folder that is renamed into place at the end, so a
+run that fails part-way leaves no output folder behind; each file inside is itself written to a
+temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from bayesdiff_ext import aggregation
+from bayesdiff_ext.aggregation import FilterDecision
+from bayesdiff_ext.io.grid import sorted_grid
+from bayesdiff_ext.io.images import colorize, display_factor, encode_png, to_uint8, upscale
+
+__all__ = ["RunRecord", "check_output_dir", "timestamped_out_dir", "versions", "write_run"]
+
+
+@dataclass
+class RunRecord:
+    """What a sampling run produced and how: the input of :func:`write_run`.
+
+    ``scores`` maps each aggregation's name to its per-image scores (B,), ``aggregations`` the same
+    names to the parameters used; ``primary`` names the score that was filtered on and sorts the
+    grid; ``decision`` is the filter's result on it.
+    """
+
+    images: torch.Tensor
+    variance: torch.Tensor
+    scores: Mapping[str, torch.Tensor]
+    aggregations: Mapping[str, Mapping]
+    primary: str
+    decision: FilterDecision
+    settings: Mapping = field(default_factory=dict)
+    timings: Mapping = field(default_factory=dict)
+    mean: torch.Tensor | None = None
+
+    def check(self) -> None:
+        """Raise ValueError if the parts do not describe the same batch of images."""
+        shape = tuple(self.images.shape)
+        if self.images.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {shape}")
+        for name, t in (("variance", self.variance), ("mean", self.mean)):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but images have shape {shape}")
+        batch = shape[0]
+        for name, s in self.scores.items():
+            if tuple(s.shape) != (batch,):
+                raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}, expected ({batch},)")
+        if self.primary not in self.scores:
+            raise ValueError(f"primary score {self.primary!r} is not among the scores {list(self.scores)}")
+        if tuple(self.decision.keep.shape) != (batch,):
+            raise ValueError(f"the filter decision covers {self.decision.keep.numel()} images, not {batch}")
+
+
+def versions() -> dict:
+    """Versions of what produced a run (recorded in summary.json)."""
+    import diffusers
+
+    import bayesdiff_ext
+
+    return {
+        "bayesdiff_ext": bayesdiff_ext.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def timestamped_out_dir(root: str | os.PathLike = "bayesdiff-out") -> Path:
+    """``root/<YYYYmmdd-HHMMSS>``, with a ``-2``, ``-3`` ... suffix if that folder already exists."""
+    base = Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Check, without creating anything, that ``path`` can become a new output folder.
+
+    It may not exist yet (its parents are created) or be an empty folder. Raises
+    FileExistsError / NotADirectoryError / PermissionError with a message naming the path; returns
+    the absolute path. Meant to be called before a long run, so it fails fast.
+    """
+    out = Path(path).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise NotADirectoryError(f"output path {out} exists and is not a folder")
+        if any(out.iterdir()):
+            raise FileExistsError(f"output folder {out} already exists and is not empty; choose a new one")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot create output folder {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create output folder {out}: {ancestor} is not writable")
+    return out
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _scores_csv(record: RunRecord) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    names = list(record.scores)
+    writer.writerow(["index", *names, "kept"])
+    columns = [record.scores[name].tolist() for name in names]
+    for i, kept in enumerate(record.decision.keep.tolist()):
+        writer.writerow([i, *(repr(float(col[i])) for col in columns), int(kept)])
+    return text.getvalue().encode()
+
+
+def _summary(record: RunRecord, vmax: float, factor: int, timings: Mapping) -> dict:
+    batch, channels, height, width = record.images.shape
+    decision = record.decision.to_dict()
+    return {
+        "num_images": batch,
+        "image_shape": [channels, height, width],
+        "primary_aggregation": record.primary,
+        "aggregations": {name: dict(params) for name, params in record.aggregations.items()},
+        "scores": {name: s.tolist() for name, s in record.scores.items()},
+        "per_channel_sum": aggregation.per_channel(record.variance, "sum").tolist(),
+        "filter": {**decision, "num_kept": len(decision["kept"]), "num_removed": len(decision["removed"]),
+                   "applied_to": record.primary},
+        "uncertainty_maps": {
+            "quantity": "per-pixel Var[x_0], averaged over channels",
+            "colormap": "inferno",
+            "scale": "linear, shared by every map of this run",
+            "vmin": 0.0,
+            "vmax": vmax,
+        },
+        "png": {
+            "samples": "model scale [-1, 1] mapped linearly to 0..255, values outside clipped",
+            "upscale_factor": factor,
+            "interpolation": "nearest",
+            "native_size": [height, width],
+            "exact_values": "tensors.safetensors",
+        },
+        "settings": dict(record.settings),
+        "versions": versions(),
+        "timings": dict(timings),
+    }
+
+
+def _write_contents(folder: Path, record: RunRecord) -> None:
+    from safetensors.torch import save
+
+    started = time.perf_counter()
+    samples = to_uint8(record.images)
+    maps = record.variance.detach().to(torch.float64).mean(dim=1)
+    vmax = float(maps.max())
+    heatmaps = colorize(maps, vmax)
+    factor = display_factor(*samples.shape[1:3])
+    for sub in ("samples", "uncertainty", "kept"):
+        (folder / sub).mkdir()
+    keep = record.decision.keep.tolist()
+    for i in range(samples.shape[0]):
+        name = f"{i:05d}.png"
+        png = encode_png(upscale(samples[i], factor))
+        _write_file(folder / "samples" / name, png)
+        if keep[i]:
+            _write_file(folder / "kept" / name, png)
+        _write_file(folder / "uncertainty" / name, encode_png(upscale(heatmaps[i], factor)))
+    grid = sorted_grid(
+        upscale(samples, factor), upscale(heatmaps, factor),
+        record.scores[record.primary].cpu().numpy(), record.decision.keep.numpy(),
+        score_name=record.primary, rule=record.decision.rule, vmax=vmax,
+    )
+    _write_file(folder / "grid_sorted.png", encode_png(grid))
+    _write_file(folder / "scores.csv", _scores_csv(record))
+    # Copies: safetensors refuses tensors that share memory (a sampler may return one tensor as
+    # both the image and the mean).
+    tensors = {"images": record.images, "variance": record.variance}
+    if record.mean is not None:
+        tensors["mean"] = record.mean
+    tensors.update({f"scores.{name}": s for name, s in record.scores.items()})
+    _write_file(folder / "tensors.safetensors",
+                save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}))
+    timings = {**record.timings, "write_s": time.perf_counter() - started}
+    summary = json.dumps(_summary(record, vmax, factor, timings), indent=2, default=str)
+    _write_file(folder / "summary.json", summary.encode())
+
+
+def write_run(out_dir: str | os.PathLike, record: RunRecord) -> Path:
+    """Write ``record`` as a complete output folder at ``out_dir`` and return its absolute path.
+
+    The folder appears only once everything in it has been written: contents go to a hidden
+    sibling ``.<name>.partial-<id>`` that is renamed to ``out_dir`` at the end and removed if
+    anything fails (the error is re-raised).
+    """
+    record.check()
+    out = check_output_dir(out_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as err:
+        raise PermissionError(f"cannot create output folder {out}: {err.strerror or err}") from err
+    try:
+        _write_contents(staging, record)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
