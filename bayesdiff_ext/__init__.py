@@ -7,6 +7,7 @@ Importing the package loads the compiled library, which registers the ops under
 
 from bayesdiff_ext import _C
 from bayesdiff_ext import aggregation, ops, reference
+from bayesdiff_ext import metrics
 from bayesdiff_ext.ops import mc_moments, moment_step
 
 __version__ = "0.1.0"
@@ -17,4 +18,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["aggregation", "build_info", "mc_moments", "moment_step", "ops", "reference"]
+__all__ = ["aggregation", "build_info", "mc_moments", "metrics", "moment_step", "ops", "reference"]
