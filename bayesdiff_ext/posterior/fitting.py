@@ -1,0 +1,184 @@
+"""The fitting data loop: noised training images through the model, φ from the hook, residuals.
+
+For every batch of images x_0 and each of ``timesteps_per_image`` draws: t ~ U{0..T−1}, ε ~ N(0, I),
+x_t = scheduler.add_noise(x_0, ε, t), f = ε channels of model(x_t, t), r = f − ε. The accumulator
+of the chosen structure gets (φ, r); the residual sum of squares gives σ by maximum likelihood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from bayesdiff_ext.posterior.capture import capture_head_input
+from bayesdiff_ext.posterior.head_ops import accumulation_dtype
+from bayesdiff_ext.posterior.heads import HeadSpec
+
+ModelKwargs = Mapping[str, Any] | Callable[[torch.Tensor], Mapping[str, Any]] | None
+
+
+class CurvatureAccumulator(Protocol):
+    def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None: ...
+
+
+@dataclasses.dataclass
+class FitStatistics:
+    """What the posterior was fitted on; saved with it."""
+
+    n_images: int = 0
+    n_samples: int = 0  # images × timesteps: the data points of the likelihood
+    timesteps_per_image: int = 1
+    residual_elements: int = 0
+    residual_sum_squares: float = 0.0
+
+    def add(self, residual: torch.Tensor) -> None:
+        self.n_samples += len(residual)
+        self.residual_elements += residual.numel()
+        self.residual_sum_squares += float(residual.to(torch.float64).square().sum())
+
+
+def model_output(out) -> torch.Tensor:
+    """The prediction tensor of a diffusers output object, a tuple, or a plain tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot read the prediction from a model output of type {type(out).__name__}")
+
+
+def image_batches(images, batch_size: int) -> tuple[Iterable[torch.Tensor], int | None]:
+    """Batches of x_0 from a tensor (N, C, H, W), a Dataset or a DataLoader, and their count."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() < 2:
+            raise ValueError(f"`images` must be a batch (N, C, H, W), got shape {tuple(images.shape)}")
+        batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        return batches, len(batches)
+    if isinstance(images, DataLoader):
+        loader = images
+    elif isinstance(images, Dataset):
+        loader = DataLoader(images, batch_size=batch_size, shuffle=False)
+    else:
+        raise TypeError(f"`images` must be a tensor, a Dataset or a DataLoader, got {type(images).__name__}")
+    try:
+        count = len(loader)
+    except TypeError:
+        count = None
+    return (_image_tensor(batch) for batch in loader), count
+
+
+def _image_tensor(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("images", "image", "pixel_values"):
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"a dict batch needs an 'images', 'image' or 'pixel_values' entry, got keys {list(batch)}")
+    raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
+
+
+def check_scheduler(scheduler) -> int:
+    """The scheduler's number of training timesteps, after checking it predicts ε."""
+    config = getattr(scheduler, "config", None)
+    if config is None or not hasattr(scheduler, "add_noise"):
+        raise TypeError(f"`scheduler` must be a diffusers scheduler with add_noise, got {type(scheduler).__name__}")
+    prediction = getattr(config, "prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(
+            f"the scheduler has prediction_type={prediction!r}; BayesDiff propagates the variance of ε, "
+            "so the posterior needs an ε-prediction model (prediction_type='epsilon')"
+        )
+    return int(config.num_train_timesteps)
+
+
+def fit_on_images(
+    model: nn.Module,
+    head: nn.Module,
+    spec: HeadSpec,
+    accumulator: CurvatureAccumulator,
+    images,
+    scheduler,
+    *,
+    batch_size: int,
+    timesteps_per_image: int,
+    generator: torch.Generator | None,
+    model_kwargs: ModelKwargs,
+    progress: bool,
+) -> FitStatistics:
+    """Run the data loop; the model must already be in eval mode and gradients off."""
+    if timesteps_per_image < 1:
+        raise ValueError(f"timesteps_per_image must be >= 1, got {timesteps_per_image}")
+    num_timesteps = check_scheduler(scheduler)
+    param = next(model.parameters())
+    batches, count = image_batches(images, batch_size)
+    stats = FitStatistics(timesteps_per_image=timesteps_per_image)
+    total = None if count is None else count * timesteps_per_image
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    checked = False
+    with tqdm(total=total, disable=not progress, desc="Fitting last-layer Laplace", unit="batch") as bar:
+        for x0 in batches:
+            x0 = x0.to(param.device, param.dtype)
+            kwargs = model_kwargs(x0) if callable(model_kwargs) else dict(model_kwargs or {})
+            for _ in range(timesteps_per_image):
+                t = torch.randint(0, num_timesteps, (len(x0),), generator=generator, device=draw_device)
+                t = t.to(param.device)
+                noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=torch.float32)
+                noise = noise.to(param.device, param.dtype)
+                x_t = scheduler.add_noise(x0, noise, t)
+                with capture_head_input(head) as cap:
+                    out = model_output(model(x_t, t, **kwargs))
+                if cap.phi is None:
+                    raise RuntimeError("the head was not called during the model's forward")
+                if not checked:
+                    _check_output_is_head(head, spec, cap.phi, out)
+                    checked = True
+                dtype = accumulation_dtype(out)
+                residual = out[:, : spec.eps_channels].to(dtype) - noise.to(dtype)
+                accumulator.update(cap.phi, residual)
+                stats.add(residual)
+                bar.update(1)
+            stats.n_images += len(x0)
+    if stats.n_images == 0:
+        raise ValueError("`images` is empty")
+    return stats
+
+
+def _check_output_is_head(head: nn.Module, spec: HeadSpec, phi: torch.Tensor, out: torch.Tensor) -> None:
+    """The posterior describes the head's output; refuse a model that post-processes it."""
+    head_out = head(phi)
+    if head_out.shape != out.shape or not torch.allclose(head_out, out, rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            f"the model's output {tuple(out.shape)} is not the output of its head {spec.shape_text()} "
+            f"({tuple(head_out.shape)}): something post-processes it, so the head posterior does not describe "
+            "ε. Fit such a model with fit_features(...) on (φ, target) pairs in the head's output layout."
+        )
+
+
+def fit_on_features(
+    head: nn.Module, spec: HeadSpec, accumulator: CurvatureAccumulator, features: Iterable, *, progress: bool
+) -> FitStatistics:
+    """Accumulate from precomputed (φ, target) batches; target is ε in the head's output layout."""
+    stats = FitStatistics()
+    weight = head.weight.detach()
+    for phi, target in tqdm(features, disable=not progress, desc="Fitting last-layer Laplace", unit="batch"):
+        phi = phi.to(weight.device)
+        out = head(phi)
+        f = out[:, : spec.eps_channels] if spec.is_conv else out[..., : spec.eps_channels]
+        dtype = accumulation_dtype(f)
+        residual = f.to(dtype) - target.to(f.device, dtype).reshape(f.shape)
+        accumulator.update(phi, residual)
+        stats.add(residual)
+        stats.n_images += len(phi)
+    if stats.n_images == 0:
+        raise ValueError("`features` is empty")
+    return stats

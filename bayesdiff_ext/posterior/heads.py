@@ -1,0 +1,188 @@
+"""Find a model's noise-prediction head, describe its geometry, and refuse heads whose output is not ε."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+SUPPORTED = (
+    "a diffusers UNet2DModel or UNet2DConditionModel (head: conv_out), a bare nn.Conv2d or nn.Linear "
+    "head, or any model together with head=<its nn.Conv2d/nn.Linear output layer> whose output is the "
+    "model's output"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """What a posterior needs to know about the head: its kind, shape, geometry and ε channels.
+
+    For a conv head the weight is (out_channels, in_channels/groups, *kernel_size); for a Linear head
+    it is (out_channels, in_channels) and the geometry fields keep their neutral values.
+    ``eps_channels`` leading output channels are ε (all of them unless the head also predicts a
+    variance, out_channels = 2·eps_channels); the posterior covers only their weights.
+    """
+
+    kind: str  # "conv2d" or "linear"
+    in_channels: int
+    out_channels: int
+    eps_channels: int
+    has_bias: bool
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind == "conv2d"
+
+    @property
+    def eps_weight_shape(self) -> tuple[int, ...]:
+        if self.is_conv:
+            return (self.eps_channels, self.in_channels // self.groups, *self.kernel_size)
+        return (self.eps_channels, self.in_channels)
+
+    @property
+    def taps(self) -> int:
+        """Weights per output channel: D = C_in/groups·kh·kw (SPEC §1.1), or in_features."""
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the posterior: the ε channels' weights and biases."""
+        return self.eps_channels * (self.taps + int(self.has_bias))
+
+    @property
+    def geometry(self) -> dict:
+        """Keyword arguments of the conv ops (stride, padding, dilation) for this head."""
+        return {"stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation)}
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def shape_text(self) -> str:
+        if self.is_conv:
+            return (
+                f"Conv2d({self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.has_bias}, "
+                f"eps_channels={self.eps_channels})"
+            )
+        return (
+            f"Linear({self.in_channels}->{self.out_channels}, bias={self.has_bias}, eps_channels={self.eps_channels})"
+        )
+
+    @classmethod
+    def from_description(cls, d: dict) -> HeadSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
+        return cls(**values)
+
+
+def locate_head(model: nn.Module, head: nn.Module | None = None) -> nn.Module:
+    """The head of ``model``: ``head`` when given, the model itself if it is a Conv2d/Linear, or
+    ``conv_out`` of a diffusers UNet after checking that nothing post-processes its output."""
+    if head is not None:
+        if not any(m is head for m in model.modules()):
+            raise ValueError(f"head={type(head).__name__} is not a submodule of the model {type(model).__name__}")
+        _check_head_type(head)
+        return head
+    if isinstance(model, (nn.Conv2d, nn.Linear)):
+        _check_head_type(model)
+        return model
+    name = type(model).__name__
+    if name == "UNet2DModel":
+        _check_unet2d_output_is_head(model)
+    elif name != "UNet2DConditionModel":
+        raise ValueError(f"cannot locate the noise-prediction head of a {name}; supported: {SUPPORTED}")
+    _check_head_type(model.conv_out)
+    return model.conv_out
+
+
+def _check_unet2d_output_is_head(unet: nn.Module) -> None:
+    if unet.config.time_embedding_type == "fourier":
+        raise ValueError(
+            "UNet2DModel with time_embedding_type='fourier' divides conv_out's output by the noise level, "
+            "so its output is not the head's output and the head posterior does not describe ε; "
+            f"supported: {SUPPORTED}"
+        )
+    skip_blocks = [type(b).__name__ for b in unet.up_blocks if hasattr(b, "skip_conv")]
+    if skip_blocks:
+        raise ValueError(
+            f"UNet2DModel with skip up-blocks ({', '.join(skip_blocks)}) adds a skip_sample to conv_out's "
+            f"output, so ε is not the head's output; supported: {SUPPORTED}"
+        )
+
+
+def _check_head_type(head: nn.Module) -> None:
+    if isinstance(head, nn.Conv2d):
+        if head.padding_mode != "zeros":
+            raise ValueError(f"head Conv2d uses padding_mode={head.padding_mode!r}; only 'zeros' is supported")
+        if isinstance(head.padding, str) and head.padding == "same" and _same_is_asymmetric(head):
+            raise ValueError("head Conv2d uses padding='same' with an even dilated kernel (asymmetric padding)")
+        return
+    if isinstance(head, nn.Linear):
+        return
+    raise ValueError(f"the head must be an nn.Conv2d or nn.Linear, got {type(head).__name__}")
+
+
+def _same_is_asymmetric(conv: nn.Conv2d) -> bool:
+    return any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation))
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return _pair(conv.padding)
+
+
+def default_eps_channels(model: nn.Module, head: nn.Module) -> int:
+    """ε channels: half the head's outputs for a diffusers UNet that also predicts a variance
+    (out_channels = 2·in_channels, "learned"/"learned_range" variance), otherwise all of them."""
+    out = head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+    config = getattr(model, "config", None)
+    in_channels = getattr(config, "in_channels", None) if config is not None else None
+    if head is getattr(model, "conv_out", None) and in_channels is not None and out == 2 * in_channels:
+        return in_channels
+    return out
+
+
+def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
+    out = head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+    if not 0 < eps_channels <= out:
+        raise ValueError(f"eps_channels must be in 1..{out} (the head's outputs), got {eps_channels}")
+    if isinstance(head, nn.Conv2d):
+        if head.groups > 1 and eps_channels != out:
+            raise ValueError(
+                f"a grouped head (groups={head.groups}) is supported only with all {out} outputs as ε, "
+                f"got eps_channels={eps_channels}"
+            )
+        return HeadSpec(
+            kind="conv2d",
+            in_channels=head.in_channels,
+            out_channels=out,
+            eps_channels=eps_channels,
+            has_bias=head.bias is not None,
+            kernel_size=_pair(head.kernel_size),
+            stride=_pair(head.stride),
+            padding=_conv_padding(head),
+            dilation=_pair(head.dilation),
+            groups=head.groups,
+        )
+    return HeadSpec(
+        kind="linear", in_channels=head.in_features, out_channels=out, eps_channels=eps_channels,
+        has_bias=head.bias is not None,
+    )
+
+
+def eps_parameters(head: nn.Module, spec: HeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """θ_MAP restricted to the ε channels: (weight[:C_eps], bias[:C_eps]), detached views."""
+    c = spec.eps_channels
+    weight = head.weight.detach()[:c]
+    bias = None if head.bias is None else head.bias.detach()[:c]
+    return weight, bias

@@ -1,0 +1,153 @@
+"""KFAC posterior as laplace-torch forms it: H ≈ G ⊗ A for the weight, G_b for the bias (SPEC §1.1).
+
+With eig(G) = (Q_G, g), eig(A) = (Q_A, a), eig(G_b) = (Q_b, g_b) and laplace-torch's default
+undamped inverse of s·H + δ:
+
+    var[c,p] = Σ_j mix[c,j]·(q_{A,j}·φ_p)² + bias_var[c],
+    mix[c,j] = Σ_i Q_G[c,i]² / (s·g_i·a_j + δ),   bias_var[c] = Σ_i Q_b[c,i]² / (s·g_b,i + δ).
+
+The factors are fitted by laplace-torch's ``KronLaplace`` on ``Sequential(ε head, Flatten)`` fed
+the captured (φ, target) batches one at a time (its incremental fit sums the factors exactly as a
+single fit over all batches would).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bayesdiff_ext.posterior import head_ops
+from bayesdiff_ext.posterior.full import require_ungrouped
+from bayesdiff_ext.posterior.heads import HeadSpec
+from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
+
+
+def eps_head_module(spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A standalone copy of the head restricted to its ε channels, with the given parameters."""
+    if spec.is_conv:
+        module = nn.Conv2d(
+            spec.in_channels, spec.eps_channels, spec.kernel_size, stride=spec.stride, padding=spec.padding,
+            dilation=spec.dilation, bias=spec.has_bias, device=weight.device, dtype=weight.dtype,
+        )
+    else:
+        module = nn.Linear(spec.in_channels, spec.eps_channels, bias=spec.has_bias, device=weight.device,
+                           dtype=weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+def _backend(kind: str):
+    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+
+    backends = {"ggn": CurvlinopsGGN, "ef": CurvlinopsEF}
+    if kind not in backends:
+        raise ValueError(f"kron curvature must be 'ggn' or 'ef', got {kind!r}")
+    return backends[kind]
+
+
+class KronCurvature:
+    """Accumulates laplace-torch's KFAC factors of the ε head batch by batch."""
+
+    def __init__(self, spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | None, kind: str):
+        require_ungrouped(spec, "kron")
+        self.spec, self.kind = spec, kind
+        self.backend = _backend(kind)
+        self._weight, self._bias = weight, bias
+        self.laplace = None
+
+    def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
+        from laplace import KronLaplace
+
+        dtype = head_ops.accumulation_dtype(phi)
+        phi = phi.to(dtype)
+        if self.laplace is None:
+            bias = None if self._bias is None else self._bias.to(phi.device, dtype)
+            head = eps_head_module(self.spec, self._weight.to(phi.device, dtype), bias)
+            self.laplace = KronLaplace(nn.Sequential(head, nn.Flatten()), "regression", backend=self.backend)
+            first = True
+        else:
+            first = False
+        model = self.laplace.model
+        with torch.no_grad():
+            target = (model(phi) - residual.to(dtype).flatten(1)).detach()
+        batch = DataLoader(TensorDataset(phi, target), batch_size=len(phi))
+        with torch.enable_grad():  # curvlinops differentiates the ε-head copy (the model stays gradient-free)
+            self.laplace.fit(batch, override=first)
+
+    def finish(self) -> KronPosterior:
+        if self.laplace is None:
+            raise ValueError("no data was given to fit the kron curvature")
+        return KronPosterior.from_kron_factors(self.spec, self.laplace.H_facs.kfacs)
+
+
+class KronPosterior(PosteriorStructure):
+    name = "kron"
+
+    def __init__(self, spec: HeadSpec, g: torch.Tensor, a: torch.Tensor, g_bias: torch.Tensor | None):
+        super().__init__(spec)
+        require_ungrouped(spec, "kron")
+        c, d = spec.eps_channels, spec.taps
+        shapes = {"G": (g, (c, c)), "A": (a, (d, d))}
+        if spec.has_bias:
+            shapes["G_bias"] = (g_bias, (c, c))
+        for name, (factor, shape) in shapes.items():
+            if factor is None or tuple(factor.shape) != shape:
+                got = None if factor is None else tuple(factor.shape)
+                raise ValueError(f"kron factor {name} of this head must be {shape}, got {got}")
+        self.g, self.a = g.to(torch.float64), a.to(torch.float64)
+        self.g_bias = None if g_bias is None else g_bias.to(torch.float64)
+        self._eig = [_psd_eigh(f) for f in (self.g, self.a, self.g_bias) if f is not None]
+
+    @classmethod
+    def from_kron_factors(cls, spec: HeadSpec, kfacs) -> KronPosterior:
+        """From laplace-torch's ``Kron.kfacs`` of ``Sequential(head, Flatten)``: [[G, A], [G_b]]."""
+        if len(kfacs) != 1 + int(spec.has_bias) or len(kfacs[0]) != 2:
+            raise ValueError(
+                f"expected laplace-torch Kron factors [[G, A]{', [G_b]' if spec.has_bias else ''}] of a "
+                f"single head, got {[len(f) for f in kfacs]} factors per block"
+            )
+        g_bias = kfacs[1][0].detach() if spec.has_bias else None
+        return cls(spec, kfacs[0][0].detach(), kfacs[0][1].detach(), g_bias)
+
+    def spectrum(self):
+        (g, _), (a, _) = self._eig[:2]
+        values = torch.outer(g, a).flatten()
+        if self.g_bias is not None:
+            values = torch.cat([values, self._eig[2][0]])
+        return values, torch.ones_like(values)
+
+    def op_inputs(self, s, delta) -> OpInputs:
+        (g, q_g), (a, q_a) = self._eig[:2]
+        mix = q_g.square() @ (1.0 / (s * torch.outer(g, a) + delta))
+        bias_var = None
+        if self.g_bias is not None:
+            g_b, q_b = self._eig[2]
+            bias_var = q_b.square() @ (1.0 / (s * g_b + delta))
+        return {"proj_weight": q_a.T.contiguous(), "proj_bias": None, "mix": mix, "bias_var": bias_var}
+
+    def predict_with(self, phi, weight, bias, inputs):
+        mean = head_ops.head_mean(self.spec, phi, weight, bias)
+        var = head_ops.factored_var(
+            self.spec, phi, inputs["proj_weight"], inputs["proj_bias"], inputs["mix"], inputs["bias_var"]
+        )
+        return mean, var
+
+    def tensors(self):
+        out = {"G": self.g, "A": self.a}
+        if self.g_bias is not None:
+            out["G_bias"] = self.g_bias
+        return out
+
+    @classmethod
+    def from_tensors(cls, spec, tensors):
+        return cls(spec, tensors["G"], tensors["A"], tensors.get("G_bias"))
+
+
+def _psd_eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh(factor)
+    # Curvature factors are PSD; round-off below zero would let s·g·a + δ approach 0 for tiny δ.
+    return values.clamp_min(0.0), vectors

@@ -1,0 +1,128 @@
+"""save/load of a LastLayerLaplace: one safetensors file, settings as JSON in its header metadata.
+
+Layout: tensors ``curvature.<name>`` (float64, the structure's curvature without σ or δ) and one
+metadata entry ``bayesdiff_ext.posterior`` holding a JSON object: format version, structure,
+curvature, σ/δ/T and how they were chosen, the head (kind, shapes, geometry, ε channels), the
+fitting statistics (images, samples, timesteps per image, residual sum of squares), a SHA-256 of
+the head's MAP weights, package versions and the UTC date. Written to a temporary file in the
+target directory and moved into place with os.replace, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bayesdiff_ext.posterior.fitting import FitStatistics
+from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head
+
+METADATA_KEY = "bayesdiff_ext.posterior"
+FORMAT_VERSION = 1
+TENSOR_PREFIX = "curvature."
+
+
+def head_fingerprint(head: torch.nn.Module, spec: HeadSpec) -> str:
+    """SHA-256 of the ε weights and biases (float64 bytes): detects a posterior for other weights."""
+    digest = hashlib.sha256()
+    for t in eps_parameters(head, spec):
+        if t is not None:
+            digest.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    import bayesdiff_ext
+
+    versions = {"bayesdiff_ext": bayesdiff_ext.__version__, "torch": torch.__version__}
+    try:
+        import diffusers
+
+        versions["diffusers"] = diffusers.__version__
+    except ImportError:
+        versions["diffusers"] = None
+    return versions
+
+
+def save_posterior(post, path) -> None:
+    posterior = post._fitted()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "structure": post.structure,
+        "curvature": post.curvature,
+        "sigma_noise": post.sigma_noise,
+        "sigma_noise_choice": post.sigma_choice,
+        "prior_precision": post.prior_precision,
+        "prior_precision_choice": post.prior_choice,
+        "temperature": post.temperature,
+        "head": post.spec.describe(),
+        "head_sha256": head_fingerprint(post.head, post.spec),
+        "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tensors = {TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in posterior.tensors().items()}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and curvature tensors of a saved posterior."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if METADATA_KEY not in header:
+            raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
+        tensors = {k[len(TENSOR_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(TENSOR_PREFIX)}
+    meta = json.loads(header[METADATA_KEY])
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has posterior format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    return meta, tensors
+
+
+def load_posterior(cls, path, model, head):
+    from bayesdiff_ext.posterior.last_layer_laplace import STRUCTURES
+
+    meta, tensors = read_posterior_file(path)
+    saved = HeadSpec.from_description(meta["head"])
+    target_head = locate_head(model, head)
+    current = head_spec(target_head, min(saved.eps_channels, _out_channels(target_head)))
+    if current != saved:
+        raise ValueError(
+            f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
+            f"{current.shape_text()}"
+        )
+    post = cls(
+        model, meta["structure"], meta["curvature"], head=target_head, eps_channels=saved.eps_channels,
+        sigma_noise=meta["sigma_noise_choice"], prior_precision=meta["prior_precision_choice"],
+        temperature=meta["temperature"],
+    )
+    if head_fingerprint(target_head, saved) != meta["head_sha256"]:
+        warnings.warn(
+            f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
+            "its curvature and hyperparameters belong to the other weights",
+            stacklevel=3,
+        )
+    post.posterior = STRUCTURES[meta["structure"]].from_tensors(saved, tensors)
+    post.fit_stats = None if meta["fit"] is None else FitStatistics(**meta["fit"])
+    post.sigma_noise, post.prior_precision = meta["sigma_noise"], meta["prior_precision"]
+    return post
+
+
+def _out_channels(head: torch.nn.Module) -> int:
+    return head.out_channels if isinstance(head, torch.nn.Conv2d) else head.out_features
