@@ -25,6 +25,14 @@ def _check_same(name: str, t, ref, ref_name: str, shape) -> None:
     torch._check(tuple(t.shape) == tuple(shape), lambda: f"`{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _patch_output_size(phi, kernel_size, stride, padding, dilation) -> tuple:
+    """(H_out, W_out) of a groups=1 conv over `phi`, as the curvature accumulators compute it."""
+    torch._check(phi.dim() == 4, lambda: f"`phi` must have shape (N, C_in, H, W), got {tuple(phi.shape)}")
+    return tuple(
+        (phi.shape[2 + k] + 2 * padding[k] - dilation[k] * (kernel_size[k] - 1) - 1) // stride[k] + 1 for k in range(2)
+    )
+
+
 def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::moment_step")
     def _moment_step_fake(mean_x, var_x, eps_mean, eps_var, cov_x_eps, a, b, c2, clamp=True):
@@ -41,3 +49,21 @@ def register_fakes(namespace: str) -> None:
         _check_same("mean_x", mean_x, x, "x", x.shape[1:])
         dtype = result_dtype(x.dtype)
         return tuple(mean_x.new_empty(mean_x.shape, dtype=dtype) for _ in range(3))
+
+    @torch.library.register_fake(f"{namespace}::conv_diag_ggn")
+    def _conv_diag_ggn_fake(phi, kernel_size, stride, padding, dilation):
+        _patch_output_size(phi, kernel_size, stride, padding, dilation)
+        return phi.new_empty((phi.shape[1], *kernel_size), dtype=result_dtype(phi.dtype))
+
+    @torch.library.register_fake(f"{namespace}::conv_diag_ef")
+    def _conv_diag_ef_fake(phi, residual, kernel_size, stride, padding, dilation):
+        out_h, out_w = _patch_output_size(phi, kernel_size, stride, padding, dilation)
+        torch._check(residual.dim() == 4, lambda: "`residual` must have shape (N, C, H_out, W_out)")
+        _check_same("residual", residual, phi, "phi", (phi.shape[0], residual.shape[1], out_h, out_w))
+        return phi.new_empty((residual.shape[1], phi.shape[1], *kernel_size), dtype=result_dtype(phi.dtype))
+
+    @torch.library.register_fake(f"{namespace}::conv_patch_gram")
+    def _conv_patch_gram_fake(phi, kernel_size, stride, padding, dilation):
+        _patch_output_size(phi, kernel_size, stride, padding, dilation)
+        augmented = phi.shape[1] * kernel_size[0] * kernel_size[1] + 1
+        return phi.new_empty((augmented, augmented), dtype=result_dtype(phi.dtype))

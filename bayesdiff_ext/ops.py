@@ -14,7 +14,16 @@ from bayesdiff_ext._fake_ops import register_fakes, result_dtype
 
 register_fakes("bayesdiff_ext")
 
-__all__ = ["check_finite", "check_nonnegative", "mc_moments", "moment_step", "result_dtype"]
+__all__ = [
+    "check_finite",
+    "check_nonnegative",
+    "conv_diag_ef",
+    "conv_diag_ggn",
+    "conv_patch_gram",
+    "mc_moments",
+    "moment_step",
+    "result_dtype",
+]
 
 
 def check_finite(name: str, t: torch.Tensor | None) -> None:
@@ -80,3 +89,95 @@ def mc_moments(
             check_finite(name, t)
         check_nonnegative("eps_var", eps_var)
     return torch.ops.bayesdiff_ext.mc_moments(x, eps_mean, eps_var, mean_x)
+
+
+def _conv_pair(value: int | tuple[int, int] | list[int], name: str) -> list[int]:
+    """An int or a pair, as torch.nn.Conv2d takes it, as the [height, width] list the schemas want."""
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def conv_diag_ggn(
+    phi: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
+    """Diagonal GGN of ½‖f − y‖² for the weight of a Conv2d head (groups=1), summed over a batch.
+
+    ``phi`` (N, C_in, H, W) is the head's input. Returns h of shape (C_in, kh, kw) with
+    h[j] = Σ_n Σ_p φ_{n,p}[j]², φ_{n,p} the zero-padded im2col patch of output position p of image
+    n (SPEC §1.2). The GGN diagonal of ``weight[c]`` is h for every output channel c; that of the
+    bias is N·H_out·W_out. This is laplace-torch's ``DiagLaplace.H`` for BackPackGGN and
+    CurvlinopsGGN (factor 1). The batch is never unfolded; float64 for float64 ``phi``, otherwise
+    float32 (16-bit inputs are accumulated in float32). Sum over batches by adding the results.
+    """
+    return torch.ops.bayesdiff_ext.conv_diag_ggn(
+        phi,
+        _conv_pair(kernel_size, "kernel_size"),
+        _conv_pair(stride, "stride"),
+        _conv_pair(padding, "padding"),
+        _conv_pair(dilation, "dilation"),
+    )
+
+
+def conv_diag_ef(
+    phi: torch.Tensor,
+    residual: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    with_bias: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal empirical Fisher of ½‖f − y‖² for a Conv2d head (groups=1), per-image gradients.
+
+    ``residual`` = f − y of shape (N, C, H_out, W_out), the same dtype and device as ``phi``.
+    Returns the weight part of shape (C, C_in, kh, kw), Σ_n (Σ_p r_n[c, p] φ_{n,p}[j])² (SPEC §1.2),
+    and with ``with_bias=True`` also the bias part (C,), Σ_n (Σ_p r_n[c, p])² (a plain torch sum).
+    Convention: laplace-torch's BackPackEF and CurvlinopsEF return exactly 2× both parts (they
+    square gradients of the sum of squares without the ½); BayesDiff's fit uses that ×2 form —
+    multiply by 2 for parity. Never unfolds the batch; float64 for float64 inputs, else float32.
+    """
+    weight_part = torch.ops.bayesdiff_ext.conv_diag_ef(
+        phi,
+        residual,
+        _conv_pair(kernel_size, "kernel_size"),
+        _conv_pair(stride, "stride"),
+        _conv_pair(padding, "padding"),
+        _conv_pair(dilation, "dilation"),
+    )
+    if not with_bias:
+        return weight_part
+    per_image = residual.to(weight_part.dtype).sum((2, 3))
+    return weight_part, (per_image * per_image).sum(0)
+
+
+def conv_patch_gram(
+    phi: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
+    """Gram matrix of the bias-augmented patches of a Conv2d head's input (groups=1).
+
+    Returns A_aug = Σ_n Σ_p [φ_{n,p}; 1][φ_{n,p}; 1]ᵀ of shape (D+1, D+1), D = C_in·kh·kw, rows in
+    ``weight.flatten(1)`` order and the bias "1" last (so A_aug[D, D] = N·H_out·W_out). The exact
+    last-layer GGN of ½‖f − y‖² is I_C ⊗ A_aug on per-channel blocks [W_c; b_c] (SPEC §1.1); see
+    ``bayesdiff_ext.posterior.curvature_layout`` for laplace-torch's parameter order and its KFAC
+    factors. Never unfolds the batch; float64 for float64 ``phi``, otherwise float32.
+    """
+    return torch.ops.bayesdiff_ext.conv_patch_gram(
+        phi,
+        _conv_pair(kernel_size, "kernel_size"),
+        _conv_pair(stride, "stride"),
+        _conv_pair(padding, "padding"),
+        _conv_pair(dilation, "dilation"),
+    )

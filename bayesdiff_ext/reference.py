@@ -31,3 +31,26 @@ def mc_moments(x, eps_mean, eps_var, mean_x):
     var_eps = mean_head_var + (eps_mean * eps_mean).mean(0) - e_eps * e_eps
     cov_x_eps = (x * eps_mean).mean(0) - mean_x * e_eps
     return e_eps, var_eps, cov_x_eps
+
+
+def _unfold_batch(phi, kernel_size, stride, padding, dilation):
+    """The (N, D, P) im2col patches of the whole batch, in weight.flatten(1) order, float64."""
+    return torch.nn.functional.unfold(_f64(phi), kernel_size, dilation=dilation, padding=padding, stride=stride)
+
+
+def conv_diag_ggn(phi, kernel_size, stride, padding, dilation):
+    patches = _unfold_batch(phi, kernel_size, stride, padding, dilation)
+    return (patches * patches).sum((0, 2)).view(phi.shape[1], *kernel_size)
+
+
+def conv_diag_ef(phi, residual, kernel_size, stride, padding, dilation):
+    patches = _unfold_batch(phi, kernel_size, stride, padding, dilation)
+    per_image_gradient = torch.einsum("ncp,ndp->ncd", _f64(residual).flatten(2), patches)
+    return (per_image_gradient**2).sum(0).view(residual.shape[1], phi.shape[1], *kernel_size)
+
+
+def conv_patch_gram(phi, kernel_size, stride, padding, dilation):
+    patches = _unfold_batch(phi, kernel_size, stride, padding, dilation)
+    ones = patches.new_ones(patches.shape[0], 1, patches.shape[2])
+    augmented = torch.cat([patches, ones], dim=1)
+    return torch.einsum("ndp,nep->de", augmented, augmented)

@@ -13,6 +13,15 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "mc_moments(Tensor x, Tensor eps_mean, Tensor? eps_var, Tensor mean_x) "
       "-> (Tensor e_eps, Tensor var_eps, Tensor cov_x_eps)");
+  m.def(
+      "conv_diag_ggn(Tensor phi, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
+      "-> Tensor");
+  m.def(
+      "conv_diag_ef(Tensor phi, Tensor residual, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
+  m.def(
+      "conv_patch_gram(Tensor phi, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
+      "-> Tensor");
 }
 
 }  // namespace bdx
