@@ -20,19 +20,21 @@ def require_ungrouped(spec: HeadSpec, structure: str) -> None:
 
 
 class GramCurvature:
-    """Accumulates A_aug = Σ_{n,p} [φ_p; 1][φ_p; 1]ᵀ (bias row/column last), in float64."""
+    """Accumulates A_aug = Σ_{n,p} [φ_p; 1][φ_p; 1]ᵀ (bias row/column last), in float64.
 
-    def __init__(self, spec: HeadSpec):
-        require_ungrouped(spec, "full")
-        self.spec = spec
+    ``build(spec, gram)`` turns the finished Gram matrix into a posterior structure.
+    """
+
+    def __init__(self, spec: HeadSpec, structure: str, build):
+        require_ungrouped(spec, structure)
+        self.spec, self.build = spec, build
         self.gram = torch.zeros(spec.taps + 1, spec.taps + 1, dtype=torch.float64)
 
     def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
         self.gram += head_ops.patch_gram(self.spec, phi).to("cpu", torch.float64)
 
-    def finish(self) -> FullPosterior:
-        gram = self.gram if self.spec.has_bias else self.gram[:-1, :-1]
-        return FullPosterior(self.spec, gram)
+    def finish(self) -> PosteriorStructure:
+        return self.build(self.spec, self.gram)
 
 
 class FullPosterior(PosteriorStructure):
@@ -73,3 +75,8 @@ class FullPosterior(PosteriorStructure):
     @classmethod
     def from_tensors(cls, spec, tensors):
         return cls(spec, tensors["gram"])
+
+    @classmethod
+    def from_augmented_gram(cls, spec: HeadSpec, gram: torch.Tensor) -> FullPosterior:
+        """From the accumulated A_aug; a head without bias keeps only its D×D patch block."""
+        return cls(spec, gram if spec.has_bias else gram[:-1, :-1])

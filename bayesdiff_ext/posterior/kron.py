@@ -6,9 +6,12 @@ undamped inverse of s·H + δ:
     var[c,p] = Σ_j mix[c,j]·(q_{A,j}·φ_p)² + bias_var[c],
     mix[c,j] = Σ_i Q_G[c,i]² / (s·g_i·a_j + δ),   bias_var[c] = Σ_i Q_b[c,i]² / (s·g_b,i + δ).
 
-The factors are fitted by laplace-torch's ``KronLaplace`` on ``Sequential(ε head, Flatten)`` fed
-the captured (φ, target) batches one at a time (its incremental fit sums the factors exactly as a
-single fit over all batches would).
+Fitting. For the GGN, laplace-torch's factors (CurvlinopsGGN) are closed forms of the patch Gram
+matrix A_aug (``curvature_layout.laplace_kron_factors``): G = √2·N·P·I, A = A_D/(√2·N·P),
+G_b = N·P·I, so they come from the fused accumulator without unfolding a batch. The KFAC of the
+empirical Fisher has no such form: it is fitted by laplace-torch's ``KronLaplace`` (CurvlinopsEF)
+on ``Sequential(ε head, Flatten)`` fed the captured (φ, target) batches one at a time (its
+incremental fit sums the factors exactly as one fit over all batches would).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayesdiff_ext.posterior import head_ops
+from bayesdiff_ext.posterior.curvature_layout import laplace_kron_factors
 from bayesdiff_ext.posterior.full import require_ungrouped
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
@@ -40,37 +44,26 @@ def eps_head_module(spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | N
     return module
 
 
-def _backend(kind: str):
-    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+class KronEFCurvature:
+    """Accumulates laplace-torch's KFAC factors of the empirical Fisher of the ε head, batch by batch."""
 
-    backends = {"ggn": CurvlinopsGGN, "ef": CurvlinopsEF}
-    if kind not in backends:
-        raise ValueError(f"kron curvature must be 'ggn' or 'ef', got {kind!r}")
-    return backends[kind]
-
-
-class KronCurvature:
-    """Accumulates laplace-torch's KFAC factors of the ε head batch by batch."""
-
-    def __init__(self, spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | None, kind: str):
+    def __init__(self, spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | None):
         require_ungrouped(spec, "kron")
-        self.spec, self.kind = spec, kind
-        self.backend = _backend(kind)
+        self.spec = spec
         self._weight, self._bias = weight, bias
         self.laplace = None
 
     def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
         from laplace import KronLaplace
+        from laplace.curvature import CurvlinopsEF
 
         dtype = head_ops.accumulation_dtype(phi)
         phi = phi.to(dtype)
-        if self.laplace is None:
+        first = self.laplace is None
+        if first:
             bias = None if self._bias is None else self._bias.to(phi.device, dtype)
             head = eps_head_module(self.spec, self._weight.to(phi.device, dtype), bias)
-            self.laplace = KronLaplace(nn.Sequential(head, nn.Flatten()), "regression", backend=self.backend)
-            first = True
-        else:
-            first = False
+            self.laplace = KronLaplace(nn.Sequential(head, nn.Flatten()), "regression", backend=CurvlinopsEF)
         model = self.laplace.model
         with torch.no_grad():
             target = (model(phi) - residual.to(dtype).flatten(1)).detach()
@@ -101,6 +94,12 @@ class KronPosterior(PosteriorStructure):
         self.g, self.a = g.to(torch.float64), a.to(torch.float64)
         self.g_bias = None if g_bias is None else g_bias.to(torch.float64)
         self._eig = [_psd_eigh(f) for f in (self.g, self.a, self.g_bias) if f is not None]
+
+    @classmethod
+    def from_augmented_gram(cls, spec: HeadSpec, gram: torch.Tensor) -> KronPosterior:
+        """laplace-torch's GGN factors (CurvlinopsGGN) from the accumulated A_aug."""
+        kfacs = laplace_kron_factors(gram, spec.eps_channels, n_images=0, backend="curvlinops")  # N: BackPACK only
+        return cls.from_kron_factors(spec, kfacs if spec.has_bias else kfacs[:1])
 
     @classmethod
     def from_kron_factors(cls, spec: HeadSpec, kfacs) -> KronPosterior:

@@ -1,7 +1,8 @@
 """Adopt a laplace-torch posterior fitted on ``Sequential(head, Flatten)`` (SPEC §1.3).
 
-laplace-torch orders the parameters of that model as [vec(W) row-major, b]; its curvature (H for
-Diag/Full, the Kron factors for Kron), σ, δ and T carry over unchanged, and its loss (½·RSS) and
+laplace-torch orders the parameters of that model as [vec(W) row-major, b] (converted with
+``curvature_layout``); its curvature (H for Diag/Full, the Kron factors for Kron), σ, δ and T carry
+over unchanged, and its loss (½·RSS) and
 data size give the fitting statistics, so σ by maximum likelihood and the evidence stay available.
 """
 
@@ -12,6 +13,7 @@ import warnings
 import torch
 from torch import nn
 
+from bayesdiff_ext.posterior.curvature_layout import flat_to_channel_blocks, full_ggn_from_gram, split_flat
 from bayesdiff_ext.posterior.diag import DiagPosterior
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.full import FullPosterior
@@ -47,27 +49,23 @@ def adopt(cls, la, head: nn.Module, eps_channels: int | None):
 def _structure(structure: str, la, spec: HeadSpec) -> PosteriorStructure:
     if structure == "kron":
         return KronPosterior.from_kron_factors(spec, la.H_facs.kfacs)
-    n_weight = spec.eps_channels * spec.taps
+    h = la.H.detach().to("cpu", torch.float64)
     if structure == "diag":
-        h = la.H.detach().to("cpu", torch.float64)
-        return DiagPosterior(spec, h[:n_weight].reshape(spec.eps_weight_shape), h[n_weight:] if spec.has_bias else None)
-    return FullPosterior(spec, _gram_of_full_ggn(la.H.detach().to("cpu", torch.float64), spec))
+        if spec.has_bias:
+            return DiagPosterior(spec, *split_flat(h, spec.eps_weight_shape))
+        return DiagPosterior(spec, h.reshape(spec.eps_weight_shape), None)
+    return FullPosterior(spec, _gram_of_full_ggn(h, spec))
 
 
 def _gram_of_full_ggn(h: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
-    """A_aug from a full H that must be I_C ⊗ A_aug in laplace-torch's layout [vec(W), b]."""
+    """A_aug (A without bias) from a full H that must be I_C ⊗ A_aug in laplace-torch's layout."""
     c, d = spec.eps_channels, spec.taps
-    rows = torch.arange(d)
-    index = rows if not spec.has_bias else torch.cat([rows, torch.tensor([c * d])])
-    gram = h[index][:, index]
-    blocks = torch.block_diag(*[gram[:d, :d]] * c)
-    rebuilt = torch.zeros_like(h)
-    rebuilt[: c * d, : c * d] = blocks
     if spec.has_bias:
-        eye = torch.eye(c, dtype=h.dtype)
-        rebuilt[: c * d, c * d :] = torch.kron(eye, gram[:d, d:])
-        rebuilt[c * d :, : c * d] = torch.kron(eye, gram[d:, :d])
-        rebuilt[c * d :, c * d :] = gram[d, d] * eye
+        gram = flat_to_channel_blocks(h, c, d)[: d + 1, : d + 1]
+        rebuilt = full_ggn_from_gram(gram, c)
+    else:
+        gram = h[:d, :d]
+        rebuilt = torch.block_diag(*[gram] * c)
     if not torch.allclose(rebuilt, h, rtol=1e-6, atol=1e-9 * float(h.abs().max())):
         raise ValueError(
             "the FullLaplace curvature is not I_C ⊗ A_aug (the GGN of a Gaussian likelihood on a linear head); "

@@ -15,7 +15,7 @@ from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
 from bayesdiff_ext.posterior.heads import HeadSpec, default_eps_channels, eps_parameters, head_spec, locate_head
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
-from bayesdiff_ext.posterior.kron import KronCurvature, KronPosterior
+from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
 from bayesdiff_ext.posterior.structure import PosteriorStructure
 
 STRUCTURES: dict[str, type[PosteriorStructure]] = {
@@ -164,10 +164,11 @@ class LastLayerLaplace:
 
     def _accumulator(self):
         if self.structure == "full":
-            return GramCurvature(self.spec)
+            return GramCurvature(self.spec, "full", FullPosterior.from_augmented_gram)
+        if self.structure == "kron" and self.curvature == "ggn":
+            return GramCurvature(self.spec, "kron", KronPosterior.from_augmented_gram)
         if self.structure == "kron":
-            weight, bias = eps_parameters(self.head, self.spec)
-            return KronCurvature(self.spec, weight, bias, self.curvature)
+            return KronEFCurvature(self.spec, *eps_parameters(self.head, self.spec))
         kind = "ef" if self.curvature == "ef_bayesdiff" else self.curvature
         scale = BAYESDIFF_EF_SCALE if self.curvature == "ef_bayesdiff" else 1.0
         return DiagCurvature(self.spec, kind, scale)

@@ -54,6 +54,10 @@ class PosteriorStructure(abc.ABC):
 
     def predict(self, phi, weight, bias, s: float, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = accumulation_dtype(phi)
+        # The ops take their parameters in φ's dtype; posterior variances span many decades (float16
+        # would flush small ones to zero), so 16-bit φ is computed in float32. No-op otherwise.
+        phi, weight = phi.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         key = (float(s), float(delta), phi.device, dtype)
         if key != self._cache_key:
             inputs = self.op_inputs(s, delta)
