@@ -67,3 +67,38 @@ def register_fakes(namespace: str) -> None:
         _patch_output_size(phi, kernel_size, stride, padding, dilation)
         augmented = phi.shape[1] * kernel_size[0] * kernel_size[1] + 1
         return phi.new_empty((augmented, augmented), dtype=result_dtype(phi.dtype))
+
+    @torch.library.register_fake(f"{namespace}::conv_head_mean_var")
+    def _conv_head_mean_var_fake(phi, weight, bias, weight_var, bias_var, stride, padding, dilation, groups):
+        torch._check(weight.dim() == 4, lambda: "`weight` must have shape (C, C_in/groups, kh, kw)")
+        out_h, out_w = _patch_output_size(phi, weight.shape[2:], stride, padding, dilation)
+        torch._check(weight.shape[1] * groups == phi.shape[1], lambda: "`weight` does not match the channels of `phi`")
+        _check_same("weight", weight, phi, "phi", weight.shape)
+        _check_same("weight_var", weight_var, phi, "phi", weight.shape)
+        _check_same("bias", bias, phi, "phi", weight.shape[:1])
+        _check_same("bias_var", bias_var, phi, "phi", weight.shape[:1])
+        shape = (phi.shape[0], weight.shape[0], out_h, out_w)
+        dtype = result_dtype(phi.dtype)
+        return phi.new_empty(shape, dtype=dtype), phi.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake(f"{namespace}::linear_head_mean_var")
+    def _linear_head_mean_var_fake(phi, weight, bias, weight_var, bias_var):
+        torch._check(phi.dim() >= 1, lambda: "`phi` must have shape (..., D)")
+        _check_same("weight", weight, phi, "phi", (weight.shape[0], phi.shape[-1]))
+        _check_same("weight_var", weight_var, phi, "phi", weight.shape)
+        _check_same("bias", bias, phi, "phi", weight.shape[:1])
+        _check_same("bias_var", bias_var, phi, "phi", weight.shape[:1])
+        shape = (*phi.shape[:-1], weight.shape[0])
+        dtype = result_dtype(phi.dtype)
+        return phi.new_empty(shape, dtype=dtype), phi.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake(f"{namespace}::conv_head_var_factored")
+    def _conv_head_var_factored_fake(phi, proj_weight, proj_bias, mix, bias_var, stride, padding, dilation):
+        torch._check(proj_weight.dim() == 4, lambda: "`proj_weight` must have shape (R, C_in, kh, kw)")
+        out_h, out_w = _patch_output_size(phi, proj_weight.shape[2:], stride, padding, dilation)
+        rank = proj_weight.shape[0]
+        _check_same("proj_weight", proj_weight, phi, "phi", (rank, phi.shape[1], *proj_weight.shape[2:]))
+        _check_same("proj_bias", proj_bias, phi, "phi", (rank,))
+        _check_same("mix", mix, phi, "phi", (mix.shape[0], rank))
+        _check_same("bias_var", bias_var, phi, "phi", mix.shape[:1])
+        return phi.new_empty((phi.shape[0], mix.shape[0], out_h, out_w), dtype=result_dtype(phi.dtype))

@@ -19,7 +19,10 @@ __all__ = [
     "check_nonnegative",
     "conv_diag_ef",
     "conv_diag_ggn",
+    "conv_head_mean_var",
+    "conv_head_var_factored",
     "conv_patch_gram",
+    "linear_head_mean_var",
     "mc_moments",
     "moment_step",
     "result_dtype",
@@ -177,6 +180,113 @@ def conv_patch_gram(
     return torch.ops.bayesdiff_ext.conv_patch_gram(
         phi,
         _conv_pair(kernel_size, "kernel_size"),
+        _conv_pair(stride, "stride"),
+        _conv_pair(padding, "padding"),
+        _conv_pair(dilation, "dilation"),
+    )
+
+
+def _require(name: str, t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise TypeError(f"`{name}` is required")
+    return t
+
+
+def conv_head_mean_var(
+    phi: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_var: torch.Tensor | None = None,
+    bias_var: torch.Tensor | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    check_values: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of a Conv2d head's output under a diagonal weight posterior (SPEC §1.1).
+
+    ``phi`` (B, C_in, H, W) is the head's input; ``weight``/``bias`` the posterior mean (as in
+    ``nn.Conv2d``) and ``weight_var`` (same shape as ``weight``, required) / ``bias_var`` (C,) its
+    variances. Returns ``(mean, var)`` of shape (B, C, H_out, W_out) with
+    ``mean = conv2d(phi, weight, bias)`` and ``var = conv2d(phi², weight_var, bias_var)``, both from
+    one pass over ``phi``. Bias terms default to zero. Outputs are contiguous NCHW, float32 for
+    16-bit inputs and otherwise of the input dtype.
+    """
+    weight_var = _require("weight_var", weight_var)
+    if check_values:
+        for name, t in (("phi", phi), ("weight", weight), ("bias", bias)):
+            check_finite(name, t)
+        check_nonnegative("weight_var", weight_var)
+        check_nonnegative("bias_var", bias_var)
+    return torch.ops.bayesdiff_ext.conv_head_mean_var(
+        phi,
+        weight,
+        bias,
+        weight_var,
+        bias_var,
+        _conv_pair(stride, "stride"),
+        _conv_pair(padding, "padding"),
+        _conv_pair(dilation, "dilation"),
+        int(groups),
+    )
+
+
+def linear_head_mean_var(
+    phi: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_var: torch.Tensor | None = None,
+    bias_var: torch.Tensor | None = None,
+    *,
+    check_values: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for a Linear head: ``phi`` (..., D), ``weight``/``weight_var`` (C, D), biases (C,).
+
+    Returns ``(mean, var)`` of shape (..., C): ``phi @ weight.T + bias`` and
+    ``phi² @ weight_var.T + bias_var``.
+    """
+    weight_var = _require("weight_var", weight_var)
+    if check_values:
+        for name, t in (("phi", phi), ("weight", weight), ("bias", bias)):
+            check_finite(name, t)
+        check_nonnegative("weight_var", weight_var)
+        check_nonnegative("bias_var", bias_var)
+    return torch.ops.bayesdiff_ext.linear_head_mean_var(phi, weight, bias, weight_var, bias_var)
+
+
+def conv_head_var_factored(
+    phi: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    mix: torch.Tensor,
+    bias_var: torch.Tensor | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    check_values: bool = False,
+) -> torch.Tensor:
+    """Per-pixel variance of a Conv2d head under a factored posterior (full GGN or KFAC, SPEC §1.1).
+
+    ``var[b, c, p] = Σ_r mix[c, r] · (conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c]``
+    with ``proj_weight`` (R, C_in, kh, kw) holding R directions q_r as conv filters, ``proj_bias``
+    (R,) their offsets β_r and ``mix`` (C, R) >= 0. The (B, R, H, W) projection is never formed
+    whole: the kernels work through tiles of pixels. Build the inputs from a laplace-torch
+    posterior with ``bayesdiff_ext.posterior.laplace_convert``.
+    """
+    if check_values:
+        for name, t in (("phi", phi), ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
+            check_finite(name, t)
+        check_nonnegative("mix", mix)
+        check_nonnegative("bias_var", bias_var)
+    return torch.ops.bayesdiff_ext.conv_head_var_factored(
+        phi,
+        proj_weight,
+        proj_bias,
+        mix,
+        bias_var,
         _conv_pair(stride, "stride"),
         _conv_pair(padding, "padding"),
         _conv_pair(dilation, "dilation"),

@@ -54,3 +54,28 @@ def conv_patch_gram(phi, kernel_size, stride, padding, dilation):
     ones = patches.new_ones(patches.shape[0], 1, patches.shape[2])
     augmented = torch.cat([patches, ones], dim=1)
     return torch.einsum("ndp,nep->de", augmented, augmented)
+
+
+def conv_head_mean_var(phi, weight, bias, weight_var, bias_var, stride, padding, dilation, groups):
+    phi = _f64(phi)
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    mean = torch.nn.functional.conv2d(phi, _f64(weight), _f64(bias), **conv)
+    var = torch.nn.functional.conv2d(phi * phi, _f64(weight_var), _f64(bias_var), **conv)
+    return mean, var
+
+
+def linear_head_mean_var(phi, weight, bias, weight_var, bias_var):
+    phi = _f64(phi)
+    mean = torch.nn.functional.linear(phi, _f64(weight), _f64(bias))
+    var = torch.nn.functional.linear(phi * phi, _f64(weight_var), _f64(bias_var))
+    return mean, var
+
+
+def conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, stride, padding, dilation):
+    projection = torch.nn.functional.conv2d(
+        _f64(phi), _f64(proj_weight), _f64(proj_bias), stride=stride, padding=padding, dilation=dilation
+    )
+    var = torch.einsum("cr,brhw->bchw", _f64(mix), projection * projection)
+    if bias_var is not None:
+        var = var + _f64(bias_var).view(1, -1, 1, 1)
+    return var

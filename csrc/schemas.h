@@ -14,6 +14,15 @@ inline void define_schemas(torch::Library& m) {
       "mc_moments(Tensor x, Tensor eps_mean, Tensor? eps_var, Tensor mean_x) "
       "-> (Tensor e_eps, Tensor var_eps, Tensor cov_x_eps)");
   m.def(
+      "conv_head_mean_var(Tensor phi, Tensor weight, Tensor? bias, Tensor weight_var, Tensor? bias_var, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor mean, Tensor var)");
+  m.def(
+      "linear_head_mean_var(Tensor phi, Tensor weight, Tensor? bias, Tensor weight_var, Tensor? bias_var) "
+      "-> (Tensor mean, Tensor var)");
+  m.def(
+      "conv_head_var_factored(Tensor phi, Tensor proj_weight, Tensor? proj_bias, Tensor mix, Tensor? bias_var, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor var");
+  m.def(
       "conv_diag_ggn(Tensor phi, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
       "-> Tensor");
   m.def(

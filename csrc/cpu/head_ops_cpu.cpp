@@ -1,0 +1,500 @@
+// CPU implementation of the head ops (SPEC §1.1): the per-element math of kernels/head_math.h in
+// register-blocked loops, compiled for AVX-512, AVX2 and the baseline ISA and picked at run time
+// (the wheel must run anywhere; the head is compute-bound, so the vector width matters).
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "glue/dtype_dispatch.h"
+#include "glue/head_args.h"
+#include "glue/moment_args.h"  // data_or_null
+#include "kernels/head_math.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BDX_X86_DISPATCH 1
+// `flatten` inlines the whole body into the wrapper, so all of it is compiled for that ISA.
+#define BDX_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"), flatten))
+#define BDX_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
+#endif
+
+namespace bdx::cpu {
+namespace {
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa hardware_isa() {
+#if defined(BDX_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+// BAYESDIFF_CPU_ISA=avx2|baseline selects a lower compilation, so that the tests can run every
+// compilation of the kernels on one machine.
+Isa detect_isa() {
+  const Isa hardware = hardware_isa();
+  const char* forced = std::getenv("BAYESDIFF_CPU_ISA");
+  if (forced == nullptr || *forced == '\0') return hardware;
+  const std::string name(forced);
+  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
+              "BAYESDIFF_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
+  const Isa wanted = name == "baseline" ? Isa::kBaseline : (name == "avx2" ? Isa::kAvx2 : Isa::kAvx512);
+  return std::min(wanted, hardware);
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+// Inside a struct: static `run(args...)` calls `body<kVectorBytes>(args...)` compiled for the best
+// ISA available, with that ISA's register width (wider vectors than the registers spill).
+#if defined(BDX_X86_DISPATCH)
+#define BDX_ISA_VARIANTS(body)                                                     \
+  template <typename... A>                                                         \
+  static BDX_TARGET_AVX512 void run_avx512(A... a) { body<64>(a...); }             \
+  template <typename... A>                                                         \
+  static BDX_TARGET_AVX2 void run_avx2(A... a) { body<32>(a...); }                 \
+  template <typename... A>                                                         \
+  static void run_baseline(A... a) { body<16>(a...); }                             \
+  template <typename... A>                                                         \
+  static void run(A... a) {                                                        \
+    switch (cpu_isa()) {                                                           \
+      case Isa::kAvx512: return run_avx512(a...);                                  \
+      case Isa::kAvx2: return run_avx2(a...);                                      \
+      default: return run_baseline(a...);                                          \
+    }                                                                              \
+  }
+#else
+#define BDX_ISA_VARIANTS(body) \
+  template <typename... A>     \
+  static void run(A... a) { body<16>(a...); }
+#endif
+constexpr int kWidestVectorBytes = 64;
+
+// A SIMD vector of kBytes (GCC/Clang vector extension) and its lane count.
+template <typename Acc, int kBytes>
+struct simd {
+  typedef Acc type __attribute__((vector_size(kBytes)));
+};
+template <typename Acc, int kBytes>
+using Simd = typename simd<Acc, kBytes>::type;
+template <typename Acc, int kBytes>
+constexpr int kLanes = kBytes / sizeof(Acc);
+constexpr int kMaxChannels = 4;
+
+template <int kBytes, typename Acc>
+Simd<Acc, kBytes> broadcast(Acc value) {
+  return Simd<Acc, kBytes>{} + value;
+}
+
+template <int kBytes, bool kUnitStride, typename Acc>
+Simd<Acc, kBytes> load_lanes(const Acc* src, int64_t stride) {
+  Simd<Acc, kBytes> v;
+  if (kUnitStride) {
+    __builtin_memcpy(&v, src, sizeof v);
+  } else {
+    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = src[l * stride];
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv_head_mean_var: a tile of one vector of output pixels at a time, with the mean and variance
+// accumulators of up to kMaxChannels output channels in registers; each φ vector (and its square)
+// loaded per kernel tap feeds 2·kChannels multiply-adds. (Two vectors per tile, for more
+// independent chains, measured slower: the accumulators no longer fit in the registers.)
+
+template <typename T>
+struct DiagConvJob {
+  using Acc = acc_t<T>;
+  ConvGeometry g;
+  const T* phi;
+  const Acc* weight;
+  const Acc* weight_var;
+  const Acc* bias;      // null when absent
+  const Acc* bias_var;  // null when absent
+  Acc* mean;
+  Acc* var;
+  int64_t packed_len;  // one zero-padded input row, long enough for the widest tiles' overhang
+};
+
+// Input rows [kh_begin, kh_end) of every channel of the group, zero-padded and converted to Acc:
+// packed[(ci·KH + kh)·L + j] = φ[ci, ih(kh), j − pad_w], so the tiles need no bounds checks.
+template <typename T>
+void pack_input_rows(const DiagConvJob<T>& job, const T* group_phi, int64_t oh, int64_t kh_begin, int64_t kh_end,
+                     acc_t<T>* packed) {
+  using Acc = acc_t<T>;
+  const ConvGeometry& g = job.g;
+  const int64_t len = job.packed_len;
+  const int64_t copy_end = std::min(len, g.pad_w + g.in_w);  // packed j holds iw = j − pad_w
+  for (int64_t ci = 0; ci < g.in_channels_per_group(); ++ci) {
+    for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
+      const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
+      const T* src = group_phi + (ci * g.in_h + ih) * g.in_w;
+      Acc* dst = packed + (ci * g.kernel_h + kh) * len;
+      for (int64_t j = 0; j < std::min(len, g.pad_w); ++j) dst[j] = Acc(0);
+      for (int64_t j = g.pad_w; j < copy_end; ++j) dst[j] = load<Acc>(src, j - g.pad_w);
+      for (int64_t j = copy_end; j < len; ++j) dst[j] = Acc(0);
+    }
+  }
+}
+
+template <int kBytes, typename T, int kChannels, bool kUnitStride>
+void diag_tile(const DiagConvJob<T>& job, const acc_t<T>* packed, int64_t kh_begin, int64_t kh_end, int64_t c0,
+               int64_t out_offset, int64_t ow0, int64_t count) {
+  using Acc = acc_t<T>;
+  using V = Simd<Acc, kBytes>;
+  const ConvGeometry& g = job.g;
+  const int64_t taps = g.taps_per_channel();
+  const int64_t stride = g.stride_w;
+  V mean[kChannels];
+  V var[kChannels];
+  for (int k = 0; k < kChannels; ++k) {
+    mean[k] = broadcast<kBytes>(job.bias ? job.bias[c0 + k] : Acc(0));
+    var[k] = broadcast<kBytes>(job.bias_var ? job.bias_var[c0 + k] : Acc(0));
+  }
+  const Acc* w = job.weight + c0 * taps;
+  const Acc* wv = job.weight_var + c0 * taps;
+  for (int64_t ci = 0; ci < g.in_channels_per_group(); ++ci) {
+    for (int64_t kh = kh_begin; kh < kh_end; ++kh) {
+      const int64_t row = ci * g.kernel_h + kh;
+      const Acc* src_row = packed + row * job.packed_len + ow0 * stride;
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        const int64_t tap = row * g.kernel_w + kw;
+        const V x = load_lanes<kBytes, kUnitStride>(src_row + kw * g.dilation_w, stride);
+        const V x_squared = x * x;
+        for (int k = 0; k < kChannels; ++k) {
+          accumulate_mean_var(x, x_squared, broadcast<kBytes>(w[k * taps + tap]), broadcast<kBytes>(wv[k * taps + tap]),
+                              mean[k], var[k]);
+        }
+      }
+    }
+  }
+  const int64_t plane = g.out_pixels();
+  for (int k = 0; k < kChannels; ++k) {
+    Acc* mean_out = job.mean + out_offset + k * plane + ow0;
+    Acc* var_out = job.var + out_offset + k * plane + ow0;
+    for (int64_t t = 0; t < count; ++t) {
+      mean_out[t] = mean[k][t];
+      var_out[t] = var[k][t];
+    }
+  }
+}
+
+template <int kBytes, typename T, bool kUnitStride>
+void diag_tile_channels(int channels, const DiagConvJob<T>& job, const acc_t<T>* packed, int64_t kh_begin,
+                        int64_t kh_end, int64_t c0, int64_t out_offset, int64_t ow0, int64_t count) {
+  switch (channels) {
+    case 1: return diag_tile<kBytes, T, 1, kUnitStride>(job, packed, kh_begin, kh_end, c0, out_offset, ow0, count);
+    case 2: return diag_tile<kBytes, T, 2, kUnitStride>(job, packed, kh_begin, kh_end, c0, out_offset, ow0, count);
+    case 3: return diag_tile<kBytes, T, 3, kUnitStride>(job, packed, kh_begin, kh_end, c0, out_offset, ow0, count);
+    default:
+      return diag_tile<kBytes, T, kMaxChannels, kUnitStride>(job, packed, kh_begin, kh_end, c0, out_offset, ow0,
+                                                             count);
+  }
+}
+
+// One output row (b, oh) of every channel.
+template <int kBytes, typename T>
+void diag_output_row(const DiagConvJob<T>* job_ptr, int64_t row, acc_t<T>* packed) {
+  const DiagConvJob<T>& job = *job_ptr;
+  const ConvGeometry& g = job.g;
+  const int64_t b = row / g.out_h;
+  const int64_t oh = row % g.out_h;
+  // ih is increasing in kh, so the taps that land inside the image form one range.
+  int64_t kh_begin = 0;
+  while (kh_begin < g.kernel_h &&
+         !in_range(conv_input_coordinate(oh, kh_begin, g.stride_h, g.pad_h, g.dilation_h), g.in_h)) {
+    ++kh_begin;
+  }
+  int64_t kh_end = kh_begin;
+  while (kh_end < g.kernel_h && in_range(conv_input_coordinate(oh, kh_end, g.stride_h, g.pad_h, g.dilation_h), g.in_h)) {
+    ++kh_end;
+  }
+  const int64_t cin = g.in_channels_per_group();
+  const int64_t cout = g.out_channels_per_group();
+  for (int64_t group = 0; group < g.groups; ++group) {
+    const T* group_phi = job.phi + (b * g.in_channels + group * cin) * g.in_pixels();
+    pack_input_rows(job, group_phi, oh, kh_begin, kh_end, packed);
+    for (int64_t c = 0; c < cout; c += kMaxChannels) {
+      const int64_t c0 = group * cout + c;
+      const int channels = static_cast<int>(std::min<int64_t>(kMaxChannels, cout - c));
+      const int64_t out_offset = (b * g.out_channels + c0) * g.out_pixels() + oh * g.out_w;
+      constexpr int64_t kTile = kLanes<acc_t<T>, kBytes>;
+      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += kTile) {
+        const int64_t count = std::min<int64_t>(kTile, g.out_w - ow0);
+        if (g.stride_w == 1) {
+          diag_tile_channels<kBytes, T, true>(channels, job, packed, kh_begin, kh_end, c0, out_offset, ow0, count);
+        } else {
+          diag_tile_channels<kBytes, T, false>(channels, job, packed, kh_begin, kh_end, c0, out_offset, ow0, count);
+        }
+      }
+    }
+  }
+}
+
+struct DiagOutputRow {
+  BDX_ISA_VARIANTS(diag_output_row)
+};
+
+std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const at::Tensor& weight_var,
+                                                      const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      int64_t groups) {
+  auto args = glue::prepare_conv_head_mean_var(phi, weight, bias, weight_var, bias_var, stride, padding, dilation,
+                                               groups);
+  BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_mean_var", [&] {
+    using Acc = acc_t<T>;
+    const ConvGeometry& g = args.geometry;
+    DiagConvJob<T> job{g,
+                       glue::data_or_null<T>(args.phi),
+                       args.weight.const_data_ptr<Acc>(),
+                       args.weight_var.const_data_ptr<Acc>(),
+                       glue::data_or_null<Acc>(args.bias),
+                       glue::data_or_null<Acc>(args.bias_var),
+                       args.mean.data_ptr<Acc>(),
+                       args.var.data_ptr<Acc>(),
+                       0};
+    constexpr int64_t kWidestTile = kLanes<Acc, kWidestVectorBytes>;
+    const int64_t widest_tiles = (g.out_w + kWidestTile - 1) / kWidestTile;
+    job.packed_len = (widest_tiles * kWidestTile - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1;
+    const int64_t packed_size = g.in_channels_per_group() * g.kernel_h * job.packed_len;
+    const int64_t rows = g.batch * g.out_h;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.out_w * g.taps_per_channel()));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> packed(packed_size);
+      for (int64_t row = begin; row < end; ++row) DiagOutputRow::run(&job, row, packed.data());
+    });
+  });
+  return {args.mean, args.var};
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear_head_mean_var: per token, dot products over D a vector at a time (one partial sum per
+// lane, reduced at the end), for up to kMaxChannels outputs per pass over the token's features.
+
+template <typename T>
+struct LinearJob {
+  using Acc = acc_t<T>;
+  const T* phi;
+  const Acc* weight;
+  const Acc* weight_var;
+  const Acc* bias;
+  const Acc* bias_var;
+  int64_t features, out_features;
+  Acc* mean;
+  Acc* var;
+};
+
+template <int kBytes, typename T>
+Simd<acc_t<T>, kBytes> load_converted(const T* src) {
+  using Acc = acc_t<T>;
+  if constexpr (std::is_same_v<T, Acc>) {
+    return load_lanes<kBytes, true>(src, 1);
+  } else {
+    Simd<Acc, kBytes> v;
+    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = load<Acc>(src, l);
+    return v;
+  }
+}
+
+template <int kBytes, typename T, int kChannels>
+void linear_channels(const LinearJob<T>& job, const T* x_row, int64_t c0, acc_t<T>* mean_row, acc_t<T>* var_row) {
+  using Acc = acc_t<T>;
+  using V = Simd<Acc, kBytes>;
+  constexpr int kLanes = kBytes / sizeof(Acc);
+  const int64_t n = job.features;
+  const Acc* w = job.weight + c0 * n;
+  const Acc* wv = job.weight_var + c0 * n;
+  V mean[kChannels];
+  V var[kChannels];
+  for (int k = 0; k < kChannels; ++k) mean[k] = var[k] = V{};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    const V x = load_converted<kBytes>(x_row + d);
+    const V x_squared = x * x;
+    for (int k = 0; k < kChannels; ++k) {
+      accumulate_mean_var(x, x_squared, load_lanes<kBytes, true>(w + k * n + d, 1),
+                          load_lanes<kBytes, true>(wv + k * n + d, 1), mean[k], var[k]);
+    }
+  }
+  for (int k = 0; k < kChannels; ++k) {
+    Acc m = job.bias ? job.bias[c0 + k] : Acc(0);
+    Acc v = job.bias_var ? job.bias_var[c0 + k] : Acc(0);
+    for (int t = 0; t < kLanes; ++t) {
+      m += mean[k][t];
+      v += var[k][t];
+    }
+    for (int64_t j = d; j < n; ++j) {
+      const Acc x = load<Acc>(x_row, j);
+      accumulate_mean_var(x, x * x, w[k * n + j], wv[k * n + j], m, v);
+    }
+    mean_row[c0 + k] = m;
+    var_row[c0 + k] = v;
+  }
+}
+
+template <int kBytes, typename T>
+void linear_row(const LinearJob<T>* job_ptr, int64_t row) {
+  const LinearJob<T>& job = *job_ptr;
+  const T* x_row = job.phi + row * job.features;
+  auto* mean_row = job.mean + row * job.out_features;
+  auto* var_row = job.var + row * job.out_features;
+  for (int64_t c = 0; c < job.out_features; c += kMaxChannels) {
+    switch (std::min<int64_t>(kMaxChannels, job.out_features - c)) {
+      case 1: linear_channels<kBytes, T, 1>(job, x_row, c, mean_row, var_row); break;
+      case 2: linear_channels<kBytes, T, 2>(job, x_row, c, mean_row, var_row); break;
+      case 3: linear_channels<kBytes, T, 3>(job, x_row, c, mean_row, var_row); break;
+      default: linear_channels<kBytes, T, kMaxChannels>(job, x_row, c, mean_row, var_row); break;
+    }
+  }
+}
+
+struct LinearRow {
+  BDX_ISA_VARIANTS(linear_row)
+};
+
+std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& weight_var,
+                                                        const std::optional<at::Tensor>& bias_var) {
+  auto args = glue::prepare_linear_head_mean_var(phi, weight, bias, weight_var, bias_var);
+  BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "linear_head_mean_var", [&] {
+    using Acc = acc_t<T>;
+    const LinearJob<T> job{glue::data_or_null<T>(args.phi),
+                           args.weight.const_data_ptr<Acc>(),
+                           args.weight_var.const_data_ptr<Acc>(),
+                           glue::data_or_null<Acc>(args.bias),
+                           glue::data_or_null<Acc>(args.bias_var),
+                           args.features,
+                           args.out_features,
+                           args.mean.data_ptr<Acc>(),
+                           args.var.data_ptr<Acc>()};
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, args.features * args.out_features));
+    at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) LinearRow::run(&job, row);
+    });
+  });
+  return {args.mean, args.var};
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv_head_var_factored: tiles of whole output rows of one image. A tile's patches (D × P) go
+// through one GEMM with the R directions (the cost of the op: R·D per pixel, so it is left to BLAS),
+// then each projection is squared and mixed into the C outputs; the (R × P) projection of one tile
+// is all that is ever held.
+
+constexpr int64_t kFactoredTilePixels = 256;
+
+template <typename T>
+void gather_patches(const ConvGeometry& g, const T* image, int64_t oh0, int64_t rows, acc_t<T>* patches) {
+  using Acc = acc_t<T>;
+  const int64_t pixels = rows * g.out_w;
+  at::parallel_for(0, g.taps_per_channel(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t tap = begin; tap < end; ++tap) {
+      const int64_t kw = tap % g.kernel_w;
+      const int64_t kh = (tap / g.kernel_w) % g.kernel_h;
+      const int64_t ci = tap / (g.kernel_w * g.kernel_h);
+      const T* plane = image + ci * g.in_pixels();
+      Acc* dst = patches + tap * pixels;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t ih = conv_input_coordinate(oh0 + r, kh, g.stride_h, g.pad_h, g.dilation_h);
+        Acc* dst_row = dst + r * g.out_w;
+        if (!in_range(ih, g.in_h)) {
+          std::fill(dst_row, dst_row + g.out_w, Acc(0));
+          continue;
+        }
+        const T* src = plane + ih * g.in_w;
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const int64_t iw = conv_input_coordinate(ow, kw, g.stride_w, g.pad_w, g.dilation_w);
+          dst_row[ow] = in_range(iw, g.in_w) ? load<Acc>(src, iw) : Acc(0);
+        }
+      }
+    }
+  });
+}
+
+template <typename Acc>
+void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels, const Acc* mix,
+                             const Acc* bias_var, int64_t channels, int64_t plane, Acc* out) {
+  at::parallel_for(0, pixels, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < channels; ++c) {
+      Acc* out_c = out + c * plane;
+      const Acc bv = bias_var ? bias_var[c] : Acc(0);
+      for (int64_t p = begin; p < end; ++p) out_c[p] = bv;
+      for (int64_t r = 0; r < rank; ++r) {
+        const Acc m = mix[c * rank + r];
+        const Acc* proj = projection + r * pixels;
+        for (int64_t p = begin; p < end; ++p) out_c[p] = accumulate_squared_projection(out_c[p], m, proj[p]);
+      }
+    }
+  });
+}
+
+at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_weight,
+                                  const std::optional<at::Tensor>& proj_bias, const at::Tensor& mix,
+                                  const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  auto args = glue::prepare_conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, stride, padding,
+                                                   dilation);
+  BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
+    using Acc = acc_t<T>;
+    const ConvGeometry& g = args.geometry;
+    const int64_t rank = g.out_channels;
+    const int64_t taps = g.taps_per_channel();
+    const auto directions = args.proj_weight.view({rank, taps});
+    const auto options = args.var.options();
+    const int64_t rows_per_tile = std::max<int64_t>(1, kFactoredTilePixels / g.out_w);
+    at::Tensor patches;
+    at::Tensor projection;
+    for (int64_t b = 0; b < g.batch; ++b) {
+      const T* image = glue::data_or_null<T>(args.phi) + b * g.in_channels * g.in_pixels();
+      Acc* out_image = args.var.data_ptr<Acc>() + b * args.channels * g.out_pixels();
+      for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += rows_per_tile) {
+        const int64_t rows = std::min(rows_per_tile, g.out_h - oh0);
+        const int64_t pixels = rows * g.out_w;
+        if (!patches.defined() || patches.size(1) != pixels) {
+          patches = at::empty({taps, pixels}, options);
+          projection = at::empty({rank, pixels}, options);
+        }
+        gather_patches(g, image, oh0, rows, patches.data_ptr<Acc>());
+        if (args.proj_bias.defined()) {
+          at::addmm_out(projection, args.proj_bias.unsqueeze(1), directions, patches);
+        } else {
+          at::mm_out(projection, directions, patches);
+        }
+        mix_squared_projections(projection.const_data_ptr<Acc>(), rank, pixels, args.mix.const_data_ptr<Acc>(),
+                                glue::data_or_null<Acc>(args.bias_var), args.channels, g.out_pixels(),
+                                out_image + oh0 * g.out_w);
+      }
+    }
+  });
+  return args.var;
+}
+
+}  // namespace
+}  // namespace bdx::cpu
+
+TORCH_LIBRARY_IMPL(bayesdiff_ext, CPU, m) {
+  m.impl("conv_head_mean_var", &bdx::cpu::conv_head_mean_var);
+  m.impl("linear_head_mean_var", &bdx::cpu::linear_head_mean_var);
+  m.impl("conv_head_var_factored", &bdx::cpu::conv_head_var_factored);
+}
