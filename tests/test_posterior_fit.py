@@ -3,9 +3,9 @@
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from test_posterior_models import tiny_condition_unet, tiny_scheduler, tiny_unet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from test_posterior_models import tiny_condition_unet, tiny_scheduler, tiny_unet
 
 from bayesdiff_ext import LastLayerLaplace
 
@@ -63,7 +63,10 @@ def test_condition_unet_with_model_kwargs_callable():
     images = torch.randn(4, 4, 8, 8)
     context = torch.randn(1, 5, 8)
     post = LastLayerLaplace(unet, "diag").fit(
-        images, tiny_scheduler(), batch_size=3, progress=False,
+        images,
+        tiny_scheduler(),
+        batch_size=3,
+        progress=False,
         model_kwargs=lambda x0: {"encoder_hidden_states": context.expand(len(x0), -1, -1)},
     )
     assert post.fit_stats.n_images == 4 and post.prior_precision > 0

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 from test_posterior_models import tiny_condition_unet, tiny_unet
+from torch import nn
 
 from bayesdiff_ext import LastLayerLaplace
 
@@ -48,7 +48,9 @@ def test_refuses_fourier_unet():
 
 
 def test_refuses_skip_unet():
-    unet = tiny_unet(down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"), up_block_types=("SkipUpBlock2D", "SkipUpBlock2D"))
+    unet = tiny_unet(
+        down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"), up_block_types=("SkipUpBlock2D", "SkipUpBlock2D")
+    )
     with pytest.raises(ValueError, match="skip up-blocks.*skip_sample"):
         LastLayerLaplace(unet)
 
@@ -58,7 +60,11 @@ def test_refuses_skip_unet():
     [
         (nn.Conv1d(3, 3, 3), {}, "cannot locate the noise-prediction head of a Conv1d"),
         (nn.Sequential(nn.Conv2d(3, 3, 3)), {}, "cannot locate the noise-prediction head of a Sequential"),
-        (nn.Sequential(nn.Conv2d(3, 3, 3), nn.GroupNorm(1, 3)), "head=1", "must be an nn.Conv2d or nn.Linear, got GroupNorm"),
+        (
+            nn.Sequential(nn.Conv2d(3, 3, 3), nn.GroupNorm(1, 3)),
+            "head=1",
+            "must be an nn.Conv2d or nn.Linear, got GroupNorm",
+        ),
         (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), {}, "padding_mode='reflect'"),
         (nn.Conv2d(3, 3, 2, padding="same"), {}, "asymmetric padding"),
         (nn.Conv2d(3, 6, 3, groups=3), dict(eps_channels=3), "grouped head"),

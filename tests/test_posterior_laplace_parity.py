@@ -10,9 +10,9 @@ import pytest
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+from test_posterior_models import conv_head, random_features, tiny_scheduler, tiny_unet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from test_posterior_models import conv_head, random_features, tiny_scheduler, tiny_unet
 
 from bayesdiff_ext import LastLayerLaplace
 
@@ -29,16 +29,14 @@ def fitting_features(unet, images, scheduler, batch_size, seed):
     """The (φ, ε) pairs LastLayerLaplace.fit draws with a generator seeded `seed`: per batch, t then ε."""
     g = torch.Generator().manual_seed(seed)
     phis, targets = [], []
+    handle = unet.conv_out.register_forward_pre_hook(lambda m, args: phis.append(args[0]))
     with torch.no_grad():
         for x0 in images.split(batch_size):
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
             noise = torch.randn(x0.shape, generator=g)
-            recorded = []
-            handle = unet.conv_out.register_forward_pre_hook(lambda m, args: recorded.append(args[0]))
             unet(scheduler.add_noise(x0, noise, t), t)
-            handle.remove()
-            phis.append(recorded[0])
             targets.append(noise.flatten(1))
+    handle.remove()
     return torch.cat(phis), torch.cat(targets)
 
 
@@ -56,7 +54,8 @@ def fit_unet_and_oracle(structure, curvature, la_class, backend):
 
 
 @pytest.mark.parametrize(
-    "curvature,backend,la_scale", [("ggn", CurvlinopsGGN, 1.0), ("ef", CurvlinopsEF, 2.0), ("ef_bayesdiff", CurvlinopsEF, 1.0)]
+    "curvature,backend,la_scale",
+    [("ggn", CurvlinopsGGN, 1.0), ("ef", CurvlinopsEF, 2.0), ("ef_bayesdiff", CurvlinopsEF, 1.0)],
 )
 def test_fitted_diag_curvature_and_variance_match_diag_laplace(curvature, backend, la_scale):
     post, la, phi = fit_unet_and_oracle("diag", curvature, DiagLaplace, backend)
@@ -66,7 +65,9 @@ def test_fitted_diag_curvature_and_variance_match_diag_laplace(curvature, backen
     if curvature == "ef_bayesdiff":
         assert post.sigma_noise == 1.0 and post.prior_precision == 1.0
     else:  # σ by maximum likelihood: laplace-torch's loss is ½·RSS over n_data·n_outputs residuals
-        torch.testing.assert_close(post.sigma_noise**2, 2 * float(la.loss) / (la.n_data * la.n_outputs), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            post.sigma_noise**2, 2 * float(la.loss) / (la.n_data * la.n_outputs), rtol=1e-5, atol=0
+        )
     la.H = la.H / la_scale  # the same posterior as ours, to compare the predictive
     _, var = post.predict(phi[:2])
     torch.testing.assert_close(var.flatten(1).double(), la_variance(la, phi[:2]).double(), rtol=1e-4, atol=1e-7)
@@ -85,8 +86,14 @@ def test_fitted_full_and_kron_variance_match_laplace(structure, la_class):
 def _oracle_on_head(la_class, backend, head, features):
     phi = torch.cat([p for p, _ in features])
     target = torch.cat([t.flatten(1) for _, t in features])
-    la = la_class(nn.Sequential(head, nn.Flatten()), "regression", sigma_noise=0.8, prior_precision=0.3,
-                  temperature=1.5, backend=backend)
+    la = la_class(
+        nn.Sequential(head, nn.Flatten()),
+        "regression",
+        sigma_noise=0.8,
+        prior_precision=0.3,
+        temperature=1.5,
+        backend=backend,
+    )
     la.fit(DataLoader(TensorDataset(phi, target), batch_size=len(features[0][0])))
     return la
 

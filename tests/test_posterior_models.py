@@ -119,7 +119,9 @@ def monte_carlo_variance(post, phi, samples=40000, seed=0) -> torch.Tensor:
         )  # (B, D, P)
         out = torch.einsum("scd,bdp->sbcp", w, patches) + b[:, None, :, None]
         var = out.var(0)
-        h_out = (phi.shape[2] + 2 * spec.padding[0] - spec.dilation[0] * (spec.kernel_size[0] - 1) - 1) // spec.stride[0] + 1
+        h_out = (phi.shape[2] + 2 * spec.padding[0] - spec.dilation[0] * (spec.kernel_size[0] - 1) - 1) // spec.stride[
+            0
+        ] + 1
         return var.reshape(phi.shape[0], spec.eps_channels, h_out, -1)
     rows = phi.double().reshape(-1, spec.in_channels)
     out = torch.einsum("scd,md->smc", w, rows) + b[:, None, :]

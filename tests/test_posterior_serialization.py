@@ -12,7 +12,9 @@ from bayesdiff_ext import LastLayerLaplace
 from bayesdiff_ext.posterior.serialization import METADATA_KEY
 
 
-@pytest.mark.parametrize("structure,curvature", [("diag", "ef"), ("full", "ggn"), ("kron", "ggn"), ("isotropic", "ggn")])
+@pytest.mark.parametrize(
+    "structure,curvature", [("diag", "ef"), ("full", "ggn"), ("kron", "ggn"), ("isotropic", "ggn")]
+)
 def test_round_trip_predicts_identically(tmp_path, structure, curvature):
     unet = tiny_unet(out_channels=6)
     post = LastLayerLaplace(unet, structure, curvature, prior_precision="marglik", temperature=0.5)

@@ -42,7 +42,9 @@ class DiagPosterior(PosteriorStructure):
     def __init__(self, spec: HeadSpec, h_weight: torch.Tensor, h_bias: torch.Tensor | None):
         super().__init__(spec)
         if tuple(h_weight.shape) != spec.eps_weight_shape:
-            raise ValueError(f"diag curvature of the weight must be {spec.eps_weight_shape}, got {tuple(h_weight.shape)}")
+            raise ValueError(
+                f"diag curvature of the weight must be {spec.eps_weight_shape}, got {tuple(h_weight.shape)}"
+            )
         if spec.has_bias and (h_bias is None or tuple(h_bias.shape) != (spec.eps_channels,)):
             raise ValueError(f"diag curvature of the bias must be ({spec.eps_channels},), got {h_bias}")
         self.h_weight = h_weight.to(torch.float64)

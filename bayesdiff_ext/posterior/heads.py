@@ -175,7 +175,10 @@ def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
             groups=head.groups,
         )
     return HeadSpec(
-        kind="linear", in_channels=head.in_features, out_channels=out, eps_channels=eps_channels,
+        kind="linear",
+        in_channels=head.in_features,
+        out_channels=out,
+        eps_channels=eps_channels,
         has_bias=head.bias is not None,
     )
 

@@ -36,8 +36,14 @@ def effective_parameters(values: torch.Tensor, counts: torch.Tensor, s: float, d
 
 
 def mackay_prior_precision(
-    values: torch.Tensor, counts: torch.Tensor, theta_norm2: float, s: float,
-    *, initial: float = 1.0, rtol: float = 1e-12, max_iter: int = 10_000,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    theta_norm2: float,
+    s: float,
+    *,
+    initial: float = 1.0,
+    rtol: float = 1e-12,
+    max_iter: int = 10_000,
 ) -> float:
     """MacKay's fixed point δ = γ(δ)/‖θ‖², by iterating the update until it stops moving."""
     _check_evidence_inputs(values, theta_norm2)
@@ -73,8 +79,15 @@ def marglik_prior_precision(
 
 
 def log_marginal_likelihood(
-    values: torch.Tensor, counts: torch.Tensor, theta_norm2: float, *, residual_sum_squares: float,
-    residual_elements: int, sigma: float, delta: float, temperature: float = 1.0,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    theta_norm2: float,
+    *,
+    residual_sum_squares: float,
+    residual_elements: int,
+    sigma: float,
+    delta: float,
+    temperature: float = 1.0,
 ) -> float:
     s = 1.0 / (sigma * sigma * temperature)
     log_likelihood = -s * residual_sum_squares / 2 - residual_elements * math.log(sigma * math.sqrt(2 * math.pi))

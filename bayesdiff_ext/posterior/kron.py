@@ -31,12 +31,20 @@ def eps_head_module(spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | N
     """A standalone copy of the head restricted to its ε channels, with the given parameters."""
     if spec.is_conv:
         module = nn.Conv2d(
-            spec.in_channels, spec.eps_channels, spec.kernel_size, stride=spec.stride, padding=spec.padding,
-            dilation=spec.dilation, bias=spec.has_bias, device=weight.device, dtype=weight.dtype,
+            spec.in_channels,
+            spec.eps_channels,
+            spec.kernel_size,
+            stride=spec.stride,
+            padding=spec.padding,
+            dilation=spec.dilation,
+            bias=spec.has_bias,
+            device=weight.device,
+            dtype=weight.dtype,
         )
     else:
-        module = nn.Linear(spec.in_channels, spec.eps_channels, bias=spec.has_bias, device=weight.device,
-                           dtype=weight.dtype)
+        module = nn.Linear(
+            spec.in_channels, spec.eps_channels, bias=spec.has_bias, device=weight.device, dtype=weight.dtype
+        )
     with torch.no_grad():
         module.weight.copy_(weight)
         if bias is not None:

@@ -40,7 +40,9 @@ def adopt(cls, la, head: nn.Module, eps_channels: int | None):
     post.prior_choice = post.prior_precision = _scalar_prior_precision(la)
     post.temperature = float(la.temperature)
     post.fit_stats = FitStatistics(
-        n_images=int(la.n_data), n_samples=int(la.n_data), residual_elements=int(la.n_data) * int(la.n_outputs),
+        n_images=int(la.n_data),
+        n_samples=int(la.n_data),
+        residual_elements=int(la.n_data) * int(la.n_outputs),
         residual_sum_squares=2.0 * float(la.loss),
     )
     return post

@@ -34,6 +34,7 @@ CURVATURES = {
 # with σ = δ = 1.
 BAYESDIFF_EF_SCALE = 2.0
 BAYESDIFF_DEFAULTS = {"sigma_noise": 1.0, "prior_precision": 1.0}
+DEFAULTS = {"sigma_noise": "ml", "prior_precision": "mackay"}
 
 
 class LastLayerLaplace:
@@ -74,13 +75,19 @@ class LastLayerLaplace:
             )
         self.model = model
         self.head = locate_head(model, head)
-        self.spec: HeadSpec = head_spec(self.head, eps_channels or default_eps_channels(model, self.head))
+        if eps_channels is None:
+            eps_channels = default_eps_channels(model, self.head)
+        self.spec: HeadSpec = head_spec(self.head, eps_channels)
         self.structure = structure
         self.curvature = curvature
-        defaults = BAYESDIFF_DEFAULTS if curvature == "ef_bayesdiff" else {"sigma_noise": "ml", "prior_precision": "mackay"}
-        self.sigma_choice = _check_choice("sigma_noise", defaults["sigma_noise"] if sigma_noise is None else sigma_noise, hp.SIGMA_CHOICES)
+        defaults = BAYESDIFF_DEFAULTS if curvature == "ef_bayesdiff" else DEFAULTS
+        self.sigma_choice = _check_choice(
+            "sigma_noise", defaults["sigma_noise"] if sigma_noise is None else sigma_noise, hp.SIGMA_CHOICES
+        )
         self.prior_choice = _check_choice(
-            "prior_precision", defaults["prior_precision"] if prior_precision is None else prior_precision, hp.PRIOR_CHOICES
+            "prior_precision",
+            defaults["prior_precision"] if prior_precision is None else prior_precision,
+            hp.PRIOR_CHOICES,
         )
         self.temperature = _positive("temperature", temperature)
         self.sigma_noise: float | None = None
@@ -140,8 +147,16 @@ class LastLayerLaplace:
         accumulator = self._accumulator()
         with _eval_no_grad(self.model):
             stats = fit_on_images(
-                self.model, self.head, self.spec, accumulator, images, scheduler, batch_size=batch_size,
-                timesteps_per_image=timesteps_per_image, generator=generator, model_kwargs=model_kwargs,
+                self.model,
+                self.head,
+                self.spec,
+                accumulator,
+                images,
+                scheduler,
+                batch_size=batch_size,
+                timesteps_per_image=timesteps_per_image,
+                generator=generator,
+                model_kwargs=model_kwargs,
                 progress=progress,
             )
         return self._finish_fit(accumulator, stats, sigma_noise, prior_precision, temperature)
@@ -232,7 +247,10 @@ class LastLayerLaplace:
             raise RuntimeError("the evidence needs the fitting residuals; this posterior was not fitted here")
         values, counts = posterior.spectrum()
         return hp.log_marginal_likelihood(
-            values, counts, self.theta_norm2(), residual_sum_squares=self.fit_stats.residual_sum_squares,
+            values,
+            counts,
+            self.theta_norm2(),
+            residual_sum_squares=self.fit_stats.residual_sum_squares,
             residual_elements=self.fit_stats.residual_elements,
             sigma=self.sigma_noise if sigma_noise is None else sigma_noise,
             delta=self.prior_precision if prior_precision is None else prior_precision,
@@ -268,7 +286,8 @@ class LastLayerLaplace:
     def __repr__(self) -> str:
         state = (
             f"σ={self.sigma_noise:.4g}, δ={self.prior_precision:.4g}, T={self.temperature:g}"
-            if self.posterior is not None else "not fitted"
+            if self.posterior is not None
+            else "not fitted"
         )
         return f"LastLayerLaplace({self.structure}/{self.curvature}, head={self.spec.shape_text()}, {state})"
 

@@ -67,9 +67,11 @@ def save_posterior(post, path) -> None:
         "head_sha256": head_fingerprint(post.head, post.spec),
         "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
         "versions": _versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    tensors = {TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in posterior.tensors().items()}
+    tensors = {
+        TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in posterior.tensors().items()
+    }
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
@@ -108,8 +110,13 @@ def load_posterior(cls, path, model, head):
             f"{current.shape_text()}"
         )
     post = cls(
-        model, meta["structure"], meta["curvature"], head=target_head, eps_channels=saved.eps_channels,
-        sigma_noise=meta["sigma_noise_choice"], prior_precision=meta["prior_precision_choice"],
+        model,
+        meta["structure"],
+        meta["curvature"],
+        head=target_head,
+        eps_channels=saved.eps_channels,
+        sigma_noise=meta["sigma_noise_choice"],
+        prior_precision=meta["prior_precision_choice"],
         temperature=meta["temperature"],
     )
     if head_fingerprint(target_head, saved) != meta["head_sha256"]:
