@@ -169,9 +169,9 @@ def fit_on_features(
 ) -> FitStatistics:
     """Accumulate from precomputed (φ, target) batches; target is ε in the head's output layout."""
     stats = FitStatistics()
-    weight = head.weight.detach()
+    device = head.weight.device
     for phi, target in tqdm(features, disable=not progress, desc="Fitting last-layer Laplace", unit="batch"):
-        phi = phi.to(weight.device)
+        phi = phi.to(device)
         out = head(phi)
         f = out[:, : spec.eps_channels] if spec.is_conv else out[..., : spec.eps_channels]
         dtype = accumulation_dtype(f)
