@@ -83,18 +83,28 @@ def test_rgb_images_are_written_as_rgb(tmp_path):
 
 
 def test_heatmaps_share_one_scale(tmp_path):
-    record = make_record(batch=2, size=4)
+    record = make_record(batch=2, size=10)
     record.variance.zero_()
-    record.variance[0, 0, 0, 0] = 1.0  # the run's maximum
-    record.variance[1] = 0.5  # image 1: uniform, half the maximum: not stretched to full brightness
+    record.variance[0, 0, :5] = 1.0  # 50 of the 200 pixels: the 99th percentile, and the top colour
+    record.variance[0, 0, 9, 9] = 7.0  # far above the scale: saturates
+    record.variance[1] = 0.5  # image 1: uniform, half the scale, not stretched to full brightness
     out = write_run(tmp_path / "run", record)
-    top, bottom = tuple(images.INFERNO_ANCHORS[-1]), tuple(images.INFERNO_ANCHORS[0])
-    first = read_png(out / "uncertainty" / "00000.png")
-    assert tuple(first[0, 0]) == top and tuple(first[-1, -1]) == bottom
-    second = read_png(out / "uncertainty" / "00001.png")
-    assert tuple(second[0, 0]) == tuple(images.INFERNO_ANCHORS[16]) and (second == second[0, 0]).all()
     scale = json.loads((out / "summary.json").read_text())["uncertainty_maps"]
-    assert scale["vmin"] == 0.0 and scale["vmax"] == 1.0 and scale["colormap"] == "inferno"
+    assert scale["vmin"] == 0.0 and scale["vmax"] == 1.0 and scale["max"] == 7.0 and scale["colormap"] == "inferno"
+    top, middle, bottom = (tuple(images.INFERNO_ANCHORS[i]) for i in (-1, 16, 0))
+    first = read_png(out / "uncertainty" / "00000.png")  # 10x10 enlarged 7x
+    assert tuple(first[0, 0]) == top and tuple(first[-1, -1]) == top and tuple(first[-8, 0]) == bottom
+    second = read_png(out / "uncertainty" / "00001.png")
+    assert tuple(second[0, 0]) == middle and (second == second[0, 0]).all()
+
+
+def test_mostly_certain_runs_scale_to_the_maximum(tmp_path):
+    record = make_record(batch=1, size=20)
+    record.variance.zero_()
+    record.variance[0, 0, 0, 0] = 2.0  # one pixel in 400: the 99th percentile is 0
+    out = write_run(tmp_path / "run", record)
+    assert json.loads((out / "summary.json").read_text())["uncertainty_maps"]["vmax"] == 2.0
+    assert tuple(read_png(out / "uncertainty" / "00000.png")[0, 0]) == tuple(images.INFERNO_ANCHORS[-1])
 
 
 def test_heatmaps_average_channels(tmp_path):

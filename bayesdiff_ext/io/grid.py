@@ -77,6 +77,6 @@ def sorted_grid(
         draw.text((x, y + h + 2 * _FRAME), f"#{index} {scores[index]:.3g}", fill=_TEXT, font=font)
     canvas.paste(_colour_bar(bar_w, 12), (_PAD, bar_top))
     draw.text((_PAD, bar_top + 12), "0", fill=_TEXT, font=font)
-    label = f"{vmax:.3g} (variance, linear)"
+    label = f"{vmax:.3g} and above (variance, linear)"
     draw.text((_PAD + bar_w - int(font.getlength(label)), bar_top + 12), label, fill=_TEXT, font=font)
     return np.asarray(canvas)

@@ -4,6 +4,7 @@ Layout of an output folder (``bayesdiff-out/<timestamp>/`` by default)::
 
     samples/00000.png ...      the images, model scale [-1, 1] mapped to 8 bit
     uncertainty/00000.png ...  Var[x_0] averaged over channels, 'inferno', one shared linear scale
+                               from 0 to the run's 99th percentile (brighter pixels saturate)
     kept/00000.png ...         the samples the filter kept (same names as in samples/)
     grid_sorted.png            samples beside their maps, sorted by score, scores printed
     scores.csv                 index, one column per aggregation, kept (1/0)
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bayesdiff_ext import aggregation
@@ -40,7 +42,12 @@ from bayesdiff_ext.aggregation import FilterDecision
 from bayesdiff_ext.io.grid import sorted_grid
 from bayesdiff_ext.io.images import colorize, display_factor, encode_png, to_uint8, upscale
 
-__all__ = ["RunRecord", "check_output_dir", "timestamped_out_dir", "versions", "write_run"]
+__all__ = ["DISPLAY_PERCENTILE", "RunRecord", "check_output_dir", "timestamped_out_dir", "versions", "write_run"]
+
+#: The uncertainty maps' colour scale ends at this percentile of all map pixels of a run. Per-pixel
+#: variances are heavy-tailed (in the bundled demo the median is ~1/200 of the maximum), so a scale
+#: up to the maximum would paint nearly every map black; the few brighter pixels saturate instead.
+DISPLAY_PERCENTILE = 99.0
 
 
 @dataclass
@@ -144,7 +151,7 @@ def _scores_csv(record: RunRecord) -> bytes:
     return text.getvalue().encode()
 
 
-def _summary(record: RunRecord, vmax: float, factor: int, timings: Mapping) -> dict:
+def _summary(record: RunRecord, maps: torch.Tensor, vmax: float, factor: int, timings: Mapping) -> dict:
     batch, channels, height, width = record.images.shape
     decision = record.decision.to_dict()
     return {
@@ -159,9 +166,11 @@ def _summary(record: RunRecord, vmax: float, factor: int, timings: Mapping) -> d
         "uncertainty_maps": {
             "quantity": "per-pixel Var[x_0], averaged over channels",
             "colormap": "inferno",
-            "scale": "linear, shared by every map of this run",
+            "scale": f"linear, shared by every map of this run, from 0 to the {DISPLAY_PERCENTILE:g}th "
+                     "percentile of all map pixels; larger values saturate",
             "vmin": 0.0,
             "vmax": vmax,
+            "max": float(maps.max()),
         },
         "png": {
             "samples": "model scale [-1, 1] mapped linearly to 0..255, values outside clipped",
@@ -181,8 +190,10 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
 
     started = time.perf_counter()
     samples = to_uint8(record.images)
-    maps = record.variance.detach().to(torch.float64).mean(dim=1)
-    vmax = float(maps.max())
+    maps = record.variance.detach().to("cpu", torch.float64).mean(dim=1)
+    vmax = float(np.percentile(maps.numpy(), DISPLAY_PERCENTILE))
+    if vmax <= 0:  # more than 99% of the pixels are certain: fall back to the maximum
+        vmax = float(maps.max())
     heatmaps = colorize(maps, vmax)
     factor = display_factor(*samples.shape[1:3])
     for sub in ("samples", "uncertainty", "kept"):
@@ -211,7 +222,7 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
     _write_file(folder / "tensors.safetensors",
                 save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}))
     timings = {**record.timings, "write_s": time.perf_counter() - started}
-    summary = json.dumps(_summary(record, vmax, factor, timings), indent=2, default=str)
+    summary = json.dumps(_summary(record, maps, vmax, factor, timings), indent=2, default=str)
     _write_file(folder / "summary.json", summary.encode())
 
 

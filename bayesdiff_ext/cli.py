@@ -1,0 +1,473 @@
+"""The ``bayesdiff`` command: sample with per-pixel uncertainty, fit posteriors, write results.
+
+A front door (layer 6 of ARCHITECTURE.md): it parses arguments, calls the package and writes
+files; the method itself lives in :mod:`bayesdiff_ext.posterior`, :mod:`bayesdiff_ext.sampler`,
+:mod:`bayesdiff_ext.aggregation` and :mod:`bayesdiff_ext.io`. Bad input ends with one line on
+stderr, ``bayesdiff: error: ...``, and a non-zero exit status; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+#: The scores every run reports; ``--aggregation`` picks the one that filters and sorts, and may
+#: change its parameters.
+REPORTED_SCORES = {"sum": {}, "mean": {}, "max": {}, "percentile": {"q": 95.0}, "patch_max": {"patch": 4}}
+
+#: ``--data`` value that names the bundled scikit-learn digits (16x16) instead of a path.
+BUILTIN_DIGITS = "builtin:digits"
+
+SAMPLERS = ("ddim", "ddpm", "dpm2")
+
+_DESCRIPTION = """\
+Per-pixel uncertainty for diffusion models (BayesDiff: a last-layer Laplace posterior on the
+UNet's noise-prediction head, its variance carried through the sampler). Every image gets an
+uncertainty map and a score; the most uncertain images are filtered out."""
+
+_EPILOG = """\
+examples:
+  bayesdiff demo                                   # bundled digits model, 64 images, ~10-30 s on a CPU
+  bayesdiff demo --num-images 16 --out my-first-run
+  bayesdiff fit --model path/to/pipeline --data path/to/images/ --out posterior.safetensors
+  bayesdiff sample --model path/to/pipeline --posterior posterior.safetensors --num-images 32
+  bayesdiff sample --model path/to/unet --scheduler path/to/scheduler --posterior p.safetensors \\
+                   --sampler dpm2 --steps 25 --filter top_k:k=4
+
+Run `bayesdiff <command> --help` for the options of one command."""
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=96)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage mistakes also end with a single line."""
+
+    def error(self, message):
+        self.exit(2, f"bayesdiff: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _float_or_choice(*choices: str):
+    def parse(text: str):
+        if text in choices:
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(choices)}, got {text!r}") from None
+
+    return parse
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse_spec(text: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> ``(name, {key: number})``."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            if not eq or not key:
+                raise ValueError
+            params[key.strip()] = _number(value.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {item!r} in {text!r}: write NAME or NAME:KEY=NUMBER[,KEY=NUMBER]"
+            ) from None
+    return name.strip(), params
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_size: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-images", type=_int_at_least(1), default=num_images, metavar="N",
+                   help=f"how many images to generate (default {num_images})")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=batch_size, metavar="B",
+                   help=f"images per sampler call; each uncertainty step runs the UNet on B x MC-samples "
+                        f"inputs at once, so lower it if memory runs out (default {batch_size})")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep)")
+    g.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps (default 50)")
+    g.add_argument("--eta", type=_non_negative_float, default=0.0,
+                   help="DDIM's eta: 0 = deterministic (default), 1 = DDPM-like noise")
+    g.add_argument("--uq-every", type=_int_at_least(1), default=5, metavar="K",
+                   help="propagate the full uncertainty every K-th step, the cheap update in between "
+                        "(BayesDiff-Skip; 1 = every step; default 5)")
+    g.add_argument("--mc-samples", type=_int_at_least(1), default=10, metavar="S",
+                   help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")
+    g.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    g = p.add_argument_group("scores and output")
+    g.add_argument("--aggregation", type=parse_spec, default=("sum", {}), metavar="NAME[:K=V]",
+                   help="the image score that filters and sorts: sum (default, the paper's), mean, max, "
+                        "percentile:q=95, patch_max:patch=4. All of them are written to scores.csv")
+    g.add_argument("--filter", type=parse_spec, default=("mean_plus_std", {}), metavar="RULE[:K=V]",
+                   help="which images to drop: mean_plus_std (default, the paper's: score > mean + 1 std "
+                        "of the run; mean_plus_std:num_std=2 for a stricter cut), top_k:k=8 (the 8 most "
+                        "uncertain), quantile:q=0.9 (keep scores <= the 90%% quantile)")
+    g.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output folder, created; must not exist or be empty "
+                        "(default ./bayesdiff-out/<date-time>/)")
+
+
+def _add_general_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bayesdiff", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    files_written = (
+        "writes: samples/*.png, uncertainty/*.png (variance maps, one colour scale), kept/*.png (the images "
+        "the filter keeps), grid_sorted.png, scores.csv, summary.json, tensors.safetensors"
+    )
+
+    demo = commands.add_parser(
+        "demo", help="try it: the bundled digits model and posterior, no arguments needed",
+        description=_wrap("Sample 64 digits with the bundled 16x16 model and its bundled posterior, score and "
+                          f"filter them, and write the results. Nothing is downloaded. {files_written}."),
+        epilog="example:\n  bayesdiff demo --num-images 16 --out demo-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_sampling_options(demo, num_images=64, batch_size=64)
+    _add_general_options(demo)
+
+    sample = commands.add_parser(
+        "sample", help="sample with uncertainty from a local diffusers model and a fitted posterior",
+        description=_wrap("Sample images with per-pixel uncertainty from a local diffusers model (a pipeline folder "
+                          "with unet/ and scheduler/, or a bare UNet folder plus --scheduler) using a posterior "
+                          f"made by `bayesdiff fit`. {files_written}."),
+        epilog="example:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
+               "--num-images 32 --sampler ddim --steps 50",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sample.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
+    sample.add_argument("--posterior", type=Path, required=True, metavar="FILE",
+                        help="posterior file from `bayesdiff fit` for this model")
+    sample.add_argument("--scheduler", type=Path, default=None, metavar="DIR",
+                        help="scheduler folder (scheduler_config.json), needed for a bare UNet folder")
+    _add_sampling_options(sample, num_images=64, batch_size=16)
+    _add_general_options(sample)
+
+    fit = commands.add_parser(
+        "fit", help="fit a last-layer Laplace posterior to a model's head and save it",
+        description=_wrap("Fit the Laplace posterior of the model's last layer on training images (noised at random "
+                          "timesteps, like in training) and save it for `bayesdiff sample`."),
+        epilog="examples:\n"
+               "  bayesdiff fit --model ./my-pipeline --data ./train-images/ --out posterior.safetensors\n"
+               "  bayesdiff fit --model ./my-pipeline --data images.npy --structure full --prior-precision 1\n"
+               f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
+    fit.add_argument("--scheduler", type=Path, default=None, metavar="DIR",
+                     help="scheduler folder, needed for a bare UNet folder")
+    fit.add_argument("--data", required=True, metavar="DIR|FILE",
+                     help="training images: a folder of PNG/JPG files (resized to the model's size), a .npy/.pt "
+                          "tensor (N, C, H, W) (uint8 0..255, or floats in [-1, 1]), or "
+                          f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16)")
+    fit.add_argument("--out", type=Path, default=None, metavar="FILE",
+                     help="where to save the posterior (default ./posterior_<structure>.safetensors)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing posterior file")
+    fit.add_argument("--structure", choices=("diag", "full", "kron", "isotropic"), default="diag",
+                     help="covariance structure: diag (default, the paper's), full (exact GGN), kron (KFAC), "
+                          "isotropic")
+    fit.add_argument("--curvature", choices=("ggn", "ef", "ef_bayesdiff"), default="ggn",
+                     help="ggn (default), ef (empirical Fisher), ef_bayesdiff (the paper code's 2x EF with "
+                          "sigma = prior precision = 1; diag only)")
+    fit.add_argument("--sigma", type=_float_or_choice("ml"), default=None, metavar="ml|NUMBER",
+                     help="observation noise: ml = maximum likelihood on the fitting residuals (default), or a number")
+    fit.add_argument("--prior-precision", type=_float_or_choice("mackay", "marglik"), default=None,
+                     metavar="mackay|marglik|NUMBER",
+                     help="prior precision: mackay (default, MacKay's fixed point), marglik (marginal "
+                          "likelihood), or a number")
+    fit.add_argument("--timesteps-per-image", type=_int_at_least(1), default=1, metavar="T",
+                     help="random (timestep, noise) draws per image (default 1)")
+    fit.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="B", help="images per forward (default 64)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the timestep and noise draws (default 0)")
+    fit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_general_options(fit)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# the commands
+# ------------------------------------------------------------------------------------------------
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _scheduler_for(name: str, base):
+    """The ``--sampler`` family built from the model's own scheduler configuration (its noise
+    schedule), with x̂_0 clipping and thresholding off: the moment recurrence needs affine steps."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
+
+    linear = dict(clip_sample=False, thresholding=False)
+    if name == "ddim":
+        return DDIMScheduler.from_config(base.config, **linear)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(base.config, **linear)
+    return DPMSolverSinglestepScheduler.from_config(base.config, solver_order=2, thresholding=False)
+
+
+def _check_run_options(args) -> tuple[Path, dict]:
+    """Validate --out, --aggregation and --filter before any work; return the output folder and
+    the scores to report."""
+    from bayesdiff_ext import aggregation
+    from bayesdiff_ext.io import check_output_dir, timestamped_out_dir
+
+    method, params = args.aggregation
+    if method == "masked_mean":
+        raise ValueError("--aggregation masked_mean needs a mask; use bayesdiff_ext.aggregation from Python")
+    aggregation.check_aggregation(method, params)
+    rule, rule_params = args.filter
+    aggregation.check_filter(rule, rule_params)
+    if rule == "top_k" and rule_params["k"] > args.num_images:
+        raise ValueError(f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}")
+    out_dir = check_output_dir(args.out if args.out is not None else timestamped_out_dir())
+    return out_dir, {**REPORTED_SCORES, method: {**REPORTED_SCORES.get(method, {}), **params}}
+
+
+def _sample_and_write(args, run_options, unet, base_scheduler, posterior, described: dict, load_s: float) -> int:
+    import torch
+
+    from bayesdiff_ext import aggregation
+    from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.sampler import BayesDiffSampler
+    from bayesdiff_ext.sampler.coefficients import check_supported
+
+    out_dir, scores_to_report = run_options
+    channels = unet.config.in_channels
+    if channels not in (1, 3):
+        raise ValueError(f"the model makes {channels}-channel samples; the command line writes grey or RGB "
+                         "images only (for latent models use the Python API)")
+    device = _device(args.device)
+    unet.to(device)
+    scheduler = _scheduler_for(args.sampler, base_scheduler)
+    check_supported(scheduler, args.eta)
+    sampler = BayesDiffSampler(unet, scheduler, posterior)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+
+    _say(f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, uncertainty every "
+         f"{args.uq_every} steps with {args.mc_samples} Monte Carlo samples, on {device}")
+    started = time.perf_counter()
+    runs = []
+    for first in range(0, args.num_images, args.batch_size):
+        runs.append(sampler.sample(
+            batch_size=min(args.batch_size, args.num_images - first), num_inference_steps=args.steps,
+            generator=generator, eta=args.eta, uq_every=args.uq_every, mc_samples=args.mc_samples,
+            progress=not args.no_progress,
+        ))
+    images, variance, mean = (torch.cat([getattr(r, k) for r in runs]).cpu() for k in ("images", "variance", "mean"))
+    sampled = time.perf_counter()
+
+    method, _ = args.aggregation
+    rule, rule_params = args.filter
+    scores = aggregation.aggregate_many(variance, scores_to_report)
+    decision = aggregation.filter_scores(scores[method], rule, **rule_params)
+    settings = {
+        **described,
+        "sampler": args.sampler, "steps": args.steps, "eta": args.eta, "uq_every": args.uq_every,
+        "mc_samples": args.mc_samples, "seed": args.seed, "num_images": args.num_images,
+        "batch_size": args.batch_size, "device": str(device), "aggregation": method, "filter": rule,
+        "filter_params": rule_params, "sampler_settings": {k: v for k, v in runs[0].settings.items() if k != "timesteps"},
+        "timesteps": runs[0].settings.get("timesteps"),
+        "scheduler_config": dict(scheduler.config),
+    }
+    timings = {
+        "load_s": load_s,
+        "sample_s": sampled - started,
+        "unet_calls": sum(r.timings["image_unet_calls"] + r.timings["mc_unet_calls"] for r in runs),
+        "score_s": time.perf_counter() - sampled,
+    }
+    record = RunRecord(images, variance, scores, scores_to_report, method, decision, settings, timings, mean=mean)
+    path = write_run(out_dir, record)
+    kept, total = len(decision.kept), len(decision.keep)
+    _say(f"scored by {method}; filter {rule}: kept {kept} of {total}, removed {total - kept}")
+    print(path)
+    return 0
+
+
+def _posterior_description(posterior, path) -> dict:
+    return {
+        "posterior": str(path), "posterior_structure": posterior.structure, "posterior_curvature": posterior.curvature,
+        "sigma_noise": posterior.sigma_noise, "prior_precision": posterior.prior_precision,
+    }
+
+
+def _load_posterior(path: Path, unet):
+    """The saved posterior on ``unet``'s head. A posterior fitted at other head weights of the same
+    shape loads with a warning in the package; here it is an error, because its curvature and
+    hyperparameters belong to another model."""
+    from bayesdiff_ext import LastLayerLaplace
+
+    if not path.is_file():
+        raise FileNotFoundError(f"posterior file {path} does not exist (make one with `bayesdiff fit`)")
+    from safetensors import SafetensorError
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the head weights differ")
+        try:
+            return LastLayerLaplace.load(path, unet)
+        except UserWarning as mismatch:
+            raise ValueError(f"{path} is a posterior for another model: {mismatch}") from None
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a posterior file (safetensors: {err})") from None
+
+
+def _run_demo(args) -> int:
+    from bayesdiff_ext import digits
+
+    run_options = _check_run_options(args)
+    started = time.perf_counter()
+    path = digits.bundled_dir() / "posterior_diag.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"the bundled posterior {path} is missing; make it with `bayesdiff fit --model "
+                                f"{digits.bundled_dir()} --data {BUILTIN_DIGITS} --out {path}`")
+    unet = digits.load_bundled_unet()
+    posterior = _load_posterior(path, unet)
+    scheduler = digits.load_bundled_scheduler()
+    described = {"command": "demo", "model": "bundled digits (bayesdiff_ext/assets/digits)",
+                 **_posterior_description(posterior, path)}
+    load_s = time.perf_counter() - started
+    return _sample_and_write(args, run_options, unet, scheduler, posterior, described, load_s)
+
+
+def _run_sample(args) -> int:
+    from bayesdiff_ext.io.inputs import load_model
+
+    run_options = _check_run_options(args)
+    started = time.perf_counter()
+    unet, scheduler = load_model(args.model, args.scheduler)
+    posterior = _load_posterior(args.posterior, unet)
+    described = {"command": "sample", "model": str(args.model), "scheduler": str(args.scheduler or ""),
+                 **_posterior_description(posterior, args.posterior)}
+    load_s = time.perf_counter() - started
+    return _sample_and_write(args, run_options, unet, scheduler, posterior, described, load_s)
+
+
+def _fit_images(args, unet):
+    from bayesdiff_ext.io.inputs import load_images
+
+    size = unet.config.sample_size
+    if not isinstance(size, int):
+        if len(set(size)) != 1:
+            raise ValueError(f"the model's sample_size {tuple(size)} is not square; fit it from Python")
+        size = size[0]
+    if args.data == BUILTIN_DIGITS:
+        from bayesdiff_ext.digits import load_digits_images
+
+        if unet.config.in_channels != 1:
+            raise ValueError(f"{BUILTIN_DIGITS} are grey images; the model takes {unet.config.in_channels} channels")
+        return load_digits_images(resolution=size)[0]
+    return load_images(args.data, size=size, channels=unet.config.in_channels)
+
+
+def _run_fit(args) -> int:
+    import torch
+
+    from bayesdiff_ext import LastLayerLaplace
+    from bayesdiff_ext.io.inputs import load_model
+
+    out = (args.out or Path(f"posterior_{args.structure}.safetensors")).expanduser().absolute()
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name such as posterior.safetensors")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+    unet, scheduler = load_model(args.model, args.scheduler)
+    posterior = LastLayerLaplace(unet, args.structure, args.curvature, sigma_noise=args.sigma,
+                                 prior_precision=args.prior_precision)
+    images = _fit_images(args, unet)
+    device = _device(args.device)
+    unet.to(device)
+    _say(f"fitting a {args.structure}/{args.curvature} posterior on {len(images)} images "
+         f"x {args.timesteps_per_image} timestep(s) on {device}")
+    posterior.fit(images, scheduler, batch_size=args.batch_size, timesteps_per_image=args.timesteps_per_image,
+                  generator=torch.Generator("cpu").manual_seed(args.seed), progress=not args.no_progress)
+    posterior.save(out)
+    _say(repr(posterior))
+    print(out)
+    return 0
+
+
+_COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bayesdiff`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    if not args.debug:
+        # diffusers' loading notes (e.g. "install accelerate") would drown the one-line report
+        diffusers_logging.set_verbosity_error()
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _say("bayesdiff: interrupted")
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        _say(f"bayesdiff: error: {message}")
+        return 1
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
