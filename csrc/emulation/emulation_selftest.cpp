@@ -18,6 +18,7 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxThreads = 1024;
+constexpr int kIndexColumns = 9;
 
 unsigned linear_thread() { return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x; }
 unsigned block_threads() { return blockDim.x * blockDim.y * blockDim.z; }
@@ -82,9 +83,11 @@ __global__ void early_exit_kernel(const double* x, int stay, double* out) {
   }
 }
 
-// Every thread adds 1, `repeats` times, to one counter of each atomicAdd type.
+// Every thread adds 1, `repeats` times, to one counter of each atomicAdd type. The barrier first
+// lines the threads up, so that their read-modify-writes overlap and a lost update would show.
 __global__ void atomic_add_kernel(int repeats, double* as_double, float* as_float, unsigned long long* as_u64,
                                   int* as_int, unsigned* as_unsigned) {
+  __syncthreads();
   for (int r = 0; r < repeats; ++r) {
     atomicAdd(as_double, 1.0);
     atomicAdd(as_float, 1.0f);
@@ -94,11 +97,14 @@ __global__ void atomic_add_kernel(int repeats, double* as_double, float* as_floa
   }
 }
 
+// Each thread's indices, and the linear index of its warp's lane 0: warps are runs of 32
+// consecutive linear indices x + Dx·(y + Dy·z), which ties threadIdx to the lanes.
 __global__ void thread_index_kernel(double* out) {
   const int64_t row = int64_t(blockIdx.x) * block_threads() + linear_thread();
-  const double values[8] = {double(blockIdx.x), double(threadIdx.x), double(threadIdx.y), double(threadIdx.z),
-                            double(gridDim.x), double(blockDim.x), double(blockDim.y), double(blockDim.z)};
-  for (int k = 0; k < 8; ++k) out[row * 8 + k] = values[k];
+  const double values[kIndexColumns] = {
+      double(blockIdx.x), double(threadIdx.x), double(threadIdx.y), double(threadIdx.z), double(gridDim.x),
+      double(blockDim.x), double(blockDim.y),  double(blockDim.z),  __shfl_sync(kFullMask, double(linear_thread()), 0)};
+  for (int k = 0; k < kIndexColumns; ++k) out[row * kIndexColumns + k] = values[k];
 }
 
 // Lanes below 16 shuffle with a 16-lane mask while the others stay live: unsupported here.
@@ -161,7 +167,7 @@ at::Tensor selftest(c10::string_view kernel_name, const at::Tensor& x_in, at::In
     return out;
   }
   if (kernel == "thread_index") {
-    at::Tensor out = at::full({grid * threads, 8}, -1.0, options);
+    at::Tensor out = at::full({grid * threads, kIndexColumns}, -1.0, options);
     BDX_LAUNCH(thread_index_kernel, grid_dim, block_dim, nullptr, out.data_ptr<double>());
     return out;
   }
