@@ -45,9 +45,9 @@ Isa hardware_isa() {
 }
 
 // BAYESDIFF_CPU_ISA=avx2|baseline selects a lower compilation, so that the tests can run every
-// compilation of the kernels on one machine.
-Isa detect_isa() {
-  const Isa hardware = hardware_isa();
+// compilation of the kernels on one machine. Read at every call (once per op, not per row).
+Isa cpu_isa() {
+  static const Isa hardware = hardware_isa();
   const char* forced = std::getenv("BAYESDIFF_CPU_ISA");
   if (forced == nullptr || *forced == '\0') return hardware;
   const std::string name(forced);
@@ -57,13 +57,8 @@ Isa detect_isa() {
   return std::min(wanted, hardware);
 }
 
-Isa cpu_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
-
-// Inside a struct: static `run(args...)` calls `body<kVectorBytes>(args...)` compiled for the best
-// ISA available, with that ISA's register width (wider vectors than the registers spill).
+// Inside a struct: static `run(isa, args...)` calls `body<kVectorBytes>(args...)` compiled for `isa`,
+// with that ISA's register width (wider vectors than the registers spill).
 #if defined(BDX_X86_DISPATCH)
 #define BDX_ISA_VARIANTS(body)                                                     \
   template <typename... A>                                                         \
@@ -73,8 +68,8 @@ Isa cpu_isa() {
   template <typename... A>                                                         \
   static void run_baseline(A... a) { body<16>(a...); }                             \
   template <typename... A>                                                         \
-  static void run(A... a) {                                                        \
-    switch (cpu_isa()) {                                                           \
+  static void run(Isa isa, A... a) {                                               \
+    switch (isa) {                                                                 \
       case Isa::kAvx512: return run_avx512(a...);                                  \
       case Isa::kAvx2: return run_avx2(a...);                                      \
       default: return run_baseline(a...);                                          \
@@ -83,7 +78,7 @@ Isa cpu_isa() {
 #else
 #define BDX_ISA_VARIANTS(body) \
   template <typename... A>     \
-  static void run(A... a) { body<16>(a...); }
+  static void run(Isa, A... a) { body<16>(a...); }
 #endif
 constexpr int kWidestVectorBytes = 64;
 
@@ -279,9 +274,10 @@ std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, con
     const int64_t packed_size = g.in_channels_per_group() * g.kernel_h * job.packed_len;
     const int64_t rows = g.batch * g.out_h;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.out_w * g.taps_per_channel()));
+    const Isa isa = cpu_isa();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<Acc> packed(packed_size);
-      for (int64_t row = begin; row < end; ++row) DiagOutputRow::run(&job, row, packed.data());
+      for (int64_t row = begin; row < end; ++row) DiagOutputRow::run(isa, &job, row, packed.data());
     });
   });
   return {args.mean, args.var};
@@ -389,8 +385,9 @@ std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, c
                            args.mean.data_ptr<Acc>(),
                            args.var.data_ptr<Acc>()};
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, args.features * args.out_features));
+    const Isa isa = cpu_isa();
     at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) LinearRow::run(&job, row);
+      for (int64_t row = begin; row < end; ++row) LinearRow::run(isa, &job, row);
     });
   });
   return {args.mean, args.var};
