@@ -1,7 +1,7 @@
 """KFAC posterior as laplace-torch forms it: H ≈ G ⊗ A for the weight, G_b for the bias (SPEC §1.1).
 
 With eig(G) = (Q_G, g), eig(A) = (Q_A, a), eig(G_b) = (Q_b, g_b) and laplace-torch's default
-undamped inverse of s·H + δ:
+undamped inverse of s·H + δ (``laplace_convert.factored_from_kron`` builds the op inputs):
 
     var[c,p] = Σ_j mix[c,j]·(q_{A,j}·φ_p)² + bias_var[c],
     mix[c,j] = Σ_i Q_G[c,i]² / (s·g_i·a_j + δ),   bias_var[c] = Σ_i Q_b[c,i]² / (s·g_b,i + δ).
@@ -16,6 +16,8 @@ incremental fit sums the factors exactly as one fit over all batches would).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,6 +26,7 @@ from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.curvature_layout import laplace_kron_factors
 from bayesdiff_ext.posterior.full import require_ungrouped
 from bayesdiff_ext.posterior.heads import HeadSpec
+from bayesdiff_ext.posterior.laplace_convert import factored_from_kron
 from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
 
 
@@ -128,13 +131,17 @@ class KronPosterior(PosteriorStructure):
         return values, torch.ones_like(values)
 
     def op_inputs(self, s, delta) -> OpInputs:
+        # laplace-torch's KronDecomposed convention: each factor's eigenvalues carry √s (s for the
+        # one-factor bias block), so their products are the eigenvalues of s·H.
+        root = math.sqrt(s)
         (g, q_g), (a, q_a) = self._eig[:2]
-        mix = q_g.square() @ (1.0 / (s * torch.outer(g, a) + delta))
-        bias_var = None
+        vectors, values = [[q_g, q_a]], [[root * g, root * a]]
         if self.g_bias is not None:
             g_b, q_b = self._eig[2]
-            bias_var = q_b.square() @ (1.0 / (s * g_b + delta))
-        return {"proj_weight": q_a.T.contiguous(), "proj_bias": None, "mix": mix, "bias_var": bias_var}
+            vectors.append([q_b])
+            values.append([s * g_b])
+        deltas = torch.full((len(vectors),), float(delta), dtype=torch.float64)
+        return factored_from_kron(vectors, values, deltas, self.spec.eps_weight_shape, self.g_bias is not None)
 
     def predict_with(self, phi, weight, bias, inputs):
         mean = head_ops.head_mean(self.spec, phi, weight, bias)
