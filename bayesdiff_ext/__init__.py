@@ -9,6 +9,7 @@ from bayesdiff_ext import _C
 from bayesdiff_ext import aggregation, ops, reference
 from bayesdiff_ext import metrics
 from bayesdiff_ext.ops import mc_moments, moment_step
+from bayesdiff_ext.posterior import LastLayerLaplace
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["aggregation", "build_info", "mc_moments", "metrics", "moment_step", "ops", "reference"]
+__all__ = ["LastLayerLaplace", "aggregation", "build_info", "mc_moments", "metrics", "moment_step", "ops", "reference"]
