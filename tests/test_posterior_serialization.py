@@ -22,6 +22,7 @@ def test_round_trip_predicts_identically(tmp_path, structure, curvature):
     path = tmp_path / "posterior.safetensors"
     post.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["posterior.safetensors"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644
 
     loaded = LastLayerLaplace.load(path, tiny_unet(out_channels=6))
     for name in ("structure", "curvature", "sigma_noise", "prior_precision", "temperature", "eps_channels", "spec"):

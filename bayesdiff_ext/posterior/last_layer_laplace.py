@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -293,23 +294,17 @@ class LastLayerLaplace:
         return f"LastLayerLaplace({self.structure}/{self.curvature}, head={self.spec.shape_text()}, {state})"
 
 
-class _eval_no_grad:
+@contextlib.contextmanager
+def _eval_no_grad(module: nn.Module):
     """Eval mode and no gradients for the duration, restoring every submodule's mode after."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.no_grad.__exit__(*exc)
-        for m, mode in self.modes:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
             m.training = mode
-        return False
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]):

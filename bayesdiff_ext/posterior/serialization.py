@@ -78,6 +78,7 @@ def save_posterior(post, path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
