@@ -190,11 +190,13 @@ AGGREGATIONS: dict[str, _Entry] = {
     "mean": _Entry(score_mean, "mean over channels and pixels"),
     "max": _Entry(score_max, "largest per-pixel variance"),
     "percentile": _Entry(
-        score_percentile, "q-th percentile of the per-pixel variances (q=95)",
+        score_percentile,
+        "q-th percentile of the per-pixel variances (q=95)",
         {"q": lambda q: _real("q", q, 0.0, 100.0)},
     ),
     "patch_max": _Entry(
-        score_patch_max, "largest mean over non-overlapping patch x patch windows (patch=4)",
+        score_patch_max,
+        "largest mean over non-overlapping patch x patch windows (patch=4)",
         {"patch": lambda p: _count("patch", p, 1)},
     ),
     "masked_mean": _Entry(score_masked_mean, "mask-weighted mean (needs mask=...)"),
@@ -327,12 +329,16 @@ def _quantile(scores: torch.Tensor, q: float = 0.84) -> tuple[float, torch.Tenso
 
 FILTER_RULES: dict[str, _Entry] = {
     "mean_plus_std": _Entry(
-        _mean_plus_std, "remove score > mean + num_std * std of the batch (num_std=1, BayesDiff's rule)",
+        _mean_plus_std,
+        "remove score > mean + num_std * std of the batch (num_std=1, BayesDiff's rule)",
         {"num_std": lambda k: _real("num_std", k, -math.inf, math.inf)},
     ),
-    "top_k": _Entry(_top_k, "remove the k most uncertain images (needs k=...)", {"k": lambda k: _count("k", k, 0)}),
+    "top_k": _Entry(
+        _top_k, "remove the k most uncertain images (needs k=...)", {"k": lambda k: _count("k", k, 0)}
+    ),
     "quantile": _Entry(
-        _quantile, "keep scores <= the q-quantile of the batch (q=0.84)",
+        _quantile,
+        "keep scores <= the q-quantile of the batch (q=0.84)",
         {"q": lambda q: _real("q", q, 0.0, 1.0)},
     ),
 }

@@ -85,7 +85,9 @@ def _float_or_choice(*choices: str):
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(choices)}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a number or one of {', '.join(choices)}, got {text!r}"
+            ) from None
 
     return parse
 
@@ -116,35 +118,80 @@ def parse_spec(text: str) -> tuple[str, dict]:
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_size: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-images", type=_int_at_least(1), default=num_images, metavar="N",
-                   help=f"how many images to generate (default {num_images})")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=batch_size, metavar="B",
-                   help=f"images per sampler call; each uncertainty step runs the UNet on B x MC-samples "
-                        f"inputs at once, so lower it if memory runs out (default {batch_size})")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep)")
+    g.add_argument(
+        "--num-images",
+        type=_int_at_least(1),
+        default=num_images,
+        metavar="N",
+        help=f"how many images to generate (default {num_images})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=batch_size,
+        metavar="B",
+        help=f"images per sampler call; each uncertainty step runs the UNet on B x MC-samples "
+        f"inputs at once, so lower it if memory runs out (default {batch_size})",
+    )
+    g.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddim",
+        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep)",
+    )
     g.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps (default 50)")
-    g.add_argument("--eta", type=_non_negative_float, default=0.0,
-                   help="DDIM's eta: 0 = deterministic (default), 1 = DDPM-like noise")
-    g.add_argument("--uq-every", type=_int_at_least(1), default=5, metavar="K",
-                   help="propagate the full uncertainty every K-th step, the cheap update in between "
-                        "(BayesDiff-Skip; 1 = every step; default 5)")
-    g.add_argument("--mc-samples", type=_int_at_least(1), default=10, metavar="S",
-                   help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)")
+    g.add_argument(
+        "--eta",
+        type=_non_negative_float,
+        default=0.0,
+        help="DDIM's eta: 0 = deterministic (default), 1 = DDPM-like noise",
+    )
+    g.add_argument(
+        "--uq-every",
+        type=_int_at_least(1),
+        default=5,
+        metavar="K",
+        help="propagate the full uncertainty every K-th step, the cheap update in between "
+        "(BayesDiff-Skip; 1 = every step; default 5)",
+    )
+    g.add_argument(
+        "--mc-samples",
+        type=_int_at_least(1),
+        default=10,
+        metavar="S",
+        help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")
-    g.add_argument("--device", default=None,
-                   help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)",
+    )
     g = p.add_argument_group("scores and output")
-    g.add_argument("--aggregation", type=parse_spec, default=("sum", {}), metavar="NAME[:K=V]",
-                   help="the image score that filters and sorts: sum (default, the paper's), mean, max, "
-                        "percentile:q=95, patch_max:patch=4. All of them are written to scores.csv")
-    g.add_argument("--filter", type=parse_spec, default=("mean_plus_std", {}), metavar="RULE[:K=V]",
-                   help="which images to drop: mean_plus_std (default, the paper's: score > mean + 1 std "
-                        "of the run; mean_plus_std:num_std=2 for a stricter cut), top_k:k=8 (the 8 most "
-                        "uncertain), quantile:q=0.9 (keep scores <= the 90%% quantile)")
-    g.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="output folder, created; must not exist or be empty "
-                        "(default ./bayesdiff-out/<date-time>/)")
+    g.add_argument(
+        "--aggregation",
+        type=parse_spec,
+        default=("sum", {}),
+        metavar="NAME[:K=V]",
+        help="the image score that filters and sorts: sum (default, the paper's), mean, max, "
+        "percentile:q=95, patch_max:patch=4. All of them are written to scores.csv",
+    )
+    g.add_argument(
+        "--filter",
+        type=parse_spec,
+        default=("mean_plus_std", {}),
+        metavar="RULE[:K=V]",
+        help="which images to drop: mean_plus_std (default, the paper's: score > mean + 1 std "
+        "of the run; mean_plus_std:num_std=2 for a stricter cut), top_k:k=8 (the 8 most "
+        "uncertain), quantile:q=0.9 (keep scores <= the 90%% quantile)",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/)",
+    )
 
 
 def _add_general_options(p: argparse.ArgumentParser) -> None:
@@ -153,8 +200,12 @@ def _add_general_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bayesdiff", description=_DESCRIPTION, epilog=_EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="bayesdiff",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     files_written = (
         "writes: samples/*.png, uncertainty/*.png (variance maps, one colour scale), kept/*.png (the images "
@@ -162,9 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser(
-        "demo", help="try it: the bundled digits model and posterior, no arguments needed",
-        description=_wrap("Sample 64 digits with the bundled 16x16 model and its bundled posterior, score and "
-                          f"filter them, and write the results. Nothing is downloaded. {files_written}."),
+        "demo",
+        help="try it: the bundled digits model and posterior, no arguments needed",
+        description=_wrap(
+            "Sample 64 digits with the bundled 16x16 model and its bundled posterior, score and "
+            f"filter them, and write the results. Nothing is downloaded. {files_written}."
+        ),
         epilog="example:\n  bayesdiff demo --num-images 16 --out demo-run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -172,57 +226,112 @@ def build_parser() -> argparse.ArgumentParser:
     _add_general_options(demo)
 
     sample = commands.add_parser(
-        "sample", help="sample with uncertainty from a local diffusers model and a fitted posterior",
-        description=_wrap("Sample images with per-pixel uncertainty from a local diffusers model (a pipeline folder "
-                          "with unet/ and scheduler/, or a bare UNet folder plus --scheduler) using a posterior "
-                          f"made by `bayesdiff fit`. {files_written}."),
+        "sample",
+        help="sample with uncertainty from a local diffusers model and a fitted posterior",
+        description=_wrap(
+            "Sample images with per-pixel uncertainty from a local diffusers model (a pipeline folder "
+            "with unet/ and scheduler/, or a bare UNet folder plus --scheduler) using a posterior "
+            f"made by `bayesdiff fit`. {files_written}."
+        ),
         epilog="example:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
-               "--num-images 32 --sampler ddim --steps 50",
+        "--num-images 32 --sampler ddim --steps 50",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sample.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
-    sample.add_argument("--posterior", type=Path, required=True, metavar="FILE",
-                        help="posterior file from `bayesdiff fit` for this model")
-    sample.add_argument("--scheduler", type=Path, default=None, metavar="DIR",
-                        help="scheduler folder (scheduler_config.json), needed for a bare UNet folder")
+    sample.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder"
+    )
+    sample.add_argument(
+        "--posterior",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="posterior file from `bayesdiff fit` for this model",
+    )
+    sample.add_argument(
+        "--scheduler",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="scheduler folder (scheduler_config.json), needed for a bare UNet folder",
+    )
     _add_sampling_options(sample, num_images=64, batch_size=16)
     _add_general_options(sample)
 
     fit = commands.add_parser(
-        "fit", help="fit a last-layer Laplace posterior to a model's head and save it",
-        description=_wrap("Fit the Laplace posterior of the model's last layer on training images (noised at random "
-                          "timesteps, like in training) and save it for `bayesdiff sample`."),
+        "fit",
+        help="fit a last-layer Laplace posterior to a model's head and save it",
+        description=_wrap(
+            "Fit the Laplace posterior of the model's last layer on training images (noised at random "
+            "timesteps, like in training) and save it for `bayesdiff sample`."
+        ),
         epilog="examples:\n"
-               "  bayesdiff fit --model ./my-pipeline --data ./train-images/ --out posterior.safetensors\n"
-               "  bayesdiff fit --model ./my-pipeline --data images.npy --structure full --prior-precision 1\n"
-               f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors",
+        "  bayesdiff fit --model ./my-pipeline --data ./train-images/ --out posterior.safetensors\n"
+        "  bayesdiff fit --model ./my-pipeline --data images.npy --structure full --prior-precision 1\n"
+        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
-    fit.add_argument("--scheduler", type=Path, default=None, metavar="DIR",
-                     help="scheduler folder, needed for a bare UNet folder")
-    fit.add_argument("--data", required=True, metavar="DIR|FILE",
-                     help="training images: a folder of PNG/JPG files (resized to the model's size), a .npy/.pt "
-                          "tensor (N, C, H, W) (uint8 0..255, or floats in [-1, 1]), or "
-                          f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16)")
-    fit.add_argument("--out", type=Path, default=None, metavar="FILE",
-                     help="where to save the posterior (default ./posterior_<structure>.safetensors)")
+    fit.add_argument(
+        "--scheduler",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="scheduler folder, needed for a bare UNet folder",
+    )
+    fit.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR|FILE",
+        help="training images: a folder of PNG/JPG files (resized to the model's size), a .npy/.pt "
+        "tensor (N, C, H, W) (uint8 0..255, or floats in [-1, 1]), or "
+        f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16)",
+    )
+    fit.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="where to save the posterior (default ./posterior_<structure>.safetensors)",
+    )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing posterior file")
-    fit.add_argument("--structure", choices=("diag", "full", "kron", "isotropic"), default="diag",
-                     help="covariance structure: diag (default, the paper's), full (exact GGN), kron (KFAC), "
-                          "isotropic")
-    fit.add_argument("--curvature", choices=("ggn", "ef", "ef_bayesdiff"), default="ggn",
-                     help="ggn (default), ef (empirical Fisher), ef_bayesdiff (the paper code's 2x EF with "
-                          "sigma = prior precision = 1; diag only)")
-    fit.add_argument("--sigma", type=_float_or_choice("ml"), default=None, metavar="ml|NUMBER",
-                     help="observation noise: ml = maximum likelihood on the fitting residuals (default), or a number")
-    fit.add_argument("--prior-precision", type=_float_or_choice("mackay", "marglik"), default=None,
-                     metavar="mackay|marglik|NUMBER",
-                     help="prior precision: mackay (default, MacKay's fixed point), marglik (marginal "
-                          "likelihood), or a number")
-    fit.add_argument("--timesteps-per-image", type=_int_at_least(1), default=1, metavar="T",
-                     help="random (timestep, noise) draws per image (default 1)")
-    fit.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="B", help="images per forward (default 64)")
+    fit.add_argument(
+        "--structure",
+        choices=("diag", "full", "kron", "isotropic"),
+        default="diag",
+        help="covariance structure: diag (default, the paper's), full (exact GGN), kron (KFAC), isotropic",
+    )
+    fit.add_argument(
+        "--curvature",
+        choices=("ggn", "ef", "ef_bayesdiff"),
+        default="ggn",
+        help="ggn (default), ef (empirical Fisher), ef_bayesdiff (the paper code's 2x EF with "
+        "sigma = prior precision = 1; diag only)",
+    )
+    fit.add_argument(
+        "--sigma",
+        type=_float_or_choice("ml"),
+        default=None,
+        metavar="ml|NUMBER",
+        help="observation noise: ml = maximum likelihood on the fitting residuals (default), or a number",
+    )
+    fit.add_argument(
+        "--prior-precision",
+        type=_float_or_choice("mackay", "marglik"),
+        default=None,
+        metavar="mackay|marglik|NUMBER",
+        help="prior precision: mackay (default, MacKay's fixed point), marglik (marginal "
+        "likelihood), or a number",
+    )
+    fit.add_argument(
+        "--timesteps-per-image",
+        type=_int_at_least(1),
+        default=1,
+        metavar="T",
+        help="random (timestep, noise) draws per image (default 1)",
+    )
+    fit.add_argument(
+        "--batch-size", type=_int_at_least(1), default=64, metavar="B", help="images per forward (default 64)"
+    )
     fit.add_argument("--seed", type=int, default=0, help="seed of the timestep and noise draws (default 0)")
     fit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_general_options(fit)
@@ -273,12 +382,16 @@ def _check_run_options(args) -> tuple[Path, dict]:
     rule, rule_params = args.filter
     aggregation.check_filter(rule, rule_params)
     if rule == "top_k" and rule_params["k"] > args.num_images:
-        raise ValueError(f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}")
+        raise ValueError(
+            f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
+        )
     out_dir = check_output_dir(args.out if args.out is not None else timestamped_out_dir())
     return out_dir, {**REPORTED_SCORES, method: {**REPORTED_SCORES.get(method, {}), **params}}
 
 
-def _sample_and_write(args, run_options, unet, base_scheduler, posterior, described: dict, load_s: float) -> int:
+def _sample_and_write(
+    args, run_options, unet, base_scheduler, posterior, described: dict, load_s: float
+) -> int:
     import torch
 
     from bayesdiff_ext import aggregation
@@ -289,8 +402,10 @@ def _sample_and_write(args, run_options, unet, base_scheduler, posterior, descri
     out_dir, scores_to_report = run_options
     channels = unet.config.in_channels
     if channels not in (1, 3):
-        raise ValueError(f"the model makes {channels}-channel samples; the command line writes grey or RGB "
-                         "images only (for latent models use the Python API)")
+        raise ValueError(
+            f"the model makes {channels}-channel samples; the command line writes grey or RGB "
+            "images only (for latent models use the Python API)"
+        )
     device = _device(args.device)
     unet.to(device)
     scheduler = _scheduler_for(args.sampler, base_scheduler)
@@ -298,17 +413,27 @@ def _sample_and_write(args, run_options, unet, base_scheduler, posterior, descri
     sampler = BayesDiffSampler(unet, scheduler, posterior)
     generator = torch.Generator("cpu").manual_seed(args.seed)
 
-    _say(f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, uncertainty every "
-         f"{args.uq_every} steps with {args.mc_samples} Monte Carlo samples, on {device}")
+    _say(
+        f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, uncertainty every "
+        f"{args.uq_every} steps with {args.mc_samples} Monte Carlo samples, on {device}"
+    )
     started = time.perf_counter()
     runs = []
     for first in range(0, args.num_images, args.batch_size):
-        runs.append(sampler.sample(
-            batch_size=min(args.batch_size, args.num_images - first), num_inference_steps=args.steps,
-            generator=generator, eta=args.eta, uq_every=args.uq_every, mc_samples=args.mc_samples,
-            progress=not args.no_progress,
-        ))
-    images, variance, mean = (torch.cat([getattr(r, k) for r in runs]).cpu() for k in ("images", "variance", "mean"))
+        runs.append(
+            sampler.sample(
+                batch_size=min(args.batch_size, args.num_images - first),
+                num_inference_steps=args.steps,
+                generator=generator,
+                eta=args.eta,
+                uq_every=args.uq_every,
+                mc_samples=args.mc_samples,
+                progress=not args.no_progress,
+            )
+        )
+    images, variance, mean = (
+        torch.cat([getattr(r, k) for r in runs]).cpu() for k in ("images", "variance", "mean")
+    )
     sampled = time.perf_counter()
 
     method, _ = args.aggregation
@@ -317,10 +442,19 @@ def _sample_and_write(args, run_options, unet, base_scheduler, posterior, descri
     decision = aggregation.filter_scores(scores[method], rule, **rule_params)
     settings = {
         **described,
-        "sampler": args.sampler, "steps": args.steps, "eta": args.eta, "uq_every": args.uq_every,
-        "mc_samples": args.mc_samples, "seed": args.seed, "num_images": args.num_images,
-        "batch_size": args.batch_size, "device": str(device), "aggregation": method, "filter": rule,
-        "filter_params": rule_params, "sampler_settings": {k: v for k, v in runs[0].settings.items() if k != "timesteps"},
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "eta": args.eta,
+        "uq_every": args.uq_every,
+        "mc_samples": args.mc_samples,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "aggregation": method,
+        "filter": rule,
+        "filter_params": rule_params,
+        "sampler_settings": {k: v for k, v in runs[0].settings.items() if k != "timesteps"},
         "timesteps": runs[0].settings.get("timesteps"),
         "scheduler_config": dict(scheduler.config),
     }
@@ -330,7 +464,9 @@ def _sample_and_write(args, run_options, unet, base_scheduler, posterior, descri
         "unet_calls": sum(r.timings["image_unet_calls"] + r.timings["mc_unet_calls"] for r in runs),
         "score_s": time.perf_counter() - sampled,
     }
-    record = RunRecord(images, variance, scores, scores_to_report, method, decision, settings, timings, mean=mean)
+    record = RunRecord(
+        images, variance, scores, scores_to_report, method, decision, settings, timings, mean=mean
+    )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
     _say(f"scored by {method}; filter {rule}: kept {kept} of {total}, removed {total - kept}")
@@ -340,8 +476,11 @@ def _sample_and_write(args, run_options, unet, base_scheduler, posterior, descri
 
 def _posterior_description(posterior, path) -> dict:
     return {
-        "posterior": str(path), "posterior_structure": posterior.structure, "posterior_curvature": posterior.curvature,
-        "sigma_noise": posterior.sigma_noise, "prior_precision": posterior.prior_precision,
+        "posterior": str(path),
+        "posterior_structure": posterior.structure,
+        "posterior_curvature": posterior.curvature,
+        "sigma_noise": posterior.sigma_noise,
+        "prior_precision": posterior.prior_precision,
     }
 
 
@@ -372,13 +511,18 @@ def _run_demo(args) -> int:
     started = time.perf_counter()
     path = digits.bundled_dir() / "posterior_diag.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"the bundled posterior {path} is missing; make it with `bayesdiff fit --model "
-                                f"{digits.bundled_dir()} --data {BUILTIN_DIGITS} --out {path}`")
+        raise FileNotFoundError(
+            f"the bundled posterior {path} is missing; make it with `bayesdiff fit --model "
+            f"{digits.bundled_dir()} --data {BUILTIN_DIGITS} --out {path}`"
+        )
     unet = digits.load_bundled_unet()
     posterior = _load_posterior(path, unet)
     scheduler = digits.load_bundled_scheduler()
-    described = {"command": "demo", "model": "bundled digits (bayesdiff_ext/assets/digits)",
-                 **_posterior_description(posterior, path)}
+    described = {
+        "command": "demo",
+        "model": "bundled digits (bayesdiff_ext/assets/digits)",
+        **_posterior_description(posterior, path),
+    }
     load_s = time.perf_counter() - started
     return _sample_and_write(args, run_options, unet, scheduler, posterior, described, load_s)
 
@@ -390,8 +534,12 @@ def _run_sample(args) -> int:
     started = time.perf_counter()
     unet, scheduler = load_model(args.model, args.scheduler)
     posterior = _load_posterior(args.posterior, unet)
-    described = {"command": "sample", "model": str(args.model), "scheduler": str(args.scheduler or ""),
-                 **_posterior_description(posterior, args.posterior)}
+    described = {
+        "command": "sample",
+        "model": str(args.model),
+        "scheduler": str(args.scheduler or ""),
+        **_posterior_description(posterior, args.posterior),
+    }
     load_s = time.perf_counter() - started
     return _sample_and_write(args, run_options, unet, scheduler, posterior, described, load_s)
 
@@ -408,7 +556,9 @@ def _fit_images(args, unet):
         from bayesdiff_ext.digits import load_digits_images
 
         if unet.config.in_channels != 1:
-            raise ValueError(f"{BUILTIN_DIGITS} are grey images; the model takes {unet.config.in_channels} channels")
+            raise ValueError(
+                f"{BUILTIN_DIGITS} are grey images; the model takes {unet.config.in_channels} channels"
+            )
         return load_digits_images(resolution=size)[0]
     return load_images(args.data, size=size, channels=unet.config.in_channels)
 
@@ -427,15 +577,24 @@ def _run_fit(args) -> int:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
     unet, scheduler = load_model(args.model, args.scheduler)
-    posterior = LastLayerLaplace(unet, args.structure, args.curvature, sigma_noise=args.sigma,
-                                 prior_precision=args.prior_precision)
+    posterior = LastLayerLaplace(
+        unet, args.structure, args.curvature, sigma_noise=args.sigma, prior_precision=args.prior_precision
+    )
     images = _fit_images(args, unet)
     device = _device(args.device)
     unet.to(device)
-    _say(f"fitting a {args.structure}/{args.curvature} posterior on {len(images)} images "
-         f"x {args.timesteps_per_image} timestep(s) on {device}")
-    posterior.fit(images, scheduler, batch_size=args.batch_size, timesteps_per_image=args.timesteps_per_image,
-                  generator=torch.Generator("cpu").manual_seed(args.seed), progress=not args.no_progress)
+    _say(
+        f"fitting a {args.structure}/{args.curvature} posterior on {len(images)} images "
+        f"x {args.timesteps_per_image} timestep(s) on {device}"
+    )
+    posterior.fit(
+        images,
+        scheduler,
+        batch_size=args.batch_size,
+        timesteps_per_image=args.timesteps_per_image,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        progress=not args.no_progress,
+    )
     posterior.save(out)
     _say(repr(posterior))
     print(out)

@@ -27,7 +27,9 @@ def test_scores_are_float64_and_sum_over_channels():
     assert values(agg.aggregate(v, "mean")) == [4.0]
 
 
-@pytest.mark.parametrize("q, expected", [(0, [1.0, 0.0]), (50, [2.5, 0.0]), (75, [3.25, 2.0]), (100, [4.0, 8.0])])
+@pytest.mark.parametrize(
+    "q, expected", [(0, [1.0, 0.0]), (50, [2.5, 0.0]), (75, [3.25, 2.0]), (100, [4.0, 8.0])]
+)
 def test_percentile_by_hand(q, expected):
     # sorted [1,2,3,4] and [0,0,0,8]; position q/100·3, linear between neighbours
     assert values(agg.aggregate(TWO_IMAGES, "percentile", q=q)) == pytest.approx(expected)
@@ -163,8 +165,10 @@ def test_top_k_by_hand_with_ties():
     assert values(agg.filter_scores(torch.tensor([1.0, 2.0]), "top_k", k=2).kept) == []
 
 
-@pytest.mark.parametrize("q, threshold, kept", [(0.5, 3.0, [1, 3, 4]), (0.84, 4.36, [1, 2, 3, 4]),
-                                                 (1.0, 5.0, [0, 1, 2, 3, 4]), (0.0, 1.0, [1])])
+@pytest.mark.parametrize(
+    "q, threshold, kept",
+    [(0.5, 3.0, [1, 3, 4]), (0.84, 4.36, [1, 2, 3, 4]), (1.0, 5.0, [0, 1, 2, 3, 4]), (0.0, 1.0, [1])],
+)
 def test_quantile_by_hand(q, threshold, kept):
     # sorted 1..5: position q·4, linear between neighbours
     d = agg.filter_scores(np.array([5.0, 1.0, 4.0, 2.0, 3.0]), "quantile", q=q)
@@ -176,8 +180,13 @@ def test_decision_partitions_the_batch_and_serialises():
     d = agg.filter_scores(scores, "quantile", q=0.7)
     assert sorted(values(d.kept) + values(d.removed)) == list(range(17))
     assert d.keep.dtype == torch.bool and d.keep.shape == (17,)
-    assert d.to_dict() == {"rule": "quantile", "params": {"q": 0.7}, "threshold": d.threshold,
-                           "kept": values(d.kept), "removed": values(d.removed)}
+    assert d.to_dict() == {
+        "rule": "quantile",
+        "params": {"q": 0.7},
+        "threshold": d.threshold,
+        "kept": values(d.kept),
+        "removed": values(d.removed),
+    }
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,14 @@ from PIL import Image
 from bayesdiff_ext import LastLayerLaplace, cli
 
 TINY_UNET = dict(
-    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
 )
 FAST_SAMPLING = ["--steps", "4", "--uq-every", "2", "--mc-samples", "3", "--no-progress"]
 
@@ -33,8 +39,20 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     save_pipeline(root / "model", tiny_unet(0))
     torch.save(torch.rand(12, 1, 8, 8) * 2 - 1, root / "data.pt")
-    code = cli.main(["fit", "--model", str(root / "model"), "--data", str(root / "data.pt"),
-                     "--out", str(root / "posterior.safetensors"), "--batch-size", "5", "--no-progress"])
+    code = cli.main(
+        [
+            "fit",
+            "--model",
+            str(root / "model"),
+            "--data",
+            str(root / "data.pt"),
+            "--out",
+            str(root / "posterior.safetensors"),
+            "--batch-size",
+            "5",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return root
 
@@ -78,7 +96,6 @@ def check_run_folder(out, num_images):
     return summary
 
 
-@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", "--num-images", 4, "--steps", 5, "--no-progress", "--out", out], capsys)
@@ -107,13 +124,41 @@ def test_fit_reads_image_folders_and_npy(tiny, tmp_path, capsys):
     for i in range(3):
         Image.fromarray(np.full((20, 12), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    code, stdout, err = run(["fit", "--model", tiny / "model", "--data", folder, "--out", tmp_path / "a.safetensors",
-                             "--structure", "full", "--no-progress"], capsys)
+    code, stdout, err = run(
+        [
+            "fit",
+            "--model",
+            tiny / "model",
+            "--data",
+            folder,
+            "--out",
+            tmp_path / "a.safetensors",
+            "--structure",
+            "full",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert stdout.strip() == str(tmp_path / "a.safetensors")
     np.save(tmp_path / "data.npy", np.random.randint(0, 256, (4, 1, 8, 8), dtype=np.uint8))
-    code, _, err = run(["fit", "--model", tiny / "model", "--data", tmp_path / "data.npy", "--out",
-                        tmp_path / "b.safetensors", "--sigma", "1", "--prior-precision", "10", "--no-progress"], capsys)
+    code, _, err = run(
+        [
+            "fit",
+            "--model",
+            tiny / "model",
+            "--data",
+            tmp_path / "data.npy",
+            "--out",
+            tmp_path / "b.safetensors",
+            "--sigma",
+            "1",
+            "--prior-precision",
+            "10",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     unet = UNet2DModel.from_pretrained(tiny / "model" / "unet")
     full = LastLayerLaplace.load(tmp_path / "a.safetensors", unet)
@@ -124,9 +169,27 @@ def test_fit_reads_image_folders_and_npy(tiny, tmp_path, capsys):
 
 def test_sample_from_a_pipeline_folder(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run(["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors",
-                             "--num-images", 5, "--batch-size", 2, "--filter", "top_k:k=2",
-                             "--aggregation", "percentile:q=50", "--out", out, *FAST_SAMPLING], capsys)
+    code, stdout, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--num-images",
+            5,
+            "--batch-size",
+            2,
+            "--filter",
+            "top_k:k=2",
+            "--aggregation",
+            "percentile:q=50",
+            "--out",
+            out,
+            *FAST_SAMPLING,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert stdout.strip() == str(out)
     summary = check_run_folder(out, 5)
@@ -140,17 +203,43 @@ def test_sample_from_a_pipeline_folder(tiny, tmp_path, capsys):
 
 def test_sample_from_a_bare_unet_folder_with_dpm2(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(["sample", "--model", tiny / "model" / "unet", "--scheduler", tiny / "model" / "scheduler",
-                        "--posterior", tiny / "posterior.safetensors", "--num-images", 2, "--sampler", "dpm2",
-                        "--out", out, *FAST_SAMPLING], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model" / "unet",
+            "--scheduler",
+            tiny / "model" / "scheduler",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--num-images",
+            2,
+            "--sampler",
+            "dpm2",
+            "--out",
+            out,
+            *FAST_SAMPLING,
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = check_run_folder(out, 2)
     assert summary["settings"]["sampler_settings"]["scheduler"] == "DPMSolverSinglestepScheduler"
 
 
 def test_same_seed_same_images(tiny, tmp_path, capsys):
-    args = ["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors", "--num-images", 2,
-            "--seed", 7, *FAST_SAMPLING]
+    args = [
+        "sample",
+        "--model",
+        tiny / "model",
+        "--posterior",
+        tiny / "posterior.safetensors",
+        "--num-images",
+        2,
+        "--seed",
+        7,
+        *FAST_SAMPLING,
+    ]
     assert run([*args, "--out", tmp_path / "a"], capsys)[0] == 0
     assert run([*args, "--out", tmp_path / "b"], capsys)[0] == 0
     for name in ("samples/00001.png", "uncertainty/00001.png", "scores.csv"):
@@ -161,8 +250,18 @@ def test_same_seed_same_images(tiny, tmp_path, capsys):
 # bad input: a non-zero exit and one line, never a traceback
 # ------------------------------------------------------------------------------------------------
 def test_missing_model_folder(tmp_path, capsys):
-    code, _, err = run(["sample", "--model", tmp_path / "nope", "--posterior", tmp_path / "p.safetensors",
-                        "--out", tmp_path / "out"], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tmp_path / "nope",
+            "--posterior",
+            tmp_path / "p.safetensors",
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "model folder", "does not exist")
     assert not (tmp_path / "out").exists()
 
@@ -173,16 +272,52 @@ def test_folder_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_bare_unet_folder_needs_a_scheduler(tiny, tmp_path, capsys):
-    code, _, err = run(["sample", "--model", tiny / "model" / "unet", "--posterior", tiny / "posterior.safetensors",
-                        "--out", tmp_path / "out"], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model" / "unet",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "--scheduler")
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"_class_name": "UNet2DConditionModel"}, "holds a UNet2DConditionModel"),
+        ({"_class_name": "UNet2DModel", "num_class_embeds": 10}, "is a class-conditioned UNet2DModel"),
+    ],
+)
+def test_conditioned_models_are_refused(tmp_path, capsys, config, fragment):
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "unet" / "config.json").write_text(json.dumps(config))
+    DDPMScheduler().save_pretrained(tmp_path / "model" / "scheduler")
+    code, _, err = run(["fit", "--model", tmp_path / "model", "--data", tmp_path], capsys)
+    assert_one_line_error(code, err, fragment, "unconditional")
 
 
 def test_unwritable_output_folder(tiny, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    code, _, err = run(["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors",
-                        "--out", blocker / "run", *FAST_SAMPLING], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--out",
+            blocker / "run",
+            *FAST_SAMPLING,
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "cannot create output folder", "is a file")
     code, _, err = run(["demo", "--out", blocker], capsys)
     assert_one_line_error(code, err, "exists and is not a folder")
@@ -190,22 +325,54 @@ def test_unwritable_output_folder(tiny, tmp_path, capsys):
 
 def test_non_empty_output_folder(tiny, tmp_path, capsys):
     (tmp_path / "old.txt").write_text("x")
-    code, _, err = run(["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors",
-                        "--out", tmp_path], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--out",
+            tmp_path,
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "already exists and is not empty")
 
 
 def test_missing_and_empty_data(tiny, tmp_path, capsys):
-    code, _, err = run(["fit", "--model", tiny / "model", "--data", tmp_path / "missing", "--out",
-                        tmp_path / "p.safetensors"], capsys)
+    code, _, err = run(
+        [
+            "fit",
+            "--model",
+            tiny / "model",
+            "--data",
+            tmp_path / "missing",
+            "--out",
+            tmp_path / "p.safetensors",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "data path", "does not exist")
     (tmp_path / "empty").mkdir()
-    code, _, err = run(["fit", "--model", tiny / "model", "--data", tmp_path / "empty", "--out",
-                        tmp_path / "p.safetensors"], capsys)
+    code, _, err = run(
+        ["fit", "--model", tiny / "model", "--data", tmp_path / "empty", "--out", tmp_path / "p.safetensors"],
+        capsys,
+    )
     assert_one_line_error(code, err, "no PNG/JPG/JPEG images in")
     torch.save(torch.rand(3, 1, 9, 9), tmp_path / "wrong.pt")
-    code, _, err = run(["fit", "--model", tiny / "model", "--data", tmp_path / "wrong.pt", "--out",
-                        tmp_path / "p.safetensors"], capsys)
+    code, _, err = run(
+        [
+            "fit",
+            "--model",
+            tiny / "model",
+            "--data",
+            tmp_path / "wrong.pt",
+            "--out",
+            tmp_path / "p.safetensors",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "the model needs (N, 1, 8, 8)")
     assert not (tmp_path / "p.safetensors").exists()
 
@@ -214,27 +381,69 @@ def test_head_the_method_cannot_handle(tmp_path, capsys):
     unet = tiny_unet(0, time_embedding_type="fourier")
     save_pipeline(tmp_path / "fourier", unet)
     torch.save(torch.zeros(2, 1, 8, 8), tmp_path / "data.pt")
-    code, _, err = run(["fit", "--model", tmp_path / "fourier", "--data", tmp_path / "data.pt", "--out",
-                        tmp_path / "p.safetensors"], capsys)
+    code, _, err = run(
+        [
+            "fit",
+            "--model",
+            tmp_path / "fourier",
+            "--data",
+            tmp_path / "data.pt",
+            "--out",
+            tmp_path / "p.safetensors",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "time_embedding_type='fourier'")
 
 
 def test_posterior_for_another_model(tiny, tmp_path, capsys):
     save_pipeline(tmp_path / "other_weights", tiny_unet(1))
-    code, _, err = run(["sample", "--model", tmp_path / "other_weights", "--posterior", tiny / "posterior.safetensors",
-                        "--out", tmp_path / "out1", *FAST_SAMPLING], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tmp_path / "other_weights",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--out",
+            tmp_path / "out1",
+            *FAST_SAMPLING,
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "is a posterior for another model")
     save_pipeline(tmp_path / "other_shape", tiny_unet(0, block_out_channels=(4, 8), norm_num_groups=2))
-    code, _, err = run(["sample", "--model", tmp_path / "other_shape", "--posterior", tiny / "posterior.safetensors",
-                        "--out", tmp_path / "out2", *FAST_SAMPLING], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tmp_path / "other_shape",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--out",
+            tmp_path / "out2",
+            *FAST_SAMPLING,
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "was fitted for the head")
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
 
 
 def test_not_a_posterior_file(tiny, tmp_path, capsys):
     (tmp_path / "p.safetensors").write_bytes(b"not safetensors")
-    code, _, err = run(["sample", "--model", tiny / "model", "--posterior", tmp_path / "p.safetensors",
-                        "--out", tmp_path / "out"], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model",
+            "--posterior",
+            tmp_path / "p.safetensors",
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "is not a posterior file")
 
 
@@ -253,8 +462,22 @@ def test_not_a_posterior_file(tiny, tmp_path, capsys):
     ],
 )
 def test_bad_options(tiny, tmp_path, capsys, options, fragment):
-    code, _, err = run(["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors",
-                        "--num-images", 2, "--out", tmp_path / "out", *FAST_SAMPLING, *options], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--model",
+            tiny / "model",
+            "--posterior",
+            tiny / "posterior.safetensors",
+            "--num-images",
+            2,
+            "--out",
+            tmp_path / "out",
+            *FAST_SAMPLING,
+            *options,
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "out").exists()
 
@@ -262,13 +485,17 @@ def test_bad_options(tiny, tmp_path, capsys, options, fragment):
 def test_fit_refuses_to_overwrite(tiny, tmp_path, capsys):
     target = tmp_path / "p.safetensors"
     target.write_text("keep me")
-    code, _, err = run(["fit", "--model", tiny / "model", "--data", tiny / "data.pt", "--out", target], capsys)
+    code, _, err = run(
+        ["fit", "--model", tiny / "model", "--data", tiny / "data.pt", "--out", target], capsys
+    )
     assert_one_line_error(code, err, "already exists; pass --overwrite")
     assert target.read_text() == "keep me"
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
-    code, _, err = run(["sample", "--model", tmp_path / "nope", "--posterior", tmp_path / "p", "--debug"], capsys)
+    code, _, err = run(
+        ["sample", "--model", tmp_path / "nope", "--posterior", tmp_path / "p", "--debug"], capsys
+    )
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("bayesdiff: error: ")
 
 

@@ -31,7 +31,14 @@ def test_folder_is_complete_and_consistent(tmp_path):
     out = write_run(tmp_path / "run", record)
     assert out == tmp_path / "run"
     assert sorted(p.name for p in out.iterdir()) == [
-        "grid_sorted.png", "kept", "samples", "scores.csv", "summary.json", "tensors.safetensors", "uncertainty"]
+        "grid_sorted.png",
+        "kept",
+        "samples",
+        "scores.csv",
+        "summary.json",
+        "tensors.safetensors",
+        "uncertainty",
+    ]
     names = [f"{i:05d}.png" for i in range(5)]
     assert sorted(p.name for p in (out / "samples").iterdir()) == names
     assert sorted(p.name for p in (out / "uncertainty").iterdir()) == names
@@ -46,7 +53,9 @@ def test_folder_is_complete_and_consistent(tmp_path):
     assert [float(r["percentile"]) for r in rows] == record.scores["percentile"].tolist()
 
     summary = json.loads((out / "summary.json").read_text())
-    assert {"scores", "aggregations", "filter", "settings", "versions", "timings", "uncertainty_maps"} <= set(summary)
+    assert {"scores", "aggregations", "filter", "settings", "versions", "timings", "uncertainty_maps"} <= set(
+        summary
+    )
     assert summary["scores"]["sum"] == record.scores["sum"].tolist()
     assert summary["aggregations"]["percentile"] == {"q": 90.0}
     assert summary["filter"]["kept"] == kept and summary["filter"]["rule"] == "top_k"
@@ -90,7 +99,12 @@ def test_heatmaps_share_one_scale(tmp_path):
     record.variance[1] = 0.5  # image 1: uniform, half the scale, not stretched to full brightness
     out = write_run(tmp_path / "run", record)
     scale = json.loads((out / "summary.json").read_text())["uncertainty_maps"]
-    assert scale["vmin"] == 0.0 and scale["vmax"] == 1.0 and scale["max"] == 7.0 and scale["colormap"] == "inferno"
+    assert (
+        scale["vmin"] == 0.0
+        and scale["vmax"] == 1.0
+        and scale["max"] == 7.0
+        and scale["colormap"] == "inferno"
+    )
     top, middle, bottom = (tuple(images.INFERNO_ANCHORS[i]) for i in (-1, 16, 0))
     first = read_png(out / "uncertainty" / "00000.png")  # 10x10 enlarged 7x
     assert tuple(first[0, 0]) == top and tuple(first[-1, -1]) == top and tuple(first[-8, 0]) == bottom
@@ -183,7 +197,10 @@ def test_timestamped_out_dir_never_reuses_a_folder(tmp_path):
     [
         (lambda r: setattr(r, "variance", r.variance[:, :, :4]), "variance has shape"),
         (lambda r: setattr(r, "primary", "mean"), "primary score 'mean' is not among"),
-        (lambda r: setattr(r, "scores", {**r.scores, "max": r.scores["max"][:3]}), r"scores\['max'\] has shape"),
+        (
+            lambda r: setattr(r, "scores", {**r.scores, "max": r.scores["max"][:3]}),
+            r"scores\['max'\] has shape",
+        ),
         (lambda r: setattr(r, "images", r.images[0]), r"images must have shape \(B, C, H, W\)"),
     ],
 )

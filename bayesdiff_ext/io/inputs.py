@@ -18,12 +18,10 @@ __all__ = ["IMAGE_SUFFIXES", "load_images", "load_model"]
 #: File endings read as images from a data folder (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
-
-def _class_name(config_path: Path) -> str:
+def _config(config_path: Path) -> dict:
     try:
-        return json.loads(config_path.read_text()).get("_class_name", "")
+        return json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {config_path}: {err}") from err
 
@@ -34,14 +32,18 @@ def load_model(model_dir: str | os.PathLike, scheduler_dir: str | os.PathLike | 
     ``model_dir`` is either a pipeline folder with ``unet/`` and ``scheduler/`` subfolders (what
     ``pipeline.save_pretrained`` writes), or a bare UNet folder (``config.json`` + weights), which
     needs ``scheduler_dir`` (a folder with ``scheduler_config.json``). ``scheduler_dir`` also
-    overrides a pipeline's own scheduler.
+    overrides a pipeline's own scheduler. Only unconditional ``UNet2DModel``s are accepted: a
+    text- or class-conditioned UNet needs conditioning inputs that a folder does not provide.
     """
     import diffusers
 
     root = Path(model_dir).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"model folder {root} does not exist" if not root.exists()
-                                else f"model path {root} is not a folder")
+        raise FileNotFoundError(
+            f"model folder {root} does not exist"
+            if not root.exists()
+            else f"model path {root} is not a folder"
+        )
     if (root / "unet" / "config.json").is_file():
         unet_dir, default_scheduler = root / "unet", root / "scheduler"
     elif (root / "config.json").is_file():
@@ -53,18 +55,28 @@ def load_model(model_dir: str | os.PathLike, scheduler_dir: str | os.PathLike | 
         )
     sched_dir = Path(scheduler_dir).expanduser() if scheduler_dir is not None else default_scheduler
     if sched_dir is None:
-        raise FileNotFoundError(f"{root} is a bare UNet folder; name its scheduler folder with --scheduler DIR")
+        raise FileNotFoundError(
+            f"{root} is a bare UNet folder; name its scheduler folder with --scheduler DIR"
+        )
     if not (sched_dir / "scheduler_config.json").is_file():
         raise FileNotFoundError(f"no scheduler_config.json in {sched_dir}")
 
-    unet_class = _class_name(unet_dir / "config.json")
-    if unet_class not in _UNET_CLASSES:
-        raise ValueError(f"{unet_dir} holds a {unet_class or 'model of unknown class'}; expected one of "
-                         f"{', '.join(_UNET_CLASSES)}")
-    scheduler_class = _class_name(sched_dir / "scheduler_config.json")
+    config = _config(unet_dir / "config.json")
+    unet_class = config.get("_class_name") or "model of unknown class"
+    if unet_class != "UNet2DModel":
+        raise ValueError(
+            f"{unet_dir} holds a {unet_class}; the command line takes unconditional UNet2DModel "
+            "models (sample conditioned models from Python)"
+        )
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise ValueError(
+            f"{unet_dir} is a class-conditioned UNet2DModel; the command line takes unconditional "
+            "models (sample conditioned models from Python)"
+        )
+    scheduler_class = _config(sched_dir / "scheduler_config.json").get("_class_name", "")
     if not scheduler_class.endswith("Scheduler") or not hasattr(diffusers, scheduler_class):
         raise ValueError(f"{sched_dir} holds an unknown scheduler class {scheduler_class!r}")
-    unet = getattr(diffusers, unet_class).from_pretrained(str(unet_dir), local_files_only=True)
+    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(str(sched_dir), local_files_only=True)
     return unet.eval(), scheduler
 
@@ -110,21 +122,31 @@ def load_images(path: str | os.PathLike, size: int, channels: int) -> torch.Tens
     elif source.suffix.lower() in (".npy", ".pt", ".pth"):
         data = _from_tensor_file(source)
     else:
-        raise ValueError(f"cannot read images from {source}: expected a folder of PNG/JPG files, a .npy or a .pt file")
+        raise ValueError(
+            f"cannot read images from {source}: expected a folder of PNG/JPG files, a .npy or a .pt file"
+        )
     expected = (channels, size, size)
     if data.dim() != 4 or tuple(data.shape[1:]) != expected or data.shape[0] == 0:
-        raise ValueError(f"images from {source} have shape {tuple(data.shape)}; the model needs (N, {channels}, "
-                         f"{size}, {size}) with N >= 1")
+        raise ValueError(
+            f"images from {source} have shape {tuple(data.shape)}; the model needs (N, {channels}, "
+            f"{size}, {size}) with N >= 1"
+        )
     if data.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
         if int(data.min()) < 0 or int(data.max()) > 255:
-            raise ValueError(f"integer images from {source} range over [{int(data.min())}, {int(data.max())}]; "
-                             "expected 0..255")
+            raise ValueError(
+                f"integer images from {source} range over [{int(data.min())}, {int(data.max())}]; "
+                "expected 0..255"
+            )
         return data.to(torch.float32) / 127.5 - 1.0
     if not data.is_floating_point():
-        raise ValueError(f"images from {source} have dtype {data.dtype}; expected integers 0..255 or floats in [-1, 1]")
+        raise ValueError(
+            f"images from {source} have dtype {data.dtype}; expected integers 0..255 or floats in [-1, 1]"
+        )
     data = data.to(torch.float32)
     low, high = float(data.min()), float(data.max())
     if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
-        raise ValueError(f"floating-point images from {source} range over [{low:.3g}, {high:.3g}]; they must be at "
-                         "model scale [-1, 1] (or give uint8 0..255)")
+        raise ValueError(
+            f"floating-point images from {source} range over [{low:.3g}, {high:.3g}]; they must be at "
+            "model scale [-1, 1] (or give uint8 0..255)"
+        )
     return data.clamp_(-1.0, 1.0)

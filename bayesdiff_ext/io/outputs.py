@@ -42,7 +42,14 @@ from bayesdiff_ext.aggregation import FilterDecision
 from bayesdiff_ext.io.grid import sorted_grid
 from bayesdiff_ext.io.images import colorize, display_factor, encode_png, to_uint8, upscale
 
-__all__ = ["DISPLAY_PERCENTILE", "RunRecord", "check_output_dir", "timestamped_out_dir", "versions", "write_run"]
+__all__ = [
+    "DISPLAY_PERCENTILE",
+    "RunRecord",
+    "check_output_dir",
+    "timestamped_out_dir",
+    "versions",
+    "write_run",
+]
 
 #: The uncertainty maps' colour scale ends at this percentile of all map pixels of a run. Per-pixel
 #: variances are heavy-tailed (in the bundled demo the median is ~1/200 of the maximum), so a scale
@@ -161,13 +168,17 @@ def _summary(record: RunRecord, maps: torch.Tensor, vmax: float, factor: int, ti
         "aggregations": {name: dict(params) for name, params in record.aggregations.items()},
         "scores": {name: s.tolist() for name, s in record.scores.items()},
         "per_channel_sum": aggregation.per_channel(record.variance, "sum").tolist(),
-        "filter": {**decision, "num_kept": len(decision["kept"]), "num_removed": len(decision["removed"]),
-                   "applied_to": record.primary},
+        "filter": {
+            **decision,
+            "num_kept": len(decision["kept"]),
+            "num_removed": len(decision["removed"]),
+            "applied_to": record.primary,
+        },
         "uncertainty_maps": {
             "quantity": "per-pixel Var[x_0], averaged over channels",
             "colormap": "inferno",
             "scale": f"linear, shared by every map of this run, from 0 to the {DISPLAY_PERCENTILE:g}th "
-                     "percentile of all map pixels; larger values saturate",
+            "percentile of all map pixels; larger values saturate",
             "vmin": 0.0,
             "vmax": vmax,
             "max": float(maps.max()),
@@ -207,9 +218,13 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
             _write_file(folder / "kept" / name, png)
         _write_file(folder / "uncertainty" / name, encode_png(upscale(heatmaps[i], factor)))
     grid = sorted_grid(
-        upscale(samples, factor), upscale(heatmaps, factor),
-        record.scores[record.primary].cpu().numpy(), record.decision.keep.numpy(),
-        score_name=record.primary, rule=record.decision.rule, vmax=vmax,
+        upscale(samples, factor),
+        upscale(heatmaps, factor),
+        record.scores[record.primary].cpu().numpy(),
+        record.decision.keep.numpy(),
+        score_name=record.primary,
+        rule=record.decision.rule,
+        vmax=vmax,
     )
     _write_file(folder / "grid_sorted.png", encode_png(grid))
     _write_file(folder / "scores.csv", _scores_csv(record))
@@ -219,8 +234,10 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
     if record.mean is not None:
         tensors["mean"] = record.mean
     tensors.update({f"scores.{name}": s for name, s in record.scores.items()})
-    _write_file(folder / "tensors.safetensors",
-                save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}))
+    _write_file(
+        folder / "tensors.safetensors",
+        save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}),
+    )
     timings = {**record.timings, "write_s": time.perf_counter() - started}
     summary = json.dumps(_summary(record, maps, vmax, factor, timings), indent=2, default=str)
     _write_file(folder / "summary.json", summary.encode())
