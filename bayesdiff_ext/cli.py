@@ -34,7 +34,7 @@ uncertainty map and a score; the most uncertain images are filtered out."""
 
 _EPILOG = """\
 examples:
-  bayesdiff demo                                   # bundled digits model, 64 images, ~10-30 s on a CPU
+  bayesdiff demo                                   # bundled digits model, 64 images, < 1 min on a CPU
   bayesdiff demo --num-images 16 --out my-first-run
   bayesdiff fit --model path/to/pipeline --data path/to/images/ --out posterior.safetensors
   bayesdiff sample --model path/to/pipeline --posterior posterior.safetensors --num-images 32
@@ -488,12 +488,12 @@ def _load_posterior(path: Path, unet):
     """The saved posterior on ``unet``'s head. A posterior fitted at other head weights of the same
     shape loads with a warning in the package; here it is an error, because its curvature and
     hyperparameters belong to another model."""
+    from safetensors import SafetensorError
+
     from bayesdiff_ext import LastLayerLaplace
 
     if not path.is_file():
         raise FileNotFoundError(f"posterior file {path} does not exist (make one with `bayesdiff fit`)")
-    from safetensors import SafetensorError
-
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the head weights differ")
         try:
