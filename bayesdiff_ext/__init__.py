@@ -10,6 +10,9 @@ from bayesdiff_ext import aggregation, ops, reference
 from bayesdiff_ext import metrics
 from bayesdiff_ext.ops import mc_moments, moment_step
 from bayesdiff_ext.posterior import LastLayerLaplace
+from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
+from bayesdiff_ext import guidance, latent
+from bayesdiff_ext.pipelines import BayesDiffPipeline, UncertaintyCallback
 
 __version__ = "0.1.0"
 
@@ -19,4 +22,19 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["LastLayerLaplace", "aggregation", "build_info", "mc_moments", "metrics", "moment_step", "ops", "reference"]
+__all__ = [
+    "BayesDiffOutput",
+    "BayesDiffPipeline",
+    "BayesDiffSampler",
+    "LastLayerLaplace",
+    "UncertaintyCallback",
+    "aggregation",
+    "build_info",
+    "guidance",
+    "latent",
+    "mc_moments",
+    "metrics",
+    "moment_step",
+    "ops",
+    "reference",
+]

@@ -1,0 +1,35 @@
+"""What a BayesDiff sampling run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["BayesDiffOutput"]
+
+
+@dataclass
+class BayesDiffOutput:
+    """Images and their per-pixel uncertainty from :meth:`BayesDiffSampler.sample`.
+
+    * ``images``   (B, C, H, W): x_0 at model scale (usually [-1, 1]), the scheduler's own sample,
+      in the UNet's dtype.
+    * ``variance`` (B, C, H, W): Var[x_0] from the moment recurrence, float32 or better, ≥ 0.
+    * ``mean``     (B, C, H, W): E[x_0] from the same recurrence.
+    * ``scores``   (B,): per-image sum of ``variance`` (BayesDiff's image score).
+    * ``trace``: None, or one dict per scheduler step (see :meth:`BayesDiffSampler.sample`).
+    * ``settings``: the settings the run used; ``timings``: wall time and UNet call counts.
+    """
+
+    images: torch.Tensor
+    variance: torch.Tensor
+    mean: torch.Tensor
+    scores: torch.Tensor = field(init=False)
+    trace: list[dict[str, Any]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scores = self.variance.flatten(1).sum(dim=1)

@@ -1,0 +1,243 @@
+"""BayesDiffSampler: the scheduler's own loop, with E[x_t] and Var[x_t] carried alongside (SPEC §2)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from bayesdiff_ext import ops
+from bayesdiff_ext.sampler.batching import repeat_batch
+from bayesdiff_ext.sampler.coefficients import AffineStep, check_supported, step_coefficients
+from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
+from bayesdiff_ext.sampler.randomness import independent_generator
+from bayesdiff_ext.sampler.results import BayesDiffOutput
+
+__all__ = ["BayesDiffSampler"]
+
+_CHOICES = {
+    "covariance": ("mc", "none"),
+    "eps_variance": ("total", "bayesdiff"),
+    "mode": ("deterministic", "bayesdiff"),
+    "skip": ("all", "covariance"),
+}
+
+
+class BayesDiffSampler:
+    """Sample with a diffusers UNet and scheduler, and carry per-pixel moments of x_t alongside.
+
+    ``posterior`` is a :class:`~bayesdiff_ext.LastLayerLaplace` on the UNet's head; the sampler
+    uses only its ``capture()``, ``predict(phi)`` and ``eps_channels``. Supported schedulers:
+    ``DDIMScheduler`` (any η), ``DDPMScheduler`` (fixed variances) and
+    ``DPMSolverSinglestepScheduler`` (orders 1–2, 'dpmsolver'/'dpmsolver++'), all with
+    ``clip_sample=False`` and no thresholding; ε-, v- or x̂_0-prediction.
+    """
+
+    def __init__(self, unet, scheduler, posterior) -> None:
+        check_supported(scheduler)
+        self.unet = unet
+        self.scheduler = scheduler
+        self.posterior = posterior
+
+    @torch.no_grad()
+    def sample(
+        self,
+        batch_size: int | None = None,
+        noise: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        uq_every: int = 1,
+        mc_samples: int = 10,
+        covariance: str = "mc",
+        eps_variance: str = "total",
+        clamp: bool = True,
+        mode: str = "deterministic",
+        skip: str = "all",
+        return_trace: bool = False,
+        unet_kwargs: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> BayesDiffOutput:
+        """Run the scheduler loop from x_T and propagate E[x_t], Var[x_t] to x_0.
+
+        * The image path is exactly ``x = scheduler.step(unet(x, t).sample, t, x, ...)`` from x_T =
+          ``noise`` or ``randn_tensor`` with ``generator`` (as ``DDIMPipeline``/``DDPMPipeline`` draw
+          it), so in ``mode='deterministic'`` the images are bit-identical to the plain loop. The
+          Monte Carlo draws use their own stream, seeded from ``generator`` without consuming it.
+        * Moments start at E[x_T] = x_T, Var[x_T] = 0 and follow each step's affine form
+          (:mod:`~bayesdiff_ext.sampler.coefficients`) through ``ops.moment_step``.
+        * Uncertainty steps (BayesDiff-Skip): every ``uq_every``-th solver step from the first (a
+          DPM-Solver-2 step counts once, both of its UNet calls belong to it). There, ``mc_samples``
+          = S draws x^i ~ N(E[x_t], Var[x_t]) go through the UNet in one batched call and the
+          head's closed-form (m^i, γ²^i) give E[ε], Var[ε] and Cov(x_t, ε) (``ops.mc_moments``).
+          ``eps_variance='bayesdiff'`` keeps only mean γ² (drops the spread of the m^i),
+          ``covariance='none'`` drops the covariance. ``mc_samples=0`` (with ``covariance='none'``)
+          replaces the Monte Carlo by γ² at the image sample: no extra UNet calls.
+        * Between uncertainty steps, E ← a·E + b·ε with ε the UNet output at the image sample
+          (already computed, so free), and Var ← a²·Var + c² (c² the scheduler's own noise variance,
+          DDPM and DDIM η > 0), i.e. the ε variance and covariance are skipped; ``skip='covariance'``
+          skips only the covariance and adds b²·γ² at the image sample (closed form, no extra
+          UNet calls).
+        * DPM-Solver-2 second stages restart from the sample x_s of the first stage: the Monte
+          Carlo carries the samples x_s^i through the intermediate point with ε drawn from the head
+          (mean + noise), evaluates the UNet there in a second batched call, and the covariance
+          used is Cov(x_s, ε_eff) with ε_eff the stage's combination of both outputs.
+        * ``mode='bayesdiff'``: at uncertainty steps the image step uses ε ~ N(out, γ²) at the
+          image sample (the paper's sampled trajectory); images then differ from the plain loop
+          but are reproducible with ``generator``.
+        * ``clamp`` clamps Var at 0 after every step; the returned variance is ≥ 0 always.
+        * ``unet_kwargs`` go to every UNet call; tensors with the batch as leading dimension are
+          tiled for the Monte Carlo batch. Moments are float32 (float64 for a float64 UNet).
+        * ``return_trace``: one dict per scheduler step with ``index``, ``timestep``,
+          ``uncertainty_step``, ``monte_carlo`` and the moments after the step (``mean``,
+          ``variance`` tensors and the per-image ``variance_sum``).
+        """
+        settings = dict(
+            num_inference_steps=num_inference_steps, eta=float(eta), uq_every=uq_every, mc_samples=mc_samples,
+            covariance=covariance, eps_variance=eps_variance, clamp=bool(clamp), mode=mode, skip=skip,
+        )
+        _check_settings(settings)
+        started = time.perf_counter()
+        unet, scheduler, posterior = self.unet, self.scheduler, self.posterior
+        kwargs = dict(unet_kwargs or {})
+        x = self._initial_noise(batch_size, noise, generator)
+        batch, channels = x.shape[0], x.shape[1]
+        if posterior.eps_channels != channels:
+            raise ValueError(
+                f"posterior.eps_channels = {posterior.eps_channels} but the UNet's samples have {channels} channels"
+            )
+        moment_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mc_generator = independent_generator(generator, x.device)
+
+        scheduler.set_timesteps(num_inference_steps)
+        plan = step_coefficients(scheduler, eta)
+        uncertain = _uncertainty_steps(plan, uq_every)
+        restarted = {s.origin for s in plan if s.origin != s.index}
+        step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+
+        mean = x.to(moment_dtype, copy=True)
+        var = torch.zeros_like(mean)
+        previous: StepRecord | None = None
+        trace: list[dict[str, Any]] | None = [] if return_trace else None
+        image_calls = mc_calls = 0
+
+        for step in tqdm(plan, desc="BayesDiff", disable=not progress):
+            t = scheduler.timesteps[step.index]
+            is_uncertain = uncertain[step.index]
+            monte_carlo = is_uncertain and mc_samples > 0
+            closed_form_var = (is_uncertain and mc_samples == 0) or (not is_uncertain and skip == "covariance")
+            out, head_var = self._forward(
+                scheduler.scale_model_input(x, t), t, kwargs,
+                want_head=closed_form_var or (mode == "bayesdiff" and is_uncertain),
+            )
+            image_calls += 1
+            eps = out[:, :channels].to(moment_dtype)
+            head_var = None if head_var is None else head_var.to(moment_dtype)
+            restart = step.origin != step.index  # DPM-Solver-2's second stage starts from x_{k-1}
+            origin_mean, origin_var = (previous.mean, previous.var) if restart else (mean, var)
+
+            draws = None
+            if monte_carlo:
+                moments, draws = monte_carlo_moments(
+                    step, plan[step.origin], mean, var, previous,
+                    lambda samples: self._head_at_samples(samples, t, kwargs, moment_dtype),
+                    samples=mc_samples, keep_eps=step.index in restarted, eps_variance=eps_variance,
+                    covariance=covariance, generator=mc_generator,
+                )
+                mc_calls += 1
+            else:
+                moments = closed_form_moments(step, eps, head_var if closed_form_var else None, previous)
+            next_mean, next_var = ops.moment_step(
+                origin_mean, origin_var, moments.mean, moments.var, moments.cov,
+                a=step.a, b=step.b[-1], c2=step.c2, clamp=clamp,
+            )
+
+            # A learned-variance head's extra channels are not ε; no supported step consumes them.
+            model_output = out[:, :channels]
+            if mode == "bayesdiff" and is_uncertain:
+                drawn = torch.randn(eps.shape, generator=mc_generator, device=eps.device, dtype=moment_dtype)
+                model_output = (eps + head_var.sqrt() * drawn).to(out.dtype)
+            x = scheduler.step(model_output, t, x, generator=generator, **step_kwargs).prev_sample
+
+            previous = StepRecord(mean, var, eps, head_var, draws)
+            mean, var = next_mean, next_var
+            if trace is not None:
+                trace.append(
+                    dict(index=step.index, timestep=int(t), uncertainty_step=is_uncertain, monte_carlo=monte_carlo,
+                         mean=mean, variance=var, variance_sum=var.flatten(1).sum(dim=1))
+                )
+
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        settings.update(
+            scheduler=type(scheduler).__name__, timesteps=scheduler.timesteps.tolist(),
+            posterior_structure=getattr(posterior, "structure", None),
+        )
+        timings = dict(
+            total_s=time.perf_counter() - started, image_unet_calls=image_calls, mc_unet_calls=mc_calls,
+            mc_unet_batch=mc_samples * batch,
+        )
+        return BayesDiffOutput(
+            images=x, variance=var.clamp_min(0), mean=mean, trace=trace, settings=settings, timings=timings
+        )
+
+    def _initial_noise(self, batch_size, noise, generator) -> torch.Tensor:
+        """x_T: ``noise`` as given, or drawn exactly as DDIMPipeline/DDPMPipeline draw it."""
+        config = self.unet.config
+        size = config.sample_size
+        shape = (config.in_channels, size, size) if isinstance(size, int) else (config.in_channels, *size)
+        if noise is None:
+            if batch_size is None:
+                raise ValueError("pass batch_size or the initial noise x_T as noise")
+            return randn_tensor((batch_size, *shape), generator=generator, device=self.unet.device, dtype=self.unet.dtype)
+        if noise.dim() != 4 or noise.shape[1] != config.in_channels:
+            raise ValueError(
+                f"noise must have shape (B, {config.in_channels}, H, W) for this UNet, got {tuple(noise.shape)}"
+            )
+        if batch_size is not None and batch_size != noise.shape[0]:
+            raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
+        return noise.to(device=self.unet.device, dtype=self.unet.dtype)
+
+    def _forward(self, x, t, kwargs, want_head: bool):
+        """One UNet call: its output and, with ``want_head``, the head's closed-form variance at φ."""
+        if not want_head:
+            return self.unet(x, t, **kwargs).sample, None
+        with self.posterior.capture() as cap:
+            out = self.unet(x, t, **kwargs).sample
+        return out, self.posterior.predict(cap.phi)[1]
+
+    def _head_at_samples(self, x_samples, t, kwargs, moment_dtype):
+        """Head (mean, var) at S samples of x, (S, B, ...), through one UNet call on S·B images."""
+        repeats, batch = x_samples.shape[:2]
+        flat = self.scheduler.scale_model_input(x_samples.flatten(0, 1).to(self.unet.dtype), t)
+        with self.posterior.capture() as cap:
+            self.unet(flat, t, **repeat_batch(kwargs, batch, repeats))
+        head_mean, head_var = self.posterior.predict(cap.phi)
+        return (
+            head_mean.to(moment_dtype).unflatten(0, (repeats, batch)),
+            head_var.to(moment_dtype).unflatten(0, (repeats, batch)),
+        )
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    for name, allowed in _CHOICES.items():
+        if settings[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {settings[name]!r}")
+    uq_every, mc_samples = settings["uq_every"], settings["mc_samples"]
+    if not isinstance(uq_every, int) or uq_every < 1:
+        raise ValueError(f"uq_every must be an integer >= 1 (1 = uncertainty at every step), got {uq_every!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 0:
+        raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
+    if mc_samples == 0 and settings["covariance"] == "mc":
+        raise ValueError("covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only")
+
+
+def _uncertainty_steps(plan: list[AffineStep], uq_every: int) -> list[bool]:
+    """Per scheduler step: is it an uncertainty step? Solver steps are counted by their origin."""
+    origins = sorted({s.origin for s in plan})
+    solver_step = {origin: n for n, origin in enumerate(origins)}
+    return [solver_step[s.origin] % uq_every == 0 for s in plan]
