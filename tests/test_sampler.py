@@ -5,8 +5,6 @@ force: many independent trajectories from the same x_T in which every UNet call'
 the head's predictive N(out, γ²) (the model the moment recurrence propagates).
 """
 
-import copy
-
 import pytest
 import torch
 from diffusers import (
@@ -28,8 +26,14 @@ BATCH, STEPS = 2, 5
 def _unet(seed: int = 0, **overrides) -> UNet2DModel:
     torch.manual_seed(seed)
     config = dict(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
     )
     config.update(overrides)
     return UNet2DModel(**config).eval()
@@ -40,7 +44,11 @@ def _posterior(unet: UNet2DModel, model_kwargs=None) -> LastLayerLaplace:
     posterior = LastLayerLaplace(unet, "diag", sigma_noise=0.1, prior_precision=1e3)
     scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
     return posterior.fit(
-        images, scheduler, batch_size=6, generator=torch.Generator().manual_seed(1), model_kwargs=model_kwargs,
+        images,
+        scheduler,
+        batch_size=6,
+        generator=torch.Generator().manual_seed(1),
+        model_kwargs=model_kwargs,
         progress=False,
     )
 
@@ -95,10 +103,15 @@ def test_deterministic_images_equal_the_ddim_pipeline(unet, posterior, eta):
     pipe = DDIMPipeline(unet=unet, scheduler=_ddim())
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
-        batch_size=BATCH, generator=torch.Generator().manual_seed(0), eta=eta, num_inference_steps=STEPS,
+        batch_size=BATCH,
+        generator=torch.Generator().manual_seed(0),
+        eta=eta,
+        num_inference_steps=STEPS,
         output_type="pt",
     ).images
-    ours = _sample(unet, _ddim(), posterior, batch_size=BATCH, generator=torch.Generator().manual_seed(0), eta=eta)
+    ours = _sample(
+        unet, _ddim(), posterior, batch_size=BATCH, generator=torch.Generator().manual_seed(0), eta=eta
+    )
     # the pipeline's own post-processing, applied to our x_0
     assert torch.equal((ours.images / 2 + 0.5).clamp(0, 1), expected)
 
@@ -107,12 +120,21 @@ def test_deterministic_images_equal_the_ddpm_pipeline(unet, posterior):
     pipe = DDPMPipeline(unet=unet, scheduler=_ddpm())
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
-        batch_size=BATCH, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt"
+        batch_size=BATCH,
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=STEPS,
+        output_type="pt",
     ).images
     # uq_every=2 and a Monte Carlo at every other step: the uncertainty draws must not touch the
     # generator the scheduler draws its noise from
     ours = _sample(
-        unet, _ddpm(), posterior, batch_size=BATCH, generator=torch.Generator().manual_seed(0), uq_every=2, mc_samples=3
+        unet,
+        _ddpm(),
+        posterior,
+        batch_size=BATCH,
+        generator=torch.Generator().manual_seed(0),
+        uq_every=2,
+        mc_samples=3,
     )
     assert torch.equal((ours.images / 2 + 0.5).clamp(0, 1), expected)
 
@@ -130,7 +152,12 @@ def test_deterministic_images_equal_the_plain_scheduler_loop(unet, posterior, ma
     noise = _noise()
     expected = _plain_loop(unet, make_scheduler(), noise, torch.Generator().manual_seed(4), **step_kwargs)
     ours = _sample(
-        unet, make_scheduler(), posterior, noise=noise, generator=torch.Generator().manual_seed(4), mc_samples=4,
+        unet,
+        make_scheduler(),
+        posterior,
+        noise=noise,
+        generator=torch.Generator().manual_seed(4),
+        mc_samples=4,
         **step_kwargs,
     )
     assert torch.equal(ours.images, expected)
@@ -143,7 +170,13 @@ def test_unet_kwargs_reach_every_call_and_are_tiled_for_the_monte_carlo_batch():
     noise = _noise()
     expected = _plain_loop(unet, _ddim(), noise, class_labels=labels)
     ours = _sample(
-        unet, _ddim(), posterior, noise=noise, mc_samples=3, unet_kwargs={"class_labels": labels}, return_trace=True
+        unet,
+        _ddim(),
+        posterior,
+        noise=noise,
+        mc_samples=3,
+        unet_kwargs={"class_labels": labels},
+        return_trace=True,
     )
     assert torch.equal(ours.images, expected)
     # At the first step Var[x_T] = 0, so all Monte Carlo samples equal x_T and E[ε] must be the
@@ -153,7 +186,9 @@ def test_unet_kwargs_reach_every_call_and_are_tiled_for_the_monte_carlo_batch():
     first = step_coefficients(scheduler)[0]
     with torch.no_grad():
         eps = unet(noise, scheduler.timesteps[0], class_labels=labels).sample
-    torch.testing.assert_close(ours.trace[0]["mean"], first.a * noise + first.b[0] * eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.trace[0]["mean"], first.a * noise + first.b[0] * eps, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_learned_variance_heads_use_the_eps_channels():
@@ -186,7 +221,9 @@ def _with_eps_tracking_x(unet: UNet2DModel) -> UNet2DModel:
     eye = torch.eye(3)
     with torch.no_grad():
         unet.conv_in.weight[:3, :, 1, 1] += eye
-        unet.up_blocks[-1].resnets[-1].conv_shortcut.weight[:3, 8:11, 0, 0] += eye  # skip channels follow 8 hidden
+        unet.up_blocks[-1].resnets[-1].conv_shortcut.weight[:3, 8:11, 0, 0] += (
+            eye  # skip channels follow 8 hidden
+        )
         unet.conv_out.weight[:, :3, 1, 1] += eye
     return unet
 
@@ -255,52 +292,81 @@ def test_propagated_variance_agrees_with_brute_force(
     correlation = _correlation(ours.variance, empirical)
     assert correlation > min_correlation, f"per-pixel correlation {correlation:.3f}"
     if covariance_matters:
-        without = _sample(sensitive_unet, make_scheduler(), sensitive_posterior, covariance="none", **settings)
+        without = _sample(
+            sensitive_unet, make_scheduler(), sensitive_posterior, covariance="none", **settings
+        )
         ratio_without = float(without.variance.sum() / empirical.sum())
         assert not 0.85 < ratio_without < 1.15, f"the test cannot see the covariance ({ratio_without:.3f})"
 
 
 def test_skipping_the_covariance_changes_the_variance(unet, posterior):
     noise = _noise()
-    full = _sample(unet, _ddim(), posterior, noise=noise, mc_samples=8, generator=torch.Generator().manual_seed(1))
+    full = _sample(
+        unet, _ddim(), posterior, noise=noise, mc_samples=8, generator=torch.Generator().manual_seed(1)
+    )
     no_cov = _sample(
-        unet, _ddim(), posterior, noise=noise, mc_samples=8, covariance="none", generator=torch.Generator().manual_seed(1)
+        unet,
+        _ddim(),
+        posterior,
+        noise=noise,
+        mc_samples=8,
+        covariance="none",
+        generator=torch.Generator().manual_seed(1),
     )
     assert torch.equal(full.images, no_cov.images)
     assert not torch.allclose(full.variance, no_cov.variance, rtol=1e-3)
 
 
-def test_closed_form_only_is_the_head_variance_carried_through_the_steps(unet, posterior):
-    """mc_samples=0: Var ← a²·Var + b²·γ²(image sample) + c², which the trace lets us recompute."""
-    scheduler = _ddpm()
+@pytest.mark.parametrize("make_scheduler", [_ddpm, lambda: _dpm(algorithm_type="dpmsolver++")])
+def test_closed_form_only_is_the_head_variance_carried_through_the_steps(unet, posterior, make_scheduler):
+    """mc_samples=0: Var' = a²·Var[x_origin] + Σ_j b_j²·γ_j² + c², γ_j² at the image samples."""
+    scheduler = make_scheduler()
     noise = _noise()
     out = _sample(
-        unet, scheduler, posterior, noise=noise, mc_samples=0, covariance="none", return_trace=True,
+        unet,
+        scheduler,
+        posterior,
+        noise=noise,
+        mc_samples=0,
+        covariance="none",
+        return_trace=True,
         generator=torch.Generator().manual_seed(2),
     )
     assert out.timings["mc_unet_calls"] == 0
     plan = step_coefficients(scheduler)
-    replay = copy.deepcopy(scheduler)
+    replay = make_scheduler()
+    replay.set_timesteps(STEPS)
     generator = torch.Generator().manual_seed(2)
-    x, var = noise, torch.zeros_like(noise)
+    x, variances, head_vars = noise, [torch.zeros_like(noise)], []
     with torch.no_grad():
         for step, record in zip(plan, out.trace):
             t = replay.timesteps[step.index]
             with posterior.capture() as cap:
                 eps = unet(x, t).sample
-            _, head_var = posterior.predict(cap.phi)
-            var = step.a**2 * var + step.b[0] ** 2 * head_var + step.c2
+            head_vars.append(posterior.predict(cap.phi)[1])
+            var = step.a**2 * variances[step.origin] + step.c2
+            for j, b in enumerate(step.b):
+                var = var + b**2 * head_vars[step.origin + j]
+            variances.append(var)
             torch.testing.assert_close(record["variance"], var, rtol=1e-5, atol=0)
             x = replay.step(eps, t, x, generator=generator).prev_sample
-    torch.testing.assert_close(out.variance, var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.variance, variances[-1], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("make_scheduler", [_ddim, lambda: _dpm(algorithm_type="dpmsolver++")])
 @pytest.mark.parametrize("skip", ["all", "covariance"])
 def test_uq_every_runs_the_monte_carlo_only_at_its_steps(unet, posterior, make_scheduler, skip):
     out = _sample(
-        unet, make_scheduler(), posterior, batch_size=BATCH, num_inference_steps=7, uq_every=3, mc_samples=4,
-        skip=skip, return_trace=True, generator=torch.Generator().manual_seed(0),
+        unet,
+        make_scheduler(),
+        posterior,
+        batch_size=BATCH,
+        num_inference_steps=7,
+        uq_every=3,
+        mc_samples=4,
+        skip=skip,
+        return_trace=True,
+        generator=torch.Generator().manual_seed(0),
     )
     flags = [r["monte_carlo"] for r in out.trace]
     assert flags == [r["uncertainty_step"] for r in out.trace]
@@ -315,8 +381,33 @@ def test_uq_every_runs_the_monte_carlo_only_at_its_steps(unet, posterior, make_s
     assert bool((out.variance > 0).any())
 
 
+def test_bayesdiff_eps_variance_drops_the_spread_of_the_head_means(unet, posterior):
+    common = dict(
+        noise=_noise(),
+        mc_samples=6,
+        covariance="none",
+        return_trace=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    total = _sample(unet, _ddim(), posterior, eps_variance="total", **common)
+    head_only = _sample(unet, _ddim(), posterior, eps_variance="bayesdiff", **common)
+    # Var[x_T] = 0: all samples coincide, the head means do not spread
+    torch.testing.assert_close(total.trace[0]["variance"], head_only.trace[0]["variance"])
+    # the same draws at step 1; 'total' adds var_i m^i ≥ 0 to the same mean γ²
+    assert bool(
+        (total.trace[1]["variance"] >= head_only.trace[1]["variance"] * (1 - 1e-6)).all()
+    )  # float32 sums
+    assert bool((total.trace[1]["variance"] > head_only.trace[1]["variance"]).any())
+
+
 def test_skip_covariance_adds_the_closed_form_head_variance_between_uncertainty_steps(unet, posterior):
-    common = dict(noise=_noise(), uq_every=10, mc_samples=4, return_trace=True, generator=torch.Generator().manual_seed(0))
+    common = dict(
+        noise=_noise(),
+        uq_every=10,
+        mc_samples=4,
+        return_trace=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     only_first = _sample(unet, _ddim(), posterior, skip="all", **common)
     with_head = _sample(unet, _ddim(), posterior, skip="covariance", **common)
     # both run the Monte Carlo at step 0 only; afterwards skip='all' only rescales by a²
@@ -328,7 +419,13 @@ def test_variance_is_never_negative(unet, posterior):
     # two Monte Carlo samples make a noisy covariance: the clamp must keep every variance >= 0
     for clamp in (True, False):
         out = _sample(
-            unet, _ddim(), posterior, noise=_noise(), mc_samples=2, clamp=clamp, return_trace=True,
+            unet,
+            _ddim(),
+            posterior,
+            noise=_noise(),
+            mc_samples=2,
+            clamp=clamp,
+            return_trace=True,
             generator=torch.Generator().manual_seed(0),
         )
         assert bool((out.variance >= 0).all())
@@ -344,7 +441,13 @@ def test_bayesdiff_mode_differs_from_deterministic_and_is_reproducible(unet, pos
 
     def run(mode, seed):
         return _sample(
-            unet, _ddim(), posterior, noise=noise, mode=mode, mc_samples=3, uq_every=2,
+            unet,
+            _ddim(),
+            posterior,
+            noise=noise,
+            mode=mode,
+            mc_samples=3,
+            uq_every=2,
             generator=torch.Generator().manual_seed(seed),
         )
 
@@ -356,7 +459,9 @@ def test_bayesdiff_mode_differs_from_deterministic_and_is_reproducible(unet, pos
 
 
 def test_output_fields(unet, posterior):
-    out = _sample(unet, _ddpm(), posterior, batch_size=3, mc_samples=2, generator=torch.Generator().manual_seed(0))
+    out = _sample(
+        unet, _ddpm(), posterior, batch_size=3, mc_samples=2, generator=torch.Generator().manual_seed(0)
+    )
     assert out.images.shape == out.variance.shape == out.mean.shape == (3, 3, 8, 8)
     assert out.variance.dtype == torch.float32
     torch.testing.assert_close(out.scores, out.variance.sum(dim=(1, 2, 3)), rtol=1e-6, atol=0)
@@ -365,6 +470,17 @@ def test_output_fields(unet, posterior):
     assert out.timings["image_unet_calls"] == STEPS and out.timings["total_s"] > 0
     # E[x_0] of the recurrence is not the sample, but it tracks it
     assert float((out.mean - out.images).abs().mean()) < float(out.images.abs().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_unets_keep_their_image_path_and_get_float32_moments(dtype):
+    unet = _unet().to(dtype)
+    posterior = _posterior(unet)
+    noise = _noise().to(dtype)
+    ours = _sample(unet, _ddim(), posterior, noise=noise, mc_samples=3)
+    assert ours.images.dtype == dtype and torch.equal(ours.images, _plain_loop(unet, _ddim(), noise))
+    assert ours.variance.dtype == ours.mean.dtype == torch.float32
+    assert bool(torch.isfinite(ours.variance).all()) and bool((ours.variance > 0).all())
 
 
 def test_batch_of_one(unet, posterior):

@@ -36,7 +36,9 @@ def _probe_ddim(scheduler, t, x, out, eta, noise):
 
 def _probe_ddpm(scheduler, t, x, out):
     """One DDPM step; also returns the noise z it drew, replayed from the same seed."""
-    prev = copy.deepcopy(scheduler).step(_scalar(out), t, _scalar(x), generator=torch.Generator().manual_seed(7))
+    prev = copy.deepcopy(scheduler).step(
+        _scalar(out), t, _scalar(x), generator=torch.Generator().manual_seed(7)
+    )
     z = randn_tensor(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     return float(prev.prev_sample), float(z)
 
@@ -59,10 +61,17 @@ def _probe_dpm(scheduler, k, origin, x_s, out_s, out_mid):
     "steps,spacing,offset,set_alpha_to_one",
     [(10, "leading", 0, True), (7, "leading", 1, False), (9, "trailing", 0, True), (6, "linspace", 0, False)],
 )
-def test_ddim_coefficients_match_the_scheduler(prediction_type, eta, steps, spacing, offset, set_alpha_to_one):
+def test_ddim_coefficients_match_the_scheduler(
+    prediction_type, eta, steps, spacing, offset, set_alpha_to_one
+):
     scheduler = DDIMScheduler(
-        num_train_timesteps=100, clip_sample=False, prediction_type=prediction_type, timestep_spacing=spacing,
-        steps_offset=offset, set_alpha_to_one=set_alpha_to_one, beta_schedule="squaredcos_cap_v2",
+        num_train_timesteps=100,
+        clip_sample=False,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+        steps_offset=offset,
+        set_alpha_to_one=set_alpha_to_one,
+        beta_schedule="squaredcos_cap_v2",
     )
     scheduler.set_timesteps(steps)
     plan = step_coefficients(scheduler, eta)
@@ -81,8 +90,11 @@ def test_ddim_coefficients_match_the_scheduler(prediction_type, eta, steps, spac
 @pytest.mark.parametrize("steps,spacing", [(8, "leading"), (5, "trailing"), (50, "linspace")])
 def test_ddpm_coefficients_match_the_scheduler(prediction_type, variance_type, steps, spacing):
     scheduler = DDPMScheduler(
-        num_train_timesteps=50, clip_sample=False, prediction_type=prediction_type,
-        variance_type=variance_type, timestep_spacing=spacing,
+        num_train_timesteps=50,
+        clip_sample=False,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        timestep_spacing=spacing,
     )
     scheduler.set_timesteps(steps)
     plan = step_coefficients(scheduler)
@@ -111,7 +123,10 @@ def test_ddpm_custom_timesteps_use_the_schedulers_previous_timestep():
         _assert_close(s.a, a - noise_only, f"a at t={s.timestep}")
 
 
-@pytest.mark.parametrize("algorithm_type,final_sigmas_type", [("dpmsolver", "sigma_min"), ("dpmsolver++", "zero"), ("dpmsolver++", "sigma_min")])
+@pytest.mark.parametrize(
+    "algorithm_type,final_sigmas_type",
+    [("dpmsolver", "sigma_min"), ("dpmsolver++", "zero"), ("dpmsolver++", "sigma_min")],
+)
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 @pytest.mark.parametrize("steps,lower_order_final", [(6, False), (7, True), (10, True)])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -119,8 +134,13 @@ def test_dpm_solver_2_coefficients_match_the_scheduler(
     algorithm_type, final_sigmas_type, solver_type, steps, lower_order_final, prediction_type
 ):
     scheduler = DPMSolverSinglestepScheduler(
-        num_train_timesteps=200, solver_order=2, algorithm_type=algorithm_type, solver_type=solver_type,
-        final_sigmas_type=final_sigmas_type, lower_order_final=lower_order_final, prediction_type=prediction_type,
+        num_train_timesteps=200,
+        solver_order=2,
+        algorithm_type=algorithm_type,
+        solver_type=solver_type,
+        final_sigmas_type=final_sigmas_type,
+        lower_order_final=lower_order_final,
+        prediction_type=prediction_type,
     )
     scheduler.set_timesteps(steps)
     plan = step_coefficients(scheduler)
@@ -131,7 +151,9 @@ def test_dpm_solver_2_coefficients_match_the_scheduler(
         basis = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)][: 1 + len(s.b)]
         ours = (s.a, *s.b)
         for value, args in zip(ours, basis):
-            _assert_close(value, _probe_dpm(scheduler, s.index, s.origin, *args), f"step {s.index} basis {args}")
+            _assert_close(
+                value, _probe_dpm(scheduler, s.index, s.origin, *args), f"step {s.index} basis {args}"
+            )
         assert s.c2 == 0.0
 
 

@@ -54,21 +54,31 @@ def check_supported(scheduler, eta: float = 0.0) -> None:
             f"pass clip_sample=False (e.g. {name}.from_config(scheduler.config, clip_sample=False))"
         )
     if config.get("thresholding", False):
-        raise ValueError(f"{name} has thresholding=True, which makes the step non-linear; pass thresholding=False")
+        raise ValueError(
+            f"{name} has thresholding=True, which makes the step non-linear; pass thresholding=False"
+        )
     if config.prediction_type not in _PREDICTION_TYPES:
-        raise ValueError(f"{name} has prediction_type={config.prediction_type!r}; expected one of {_PREDICTION_TYPES}")
+        raise ValueError(
+            f"{name} has prediction_type={config.prediction_type!r}; expected one of {_PREDICTION_TYPES}"
+        )
     if eta != 0.0 and not isinstance(scheduler, DDIMScheduler):
         raise ValueError(f"eta={eta} applies to DDIMScheduler only; {name} takes eta=0")
     if eta < 0.0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if isinstance(scheduler, DDPMScheduler) and config.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+    if isinstance(scheduler, DDPMScheduler) and config.variance_type not in (
+        "fixed_small",
+        "fixed_small_log",
+        "fixed_large",
+    ):
         raise ValueError(
             f"DDPMScheduler variance_type={config.variance_type!r} is not supported: the step noise must be a "
             "fixed c² ('fixed_small', 'fixed_small_log' or 'fixed_large')"
         )
     if isinstance(scheduler, DPMSolverSinglestepScheduler):
         if config.solver_order not in (1, 2):
-            raise ValueError(f"DPMSolverSinglestepScheduler needs solver_order 1 or 2, got {config.solver_order}")
+            raise ValueError(
+                f"DPMSolverSinglestepScheduler needs solver_order 1 or 2, got {config.solver_order}"
+            )
         if config.algorithm_type not in ("dpmsolver", "dpmsolver++"):
             raise ValueError(
                 f"DPMSolverSinglestepScheduler algorithm_type={config.algorithm_type!r} is not supported; "
@@ -190,7 +200,9 @@ def _dpm_solver_singlestep(scheduler) -> list[AffineStep]:
             steps.append(AffineStep(k, t, k, float(form[0]), (float(form[1]),), 0.0))
             continue
         if steps[-1].origin != k - 1:
-            raise ValueError(f"DPMSolverSinglestepScheduler step {k}: a second-order step must follow a first-order one")
+            raise ValueError(
+                f"DPMSolverSinglestepScheduler step {k}: a second-order step must follow a first-order one"
+            )
         x_s, out_s, out_mid = np.eye(3)
         x_mid = first_order(k - 1, x_s, converted(k - 1, x_s, out_s))
         form = second_order(k, x_s, converted(k - 1, x_s, out_s), converted(k, x_mid, out_mid))

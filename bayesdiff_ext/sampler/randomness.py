@@ -31,7 +31,6 @@ def independent_generator(
     return torch.Generator(device=device).manual_seed(seed)
 
 
-
 def antithetic_randn(count: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``count`` standard normal draws shaped like ``like``, stacked, in antithetic pairs z_i, −z_i.
 
@@ -42,5 +41,7 @@ def antithetic_randn(count: int, like: torch.Tensor, generator: torch.Generator)
     no (S−1)/S shrinkage of the variance. Head noise drawn with the same pairing keeps that
     property through DPM-Solver-2's intermediate point.
     """
-    half = torch.randn(((count + 1) // 2, *like.shape), generator=generator, device=like.device, dtype=like.dtype)
+    half = torch.randn(
+        ((count + 1) // 2, *like.shape), generator=generator, device=like.device, dtype=like.dtype
+    )
     return torch.cat([half, -half])[:count]
