@@ -12,6 +12,7 @@ from bayesdiff_ext.ops import mc_moments, moment_step
 from bayesdiff_ext.posterior import LastLayerLaplace
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 from bayesdiff_ext import guidance, latent
+from bayesdiff_ext.pipelines import BayesDiffPipeline, UncertaintyCallback
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,10 @@ def build_info() -> dict:
 
 __all__ = [
     "BayesDiffOutput",
+    "BayesDiffPipeline",
     "BayesDiffSampler",
     "LastLayerLaplace",
+    "UncertaintyCallback",
     "aggregation",
     "build_info",
     "guidance",

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["GUIDANCE_VARIANCES", "ClassifierFreeGuidance", "combine", "guided_head_moments", "stack_branches"]
+__all__ = [
+    "GUIDANCE_VARIANCES",
+    "ClassifierFreeGuidance",
+    "combine",
+    "guided_head_moments",
+    "split_branches",
+    "stack_branches",
+]
 
 GUIDANCE_VARIANCES = ("exact", "independent")
 
@@ -78,6 +85,23 @@ def stack_branches(uncond: Any, cond: Any, rows: int) -> Any:
             f"({type(cond).__name__}) but is not a batch of {rows} rows that could be stacked"
         )
     return cond
+
+
+def split_branches(kwargs: Any, rows: int) -> tuple[Any, Any]:
+    """The inverse of :func:`stack_branches`: the (uncond, cond) kwargs of a [uncond; cond] call.
+
+    Tensors with ``2·rows`` leading rows are split in halves; anything else is shared.
+    """
+    if isinstance(kwargs, torch.Tensor) and kwargs.dim() > 0 and kwargs.shape[0] == 2 * rows:
+        uncond, cond = kwargs.chunk(2)
+        return uncond, cond
+    if isinstance(kwargs, Mapping):
+        pairs = {key: split_branches(value, rows) for key, value in kwargs.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(kwargs, (list, tuple)):
+        pairs = [split_branches(value, rows) for value in kwargs]
+        return type(kwargs)(p[0] for p in pairs), type(kwargs)(p[1] for p in pairs)
+    return kwargs, kwargs
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -43,7 +43,7 @@ def sd_unet(seed=0) -> UNet2DConditionModel:
 
 def sd_vae(seed=0, scaling_factor=0.18215, shift_factor=None, dtype=torch.float32) -> AutoencoderKL:
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -55,7 +55,8 @@ def sd_vae(seed=0, scaling_factor=0.18215, shift_factor=None, dtype=torch.float3
         sample_size=16,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
-    ).to(dtype).eval()
+    )
+    return (vae if dtype == torch.float32 else vae.to(dtype=dtype)).eval()
 
 
 def text_encoder(seed=0) -> CLIPTextModel:
@@ -132,3 +133,39 @@ def fitted_pixel_posterior(unet, structure="diag", images=6, seed=0) -> LastLaye
         torch.randn(images, 3, 8, 8, generator=g).clamp(-1, 1), DDPMScheduler(num_train_timesteps=100),
         batch_size=images, generator=g, progress=False,
     )
+
+
+class DecodeRecorder:
+    """Wraps the real ``vae.decode``: counts the calls and keeps the latents each call received."""
+
+    def __init__(self, vae):
+        self.inputs: list[torch.Tensor] = []
+        self._decode = vae.decode
+        vae.decode = self
+
+    def __call__(self, z, *args, **kwargs):
+        self.inputs.append(z.detach().clone())
+        return self._decode(z, *args, **kwargs)
+
+    @property
+    def calls(self) -> int:
+        return len(self.inputs)
+
+
+class UNetCalls:
+    """Rows of every UNet call inside a ``with`` block (a forward pre-hook, removed on exit)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.rows: list[int] = []
+
+    def __enter__(self):
+        self._handle = self.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: self.rows.append((args[0] if args else kwargs["sample"]).shape[0]),
+            with_kwargs=True,
+        )
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False

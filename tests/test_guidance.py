@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bayesdiff_ext.guidance import ClassifierFreeGuidance, combine, guided_head_moments, stack_branches
+from bayesdiff_ext.guidance import ClassifierFreeGuidance, combine, guided_head_moments, split_branches, stack_branches
 from sd_components import fitted_sd_posterior, sd_pipeline, prompt_embeddings
 
 SCALE = 3.0
@@ -117,7 +117,7 @@ def test_guided_forward_is_one_unet_call_on_both_branches(guided_call):
     torch.testing.assert_close(head_mean, out, rtol=1e-4, atol=1e-5)
 
 
-def test_stack_branches_concatenates_batches_and_keeps_shared_values():
+def test_stack_and_split_branches_concatenate_batches_and_keep_shared_values():
     flags = {"scale": 0.5}
     u, c = torch.zeros(2, 3), torch.ones(2, 3)
     broadcast = torch.ones(1, 3)
@@ -128,6 +128,9 @@ def test_stack_branches_concatenates_batches_and_keeps_shared_values():
     )
     assert torch.equal(stacked["h"], torch.cat([u, c])) and stacked["extra"]["e"].shape == (4, 1)
     assert stacked["attn"] == flags and stacked["b"] is broadcast
+    uncond, cond = split_branches(stacked, rows=2)
+    assert torch.equal(uncond["h"], u) and torch.equal(cond["extra"]["e"], c[:, :1])
+    assert uncond["attn"] == flags and cond["b"] is broadcast
     with pytest.raises(ValueError, match="differs from the conditional one"):
         stack_branches({"attn": {"scale": 0.5}}, {"attn": {"scale": 0.7}}, rows=2)
     with pytest.raises(ValueError, match="unconditional kwargs have keys"):

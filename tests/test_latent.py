@@ -4,24 +4,7 @@ import pytest
 import torch
 
 from bayesdiff_ext import latent
-from sd_components import sd_vae
-
-
-class DecodeRecorder:
-    """Wraps the real ``vae.decode``: counts the calls and keeps the latents each call received."""
-
-    def __init__(self, vae):
-        self.inputs: list[torch.Tensor] = []
-        self._decode = vae.decode
-        vae.decode = self
-
-    def __call__(self, z, *args, **kwargs):
-        self.inputs.append(z.detach().clone())
-        return self._decode(z, *args, **kwargs)
-
-    @property
-    def calls(self) -> int:
-        return len(self.inputs)
+from sd_components import DecodeRecorder, sd_vae
 
 
 @pytest.mark.parametrize("shift_factor", [None, 0.1159])

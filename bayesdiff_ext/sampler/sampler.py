@@ -11,6 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.sampler.batching import repeat_batch
 from bayesdiff_ext.sampler.coefficients import AffineStep, check_supported, step_coefficients
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
@@ -60,6 +61,7 @@ class BayesDiffSampler:
         skip: str = "all",
         return_trace: bool = False,
         unet_kwargs: dict[str, Any] | None = None,
+        guidance: ClassifierFreeGuidance | None = None,
         progress: bool = True,
     ) -> BayesDiffOutput:
         """Run the scheduler loop from x_T and propagate E[x_t], Var[x_t] to x_0.
@@ -72,7 +74,8 @@ class BayesDiffSampler:
           (:mod:`~bayesdiff_ext.sampler.coefficients`) through ``ops.moment_step``.
         * Uncertainty steps (BayesDiff-Skip): every ``uq_every``-th solver step from the first (a
           DPM-Solver-2 step counts once, both of its UNet calls belong to it). There, ``mc_samples``
-          = S draws x^i ~ N(E[x_t], Var[x_t]) go through the UNet in one batched call and the
+          = S draws x^i ~ N(E[x_t], Var[x_t]) (antithetic pairs, see ``randomness.antithetic_randn``)
+          go through the UNet in one batched call and the
           head's closed-form (m^i, γ²^i) give E[ε], Var[ε] and Cov(x_t, ε) (``ops.mc_moments``).
           ``eps_variance='bayesdiff'`` keeps only mean γ² (drops the spread of the m^i),
           ``covariance='none'`` drops the covariance. ``mc_samples=0`` (with ``covariance='none'``)
@@ -92,18 +95,32 @@ class BayesDiffSampler:
         * ``clamp`` clamps Var at 0 after every step; the returned variance is ≥ 0 always.
         * ``unet_kwargs`` go to every UNet call; tensors with the batch as leading dimension are
           tiled for the Monte Carlo batch. Moments are float32 (float64 for a float64 UNet).
+        * ``guidance`` (:class:`~bayesdiff_ext.guidance.ClassifierFreeGuidance`): every UNet call
+          runs both branches, [uncond; cond], in one batch (2·S·B rows for the Monte Carlo), ε is
+          combined as the diffusers pipelines combine it, and the head's variance is that of the
+          guided ε (exact, or BayesDiff's independent-branch formula). ``unet_kwargs`` are then the
+          conditional branch's.
         * ``return_trace``: one dict per scheduler step with ``index``, ``timestep``,
           ``uncertainty_step``, ``monte_carlo`` and the moments after the step (``mean``,
           ``variance`` tensors and the per-image ``variance_sum``).
         """
         settings = dict(
-            num_inference_steps=num_inference_steps, eta=float(eta), uq_every=uq_every, mc_samples=mc_samples,
-            covariance=covariance, eps_variance=eps_variance, clamp=bool(clamp), mode=mode, skip=skip,
+            num_inference_steps=num_inference_steps,
+            eta=float(eta),
+            uq_every=uq_every,
+            mc_samples=mc_samples,
+            covariance=covariance,
+            eps_variance=eps_variance,
+            clamp=bool(clamp),
+            mode=mode,
+            skip=skip,
         )
         _check_settings(settings)
         started = time.perf_counter()
-        unet, scheduler, posterior = self.unet, self.scheduler, self.posterior
+        scheduler, posterior = self.scheduler, self.posterior
         kwargs = dict(unet_kwargs or {})
+        if guidance is not None:
+            kwargs = guidance.branch_kwargs(kwargs)
         x = self._initial_noise(batch_size, noise, generator)
         batch, channels = x.shape[0], x.shape[1]
         if posterior.eps_channels != channels:
@@ -129,10 +146,15 @@ class BayesDiffSampler:
             t = scheduler.timesteps[step.index]
             is_uncertain = uncertain[step.index]
             monte_carlo = is_uncertain and mc_samples > 0
-            closed_form_var = (is_uncertain and mc_samples == 0) or (not is_uncertain and skip == "covariance")
-            out, head_var = self._forward(
-                scheduler.scale_model_input(x, t), t, kwargs,
+            closed_form_var = (is_uncertain and mc_samples == 0) or (
+                not is_uncertain and skip == "covariance"
+            )
+            out, _, head_var = self._forward(
+                scheduler.scale_model_input(x, t),
+                t,
+                kwargs,
                 want_head=closed_form_var or (mode == "bayesdiff" and is_uncertain),
+                guidance=guidance,
             )
             image_calls += 1
             eps = out[:, :channels].to(moment_dtype)
@@ -143,17 +165,31 @@ class BayesDiffSampler:
             draws = None
             if monte_carlo:
                 moments, draws = monte_carlo_moments(
-                    step, plan[step.origin], mean, var, previous,
-                    lambda samples: self._head_at_samples(samples, t, kwargs, moment_dtype),
-                    samples=mc_samples, keep_eps=step.index in restarted, eps_variance=eps_variance,
-                    covariance=covariance, generator=mc_generator,
+                    step,
+                    plan[step.origin],
+                    mean,
+                    var,
+                    previous,
+                    lambda samples: self.head_at_samples(samples, t, kwargs, moment_dtype, guidance),
+                    samples=mc_samples,
+                    keep_eps=step.index in restarted,
+                    eps_variance=eps_variance,
+                    covariance=covariance,
+                    generator=mc_generator,
                 )
                 mc_calls += 1
             else:
                 moments = closed_form_moments(step, eps, head_var if closed_form_var else None, previous)
             next_mean, next_var = ops.moment_step(
-                origin_mean, origin_var, moments.mean, moments.var, moments.cov,
-                a=step.a, b=step.b[-1], c2=step.c2, clamp=clamp,
+                origin_mean,
+                origin_var,
+                moments.mean,
+                moments.var,
+                moments.cov,
+                a=step.a,
+                b=step.b[-1],
+                c2=step.c2,
+                clamp=clamp,
             )
 
             # A learned-variance head's extra channels are not ε; no supported step consumes them.
@@ -167,19 +203,30 @@ class BayesDiffSampler:
             mean, var = next_mean, next_var
             if trace is not None:
                 trace.append(
-                    dict(index=step.index, timestep=int(t), uncertainty_step=is_uncertain, monte_carlo=monte_carlo,
-                         mean=mean, variance=var, variance_sum=var.flatten(1).sum(dim=1))
+                    dict(
+                        index=step.index,
+                        timestep=int(t),
+                        uncertainty_step=is_uncertain,
+                        monte_carlo=monte_carlo,
+                        mean=mean,
+                        variance=var,
+                        variance_sum=var.flatten(1).sum(dim=1),
+                    )
                 )
 
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         settings.update(
-            scheduler=type(scheduler).__name__, timesteps=scheduler.timesteps.tolist(),
+            scheduler=type(scheduler).__name__,
+            timesteps=scheduler.timesteps.tolist(),
             posterior_structure=getattr(posterior, "structure", None),
+            guidance=None if guidance is None else dict(scale=guidance.scale, variance=guidance.variance),
         )
         timings = dict(
-            total_s=time.perf_counter() - started, image_unet_calls=image_calls, mc_unet_calls=mc_calls,
-            mc_unet_batch=mc_samples * batch,
+            total_s=time.perf_counter() - started,
+            image_unet_calls=image_calls,
+            mc_unet_calls=mc_calls,
+            mc_unet_batch=mc_samples * batch * (1 if guidance is None else 2),
         )
         return BayesDiffOutput(
             images=x, variance=var.clamp_min(0), mean=mean, trace=trace, settings=settings, timings=timings
@@ -193,7 +240,9 @@ class BayesDiffSampler:
         if noise is None:
             if batch_size is None:
                 raise ValueError("pass batch_size or the initial noise x_T as noise")
-            return randn_tensor((batch_size, *shape), generator=generator, device=self.unet.device, dtype=self.unet.dtype)
+            return randn_tensor(
+                (batch_size, *shape), generator=generator, device=self.unet.device, dtype=self.unet.dtype
+            )
         if noise.dim() != 4 or noise.shape[1] != config.in_channels:
             raise ValueError(
                 f"noise must have shape (B, {config.in_channels}, H, W) for this UNet, got {tuple(noise.shape)}"
@@ -202,21 +251,29 @@ class BayesDiffSampler:
             raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
         return noise.to(device=self.unet.device, dtype=self.unet.dtype)
 
-    def _forward(self, x, t, kwargs, want_head: bool):
-        """One UNet call: its output and, with ``want_head``, the head's closed-form variance at φ."""
+    def _forward(self, x, t, kwargs, want_head: bool, guidance: ClassifierFreeGuidance | None = None):
+        """One UNet call (both guidance branches in it): its output and, with ``want_head``, the
+        head's closed-form (mean, var) at φ (at φ_cfg under guidance)."""
+        if guidance is not None:
+            return guidance.forward(self.unet, self.posterior, x, t, kwargs, want_head)
         if not want_head:
-            return self.unet(x, t, **kwargs).sample, None
+            return self.unet(x, t, **kwargs).sample, None, None
         with self.posterior.capture() as cap:
             out = self.unet(x, t, **kwargs).sample
-        return out, self.posterior.predict(cap.phi)[1]
+        return (out, *self.posterior.predict(cap.phi))
 
-    def _head_at_samples(self, x_samples, t, kwargs, moment_dtype):
-        """Head (mean, var) at S samples of x, (S, B, ...), through one UNet call on S·B images."""
+    def head_at_samples(
+        self, x_samples, t, kwargs, moment_dtype, guidance: ClassifierFreeGuidance | None = None
+    ):
+        """Head (mean, var) at S samples of x, (S, B, ...), through one UNet call on S·B (2·S·B guided) images.
+
+        ``kwargs`` are for the B images (with guidance: ``guidance.branch_kwargs(...)``); they are
+        tiled here. Also used by :class:`~bayesdiff_ext.UncertaintyCallback` for its Monte Carlo.
+        """
         repeats, batch = x_samples.shape[:2]
         flat = self.scheduler.scale_model_input(x_samples.flatten(0, 1).to(self.unet.dtype), t)
-        with self.posterior.capture() as cap:
-            self.unet(flat, t, **repeat_batch(kwargs, batch, repeats))
-        head_mean, head_var = self.posterior.predict(cap.phi)
+        tiled = repeat_batch(kwargs, batch, repeats)
+        _, head_mean, head_var = self._forward(flat, t, tiled, want_head=True, guidance=guidance)
         return (
             head_mean.to(moment_dtype).unflatten(0, (repeats, batch)),
             head_var.to(moment_dtype).unflatten(0, (repeats, batch)),
@@ -229,11 +286,15 @@ def _check_settings(settings: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be one of {allowed}, got {settings[name]!r}")
     uq_every, mc_samples = settings["uq_every"], settings["mc_samples"]
     if not isinstance(uq_every, int) or uq_every < 1:
-        raise ValueError(f"uq_every must be an integer >= 1 (1 = uncertainty at every step), got {uq_every!r}")
+        raise ValueError(
+            f"uq_every must be an integer >= 1 (1 = uncertainty at every step), got {uq_every!r}"
+        )
     if not isinstance(mc_samples, int) or mc_samples < 0:
         raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
     if mc_samples == 0 and settings["covariance"] == "mc":
-        raise ValueError("covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only")
+        raise ValueError(
+            "covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only"
+        )
 
 
 def _uncertainty_steps(plan: list[AffineStep], uq_every: int) -> list[bool]:

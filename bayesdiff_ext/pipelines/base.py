@@ -1,0 +1,77 @@
+"""BayesDiffPipeline: an existing diffusers pipeline, called as usual, with BayesDiff uncertainty alongside."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
+
+__all__ = ["BayesDiffPipeline"]
+
+
+class BayesDiffPipeline:
+    """Wraps a ``DDPMPipeline``, ``DDIMPipeline`` or ``StableDiffusionPipeline`` and a posterior on its UNet's head.
+
+    Build it with :meth:`from_pipe`; call it with the stock pipeline's own arguments plus the
+    uncertainty arguments of :class:`~bayesdiff_ext.BayesDiffSampler` (``uq_every``,
+    ``mc_samples``, ``covariance``, ``eps_variance``, ``skip``, ``clamp``, ``mode``,
+    ``return_trace``) and, for Stable Diffusion, ``guidance_variance``, ``decode_samples``,
+    ``decode_batch_size`` and ``decode_generator``. It returns a
+    :class:`~bayesdiff_ext.pipelines.BayesDiffPipelineOutput`: the stock ``.images`` (identical to the
+    stock call's in ``mode='deterministic'``) plus ``.variance``, ``.pixel_variance``, ``.scores``,
+    ``.pixel_scores``. The loop is the sampler's; the pipeline's components are used as they are
+    (nothing is copied or modified). The scheduler must be one the sampler supports (DDIM, DDPM,
+    DPM-Solver singlestep, with ``clip_sample=False``).
+    """
+
+    def __init__(self, pipe, posterior) -> None:
+        if posterior.head is not _head_of(pipe.unet, posterior):
+            raise ValueError("the posterior is not on this pipeline's UNet: fit or load it with pipe.unet")
+        self.pipe = pipe
+        self.posterior = posterior
+
+    @classmethod
+    def from_pipe(cls, pipe, posterior) -> BayesDiffPipeline:
+        """The wrapper for ``pipe``'s class: DDPMPipeline, DDIMPipeline or StableDiffusionPipeline."""
+        from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
+
+        from bayesdiff_ext.pipelines.pixel import BayesDiffDDIMPipeline, BayesDiffDDPMPipeline
+        from bayesdiff_ext.pipelines.stable_diffusion import BayesDiffStableDiffusionPipeline
+
+        wrappers = (
+            (StableDiffusionPipeline, BayesDiffStableDiffusionPipeline),
+            (DDIMPipeline, BayesDiffDDIMPipeline),
+            (DDPMPipeline, BayesDiffDDPMPipeline),
+        )
+        for stock, wrapper in wrappers:
+            if isinstance(pipe, stock):
+                return wrapper(pipe, posterior)
+        raise TypeError(
+            f"BayesDiffPipeline wraps a DDPMPipeline, DDIMPipeline or StableDiffusionPipeline, got {type(pipe).__name__}; "
+            "for another SD-family pipeline use bayesdiff_ext.UncertaintyCallback as its callback_on_step_end"
+        )
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    def _sample(self, noise, num_inference_steps: int, generator, eta: float, uncertainty: dict[str, Any], **extra) -> BayesDiffOutput:
+        """The sampler's loop with the pipeline's own UNet, scheduler and progress-bar setting."""
+        progress = not getattr(self.pipe, "_progress_bar_config", {}).get("disable", False)
+        sampler = BayesDiffSampler(self.pipe.unet, self.pipe.scheduler, self.posterior)
+        return sampler.sample(
+            noise=noise, num_inference_steps=num_inference_steps, generator=generator, eta=eta, progress=progress,
+            **uncertainty, **extra,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.pipe).__name__}, {self.posterior!r})"
+
+
+def _head_of(unet, posterior):
+    """The module of ``unet`` that is the posterior's head, or None."""
+    return next((m for m in unet.modules() if m is posterior.head), None)
