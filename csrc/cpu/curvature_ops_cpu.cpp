@@ -25,31 +25,43 @@ int64_t chunk_positions(int64_t row_length, int64_t element_size) {
   return std::max<int64_t>(1, kChunkBytes / (std::max<int64_t>(1, row_length) * element_size));
 }
 
-// rows[k, :] = the patch of batch position q_begin + k, for k < count; `row_length` is D, or D + 1
-// for the bias-augmented patch [φ_p; 1].
+// columns[d, k] = entry d of the patch of batch position q_begin + k, for k < count (im2col
+// layout); `rows` is D, or D + 1 with the bias row of ones of [φ_p; 1]. Each entry d walks the
+// positions along output rows, so it reads φ's rows contiguously (for stride 1) and writes its
+// row of `columns` contiguously.
 template <typename Acc, typename T>
-void unfold_positions(const T* phi, const PatchGeometry& g, int64_t q_begin, int64_t count, int64_t row_length,
-                      Acc* rows) {
+void unfold_positions(const T* phi, const PatchGeometry& g, int64_t q_begin, int64_t count, int64_t rows,
+                      Acc* columns) {
   const int64_t patch = g.patch_size();
-  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const PatchPosition pos = patch_position(g, q_begin + k);
-      Acc* row = rows + k * row_length;
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const T* plane = phi + (pos.image * g.channels + c) * g.plane();
-        for (int64_t i = 0; i < g.kernel_h; ++i) {
-          const int64_t h = input_row(g, pos.out_row, i);
-          Acc* out = row + (c * g.kernel_h + i) * g.kernel_w;
-          for (int64_t j = 0; j < g.kernel_w; ++j) {
-            const int64_t w = input_col(g, pos.out_col, j);
-            const bool inside = h >= 0 && h < g.height && w >= 0 && w < g.width;
-            out[j] = inside ? load<Acc>(plane, h * g.width + w) : Acc(0);
+  at::parallel_for(0, patch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      const int64_t c = d / g.taps();
+      const int64_t i = d % g.taps() / g.kernel_w;
+      const int64_t j = d % g.kernel_w;
+      Acc* out = columns + d * count;
+      PatchPosition pos = patch_position(g, q_begin);
+      for (int64_t k = 0; k < count;) {
+        const int64_t run = std::min(count - k, g.out_w - pos.out_col);
+        const int64_t h = input_row(g, pos.out_row, i);
+        const bool row_inside = h >= 0 && h < g.height;
+        const T* row = phi + ((pos.image * g.channels + c) * g.height + (row_inside ? h : 0)) * g.width;
+        for (int64_t t = 0; t < run; ++t) {
+          const int64_t w = input_col(g, pos.out_col + t, j);
+          out[k + t] = row_inside && w >= 0 && w < g.width ? load<Acc>(row, w) : Acc(0);
+        }
+        k += run;
+        pos.out_col += run;
+        if (pos.out_col == g.out_w) {
+          pos.out_col = 0;
+          if (++pos.out_row == g.out_h) {
+            pos.out_row = 0;
+            ++pos.image;
           }
         }
       }
-      if (row_length > patch) row[patch] = Acc(1);
     }
   });
+  if (rows > patch) std::fill(columns + patch * count, columns + (patch + 1) * count, Acc(1));
 }
 
 at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -64,13 +76,20 @@ at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at:
       std::vector<Acc> square_sum(g.plane());
       for (int64_t c = begin; c < end; ++c) {
         for (int64_t hw = 0; hw < g.plane(); ++hw) square_sum[hw] = batch_square_sum<Acc>(x, g, c * g.plane() + hw);
-        for (int64_t tap = 0; tap < g.taps(); ++tap) {
-          Acc sum = Acc(0);
-          for (int64_t p = 0; p < g.positions(); ++p) {
-            const int64_t offset = tap_plane_offset(g, p, tap / g.kernel_w, tap % g.kernel_w);
-            if (offset >= 0) sum += square_sum[offset];
+        for (int64_t i = 0; i < g.kernel_h; ++i) {
+          for (int64_t j = 0; j < g.kernel_w; ++j) {
+            Acc sum = Acc(0);
+            for (int64_t oh = 0; oh < g.out_h; ++oh) {
+              const int64_t h = input_row(g, oh, i);
+              if (h < 0 || h >= g.height) continue;
+              const Acc* row = square_sum.data() + h * g.width;
+              for (int64_t ow = 0; ow < g.out_w; ++ow) {
+                const int64_t w = input_col(g, ow, j);
+                if (w >= 0 && w < g.width) sum += row[w];
+              }
+            }
+            out[(c * g.kernel_h + i) * g.kernel_w + j] = sum;
           }
-          out[c * g.taps() + tap] = sum;
         }
       }
     });
@@ -93,7 +112,7 @@ at::Tensor conv_diag_ef(const at::Tensor& phi, const at::Tensor& residual, at::I
     const at::Tensor r = args.residual.to(acc_options.dtype()).view({g.batch, out_channels, positions});
     const at::Tensor weight_sums = args.out.view({out_channels, patch});
     const int64_t chunk = std::min(positions, chunk_positions(patch, sizeof(Acc)));
-    at::Tensor rows = at::empty({chunk, patch}, acc_options);
+    at::Tensor columns = at::empty({patch, chunk}, acc_options);
     at::Tensor gradient = at::empty({out_channels, patch}, acc_options);
     for (int64_t n = 0; n < g.batch; ++n) {
       // The per-image gradient of ½‖f − y‖² w.r.t. the weight, Σ_p r[c, p] φ_p, is complete only
@@ -101,8 +120,9 @@ at::Tensor conv_diag_ef(const at::Tensor& phi, const at::Tensor& residual, at::I
       gradient.zero_();
       for (int64_t p0 = 0; p0 < positions; p0 += chunk) {
         const int64_t count = std::min(chunk, positions - p0);
-        unfold_positions<Acc>(x, g, n * positions + p0, count, patch, rows.data_ptr<Acc>());
-        gradient.addmm_(r[n].narrow(1, p0, count), rows.narrow(0, 0, count));
+        unfold_positions<Acc>(x, g, n * positions + p0, count, patch, columns.data_ptr<Acc>());
+        const at::Tensor patches = columns.view(-1).narrow(0, 0, patch * count).view({patch, count});
+        gradient.addmm_(r[n].narrow(1, p0, count), patches.t());
       }
       weight_sums.addcmul_(gradient, gradient);
     }
@@ -121,12 +141,12 @@ at::Tensor conv_patch_gram(const at::Tensor& phi, at::IntArrayRef kernel_size, a
     using Acc = acc_t<T>;
     const T* x = reinterpret_cast<const T*>(args.phi.const_data_ptr());
     const int64_t chunk = std::min(total, chunk_positions(augmented, sizeof(Acc)));
-    at::Tensor rows = at::empty({chunk, augmented}, args.out.options());
+    at::Tensor columns = at::empty({augmented, chunk}, args.out.options());
     for (int64_t q0 = 0; q0 < total; q0 += chunk) {
       const int64_t count = std::min(chunk, total - q0);
-      unfold_positions<Acc>(x, g, q0, count, augmented, rows.data_ptr<Acc>());
-      const at::Tensor block = rows.narrow(0, 0, count);
-      args.out.addmm_(block.t(), block);
+      unfold_positions<Acc>(x, g, q0, count, augmented, columns.data_ptr<Acc>());
+      const at::Tensor patches = columns.view(-1).narrow(0, 0, augmented * count).view({augmented, count});
+      args.out.addmm_(patches, patches.t());
     }
   });
   return args.out;

@@ -107,6 +107,13 @@ __global__ void __launch_bounds__(kGramThreads * kGramThreads)
     const int64_t tj = ti + rest;
     const bool diagonal = ti == tj;
     Acc(*cols)[kTile + 1] = diagonal ? row_tile : col_tile;
+    // The entries this thread stages, split once per tile pair instead of once per position.
+    AugmentedEntry row_entries[kTile / kEntryStep];
+    AugmentedEntry col_entries[kTile / kEntryStep];
+    for (int m = 0; m < kTile / kEntryStep; ++m) {
+      row_entries[m] = augmented_entry(g, ti * kTile + load_entry + m * kEntryStep);
+      col_entries[m] = augmented_entry(g, tj * kTile + load_entry + m * kEntryStep);
+    }
 
     for (int64_t split = blockIdx.y; split < splits; split += gridDim.y) {
       Acc sums[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
@@ -116,14 +123,11 @@ __global__ void __launch_bounds__(kGramThreads * kGramThreads)
         const int64_t q = q0 + load_position;
         const bool valid = q < q_end;
         const PatchPosition pos = patch_position(g, valid ? q : q0);
-        for (int e = load_entry; e < kTile; e += kEntryStep) {
-          const int64_t row = ti * kTile + e;
-          row_tile[load_position][e] =
-              valid && row < augmented ? augmented_patch_entry<Acc>(phi, g, pos, row) : Acc(0);
+        for (int m = 0; m < kTile / kEntryStep; ++m) {
+          const int e = load_entry + m * kEntryStep;
+          row_tile[load_position][e] = valid ? augmented_patch_value<Acc>(phi, g, pos, row_entries[m]) : Acc(0);
           if (!diagonal) {
-            const int64_t col = tj * kTile + e;
-            col_tile[load_position][e] =
-                valid && col < augmented ? augmented_patch_entry<Acc>(phi, g, pos, col) : Acc(0);
+            col_tile[load_position][e] = valid ? augmented_patch_value<Acc>(phi, g, pos, col_entries[m]) : Acc(0);
           }
         }
         __syncthreads();
@@ -177,14 +181,20 @@ __global__ void __launch_bounds__(kEfEntries * kEfChannels)
     const int64_t n = work / (entry_tiles * channel_tiles);
     const int64_t entry_base = (work / channel_tiles) % entry_tiles * kEfEntries;
     const int64_t channel_base = work % channel_tiles * kEfChannels;
+    AugmentedEntry entries[kEfEntries / kEntryStep];
+    for (int m = 0; m < kEfEntries / kEntryStep; ++m) {
+      const int64_t d = entry_base + load_row + m * kEntryStep;
+      // Past D the tile's tail reads zeros (the bias entry is not part of the EF).
+      entries[m] = augmented_entry(g, d < patch ? d : patch + 1);
+    }
     Acc gradient = Acc(0);
     for (int64_t p0 = 0; p0 < positions; p0 += kTile) {
       const int64_t p = p0 + load_position;
       const bool valid = p < positions;
       const PatchPosition pos = patch_position(g, n * positions + (valid ? p : p0));
-      for (int e = load_row; e < kEfEntries; e += kEntryStep) {
-        const int64_t d = entry_base + e;
-        patch_tile[load_position][e] = valid && d < patch ? augmented_patch_entry<Acc>(phi, g, pos, d) : Acc(0);
+      for (int m = 0; m < kEfEntries / kEntryStep; ++m) {
+        patch_tile[load_position][load_row + m * kEntryStep] =
+            valid ? augmented_patch_value<Acc>(phi, g, pos, entries[m]) : Acc(0);
       }
       const int64_t rc = channel_base + load_row;
       residual_tile[load_row][load_position] =

@@ -51,22 +51,30 @@ BDX_HD PatchPosition patch_position(const PatchGeometry& g, int64_t q) {
   return PatchPosition{q / g.positions(), p / g.out_w, p % g.out_w};
 }
 
-// Offset in φ of entry d < D of the patch at `pos`, or -1 for zero padding.
-BDX_HD int64_t patch_offset(const PatchGeometry& g, const PatchPosition& pos, int64_t d) {
-  const int64_t c = d / g.taps();
-  const int64_t tap = d - c * g.taps();
-  const int64_t h = input_row(g, pos.out_row, tap / g.kernel_w);
-  const int64_t w = input_col(g, pos.out_col, tap % g.kernel_w);
-  if (h < 0 || h >= g.height || w < 0 || w >= g.width) return -1;
-  return ((pos.image * g.channels + c) * g.height + h) * g.width + w;
+// Entry d of the bias-augmented patch [φ_p; 1], split once so that reading it at many positions
+// costs no divisions: d < D reads channel `channel` at the input row oh·stride_h + row_offset and
+// column ow·stride_w + col_offset; d == D is the bias "1"; d > D (a tile's tail) reads 0.
+struct AugmentedEntry {
+  int64_t channel;  // or kBiasEntry, kPastPatch
+  int64_t row_offset, col_offset;
+};
+constexpr int64_t kBiasEntry = -1;
+constexpr int64_t kPastPatch = -2;
+
+BDX_HD AugmentedEntry augmented_entry(const PatchGeometry& g, int64_t d) {
+  if (d >= g.patch_size()) return AugmentedEntry{d == g.patch_size() ? kBiasEntry : kPastPatch, 0, 0};
+  const int64_t tap = d % g.taps();
+  return AugmentedEntry{d / g.taps(), input_row(g, 0, tap / g.kernel_w), input_col(g, 0, tap % g.kernel_w)};
 }
 
-// Entry d of the bias-augmented patch [φ_p; 1]: entries d < D are the patch, d == D the bias "1".
 template <typename Acc, typename T>
-BDX_HD Acc augmented_patch_entry(const T* phi, const PatchGeometry& g, const PatchPosition& pos, int64_t d) {
-  if (d == g.patch_size()) return Acc(1);
-  const int64_t offset = patch_offset(g, pos, d);
-  return offset < 0 ? Acc(0) : load<Acc>(phi, offset);
+BDX_HD Acc augmented_patch_value(const T* phi, const PatchGeometry& g, const PatchPosition& pos,
+                                 const AugmentedEntry& e) {
+  if (e.channel < 0) return e.channel == kBiasEntry ? Acc(1) : Acc(0);
+  const int64_t h = pos.out_row * g.stride_h + e.row_offset;
+  const int64_t w = pos.out_col * g.stride_w + e.col_offset;
+  if (h < 0 || h >= g.height || w < 0 || w >= g.width) return Acc(0);
+  return load<Acc>(phi, ((pos.image * g.channels + e.channel) * g.height + h) * g.width + w);
 }
 
 // Σ_n φ[n, c, h, w]² for the element chw = (c·H + h)·W + w of one image: the diagonal GGN sums
