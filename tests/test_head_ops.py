@@ -173,6 +173,18 @@ def test_conv_head_var_factored_non_contiguous(backend):
     _assert_within(var, ref, bound, torch.float32)
 
 
+def test_conv_head_var_factored_spans_several_tiles(backend):
+    """Many directions make the CPU kernel split an image into tiles of whole rows (its tiles are
+    bounded in bytes: 32 MiB of patches and projections), including a shorter last tile."""
+    phi = _rand((2, 1, 24, 50), torch.float64, backend.device)
+    proj_weight = _rand((4100, 1, 3, 3), torch.float64, backend.device, scale=0.3)
+    proj_bias = _rand((4100,), torch.float64, backend.device)
+    mix = _rand((3, 4100), torch.float64, backend.device, positive=True)
+    args = (phi, proj_weight, proj_bias, mix, None, [1, 1], [1, 1], [1, 1])
+    var = backend.ops.conv_head_var_factored(*args)
+    _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), torch.float64)
+
+
 def test_factored_with_unit_directions_is_the_diagonal_op(backend):
     """A diagonal posterior written in factored form (q_r = unit vectors, mix = V_w) gives the
     diagonal op's variance: the two kernels agree with each other, not only with the reference."""

@@ -399,7 +399,11 @@ std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, c
 // then each projection is squared and mixed into the C outputs; the (R × P) projection of one tile
 // is all that is ever held.
 
-constexpr int64_t kFactoredTilePixels = 256;
+// Whole output rows per tile, as many as fit this budget for the tile's patches and projections
+// (BLAS is far less efficient on narrow tiles: 256 pixels ran 1.7× slower than 4096), but at most
+// kFactoredMaxTilePixels.
+constexpr int64_t kFactoredTileBytes = int64_t(32) << 20;
+constexpr int64_t kFactoredMaxTilePixels = 4096;
 
 template <typename T>
 void gather_patches(const ConvGeometry& g, const T* image, int64_t oh0, int64_t rows, acc_t<T>* patches) {
@@ -429,17 +433,21 @@ void gather_patches(const ConvGeometry& g, const T* image, int64_t oh0, int64_t 
   });
 }
 
+// Chunks of pixels small enough that the C output rows stay in L1 while the R projection rows
+// stream through once each.
 template <typename Acc>
 void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels, const Acc* mix,
                              const Acc* bias_var, int64_t channels, int64_t plane, Acc* out) {
-  at::parallel_for(0, pixels, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pixels, 512, [&](int64_t begin, int64_t end) {
     for (int64_t c = 0; c < channels; ++c) {
-      Acc* out_c = out + c * plane;
       const Acc bv = bias_var ? bias_var[c] : Acc(0);
-      for (int64_t p = begin; p < end; ++p) out_c[p] = bv;
-      for (int64_t r = 0; r < rank; ++r) {
+      for (int64_t p = begin; p < end; ++p) out[c * plane + p] = bv;
+    }
+    for (int64_t r = 0; r < rank; ++r) {
+      const Acc* proj = projection + r * pixels;
+      for (int64_t c = 0; c < channels; ++c) {
         const Acc m = mix[c * rank + r];
-        const Acc* proj = projection + r * pixels;
+        Acc* out_c = out + c * plane;
         for (int64_t p = begin; p < end; ++p) out_c[p] = accumulate_squared_projection(out_c[p], m, proj[p]);
       }
     }
@@ -459,7 +467,9 @@ at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_
     const int64_t taps = g.taps_per_channel();
     const auto directions = args.proj_weight.view({rank, taps});
     const auto options = args.var.options();
-    const int64_t rows_per_tile = std::max<int64_t>(1, kFactoredTilePixels / g.out_w);
+    const int64_t bytes_per_pixel = (rank + taps) * static_cast<int64_t>(sizeof(Acc));
+    const int64_t tile_pixels = std::min(kFactoredMaxTilePixels, kFactoredTileBytes / std::max<int64_t>(1, bytes_per_pixel));
+    const int64_t rows_per_tile = std::max<int64_t>(1, tile_pixels / g.out_w);
     at::Tensor patches;
     at::Tensor projection;
     for (int64_t b = 0; b < g.batch; ++b) {
