@@ -35,7 +35,7 @@ demo: build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bayesdiff demo
 
 bench: build
-	$(PY) python/bench_moments.py
+	$(PY) python/bench_recurrence.py
 
 clean:
 	rm -rf build $(BUILD_STAMP) bayesdiff_ext/*.so

@@ -6,6 +6,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bayesdiff_ext  # noqa: E402,F401  (registers the ops)
+
+# The tests run tiny tensors, where intra-op threads cost more than they give: on a loaded 2-core
+# machine a tiny conv took 22 ms with 2 threads and 0.26 ms with 1. Override to test threading.
+torch.set_num_threads(int(os.environ.get("BAYESDIFF_TEST_THREADS", "1")))
 from bayesdiff_ext import emulation  # noqa: E402
 
 

@@ -231,3 +231,20 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True)
     for o, r in zip(compiled(*args), step(*args)):
         torch.testing.assert_close(o, r)
+
+
+def test_cpu_kernels_agree_across_threads():
+    """The suite runs single-threaded; the parallel_for chunking (grain 4096) needs its own check."""
+    args = _mc_inputs(6, (3, 5, 41, 43), torch.float32, "cpu")
+    single = torch.ops.bayesdiff_ext.mc_moments(*args)
+    step_args = _moment_inputs((3, 5, 41, 43), torch.float32, "cpu")
+    single_step = torch.ops.bayesdiff_ext.moment_step(*step_args, 0.9, 0.3, 0.01, True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for o, r in zip(torch.ops.bayesdiff_ext.mc_moments(*args), single):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+        for o, r in zip(torch.ops.bayesdiff_ext.moment_step(*step_args, 0.9, 0.3, 0.01, True), single_step):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(previous)
