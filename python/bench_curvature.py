@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_timing import markdown_table, write_section
 
 import bayesdiff_ext
 from bayesdiff_ext import ops
-from bench_timing import markdown_table, write_section
 
 BATCH, C_IN, C_OUT, SIZE, KERNEL, PADDING = 8, 128, 3, 64, 3, 1
 MIB = 2**20
@@ -80,7 +80,15 @@ def inputs():
 def peak_rss_rise_mib(name: str, fused: bool, threads: int) -> float:
     """Run one method once in a fresh process: the peak rise of its resident set over the inputs'."""
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", name, "--fused" if fused else "--eager", "--threads", str(threads)],
+        [
+            sys.executable,
+            __file__,
+            "--measure",
+            name,
+            "--fused" if fused else "--eager",
+            "--threads",
+            str(threads),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -158,7 +166,7 @@ def main() -> None:
     for name, (eager, fused) in METHODS.items():
         torch.testing.assert_close(fused(phi, residual), eager(phi, residual), rtol=1e-4, atol=1e-3)
         t_eager, t_fused = interleaved_medians(
-            [lambda: eager(phi, residual), lambda: fused(phi, residual)], args.repeats
+            [lambda fn=eager: fn(phi, residual), lambda fn=fused: fn(phi, residual)], args.repeats
         )
         rss_eager = peak_rss_rise_mib(name, False, args.threads)
         rss_fused = peak_rss_rise_mib(name, True, args.threads)
@@ -186,15 +194,16 @@ def main() -> None:
         rows,
     )
     body = (
-        f"`python/bench_curvature.py` — CPU, {args.threads} threads, median of {args.repeats} runs after warm-up, eager and fused alternating; "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, bayesdiff_ext "
-        f"{bayesdiff_ext.__version__}. B={BATCH}, {C_IN}→{C_OUT} channels, {SIZE}×{SIZE}, {KERNEL}×{KERNEL} "
-        f"kernel, padding {PADDING} (D = {patch}, {positions} positions per image). Eager: `F.unfold` of the "
-        f"whole batch ({unfold_mib:.0f} MiB float32) then the same reductions. Fused: the accumulators, which "
-        "never unfold the batch (CPU: chunks of ≤ 16 MiB of positions; CUDA: patch entries read on the fly, "
-        "extra memory C_in·H·W accumulators for the diag GGN only). Peak-RSS rise: the first call in a fresh process, "
-        "resident set sampled every 0.2 ms, over the footprint with the inputs allocated (so it includes "
-        "one-time buffers such as BLAS workspaces).\n\n" + table
+        f"`python/bench_curvature.py` — CPU, {args.threads} threads, median of {args.repeats} runs after "
+        f"warm-up, eager and fused alternating; torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, bayesdiff_ext {bayesdiff_ext.__version__}. "
+        f"B={BATCH}, {C_IN}→{C_OUT} channels, {SIZE}×{SIZE}, {KERNEL}×{KERNEL} kernel, padding {PADDING} "
+        f"(D = {patch}, {positions} positions per image). Eager: `F.unfold` of the whole batch "
+        f"({unfold_mib:.0f} MiB float32) then the same reductions. Fused: the accumulators, which never "
+        "unfold the batch (CPU: chunks of ≤ 16 MiB of positions; CUDA: patch entries read on the fly, "
+        "extra memory C_in·H·W accumulators for the diag GGN only). Peak-RSS rise: the first call in a "
+        "fresh process, resident set sampled every 0.2 ms, over the footprint with the inputs allocated "
+        "(so it includes one-time buffers such as BLAS workspaces).\n\n" + table
     )
     print(body)
     if not args.no_write:

@@ -101,7 +101,12 @@ def test_partial_mask_shuffle_is_refused_not_deadlocked():
 
 @pytest.mark.parametrize(
     "block, grid, message",
-    [((33, 33, 1), 1, "at most 1024 threads"), ((1, 1, 65), 1, "z <= 64"), ((0, 1, 1), 1, "block"), ((32, 1, 1), 0, "grid")],
+    [
+        ((33, 33, 1), 1, "at most 1024 threads"),
+        ((1, 1, 65), 1, "z <= 64"),
+        ((0, 1, 1), 1, "block"),
+        ((32, 1, 1), 0, "grid"),
+    ],
 )
 def test_launch_configurations_a_gpu_rejects(block, grid, message):
     with pytest.raises(ValueError, match=message):

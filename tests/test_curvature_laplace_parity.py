@@ -36,7 +36,7 @@ class Problem:
     def __init__(self, geometry):
         c_in, c_out, h, w, kernel, stride, padding, dilation = geometry
         self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation).double()
-        self.geometry = dict(stride=stride, padding=padding, dilation=dilation)
+        self.geometry = {"stride": stride, "padding": padding, "dilation": dilation}
         self.kernel = kernel
         self.phi = torch.randn(N_IMAGES, c_in, h, w, dtype=torch.float64)
         with torch.no_grad():
@@ -88,7 +88,9 @@ def test_diag_ggn_is_laplace_diag_H(geometry, backend):
 def test_diag_ef_is_half_of_laplace_diag_H(geometry, backend):
     problem = Problem(geometry)
     la = problem.fitted(DiagLaplace, backend)
-    weight_part, bias_part = ops.conv_diag_ef(problem.phi, problem.residual, problem.kernel, **problem.geometry, with_bias=True)
+    weight_part, bias_part = ops.conv_diag_ef(
+        problem.phi, problem.residual, problem.kernel, **problem.geometry, with_bias=True
+    )
     _assert_close(la.H, 2 * layout.join_flat(weight_part, bias_part))
 
 
@@ -137,7 +139,9 @@ def test_layout_round_trip():
     assert blocks[5:10].tolist() == [4, 5, 6, 7, 13]
     assert torch.equal(layout.channel_blocks_to_flat(blocks, out_channels, patch_size), flat)
     matrix = torch.randn(15, 15, dtype=torch.float64)
-    back = layout.channel_blocks_to_flat(layout.flat_to_channel_blocks(matrix, out_channels, patch_size), out_channels, patch_size)
+    back = layout.channel_blocks_to_flat(
+        layout.flat_to_channel_blocks(matrix, out_channels, patch_size), out_channels, patch_size
+    )
     assert torch.equal(back, matrix)
     weight, bias = layout.split_flat(flat, (out_channels, 2, 2, 1))
     assert weight.shape == (3, 2, 2, 1) and bias.tolist() == [12, 13, 14]

@@ -89,7 +89,10 @@ def test_non_contiguous_inputs(backend):
     views = [
         (phi.transpose(2, 3), residual.transpose(2, 3)),  # transposed planes
         (phi[:, ::2], residual[:, 1:]),  # strided channels
-        (phi.contiguous(memory_format=torch.channels_last), residual.contiguous(memory_format=torch.channels_last)),
+        (
+            phi.contiguous(memory_format=torch.channels_last),
+            residual.contiguous(memory_format=torch.channels_last),
+        ),
     ]
     for phi_view, residual_view in views:
         assert not phi_view.is_contiguous()
@@ -125,13 +128,18 @@ def test_empty_batch(backend):
         (lambda a: a.update(dilation=[0, 1]), RuntimeError, "`dilation` must be >= 1"),
         (lambda a: a.update(kernel_size=[9, 3]), RuntimeError, "the dilated kernel spans 9x3"),
         (lambda a: a.update(residual=a["residual"][:, :, 1:]), RuntimeError, "`residual` must have shape"),
-        (lambda a: a.update(residual=a["residual"][0]), RuntimeError, r"`residual` must have shape \(N, C, H_out"),
+        (
+            lambda a: a.update(residual=a["residual"][0]),
+            RuntimeError,
+            r"`residual` must have shape \(N, C, H_out",
+        ),
         (lambda a: a.update(residual=a["residual"].double()), RuntimeError, "`residual` has dtype"),
     ],
 )
 def test_errors_name_the_argument(backend, mutate, error, message):
     phi, residual, _ = _inputs((2, 3, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 2), torch.float32, backend.device)
-    kwargs = dict(phi=phi, residual=residual, kernel_size=[3, 3], stride=[1, 1], padding=[1, 1], dilation=[1, 1])
+    kwargs = {"phi": phi, "residual": residual, "kernel_size": [3, 3]}
+    kwargs.update(stride=[1, 1], padding=[1, 1], dilation=[1, 1])
     mutate(kwargs)
     with pytest.raises(error, match=message):
         backend.ops.conv_diag_ef(**kwargs)

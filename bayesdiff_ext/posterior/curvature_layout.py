@@ -67,7 +67,10 @@ def split_flat(flat: torch.Tensor, weight_shape) -> tuple[torch.Tensor, torch.Te
     weight_numel = math.prod(weight_shape)
     expected = weight_numel + weight_shape[0]
     if flat.shape != (expected,):
-        raise ValueError(f"`flat` must have shape ({expected},) for weight shape {tuple(weight_shape)}, got {tuple(flat.shape)}")
+        raise ValueError(
+            f"`flat` must have shape ({expected},) for weight shape {tuple(weight_shape)}, "
+            f"got {tuple(flat.shape)}"
+        )
     return flat[:weight_numel].view(*weight_shape), flat[weight_numel:]
 
 
@@ -91,7 +94,9 @@ def full_ggn_from_gram(gram: torch.Tensor, out_channels: int) -> torch.Tensor:
     return channel_blocks_to_flat(blocks, out_channels, gram.shape[0] - 1)
 
 
-def laplace_kron_factors(gram: torch.Tensor, out_channels: int, n_images: int, backend: str) -> list[list[torch.Tensor]]:
+def laplace_kron_factors(
+    gram: torch.Tensor, out_channels: int, n_images: int, backend: str
+) -> list[list[torch.Tensor]]:
     """laplace-torch's fitted KFAC factors (``KronLaplace.H_facs.kfacs``) from A_aug.
 
     For a Conv2d head fitted with likelihood='regression', laplace-torch forms the weight block as

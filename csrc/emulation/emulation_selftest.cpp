@@ -119,7 +119,8 @@ at::Tensor selftest(c10::string_view kernel_name, const at::Tensor& x_in, at::In
   TORCH_CHECK(block.size() == 3 && grid >= 0, "emulation_selftest: `block` must have 3 entries");
   const at::Tensor x = x_in.contiguous();
   const std::string kernel(kernel_name);
-  const dim3 block_dim(static_cast<unsigned>(block[0]), static_cast<unsigned>(block[1]), static_cast<unsigned>(block[2]));
+  const dim3 block_dim(static_cast<unsigned>(block[0]), static_cast<unsigned>(block[1]),
+                       static_cast<unsigned>(block[2]));
   const dim3 grid_dim(static_cast<unsigned>(grid));
   const int64_t threads = block[0] * block[1] * block[2];
   const double* xs = x.const_data_ptr<double>();
