@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "GUIDANCE_VARIANCES",
     "ClassifierFreeGuidance",
+    "check_guidance_variance",
     "combine",
     "guided_head_moments",
     "split_branches",
@@ -37,7 +38,7 @@ GUIDANCE_VARIANCES = ("exact", "independent")
 
 
 def combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """uncond + s·(cond − uncond): the diffusers pipelines' own expression, so ε_cfg matches them bit for bit."""
+    """uncond + s·(cond − uncond), the diffusers pipelines' own expression: ε_cfg matches theirs bitwise."""
     return uncond + scale * (cond - uncond)
 
 
@@ -49,9 +50,11 @@ def guided_head_moments(
     ``'exact'``: ``posterior.predict(φ_cfg)``, φ_cfg = (1−s)·φ_u + s·φ_c. ``'independent'``: the
     paper's (1−s)²·V_u + s²·V_c with V from ``posterior.predict`` on each branch. Returns N rows.
     """
-    _check_variance(variance)
+    check_guidance_variance(variance)
     if phi.shape[0] % 2:
-        raise ValueError(f"phi must stack the [uncond; cond] branches, an even number of rows, got {phi.shape[0]}")
+        raise ValueError(
+            f"phi must stack the [uncond; cond] branches, an even number of rows, got {phi.shape[0]}"
+        )
     phi_uncond, phi_cond = phi.chunk(2)
     if variance == "exact":
         return posterior.predict(combine(phi_uncond, phi_cond, scale))
@@ -74,11 +77,12 @@ def stack_branches(uncond: Any, cond: Any, rows: int) -> Any:
     elif isinstance(cond, Mapping) and isinstance(uncond, Mapping):
         if set(cond) != set(uncond):
             raise ValueError(
-                f"the unconditional kwargs have keys {sorted(uncond)} but the conditional ones have {sorted(cond)}"
+                f"the unconditional kwargs have keys {sorted(uncond)} "
+                f"but the conditional ones have {sorted(cond)}"
             )
         return {key: stack_branches(uncond[key], cond[key], rows) for key in cond}
     elif isinstance(cond, (list, tuple)) and type(cond) is type(uncond) and len(cond) == len(uncond):
-        return type(cond)(stack_branches(u, c, rows) for u, c in zip(uncond, cond))
+        return type(cond)(stack_branches(u, c, rows) for u, c in zip(uncond, cond, strict=True))
     if not _same(uncond, cond):
         raise ValueError(
             f"an unconditional kwarg ({type(uncond).__name__}) differs from the conditional one "
@@ -117,7 +121,7 @@ def _same(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class ClassifierFreeGuidance:
-    """Guidance for :class:`~bayesdiff_ext.BayesDiffSampler`: scale s, the unconditional branch, the variance rule.
+    """Guidance for :class:`~bayesdiff_ext.BayesDiffSampler`: scale s, unconditional branch, variance rule.
 
     ``uncond_kwargs`` are the UNet kwargs of the unconditional branch for the B images (e.g.
     ``{"encoder_hidden_states": negative_prompt_embeds}``); keys it lacks are shared with the
@@ -130,18 +134,20 @@ class ClassifierFreeGuidance:
     variance: str = "exact"
 
     def __post_init__(self) -> None:
-        _check_variance(self.variance)
+        check_guidance_variance(self.variance)
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise ValueError(f"guidance scale must be a finite number, got {self.scale!r}")
         if not isinstance(self.uncond_kwargs, Mapping):
-            raise TypeError(f"uncond_kwargs must be a dict of UNet kwargs, got {type(self.uncond_kwargs).__name__}")
+            raise TypeError(
+                f"uncond_kwargs must be a dict of UNet kwargs, got {type(self.uncond_kwargs).__name__}"
+            )
 
     def branch_kwargs(self, cond_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Both branches' kwargs for B rows, ``{"uncond": ..., "cond": ...}``; tile it like any kwargs."""
         return {"uncond": {**cond_kwargs, **self.uncond_kwargs}, "cond": dict(cond_kwargs)}
 
     def forward(self, unet, posterior, x: torch.Tensor, t, branch_kwargs: Mapping[str, Any], want_head: bool):
-        """One UNet call on [x; x]: (ε_cfg output, head mean, head var) — the head moments only with ``want_head``.
+        """One UNet call on [x; x]: (ε_cfg, head mean, head var); the head moments only with ``want_head``.
 
         ``branch_kwargs`` is :meth:`branch_kwargs`' result, tiled to the rows of ``x``.
         """
@@ -156,6 +162,7 @@ class ClassifierFreeGuidance:
         return combine(*out.chunk(2), self.scale), head_mean, head_var
 
 
-def _check_variance(variance: str) -> None:
+def check_guidance_variance(variance: str) -> None:
+    """ValueError unless ``variance`` is one of :data:`GUIDANCE_VARIANCES`."""
     if variance not in GUIDANCE_VARIANCES:
         raise ValueError(f"guidance variance must be one of {GUIDANCE_VARIANCES}, got {variance!r}")

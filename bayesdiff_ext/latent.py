@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PixelMoments", "decode_latents", "encode_images", "pixel_moments", "to_vae_latents", "to_model_latents"]
+__all__ = [
+    "PixelMoments",
+    "decode_latents",
+    "encode_images",
+    "pixel_moments",
+    "to_vae_latents",
+    "to_model_latents",
+]
 
 
 def _scaling(vae) -> tuple[float, float | None]:
@@ -100,7 +107,9 @@ def pixel_moments(
             f"got {tuple(latent_variance.shape)}"
         )
     if not isinstance(samples, int) or samples < 2:
-        raise ValueError(f"samples must be an integer >= 2 (a sample variance needs two draws), got {samples!r}")
+        raise ValueError(
+            f"samples must be an integer >= 2 (a sample variance needs two draws), got {samples!r}"
+        )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     moment_dtype = torch.float64 if latent_mean.dtype == torch.float64 else torch.float32
@@ -112,7 +121,9 @@ def pixel_moments(
     for start in range(0, total, batch_size):
         rows = torch.arange(start, min(start + batch_size, total), device=mean.device)
         which = rows % images  # sample-major: row r is draw r // B of image r % B
-        noise = torch.randn((len(rows), *mean.shape[1:]), generator=generator, device=mean.device, dtype=moment_dtype)
+        noise = torch.randn(
+            (len(rows), *mean.shape[1:]), generator=generator, device=mean.device, dtype=moment_dtype
+        )
         decoded = decode_latents(vae, mean[which] + std[which] * noise)
         stats.update(decoded, which)
     pixel_mean, pixel_var = stats.result()
@@ -133,7 +144,9 @@ class _RunningMoments:
         shape = (self.images, *values.shape[1:])
         ones = torch.ones(len(which), dtype=torch.float64, device=values.device)
         count = torch.zeros(self.images, dtype=torch.float64, device=values.device).index_add_(0, which, ones)
-        batch_mean = torch.zeros(shape, dtype=torch.float64, device=values.device).index_add_(0, which, values)
+        batch_mean = torch.zeros(shape, dtype=torch.float64, device=values.device).index_add_(
+            0, which, values
+        )
         batch_mean /= _expand(count.clamp_min(1), batch_mean)
         deviation = values - batch_mean[which]
         batch_m2 = torch.zeros_like(batch_mean).index_add_(0, which, deviation.square())

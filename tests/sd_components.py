@@ -1,9 +1,13 @@
 """Tiny random-init diffusers components for the latent, guidance and pipeline tests (offline, from configs).
 
 A Stable Diffusion pipeline with an 8×8×4 latent UNet2DConditionModel, a 2-level AutoencoderKL
-(16×16 RGB images), a one-layer CLIPTextModel and no tokenizer: the tests pass prompt embeddings
-directly. Plus a pixel-space UNet2DModel for DDPMPipeline/DDIMPipeline.
+(16×16 RGB images), a one-layer CLIPTextModel and no tokenizer: most tests pass prompt embeddings
+directly; ``sd_tokenizer`` writes a character-level vocabulary for the tests of text prompts. Plus
+a pixel-space UNet2DModel for DDPMPipeline/DDIMPipeline.
 """
+
+import json
+import string
 
 import torch
 from diffusers import (
@@ -16,7 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from bayesdiff_ext import LastLayerLaplace
 
@@ -62,24 +66,56 @@ def sd_vae(seed=0, scaling_factor=0.18215, shift_factor=None, dtype=torch.float3
 def text_encoder(seed=0) -> CLIPTextModel:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=VOCAB, hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=TOKENS, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=TEXT_DIM,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=TOKENS,
+        bos_token_id=VOCAB - 2,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=0,
     )
     return CLIPTextModel(config).eval()
+
+
+def sd_tokenizer(directory) -> CLIPTokenizer:
+    """A character-level CLIPTokenizer over the text encoder's vocabulary, written into ``directory``."""
+    letters = string.ascii_lowercase
+    tokens = list(letters) + [c + "</w>" for c in letters]
+    tokens += [f"<unused{i}>" for i in range(VOCAB - 2 - len(tokens))] + ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(directory / "vocab.json"),
+        str(directory / "merges.txt"),
+        model_max_length=TOKENS,
+        pad_token="<|endoftext|>",
+    )
 
 
 def sd_scheduler() -> DDIMScheduler:
     """Stable Diffusion's DDIM settings (clip_sample is already off there)."""
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 
 def sd_pipeline(scheduler=None, seed=0, vae=None) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(
-        vae=vae or sd_vae(seed), text_encoder=text_encoder(seed), tokenizer=None, unet=sd_unet(seed),
-        scheduler=scheduler or sd_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae or sd_vae(seed),
+        text_encoder=text_encoder(seed),
+        tokenizer=None,
+        unet=sd_unet(seed),
+        scheduler=scheduler or sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -101,28 +137,42 @@ def fitted_sd_posterior(unet, structure="diag", images=6, seed=0) -> LastLayerLa
     latents = torch.randn(images, 4, 8, 8, generator=g)
     states = torch.randn(images, TOKENS, TEXT_DIM, generator=g)
     return LastLayerLaplace(unet, structure).fit(
-        latents, DDPMScheduler(num_train_timesteps=1000), batch_size=images, generator=g,
-        model_kwargs={"encoder_hidden_states": states}, progress=False,
+        latents,
+        DDPMScheduler(num_train_timesteps=1000),
+        batch_size=images,
+        generator=g,
+        model_kwargs={"encoder_hidden_states": states},
+        progress=False,
     )
 
 
 def pixel_unet(seed=0) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
         add_attention=False,
     ).eval()
 
 
 def ddpm_pipeline(seed=0, steps=100) -> DDPMPipeline:
-    pipe = DDPMPipeline(unet=pixel_unet(seed), scheduler=DDPMScheduler(num_train_timesteps=steps, clip_sample=False))
+    pipe = DDPMPipeline(
+        unet=pixel_unet(seed), scheduler=DDPMScheduler(num_train_timesteps=steps, clip_sample=False)
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def ddim_pipeline(seed=0, steps=100) -> DDIMPipeline:
-    pipe = DDIMPipeline(unet=pixel_unet(seed), scheduler=DDIMScheduler(num_train_timesteps=steps, clip_sample=False))
+    pipe = DDIMPipeline(
+        unet=pixel_unet(seed), scheduler=DDIMScheduler(num_train_timesteps=steps, clip_sample=False)
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -130,8 +180,11 @@ def ddim_pipeline(seed=0, steps=100) -> DDIMPipeline:
 def fitted_pixel_posterior(unet, structure="diag", images=6, seed=0) -> LastLayerLaplace:
     g = torch.Generator().manual_seed(seed)
     return LastLayerLaplace(unet, structure).fit(
-        torch.randn(images, 3, 8, 8, generator=g).clamp(-1, 1), DDPMScheduler(num_train_timesteps=100),
-        batch_size=images, generator=g, progress=False,
+        torch.randn(images, 3, 8, 8, generator=g).clamp(-1, 1),
+        DDPMScheduler(num_train_timesteps=100),
+        batch_size=images,
+        generator=g,
+        progress=False,
     )
 
 

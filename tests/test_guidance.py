@@ -2,7 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bayesdiff_ext.guidance import ClassifierFreeGuidance, combine, guided_head_moments, split_branches, stack_branches
+from bayesdiff_ext.guidance import (
+    ClassifierFreeGuidance,
+    combine,
+    guided_head_moments,
+    split_branches,
+    stack_branches,
+)
 from sd_components import fitted_sd_posterior, sd_pipeline, prompt_embeddings
 
 SCALE = 3.0
@@ -10,7 +16,7 @@ SCALE = 3.0
 
 @pytest.fixture(scope="module")
 def guided_call():
-    """The tiny SD UNet on one [uncond; cond] batch: (posterior per structure, φ of the 2B rows, UNet output)."""
+    """The tiny SD UNet on one [uncond; cond] batch: (posterior per structure, φ of its 2B rows, output)."""
     torch.manual_seed(0)
     pipe = sd_pipeline()
     cond, uncond = prompt_embeddings(pipe, batch=2)
@@ -29,8 +35,12 @@ def shared_weight_draws(post, samples: int, seed: int) -> tuple[torch.Tensor, to
     bias = post.head.bias.detach()[: spec.eps_channels].double()
     inputs = post.posterior.op_inputs(post.precision_scale, post.prior_precision)
     if post.structure == "diag":
-        w = weight + inputs["weight_var"].flatten(1).sqrt() * torch.randn(samples, *weight.shape, generator=g, dtype=torch.float64)
-        b = bias + inputs["bias_var"].sqrt() * torch.randn(samples, *bias.shape, generator=g, dtype=torch.float64)
+        w = weight + inputs["weight_var"].flatten(1).sqrt() * torch.randn(
+            samples, *weight.shape, generator=g, dtype=torch.float64
+        )
+        b = bias + inputs["bias_var"].sqrt() * torch.randn(
+            samples, *bias.shape, generator=g, dtype=torch.float64
+        )
         return w, b
     # full: per channel, [w_c; b_c] = θ_c + Q·diag(√mix)·z with Q = projᵀ (the eigenvectors of A_aug).
     q = torch.cat([inputs["proj_weight"], inputs["proj_bias"][:, None]], dim=1).T  # (D+1, R)
@@ -43,7 +53,9 @@ def shared_weight_draws(post, samples: int, seed: int) -> tuple[torch.Tensor, to
 def head_outputs(post, phi: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """head_θ(φ) for every drawn θ: (K, B, C, H·W)."""
     spec = post.spec
-    patches = F.unfold(phi.double(), spec.kernel_size, dilation=spec.dilation, padding=spec.padding, stride=spec.stride)
+    patches = F.unfold(
+        phi.double(), spec.kernel_size, dilation=spec.dilation, padding=spec.padding, stride=spec.stride
+    )
     return torch.einsum("kcd,bdp->kbcp", w, patches) + b[:, None, :, None]
 
 
@@ -63,7 +75,9 @@ def test_exact_guidance_variance_is_monte_carlo_over_weights_shared_by_both_bran
 
     # Drawing θ separately per branch is what the paper's formula assumes; it is not the model.
     w2, b2 = shared_weight_draws(post, samples, seed=2)
-    apart = combine(outputs[:, 0], head_outputs(post, phi[1:], w2, b2)[:, 0], SCALE).var(dim=0).reshape(var.shape)
+    apart = (
+        combine(outputs[:, 0], head_outputs(post, phi[1:], w2, b2)[:, 0], SCALE).var(dim=0).reshape(var.shape)
+    )
     _, independent = guided_head_moments(post, phi, SCALE, "independent")
     torch.testing.assert_close(independent.double(), apart, rtol=0.08, atol=0)
     assert (independent / var).min() > 2.0

@@ -19,7 +19,9 @@ def test_latent_conventions_follow_the_pipelines(shift_factor):
         assert torch.equal(latent.decode_latents(vae, latents), expected)
         images = torch.rand(2, 3, 16, 16) * 2 - 1
         mode = vae.encode(images).latent_dist.mode()
-        torch.testing.assert_close(latent.to_vae_latents(latent.encode_images(vae, images, sample=False), vae), mode)
+        torch.testing.assert_close(
+            latent.to_vae_latents(latent.encode_images(vae, images, sample=False), vae), mode
+        )
 
 
 def test_decode_draws_are_gaussian_with_the_latent_moments():
@@ -28,7 +30,9 @@ def test_decode_draws_are_gaussian_with_the_latent_moments():
     mean = torch.randn(2, 4, 6, 6)
     variance = torch.rand(2, 4, 6, 6) * 0.5 + 0.05
     samples = 200
-    latent.pixel_moments(vae, mean, variance, samples=samples, batch_size=64, generator=torch.Generator().manual_seed(1))
+    latent.pixel_moments(
+        vae, mean, variance, samples=samples, batch_size=64, generator=torch.Generator().manual_seed(1)
+    )
     drawn = latent.to_model_latents(torch.cat(recorder.inputs), vae).double().reshape(samples, *mean.shape)
     standardized = (drawn - mean.double()) / variance.double().sqrt()
     flat = standardized.flatten()
@@ -66,9 +70,13 @@ def test_small_latent_variance_decodes_to_the_linearised_pixel_variance():
     vae = sd_vae(seed=2, dtype=torch.float64)
     mean = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     variance = torch.rand(1, 4, 3, 3, dtype=torch.float64) * 1e-6
-    jacobian = torch.autograd.functional.jacobian(lambda z: latent.decode_latents(vae, z), mean).reshape(3 * 6 * 6, -1)
+    jacobian = torch.autograd.functional.jacobian(lambda z: latent.decode_latents(vae, z), mean).reshape(
+        3 * 6 * 6, -1
+    )
     linearised = (jacobian.square() @ variance.flatten()).reshape(1, 3, 6, 6)
-    out = latent.pixel_moments(vae, mean, variance, samples=3000, batch_size=1000, generator=torch.Generator().manual_seed(0))
+    out = latent.pixel_moments(
+        vae, mean, variance, samples=3000, batch_size=1000, generator=torch.Generator().manual_seed(0)
+    )
     assert out.variance.dtype == torch.float64
     ratio = out.variance / linearised
     assert (ratio - 1).abs().max() < 0.2  # 3000 draws: the std of each ratio is √(2/2999) ≈ 2.6%

@@ -1,4 +1,4 @@
-"""BayesDiffPipeline and UncertaintyCallback against the stock diffusers pipelines (tiny random-init components)."""
+"""BayesDiffPipeline and UncertaintyCallback against the stock diffusers pipelines (tiny random-init)."""
 
 import collections
 import math
@@ -21,6 +21,7 @@ from sd_components import (
     prompt_embeddings,
     sd_pipeline,
     sd_scheduler,
+    sd_tokenizer,
 )
 
 BATCH, STEPS, SCALE = 2, 4, 3.0
@@ -39,7 +40,10 @@ def sd():
 
 def sd_call(cond, uncond, **overrides) -> dict:
     call = dict(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=STEPS, guidance_scale=SCALE,
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        num_inference_steps=STEPS,
+        guidance_scale=SCALE,
         output_type="np",
     )
     return {**call, **overrides}
@@ -74,7 +78,12 @@ def test_stable_diffusion_images_equal_the_stock_pipeline(
     config = sd_scheduler().config
     pipe.scheduler = sd_scheduler() if scheduler == "ddim" else DDPMScheduler.from_config(config)
     call = sd_call(
-        cond, uncond, eta=eta, output_type=output_type, num_images_per_prompt=per_prompt, guidance_scale=guidance_scale
+        cond,
+        uncond,
+        eta=eta,
+        output_type=output_type,
+        num_images_per_prompt=per_prompt,
+        guidance_scale=guidance_scale,
     )
     stock = pipe(generator=seeded(), **call).images
     out = BayesDiffPipeline.from_pipe(pipe, post)(
@@ -97,8 +106,13 @@ def test_first_step_carries_the_guided_head_variance(sd, guidance_variance):
     pipe.scheduler = sd_scheduler()
     z_t = torch.randn(BATCH, 4, 8, 8, generator=seeded(5))
     out = BayesDiffPipeline.from_pipe(pipe, post)(
-        latents=z_t, mc_samples=0, covariance="none", guidance_variance=guidance_variance, return_trace=True,
-        decode_samples=0, **sd_call(cond, uncond, output_type="latent"),
+        latents=z_t,
+        mc_samples=0,
+        covariance="none",
+        guidance_variance=guidance_variance,
+        return_trace=True,
+        decode_samples=0,
+        **sd_call(cond, uncond, output_type="latent"),
     )
     first = step_coefficients(pipe.scheduler)[0]
     with torch.no_grad(), post.capture() as cap:
@@ -116,7 +130,7 @@ def test_exact_and_independent_guidance_variances_differ(sd):
     exact = wrapper(generator=seeded(), guidance_variance="exact", **call)
     independent = wrapper(generator=seeded(), guidance_variance="independent", **call)
     assert torch.equal(exact.images, independent.images)
-    # With s = 3 the branches' covariance term 2s(1−s)·Cov is large and negative: the paper's formula overstates.
+    # With s = 3 the branches' covariance term 2s(1−s)·Cov is large and negative: the paper overstates.
     assert (independent.scores > 1.5 * exact.scores).all()
 
 
@@ -138,7 +152,11 @@ def test_pixel_variance_decodes_gaussian_draws_in_batches(sd):
     recorder = DecodeRecorder(pipe.vae)
     try:
         out = BayesDiffPipeline.from_pipe(pipe, post)(
-            generator=seeded(), mc_samples=2, decode_samples=5, decode_batch_size=4, decode_generator=seeded(9),
+            generator=seeded(),
+            mc_samples=2,
+            decode_samples=5,
+            decode_batch_size=4,
+            decode_generator=seeded(9),
             **sd_call(cond, uncond),
         )
     finally:
@@ -146,8 +164,32 @@ def test_pixel_variance_decodes_gaussian_draws_in_batches(sd):
     image_call, *draw_calls = recorder.inputs
     assert len(image_call) == BATCH
     assert len(draw_calls) == math.ceil(5 * BATCH / 4) and all(len(z) <= 4 for z in draw_calls)
-    expected = latent.pixel_moments(pipe.vae, out.mean, out.variance, samples=5, batch_size=4, generator=seeded(9))
+    expected = latent.pixel_moments(
+        pipe.vae, out.mean, out.variance, samples=5, batch_size=4, generator=seeded(9)
+    )
     torch.testing.assert_close(out.pixel_variance, expected.variance)
+
+
+def test_text_prompts_go_through_the_pipelines_own_encoder(sd, tmp_path):
+    pipe, post, _, _ = sd
+    pipe.scheduler = sd_scheduler()
+    pipe.register_modules(tokenizer=sd_tokenizer(tmp_path))
+    try:
+        call = dict(
+            prompt=["a cat", "a dog"],
+            negative_prompt=["blur", "noise"],
+            num_inference_steps=STEPS,
+            guidance_scale=SCALE,
+            output_type="np",
+        )
+        stock = pipe(generator=seeded(), **call).images
+        out = BayesDiffPipeline.from_pipe(pipe, post)(
+            generator=seeded(), mc_samples=2, decode_samples=2, **call
+        )
+    finally:
+        pipe.register_modules(tokenizer=None)
+    assert_same_images(stock, out.images)
+    assert out.variance.shape == (2, 4, 8, 8) and out.variance.sum() > 0
 
 
 def test_return_dict_false_gives_the_stock_tuple_then_the_maps(sd):
@@ -222,7 +264,9 @@ def test_ddim_wrapper_refuses_clipped_model_output():
 # ------------------------------------------------------------------ the callback in a stock loop
 
 
-@pytest.mark.parametrize("settings", [dict(mc_samples=3, uq_every=2), dict(mc_samples=0, covariance="none", skip="covariance")])
+@pytest.mark.parametrize(
+    "settings", [dict(mc_samples=3, uq_every=2), dict(mc_samples=0, covariance="none", skip="covariance")]
+)
 @pytest.mark.parametrize("guidance_scale", [SCALE, 1.0])
 def test_callback_leaves_the_images_and_tracks_the_wrappers_moments(sd, settings, guidance_scale):
     pipe, post, cond, uncond = sd
@@ -235,7 +279,9 @@ def test_callback_leaves_the_images_and_tracks_the_wrappers_moments(sd, settings
     assert_same_images(stock, images)
     assert not pipe.unet._forward_hooks and not post.head._forward_pre_hooks  # removed after the last step
 
-    wrapped = BayesDiffPipeline.from_pipe(pipe, post)(generator=seeded(), decode_samples=0, **settings, **call)
+    wrapped = BayesDiffPipeline.from_pipe(pipe, post)(
+        generator=seeded(), decode_samples=0, **settings, **call
+    )
     torch.testing.assert_close(callback.mean, wrapped.mean)
     torch.testing.assert_close(callback.variance, wrapped.variance)
     torch.testing.assert_close(callback.scores, wrapped.scores)
@@ -248,13 +294,23 @@ def test_callback_leaves_the_images_and_tracks_the_wrappers_moments(sd, settings
 def test_callback_refuses_steps_it_cannot_follow(sd):
     pipe, post, cond, uncond = sd
     pipe.scheduler = DPMSolverSinglestepScheduler(num_train_timesteps=1000, solver_order=2)
-    with UncertaintyCallback(post, mc_samples=2) as callback, pytest.raises(ValueError, match="two-stage steps"):
+    callback = UncertaintyCallback(post, mc_samples=2)
+    with pytest.raises(ValueError, match="two-stage steps"):
         pipe(callback_on_step_end=callback, **sd_call(cond, uncond))
-    assert not pipe.unet._forward_hooks
+    assert not pipe.unet._forward_hooks and not post.head._forward_pre_hooks  # removed when the step failed
     pipe.scheduler = sd_scheduler()
-    with UncertaintyCallback(post, mc_samples=2) as callback, pytest.raises(ValueError, match="guidance_rescale"):
+    with (
+        UncertaintyCallback(post, mc_samples=2) as callback,
+        pytest.raises(ValueError, match="guidance_rescale"),
+    ):
         pipe(callback_on_step_end=callback, guidance_rescale=0.5, **sd_call(cond, uncond))
-    with pytest.raises(ValueError, match="guidance_variance must be one of"):
+    idle = UncertaintyCallback(post)
+    assert pipe.unet._forward_hooks
+    idle.close()
+    assert not pipe.unet._forward_hooks and not post.head._forward_pre_hooks
+    with pytest.raises(RuntimeError, match="create one per pipeline call"):
+        pipe(callback_on_step_end=idle, **sd_call(cond, uncond))
+    with pytest.raises(ValueError, match="guidance variance must be one of"):
         UncertaintyCallback(post, guidance_variance="paper")
     with pytest.raises(ValueError, match="mc_samples must be"):
         UncertaintyCallback(post, mc_samples=-1)

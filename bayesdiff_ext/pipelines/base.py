@@ -1,4 +1,4 @@
-"""BayesDiffPipeline: an existing diffusers pipeline, called as usual, with BayesDiff uncertainty alongside."""
+"""BayesDiffPipeline: an existing diffusers pipeline, called as usual, with BayesDiff uncertainty."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ __all__ = ["BayesDiffPipeline"]
 
 
 class BayesDiffPipeline:
-    """Wraps a ``DDPMPipeline``, ``DDIMPipeline`` or ``StableDiffusionPipeline`` and a posterior on its UNet's head.
+    """Wraps a ``DDPMPipeline``, ``DDIMPipeline`` or ``StableDiffusionPipeline`` and a posterior on its head.
 
     Build it with :meth:`from_pipe`; call it with the stock pipeline's own arguments plus the
     uncertainty arguments of :class:`~bayesdiff_ext.BayesDiffSampler` (``uq_every``,
@@ -47,7 +47,8 @@ class BayesDiffPipeline:
             if isinstance(pipe, stock):
                 return wrapper(pipe, posterior)
         raise TypeError(
-            f"BayesDiffPipeline wraps a DDPMPipeline, DDIMPipeline or StableDiffusionPipeline, got {type(pipe).__name__}; "
+            "BayesDiffPipeline wraps a DDPMPipeline, DDIMPipeline or StableDiffusionPipeline, "
+            f"got {type(pipe).__name__}; "
             "for another SD-family pipeline use bayesdiff_ext.UncertaintyCallback as its callback_on_step_end"
         )
 
@@ -59,13 +60,20 @@ class BayesDiffPipeline:
     def scheduler(self):
         return self.pipe.scheduler
 
-    def _sample(self, noise, num_inference_steps: int, generator, eta: float, uncertainty: dict[str, Any], **extra) -> BayesDiffOutput:
+    def _sample(
+        self, noise, num_inference_steps: int, generator, eta: float, uncertainty: dict[str, Any], **extra
+    ) -> BayesDiffOutput:
         """The sampler's loop with the pipeline's own UNet, scheduler and progress-bar setting."""
         progress = not getattr(self.pipe, "_progress_bar_config", {}).get("disable", False)
         sampler = BayesDiffSampler(self.pipe.unet, self.pipe.scheduler, self.posterior)
         return sampler.sample(
-            noise=noise, num_inference_steps=num_inference_steps, generator=generator, eta=eta, progress=progress,
-            **uncertainty, **extra,
+            noise=noise,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            eta=eta,
+            progress=progress,
+            **uncertainty,
+            **extra,
         )
 
     def __repr__(self) -> str:

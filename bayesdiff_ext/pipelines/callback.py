@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.callbacks import PipelineCallback
 
 from bayesdiff_ext import latent, ops
-from bayesdiff_ext.guidance import GUIDANCE_VARIANCES, ClassifierFreeGuidance, combine, guided_head_moments, split_branches
+from bayesdiff_ext.guidance import (
+    ClassifierFreeGuidance,
+    check_guidance_variance,
+    combine,
+    guided_head_moments,
+    split_branches,
+)
 from bayesdiff_ext.sampler.coefficients import step_coefficients
 from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
@@ -20,10 +27,10 @@ __all__ = ["UncertaintyCallback"]
 
 
 class UncertaintyCallback(PipelineCallback):
-    """Pass as ``callback_on_step_end`` to a StableDiffusionPipeline-like pipeline (or DDIM/DDPM loops of your own).
+    """Pass as ``callback_on_step_end`` to a StableDiffusionPipeline-like pipeline to track its moments.
 
-    ``pipe(..., callback_on_step_end=cb)`` — ``cb.tensor_inputs`` (``["latents"]``) is picked up
-    by the pipeline; with ``MultiPipelineCallbacks`` include it yourself. After the call,
+    ``pipe(..., callback_on_step_end=cb)`` — the pipeline picks up ``cb.tensor_inputs``
+    (``["latents"]``), also inside ``MultiPipelineCallbacks``. After the call,
     ``cb.mean``, ``cb.variance`` (Var[z_0], ≥ 0) and ``cb.scores`` hold the latent moments, and
     ``cb.pixel_moments(pipe.vae)`` decodes Gaussian draws of z_0 for a pixel map.
 
@@ -43,8 +50,9 @@ class UncertaintyCallback(PipelineCallback):
 
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
-    early. ``generator`` seeds the Monte Carlo draws (without being consumed); pass the
-    pipeline's own generator to reproduce :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments.
+    early. ``generator`` seeds the Monte Carlo draws (without being consumed); passing the
+    pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
+    the scheduler draws no step noise (DDIM with η = 0), since both then seed from the same state.
     """
 
     tensor_inputs = ["latents"]
@@ -66,13 +74,18 @@ class UncertaintyCallback(PipelineCallback):
     ) -> None:
         super().__init__()
         self.settings = dict(
-            eta=float(eta), uq_every=uq_every, mc_samples=mc_samples, covariance=covariance,
-            eps_variance=eps_variance, clamp=bool(clamp), mode="deterministic", skip=skip,
+            eta=float(eta),
+            uq_every=uq_every,
+            mc_samples=mc_samples,
+            covariance=covariance,
+            eps_variance=eps_variance,
+            clamp=bool(clamp),
+            mode="deterministic",
+            skip=skip,
             guidance_variance=guidance_variance,
         )
         _check_settings(self.settings)
-        if guidance_variance not in GUIDANCE_VARIANCES:
-            raise ValueError(f"guidance_variance must be one of {GUIDANCE_VARIANCES}, got {guidance_variance!r}")
+        check_guidance_variance(guidance_variance)
         self.posterior = posterior
         self.generator = generator
         self.mean: torch.Tensor | None = None
@@ -89,11 +102,15 @@ class UncertaintyCallback(PipelineCallback):
             raise RuntimeError("no step has been tracked yet: pass the callback to a pipeline call first")
         return self.variance.flatten(1).sum(dim=1)
 
-    def pixel_moments(self, vae, *, samples: int = 16, batch_size: int = 8, generator=None) -> latent.PixelMoments:
+    def pixel_moments(
+        self, vae, *, samples: int = 16, batch_size: int = 8, generator=None
+    ) -> latent.PixelMoments:
         """Pixel mean and variance from ``samples`` decoded Gaussian draws of z_0 per image."""
         if self.variance is None:
             raise RuntimeError("no step has been tracked yet: pass the callback to a pipeline call first")
-        return latent.pixel_moments(vae, self.mean, self.variance, samples=samples, batch_size=batch_size, generator=generator)
+        return latent.pixel_moments(
+            vae, self.mean, self.variance, samples=samples, batch_size=batch_size, generator=generator
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -109,27 +126,36 @@ class UncertaintyCallback(PipelineCallback):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def callback_fn(
+        self, pipeline, step_index: int, timestep, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         if "latents" not in callback_kwargs:
             raise ValueError("UncertaintyCallback needs 'latents' in callback_on_step_end_tensor_inputs")
-        call = self._recorder.take()
-        batch = callback_kwargs["latents"].shape[0]
-        if step_index == 0:
-            self._start(pipeline, call, batch)
-        self._step(pipeline, step_index, call, batch)
+        try:
+            call = self._recorder.take()
+            batch = callback_kwargs["latents"].shape[0]
+            if step_index == 0:
+                self._start(pipeline, call, batch)
+            self._step(pipeline, step_index, call, batch)
+        except BaseException:
+            self.close()  # the pipeline stops here: leave its UNet without our hooks
+            raise
         if step_index == len(self._plan) - 1:
             self.close()
         return callback_kwargs
 
     def _start(self, pipeline, call: _UNetCall, batch: int) -> None:
         if getattr(pipeline, "guidance_rescale", 0.0):
-            raise ValueError("guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it")
+            raise ValueError(
+                "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
+            )
         self._plan = step_coefficients(pipeline.scheduler, self.settings["eta"])
         restarts = [s.index for s in self._plan if s.origin != s.index]
         if restarts:
             raise ValueError(
-                f"{type(pipeline.scheduler).__name__} has two-stage steps (at {restarts}); UncertaintyCallback follows "
-                "one UNet call per step: use solver_order=1, or BayesDiffSampler/BayesDiffPipeline"
+                f"{type(pipeline.scheduler).__name__} has two-stage steps (at {restarts}); "
+                "UncertaintyCallback follows one UNet call per step: use solver_order=1, "
+                "or BayesDiffSampler/BayesDiffPipeline"
             )
         self._uncertain = _uncertainty_steps(self._plan, self.settings["uq_every"])
         self._sampler = BayesDiffSampler(self._recorder.unet, pipeline.scheduler, self.posterior)
@@ -147,22 +173,38 @@ class UncertaintyCallback(PipelineCallback):
         guidance, kwargs, out = None, call.kwargs, call.output
         if call.sample.shape[0] == 2 * batch:
             uncond, cond = split_branches(call.kwargs, batch)
-            guidance = ClassifierFreeGuidance(float(pipeline.guidance_scale), uncond, settings["guidance_variance"])
+            guidance = ClassifierFreeGuidance(
+                float(pipeline.guidance_scale), uncond, settings["guidance_variance"]
+            )
             kwargs, out = guidance.branch_kwargs(cond), combine(*call.output.chunk(2), guidance.scale)
         elif call.sample.shape[0] != batch:
             raise ValueError(f"the pipeline's UNet call had {call.sample.shape[0]} rows for {batch} latents")
         is_uncertain = self._uncertain[index]
         monte_carlo = is_uncertain and settings["mc_samples"] > 0
-        closed_form = (is_uncertain and not monte_carlo) or (not is_uncertain and settings["skip"] == "covariance")
+        closed_form = (is_uncertain and not monte_carlo) or (
+            not is_uncertain and settings["skip"] == "covariance"
+        )
 
         if monte_carlo:
+
             def head_at(samples):
                 with self._recorder.paused():
-                    return self._sampler.head_at_samples(samples, call.timestep, kwargs, self._dtype, guidance)
+                    return self._sampler.head_at_samples(
+                        samples, call.timestep, kwargs, self._dtype, guidance
+                    )
 
             moments, _ = monte_carlo_moments(
-                step, step, self.mean, self.variance, None, head_at, samples=settings["mc_samples"], keep_eps=False,
-                eps_variance=settings["eps_variance"], covariance=settings["covariance"], generator=self._mc_generator,
+                step,
+                step,
+                self.mean,
+                self.variance,
+                None,
+                head_at,
+                samples=settings["mc_samples"],
+                keep_eps=False,
+                eps_variance=settings["eps_variance"],
+                covariance=settings["covariance"],
+                generator=self._mc_generator,
             )
             self.extra_unet_calls += 1
         else:
@@ -176,21 +218,39 @@ class UncertaintyCallback(PipelineCallback):
             eps = out[:, : posterior.eps_channels].to(self._dtype)
             moments = closed_form_moments(step, eps, head_var, None)
         self.mean, self.variance = ops.moment_step(
-            self.mean, self.variance, moments.mean, moments.var, moments.cov, a=step.a, b=step.b[-1], c2=step.c2,
+            self.mean,
+            self.variance,
+            moments.mean,
+            moments.var,
+            moments.cov,
+            a=step.a,
+            b=step.b[-1],
+            c2=step.c2,
             clamp=settings["clamp"],
         )
         if self.trace is not None:
             self.trace.append(
-                dict(index=index, timestep=int(call.timestep), uncertainty_step=is_uncertain, monte_carlo=monte_carlo,
-                     mean=self.mean, variance=self.variance, variance_sum=self.variance.flatten(1).sum(dim=1))
+                dict(
+                    index=index,
+                    timestep=int(call.timestep),
+                    uncertainty_step=is_uncertain,
+                    monte_carlo=monte_carlo,
+                    mean=self.mean,
+                    variance=self.variance,
+                    variance_sum=self.variance.flatten(1).sum(dim=1),
+                )
             )
 
 
+@dataclass
 class _UNetCall:
-    """One recorded UNet call of the pipeline: model input, timestep, kwargs, output and the head's input φ."""
+    """One recorded UNet call of the pipeline: model input, timestep, kwargs, output, the head's input φ."""
 
-    def __init__(self, sample, timestep, kwargs, output, phi):
-        self.sample, self.timestep, self.kwargs, self.output, self.phi = sample, timestep, kwargs, output, phi
+    sample: torch.Tensor
+    timestep: Any
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    phi: torch.Tensor
 
 
 class _UNetCallRecorder:
@@ -199,7 +259,7 @@ class _UNetCallRecorder:
     def __init__(self, posterior) -> None:
         self.unet = posterior.model
         self._capture = posterior.capture()
-        self._phi = self._capture.__enter__()
+        self._head_input = self._capture.__enter__()
         self._handle = self.unet.register_forward_hook(self._record, with_kwargs=True)
         self._paused = False
         self._open = True
@@ -214,17 +274,19 @@ class _UNetCallRecorder:
         timestep = args[1] if len(args) > 1 else kwargs.pop("timestep")
         kwargs.pop("return_dict", None)
         out = output.sample if hasattr(output, "sample") else output[0]
-        self._latest = _UNetCall(sample, timestep, kwargs, out, self._phi.phi)
+        self._latest = _UNetCall(sample, timestep, kwargs, out, self._head_input.phi)
         self._calls += 1
 
     def take(self) -> _UNetCall:
         """The pipeline's UNet call since the previous step; exactly one is expected."""
         if not self._open:
-            raise RuntimeError("this UncertaintyCallback has finished (or was closed); create one per pipeline call")
+            raise RuntimeError(
+                "this UncertaintyCallback has finished (or was closed); create one per pipeline call"
+            )
         if self._calls != 1 or self._latest is None:
             raise RuntimeError(
-                f"expected one UNet call of the pipeline per step, saw {self._calls}: UncertaintyCallback follows "
-                "pipelines that call the posterior's UNet once per scheduler step"
+                f"expected one UNet call of the pipeline per step, saw {self._calls}: UncertaintyCallback "
+                "follows pipelines that call the posterior's UNet once per scheduler step"
             )
         call, self._latest, self._calls = self._latest, None, 0
         return call

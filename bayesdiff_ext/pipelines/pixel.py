@@ -18,8 +18,8 @@ class _PixelPipeline(BayesDiffPipeline):
         shape = (batch_size, config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
-                f" size of {batch_size}. Make sure the batch size matches the length of the generators."
+                f"generator is a list of {len(generator)} generators but batch_size is {batch_size}: "
+                "pass one generator per image"
             )
         device = pipe._execution_device
         # x_T drawn exactly as the stock pipelines draw it (DDPMPipeline draws on the CPU for mps).
@@ -36,9 +36,15 @@ class _PixelPipeline(BayesDiffPipeline):
         if not return_dict:
             return image, result.variance, result.variance
         return BayesDiffPipelineOutput(
-            images=image, variance=result.variance, mean=result.mean, scores=result.scores,
-            pixel_variance=result.variance, pixel_scores=result.scores, trace=result.trace,
-            settings=result.settings, timings=result.timings,
+            images=image,
+            variance=result.variance,
+            mean=result.mean,
+            scores=result.scores,
+            pixel_variance=result.variance,
+            pixel_scores=result.scores,
+            trace=result.trace,
+            settings=result.settings,
+            timings=result.timings,
         )
 
 
@@ -65,10 +71,18 @@ class BayesDiffDDPMPipeline(_PixelPipeline):
     ) -> BayesDiffPipelineOutput | tuple:
         """Sample like ``DDPMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
         uncertainty = dict(
-            uq_every=uq_every, mc_samples=mc_samples, covariance=covariance, eps_variance=eps_variance, skip=skip,
-            clamp=clamp, mode=mode, return_trace=return_trace,
+            uq_every=uq_every,
+            mc_samples=mc_samples,
+            covariance=covariance,
+            eps_variance=eps_variance,
+            skip=skip,
+            clamp=clamp,
+            mode=mode,
+            return_trace=return_trace,
         )
-        return self._run(batch_size, generator, 0.0, num_inference_steps, output_type, return_dict, uncertainty)
+        return self._run(
+            batch_size, generator, 0.0, num_inference_steps, output_type, return_dict, uncertainty
+        )
 
 
 class BayesDiffDDIMPipeline(_PixelPipeline):
@@ -97,11 +111,19 @@ class BayesDiffDDIMPipeline(_PixelPipeline):
         """Sample like ``DDIMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
         if use_clipped_model_output:
             raise ValueError(
-                "use_clipped_model_output=True re-derives ε from a clipped x̂_0, which the moment recurrence does not "
-                "model; leave it None (the scheduler must have clip_sample=False anyway)"
+                "use_clipped_model_output=True re-derives ε from a clipped x̂_0, which the moment "
+                "recurrence does not model; leave it None (the scheduler needs clip_sample=False anyway)"
             )
         uncertainty = dict(
-            uq_every=uq_every, mc_samples=mc_samples, covariance=covariance, eps_variance=eps_variance, skip=skip,
-            clamp=clamp, mode=mode, return_trace=return_trace,
+            uq_every=uq_every,
+            mc_samples=mc_samples,
+            covariance=covariance,
+            eps_variance=eps_variance,
+            skip=skip,
+            clamp=clamp,
+            mode=mode,
+            return_trace=return_trace,
         )
-        return self._run(batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty)
+        return self._run(
+            batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty
+        )

@@ -1,13 +1,14 @@
-"""BayesDiff wrapper of StableDiffusionPipeline: latent moments, exact guidance variance, pixel maps by decoding."""
+"""BayesDiff wrapper of StableDiffusionPipeline: latent moments, exact guidance variance, pixel maps."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 from bayesdiff_ext import latent
-from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
 from bayesdiff_ext.sampler.randomness import independent_generator
@@ -80,17 +81,31 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
         """Sample like ``StableDiffusionPipeline``; ``return_dict=False`` gives
         (images, nsfw_content_detected, variance, pixel_variance)."""
         pipe, unet = self.pipe, self.pipe.unet
+        check_guidance_variance(guidance_variance)
         _refuse_unsupported(
-            timesteps=timesteps, sigmas=sigmas, guidance_rescale=guidance_rescale, ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds, callback_on_step_end=callback_on_step_end,
-            time_cond_proj_dim=unet.config.time_cond_proj_dim, **kwargs,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_rescale=guidance_rescale,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            callback_on_step_end=callback_on_step_end,
+            time_cond_proj_dim=unet.config.time_cond_proj_dim,
+            **kwargs,
         )
         if not height or not width:
             size = unet.config.sample_size
             height, width = (size, size) if isinstance(size, int) else size
             height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
         pipe.check_inputs(
-            prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None,
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            None,
+            None,
             callback_on_step_end_tensor_inputs,
         )
         if prompt is not None:
@@ -101,12 +116,25 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
         guided = guidance_scale > 1
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip,
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
         )
         latents = pipe.prepare_latents(
-            batch_size * num_images_per_prompt, unet.config.in_channels, height, width, prompt_embeds.dtype, device,
-            generator, latents,
+            batch_size * num_images_per_prompt,
+            unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
         )
         cond_kwargs: dict[str, Any] = {"encoder_hidden_states": prompt_embeds}
         if cross_attention_kwargs is not None:
@@ -117,13 +145,25 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
                 guidance_scale, {"encoder_hidden_states": negative_prompt_embeds}, guidance_variance
             )
         uncertainty = dict(
-            uq_every=uq_every, mc_samples=mc_samples, covariance=covariance, eps_variance=eps_variance, skip=skip,
-            clamp=clamp, mode=mode, return_trace=return_trace,
+            uq_every=uq_every,
+            mc_samples=mc_samples,
+            covariance=covariance,
+            eps_variance=eps_variance,
+            skip=skip,
+            clamp=clamp,
+            mode=mode,
+            return_trace=return_trace,
         )
         # The stock pipeline hands eta to the scheduler only where its step takes one (DDIM).
         step_eta = eta if "eta" in pipe.prepare_extra_step_kwargs(generator, eta) else 0.0
         result = self._sample(
-            latents, num_inference_steps, generator, step_eta, uncertainty, unet_kwargs=cond_kwargs, guidance=guidance
+            latents,
+            num_inference_steps,
+            generator,
+            step_eta,
+            uncertainty,
+            unet_kwargs=cond_kwargs,
+            guidance=guidance,
         )
 
         if output_type == "latent":
@@ -132,46 +172,76 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
             image = latent.decode_latents(pipe.vae, result.images, generator)
             image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
         do_denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        image = pipe.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=do_denormalize
+        )
 
         pixels = None
+        decode_started = time.perf_counter()
         if decode_samples:
             if decode_generator is None:
                 decode_generator = _decode_stream(generator, result.mean.device)
             pixels = latent.pixel_moments(
-                pipe.vae, result.mean, result.variance, samples=decode_samples, batch_size=decode_batch_size,
+                pipe.vae,
+                result.mean,
+                result.variance,
+                samples=decode_samples,
+                batch_size=decode_batch_size,
                 generator=decode_generator,
             )
+        if result.mean.device.type == "cuda":
+            torch.cuda.synchronize(result.mean.device)
+        timings = dict(result.timings, pixel_decode_s=time.perf_counter() - decode_started)
         pipe.maybe_free_model_hooks()
 
         settings = dict(
-            result.settings, guidance_scale=float(guidance_scale) if guided else None,
-            guidance_variance=guidance_variance if guided else None, decode_samples=decode_samples,
+            result.settings,
+            guidance_scale=float(guidance_scale) if guided else None,
+            guidance_variance=guidance_variance if guided else None,
+            decode_samples=decode_samples,
         )
         pixel_variance = None if pixels is None else pixels.variance
         if not return_dict:
             return image, nsfw, result.variance, pixel_variance
         return BayesDiffPipelineOutput(
-            images=image, variance=result.variance, mean=result.mean, scores=result.scores,
-            pixel_variance=pixel_variance, pixel_scores=None if pixels is None else pixels.scores,
-            nsfw_content_detected=nsfw, trace=result.trace, settings=settings, timings=result.timings,
+            images=image,
+            variance=result.variance,
+            mean=result.mean,
+            scores=result.scores,
+            pixel_variance=pixel_variance,
+            pixel_scores=None if pixels is None else pixels.scores,
+            nsfw_content_detected=nsfw,
+            trace=result.trace,
+            settings=settings,
+            timings=timings,
         )
 
 
-def _refuse_unsupported(*, timesteps, sigmas, guidance_rescale, ip_adapter_image, ip_adapter_image_embeds,
-                        callback_on_step_end, time_cond_proj_dim, **kwargs) -> None:
+def _refuse_unsupported(
+    *,
+    timesteps,
+    sigmas,
+    guidance_rescale,
+    ip_adapter_image,
+    ip_adapter_image_embeds,
+    callback_on_step_end,
+    time_cond_proj_dim,
+    **kwargs,
+) -> None:
     if timesteps is not None or sigmas is not None:
         raise ValueError("custom timesteps/sigmas are not supported; pass num_inference_steps")
     if guidance_rescale:
         raise ValueError(
-            f"guidance_rescale={guidance_rescale} rescales ε by its own per-image std, a non-linear map the moment "
+            f"guidance_rescale={guidance_rescale} rescales ε by its own per-image std, a non-linear map the "
+            "moment "
             "recurrence does not model; pass guidance_rescale=0.0"
         )
     if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
         raise ValueError("IP-Adapter inputs are not supported by BayesDiffPipeline")
     if callback_on_step_end is not None or "callback" in kwargs or "callback_steps" in kwargs:
         raise ValueError(
-            "step callbacks are not supported by BayesDiffPipeline (its loop is the sampler's); to keep your own "
+            "step callbacks are not supported by BayesDiffPipeline (its loop is the sampler's); "
+            "to keep your own "
             "loop and callbacks, pass bayesdiff_ext.UncertaintyCallback to the stock pipeline instead"
         )
     if kwargs:
