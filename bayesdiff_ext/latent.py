@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 __all__ = [
     "PixelMoments",
@@ -121,7 +122,8 @@ def pixel_moments(
     for start in range(0, total, batch_size):
         rows = torch.arange(start, min(start + batch_size, total), device=mean.device)
         which = rows % images  # sample-major: row r is draw r // B of image r % B
-        noise = torch.randn(
+        # randn_tensor draws on a CPU generator's device and moves the draws, as the pipelines do.
+        noise = randn_tensor(
             (len(rows), *mean.shape[1:]), generator=generator, device=mean.device, dtype=moment_dtype
         )
         decoded = decode_latents(vae, mean[which] + std[which] * noise)
