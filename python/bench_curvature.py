@@ -203,7 +203,8 @@ def main() -> None:
         "unfold the batch (CPU: chunks of ≤ 16 MiB of positions; CUDA: patch entries read on the fly, "
         "extra memory C_in·H·W accumulators for the diag GGN only). Peak-RSS rise: the first call in a "
         "fresh process, resident set sampled every 0.2 ms, over the footprint with the inputs allocated "
-        "(so it includes one-time buffers such as BLAS workspaces).\n\n" + table
+        "(so it includes one-time buffers such as BLAS workspaces). The machine is shared: absolute times "
+        "move with its load, the speed-ups come from alternating runs.\n\n" + table
     )
     print(body)
     if not args.no_write:
