@@ -223,6 +223,8 @@ def test_wrapper_refuses_what_it_cannot_follow(sd):
         wrapper(**sd_call(cond, uncond))
     with pytest.raises(TypeError, match="wraps a DDPMPipeline, DDIMPipeline or StableDiffusionPipeline"):
         BayesDiffPipeline.from_pipe(object(), post)
+    with pytest.raises(TypeError, match="from_pipe"):
+        BayesDiffPipeline(pipe, post)
     with pytest.raises(ValueError, match="not on this pipeline's UNet"):
         BayesDiffPipeline.from_pipe(sd_pipeline(), post)
 

@@ -25,6 +25,8 @@ class BayesDiffPipeline:
     """
 
     def __init__(self, pipe, posterior) -> None:
+        if type(self) is BayesDiffPipeline:
+            raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
         if posterior.head is not _head_of(pipe.unet, posterior):
             raise ValueError("the posterior is not on this pipeline's UNet: fit or load it with pipe.unet")
         self.pipe = pipe
@@ -51,14 +53,6 @@ class BayesDiffPipeline:
             f"got {type(pipe).__name__}; "
             "for another SD-family pipeline use bayesdiff_ext.UncertaintyCallback as its callback_on_step_end"
         )
-
-    @property
-    def unet(self):
-        return self.pipe.unet
-
-    @property
-    def scheduler(self):
-        return self.pipe.scheduler
 
     def _sample(
         self, noise, num_inference_steps: int, generator, eta: float, uncertainty: dict[str, Any], **extra
