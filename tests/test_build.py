@@ -8,7 +8,26 @@ import torch
 
 import bayesdiff_ext
 
-OPS = ["moment_step", "mc_moments"]
+OPS = [
+    "moment_step",
+    "mc_moments",
+    "conv_head_mean_var",
+    "linear_head_mean_var",
+    "conv_head_var_factored",
+    "conv_diag_ggn",
+    "conv_diag_ef",
+    "conv_patch_gram",
+]
+
+
+def test_every_schema_is_listed_here():
+    """A new op added to csrc/schemas.h must be added to OPS (and so get its backend checks)."""
+    import re
+    from pathlib import Path
+
+    schemas = Path(__file__).resolve().parents[1] / "csrc" / "schemas.h"
+    defined = re.findall(r'"([a-z_0-9]+)\(', schemas.read_text())
+    assert sorted(defined) == sorted(OPS)
 
 
 def _nvcc_available() -> bool:
