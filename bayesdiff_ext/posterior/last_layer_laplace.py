@@ -15,6 +15,7 @@ from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_f
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
 from bayesdiff_ext.posterior.heads import HeadSpec, default_eps_channels, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
 from bayesdiff_ext.posterior.structure import PosteriorStructure
@@ -24,12 +25,14 @@ STRUCTURES: dict[str, type[PosteriorStructure]] = {
     "full": FullPosterior,
     "kron": KronPosterior,
     "isotropic": IsotropicPosterior,
+    "hfl": HessianFreePosterior,
 }
 CURVATURES = {
     "diag": ("ggn", "ef", "ef_bayesdiff"),
     "full": ("ggn",),
     "kron": ("ggn", "ef"),
     "isotropic": ("ggn", "ef"),
+    "hfl": ("ggn",),
 }
 # laplace-torch's EF is twice the squared per-sample gradients of ½‖r‖²; BayesDiff's code uses it
 # with σ = δ = 1.
@@ -46,7 +49,9 @@ class LastLayerLaplace:
     is never modified: φ (the head's input) is read by a forward hook inside ``capture()``/``fit``.
 
     * ``structure``: ``'diag'``, ``'full'`` (exact GGN I_C ⊗ A_aug), ``'kron'`` (laplace-torch's
-      KFAC) or ``'isotropic'`` (Σ = λ⁻¹·I, λ = s·mean(h) + δ: the "Hessian-free" baseline).
+      KFAC), ``'isotropic'`` (Σ = λ⁻¹·I, λ = s·mean(h) + δ: the reproduction's "Hessian-free"
+      baseline) or ``'hfl'`` (McInerney & Kallus's Hessian-free Laplace: the full-GGN variance
+      estimated from regularised optima with random probes, :mod:`~bayesdiff_ext.posterior.hfl`).
     * ``curvature``: ``'ggn'`` (default), ``'ef'`` (empirical Fisher, per image), or for diag
       ``'ef_bayesdiff'`` (laplace-torch's 2×EF with σ = δ = 1 unless given: BayesDiff's code).
     * ``sigma_noise``: ``'ml'`` (√ mean residual², default) or a float; ``prior_precision``:
@@ -182,6 +187,8 @@ class LastLayerLaplace:
     def _accumulator(self):
         if self.structure == "full":
             return GramCurvature(self.spec, "full", FullPosterior.from_augmented_gram)
+        if self.structure == "hfl":
+            return GramCurvature(self.spec, "hfl", HessianFreePosterior.from_augmented_gram)
         if self.structure == "kron" and self.curvature == "ggn":
             return GramCurvature(self.spec, "kron", KronPosterior.from_augmented_gram)
         if self.structure == "kron":

@@ -26,6 +26,9 @@ class EpsMoments:
     mean: torch.Tensor
     var: torch.Tensor | None
     cov: torch.Tensor | None
+    # The part of ``var`` that is the spread of the head means over the samples of x_t (driven by
+    # Var[x_t], not by the weight posterior); None where ``var`` is the head variance alone.
+    spread: torch.Tensor | None = None
 
 
 @dataclass
@@ -102,10 +105,14 @@ def monte_carlo_moments(
     drawn = head_mean + head_var.sqrt() * antithetic_randn(samples, mean, generator) if keep_eps else None
     eff = head_mean + weight * previous.draws.eps if weight else head_mean
     eps_mean, eps_var, cov = ops.mc_moments(origin_x, eff, head_var, origin_mean)
+    posterior_var = head_var.mean(dim=0)
+    if weight:
+        posterior_var = posterior_var + weight**2 * previous.draws.head_var.mean(dim=0)
+    spread = None
     if eps_variance == "bayesdiff":
-        eps_var = head_var.mean(dim=0)
-        if weight:
-            eps_var = eps_var + weight**2 * previous.draws.head_var.mean(dim=0)
+        eps_var = posterior_var
+    else:
+        spread = (eps_var - posterior_var).clamp_min(0)
     if covariance == "none":
         cov = None
-    return EpsMoments(eps_mean, eps_var, cov), MonteCarloDraws(x, head_var, drawn)
+    return EpsMoments(eps_mean, eps_var, cov, spread), MonteCarloDraws(x, head_var, drawn)

@@ -17,6 +17,7 @@ from bayesdiff_ext.sampler.coefficients import AffineStep, check_supported, step
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
 from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
 
 __all__ = ["BayesDiffSampler"]
 
@@ -93,6 +94,9 @@ class BayesDiffSampler:
           image sample (the paper's sampled trajectory); images then differ from the plain loop
           but are reproducible with ``generator``.
         * ``clamp`` clamps Var at 0 after every step; the returned variance is ≥ 0 always.
+        * Var[x_0] is also split into ``aleatoric_variance`` (the sampler's own noise c², DDPM and
+          DDIM η > 0; zero for deterministic samplers) and ``epistemic_variance`` (the weight
+          posterior), which add up to ``variance`` (see :mod:`~bayesdiff_ext.sampler.variance_split`).
         * ``unet_kwargs`` go to every UNet call; tensors with the batch as leading dimension are
           tiled for the Monte Carlo batch. Moments are float32 (float64 for a float64 UNet).
         * ``guidance`` (:class:`~bayesdiff_ext.guidance.ClassifierFreeGuidance`): every UNet call
@@ -138,6 +142,8 @@ class BayesDiffSampler:
 
         mean = x.to(moment_dtype, copy=True)
         var = torch.zeros_like(mean)
+        split_variance = has_sampler_noise(plan)
+        aleatoric = previous_aleatoric = torch.zeros_like(mean)
         previous: StepRecord | None = None
         trace: list[dict[str, Any]] | None = [] if return_trace else None
         image_calls = mc_calls = 0
@@ -191,6 +197,18 @@ class BayesDiffSampler:
                 c2=step.c2,
                 clamp=clamp,
             )
+            if split_variance:
+                next_aleatoric = aleatoric_step(
+                    step,
+                    origin_mean,
+                    origin_var,
+                    previous_aleatoric if restart else aleatoric,
+                    moments,
+                    next_var,
+                    clamp,
+                )
+            else:
+                next_aleatoric = aleatoric
 
             # A learned-variance head's extra channels are not ε; no supported step consumes them.
             model_output = out[:, :channels]
@@ -200,7 +218,8 @@ class BayesDiffSampler:
             x = scheduler.step(model_output, t, x, generator=generator, **step_kwargs).prev_sample
 
             previous = StepRecord(mean, var, eps, head_var, draws)
-            mean, var = next_mean, next_var
+            previous_aleatoric = aleatoric
+            mean, var, aleatoric = next_mean, next_var, next_aleatoric
             if trace is not None:
                 trace.append(
                     dict(
@@ -211,6 +230,7 @@ class BayesDiffSampler:
                         mean=mean,
                         variance=var,
                         variance_sum=var.flatten(1).sum(dim=1),
+                        aleatoric_variance=aleatoric,
                     )
                 )
 
@@ -229,7 +249,13 @@ class BayesDiffSampler:
             mc_unet_batch=mc_samples * batch * (1 if guidance is None else 2),
         )
         return BayesDiffOutput(
-            images=x, variance=var.clamp_min(0), mean=mean, trace=trace, settings=settings, timings=timings
+            images=x,
+            variance=var.clamp_min(0),
+            mean=mean,
+            trace=trace,
+            settings=settings,
+            timings=timings,
+            aleatoric_variance=aleatoric,
         )
 
     def _initial_noise(self, batch_size, noise, generator) -> torch.Tensor:
