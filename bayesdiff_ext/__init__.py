@@ -11,7 +11,7 @@ from bayesdiff_ext import metrics
 from bayesdiff_ext.ops import mc_moments, moment_step
 from bayesdiff_ext.posterior import LastLayerLaplace
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
-from bayesdiff_ext import guidance, latent
+from bayesdiff_ext import guidance, latent, methods
 from bayesdiff_ext.pipelines import BayesDiffPipeline, UncertaintyCallback
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "guidance",
     "latent",
     "mc_moments",
+    "methods",
     "metrics",
     "moment_step",
     "ops",

@@ -1,0 +1,26 @@
+"""Uncertainty methods behind one interface: ``sampler_for(method, ...)`` returns an object whose
+``sample(...)`` gives a :class:`~bayesdiff_ext.BayesDiffOutput` (images, per-pixel variance and its
+epistemic/aleatoric split, scores).
+
+* ``'laplace'``, ``'hfl'``, ``'isotropic'``: :class:`~bayesdiff_ext.BayesDiffSampler` with a
+  :class:`~bayesdiff_ext.LastLayerLaplace` of that structure ('laplace' takes the posterior as
+  fitted: diag, full or kron; 'hfl' is McInerney & Kallus's Hessian-free Laplace; 'isotropic' the
+  reproduction's Σ = λ⁻¹·I).
+* ``'mc-dropout'``: :class:`MCDropoutSampler`, T passes of a dropout-trained UNet.
+* ``'ensemble'``: :class:`EnsembleSampler`, K independently trained UNets.
+"""
+
+from bayesdiff_ext.methods.ensemble import EnsembleSampler
+from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler, active_dropout
+from bayesdiff_ext.methods.point import PointPosterior
+from bayesdiff_ext.methods.selection import LAPLACE_METHODS, METHODS, sampler_for
+
+__all__ = [
+    "EnsembleSampler",
+    "LAPLACE_METHODS",
+    "MCDropoutSampler",
+    "METHODS",
+    "PointPosterior",
+    "active_dropout",
+    "sampler_for",
+]

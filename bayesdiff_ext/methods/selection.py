@@ -1,0 +1,64 @@
+"""Pick an uncertainty method by name (the CLI's ``--method``) and build its sampler."""
+
+from __future__ import annotations
+
+import copy
+
+from bayesdiff_ext.methods.ensemble import EnsembleSampler
+from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
+from bayesdiff_ext.posterior.hfl import HessianFreePosterior
+from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
+from bayesdiff_ext.sampler import BayesDiffSampler
+
+__all__ = ["LAPLACE_METHODS", "METHODS", "laplace_posterior_for", "sampler_for"]
+
+METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+#: The methods that sample with a LastLayerLaplace, and the posterior structures each accepts.
+LAPLACE_METHODS = {
+    "laplace": ("diag", "full", "kron", "isotropic", "hfl"),
+    "hfl": ("hfl", "full"),
+    "isotropic": ("isotropic", "diag"),
+}
+
+
+def laplace_posterior_for(method: str, posterior):
+    """The posterior ``method`` samples with, derived from a fitted one without refitting.
+
+    'hfl' reuses a 'full' posterior's Gram matrix (the same curvature); 'isotropic' reduces a
+    'diag' posterior's curvature to its mean, then re-chooses σ and δ as ``fit`` would.
+    """
+    if method not in LAPLACE_METHODS:
+        raise ValueError(f"method must be one of {tuple(LAPLACE_METHODS)}, got {method!r}")
+    accepted = LAPLACE_METHODS[method]
+    if posterior.structure not in accepted:
+        raise ValueError(
+            f"method {method!r} needs a posterior of structure {' or '.join(accepted)}, got "
+            f"{posterior.structure!r} (fit one with `bayesdiff fit --structure {accepted[0]}`)"
+        )
+    if method == "laplace" or posterior.structure == method:
+        return posterior
+    derived = copy.copy(posterior)
+    if method == "hfl":
+        derived.posterior = HessianFreePosterior(posterior.spec, posterior.posterior.gram)
+    else:
+        derived.posterior = IsotropicPosterior.from_diag(posterior.posterior)
+    derived.structure = method
+    return derived.set_hyperparameters()
+
+
+def sampler_for(method: str, unet, scheduler, *, posterior=None, members=(), passes: int = 10, seed: int = 0):
+    """A sampler for ``method`` whose ``sample(...)`` returns a ``BayesDiffOutput``.
+
+    Laplace methods need ``posterior`` (a fitted LastLayerLaplace on ``unet``); 'mc-dropout' needs a
+    UNet trained with dropout (``passes`` = T, mask seeds ``seed + k``); 'ensemble' uses ``unet``
+    as member 0 and ``members`` as the others.
+    """
+    if method in LAPLACE_METHODS:
+        if posterior is None:
+            raise ValueError(f"method {method!r} needs a fitted posterior (posterior=LastLayerLaplace(...))")
+        return BayesDiffSampler(unet, scheduler, laplace_posterior_for(method, posterior))
+    if method == "mc-dropout":
+        return MCDropoutSampler(unet, scheduler, passes=passes, seed=seed)
+    if method == "ensemble":
+        return EnsembleSampler([unet, *members], scheduler)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
