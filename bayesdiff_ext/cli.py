@@ -27,6 +27,9 @@ BUILTIN_DIGITS = "builtin:digits"
 
 SAMPLERS = ("ddim", "ddpm", "dpm2")
 
+#: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
+METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+
 _DESCRIPTION = """\
 Per-pixel uncertainty for diffusion models (BayesDiff: a last-layer Laplace posterior on the
 UNet's noise-prediction head, its variance carried through the sampler). Every image gets an
@@ -162,6 +165,31 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)",
     )
     g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")
+    g = p.add_argument_group("uncertainty method")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="laplace",
+        help="laplace (default: the posterior as fitted), hfl (Hessian-free Laplace from a full "
+        "posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
+        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble)",
+    )
+    g.add_argument(
+        "--passes",
+        type=_int_at_least(2),
+        default=10,
+        metavar="T",
+        help="mc-dropout: dropout passes per image (default 10)",
+    )
+    g.add_argument(
+        "--ensemble",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="ensemble: the other members' UNet folders (the model itself is member 0); the demo "
+        "uses the digits members in <assets>/ensemble/member_K/unet",
+    )
     g.add_argument(
         "--device",
         default=None,
@@ -243,9 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--posterior",
         type=Path,
-        required=True,
+        default=None,
         metavar="FILE",
-        help="posterior file from `bayesdiff fit` for this model",
+        help="posterior file from `bayesdiff fit` for this model (methods laplace, hfl, isotropic)",
     )
     sample.add_argument(
         "--scheduler",
@@ -296,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace an existing posterior file")
     fit.add_argument(
         "--structure",
-        choices=("diag", "full", "kron", "isotropic"),
+        choices=("diag", "full", "kron", "isotropic", "hfl"),
         default="diag",
-        help="covariance structure: diag (default, the paper's), full (exact GGN), kron (KFAC), isotropic",
+        help="covariance structure: diag (default, the paper's), full (exact GGN), kron (KFAC), "
+        "isotropic, hfl (Hessian-free Laplace: the full GGN's variance from random probes)",
     )
     fit.add_argument(
         "--curvature",
@@ -338,9 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------------------------
-# the commands
-# ------------------------------------------------------------------------------------------------
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -390,11 +416,13 @@ def _check_run_options(args) -> tuple[Path, dict]:
 
 
 def _sample_and_write(
-    args, run_options, unet, base_scheduler, posterior, described: dict, load_s: float
+    args, run_options, unet, base_scheduler, method_inputs: dict, described: dict, load_s: float
 ) -> int:
+    """``method_inputs``: ``posterior`` for the Laplace methods, ``members`` (the other UNets) for
+    the ensemble."""
     import torch
 
-    from bayesdiff_ext import aggregation
+    from bayesdiff_ext import aggregation, methods
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.sampler import BayesDiffSampler
     from bayesdiff_ext.sampler.coefficients import check_supported
@@ -408,14 +436,31 @@ def _sample_and_write(
         )
     device = _device(args.device)
     unet.to(device)
+    members = [member.to(device) for member in method_inputs.get("members", ())]
     scheduler = _scheduler_for(args.sampler, base_scheduler)
     check_supported(scheduler, args.eta)
-    sampler = BayesDiffSampler(unet, scheduler, posterior)
+    sampler = methods.sampler_for(
+        args.method,
+        unet,
+        scheduler,
+        posterior=method_inputs.get("posterior"),
+        members=members,
+        passes=args.passes,
+        seed=args.seed,
+    )
     generator = torch.Generator("cpu").manual_seed(args.seed)
 
+    if isinstance(sampler, BayesDiffSampler):
+        # hfl and isotropic derive their posterior from the file's (other structure, other δ)
+        described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
+        uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
+        how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
+    else:
+        uncertainty = {}
+        how = f"{len(members) + 1} members" if args.method == "ensemble" else f"{args.passes} dropout passes"
     _say(
-        f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, uncertainty every "
-        f"{args.uq_every} steps with {args.mc_samples} Monte Carlo samples, on {device}"
+        f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
+        f"{how}, on {device}"
     )
     started = time.perf_counter()
     runs = []
@@ -426,13 +471,13 @@ def _sample_and_write(
                 num_inference_steps=args.steps,
                 generator=generator,
                 eta=args.eta,
-                uq_every=args.uq_every,
-                mc_samples=args.mc_samples,
                 progress=not args.no_progress,
+                **uncertainty,
             )
         )
-    images, variance, mean = (
-        torch.cat([getattr(r, k) for r in runs]).cpu() for k in ("images", "variance", "mean")
+    images, variance, mean, aleatoric = (
+        torch.cat([getattr(r, k) for r in runs]).cpu()
+        for k in ("images", "variance", "mean", "aleatoric_variance")
     )
     sampled = time.perf_counter()
 
@@ -442,11 +487,12 @@ def _sample_and_write(
     decision = aggregation.filter_scores(scores[method], rule, **rule_params)
     settings = {
         **described,
+        "method": args.method,
         "sampler": args.sampler,
         "steps": args.steps,
         "eta": args.eta,
-        "uq_every": args.uq_every,
-        "mc_samples": args.mc_samples,
+        **uncertainty,
+        **({"passes": args.passes} if args.method == "mc-dropout" else {}),
         "seed": args.seed,
         "num_images": args.num_images,
         "batch_size": args.batch_size,
@@ -465,7 +511,16 @@ def _sample_and_write(
         "score_s": time.perf_counter() - sampled,
     }
     record = RunRecord(
-        images, variance, scores, scores_to_report, method, decision, settings, timings, mean=mean
+        images,
+        variance,
+        scores,
+        scores_to_report,
+        method,
+        decision,
+        settings,
+        timings,
+        mean=mean,
+        aleatoric_variance=aleatoric,
     )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
@@ -509,39 +564,72 @@ def _run_demo(args) -> int:
 
     run_options = _check_run_options(args)
     started = time.perf_counter()
-    path = digits.bundled_dir() / "posterior_diag.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the bundled posterior {path} is missing; make it with `bayesdiff fit --model "
-            f"{digits.bundled_dir()} --data {BUILTIN_DIGITS} --out {path}`"
-        )
-    unet = digits.load_bundled_unet()
-    posterior = _load_posterior(path, unet)
+    root = digits.bundled_dir()
+    described = {"command": "demo", "model": "bundled digits (bayesdiff_ext/assets/digits)"}
+    inputs: dict = {}
+    if args.method == "mc-dropout":
+        unet = digits.load_bundled_unet(dropout=True)
+        described["model"] += ", unet_dropout/"
+    elif args.method == "ensemble":
+        unet = digits.load_bundled_unet(ensemble_member=0)
+        inputs["members"] = _ensemble_members(args, root, root / "scheduler")
+        described["ensemble"] = [str(p) for p in args.ensemble] if args.ensemble else "bundled members"
+    else:
+        unet = digits.load_bundled_unet()
+        path = root / ("posterior_full.safetensors" if args.method == "hfl" else "posterior_diag.safetensors")
+        if not path.is_file():
+            structure = "full" if args.method == "hfl" else "diag"
+            raise FileNotFoundError(
+                f"the bundled posterior {path} is missing; make it with `bayesdiff fit --model "
+                f"{root} --data {BUILTIN_DIGITS} --structure {structure} --out {path}`"
+            )
+        inputs["posterior"] = _load_posterior(path, unet)
+        described.update(_posterior_description(inputs["posterior"], path))
     scheduler = digits.load_bundled_scheduler()
-    described = {
-        "command": "demo",
-        "model": "bundled digits (bayesdiff_ext/assets/digits)",
-        **_posterior_description(posterior, path),
-    }
     load_s = time.perf_counter() - started
-    return _sample_and_write(args, run_options, unet, scheduler, posterior, described, load_s)
+    return _sample_and_write(args, run_options, unet, scheduler, inputs, described, load_s)
+
+
+def _ensemble_members(args, root: Path, scheduler_dir: Path) -> list:
+    """The ensemble's members after member 0: the ``--ensemble`` folders (UNet or pipeline folders;
+    a bare UNet folder is checked against ``scheduler_dir``), or the digits members found in
+    ``root/ensemble/member_K/unet``."""
+    from bayesdiff_ext.io.inputs import load_model
+
+    if args.ensemble:
+        return [load_model(folder, scheduler_dir)[0] for folder in args.ensemble]
+    found = sorted(root.glob("ensemble/member_*/unet/config.json"), key=lambda p: p.parent.parent.name)
+    if len(found) < 2:
+        raise FileNotFoundError(
+            f"the demo's ensemble needs at least 2 members in {root / 'ensemble'} (found {len(found)}); "
+            "they are not shipped (4.5 MB each): train them with `python python/train_digits.py "
+            "--unet-only --ensemble-member K` for K = 0, 1, 2, or pass UNet folders with --ensemble"
+        )
+    return [load_model(p.parent, scheduler_dir)[0] for p in found[1:]]
 
 
 def _run_sample(args) -> int:
     from bayesdiff_ext.io.inputs import load_model
 
     run_options = _check_run_options(args)
+    laplace = args.method in ("laplace", "hfl", "isotropic")
+    if laplace and args.posterior is None:
+        raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
+    if args.method == "ensemble" and not args.ensemble:
+        raise ValueError("--method ensemble needs --ensemble DIR [DIR ...]: the other members' UNet folders")
     started = time.perf_counter()
     unet, scheduler = load_model(args.model, args.scheduler)
-    posterior = _load_posterior(args.posterior, unet)
-    described = {
-        "command": "sample",
-        "model": str(args.model),
-        "scheduler": str(args.scheduler or ""),
-        **_posterior_description(posterior, args.posterior),
-    }
+    described = {"command": "sample", "model": str(args.model), "scheduler": str(args.scheduler or "")}
+    inputs: dict = {}
+    if laplace:
+        inputs["posterior"] = _load_posterior(args.posterior, unet)
+        described.update(_posterior_description(inputs["posterior"], args.posterior))
+    if args.method == "ensemble":
+        scheduler_dir = args.scheduler or (args.model / "scheduler" if args.model.is_dir() else None)
+        inputs["members"] = _ensemble_members(args, args.model, scheduler_dir)
+        described["ensemble"] = [str(p) for p in args.ensemble]
     load_s = time.perf_counter() - started
-    return _sample_and_write(args, run_options, unet, scheduler, posterior, described, load_s)
+    return _sample_and_write(args, run_options, unet, scheduler, inputs, described, load_s)
 
 
 def _fit_images(args, unet):

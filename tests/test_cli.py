@@ -83,7 +83,9 @@ def check_run_folder(out, num_images):
     assert (out / "grid_sorted.png").is_file() and (out / "tensors.safetensors").is_file()
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == num_images
-    assert set(rows[0]) == {"index", *cli.REPORTED_SCORES, "kept"}
+    assert set(rows[0]) == {"index", *cli.REPORTED_SCORES, "aleatoric_sum", "epistemic_sum", "kept"}
+    for part in ("aleatoric", "epistemic"):
+        assert sorted(p.name for p in (out / f"uncertainty_{part}").iterdir()) == names
     summary = json.loads((out / "summary.json").read_text())
     assert {"scores", "filter", "settings", "versions", "timings", "uncertainty_maps"} <= set(summary)
     assert set(summary["scores"]) == set(cli.REPORTED_SCORES)

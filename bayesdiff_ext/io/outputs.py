@@ -11,6 +11,11 @@ Layout of an output folder (``bayesdiff-out/<timestamp>/`` by default)::
     summary.json               scores, filter decision, colour scale, settings, versions, timings
     tensors.safetensors        the native-resolution float tensors (images, variance, mean, scores)
 
+With the variance split (``RunRecord.aleatoric_variance``) also ``uncertainty_aleatoric/`` and
+``uncertainty_epistemic/`` (the two parts of Var[x_0], on the same colour scale as
+``uncertainty/``), the columns ``aleatoric_sum`` and ``epistemic_sum`` in scores.csv, a
+``variance_split`` entry in summary.json and both maps in tensors.safetensors.
+
 PNGs of small images are enlarged by an integer nearest-neighbour factor (see
 :mod:`bayesdiff_ext.io.images`); ``tensors.safetensors`` keeps the exact values.
 
@@ -63,7 +68,8 @@ class RunRecord:
 
     ``scores`` maps each aggregation's name to its per-image scores (B,), ``aggregations`` the same
     names to the parameters used; ``primary`` names the score that was filtered on and sorts the
-    grid; ``decision`` is the filter's result on it.
+    grid; ``decision`` is the filter's result on it. ``aleatoric_variance`` (optional) is the part
+    of ``variance`` from the sampler's own noise; the rest is epistemic.
     """
 
     images: torch.Tensor
@@ -75,13 +81,25 @@ class RunRecord:
     settings: Mapping = field(default_factory=dict)
     timings: Mapping = field(default_factory=dict)
     mean: torch.Tensor | None = None
+    aleatoric_variance: torch.Tensor | None = None
+
+    def variance_split(self) -> dict[str, torch.Tensor]:
+        """``{'aleatoric': ..., 'epistemic': ...}`` maps, or {} without a split."""
+        if self.aleatoric_variance is None:
+            return {}
+        aleatoric = torch.minimum(self.aleatoric_variance.clamp_min(0), self.variance)
+        return {"aleatoric": aleatoric, "epistemic": self.variance - aleatoric}
 
     def check(self) -> None:
         """Raise ValueError if the parts do not describe the same batch of images."""
         shape = tuple(self.images.shape)
         if self.images.dim() != 4:
             raise ValueError(f"images must have shape (B, C, H, W), got {shape}")
-        for name, t in (("variance", self.variance), ("mean", self.mean)):
+        for name, t in (
+            ("variance", self.variance),
+            ("mean", self.mean),
+            ("aleatoric_variance", self.aleatoric_variance),
+        ):
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but images have shape {shape}")
         batch = shape[0]
@@ -150,9 +168,10 @@ def _write_file(path: Path, data: bytes) -> None:
 def _scores_csv(record: RunRecord) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    names = list(record.scores)
+    split = {f"{part}_sum": v.flatten(1).sum(dim=1) for part, v in record.variance_split().items()}
+    names = list(record.scores) + list(split)
     writer.writerow(["index", *names, "kept"])
-    columns = [record.scores[name].tolist() for name in names]
+    columns = [{**record.scores, **split}[name].tolist() for name in names]
     for i, kept in enumerate(record.decision.keep.tolist()):
         writer.writerow([i, *(repr(float(col[i])) for col in columns), int(kept)])
     return text.getvalue().encode()
@@ -190,9 +209,23 @@ def _summary(record: RunRecord, maps: torch.Tensor, vmax: float, factor: int, ti
             "native_size": [height, width],
             "exact_values": "tensors.safetensors",
         },
+        **_split_summary(record),
         "settings": dict(record.settings),
         "versions": versions(),
         "timings": dict(timings),
+    }
+
+
+def _split_summary(record: RunRecord) -> dict:
+    split = record.variance_split()
+    if not split:
+        return {}
+    return {
+        "variance_split": {
+            "description": "Var[x_0] = aleatoric (the sampler's own noise) + epistemic (the model's "
+            "uncertainty), law of total variance; per-image sums",
+            **{f"{part}_sum": v.flatten(1).sum(dim=1).tolist() for part, v in split.items()},
+        }
     }
 
 
@@ -217,6 +250,12 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
         if keep[i]:
             _write_file(folder / "kept" / name, png)
         _write_file(folder / "uncertainty" / name, encode_png(upscale(heatmaps[i], factor)))
+    for part, part_variance in record.variance_split().items():
+        sub = folder / f"uncertainty_{part}"
+        sub.mkdir()
+        part_maps = colorize(part_variance.detach().to("cpu", torch.float64).mean(dim=1), vmax)
+        for i in range(samples.shape[0]):
+            _write_file(sub / f"{i:05d}.png", encode_png(upscale(part_maps[i], factor)))
     grid = sorted_grid(
         upscale(samples, factor),
         upscale(heatmaps, factor),
@@ -233,6 +272,7 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
     tensors = {"images": record.images, "variance": record.variance}
     if record.mean is not None:
         tensors["mean"] = record.mean
+    tensors.update({f"{part}_variance": v for part, v in record.variance_split().items()})
     tensors.update({f"scores.{name}": s for name, s in record.scores.items()})
     _write_file(
         folder / "tensors.safetensors",

@@ -1,0 +1,120 @@
+"""`bayesdiff sample/fit --method ...`: every uncertainty method from the command line, offline."""
+
+import csv
+import json
+
+import pytest
+from test_cli import (
+    FAST_SAMPLING,
+    assert_one_line_error,
+    check_run_folder,
+    run,
+    save_pipeline,
+    tiny,
+    tiny_unet,
+)
+
+from bayesdiff_ext import cli
+
+__all__ = ["tiny"]  # the fixture, imported for these tests
+
+
+def _sample(tiny, out, *options):
+    sizes = ["--num-images", "3", "--batch-size", "2"]
+    return ["sample", "--model", tiny / "model", *sizes, "--out", out, *FAST_SAMPLING, *options]
+
+
+def _fit(tiny, structure, out):
+    data = ["--data", tiny / "data.pt"]
+    return ["fit", "--model", tiny / "model", *data, "--structure", structure, "--out", out, "--no-progress"]
+
+
+def _split_sums(out):
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    return [float(r["aleatoric_sum"]) for r in rows], [float(r["epistemic_sum"]) for r in rows]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_laplace_run_writes_the_variance_split(tiny, tmp_path, capsys, sampler):
+    out = tmp_path / "run"
+    posterior = tiny / "posterior.safetensors"
+    code, _, err = run(_sample(tiny, out, "--posterior", posterior, "--sampler", sampler), capsys)
+    assert code == 0, err
+    summary = check_run_folder(out, 3)
+    aleatoric, epistemic = _split_sums(out)
+    assert summary["settings"]["method"] == "laplace"
+    assert summary["variance_split"]["aleatoric_sum"] == pytest.approx(aleatoric)
+    for a, e, total in zip(aleatoric, epistemic, summary["scores"]["sum"]):
+        assert a + e == pytest.approx(total, rel=1e-5)
+    assert all(a == 0 for a in aleatoric) if sampler == "ddim" else all(a > 0 for a in aleatoric)
+
+
+def test_isotropic_and_hfl_methods(tiny, tmp_path, capsys):
+    full = tmp_path / "full.safetensors"
+    code, _, err = run(_fit(tiny, "full", full), capsys)
+    assert code == 0, err
+    for method, posterior in (("isotropic", tiny / "posterior.safetensors"), ("hfl", full)):
+        out = tmp_path / method
+        code, _, err = run(_sample(tiny, out, "--posterior", posterior, "--method", method), capsys)
+        assert code == 0, err
+        summary = check_run_folder(out, 3)
+        assert summary["settings"]["posterior_structure"] == method
+        assert summary["settings"]["sampler_settings"]["posterior_structure"] == method
+    diag = tiny / "posterior.safetensors"
+    code, _, err = run(_sample(tiny, tmp_path / "bad", "--posterior", diag, "--method", "hfl"), capsys)
+    assert_one_line_error(code, err, "needs a posterior of structure hfl or full", "--structure hfl")
+
+
+def test_fit_hfl_posterior_then_sample_it(tiny, tmp_path, capsys):
+    path = tmp_path / "hfl.safetensors"
+    code, _, err = run(_fit(tiny, "hfl", path), capsys)
+    assert code == 0, err
+    code, _, err = run(_sample(tiny, tmp_path / "run", "--posterior", path), capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["settings"]["posterior_structure"] == "hfl"
+
+
+def test_mc_dropout(tmp_path, capsys):
+    model = save_pipeline(tmp_path / "dropout-model", tiny_unet(0, dropout=0.3))
+    out = tmp_path / "run"
+    method = ["--method", "mc-dropout", "--passes", "3", "--sampler", "ddpm"]
+    argv = ["sample", "--model", model, *method, "--num-images", "2", "--out", out, *FAST_SAMPLING]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    summary = check_run_folder(out, 2)
+    assert summary["settings"]["method"] == "mc-dropout" and summary["settings"]["passes"] == 3
+    assert summary["settings"]["sampler_settings"]["passes"] == 3
+    aleatoric, epistemic = _split_sums(out)
+    assert min(aleatoric) > 0 and min(epistemic) > 0
+    plain = save_pipeline(tmp_path / "plain", tiny_unet(0))
+    argv = ["sample", "--model", plain, *method, "--out", tmp_path / "bad", *FAST_SAMPLING]
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, "no dropout layer with p > 0")
+
+
+def test_ensemble(tiny, tmp_path, capsys):
+    members = []
+    for k in (1, 2):
+        members.append(tmp_path / f"member_{k}")
+        tiny_unet(k).save_pretrained(members[-1])
+    out = tmp_path / "run"
+    code, _, err = run(_sample(tiny, out, "--method", "ensemble", "--ensemble", *members), capsys)
+    assert code == 0, err
+    summary = check_run_folder(out, 3)
+    assert summary["settings"]["sampler_settings"]["members"] == 3
+    assert min(summary["scores"]["sum"]) > 0
+    code, _, err = run(_sample(tiny, tmp_path / "bad", "--method", "ensemble"), capsys)
+    assert_one_line_error(code, err, "--method ensemble needs --ensemble DIR")
+
+
+def test_laplace_needs_a_posterior(tiny, tmp_path, capsys):
+    code, _, err = run(_sample(tiny, tmp_path / "bad"), capsys)
+    assert_one_line_error(code, err, "--method laplace needs --posterior FILE")
+
+
+def test_help_lists_the_methods(capsys):
+    code, out, _ = run(["sample", "--help"], capsys)
+    assert code == 0
+    for method in cli.METHODS:
+        assert method in out
