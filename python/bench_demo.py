@@ -126,7 +126,8 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_demo", body)
+        section = "bench_demo" if args.threads is None else f"bench_demo --threads {args.threads}"
+        write_section(Path(__file__).with_name("BENCHMARKS.md"), section, body)
 
 
 if __name__ == "__main__":
