@@ -182,6 +182,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         help="mc-dropout: dropout passes per image (default 10)",
     )
     g.add_argument(
+        "--probes",
+        type=_int_at_least(1),
+        default=16,
+        metavar="K",
+        help="hfl: random probes per image (default 16); each costs one CG solve per uncertainty step, "
+        "the estimate's error shrinks like 1/sqrt(K)",
+    )
+    g.add_argument(
         "--ensemble",
         type=Path,
         nargs="+",
@@ -447,6 +455,7 @@ def _sample_and_write(
         members=members,
         passes=args.passes,
         seed=args.seed,
+        probes=args.probes if args.method == "hfl" else None,
     )
     generator = torch.Generator("cpu").manual_seed(args.seed)
 
@@ -493,6 +502,7 @@ def _sample_and_write(
         "eta": args.eta,
         **uncertainty,
         **({"passes": args.passes} if args.method == "mc-dropout" else {}),
+        **({"probes": args.probes} if args.method == "hfl" else {}),
         "seed": args.seed,
         "num_images": args.num_images,
         "batch_size": args.batch_size,

@@ -55,9 +55,11 @@ def test_isotropic_and_hfl_methods(tiny, tmp_path, capsys):
     assert code == 0, err
     for method, posterior in (("isotropic", tiny / "posterior.safetensors"), ("hfl", full)):
         out = tmp_path / method
-        code, _, err = run(_sample(tiny, out, "--posterior", posterior, "--method", method), capsys)
+        options = ["--posterior", posterior, "--method", method, "--probes", "3"]
+        code, _, err = run(_sample(tiny, out, *options), capsys)
         assert code == 0, err
         summary = check_run_folder(out, 3)
+        assert summary["settings"].get("probes") == (3 if method == "hfl" else None)
         assert summary["settings"]["posterior_structure"] == method
         assert summary["settings"]["sampler_settings"]["posterior_structure"] == method
     diag = tiny / "posterior.safetensors"

@@ -51,7 +51,7 @@ def test_every_method_samples_with_the_same_outputs():
     diag = LastLayerLaplace(unet, "diag").fit(images, ddim(), batch_size=4, progress=False)
     made = {
         "laplace": sampler_for("laplace", unet, ddim(), posterior=diag),
-        "hfl": sampler_for("hfl", unet, ddim(), posterior=full),
+        "hfl": sampler_for("hfl", unet, ddim(), posterior=full, probes=5),
         "isotropic": sampler_for("isotropic", unet, ddim(), posterior=diag),
         "mc-dropout": sampler_for("mc-dropout", tiny_unet(dropout=0.2), ddim(), passes=2),
         "ensemble": sampler_for("ensemble", unet, ddim(), members=[tiny_unet(seed=1)]),
@@ -59,6 +59,7 @@ def test_every_method_samples_with_the_same_outputs():
     assert set(made) == set(METHODS)
     assert isinstance(made["mc-dropout"], MCDropoutSampler) and isinstance(made["ensemble"], EnsembleSampler)
     assert isinstance(made["hfl"], BayesDiffSampler) and made["hfl"].posterior.structure == "hfl"
+    assert made["hfl"].posterior.posterior.probes == 5 and full.structure == "full"
     for method, sampler in made.items():
         out = sampler.sample(noise=noise(), num_inference_steps=STEPS, progress=False)
         assert out.images.shape == out.variance.shape == out.epistemic_variance.shape == (2, 1, 8, 8), method

@@ -6,7 +6,7 @@ import copy
 
 from bayesdiff_ext.methods.ensemble import EnsembleSampler
 from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
-from bayesdiff_ext.posterior.hfl import HessianFreePosterior
+from bayesdiff_ext.posterior.hfl import DEFAULT_PROBES, HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.sampler import BayesDiffSampler
 
@@ -21,11 +21,12 @@ LAPLACE_METHODS = {
 }
 
 
-def laplace_posterior_for(method: str, posterior):
+def laplace_posterior_for(method: str, posterior, *, probes: int | None = None):
     """The posterior ``method`` samples with, derived from a fitted one without refitting.
 
-    'hfl' reuses a 'full' posterior's Gram matrix (the same curvature); 'isotropic' reduces a
-    'diag' posterior's curvature to its mean, then re-chooses σ and δ as ``fit`` would.
+    'hfl' reuses a 'full' posterior's Gram matrix (the same curvature), with ``probes`` Rademacher
+    probes per image when given; 'isotropic' reduces a 'diag' posterior's curvature to its mean,
+    then re-chooses σ and δ as ``fit`` would.
     """
     if method not in LAPLACE_METHODS:
         raise ValueError(f"method must be one of {tuple(LAPLACE_METHODS)}, got {method!r}")
@@ -35,28 +36,42 @@ def laplace_posterior_for(method: str, posterior):
             f"method {method!r} needs a posterior of structure {' or '.join(accepted)}, got "
             f"{posterior.structure!r} (fit one with `bayesdiff fit --structure {accepted[0]}`)"
         )
-    if method == "laplace" or posterior.structure == method:
+    keep = method == "laplace" or (posterior.structure == method and (method != "hfl" or probes is None))
+    if keep:
         return posterior
     derived = copy.copy(posterior)
     if method == "hfl":
-        derived.posterior = HessianFreePosterior(posterior.spec, posterior.posterior.gram)
+        derived.posterior = HessianFreePosterior(
+            posterior.spec, posterior.posterior.gram, probes=DEFAULT_PROBES if probes is None else probes
+        )
     else:
         derived.posterior = IsotropicPosterior.from_diag(posterior.posterior)
     derived.structure = method
     return derived.set_hyperparameters()
 
 
-def sampler_for(method: str, unet, scheduler, *, posterior=None, members=(), passes: int = 10, seed: int = 0):
+def sampler_for(
+    method: str,
+    unet,
+    scheduler,
+    *,
+    posterior=None,
+    members=(),
+    passes: int = 10,
+    seed: int = 0,
+    probes: int | None = None,
+):
     """A sampler for ``method`` whose ``sample(...)`` returns a ``BayesDiffOutput``.
 
-    Laplace methods need ``posterior`` (a fitted LastLayerLaplace on ``unet``); 'mc-dropout' needs a
+    Laplace methods need ``posterior`` (a fitted LastLayerLaplace on ``unet``; 'hfl' takes
+    ``probes`` per image, default that of the posterior or 64); 'mc-dropout' needs a
     UNet trained with dropout (``passes`` = T, mask seeds ``seed + k``); 'ensemble' uses ``unet``
     as member 0 and ``members`` as the others.
     """
     if method in LAPLACE_METHODS:
         if posterior is None:
             raise ValueError(f"method {method!r} needs a fitted posterior (posterior=LastLayerLaplace(...))")
-        return BayesDiffSampler(unet, scheduler, laplace_posterior_for(method, posterior))
+        return BayesDiffSampler(unet, scheduler, laplace_posterior_for(method, posterior, probes=probes))
     if method == "mc-dropout":
         return MCDropoutSampler(unet, scheduler, passes=passes, seed=seed)
     if method == "ensemble":
