@@ -15,8 +15,8 @@ That system is solved here by preconditioned conjugate gradients on Hessian-vect
 u ↦ s·A_aug·u + δ·u of L, where A_aug = Σ [φ_p; 1][φ_p; 1]ᵀ is the data's sufficient statistic
 (the Gram matrix the 'full' structure also accumulates): no Hessian is factorised or inverted,
 and f(θ_ε) − f(θ̂) = J*(θ_ε − θ̂) is evaluated exactly (the head is linear). The estimate is
-unbiased for the exact full-GGN variance (``structure='full'``) and converges to it as 1/√K
-in the number of probes K; ``probes='basis'`` probes every output position with its unit vector,
+unbiased for the exact full-GGN variance (``structure='full'``) before it is clamped at 0, and
+converges to it as 1/√K in the number of probes K; ``probes='basis'`` probes every output position with its unit vector,
 which reproduces the closed form up to the CG tolerance. It costs K·(CG iterations) products with
 A_aug per image, far more than the closed form: the point is the comparison, not speed (see
 ``python/bench_hfl.py``). The hyperparameters (σ, δ by MacKay/marglik) use the Gram spectrum, as
@@ -43,7 +43,8 @@ class HessianFreePosterior(PosteriorStructure):
 
     ``epsilon`` is the regularisation strength ε; ``tolerance`` the CG stopping rule
     ‖residual‖ ≤ tolerance·‖right-hand side‖ (at most ``2·(D+1)`` iterations). The probes come
-    from a CPU generator seeded with ``seed`` at construction, so a run is reproducible.
+    from a CPU generator seeded with ``seed`` at construction, so a run is reproducible. Only the
+    Gram matrix is saved; the probe settings are prediction settings (defaults on ``load``).
     """
 
     name = "hfl"
