@@ -459,14 +459,16 @@ def _sample_and_write(
     )
     generator = torch.Generator("cpu").manual_seed(args.seed)
 
+    uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
+    how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
     if isinstance(sampler, BayesDiffSampler):
         # hfl and isotropic derive their posterior from the file's (other structure, other δ)
         described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
-        uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
-        how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
     else:
-        uncertainty = {}
-        how = f"{len(members) + 1} members" if args.method == "ensemble" else f"{args.passes} dropout passes"
+        passes = f"{args.passes} dropout passes"
+        if args.method == "ensemble":
+            passes = f"{len(members) + 1} members"
+        how = f"{passes}, sampler-noise {how}"
     _say(
         f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
         f"{how}, on {device}"

@@ -43,3 +43,19 @@ def test_refuses_one_member_and_mismatched_members(members):
     other.register_to_config(sample_size=16)
     with pytest.raises(ValueError, match="must share"):
         EnsembleSampler([members[0], other], ddim())
+
+
+def test_monte_carlo_aleatoric_part_is_the_reference_models_zero_variance_propagation(members):
+    from bayesdiff_ext import BayesDiffSampler
+    from bayesdiff_ext.methods import PointPosterior
+
+    settings = dict(noise=noise(), num_inference_steps=STEPS, uq_every=2, mc_samples=4, progress=False)
+    out = EnsembleSampler(members, ddpm()).sample(generator=torch.Generator().manual_seed(11), **settings)
+    point = BayesDiffSampler(members[0], ddpm(), PointPosterior(members[0]))
+    expected = point.sample(generator=torch.Generator().manual_seed(11), **settings).variance
+    assert torch.equal(out.aleatoric_variance, expected)
+    assert not torch.allclose(expected, torch.full_like(expected, c2_only_variance(ddpm())))
+    assert out.timings["mc_unet_calls"] == STEPS // 2
+    deterministic = EnsembleSampler(members, ddim()).sample(**settings)
+    assert deterministic.timings["mc_unet_calls"] == 0
+    assert torch.equal(deterministic.aleatoric_variance, torch.zeros_like(deterministic.variance))

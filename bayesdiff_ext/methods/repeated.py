@@ -5,9 +5,13 @@ variance of x_0 as the spread of the samples that different plausible models mak
 start: every pass starts at the same x_T and, for stochastic samplers, draws the same noise z
 (its generator restarts from the same state), so the spread is Var_θ(x_0 | x_T, z), the
 model's part alone. Its unbiased sample variance over the passes is ``epistemic_variance``;
-the ``aleatoric_variance`` is the sampler's noise c² propagated by the moment recurrence
-(Var' = a²·Var + c², zero for deterministic samplers), as :class:`~bayesdiff_ext.BayesDiffSampler`
-computes it with a zero-variance posterior; ``variance`` is their sum. Every pass is the
+the ``aleatoric_variance`` is the sampler's noise c² propagated by the moment recurrence of
+:class:`~bayesdiff_ext.BayesDiffSampler` with a zero-variance posterior on the reference model:
+with ``mc_samples`` = S > 0 every ``uq_every``-th step carries Var[x_t] through the UNet by Monte
+Carlo (its response to x_t contracts or grows the variance: S·B extra images per such step),
+with S = 0 it is Var' = a²·Var + c² alone (no extra calls; an upper bound when the UNet
+contracts). Deterministic samplers have no c², so no Monte Carlo is run for them and the part
+is 0. ``variance`` is the sum of both parts. Every pass is the
 sampler's own image path (:class:`~bayesdiff_ext.methods.point.PointPosterior`), so the loop
 exists once.
 """
@@ -24,6 +28,8 @@ import torch
 
 from bayesdiff_ext.methods.point import PointPosterior
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
+from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.variance_split import has_sampler_noise
 
 __all__ = ["RepeatedSampler"]
 
@@ -55,6 +61,8 @@ class RepeatedSampler(abc.ABC):
         eta: float = 0.0,
         unet_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
+        uq_every: int = 1,
+        mc_samples: int = 0,
     ) -> BayesDiffOutput:
         """``images``: the reference model's sample (the plain loop, bit-identical to it);
         ``mean``: the mean over the passes; ``variance`` = epistemic + aleatoric (see the module)."""
@@ -65,8 +73,11 @@ class RepeatedSampler(abc.ABC):
             generator = torch.Generator(x_t.device)
             generator.seed()
         state = generator.get_state()
+        self.scheduler.set_timesteps(num_inference_steps)
+        if not has_sampler_noise(step_coefficients(self.scheduler, eta)):
+            mc_samples = 0
 
-        def run(unet) -> BayesDiffOutput:
+        def run(unet, samples: int = 0) -> BayesDiffOutput:
             restarted = torch.Generator(generator.device)
             restarted.set_state(state)
             return BayesDiffSampler(unet, self.scheduler, PointPosterior(unet)).sample(
@@ -74,13 +85,14 @@ class RepeatedSampler(abc.ABC):
                 num_inference_steps=num_inference_steps,
                 generator=restarted,
                 eta=eta,
-                mc_samples=0,
-                covariance="none",
+                uq_every=uq_every,
+                mc_samples=samples,
+                covariance="mc" if samples else "none",
                 unet_kwargs=unet_kwargs,
                 progress=False,
             )
 
-        base = run(self.reference_unet)
+        base = run(self.reference_unet, mc_samples)
         samples = []
         for context in _progress(self.passes(), progress, self.method):
             with context as unet:
@@ -94,6 +106,8 @@ class RepeatedSampler(abc.ABC):
         settings = dict(
             method=self.method,
             passes=len(samples),
+            aleatoric_mc_samples=mc_samples,
+            uq_every=uq_every,
             num_inference_steps=num_inference_steps,
             eta=float(eta),
             scheduler=type(self.scheduler).__name__,
@@ -103,7 +117,8 @@ class RepeatedSampler(abc.ABC):
         timings = dict(
             total_s=time.perf_counter() - started,
             image_unet_calls=base.timings["image_unet_calls"] * (len(samples) + 1),
-            mc_unet_calls=0,
+            mc_unet_calls=base.timings["mc_unet_calls"],
+            mc_unet_batch=base.timings["mc_unet_batch"],
         )
         return BayesDiffOutput(
             images=base.images,
