@@ -195,8 +195,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         nargs="+",
         default=None,
         metavar="DIR",
-        help="ensemble: the other members' UNet folders (the model itself is member 0); the demo "
-        "uses the digits members in <assets>/ensemble/member_K/unet",
+        help="ensemble: with sample, the other members' UNet folders (--model is member 0); with "
+        "demo, all members (default: the digits members trained into <assets>/ensemble/member_K/unet)",
     )
     g.add_argument(
         "--device",
@@ -583,8 +583,8 @@ def _run_demo(args) -> int:
         unet = digits.load_bundled_unet(dropout=True)
         described["model"] += ", unet_dropout/"
     elif args.method == "ensemble":
-        unet = digits.load_bundled_unet(ensemble_member=0)
-        inputs["members"] = _ensemble_members(args, root, root / "scheduler")
+        members = _ensemble_members(args, root, root / "scheduler")
+        unet, inputs["members"] = members[0], members[1:]
         described["ensemble"] = [str(p) for p in args.ensemble] if args.ensemble else "bundled members"
     else:
         unet = digits.load_bundled_unet()
@@ -603,9 +603,8 @@ def _run_demo(args) -> int:
 
 
 def _ensemble_members(args, root: Path, scheduler_dir: Path) -> list:
-    """The ensemble's members after member 0: the ``--ensemble`` folders (UNet or pipeline folders;
-    a bare UNet folder is checked against ``scheduler_dir``), or the digits members found in
-    ``root/ensemble/member_K/unet``."""
+    """The ``--ensemble`` folders (UNet or pipeline folders; a bare UNet folder is checked against
+    ``scheduler_dir``), or else every digits member found in ``root/ensemble/member_K/unet``."""
     from bayesdiff_ext.io.inputs import load_model
 
     if args.ensemble:
@@ -617,7 +616,7 @@ def _ensemble_members(args, root: Path, scheduler_dir: Path) -> list:
             "they are not shipped (4.5 MB each): train them with `python python/train_digits.py "
             "--unet-only --ensemble-member K` for K = 0, 1, 2, or pass UNet folders with --ensemble"
         )
-    return [load_model(p.parent, scheduler_dir)[0] for p in found[1:]]
+    return [load_model(p.parent, scheduler_dir)[0] for p in found]
 
 
 def _run_sample(args) -> int:

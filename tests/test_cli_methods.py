@@ -120,3 +120,19 @@ def test_help_lists_the_methods(capsys):
     assert code == 0
     for method in cli.METHODS:
         assert method in out
+
+
+def test_demo_with_the_bundled_dropout_unet_and_given_ensemble_members(tmp_path, capsys):
+    fast = ["--num-images", "2", "--steps", "2", "--mc-samples", "2", "--no-progress"]
+    argv = ["demo", "--method", "mc-dropout", "--passes", "2", "--out", tmp_path / "dropout", *fast]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert "unet_dropout" in check_run_folder(tmp_path / "dropout", 2)["settings"]["model"]
+    members = []
+    for k in (0, 1):
+        members.append(tmp_path / f"member_{k}")
+        tiny_unet(k).save_pretrained(members[-1])
+    argv = ["demo", "--method", "ensemble", "--ensemble", *members, "--out", tmp_path / "ens", *fast]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert check_run_folder(tmp_path / "ens", 2)["settings"]["sampler_settings"]["members"] == 2
