@@ -6,6 +6,7 @@ Run: make bench, or .venv/bin/python python/bench_recurrence.py (writes its sect
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def main() -> None:
     body = (
         f"`python/bench_recurrence.py` — CPU, {args.threads} threads, median of {args.repeats} runs after warm-up; "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, bayesdiff_ext "
-        f"{bayesdiff_ext.__version__}. Eager baseline: the same formulas as chained PyTorch ops "
+        f"{bayesdiff_ext.__version__}; load average {os.getloadavg()[0]:.1f} at the end of the run (the machine "
+        "is shared: compare the ratios, not the absolute times). Eager baseline: the same formulas as chained PyTorch ops "
         "(variance via `Tensor.var`, which is two-pass). The pair is `mc_moments` then `moment_step`; "
         "the clone copies a buffer whose read + write traffic equals the pair's (targets: eager/fused ≥ 3×, "
         "fused/clone ≤ 2×).\n\n" + table
