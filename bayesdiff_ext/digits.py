@@ -186,8 +186,12 @@ def load_bundled_unet(
         path, extra = base / "unet", " --unet-only"
     if not (path / "config.json").is_file():
         raise _missing(path, "UNet", extra)
-    unet = UNet2DModel.from_pretrained(str(path), local_files_only=True)
-    return unet.to(device=device, dtype=dtype).eval()
+    # Plain loading: builds float32 parameters (float16 files are upcast) and needs no `accelerate`.
+    unet = UNet2DModel.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+    unet = unet.to(device=device)
+    if dtype != next(unet.parameters()).dtype:  # diffusers warns on every dtype-carrying `to()`
+        unet = unet.to(dtype=dtype)
+    return unet.eval()
 
 
 def load_bundled_scheduler(root: Optional[PathLike] = None):

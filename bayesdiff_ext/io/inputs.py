@@ -76,7 +76,8 @@ def load_model(model_dir: str | os.PathLike, scheduler_dir: str | os.PathLike | 
     scheduler_class = _config(sched_dir / "scheduler_config.json").get("_class_name", "")
     if not scheduler_class.endswith("Scheduler") or not hasattr(diffusers, scheduler_class):
         raise ValueError(f"{sched_dir} holds an unknown scheduler class {scheduler_class!r}")
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    # Plain loading: builds float32 parameters (float16 files are upcast) and needs no `accelerate`.
+    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(str(sched_dir), local_files_only=True)
     return unet.eval(), scheduler
 
