@@ -260,7 +260,7 @@ def _conv_call(lib, kw):
         (lambda a: a.update(groups=0), "`groups` must be >= 1"),
         (lambda a: a.update(stride=[0, 1]), "`stride` must be >= 1"),
         (lambda a: a.update(padding=[-1, 0]), "`padding` must be >= 0"),
-        (lambda a: a.update(dilation=[1, 1, 1]), "`dilation` must hold two values"),
+        (lambda a: a.update(dilation=[1, 1, 1]), "`dilation` must have 2 entries"),
         (lambda a: a.update(padding=[0, 0], dilation=[4, 4]), "does not fit `phi`"),
     ],
 )

@@ -3,16 +3,11 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include "glue/conv_geometry.h"
 #include "glue/tensor_checks.h"
 
 namespace bdx::glue {
 namespace {
-
-void check_pair(at::IntArrayRef values, const char* op, const char* name, int64_t minimum) {
-  TORCH_CHECK(values.size() == 2, op, ": `", name, "` must have 2 entries (height, width), got ", values);
-  TORCH_CHECK(values[0] >= minimum && values[1] >= minimum, op, ": `", name, "` must be >= ", minimum, ", got ",
-              values);
-}
 
 // Checks φ and the convolution parameters (groups = 1 only) and derives the output size exactly as
 // conv2d does.
@@ -21,22 +16,14 @@ PatchGeometry checked_geometry(const at::Tensor& phi, at::IntArrayRef kernel_siz
   check_floating(phi, op, "phi");
   TORCH_CHECK(phi.dim() == 4, op, ": `phi` must have shape (N, C_in, H, W), got ", phi.sizes());
   check_pair(kernel_size, op, "kernel_size", 1);
-  check_pair(stride, op, "stride", 1);
-  check_pair(padding, op, "padding", 0);
-  check_pair(dilation, op, "dilation", 1);
   PatchGeometry g{};
+  set_stride_padding_dilation(g, stride, padding, dilation, op);
   g.batch = phi.size(0);
   g.channels = phi.size(1);
   g.height = phi.size(2);
   g.width = phi.size(3);
   g.kernel_h = kernel_size[0];
   g.kernel_w = kernel_size[1];
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
   const int64_t span_h = g.dilation_h * (g.kernel_h - 1) + 1;
   const int64_t span_w = g.dilation_w * (g.kernel_w - 1) + 1;
   TORCH_CHECK(g.height + 2 * g.pad_h >= span_h && g.width + 2 * g.pad_w >= span_w, op,

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "glue/conv_geometry.h"
 #include "glue/tensor_checks.h"
 
 namespace bdx::glue {
@@ -26,12 +27,6 @@ at::Tensor optional_vector(const std::optional<at::Tensor>& t, const char* op, c
   return as_accumulation(*t, acc);
 }
 
-void check_pair(at::IntArrayRef values, const char* op, const char* name, int64_t minimum) {
-  TORCH_CHECK(values.size() == 2, op, ": `", name, "` must hold two values (height, width), got ", values);
-  TORCH_CHECK(values[0] >= minimum && values[1] >= minimum, op, ": `", name, "` must be >= ", minimum, ", got ",
-              values);
-}
-
 void check_features(const at::Tensor& phi, const char* op) {
   check_floating(phi, op, "phi");
   TORCH_CHECK(phi.dim() == 4, op, ": `phi` must be the head's input features (B, C_in, H, W), got shape ",
@@ -42,10 +37,8 @@ void check_features(const at::Tensor& phi, const char* op) {
 ConvGeometry conv_geometry(const at::Tensor& phi, const at::Tensor& weight, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, const char* op,
                            const char* weight_name) {
-  check_pair(stride, op, "stride", 1);
-  check_pair(padding, op, "padding", 0);
-  check_pair(dilation, op, "dilation", 1);
   ConvGeometry g{};
+  set_stride_padding_dilation(g, stride, padding, dilation, op);
   g.batch = phi.size(0);
   g.in_channels = phi.size(1);
   g.in_h = phi.size(2);
@@ -53,12 +46,6 @@ ConvGeometry conv_geometry(const at::Tensor& phi, const at::Tensor& weight, at::
   g.out_channels = weight.size(0);
   g.kernel_h = weight.size(2);
   g.kernel_w = weight.size(3);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
   g.groups = 1;
   g.out_h = conv_output_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
   g.out_w = conv_output_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
