@@ -8,6 +8,16 @@ from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 
 __all__ = ["BayesDiffPipeline"]
 
+# The sampler's uncertainty arguments, keyword-only in every wrapper's ``__call__``.
+UNCERTAINTY_ARGUMENTS = (
+    "uq_every", "mc_samples", "covariance", "eps_variance", "skip", "clamp", "mode", "return_trace"
+)
+
+
+def uncertainty_arguments(call_arguments: dict[str, Any]) -> dict[str, Any]:
+    """The uncertainty arguments picked from a wrapper's ``__call__`` arguments (its ``locals()``)."""
+    return {name: call_arguments[name] for name in UNCERTAINTY_ARGUMENTS}
+
 
 class BayesDiffPipeline:
     """Wraps a ``DDPMPipeline``, ``DDIMPipeline`` or ``StableDiffusionPipeline`` and a posterior on its head.

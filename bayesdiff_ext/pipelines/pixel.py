@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline
+from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
 
 __all__ = ["BayesDiffDDIMPipeline", "BayesDiffDDPMPipeline"]
@@ -70,16 +70,7 @@ class BayesDiffDDPMPipeline(_PixelPipeline):
         return_trace: bool = False,
     ) -> BayesDiffPipelineOutput | tuple:
         """Sample like ``DDPMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
-        uncertainty = dict(
-            uq_every=uq_every,
-            mc_samples=mc_samples,
-            covariance=covariance,
-            eps_variance=eps_variance,
-            skip=skip,
-            clamp=clamp,
-            mode=mode,
-            return_trace=return_trace,
-        )
+        uncertainty = uncertainty_arguments(locals())
         return self._run(
             batch_size, generator, 0.0, num_inference_steps, output_type, return_dict, uncertainty
         )
@@ -114,16 +105,7 @@ class BayesDiffDDIMPipeline(_PixelPipeline):
                 "use_clipped_model_output=True re-derives ε from a clipped x̂_0, which the moment "
                 "recurrence does not model; leave it None (the scheduler needs clip_sample=False anyway)"
             )
-        uncertainty = dict(
-            uq_every=uq_every,
-            mc_samples=mc_samples,
-            covariance=covariance,
-            eps_variance=eps_variance,
-            skip=skip,
-            clamp=clamp,
-            mode=mode,
-            return_trace=return_trace,
-        )
+        uncertainty = uncertainty_arguments(locals())
         return self._run(
             batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty
         )

@@ -9,7 +9,7 @@ import torch
 
 from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline
+from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
 from bayesdiff_ext.sampler.randomness import independent_generator
 
@@ -144,16 +144,7 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
             guidance = ClassifierFreeGuidance(
                 guidance_scale, {"encoder_hidden_states": negative_prompt_embeds}, guidance_variance
             )
-        uncertainty = dict(
-            uq_every=uq_every,
-            mc_samples=mc_samples,
-            covariance=covariance,
-            eps_variance=eps_variance,
-            skip=skip,
-            clamp=clamp,
-            mode=mode,
-            return_trace=return_trace,
-        )
+        uncertainty = uncertainty_arguments(locals())
         # The stock pipeline hands eta to the scheduler only where its step takes one (DDIM).
         step_eta = eta if "eta" in pipe.prepare_extra_step_kwargs(generator, eta) else 0.0
         result = self._sample(
