@@ -20,6 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from test_posterior_models import tiny_condition_unet, tiny_unet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from bayesdiff_ext import LastLayerLaplace
@@ -30,19 +31,7 @@ VOCAB = 64
 
 
 def sd_unet(seed=0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=2,
-    ).eval()
+    return tiny_condition_unet(seed, cross_attention_dim=TEXT_DIM)
 
 
 def sd_vae(seed=0, scaling_factor=0.18215, shift_factor=None, dtype=torch.float32) -> AutoencoderKL:
@@ -147,18 +136,7 @@ def fitted_sd_posterior(unet, structure="diag", images=6, seed=0) -> LastLayerLa
 
 
 def pixel_unet(seed=0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=False,
-    ).eval()
+    return tiny_unet(seed=seed)
 
 
 def ddpm_pipeline(seed=0, steps=100) -> DDPMPipeline:

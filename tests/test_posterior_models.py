@@ -21,7 +21,7 @@ def tiny_unet(out_channels=3, in_channels=3, seed=0, **config) -> UNet2DModel:
     return UNet2DModel(**base).eval()
 
 
-def tiny_condition_unet(seed=0) -> UNet2DConditionModel:
+def tiny_condition_unet(seed=0, cross_attention_dim=8) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
@@ -32,7 +32,7 @@ def tiny_condition_unet(seed=0) -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=2,
     ).eval()
 
