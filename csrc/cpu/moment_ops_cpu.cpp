@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <tuple>
-#include <vector>
 
 #include "glue/dtype_dispatch.h"
 #include "glue/moment_args.h"
@@ -56,20 +55,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_moments(const at::Tensor& x, c
     Acc* c_out = args.cov_x_eps.data_ptr<Acc>();
     const int64_t n = args.numel;
     const int64_t samples = args.samples;
-    // Samples outermost within a chunk: each pass streams one contiguous slice of every stack.
+    // Samples outermost within a block of elements: each pass streams one contiguous slice of every
+    // stack, and the running state lives in separate arrays so the inner loop vectorises.
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<McState<Acc>> states(end - begin, mc_init<Acc>());
-      for (int64_t s = 0; s < samples; ++s) {
-        const Acc inv_count = Acc(1) / static_cast<Acc>(s + 1);
-        const int64_t offset = s * n;
-        for (int64_t i = begin; i < end; ++i) {
-          mc_accumulate(states[i - begin], load<Acc>(xs, offset + i), load<Acc>(ms, offset + i),
-                        vs ? load<Acc>(vs, offset + i) : Acc(0), inv_count);
+      constexpr int64_t kBlock = 512;
+      Acc mean_x[kBlock], mean_eps[kBlock], m2_eps[kBlock], comoment[kBlock], sum_eps_var[kBlock];
+      for (int64_t start = begin; start < end; start += kBlock) {
+        const int64_t count = std::min(kBlock, end - start);
+        std::fill_n(mean_x, count, Acc(0));
+        std::fill_n(mean_eps, count, Acc(0));
+        std::fill_n(m2_eps, count, Acc(0));
+        std::fill_n(comoment, count, Acc(0));
+        std::fill_n(sum_eps_var, count, Acc(0));
+        for (int64_t s = 0; s < samples; ++s) {
+          const Acc inv_count = Acc(1) / static_cast<Acc>(s + 1);
+          const int64_t offset = s * n + start;
+          if (vs) {
+            for (int64_t j = 0; j < count; ++j) {
+              mc_accumulate(mean_x[j], mean_eps[j], m2_eps[j], comoment[j], sum_eps_var[j], load<Acc>(xs, offset + j),
+                            load<Acc>(ms, offset + j), load<Acc>(vs, offset + j), inv_count);
+            }
+          } else {
+            for (int64_t j = 0; j < count; ++j) {
+              mc_accumulate(mean_x[j], mean_eps[j], m2_eps[j], comoment[j], sum_eps_var[j], load<Acc>(xs, offset + j),
+                            load<Acc>(ms, offset + j), Acc(0), inv_count);
+            }
+          }
         }
-      }
-      const Acc inv_samples = Acc(1) / static_cast<Acc>(samples);
-      for (int64_t i = begin; i < end; ++i) {
-        mc_finalize(states[i - begin], inv_samples, load<Acc>(mx, i), &e_out[i], &v_out[i], &c_out[i]);
+        const Acc inv_samples = Acc(1) / static_cast<Acc>(samples);
+        for (int64_t j = 0; j < count; ++j) {
+          const McState<Acc> state{mean_x[j], mean_eps[j], m2_eps[j], comoment[j], sum_eps_var[j]};
+          const int64_t i = start + j;
+          mc_finalize(state, inv_samples, load<Acc>(mx, i), &e_out[i], &v_out[i], &c_out[i]);
+        }
       }
     });
   });

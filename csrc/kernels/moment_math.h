@@ -40,17 +40,24 @@ BDX_HD McState<Acc> mc_init() {
   return McState<Acc>{Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)};
 }
 
-// `inv_count` is 1/(i+1) for the i-th sample (0-based).
+// `inv_count` is 1/(i+1) for the i-th sample (0-based). The scalar form lets the CPU kernel keep
+// the state in separate arrays (structure of arrays), which the compiler vectorises.
+template <typename Acc>
+BDX_HD void mc_accumulate(Acc& mean_x, Acc& mean_eps, Acc& m2_eps, Acc& comoment, Acc& sum_eps_var, Acc x, Acc eps,
+                          Acc eps_var, Acc inv_count) {
+  const Acc dx = x - mean_x;
+  const Acc de = eps - mean_eps;
+  mean_x += dx * inv_count;
+  mean_eps += de * inv_count;
+  const Acc de_after = eps - mean_eps;
+  m2_eps += de * de_after;
+  comoment += dx * de_after;
+  sum_eps_var += eps_var;
+}
+
 template <typename Acc>
 BDX_HD void mc_accumulate(McState<Acc>& s, Acc x, Acc eps, Acc eps_var, Acc inv_count) {
-  const Acc dx = x - s.mean_x;
-  const Acc de = eps - s.mean_eps;
-  s.mean_x += dx * inv_count;
-  s.mean_eps += de * inv_count;
-  const Acc de_after = eps - s.mean_eps;
-  s.m2_eps += de * de_after;
-  s.comoment += dx * de_after;
-  s.sum_eps_var += eps_var;
+  mc_accumulate(s.mean_x, s.mean_eps, s.m2_eps, s.comoment, s.sum_eps_var, x, eps, eps_var, inv_count);
 }
 
 // E[ε] = mean m; Var[ε] = mean γ² + population var of m; Cov(x, ε) = mean(x·m) − E[x]·E[ε],
