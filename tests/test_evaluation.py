@@ -1,0 +1,222 @@
+"""The filtering evaluation (issue 7): its parts on known inputs, and the pipeline end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
+from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
+from bayesdiff_ext.evaluation.free_baseline import free_scores, predicted_x0
+from bayesdiff_ext.evaluation.methods import CLOSED_FORM
+from bayesdiff_ext.evaluation.ranking import advantage, detection, kept_by_score, kept_count, random_subsets
+from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
+from bayesdiff_ext.evaluation.weight_samples import draw_head_weights, fixed_weight_scores
+from bayesdiff_ext.posterior import LastLayerLaplace
+from bayesdiff_ext.sampler import BayesDiffSampler
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+
+
+def _scheduler():
+    return DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    unet, scheduler = _tiny_unet(), _scheduler()
+    images = torch.rand(16, 1, 8, 8) * 2 - 1
+    posterior = LastLayerLaplace(unet, "diag").fit(images, scheduler, batch_size=8, progress=False)
+    return unet, scheduler, posterior
+
+
+def test_replay_reproduces_the_recorded_images_and_variance_of_another_posterior(tiny):
+    unet, scheduler, posterior = tiny
+    noise = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    recorder = RecordingUNet(unet, posterior.head)
+    recorded = BayesDiffSampler(recorder, scheduler, posterior).sample(
+        noise=noise, num_inference_steps=4, progress=False, **CLOSED_FORM
+    )
+    other = LastLayerLaplace(unet, "diag").fit(torch.zeros(4, 1, 8, 8), scheduler, progress=False)
+    rows = slice(0, 3)
+    replay = ReplayUNet(unet, posterior.head, recorder.calls, rows)
+    replayed = BayesDiffSampler(replay, scheduler, other).sample(
+        noise=noise[rows], num_inference_steps=4, progress=False, **CLOSED_FORM
+    )
+    direct = BayesDiffSampler(unet, scheduler, other).sample(
+        noise=noise[rows], num_inference_steps=4, progress=False, **CLOSED_FORM
+    )
+    assert (replay.replayed, replay.computed) == (4, 0)
+    assert torch.equal(replayed.images, recorded.images[rows])
+    torch.testing.assert_close(replayed.variance, direct.variance, rtol=1e-5, atol=1e-7)
+
+
+def test_replay_runs_the_real_unet_for_inputs_off_the_recorded_path(tiny):
+    unet, scheduler, posterior = tiny
+    noise = torch.randn(2, 1, 8, 8)
+    recorder = RecordingUNet(unet, posterior.head)
+    BayesDiffSampler(recorder, scheduler, posterior).sample(
+        noise=noise, num_inference_steps=3, progress=False, **CLOSED_FORM
+    )
+    replay = ReplayUNet(unet, posterior.head, recorder.calls)
+    out = BayesDiffSampler(replay, scheduler, posterior).sample(
+        noise=noise, num_inference_steps=3, mc_samples=2, uq_every=2, progress=False
+    )
+    assert replay.replayed == 3 and replay.computed == 2  # the Monte Carlo calls of steps 0 and 2
+    assert out.variance.min() >= 0
+
+
+def test_fixed_weight_samples_leave_the_head_alone_and_vary_with_the_posterior(tiny):
+    unet, scheduler, posterior = tiny
+    head_before = unet.conv_out.weight.clone()
+    sampler = BayesDiffSampler(unet, scheduler, posterior)
+    noise = torch.randn(3, 1, 8, 8)
+    scores = fixed_weight_scores(sampler, noise, samples=3, seed=0, steps=3, progress=False)
+    assert scores.shape == (3,) and bool((scores > 0).all())
+    assert torch.equal(unet.conv_out.weight, head_before)
+    assert not unet.conv_out._forward_hooks
+    weights, _ = draw_head_weights(posterior, 4000, seed=0)
+    inputs = posterior.posterior.op_inputs(posterior.precision_scale, posterior.prior_precision)
+    torch.testing.assert_close(
+        weights.to(torch.float64).var(dim=0),
+        inputs["weight_var"].reshape(weights.shape[1:]),
+        rtol=0.1,
+        atol=0,
+    )
+
+
+def test_free_baseline_inverts_the_noising_and_is_zero_for_a_still_prediction():
+    alphas = torch.linspace(0.9, 0.1, 10, dtype=torch.float64)
+    x0, eps = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+
+    class Call:
+        def __init__(self, t):
+            self.timestep, self.output = t, eps
+            self.x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+
+    calls = [Call(t) for t in (7, 4, 1)]
+    torch.testing.assert_close(predicted_x0(calls[0].x, eps, float(alphas[7])), x0)
+    torch.testing.assert_close(
+        free_scores(calls, alphas, 3, 1), torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0
+    )
+    with pytest.raises(ValueError, match="last_steps"):
+        free_scores(calls, alphas, 1, 1)
+
+
+def test_ranking_keeps_the_lowest_scores_and_random_subsets_have_the_kept_size():
+    scores = np.array([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert kept_by_score(scores, 0.6).tolist() == [1, 2, 3]
+    subsets = random_subsets(50, 0.84, seeds=6)
+    assert {len(s) for s in subsets} == {kept_count(50, 0.84)} == {42}
+    assert all(len(np.unique(s)) == 42 for s in subsets)
+    assert len({tuple(s) for s in subsets}) == 6
+    assert advantage("fid", 8.0, [10.0, 12.0]) == pytest.approx((11 - 8) / np.std([10, 12], ddof=1))
+    assert advantage("precision", 0.5, [0.6, 0.7]) < 0
+
+
+def test_detection_of_the_oracles_worst_images():
+    quality = np.arange(100.0)
+    assert detection(-quality, quality, 0.1) == pytest.approx({"auroc": 1.0, "spearman": 1.0})
+    assert detection(quality, quality, 0.1) == pytest.approx({"auroc": 0.0, "spearman": -1.0})
+
+
+def test_a_planted_score_that_ranks_known_bad_images_last_beats_random_removal():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 6))
+    bad = np.zeros(200, bool)
+    bad[rng.choice(200, 40, replace=False)] = True
+    fake = rng.normal(size=(200, 6)) + 3.0 * bad[:, None]
+    config = EvaluationConfig(num_images=200, random_seeds=5, progress=False)
+    planted = bad + 0.01 * rng.random(200)
+    results = analyse(
+        config,
+        {"planted": planted, "inverted": -planted},
+        {"classifier": fake},
+        {"classifier": real},
+        {"confidence": -planted, "realism": -planted},
+    )
+    random = results["random"]["200"]["classifier"]
+    assert {f: len(v["fid"]) for f, v in random.items()} == {str(f): 5 for f in config.fractions}
+    planted_fid = results["methods"]["planted"]["filtering"]["classifier"]["0.8"]["fid"]
+    assert advantage("fid", planted_fid, random["0.8"]["fid"]) > 2
+    inverted_fid = results["methods"]["inverted"]["filtering"]["classifier"]["0.8"]["fid"]
+    assert advantage("fid", inverted_fid, random["0.8"]["fid"]) < -2
+    assert results["methods"]["planted"]["detection"]["confidence"]["auroc"] == pytest.approx(1.0)
+
+
+def test_config_rejects_settings_that_cannot_give_a_comparison():
+    with pytest.raises(ValueError, match="random_seeds"):
+        EvaluationConfig(random_seeds=1)
+    with pytest.raises(ValueError, match="free_last_steps"):
+        EvaluationConfig(steps=3, free_last_steps=5)
+    with pytest.raises(ValueError, match="costly_images"):
+        EvaluationConfig(num_images=100, costly_images=200)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
+    config = EvaluationConfig(
+        out_dir=tmp_path / "run",
+        docs_dir=tmp_path / "docs",
+        num_images=24,
+        steps=3,
+        batch_size=12,
+        costly_images=12,
+        mc_samples=2,
+        uq_every=2,
+        weight_samples=2,
+        free_last_steps=3,
+        random_seeds=3,
+        cost_images=2,
+        cost_repeats=1,
+        fit_images=32,
+        sweep_images=3,
+        sweep_sigmas=(0.1, 1.0),
+        sweep_priors=(1.0, 100.0),
+        progress=False,
+    )
+    report = run_evaluation(config)
+    assert report == tmp_path / "docs" / "EVALUATION.md"
+    for name in (
+        "filtering_curves",
+        "filtering_curves_random_conv",
+        "hyperparameter_sweep",
+        "uncertainty_vs_timestep",
+        "extremes",
+    ):
+        png = tmp_path / "docs" / "evaluation" / f"{name}.png"
+        assert png.stat().st_size > 1000
+        assert f"(evaluation/{name}.png)" in report.read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    methods = results["methods"]
+    assert methods["paper"]["n"] == methods["covariance_none"]["n"] == 24
+    assert methods["default"]["n"] == methods["weight_samples"]["n"] == 12
+    assert set(results["random"]) == {"12", "24"}
+    for name, entry in methods.items():
+        all_images = entry["filtering"]["classifier"]["1.0"]
+        reference = results["random"][str(entry["n"])]["classifier"]["1.0"]
+        assert all(all_images[m] == v for m, vs in reference.items() for v in vs), name
+    text = report.read_text()
+    assert "N = 24" in text and "## Conclusion" in text and "beat random removal" in text
+    assert text.count("| random removal (mean ± std over seeds) | 12 |") == 7
+    assert REFERENCE in methods
+
+    # The cached run renders the same numbers again without sampling.
+    again = run_evaluation(config, reuse=True)
+    rerun = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert rerun["methods"] == methods and rerun["random"] == results["random"]
+    assert again.read_text().split("## Methods")[1] == text.split("## Methods")[1]
