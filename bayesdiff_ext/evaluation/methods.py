@@ -99,3 +99,20 @@ _REPEATED_SPECS = {
         "ensemble", f"deep ensemble: {ENSEMBLE_MEMBERS} independently trained UNets, same x_T", "ensemble"
     ),
 }
+
+
+def unet_forwards(source: str, config) -> int:
+    """UNet forwards per image of a score's source (load-independent cost): the image path, the Monte
+    Carlo draws (S per uncertainty step), or one trajectory per pass (+ the reference pass)."""
+    steps = config.steps
+    runs = sampler_runs(config)
+    if source in runs:
+        options = runs[source].options
+        uncertainty_steps = -(-steps // options["uq_every"])
+        return steps + options["mc_samples"] * uncertainty_steps
+    passes = {
+        "weight_samples": config.weight_samples,
+        "mc_dropout": config.dropout_passes + 1,
+        "ensemble": ENSEMBLE_MEMBERS + 1,
+    }
+    return steps * passes.get(source, 1)

@@ -6,6 +6,7 @@ import numpy as np
 
 from bayesdiff_ext.evaluation.analysis import REFERENCE
 from bayesdiff_ext.evaluation.cost import PLAIN
+from bayesdiff_ext.evaluation.methods import score_specs, unet_forwards
 from bayesdiff_ext.evaluation.ranking import advantage
 
 __all__ = ["BEATS", "TABLE_METRICS", "render_report"]
@@ -95,7 +96,7 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in meta["phases_s"].items())
         + "; generation includes the sweep and replays). "
         f"Date {meta['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
-        f"* Posteriors: default = bundled diag GGN (σ = {meta['posteriors']['default']}); "
+        f"* Posteriors: default = the bundled posterior ({meta['posteriors']['default']}); "
         + "; ".join(f"{k}: {v}" for k, v in meta["posteriors"].items() if k != "default")
         + ".",
         "",
@@ -105,17 +106,23 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         f"real UNet, median of {config.cost_repeats} interleaved rounds on the shared machine (plain sampling: "
         f"{_fmt(costs[PLAIN])} s/image). Aggregations of one run share its cost.",
         "",
-        "| method | n | s/image | × plain | AUROC conf. | AUROC k-NN | Spearman conf. | Spearman k-NN |",
-        "|---|---|---|---|---|---|---|---|",
+        "The wall times were taken under heavy load from other jobs on the 2-core machine and, for MC "
+        "dropout and the ensemble, include loading their weights; the UNet forwards per image are the "
+        "load-independent cost.",
+        "",
+        "| method | n | UNet forwards/image | s/image | × plain | AUROC conf. | AUROC k-NN | Spearman conf. "
+        "| Spearman k-NN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     late = set(meta.get("supplemented", []))
+    forwards = {spec.name: unet_forwards(spec.source, config) for spec in score_specs(config)}
     for name, entry in results["methods"].items():
         det = entry["detection"]
         cost = costs.get(name)
         mark = " (timed in a later pass)" if name in late else ""
         cost_cells = "— | —" if cost is None else f"{cost:.3g}{mark} | {cost / costs[PLAIN]:.2f}"
         lines.append(
-            f"| {labels[name]} | {entry['n']} | {cost_cells} | {det['confidence']['auroc']:.3f} | "
+            f"| {labels[name]} | {entry['n']} | {forwards.get(name, '—')} | {cost_cells} | {det['confidence']['auroc']:.3f} | "
             f"{det['realism']['auroc']:.3f} | {det['confidence']['spearman']:+.3f} | {det['realism']['spearman']:+.3f} |"
         )
     lines += ["", "## Filtering against random removal", ""]
