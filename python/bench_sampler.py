@@ -336,8 +336,10 @@ def bench(setup: Setup, args, loads: list[float]) -> tuple[list[list[str]], list
     a, b = (scores[name].numpy() for name in MODES)
     rho = spearmanr(a, b)
     notes = [
-        f"{setup.name}: Spearman ρ of (a)'s and (b)'s image scores = **{rho.statistic:.3f}** over {len(a)} "
-        f"images ({args.score_batches} batches of {args.batch}, the timed one first; p = {rho.pvalue:.1e})."
+        (
+            f"{setup.name}: Spearman ρ of (a)'s and (b)'s image scores = **{rho.statistic:.3f}** over {len(a)} "
+            f"images ({args.score_batches} batches of {args.batch}, the timed one first; p = {rho.pvalue:.1e})."
+        )
     ]
 
     paper_runs = rounds[next(iter(MODES))]
