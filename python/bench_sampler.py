@@ -7,10 +7,12 @@ Modes (DDIM η = 0, 50 steps, deterministic images, diag posterior):
       `mc_samples=0`, `uq_every=1`): no extra UNet calls (target ≤ 1.15× plain).
 The baseline is the scheduler's own loop `x = scheduler.step(unet(x, t).sample, t, x).prev_sample`
 (what DDIMPipeline runs). All three run alternately, round after round, so that load from other
-processes on the shared machine falls on every mode alike; the ratios are of medians. UNet calls and
-images are counted with forward hooks; a separate instrumented run per mode splits its time into
-UNet calls (image path / Monte Carlo batch), head ops, moment ops, `scheduler.step` and the rest.
-Spearman's ρ compares (a)'s and (b)'s image scores over the timed batch and further batches.
+processes on the shared machine falls on every mode alike; the ratios are of medians. Every timed run
+is instrumented (forward hooks, timing wrappers: microseconds per call): UNet calls and images, and
+its time split into UNet calls (image path / Monte Carlo batch), head ops, moment ops,
+`scheduler.step` and the rest. The Monte Carlo batch's UNet cost is also measured against the same
+images in calls of the image batch size, with a profile of what grows. Spearman's ρ compares (a)'s
+and (b)'s image scores over the timed batch and further batches.
 
 Configurations: the bundled digits UNet (16×16, 1 channel, its fitted diag posterior) and a
 random-init UNet2DModel at 32×32 with 3 channels (diag posterior fitted on random images: the
