@@ -142,8 +142,9 @@ def test_monte_carlo_runs_both_branches_of_every_sample_in_one_unet_call(sd):
         BayesDiffPipeline.from_pipe(pipe, post)(
             generator=seeded(), mc_samples=samples, uq_every=2, decode_samples=0, **sd_call(cond, uncond)
         )
-    # One image call of [uncond; cond] per step, one Monte Carlo call at each of the 2 uncertainty steps.
-    assert collections.Counter(calls.rows) == {2 * BATCH: STEPS, 2 * samples * BATCH: 2}
+    # One image call of [uncond; cond] per step, one Monte Carlo call at the 2 uncertainty steps
+    # but the first (Var[x_T] = 0 there: the closed form stands in).
+    assert collections.Counter(calls.rows) == {2 * BATCH: STEPS, 2 * samples * BATCH: 1}
 
 
 def test_pixel_variance_decodes_gaussian_draws_in_batches(sd):
@@ -288,7 +289,7 @@ def test_callback_leaves_the_images_and_tracks_the_wrappers_moments(sd, settings
     torch.testing.assert_close(callback.variance, wrapped.variance)
     torch.testing.assert_close(callback.scores, wrapped.scores)
     assert len(callback.trace) == STEPS
-    assert callback.extra_unet_calls == (2 if settings["mc_samples"] else 0)
+    assert callback.extra_unet_calls == (1 if settings["mc_samples"] else 0)  # none at x_T (Var = 0)
     pixels = callback.pixel_moments(pipe.vae, samples=2, batch_size=4)
     assert pixels.variance.shape == (BATCH, 3, 16, 16)
 

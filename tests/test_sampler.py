@@ -369,16 +369,48 @@ def test_uq_every_runs_the_monte_carlo_only_at_its_steps(unet, posterior, make_s
         generator=torch.Generator().manual_seed(0),
     )
     flags = [r["monte_carlo"] for r in out.trace]
-    assert flags == [r["uncertainty_step"] for r in out.trace]
     assert out.timings["mc_unet_calls"] == sum(flags)
     if isinstance(make_scheduler(), DDIMScheduler):
-        assert flags == [True, False, False, True, False, False, True]
+        assert [r["uncertainty_step"] for r in out.trace] == [True, False, False, True, False, False, True]
+        # Var[x_T] = 0: the first uncertainty step is the closed form, not a Monte Carlo call.
+        assert flags == [False, False, False, True, False, False, True]
     else:  # DPM-Solver-2 steps (1,2)(1,2)(1,2)(1): solver steps 0 and 3 carry both their calls
+        assert flags == [r["uncertainty_step"] for r in out.trace]
         assert flags == [True, True, False, False, False, False, True]
     assert [r["timestep"] for r in out.trace] == out.settings["timesteps"]
     for record in out.trace:
         assert bool((record["variance"] >= 0).all())
     assert bool((out.variance > 0).any())
+
+
+@pytest.mark.parametrize("eps_variance", ["total", "bayesdiff"])
+def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, posterior, eps_variance):
+    from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
+
+    scheduler = _ddim()
+    scheduler.set_timesteps(STEPS)
+    first = step_coefficients(scheduler, 0.0)[0]
+    t = scheduler.timesteps[0]
+    sampler = BayesDiffSampler(unet, scheduler, posterior)
+    x = _noise()
+    out, _, head_var = sampler._forward(x, t, {}, want_head=True)
+    closed = closed_form_moments(first, out, head_var, None)
+    drawn, _ = monte_carlo_moments(
+        first,
+        first,
+        x,
+        torch.zeros_like(x),
+        None,
+        lambda samples: sampler.head_at_samples(samples, t, {}, torch.float32),
+        samples=6,
+        keep_eps=False,
+        eps_variance=eps_variance,
+        covariance="mc",
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(drawn.mean, closed.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(drawn.var, closed.var, rtol=1e-5, atol=1e-7)
+    assert torch.equal(drawn.cov, torch.zeros_like(drawn.cov))
 
 
 def test_bayesdiff_eps_variance_drops_the_spread_of_the_head_means(unet, posterior):

@@ -103,13 +103,14 @@ _REPEATED_SPECS = {
 
 def unet_forwards(source: str, config) -> int:
     """UNet forwards per image of a score's source (load-independent cost): the image path, the Monte
-    Carlo draws (S per uncertainty step), or one trajectory per pass (+ the reference pass)."""
+    Carlo draws (S per uncertainty step but the first, where Var[x_T] = 0), or one trajectory per
+    pass (+ the reference pass)."""
     steps = config.steps
     runs = sampler_runs(config)
     if source in runs:
         options = runs[source].options
-        uncertainty_steps = -(-steps // options["uq_every"])
-        return steps + options["mc_samples"] * uncertainty_steps
+        monte_carlo_steps = -(-steps // options["uq_every"]) - 1
+        return steps + options["mc_samples"] * monte_carlo_steps
     passes = {
         "weight_samples": config.weight_samples,
         "mc_dropout": config.dropout_passes + 1,

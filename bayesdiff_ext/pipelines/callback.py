@@ -180,7 +180,8 @@ class UncertaintyCallback(PipelineCallback):
         elif call.sample.shape[0] != batch:
             raise ValueError(f"the pipeline's UNet call had {call.sample.shape[0]} rows for {batch} latents")
         is_uncertain = self._uncertain[index]
-        monte_carlo = is_uncertain and settings["mc_samples"] > 0
+        # Var[x_T] = 0 at the first step: the draws would all be x_T, so the closed form stands in.
+        monte_carlo = is_uncertain and settings["mc_samples"] > 0 and index > 0
         closed_form = (is_uncertain and not monte_carlo) or (
             not is_uncertain and settings["skip"] == "covariance"
         )

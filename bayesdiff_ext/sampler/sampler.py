@@ -78,6 +78,9 @@ class BayesDiffSampler:
           = S draws x^i ~ N(E[x_t], Var[x_t]) (antithetic pairs, see ``randomness.antithetic_randn``)
           go through the UNet in one batched call and the
           head's closed-form (m^i, γ²^i) give E[ε], Var[ε] and Cov(x_t, ε) (``ops.mc_moments``).
+          At the first step Var[x_T] = 0, the draws would all be x_T, and the closed form at x_T
+          (γ², no covariance) takes their place: no Monte Carlo call (except for a DPM-Solver-2
+          first stage, whose draws its second stage reuses).
           ``eps_variance='bayesdiff'`` keeps only mean γ² (drops the spread of the m^i),
           ``covariance='none'`` drops the covariance. ``mc_samples=0`` (with ``covariance='none'``)
           replaces the Monte Carlo by γ² at the image sample: no extra UNet calls.
@@ -151,8 +154,13 @@ class BayesDiffSampler:
         for step in tqdm(plan, desc="BayesDiff", disable=not progress):
             t = scheduler.timesteps[step.index]
             is_uncertain = uncertain[step.index]
-            monte_carlo = is_uncertain and mc_samples > 0
-            closed_form_var = (is_uncertain and mc_samples == 0) or (
+            # Var[x_T] = 0, so at the first step all S draws equal x_T and the Monte Carlo reduces to
+            # the closed form at the image sample (BayesDiff's code also starts it at the second
+            # uncertainty step). A DPM-Solver-2 first stage still draws: its second stage needs them.
+            monte_carlo = (
+                is_uncertain and mc_samples > 0 and not (step.index == 0 and step.index not in restarted)
+            )
+            closed_form_var = (is_uncertain and not monte_carlo) or (
                 not is_uncertain and skip == "covariance"
             )
             out, _, head_var = self._forward(
