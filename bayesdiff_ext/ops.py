@@ -43,6 +43,17 @@ def check_nonnegative(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"`{name}` is a variance and must be >= 0, but its minimum is {float(t.min()):.3g}")
 
 
+def _check_values(
+    finite: dict[str, torch.Tensor | None], variances: dict[str, torch.Tensor | None]
+) -> None:
+    """``check_values=True`` of every wrapper: all inputs first for NaN/inf, then the variances
+    for negative entries, so that the first bad argument in that order is the one named."""
+    for name, t in finite.items():
+        check_finite(name, t)
+    for name, t in variances.items():
+        check_nonnegative(name, t)
+
+
 def moment_step(
     mean_x: torch.Tensor,
     var_x: torch.Tensor,
@@ -64,10 +75,10 @@ def moment_step(
     inputs and otherwise of the input dtype.
     """
     if check_values:
-        for name, t in (("mean_x", mean_x), ("eps_mean", eps_mean), ("cov_x_eps", cov_x_eps)):
-            check_finite(name, t)
-        check_nonnegative("var_x", var_x)
-        check_nonnegative("eps_var", eps_var)
+        _check_values(
+            finite={"mean_x": mean_x, "eps_mean": eps_mean, "cov_x_eps": cov_x_eps},
+            variances={"var_x": var_x, "eps_var": eps_var},
+        )
     return torch.ops.bayesdiff_ext.moment_step(
         mean_x, var_x, eps_mean, eps_var, cov_x_eps, float(a), float(b), float(c2), bool(clamp)
     )
@@ -88,9 +99,7 @@ def mc_moments(
     variances plus the population variance of the head means) and Cov(x, ε) about ``mean_x``.
     """
     if check_values:
-        for name, t in (("x", x), ("eps_mean", eps_mean), ("mean_x", mean_x)):
-            check_finite(name, t)
-        check_nonnegative("eps_var", eps_var)
+        _check_values(finite={"x": x, "eps_mean": eps_mean, "mean_x": mean_x}, variances={"eps_var": eps_var})
     return torch.ops.bayesdiff_ext.mc_moments(x, eps_mean, eps_var, mean_x)
 
 
@@ -100,6 +109,16 @@ def _conv_pair(value: int | tuple[int, int] | list[int], name: str) -> list[int]
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
     return pair
+
+
+def _stride_padding_dilation(stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
+    """The geometry keywords every conv op takes, checked in that order, as the schemas want them."""
+    return _conv_pair(stride, "stride"), _conv_pair(padding, "padding"), _conv_pair(dilation, "dilation")
+
+
+def _patch_geometry(kernel_size, stride, padding, dilation) -> tuple[list[int], ...]:
+    """The curvature ops' geometry: they take no weight, so the kernel size comes as an argument."""
+    return _conv_pair(kernel_size, "kernel_size"), *_stride_padding_dilation(stride, padding, dilation)
 
 
 def conv_diag_ggn(
@@ -120,11 +139,7 @@ def conv_diag_ggn(
     float32 (16-bit inputs are accumulated in float32). Sum over batches by adding the results.
     """
     return torch.ops.bayesdiff_ext.conv_diag_ggn(
-        phi,
-        _conv_pair(kernel_size, "kernel_size"),
-        _conv_pair(stride, "stride"),
-        _conv_pair(padding, "padding"),
-        _conv_pair(dilation, "dilation"),
+        phi, *_patch_geometry(kernel_size, stride, padding, dilation)
     )
 
 
@@ -148,12 +163,7 @@ def conv_diag_ef(
     multiply by 2 for parity. Never unfolds the batch; float64 for float64 inputs, else float32.
     """
     weight_part = torch.ops.bayesdiff_ext.conv_diag_ef(
-        phi,
-        residual,
-        _conv_pair(kernel_size, "kernel_size"),
-        _conv_pair(stride, "stride"),
-        _conv_pair(padding, "padding"),
-        _conv_pair(dilation, "dilation"),
+        phi, residual, *_patch_geometry(kernel_size, stride, padding, dilation)
     )
     if not with_bias:
         return weight_part
@@ -178,11 +188,7 @@ def conv_patch_gram(
     factors. Never unfolds the batch; float64 for float64 ``phi``, otherwise float32.
     """
     return torch.ops.bayesdiff_ext.conv_patch_gram(
-        phi,
-        _conv_pair(kernel_size, "kernel_size"),
-        _conv_pair(stride, "stride"),
-        _conv_pair(padding, "padding"),
-        _conv_pair(dilation, "dilation"),
+        phi, *_patch_geometry(kernel_size, stride, padding, dilation)
     )
 
 
@@ -190,6 +196,13 @@ def _require(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         raise TypeError(f"`{name}` is required")
     return t
+
+
+def _check_diagonal_head_values(phi, weight, bias, weight_var, bias_var) -> None:
+    _check_values(
+        finite={"phi": phi, "weight": weight, "bias": bias},
+        variances={"weight_var": weight_var, "bias_var": bias_var},
+    )
 
 
 def conv_head_mean_var(
@@ -216,19 +229,14 @@ def conv_head_mean_var(
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
-        for name, t in (("phi", phi), ("weight", weight), ("bias", bias)):
-            check_finite(name, t)
-        check_nonnegative("weight_var", weight_var)
-        check_nonnegative("bias_var", bias_var)
+        _check_diagonal_head_values(phi, weight, bias, weight_var, bias_var)
     return torch.ops.bayesdiff_ext.conv_head_mean_var(
         phi,
         weight,
         bias,
         weight_var,
         bias_var,
-        _conv_pair(stride, "stride"),
-        _conv_pair(padding, "padding"),
-        _conv_pair(dilation, "dilation"),
+        *_stride_padding_dilation(stride, padding, dilation),
         int(groups),
     )
 
@@ -249,10 +257,7 @@ def linear_head_mean_var(
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
-        for name, t in (("phi", phi), ("weight", weight), ("bias", bias)):
-            check_finite(name, t)
-        check_nonnegative("weight_var", weight_var)
-        check_nonnegative("bias_var", bias_var)
+        _check_diagonal_head_values(phi, weight, bias, weight_var, bias_var)
     return torch.ops.bayesdiff_ext.linear_head_mean_var(phi, weight, bias, weight_var, bias_var)
 
 
@@ -277,17 +282,15 @@ def conv_head_var_factored(
     posterior with ``bayesdiff_ext.posterior.laplace_convert``.
     """
     if check_values:
-        for name, t in (("phi", phi), ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
-            check_finite(name, t)
-        check_nonnegative("mix", mix)
-        check_nonnegative("bias_var", bias_var)
+        _check_values(
+            finite={"phi": phi, "proj_weight": proj_weight, "proj_bias": proj_bias},
+            variances={"mix": mix, "bias_var": bias_var},
+        )
     return torch.ops.bayesdiff_ext.conv_head_var_factored(
         phi,
         proj_weight,
         proj_bias,
         mix,
         bias_var,
-        _conv_pair(stride, "stride"),
-        _conv_pair(padding, "padding"),
-        _conv_pair(dilation, "dilation"),
+        *_stride_padding_dilation(stride, padding, dilation),
     )
