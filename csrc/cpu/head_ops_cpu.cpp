@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -248,14 +247,7 @@ struct DiagOutputRow {
   BDX_ISA_VARIANTS(diag_output_row)
 };
 
-std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      const at::Tensor& weight_var,
-                                                      const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
-                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                      int64_t groups) {
-  auto args = glue::prepare_conv_head_mean_var(phi, weight, bias, weight_var, bias_var, stride, padding, dilation,
-                                               groups);
+void compute_conv_head_mean_var(const glue::ConvHeadMeanVarArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_mean_var", [&] {
     using Acc = acc_t<T>;
     const ConvGeometry& g = args.geometry;
@@ -280,7 +272,6 @@ std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, con
       for (int64_t row = begin; row < end; ++row) DiagOutputRow::run(isa, &job, row, packed.data());
     });
   });
-  return {args.mean, args.var};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,11 +359,7 @@ struct LinearRow {
   BDX_ISA_VARIANTS(linear_row)
 };
 
-std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
-                                                        const std::optional<at::Tensor>& bias,
-                                                        const at::Tensor& weight_var,
-                                                        const std::optional<at::Tensor>& bias_var) {
-  auto args = glue::prepare_linear_head_mean_var(phi, weight, bias, weight_var, bias_var);
+void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "linear_head_mean_var", [&] {
     using Acc = acc_t<T>;
     const LinearJob<T> job{glue::data_or_null<T>(args.phi),
@@ -390,7 +377,6 @@ std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, c
       for (int64_t row = begin; row < end; ++row) LinearRow::run(isa, &job, row);
     });
   });
-  return {args.mean, args.var};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,12 +440,7 @@ void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels
   });
 }
 
-at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_weight,
-                                  const std::optional<at::Tensor>& proj_bias, const at::Tensor& mix,
-                                  const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, stride, padding,
-                                                   dilation);
+void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
     using Acc = acc_t<T>;
     const ConvGeometry& g = args.geometry;
@@ -494,14 +475,13 @@ at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_
       }
     }
   });
-  return args.var;
 }
 
 }  // namespace
 }  // namespace bdx::cpu
 
 TORCH_LIBRARY_IMPL(bayesdiff_ext, CPU, m) {
-  m.impl("conv_head_mean_var", &bdx::cpu::conv_head_mean_var);
-  m.impl("linear_head_mean_var", &bdx::cpu::linear_head_mean_var);
-  m.impl("conv_head_var_factored", &bdx::cpu::conv_head_var_factored);
+  m.impl("conv_head_mean_var", &bdx::glue::conv_head_mean_var<&bdx::cpu::compute_conv_head_mean_var>);
+  m.impl("linear_head_mean_var", &bdx::glue::linear_head_mean_var<&bdx::cpu::compute_linear_head_mean_var>);
+  m.impl("conv_head_var_factored", &bdx::glue::conv_head_var_factored<&bdx::cpu::compute_conv_head_var_factored>);
 }

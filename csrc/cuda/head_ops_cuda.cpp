@@ -3,8 +3,6 @@
 // BDX_CUDA_EMULATION, against the host emulation (torch.ops.bayesdiff_ext_emu.*, CPU key).
 #include <torch/library.h>
 
-#include <tuple>
-
 #include "cuda/glue_backend.h"
 #include "cuda/head_kernels.h"
 #include "glue/dtype_dispatch.h"
@@ -14,14 +12,7 @@
 namespace bdx::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      const at::Tensor& weight_var,
-                                                      const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
-                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                      int64_t groups) {
-  auto args = glue::prepare_conv_head_mean_var(phi, weight, bias, weight_var, bias_var, stride, padding, dilation,
-                                               groups);
+void compute_conv_head_mean_var(const glue::ConvHeadMeanVarArgs& args) {
   const DeviceScope scope(args.phi);
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_mean_var", [&] {
     using Acc = acc_t<T>;
@@ -30,14 +21,9 @@ std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, con
         glue::data_or_null<Acc>(args.bias), glue::data_or_null<Acc>(args.bias_var), args.geometry,
         args.mean.data_ptr<Acc>(), args.var.data_ptr<Acc>(), scope.stream()));
   });
-  return {args.mean, args.var};
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
-                                                        const std::optional<at::Tensor>& bias,
-                                                        const at::Tensor& weight_var,
-                                                        const std::optional<at::Tensor>& bias_var) {
-  auto args = glue::prepare_linear_head_mean_var(phi, weight, bias, weight_var, bias_var);
+void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
   const DeviceScope scope(args.phi);
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "linear_head_mean_var", [&] {
     using Acc = acc_t<T>;
@@ -46,15 +32,9 @@ std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, c
         glue::data_or_null<Acc>(args.bias), glue::data_or_null<Acc>(args.bias_var), args.rows, args.features,
         args.out_features, args.mean.data_ptr<Acc>(), args.var.data_ptr<Acc>(), scope.stream()));
   });
-  return {args.mean, args.var};
 }
 
-at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_weight,
-                                  const std::optional<at::Tensor>& proj_bias, const at::Tensor& mix,
-                                  const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, stride, padding,
-                                                   dilation);
+void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
   const DeviceScope scope(args.phi);
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
     using Acc = acc_t<T>;
@@ -63,14 +43,13 @@ at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_
         args.mix.const_data_ptr<Acc>(), glue::data_or_null<Acc>(args.bias_var), args.geometry, args.channels,
         args.var.data_ptr<Acc>(), scope.stream()));
   });
-  return args.var;
 }
 
 }  // namespace
 }  // namespace bdx::cuda
 
 TORCH_LIBRARY_IMPL(BDX_GLUE_LIBRARY, BDX_GLUE_DISPATCH_KEY, m) {
-  m.impl("conv_head_mean_var", &bdx::cuda::conv_head_mean_var);
-  m.impl("linear_head_mean_var", &bdx::cuda::linear_head_mean_var);
-  m.impl("conv_head_var_factored", &bdx::cuda::conv_head_var_factored);
+  m.impl("conv_head_mean_var", &bdx::glue::conv_head_mean_var<&bdx::cuda::compute_conv_head_mean_var>);
+  m.impl("linear_head_mean_var", &bdx::glue::linear_head_mean_var<&bdx::cuda::compute_linear_head_mean_var>);
+  m.impl("conv_head_var_factored", &bdx::glue::conv_head_var_factored<&bdx::cuda::compute_conv_head_var_factored>);
 }

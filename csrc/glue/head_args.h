@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "kernels/head_math.h"
 
@@ -55,5 +56,41 @@ ConvHeadVarFactoredArgs prepare_conv_head_var_factored(const at::Tensor& phi, co
                                                        const std::optional<at::Tensor>& bias_var,
                                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                                        at::IntArrayRef dilation);
+
+// The ops as registered (schemas.h): validation and allocation are the same for every backend, so
+// a backend supplies only `compute`, which fills the outputs of the prepared arguments.
+template <void (*compute)(const ConvHeadMeanVarArgs&)>
+std::tuple<at::Tensor, at::Tensor> conv_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const at::Tensor& weight_var,
+                                                      const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      int64_t groups) {
+  const auto args =
+      prepare_conv_head_mean_var(phi, weight, bias, weight_var, bias_var, stride, padding, dilation, groups);
+  compute(args);
+  return {args.mean, args.var};
+}
+
+template <void (*compute)(const LinearHeadMeanVarArgs&)>
+std::tuple<at::Tensor, at::Tensor> linear_head_mean_var(const at::Tensor& phi, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& weight_var,
+                                                        const std::optional<at::Tensor>& bias_var) {
+  const auto args = prepare_linear_head_mean_var(phi, weight, bias, weight_var, bias_var);
+  compute(args);
+  return {args.mean, args.var};
+}
+
+template <void (*compute)(const ConvHeadVarFactoredArgs&)>
+at::Tensor conv_head_var_factored(const at::Tensor& phi, const at::Tensor& proj_weight,
+                                  const std::optional<at::Tensor>& proj_bias, const at::Tensor& mix,
+                                  const std::optional<at::Tensor>& bias_var, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto args =
+      prepare_conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, stride, padding, dilation);
+  compute(args);
+  return args.var;
+}
 
 }  // namespace bdx::glue
