@@ -408,6 +408,9 @@ def _add_eval_command(commands) -> None:
     evaluate.add_argument("--mc-samples", type=_int_at_least(1), default=10, metavar="S", help="Monte Carlo samples")
     evaluate.add_argument("--weight-samples", type=_int_at_least(2), default=4, metavar="M", help="fixed weight samples")
     evaluate.add_argument("--free-last-steps", type=_int_at_least(2), default=5, metavar="L", help="free baseline steps")
+    evaluate.add_argument(
+        "--hfl-probes", type=_int_at_least(1), default=16, metavar="K", help="Hessian-free Laplace probes per image"
+    )
     evaluate.add_argument("--random-seeds", type=_int_at_least(2), default=10, help="random subsets per fraction")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of x_T and the random subsets (default 0)")
     evaluate.add_argument("--label", default=None, help="a line printed at the top of the report")
@@ -755,6 +758,7 @@ def _run_eval(args) -> int:
         mc_samples=args.mc_samples,
         weight_samples=args.weight_samples,
         free_last_steps=args.free_last_steps,
+        hfl_probes=args.hfl_probes,
         random_seeds=args.random_seeds,
         seed=args.seed,
         progress=not args.no_progress,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from scipy.stats import spearmanr
 
 from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
@@ -180,6 +181,7 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
         uq_every=2,
         weight_samples=2,
         free_last_steps=3,
+        hfl_probes=8,
         random_seeds=3,
         cost_images=2,
         cost_repeats=1,
@@ -205,6 +207,12 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
     methods = results["methods"]
     assert methods["paper"]["n"] == methods["covariance_none"]["n"] == 24
     assert methods["default"]["n"] == methods["weight_samples"]["n"] == 12
+    assert methods["hfl"]["n"] == 24
+    # HFL estimates the full GGN's variance: summed over an image the probe noise averages out.
+    with np.load(tmp_path / "run" / "filtering_run.npz") as cached:
+        hfl, full = cached["score__hfl"], cached["score__full_ggn"]
+    assert spearmanr(hfl, full).statistic > 0.9
+    assert np.allclose(hfl, full, rtol=0.25)
     assert set(results["random"]) == {"12", "24"}
     for name, entry in methods.items():
         all_images = entry["filtering"]["classifier"]["1.0"]

@@ -99,3 +99,19 @@ def test_bad_probe_counts_are_refused(probes):
     hfl = fitted_pair(conv_head(c_in=4, c_out=2, kernel=3))[1]
     with pytest.raises(ValueError, match="probes must be an integer >= 1 or 'basis'"):
         HessianFreePosterior(hfl.spec, hfl.posterior.gram, probes=probes)
+
+
+def test_images_solved_in_groups_get_the_same_variance_as_one_solve(monkeypatch):
+    from bayesdiff_ext.posterior import hfl as hfl_module
+
+    head = conv_head(c_in=4, c_out=2, kernel=3)
+    _, hfl = fitted_pair(head)
+    hfl.posterior.probes = 3
+    phi = torch.randn(5, 4, 6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hfl.posterior.generator.manual_seed(7)
+    together = hfl.predict(phi)[1]
+    # 3 probes × 2 channels = 6 rows per image: groups of 2 images, the last one alone.
+    monkeypatch.setattr(hfl_module, "SOLVE_ROWS", 12)
+    hfl.posterior.generator.manual_seed(7)
+    grouped = hfl.predict(phi)[1]
+    torch.testing.assert_close(grouped, together, rtol=1e-7, atol=0)

@@ -17,7 +17,8 @@ class EvaluationConfig:
     * ``costly_images``: how many of the N (the first ones) the methods that need extra UNet calls
       (Monte Carlo covariance, fixed weight samples) score; None = all N.
     * ``mc_samples`` S and ``uq_every`` (Skip) of the Monte Carlo methods; ``weight_samples`` M of
-      the fixed-weight baseline; ``dropout_passes`` T of MC dropout; ``free_last_steps`` how many final steps' x̂_0 the free baseline uses.
+      the fixed-weight baseline; ``dropout_passes`` T of MC dropout; ``free_last_steps`` how many final steps' x̂_0 the free baseline uses;
+      ``hfl_probes`` the Rademacher probes per image of Hessian-free Laplace.
     * ``fractions`` kept fractions; ``random_seeds`` random subsets per fraction; ``bad_fraction``
       the share of images the oracle calls bad (AUROC); ``knn_k`` the k of PRDC and the realism score.
     * ``fit_images``: how many training digits (the first ones) the fitted posteriors see; None = all.
@@ -37,6 +38,7 @@ class EvaluationConfig:
     weight_samples: int = 4
     dropout_passes: int = 4
     free_last_steps: int = 5
+    hfl_probes: int = 16
     fractions: tuple[float, ...] = (1.0, 0.95, 0.9, 0.84, 0.8)
     random_seeds: int = 10
     bad_fraction: float = 0.1
@@ -83,6 +85,7 @@ class EvaluationConfig:
             "mc_samples",
             "uq_every",
             "weight_samples",
+            "hfl_probes",
             "cost_images",
             "cost_repeats",
             "sweep_images",

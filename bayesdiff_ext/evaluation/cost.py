@@ -13,7 +13,7 @@ from bayesdiff_ext.evaluation.replay import RecordingUNet
 from bayesdiff_ext.evaluation.weight_samples import fixed_weight_scores
 from bayesdiff_ext.sampler import BayesDiffSampler
 
-__all__ = ["PLAIN", "hfl_head_seconds", "measure_costs", "plain_sampling", "seconds"]
+__all__ = ["PLAIN", "measure_costs", "plain_sampling", "seconds"]
 
 #: The reference row: the same loop with the head variance asked for at the first step only.
 PLAIN = "plain sampling (reference)"
@@ -99,24 +99,3 @@ def measure_costs(config, unet, scheduler, posteriors, noise) -> dict[str, float
     for spec in score_specs(config):
         costs[spec.name] = run_seconds[spec.source] / batch
     return costs
-
-
-def hfl_head_seconds(images: int = 2) -> float:
-    """Seconds per image of one Hessian-free Laplace head call (default probes) on φ of the bundled
-    model at the first DDIM timestep: what ruled HFL out of the comparison, measured in the run."""
-    import torch
-
-    from bayesdiff_ext.digits import bundled_dir, load_bundled_unet
-    from bayesdiff_ext.methods.selection import laplace_posterior_for
-    from bayesdiff_ext.posterior import LastLayerLaplace
-
-    unet = load_bundled_unet()
-    hfl = laplace_posterior_for(
-        "hfl", LastLayerLaplace.load(bundled_dir() / "posterior_full.safetensors", unet)
-    )
-    size = unet.config.sample_size
-    x = torch.randn(images, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        with hfl.capture() as cap:
-            unet(x, 999)
-        return seconds(lambda: hfl.predict(cap.phi)) / images

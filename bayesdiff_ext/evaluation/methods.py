@@ -43,6 +43,7 @@ def sampler_runs(config) -> dict[str, SamplerRun]:
         RECORDING_RUN: SamplerRun("default", CLOSED_FORM, costly=False),
         "full_closed": SamplerRun("full", CLOSED_FORM, costly=False),
         "isotropic_closed": SamplerRun("isotropic", CLOSED_FORM, costly=False),
+        "hfl_closed": SamplerRun("hfl", CLOSED_FORM, costly=False),
         # BayesDiff's code: γ² at the samples only (no spread of the head means), images deterministic.
         "paper": SamplerRun(
             "paper", dict(monte_carlo, eps_variance="bayesdiff"), costly=True, all_images=True
@@ -70,6 +71,11 @@ def score_specs(config) -> list[ScoreSpec]:
                 RECORDING_RUN,
             ),
             ScoreSpec("full_ggn", "full GGN, closed form, every step", "full_closed"),
+            ScoreSpec(
+                "hfl",
+                f"Hessian-free Laplace on the full GGN ({config.hfl_probes} probes, CG), every step",
+                "hfl_closed",
+            ),
             ScoreSpec(
                 "isotropic",
                 "isotropic (reproduction's baseline), closed form, every step",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.methods.selection import laplace_posterior_for
 from bayesdiff_ext.posterior import LastLayerLaplace, capture_head_input
 
 __all__ = ["FITTED", "build_posteriors", "fitting_features"]
@@ -37,9 +38,12 @@ def fitting_features(unet, scheduler, images, *, batch_size: int, seed: int, pro
     return batches
 
 
-def build_posteriors(unet, default_path, features) -> dict[str, LastLayerLaplace]:
-    """{'default': the bundled posterior, plus every entry of :data:`FITTED` fitted on ``features``}."""
+def build_posteriors(unet, default_path, features, *, hfl_probes: int) -> dict[str, LastLayerLaplace]:
+    """{'default': the bundled posterior, every entry of :data:`FITTED` fitted on ``features``, and
+    'hfl': Hessian-free Laplace with ``hfl_probes`` probes on the full posterior's curvature (so it
+    estimates the full GGN's variance, by conjugate gradients and probes instead of a factorisation)}."""
     posteriors = {"default": LastLayerLaplace.load(default_path, unet)}
     for name, options in FITTED.items():
         posteriors[name] = LastLayerLaplace(unet, **options).fit_features(features)
+    posteriors["hfl"] = laplace_posterior_for("hfl", posteriors["full"], probes=hfl_probes)
     return posteriors
