@@ -387,7 +387,7 @@ def _add_eval_command(commands) -> None:
             "EVALUATION.md, figures under evaluation/, results.json and a cache (filtering_run.npz) that "
             "--reuse renders again without sampling."
         ),
-        epilog="example:\n  bayesdiff eval --out eval-out --docs docs --num-images 2000 --steps 10",
+        epilog="example:\n  bayesdiff eval --out eval-out --docs docs --num-images 2000 --steps 20",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="cache and results folder")
@@ -396,7 +396,7 @@ def _add_eval_command(commands) -> None:
     )
     evaluate.add_argument("--reuse", action="store_true", help="render from the cached run in --out, no sampling")
     evaluate.add_argument("--num-images", type=_int_at_least(12), default=2000, metavar="N", help="samples (default 2000)")
-    evaluate.add_argument("--steps", type=_int_at_least(2), default=10, help="DDIM steps (default 10)")
+    evaluate.add_argument("--steps", type=_int_at_least(2), default=20, help="DDIM steps (default 20)")
     evaluate.add_argument("--batch-size", type=_int_at_least(1), default=250, metavar="B", help="images per batch")
     evaluate.add_argument(
         "--costly-images",

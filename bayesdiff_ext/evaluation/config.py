@@ -29,7 +29,7 @@ class EvaluationConfig:
 
     out_dir: Path = Path("eval-out")
     num_images: int = 2000
-    steps: int = 10
+    steps: int = 20
     batch_size: int = 250
     seed: int = 0
     costly_images: int | None = None
