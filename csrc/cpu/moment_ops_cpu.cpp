@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 
 #include "glue/dtype_dispatch.h"
 #include "glue/moment_args.h"
@@ -15,14 +14,10 @@ namespace {
 
 constexpr int64_t kGrain = 4096;
 
-std::tuple<at::Tensor, at::Tensor> moment_step(const at::Tensor& mean_x, const at::Tensor& var_x,
-                                               const at::Tensor& eps_mean, const std::optional<at::Tensor>& eps_var,
-                                               const std::optional<at::Tensor>& cov_x_eps, double a, double b,
-                                               double c2, bool clamp) {
-  auto args = glue::prepare_moment_step(mean_x, var_x, eps_mean, eps_var, cov_x_eps, a, b, c2);
+void compute_moment_step(const glue::MomentStepArgs& args) {
   BDX_DISPATCH_FLOATING(args.mean_x.scalar_type(), "moment_step", [&] {
     using Acc = acc_t<T>;
-    const MomentCoefficients<Acc> k{static_cast<Acc>(a), static_cast<Acc>(b), static_cast<Acc>(c2), clamp};
+    const MomentCoefficients<Acc> k = args.coefficients<Acc>();
     const T* mx = glue::data_or_null<T>(args.mean_x);
     const T* vx = glue::data_or_null<T>(args.var_x);
     const T* em = glue::data_or_null<T>(args.eps_mean);
@@ -37,13 +32,9 @@ std::tuple<at::Tensor, at::Tensor> moment_step(const at::Tensor& mean_x, const a
       }
     });
   });
-  return {args.mean_next, args.var_next};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_moments(const at::Tensor& x, const at::Tensor& eps_mean,
-                                                          const std::optional<at::Tensor>& eps_var,
-                                                          const at::Tensor& mean_x) {
-  auto args = glue::prepare_mc_moments(x, eps_mean, eps_var, mean_x);
+void compute_mc_moments(const glue::McMomentsArgs& args) {
   BDX_DISPATCH_FLOATING(args.x.scalar_type(), "mc_moments", [&] {
     using Acc = acc_t<T>;
     const T* xs = glue::data_or_null<T>(args.x);
@@ -91,13 +82,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_moments(const at::Tensor& x, c
       }
     });
   });
-  return {args.e_eps, args.var_eps, args.cov_x_eps};
 }
 
 }  // namespace
 }  // namespace bdx::cpu
 
 TORCH_LIBRARY_IMPL(bayesdiff_ext, CPU, m) {
-  m.impl("moment_step", &bdx::cpu::moment_step);
-  m.impl("mc_moments", &bdx::cpu::mc_moments);
+  m.impl("moment_step", &bdx::glue::moment_step<&bdx::cpu::compute_moment_step>);
+  m.impl("mc_moments", &bdx::glue::mc_moments<&bdx::cpu::compute_mc_moments>);
 }

@@ -9,7 +9,8 @@ namespace bdx::glue {
 
 MomentStepArgs prepare_moment_step(const at::Tensor& mean_x, const at::Tensor& var_x, const at::Tensor& eps_mean,
                                    const std::optional<at::Tensor>& eps_var,
-                                   const std::optional<at::Tensor>& cov_x_eps, double a, double b, double c2) {
+                                   const std::optional<at::Tensor>& cov_x_eps, double a, double b, double c2,
+                                   bool clamp) {
   constexpr const char* op = "moment_step";
   check_floating(mean_x, op, "mean_x");
   const auto shape = mean_x.sizes();
@@ -28,6 +29,10 @@ MomentStepArgs prepare_moment_step(const at::Tensor& mean_x, const at::Tensor& v
                         eps_mean.contiguous(),
                         contiguous_or_undefined(eps_var),
                         contiguous_or_undefined(cov_x_eps),
+                        a,
+                        b,
+                        c2,
+                        clamp,
                         at::empty(shape, out_options),
                         at::empty(shape, out_options)};
 }
