@@ -64,9 +64,7 @@ void unfold_positions(const T* phi, const PatchGeometry& g, int64_t q_begin, int
   if (rows > patch) std::fill(columns + patch * count, columns + (patch + 1) * count, Acc(1));
 }
 
-at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_diag_ggn(phi, kernel_size, stride, padding, dilation);
+void compute_conv_diag_ggn(const glue::CurvatureArgs& args) {
   const PatchGeometry g = args.geometry;
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_diag_ggn", [&] {
     using Acc = acc_t<T>;
@@ -94,17 +92,14 @@ at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at:
       }
     });
   });
-  return args.out;
 }
 
-at::Tensor conv_diag_ef(const at::Tensor& phi, const at::Tensor& residual, at::IntArrayRef kernel_size,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_diag_ef(phi, residual, kernel_size, stride, padding, dilation);
+void compute_conv_diag_ef(const glue::CurvatureArgs& args) {
   const PatchGeometry g = args.geometry;
   const int64_t out_channels = args.out.size(0);
   const int64_t patch = g.patch_size();
   const int64_t positions = g.positions();
-  if (g.batch == 0 || out_channels == 0 || patch == 0) return args.out;
+  if (g.batch == 0 || out_channels == 0 || patch == 0) return;
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_diag_ef", [&] {
     using Acc = acc_t<T>;
     const T* x = reinterpret_cast<const T*>(args.phi.const_data_ptr());
@@ -127,16 +122,13 @@ at::Tensor conv_diag_ef(const at::Tensor& phi, const at::Tensor& residual, at::I
       weight_sums.addcmul_(gradient, gradient);
     }
   });
-  return args.out;
 }
 
-at::Tensor conv_patch_gram(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_patch_gram(phi, kernel_size, stride, padding, dilation);
+void compute_conv_patch_gram(const glue::CurvatureArgs& args) {
   const PatchGeometry g = args.geometry;
   const int64_t augmented = g.patch_size() + 1;
   const int64_t total = g.batch * g.positions();
-  if (total == 0) return args.out;
+  if (total == 0) return;
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_patch_gram", [&] {
     using Acc = acc_t<T>;
     const T* x = reinterpret_cast<const T*>(args.phi.const_data_ptr());
@@ -149,14 +141,13 @@ at::Tensor conv_patch_gram(const at::Tensor& phi, at::IntArrayRef kernel_size, a
       args.out.addmm_(patches, patches.t());
     }
   });
-  return args.out;
 }
 
 }  // namespace
 }  // namespace bdx::cpu
 
 TORCH_LIBRARY_IMPL(bayesdiff_ext, CPU, m) {
-  m.impl("conv_diag_ggn", &bdx::cpu::conv_diag_ggn);
-  m.impl("conv_diag_ef", &bdx::cpu::conv_diag_ef);
-  m.impl("conv_patch_gram", &bdx::cpu::conv_patch_gram);
+  m.impl("conv_diag_ggn", &bdx::glue::conv_diag_ggn<&bdx::cpu::compute_conv_diag_ggn>);
+  m.impl("conv_diag_ef", &bdx::glue::conv_diag_ef<&bdx::cpu::compute_conv_diag_ef>);
+  m.impl("conv_patch_gram", &bdx::glue::conv_patch_gram<&bdx::cpu::compute_conv_patch_gram>);
 }

@@ -17,9 +17,7 @@ const T* data(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 
-at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_diag_ggn(phi, kernel_size, stride, padding, dilation);
+void compute_conv_diag_ggn(const glue::CurvatureArgs& args) {
   const DeviceScope scope(args.phi);
   const PatchGeometry& g = args.geometry;
   // One accumulator per input pixel of one image: the batch is reduced before the taps.
@@ -29,38 +27,31 @@ at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at:
     check_launch(launch_conv_diag_ggn<T>(data<T>(args.phi), g, square_sum.data_ptr<Acc>(),
                                          args.out.data_ptr<Acc>(), scope.stream()));
   });
-  return args.out;
 }
 
-at::Tensor conv_diag_ef(const at::Tensor& phi, const at::Tensor& residual, at::IntArrayRef kernel_size,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_diag_ef(phi, residual, kernel_size, stride, padding, dilation);
+void compute_conv_diag_ef(const glue::CurvatureArgs& args) {
   const DeviceScope scope(args.phi);
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_diag_ef", [&] {
     using Acc = acc_t<T>;
     check_launch(launch_conv_diag_ef<T>(data<T>(args.phi), data<T>(args.residual),
                                         args.geometry, args.out.size(0), args.out.data_ptr<Acc>(), scope.stream()));
   });
-  return args.out;
 }
 
-at::Tensor conv_patch_gram(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto args = glue::prepare_conv_patch_gram(phi, kernel_size, stride, padding, dilation);
+void compute_conv_patch_gram(const glue::CurvatureArgs& args) {
   const DeviceScope scope(args.phi);
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_patch_gram", [&] {
     using Acc = acc_t<T>;
     check_launch(launch_conv_patch_gram<T>(data<T>(args.phi), args.geometry,
                                            args.out.data_ptr<Acc>(), scope.stream()));
   });
-  return args.out;
 }
 
 }  // namespace
 }  // namespace bdx::cuda
 
 TORCH_LIBRARY_IMPL(BDX_GLUE_LIBRARY, BDX_GLUE_DISPATCH_KEY, m) {
-  m.impl("conv_diag_ggn", &bdx::cuda::conv_diag_ggn);
-  m.impl("conv_diag_ef", &bdx::cuda::conv_diag_ef);
-  m.impl("conv_patch_gram", &bdx::cuda::conv_patch_gram);
+  m.impl("conv_diag_ggn", &bdx::glue::conv_diag_ggn<&bdx::cuda::compute_conv_diag_ggn>);
+  m.impl("conv_diag_ef", &bdx::glue::conv_diag_ef<&bdx::cuda::compute_conv_diag_ef>);
+  m.impl("conv_patch_gram", &bdx::glue::conv_patch_gram<&bdx::cuda::compute_conv_patch_gram>);
 }

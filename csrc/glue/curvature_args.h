@@ -25,4 +25,31 @@ CurvatureArgs prepare_conv_diag_ef(const at::Tensor& phi, const at::Tensor& resi
 CurvatureArgs prepare_conv_patch_gram(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// The ops as registered (schemas.h): validation and allocation are the same for every backend, so
+// a backend supplies only `compute`, which accumulates into the zero-filled `out` of the prepared
+// arguments.
+template <void (*compute)(const CurvatureArgs&)>
+at::Tensor conv_diag_ggn(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto args = prepare_conv_diag_ggn(phi, kernel_size, stride, padding, dilation);
+  compute(args);
+  return args.out;
+}
+
+template <void (*compute)(const CurvatureArgs&)>
+at::Tensor conv_diag_ef(const at::Tensor& phi, const at::Tensor& residual, at::IntArrayRef kernel_size,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto args = prepare_conv_diag_ef(phi, residual, kernel_size, stride, padding, dilation);
+  compute(args);
+  return args.out;
+}
+
+template <void (*compute)(const CurvatureArgs&)>
+at::Tensor conv_patch_gram(const at::Tensor& phi, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto args = prepare_conv_patch_gram(phi, kernel_size, stride, padding, dilation);
+  compute(args);
+  return args.out;
+}
+
 }  // namespace bdx::glue
