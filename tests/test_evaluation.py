@@ -220,6 +220,8 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
         assert all(all_images[m] == v for m, vs in reference.items() for v in vs), name
     text = report.read_text()
     assert "N = 24" in text and "## Conclusion" in text and "beat random removal" in text
+    assert "score the first 12 images" in text
+    assert "Precision and recall at kept 0.84" in text and "Best at finding the oracle's worst images" in text
     assert text.count("| random removal (mean ± std over seeds) | 12 |") == 7
     assert REFERENCE in methods
 

@@ -50,18 +50,63 @@ def _filter_table(results, labels, extractor, metric, fractions) -> list[str]:
     return lines
 
 
+def _z(results, entry, metric, extractor="classifier"):
+    return advantage(
+        metric,
+        entry["filtering"][extractor][CONCLUSION_FRACTION][metric],
+        _random(results, entry, extractor, CONCLUSION_FRACTION, metric),
+    )
+
+
+def _scores(results):
+    return {name: entry for name, entry in results["methods"].items() if name not in (REFERENCE, "random")}
+
+
 def _verdicts(results, labels, extractor="classifier", metric="fid"):
     beats, fails = [], []
-    for name, entry in results["methods"].items():
-        if name in (REFERENCE, "random"):
-            continue
-        z = advantage(
-            metric,
-            entry["filtering"][extractor][CONCLUSION_FRACTION][metric],
-            _random(results, entry, extractor, CONCLUSION_FRACTION, metric),
-        )
+    for name, entry in _scores(results).items():
+        z = _z(results, entry, metric, extractor)
         (beats if z >= BEATS else fails).append((z, name))
     return sorted(beats, reverse=True), sorted(fails, reverse=True)
+
+
+def _trade_off(results, labels) -> str:
+    """Which scores buy precision with recall at the conclusion's fraction, from the tables."""
+    scores = _scores(results)
+    sharper = sorted(
+        ((_z(results, e, "precision"), _z(results, e, "recall"), n) for n, e in scores.items()),
+        reverse=True,
+    )
+    sharper = [row for row in sharper if row[0] >= BEATS]
+    if not sharper:
+        return f"No score raises precision (classifier features) by {BEATS:g} stds at kept {CONCLUSION_FRACTION}."
+    poorer = sum(1 for _, r, _ in sharper if r <= -BEATS)
+    listed = "; ".join(f"{labels[n]} (precision {p:+.1f}σ, recall {r:+.1f}σ)" for p, r, n in sharper)
+    return (
+        f"Precision and recall at kept {CONCLUSION_FRACTION}: {len(sharper)} of {len(scores)} scores raise "
+        f"precision by at least {BEATS:g} stds over random removal, and {poorer} of them lower recall by at "
+        f"least {BEATS:g} stds — {listed}. Such a score removes atypical images, which raises precision, but also "
+        "thins the tails of the distribution, which FID and recall count against it."
+    )
+
+
+def _best_detector(results, labels) -> str:
+    scores = _scores(results)
+    name = max(scores, key=lambda n: scores[n]["detection"]["confidence"]["auroc"])
+    det = scores[name]["detection"]
+    return (
+        f"Best at finding the oracle's worst images: {labels[name]} (AUROC {det['confidence']['auroc']:.3f} "
+        f"by classifier confidence, {det['realism']['auroc']:.3f} by k-NN realism; 0.5 = chance)."
+    )
+
+
+def _coverage(config) -> str:
+    if config.costly_count == config.num_images:
+        return f"* Every method scores all {config.num_images} images."
+    return (
+        f"* Methods that need extra UNet calls, except the paper's configuration, score the first "
+        f"{config.costly_count} images; their random baseline is drawn from those same images."
+    )
 
 
 def render_report(*, config, results, labels, costs, meta, figures) -> str:
@@ -82,13 +127,12 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         f"(chosen to fit the time budget on a shared 2-core CPU), batches of {config.batch_size}, x_T seed {config.seed}.",
         "* Every method scores the same images: one deterministic image path per x_T, recorded once and "
         "replayed for the other posteriors (checked bit for bit); Monte Carlo draws use the real UNet.",
-        f"* Methods that need extra UNet calls, except the paper's configuration, score the first "
-        f"{config.costly_count} images; their random baseline is drawn from those same images.",
+        _coverage(config),
         f"* Kept fractions {', '.join(str(f) for f in fractions)}; random removal: {config.random_seeds} seeds "
         "per fraction. Cells: metric (advantage over random removal in random-subset stds, + = better).",
         f"* Real set: all {meta['real_images']} scikit-learn digits (16×16). Features: the bundled digits classifier's "
         "128-d embedding (primary) and a fixed-seed random conv net (sanity check). "
-        f"KID: unbiased MMD² on min(N_real, N_kept) rows; PRDC and realism: k = {config.knn_k}; CMMD: σ = 10, ×1000 "
+        f"KID (raw, not ×1000): unbiased MMD² on min(N_real, N_kept) rows; PRDC and realism: k = {config.knn_k}; CMMD: σ = 10, ×1000 "
         "(random conv features: FID and CMMD only).",
         f"* Oracles: classifier max-softmax confidence; k-NN realism score (Kynkäänniemi et al.) against the "
         f"training set in classifier-feature space. AUROC: detecting the worst {config.bad_fraction:.0%} by the oracle.",
@@ -104,11 +148,13 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         "",
         f"Cost: wall seconds per image of each method on the same batch of {config.cost_images} images with the "
         f"real UNet, median of {config.cost_repeats} interleaved rounds on the shared machine (plain sampling: "
-        f"{_fmt(costs[PLAIN])} s/image). Aggregations of one run share its cost.",
+        f"{_fmt(costs[PLAIN])} s/image). Aggregations of one run share its cost; the mean ranks the images "
+        "exactly as the sum (every image has the same number of pixels), so its rows repeat the sum's.",
         "",
-        "The wall times were taken under heavy load from other jobs on the 2-core machine and, for MC "
-        "dropout and the ensemble, include loading their weights; the UNet forwards per image are the "
-        "load-independent cost.",
+        "Wall times on a shared machine move with the load of other jobs, and for MC dropout and the "
+        "ensemble include loading their weights; the UNet forwards per image are the load-independent "
+        "cost. Hessian-free Laplace makes no extra UNet calls: its cost is the conjugate-gradient solves "
+        "in the head.",
         "",
         "| method | n | UNet forwards/image | s/image | × plain | AUROC conf. | AUROC k-NN | Spearman conf. "
         "| Spearman k-NN |",
@@ -160,17 +206,17 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         lines.append(
             "Did not beat random removal: " + "; ".join(f"{labels[n]} ({z:+.1f}σ)" for z, n in fails) + "."
         )
-    ref = results["methods"][REFERENCE]
-    ref_z = advantage(
-        "fid",
-        ref["filtering"]["classifier"][CONCLUSION_FRACTION]["fid"],
-        _random(results, ref, "classifier", CONCLUSION_FRACTION, "fid"),
-    )
+    ref_z = _z(results, results["methods"][REFERENCE], "fid")
     lines += [
         "",
-        f"For scale: ranking by the oracle itself (classifier confidence, which shares the FID features) gains "
-        f"{ref_z:+.1f}σ at the same fraction; the AUROC column says how well each score finds the oracle's worst "
-        f"{config.bad_fraction:.0%} (0.5 = chance).",
+        _trade_off(results, labels),
+        "",
+        _best_detector(results, labels),
+        "",
+        "For scale: removing images by the oracle itself (classifier confidence, which shares the FID features) "
+        + ("beats" if ref_z >= 0 else "does worse than")
+        + f" random removal on FID ({ref_z:+.1f}σ at the same fraction) — FID rewards diversity as well as "
+        "quality, so a filter that finds bad images need not lower it.",
         "",
         "Not compared: " + meta["not_compared"] + ".",
         "",
