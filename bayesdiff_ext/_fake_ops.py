@@ -28,9 +28,15 @@ def _check_same(name: str, t, ref, ref_name: str, shape) -> None:
 def _patch_output_size(phi, kernel_size, stride, padding, dilation) -> tuple:
     """(H_out, W_out) of a groups=1 conv over `phi`, as the curvature accumulators compute it."""
     torch._check(phi.dim() == 4, lambda: f"`phi` must have shape (N, C_in, H, W), got {tuple(phi.shape)}")
-    return tuple(
+    size = tuple(
         (phi.shape[2 + k] + 2 * padding[k] - dilation[k] * (kernel_size[k] - 1) - 1) // stride[k] + 1 for k in range(2)
     )
+    torch._check(
+        size[0] >= 1 and size[1] >= 1,
+        lambda: f"the {tuple(kernel_size)} kernel with dilation {tuple(dilation)} does not fit `phi` of spatial "
+        f"size {tuple(phi.shape[2:])} with padding {tuple(padding)}",
+    )
+    return size
 
 
 def register_fakes(namespace: str) -> None:

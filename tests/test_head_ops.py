@@ -262,6 +262,7 @@ def _conv_call(lib, kw):
         (lambda a: a.update(padding=[-1, 0]), "`padding` must be >= 0"),
         (lambda a: a.update(dilation=[1, 1, 1]), "`dilation` must have 2 entries"),
         (lambda a: a.update(padding=[0, 0], dilation=[4, 4]), "does not fit `phi`"),
+        (lambda a: a.update(phi=a["phi"][..., :2, :2], padding=[0, 0], stride=[2, 2]), "does not fit `phi`"),
     ],
 )
 def test_conv_head_mean_var_errors_name_the_argument(backend, mutate, message):
@@ -367,6 +368,26 @@ def test_opcheck(namespace):
         torch.library.opcheck(lib.conv_head_var_factored, (*_factored_inputs(case, torch.float32, "cpu"), *case.conv.geometry))
     weight = torch.randn(3, 7)
     torch.library.opcheck(lib.linear_head_mean_var, (torch.randn(2, 5, 7), weight, torch.randn(3), weight.abs(), None))
+
+
+@pytest.mark.parametrize("size, stride", [(2, 2), (3, 2), (4, 3), (5, 2)])
+def test_fake_and_real_conv_heads_agree_on_the_output_size_and_on_what_does_not_fit(size, stride):
+    phi, weight = torch.randn(1, 2, size, size), torch.randn(3, 2, 3, 3)
+    args = (phi, weight, None, weight.abs(), None, [stride, stride], [0, 0], [1, 1], 1)
+    fits = size >= 3
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        if fits:
+            fake_shape = torch.ops.bayesdiff_ext.conv_head_mean_var(*fake_args)[0].shape
+        else:
+            with pytest.raises(RuntimeError, match="does not fit `phi`"):
+                torch.ops.bayesdiff_ext.conv_head_mean_var(*fake_args)
+    if fits:
+        real_shape = torch.ops.bayesdiff_ext.conv_head_mean_var(*args)[0].shape
+        assert fake_shape == real_shape == F.conv2d(phi, weight, stride=stride).shape
+    else:
+        with pytest.raises(RuntimeError, match="does not fit `phi`"):
+            torch.ops.bayesdiff_ext.conv_head_mean_var(*args)
 
 
 def test_torch_compile_fullgraph():

@@ -32,9 +32,12 @@ struct ConvGeometry {
   BDX_HD int64_t taps_per_channel() const { return in_channels_per_group() * kernel_h * kernel_w; }
 };
 
-// Output extent of a convolution along one axis; <= 0 when the (dilated) kernel does not fit.
+// Output extent of a convolution along one axis; 0 when the (dilated) kernel does not fit. The
+// room is tested before dividing because C++ division truncates toward zero: a kernel one pixel too
+// wide with stride 2 would otherwise get one output pixel.
 BDX_HD int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
-  return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
+  const int64_t room = in + 2 * pad - dilation * (kernel - 1) - 1;
+  return room < 0 ? 0 : room / stride + 1;
 }
 
 // Input coordinate read by output coordinate `out` at kernel tap `tap` (may fall in the padding).
