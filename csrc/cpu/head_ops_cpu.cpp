@@ -15,7 +15,7 @@
 
 #include "glue/dtype_dispatch.h"
 #include "glue/head_args.h"
-#include "glue/moment_args.h"  // data_or_null
+#include "glue/tensor_checks.h"
 #include "kernels/head_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -7,6 +7,7 @@
 
 #include "glue/dtype_dispatch.h"
 #include "glue/moment_args.h"
+#include "glue/tensor_checks.h"
 #include "kernels/moment_math.h"
 
 namespace bdx::cpu {

@@ -7,7 +7,7 @@
 #include "cuda/head_kernels.h"
 #include "glue/dtype_dispatch.h"
 #include "glue/head_args.h"
-#include "glue/moment_args.h"  // data_or_null
+#include "glue/tensor_checks.h"
 
 namespace bdx::cuda {
 namespace {

@@ -5,6 +5,7 @@
 
 #include "glue/dtype_dispatch.h"
 #include "glue/moment_args.h"
+#include "glue/tensor_checks.h"
 #include "cuda/glue_backend.h"
 #include "cuda/moment_kernels.h"
 

@@ -37,12 +37,6 @@ struct McMomentsArgs {
 McMomentsArgs prepare_mc_moments(const at::Tensor& x, const at::Tensor& eps_mean,
                                  const std::optional<at::Tensor>& eps_var, const at::Tensor& mean_x);
 
-// Typed data pointer, null for an undefined (absent) tensor.
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-
 // The ops as registered (schemas.h): validation and allocation are the same for every backend, so
 // a backend supplies only `compute`, which fills the outputs of the prepared arguments.
 template <void (*compute)(const MomentStepArgs&)>

@@ -22,4 +22,10 @@ void check_finite_scalar(double value, const char* op, const char* name);
 // Contiguous view of an optional input (undefined when absent).
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 
+// Typed data pointer, null for an undefined (absent) tensor.
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
 }  // namespace bdx::glue
