@@ -131,8 +131,22 @@ def test_ranking_keeps_the_lowest_scores_and_random_subsets_have_the_kept_size()
 
 def test_detection_of_the_oracles_worst_images():
     quality = np.arange(100.0)
-    assert detection(-quality, quality, 0.1) == pytest.approx({"auroc": 1.0, "spearman": 1.0})
-    assert detection(quality, quality, 0.1) == pytest.approx({"auroc": 0.0, "spearman": -1.0})
+    exact = {"auroc_std": 0.0, "spearman_std": 0.0}
+    assert detection(-quality, quality, 0.1) == pytest.approx({"auroc": 1.0, "spearman": 1.0, **exact})
+    assert detection(quality, quality, 0.1) == pytest.approx({"auroc": 0.0, "spearman": -1.0, **exact})
+
+
+def test_detection_std_matches_the_hanley_mcneil_standard_error():
+    rng = np.random.default_rng(1)
+    quality = rng.random(2000)
+    scores = -quality + rng.normal(scale=0.6, size=2000)
+    found = detection(scores, quality, 0.1)
+    a, n_bad, n_good = found["auroc"], 200, 1800
+    q1, q2 = a / (2 - a), 2 * a**2 / (1 + a)
+    hanley_mcneil = np.sqrt((a * (1 - a) + (n_bad - 1) * (q1 - a**2) + (n_good - 1) * (q2 - a**2)) / (n_bad * n_good))
+    assert 0.6 < a < 0.9
+    assert found["auroc_std"] == pytest.approx(hanley_mcneil, rel=0.25)
+    assert found["spearman_std"] == pytest.approx((1 - found["spearman"] ** 2) / np.sqrt(2000), rel=0.35)
 
 
 def test_a_planted_score_that_ranks_known_bad_images_last_beats_random_removal():

@@ -90,13 +90,18 @@ def _trade_off(results, labels) -> str:
     )
 
 
+def _with_std(detection: dict, statistic: str, sign: str = "") -> str:
+    return f"{detection[statistic]:{sign}.3f} ± {detection[statistic + '_std']:.3f}"
+
+
 def _best_detector(results, labels) -> str:
     scores = _scores(results)
     name = max(scores, key=lambda n: scores[n]["detection"]["confidence"]["auroc"])
     det = scores[name]["detection"]
     return (
-        f"Best at finding the oracle's worst images: {labels[name]} (AUROC {det['confidence']['auroc']:.3f} "
-        f"by classifier confidence, {det['realism']['auroc']:.3f} by k-NN realism; 0.5 = chance)."
+        f"Best at finding the oracle's worst images: {labels[name]} (AUROC {_with_std(det['confidence'], 'auroc')} "
+        f"by classifier confidence, {_with_std(det['realism'], 'auroc')} by k-NN realism; 0.5 = chance, ± the "
+        "bootstrap std over images)."
     )
 
 
@@ -135,7 +140,8 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         f"KID (raw, not ×1000): unbiased MMD² on min(N_real, N_kept) rows; PRDC and realism: k = {config.knn_k}; CMMD: σ = 10, ×1000 "
         "(random conv features: FID and CMMD only).",
         f"* Oracles: classifier max-softmax confidence; k-NN realism score (Kynkäänniemi et al.) against the "
-        f"training set in classifier-feature space. AUROC: detecting the worst {config.bad_fraction:.0%} by the oracle.",
+        f"training set in classifier-feature space. AUROC: detecting the worst {config.bad_fraction:.0%} by the oracle. "
+        "AUROC and Spearman ± their std over bootstrap resamples of the images.",
         f"* Wall time of the run: {meta['wall_s']:.0f} s ("
         + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in meta["phases_s"].items())
         + "; generation includes the sweep and replays). "
@@ -168,8 +174,13 @@ def render_report(*, config, results, labels, costs, meta, figures) -> str:
         mark = " (timed in a later pass)" if name in late else ""
         cost_cells = "— | —" if cost is None else f"{cost:.3g}{mark} | {cost / costs[PLAIN]:.2f}"
         lines.append(
-            f"| {labels[name]} | {entry['n']} | {forwards.get(name, '—')} | {cost_cells} | {det['confidence']['auroc']:.3f} | "
-            f"{det['realism']['auroc']:.3f} | {det['confidence']['spearman']:+.3f} | {det['realism']['spearman']:+.3f} |"
+            f"| {labels[name]} | {entry['n']} | {forwards.get(name, '—')} | {cost_cells} | "
+            + " | ".join(
+                _with_std(det[oracle], statistic, sign)
+                for statistic, sign in (("auroc", ""), ("spearman", "+"))
+                for oracle in ("confidence", "realism")
+            )
+            + " |"
         )
     lines += ["", "## Filtering against random removal", ""]
     for extractor, metric_names in TABLE_METRICS.items():
