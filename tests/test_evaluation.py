@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
 from bayesdiff_ext.evaluation.free_baseline import free_scores, predicted_x0
-from bayesdiff_ext.evaluation.methods import CLOSED_FORM
+from bayesdiff_ext.evaluation.methods import CLOSED_FORM, sampler_runs, unet_forwards
 from bayesdiff_ext.evaluation.ranking import advantage, detection, kept_by_score, kept_count, random_subsets
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
 from bayesdiff_ext.evaluation.weight_samples import draw_head_weights, fixed_weight_scores
@@ -64,6 +64,18 @@ def test_replay_reproduces_the_recorded_images_and_variance_of_another_posterior
     assert (replay.replayed, replay.computed) == (4, 0)
     assert torch.equal(replayed.images, recorded.images[rows])
     torch.testing.assert_close(replayed.variance, direct.variance, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("steps, uq_every", [(7, 3), (6, 3), (5, 6), (5, 1)])
+def test_the_reported_unet_forwards_are_the_samplers_own_calls(tiny, steps, uq_every):
+    unet, scheduler, posterior = tiny
+    config = EvaluationConfig(steps=steps, uq_every=uq_every, mc_samples=3, progress=False)
+    for source in ("paper", "full_closed"):
+        out = BayesDiffSampler(unet, scheduler, posterior).sample(
+            batch_size=2, num_inference_steps=steps, progress=False, **sampler_runs(config)[source].options
+        )
+        calls = out.timings["image_unet_calls"] + out.timings["mc_unet_calls"] * config.mc_samples
+        assert unet_forwards(source, config) == calls, source
 
 
 def test_replay_runs_the_real_unet_for_inputs_off_the_recorded_path(tiny):

@@ -46,12 +46,6 @@ def _describe(posterior) -> str:
     return f"{posterior.structure}/{posterior.curvature}, σ = {posterior.sigma_noise:.4g}, δ = {posterior.prior_precision:.4g}"
 
 
-#: What the report says it leaves out, and why.
-NOT_COMPARED = (
-    "the epistemic/aleatoric split — DDIM η = 0 has no sampler noise, so all variance here is epistemic"
-)
-
-
 def _save_cache(path: Path, generated: Generated, costs: dict, meta: dict) -> None:
     arrays = {"images": generated.images, "trace_timesteps": generated.trace_timesteps}
     arrays.update({f"score__{k}": v for k, v in generated.scores.items()})
@@ -86,7 +80,7 @@ def _check_cached_config(config, meta) -> None:
     for key in keys:
         if cached.get(key) != getattr(config, key):
             raise ValueError(
-                f"--reuse: the cached run used {key}={cached[key]!r} but this call asks for {getattr(config, key)!r}"
+                f"--reuse: the cached run used {key}={cached.get(key)!r} but this call asks for {getattr(config, key)!r}"
             )
 
 
@@ -245,7 +239,6 @@ def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Pat
         wall_s=sum(phases.values()),
         real_images=len(real_images),
         label=label,
-        not_compared=NOT_COMPARED,
     )
     text = render_report(
         config=config, results=results, labels=labels, costs=costs, meta=meta, figures=figure_paths

@@ -21,7 +21,7 @@ from bayesdiff_ext.guidance import (
 from bayesdiff_ext.sampler.coefficients import step_coefficients
 from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
-from bayesdiff_ext.sampler.sampler import BayesDiffSampler, _check_settings, _uncertainty_steps
+from bayesdiff_ext.sampler.sampler import BayesDiffSampler, _check_settings, step_kinds
 
 __all__ = ["UncertaintyCallback"]
 
@@ -157,7 +157,9 @@ class UncertaintyCallback(PipelineCallback):
                 "UncertaintyCallback follows one UNet call per step: use solver_order=1, "
                 "or BayesDiffSampler/BayesDiffPipeline"
             )
-        self._uncertain = _uncertainty_steps(self._plan, self.settings["uq_every"])
+        self._kinds = step_kinds(
+            self._plan, self.settings["uq_every"], self.settings["mc_samples"], self.settings["skip"]
+        )
         self._sampler = BayesDiffSampler(self._recorder.unet, pipeline.scheduler, self.posterior)
         x_start = call.sample[:batch]
         self._dtype = torch.float64 if x_start.dtype == torch.float64 else torch.float32
@@ -179,12 +181,7 @@ class UncertaintyCallback(PipelineCallback):
             kwargs, out = guidance.branch_kwargs(cond), combine(*call.output.chunk(2), guidance.scale)
         elif call.sample.shape[0] != batch:
             raise ValueError(f"the pipeline's UNet call had {call.sample.shape[0]} rows for {batch} latents")
-        is_uncertain = self._uncertain[index]
-        # Var[x_T] = 0 at the first step: the draws would all be x_T, so the closed form stands in.
-        monte_carlo = is_uncertain and settings["mc_samples"] > 0 and index > 0
-        closed_form = (is_uncertain and not monte_carlo) or (
-            not is_uncertain and settings["skip"] == "covariance"
-        )
+        is_uncertain, monte_carlo, closed_form = self._kinds[index]
 
         if monte_carlo:
 

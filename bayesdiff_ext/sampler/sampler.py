@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
@@ -139,7 +139,7 @@ class BayesDiffSampler:
 
         scheduler.set_timesteps(num_inference_steps)
         plan = step_coefficients(scheduler, eta)
-        uncertain = _uncertainty_steps(plan, uq_every)
+        kinds = step_kinds(plan, uq_every, mc_samples, skip)
         restarted = {s.origin for s in plan if s.origin != s.index}
         step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
 
@@ -153,16 +153,7 @@ class BayesDiffSampler:
 
         for step in tqdm(plan, desc="BayesDiff", disable=not progress):
             t = scheduler.timesteps[step.index]
-            is_uncertain = uncertain[step.index]
-            # Var[x_T] = 0, so at the first step all S draws equal x_T and the Monte Carlo reduces to
-            # the closed form at the image sample (BayesDiff's code also starts it at the second
-            # uncertainty step). A DPM-Solver-2 first stage still draws: its second stage needs them.
-            monte_carlo = (
-                is_uncertain and mc_samples > 0 and not (step.index == 0 and step.index not in restarted)
-            )
-            closed_form_var = (is_uncertain and not monte_carlo) or (
-                not is_uncertain and skip == "covariance"
-            )
+            is_uncertain, monte_carlo, closed_form_var = kinds[step.index]
             out, _, head_var = self._forward(
                 scheduler.scale_model_input(x, t),
                 t,
@@ -331,8 +322,30 @@ def _check_settings(settings: dict[str, Any]) -> None:
         )
 
 
-def _uncertainty_steps(plan: list[AffineStep], uq_every: int) -> list[bool]:
-    """Per scheduler step: is it an uncertainty step? Solver steps are counted by their origin."""
+class StepKind(NamedTuple):
+    """What one scheduler step does for the variance."""
+
+    uncertain: bool  # an uncertainty step (BayesDiff-Skip)
+    monte_carlo: bool  # E[ε], Var[ε], Cov(x, ε) from S draws through the UNet
+    closed_form: bool  # the head variance γ² at the image sample, no extra UNet call
+
+
+def step_kinds(plan: list[AffineStep], uq_every: int, mc_samples: int, skip: str) -> list[StepKind]:
+    """Per scheduler step of ``plan``: every ``uq_every``-th solver step (counted by origin) is an
+    uncertainty step, with Monte Carlo when ``mc_samples`` > 0, otherwise the closed form;
+    ``skip='covariance'`` puts the closed form on the other steps too.
+
+    Var[x_T] = 0, so at the first step all S draws equal x_T and the Monte Carlo reduces to the
+    closed form at the image sample (BayesDiff's code also starts it at the second uncertainty
+    step). A DPM-Solver-2 first stage still draws: its second stage needs them.
+    """
     origins = sorted({s.origin for s in plan})
     solver_step = {origin: n for n, origin in enumerate(origins)}
-    return [solver_step[s.origin] % uq_every == 0 for s in plan]
+    restarted = {s.origin for s in plan if s.origin != s.index}
+    kinds = []
+    for s in plan:
+        uncertain = solver_step[s.origin] % uq_every == 0
+        monte_carlo = uncertain and mc_samples > 0 and not (s.index == 0 and s.index not in restarted)
+        closed_form = (uncertain and not monte_carlo) or (not uncertain and skip == "covariance")
+        kinds.append(StepKind(uncertain, monte_carlo, closed_form))
+    return kinds
