@@ -164,7 +164,13 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         metavar="S",
         help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")
+    g.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=0,
+        help="random seed: image k's noise depends only on the seed and k, so the same seed gives the "
+        "same images and maps for any --batch-size, in sample and demo alike (default 0)",
+    )
     g = p.add_argument_group("uncertainty method")
     g.add_argument(
         "--method",
@@ -477,6 +483,7 @@ def _sample_and_write(
 
     from bayesdiff_ext import aggregation, methods
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.randomness import image_generators
     from bayesdiff_ext.sampler import BayesDiffSampler
     from bayesdiff_ext.sampler.coefficients import check_supported
 
@@ -502,7 +509,6 @@ def _sample_and_write(
         seed=args.seed,
         probes=args.probes if args.method == "hfl" else None,
     )
-    generator = torch.Generator("cpu").manual_seed(args.seed)
 
     uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
     how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
@@ -521,11 +527,13 @@ def _sample_and_write(
     started = time.perf_counter()
     runs = []
     for first in range(0, args.num_images, args.batch_size):
+        indices = range(first, min(first + args.batch_size, args.num_images))
         runs.append(
             sampler.sample(
-                batch_size=min(args.batch_size, args.num_images - first),
+                batch_size=len(indices),
                 num_inference_steps=args.steps,
-                generator=generator,
+                # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
+                generator=image_generators(args.seed, indices),
                 eta=args.eta,
                 progress=not args.no_progress,
                 **uncertainty,

@@ -20,7 +20,7 @@ from bayesdiff_ext.guidance import (
 )
 from bayesdiff_ext.sampler.coefficients import step_coefficients
 from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
-from bayesdiff_ext.sampler.randomness import independent_generator
+from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.sampler import BayesDiffSampler, _check_settings, step_kinds
 
 __all__ = ["UncertaintyCallback"]
@@ -163,7 +163,7 @@ class UncertaintyCallback(PipelineCallback):
         self._sampler = BayesDiffSampler(self._recorder.unet, pipeline.scheduler, self.posterior)
         x_start = call.sample[:batch]
         self._dtype = torch.float64 if x_start.dtype == torch.float64 else torch.float32
-        self._mc_generator = independent_generator(self.generator, x_start.device)
+        self._mc_generator = ImageStreams.derived(self.generator, batch, x_start.device, "monte_carlo")
         self.mean = x_start.to(self._dtype, copy=True)
         self.variance = torch.zeros_like(self.mean)
         if self.trace is not None:

@@ -11,7 +11,7 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
-from bayesdiff_ext.sampler.randomness import independent_generator
+from bayesdiff_ext.randomness import independent_generator
 
 __all__ = ["BayesDiffStableDiffusionPipeline"]
 

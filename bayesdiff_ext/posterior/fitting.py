@@ -20,6 +20,7 @@ from bayesdiff_ext.denoiser import model_prediction
 from bayesdiff_ext.posterior.capture import capture_head_input
 from bayesdiff_ext.posterior.head_ops import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
+from bayesdiff_ext.randomness import image_generators
 
 ModelKwargs = Mapping[str, Any] | Callable[[torch.Tensor], Mapping[str, Any]] | None
 
@@ -114,15 +115,18 @@ def fit_on_images(
     stats = FitStatistics(timesteps_per_image=timesteps_per_image)
     total = None if count is None else count * timesteps_per_image
     draw_device = generator.device if generator is not None else torch.device("cpu")
+    # One draw of ``generator`` seeds the fit; each image's (t, ε) then come from its own stream
+    # (seed, image index), so the fitted posterior does not depend on the batch size.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=draw_device))
     checked = False
     with tqdm(total=total, disable=not progress, desc="Fitting last-layer Laplace", unit="batch") as bar:
         for x0 in batches:
             x0 = x0.to(param.device, param.dtype)
             kwargs = model_kwargs(x0) if callable(model_kwargs) else dict(model_kwargs or {})
+            streams = image_generators(seed, range(stats.n_images, stats.n_images + len(x0)), draw_device, "fit")
             for _ in range(timesteps_per_image):
-                t = torch.randint(0, num_timesteps, (len(x0),), generator=generator, device=draw_device)
+                t, noise = _timestep_and_noise(streams, x0.shape[1:], num_timesteps, draw_device)
                 t = t.to(param.device)
-                noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=torch.float32)
                 noise = noise.to(param.device, param.dtype)
                 x_t = scheduler.add_noise(x0, noise, t)
                 with capture_head_input(head) as cap:
@@ -141,6 +145,13 @@ def fit_on_images(
     if stats.n_images == 0:
         raise ValueError("`images` is empty")
     return stats
+
+
+def _timestep_and_noise(streams, shape, num_timesteps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """t ~ U{0..T−1} and ε ~ N(0, I) (float32) for every image, each from its own generator."""
+    t = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g, device=device) for g in streams])
+    noise = torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in streams])
+    return t, noise
 
 
 def _check_output_is_head(head: nn.Module, spec: HeadSpec, phi: torch.Tensor, out: torch.Tensor) -> None:

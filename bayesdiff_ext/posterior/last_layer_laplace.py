@@ -145,8 +145,9 @@ class LastLayerLaplace:
         """Fit on training images x_0 (model scale; a tensor (N,C,H,W), a Dataset or a DataLoader).
 
         Each image gets ``timesteps_per_image`` draws t ~ U{0..T−1} and ε ~ N(0, I) noised by
-        ``scheduler.add_noise`` (per batch and draw: t, then ε, both from ``generator`` on its
-        device, so a seed reproduces the fit). ``model_kwargs`` (a dict, or a callable of the x_0
+        ``scheduler.add_noise``. One draw of ``generator`` (on its device) seeds the fit; image n's
+        draws then come from its own stream (:mod:`bayesdiff_ext.randomness`), so a seed reproduces
+        the fit and the posterior is the same for any ``batch_size``. ``model_kwargs`` (a dict, or a callable of the x_0
         batch returning one) is passed to the model. The model runs in eval mode without gradients
         and gets its mode back afterwards. σ and δ are then chosen as configured (the keyword
         arguments here override the constructor's).

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from bayesdiff_ext import ops
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.denoiser import repeat_batch
+from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.coefficients import AffineStep, check_supported, step_coefficients
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
-from bayesdiff_ext.sampler.randomness import independent_generator
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
 
@@ -135,7 +135,7 @@ class BayesDiffSampler:
                 f"posterior.eps_channels = {posterior.eps_channels} but the UNet's samples have {channels} channels"
             )
         moment_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mc_generator = independent_generator(generator, x.device)
+        mc_generator = ImageStreams.derived(generator, batch, x.device, "monte_carlo")
 
         scheduler.set_timesteps(num_inference_steps)
         plan = step_coefficients(scheduler, eta)
@@ -212,7 +212,7 @@ class BayesDiffSampler:
             # A learned-variance head's extra channels are not ε; no supported step consumes them.
             model_output = out[:, :channels]
             if mode == "bayesdiff" and is_uncertain:
-                drawn = torch.randn(eps.shape, generator=mc_generator, device=eps.device, dtype=moment_dtype)
+                drawn = mc_generator.randn((), eps)
                 model_output = (eps + head_var.sqrt() * drawn).to(out.dtype)
             x = scheduler.step(model_output, t, x, generator=generator, **step_kwargs).prev_sample
 
