@@ -63,6 +63,11 @@ class DiagPosterior(PosteriorStructure):
     def predict_with(self, phi, weight, bias, inputs):
         return head_ops.mean_and_diag_var(self.spec, phi, weight, bias, inputs["weight_var"], inputs["bias_var"])
 
+    def scale_normal(self, z, s, delta):
+        inputs = self.op_inputs(s, delta)
+        variances = [inputs["weight_var"].flatten()] + ([inputs["bias_var"]] if self.h_bias is not None else [])
+        return z.to(torch.float64) * torch.cat(variances).to(z.device).sqrt()
+
     def tensors(self):
         out = {"h_weight": self.h_weight}
         if self.h_bias is not None:

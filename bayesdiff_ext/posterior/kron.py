@@ -150,6 +150,20 @@ class KronPosterior(PosteriorStructure):
         )
         return mean, var
 
+    def scale_normal(self, z, s, delta):
+        # (s·G⊗A + δ)^{-1/2} = (Q_G⊗Q_A)·diag((s·g_i·a_j + δ)^{-1/2})·(Q_G⊗Q_A)ᵀ, and
+        # (Q_G⊗Q_A)·vec(Z) = vec(Q_G·Z·Q_Aᵀ) for row-major vec.
+        n, c, d = z.shape[0], self.spec.eps_channels, self.spec.taps
+        z = z.to(torch.float64)
+        (g, q_g), (a, q_a) = (tuple(t.to(z.device) for t in pair) for pair in self._eig[:2])
+        scale = (s * torch.outer(g, a) + delta).rsqrt()
+        weight = q_g @ (z[:, : c * d].reshape(n, c, d) * scale) @ q_a.T
+        parts = [weight.reshape(n, c * d)]
+        if self.g_bias is not None:
+            g_b, q_b = (t.to(z.device) for t in self._eig[2])
+            parts.append((z[:, c * d :] * (s * g_b + delta).rsqrt()) @ q_b.T)
+        return torch.cat(parts, dim=1)
+
     def tensors(self):
         out = {"G": self.g, "A": self.a}
         if self.g_bias is not None:

@@ -127,6 +127,40 @@ class LastLayerLaplace:
             raise RuntimeError("the posterior is not fitted yet: call fit(...) or load(...)")
         return 1.0 / (self.sigma_noise**2 * self.temperature)
 
+    # ------------------------------------------------------------------ weight draws
+    def map_vector(self) -> torch.Tensor:
+        """θ_MAP of the ε head as one float64 vector (P,): vec(W) row-major, then the bias, in
+        ``torch.nn.utils.parameters_to_vector`` order (laplace-torch's)."""
+        weight, bias = eps_parameters(self.head, self.spec)
+        parts = [weight.flatten()] + ([bias] if bias is not None else [])
+        return torch.cat([p.to(torch.float64) for p in parts])
+
+    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draws θ ~ N(θ_MAP, Σ) of the ε head's parameters, as laplace-torch's ``sample``.
+
+        Args:
+            n_samples (`int`): how many draws.
+            generator (`torch.Generator`, *optional*): draws z ~ N(0, I) of shape (n, P) in the head's
+                dtype on its device (the head's device when None, from the global generator).
+
+        Returns:
+            `torch.Tensor` of shape `(n_samples, P)`, the head's dtype: θ_MAP + Σ^{1/2}·z in the order of
+            :meth:`map_vector`. ``'hfl'`` draws from the full-GGN Laplace posterior of its Gram matrix.
+        """
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        device = generator.device if generator is not None else self.head.weight.device
+        z = torch.randn(n_samples, self.spec.num_params, generator=generator, device=device, dtype=self.head.weight.dtype)
+        return self.sample_from_normal(z)
+
+    def sample_from_normal(self, z: torch.Tensor) -> torch.Tensor:
+        """θ_MAP + Σ^{1/2}·z for given standard normals z (n, P): antithetic (±z) or quasi-random
+        draws. Computed in float64, returned in z's dtype and device."""
+        if z.dim() != 2 or z.shape[1] != self.spec.num_params:
+            raise ValueError(f"z must have shape (n, {self.spec.num_params}) for this head, got {tuple(z.shape)}")
+        deviation = self._fitted().scale_normal(z, self.precision_scale, self.prior_precision)
+        return (self.map_vector().to(z.device) + deviation).to(z.dtype)
+
     # ------------------------------------------------------------------ fitting
     def fit(
         self,
