@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler
 
 from bayesdiff_ext import BayesDiffPipeline, UncertaintyCallback, latent
 from bayesdiff_ext.guidance import guided_head_moments
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 from sd_components import (
     DecodeRecorder,
     UNetCalls,

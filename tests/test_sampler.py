@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext import BayesDiffOutput, BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.randomness import ImageStreams
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 
 BATCH, STEPS = 2, 5
 
@@ -387,14 +387,15 @@ def test_uq_every_runs_the_monte_carlo_only_at_its_steps(unet, posterior, make_s
 @pytest.mark.parametrize("eps_variance", ["total", "bayesdiff"])
 def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, posterior, eps_variance):
     from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
+    from bayesdiff_ext.sampler.model_call import ModelCall
 
     scheduler = _ddim()
     scheduler.set_timesteps(STEPS)
     first = step_coefficients(scheduler, 0.0)[0]
     t = scheduler.timesteps[0]
-    sampler = BayesDiffSampler(unet, scheduler, posterior)
+    model_call = ModelCall(unet, scheduler, posterior)
     x = _noise()
-    out, _, head_var = sampler._forward(x, t, {}, want_head=True)
+    out, head_var = model_call(x, t, {}, want_head=True)
     closed = closed_form_moments(first, out, head_var, None)
     drawn, _ = monte_carlo_moments(
         first,
@@ -402,7 +403,7 @@ def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, poster
         x,
         torch.zeros_like(x),
         None,
-        lambda samples: sampler.head_at_samples(samples, t, {}, torch.float32),
+        lambda samples: model_call.head_at(samples, t, {}, torch.float32),
         samples=6,
         keep_eps=False,
         eps_variance=eps_variance,

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from bayesdiff_ext.sampler.coefficients import check_supported, step_coefficients
+from bayesdiff_ext.sampler.schedulers import check_supported, step_coefficients
 
 SHAPE = (1, 1, 1, 1)
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler, UNet2DModel
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 
 STEPS = 6
 

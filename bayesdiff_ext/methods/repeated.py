@@ -29,7 +29,7 @@ import torch
 from bayesdiff_ext.methods.point import PointPosterior
 from bayesdiff_ext.randomness import restartable
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 from bayesdiff_ext.sampler.variance_split import has_sampler_noise
 
 __all__ = ["RepeatedSampler"]
@@ -69,7 +69,7 @@ class RepeatedSampler(abc.ABC):
         ``mean``: the mean over the passes; ``variance`` = epistemic + aleatoric (see the module)."""
         started = time.perf_counter()
         reference = BayesDiffSampler(self.reference_unet, self.scheduler, PointPosterior(self.reference_unet))
-        x_t = reference._initial_noise(batch_size, noise, generator)
+        x_t = reference.draw_noise(batch_size, noise, generator)
         restart = restartable(generator, x_t.device)
         self.scheduler.set_timesteps(num_inference_steps)
         if not has_sampler_noise(step_coefficients(self.scheduler, eta)):

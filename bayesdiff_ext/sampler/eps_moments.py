@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bayesdiff_ext import ops
-from bayesdiff_ext.sampler.coefficients import AffineStep
+from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.randomness import ImageStreams, antithetic_randn
 
 __all__ = ["EpsMoments", "MonteCarloDraws", "StepRecord", "closed_form_moments", "monte_carlo_moments"]
@@ -83,7 +83,7 @@ def monte_carlo_moments(
     keep_eps: bool,
     eps_variance: str,
     covariance: str,
-    generator: ImageStreams,
+    generator: torch.Generator,
 ) -> tuple[EpsMoments, MonteCarloDraws]:
     """E[ε_eff], Var[ε_eff], Cov(x_origin, ε_eff) from S samples through one batched head call.
 
