@@ -157,22 +157,21 @@ class ImageStreams:
         """The ``stream`` draws of a batch whose x_T came from ``generator``, which is not consumed.
 
         A list of B per-image generators gives per-image streams, each seeded from its image's
-        generator; a single generator (or None) gives one batch stream, seeded from its state.
-        The Monte Carlo stream of a single generator is exactly the stream the sampler always drew
-        from, so single-generator runs keep their numbers.
+        generator (so they follow the image whatever its batch). A single generator (or None) gives
+        per-image streams seeded from its state and the image's place in the batch, except for the
+        Monte Carlo stream, which stays the one batch stream the sampler always drew from, so
+        single-generator runs keep their numbers.
         """
         if isinstance(generator, list):
             if len(generator) != batch:
                 raise ValueError(f"generator is a list of {len(generator)} generators for {batch} images")
-            seeds = [peek_seed(g, device) for g in generator]
-            return cls(
-                [torch.Generator(device=device).manual_seed(derived_seed(s, 0, stream, *key)) for s in seeds],
-                batch,
-            )
-        single = independent_generator(generator, device)
-        if stream != "monte_carlo" or key:
-            single = torch.Generator(device=device).manual_seed(derived_seed(single.initial_seed(), 0, stream, *key))
-        return cls(single, batch)
+            seeds = [derived_seed(peek_seed(g, device), 0, stream, *key) for g in generator]
+        elif stream == "monte_carlo" and not key:
+            return cls(independent_generator(generator, device), batch)
+        else:
+            base = peek_seed(generator, device)
+            seeds = [derived_seed(base, b, stream, *key) for b in range(batch)]
+        return cls([torch.Generator(device=device).manual_seed(s) for s in seeds], batch)
 
     def randn(self, leading: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Standard normals of shape (*leading, B, *like.shape[1:]) in ``like``'s dtype and device."""

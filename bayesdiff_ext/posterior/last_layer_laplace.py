@@ -14,7 +14,14 @@ from bayesdiff_ext.posterior.diag import DiagCurvature, DiagPosterior
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import HeadSpec, default_eps_channels, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import (
+    HeadSpec,
+    default_eps_channels,
+    eps_parameter_vector,
+    eps_parameters,
+    head_spec,
+    locate_head,
+)
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
@@ -131,9 +138,7 @@ class LastLayerLaplace:
     def map_vector(self) -> torch.Tensor:
         """θ_MAP of the ε head as one float64 vector (P,): vec(W) row-major, then the bias, in
         ``torch.nn.utils.parameters_to_vector`` order (laplace-torch's)."""
-        weight, bias = eps_parameters(self.head, self.spec)
-        parts = [weight.flatten()] + ([bias] if bias is not None else [])
-        return torch.cat([p.to(torch.float64) for p in parts])
+        return eps_parameter_vector(self.head, self.spec)
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draws θ ~ N(θ_MAP, Σ) of the ε head's parameters, as laplace-torch's ``sample``.

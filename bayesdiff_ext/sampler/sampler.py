@@ -6,11 +6,11 @@ import time
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.results import BayesDiffOutput
@@ -192,38 +192,13 @@ class BayesDiffSampler:
 
     def draw_noise(self, batch_size, noise, generator) -> torch.Tensor:
         """The unit-variance initial noise: ``noise`` as given, or drawn as the pixel pipelines draw it."""
-        denoiser = self.model_call.denoiser
-        shape = _sample_shape(denoiser.config)
-        if noise is None:
-            if batch_size is None:
-                raise ValueError("pass batch_size or the initial noise x_T as noise")
-            if shape is None:
-                raise ValueError(
-                    f"{type(self.model).__name__}'s config gives no sample size: pass the initial noise as noise"
-                )
-            return randn_tensor((batch_size, *shape), generator=generator, device=denoiser.device, dtype=denoiser.dtype)
-        if shape is not None and (noise.dim() != 1 + len(shape) or noise.shape[1] != shape[0]):
-            raise ValueError(
-                f"noise must have shape (B, {shape[0]}, H, W) for this model, got {tuple(noise.shape)}"
-            )
-        if batch_size is not None and batch_size != noise.shape[0]:
-            raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
-        return noise.to(device=denoiser.device, dtype=denoiser.dtype)
+        return initial_noise(self.model_call.denoiser, batch_size, noise, generator)
 
 
 def _conditioning(model_kwargs, unet_kwargs) -> dict[str, Any]:
     if model_kwargs is not None and unet_kwargs is not None:
         raise ValueError("pass the conditioning as model_kwargs or as unet_kwargs (its former name), not both")
     return dict(model_kwargs if model_kwargs is not None else unet_kwargs or {})
-
-
-def _sample_shape(config) -> tuple[int, ...] | None:
-    """(C, H, W) of the model's samples from its config, or None where the config does not say (Flux)."""
-    size = getattr(config, "sample_size", None)
-    channels = getattr(config, "in_channels", None)
-    if size is None or channels is None:
-        return None
-    return (channels, size, size) if isinstance(size, int) else (channels, *size)
 
 
 def _check_step_index(scheduler, index: int) -> None:
