@@ -25,7 +25,7 @@ from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noi
 __all__ = ["CHOICES", "StepEngine", "StepKind", "check_settings", "step_kinds"]
 
 CHOICES = {
-    "covariance": ("mc", "none"),
+    "covariance": ("mc", "regression", "none"),
     "eps_variance": ("total", "bayesdiff"),
     "mode": ("deterministic", "bayesdiff"),
     "skip": ("all", "covariance"),
@@ -46,6 +46,8 @@ def check_settings(settings: dict[str, Any]) -> None:
         raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
     if mc_samples == 0 and settings["covariance"] == "mc":
         raise ValueError("covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only")
+    if mc_samples < 2 and settings["covariance"] == "regression":
+        raise ValueError("covariance='regression' needs mc_samples >= 2 (a slope needs two draws)")
 
 
 class StepKind(NamedTuple):
