@@ -27,27 +27,23 @@ How it runs:
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
+from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.draws import check_draws, weight_deviations
-from bayesdiff_ext.posterior.perturbation import perturbed_head
-from bayesdiff_ext.randomness import ImageStreams, Generators
+from bayesdiff_ext.randomness import Generators, ImageStreams
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.trajectory_statistics import CENTRES, trajectory_moments
 
 __all__ = ["TrajectorySampler"]
 
-#: Rows per model call when ``chunk_size`` is not given (rounded down to whole copies of the batch).
-DEFAULT_CHUNK_ROWS = 256
-_LEARNED_VARIANCE = ("learned", "learned_range")
 
 
 class TrajectorySampler:
@@ -122,14 +118,14 @@ class TrajectorySampler:
         x_unit = initial_noise(self.denoiser, batch_size, noise, generator)
         batch = x_unit.shape[0]
         template = copy.deepcopy(self.scheduler)
-        loop = _Loop(self, template, num_inference_steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs)
-        draw_device = _generator_device(generator, x_unit.device)
-        before = _states(generator, x_unit.device)
+        loop = SchedulerLoop(self, template, num_inference_steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs)
+        draw_device = generator_device(generator, x_unit.device)
+        before = generator_states(generator, x_unit.device)
 
         with tqdm(desc="trajectories", disable=not progress, unit="step") as bar:
             loop.bar = bar
             images = loop.run(self.scheduler, x_unit, generator, copies=1)
-            stochastic = not all(map(torch.equal, _states(generator, x_unit.device), before))
+            stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
             streams = _check_streams(samples, noise_samples, stochastic, draws, centre)
             per_stream = samples // streams
             deviations = torch.stack(
@@ -184,82 +180,6 @@ class TrajectorySampler:
         )
 
 
-class _Loop:
-    """The scheduler's own loop for any number of stacked copies of the batch."""
-
-    def __init__(self, sampler, template, steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs):
-        self.sampler, self.template, self.steps = sampler, template, steps
-        self.kwargs, self.guidance = kwargs, guidance
-        self.set_timesteps_kwargs = dict(set_timesteps_kwargs or {})
-        accepted = inspect.signature(template.step).parameters
-        self.step_kwargs = dict(scheduler_kwargs or {})
-        if "eta" in accepted:
-            self.step_kwargs["eta"] = eta
-        elif eta:
-            raise ValueError(f"eta={eta} but {type(template).__name__}.step takes no eta")
-        self.takes_generator = "generator" in accepted
-        self.learned_variance = getattr(template.config, "variance_type", None) in _LEARNED_VARIANCE
-        self.model_rows = 0
-        self.chunks = 0
-        self.bar = None
-        template.set_timesteps(steps, **self.set_timesteps_kwargs)
-
-    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int) -> torch.Tensor:
-        """x_0 of ``copies`` stacked copies of the batch (rows copy-major) on ``scheduler``."""
-        batch = x_unit.shape[0] // copies
-        scheduler.set_timesteps(self.steps, **self.set_timesteps_kwargs)
-        x = x_unit * scheduler.init_noise_sigma if hasattr(scheduler, "init_noise_sigma") else x_unit
-        kwargs = Denoiser.tile(self.kwargs, batch, copies)
-        step_kwargs = dict(self.step_kwargs, **({"generator": generator} if self.takes_generator else {}))
-        if self.bar is not None:
-            self.bar.total = (self.bar.total or 0) + len(scheduler.timesteps)
-            self.bar.refresh()
-        for t in scheduler.timesteps:
-            out = self._predict(scheduler.scale_model_input(x, t), t, kwargs)
-            prediction = out if self.learned_variance else stepped_prediction(out, x)
-            x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
-            if self.bar is not None:
-                self.bar.update(1)
-        return x
-
-    def _predict(self, x, t, kwargs):
-        rows = x.shape[0] * (1 if self.guidance is None else 2)
-        self.model_rows += rows
-        if self.guidance is None:
-            return self.sampler.denoiser(x, t, kwargs)
-        return self.guidance.forward(self.sampler.denoiser, None, x, t, kwargs, want_head=False)[0]
-
-    def run_copies(self, copies, x_unit, deviations, generator, draw_device, chunk_size, stochastic):
-        """x_0 of every copy (stream j, draw k; k None for a stream's MAP trajectory), in chunks."""
-        batch = x_unit.shape[0]
-        rows = DEFAULT_CHUNK_ROWS if chunk_size is None else chunk_size
-        if not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1 (rows per model call), got {chunk_size!r}")
-        per_chunk = max(1, rows // batch)
-        seeds = {}
-        if stochastic:
-            for j in sorted({j for j, _ in copies}):
-                streams = ImageStreams.derived(generator, batch, draw_device, "trajectory_noise", j)
-                seeds[j] = [g.initial_seed() for g in streams.generators]
-        posterior = self.sampler.posterior
-        finals = {}
-        for first in range(0, len(copies), per_chunk):
-            chunk = copies[first : first + per_chunk]
-            parts = [deviations[j, k] if k is not None else torch.zeros_like(deviations[0, 0]) for j, k in chunk]
-            row_generators = (
-                [torch.Generator(device=draw_device).manual_seed(s) for j, _ in chunk for s in seeds[j]]
-                if stochastic
-                else None
-            )
-            x = x_unit.repeat(len(chunk), *([1] * (x_unit.dim() - 1)))
-            with perturbed_head(posterior.head, posterior.spec, torch.cat(parts).to(x.device)):
-                out = self.run(copy.deepcopy(self.template), x, row_generators, copies=len(chunk))
-            self.chunks += 1
-            for n, key in enumerate(chunk):
-                finals[key] = out[n * batch : (n + 1) * batch]
-        return finals
-
-
 def _check_streams(samples: int, noise_samples: int | None, stochastic: bool, draws: str, centre: str) -> int:
     """J, the noise streams, after checking it against the sampler and the draws."""
     if not stochastic:
@@ -287,18 +207,3 @@ def _check_streams(samples: int, noise_samples: int | None, stochastic: bool, dr
             "use centre='map' or fewer noise_samples"
         )
     return streams
-
-
-def _generator_device(generator: Generators, fallback: torch.device) -> torch.device:
-    source = generator[0] if isinstance(generator, list) else generator
-    return source.device if source is not None else fallback
-
-
-def _states(generator: Generators, device: torch.device) -> list[torch.Tensor]:
-    """The generator states (the global generator of ``device`` for None), to see whether a loop drew."""
-    if generator is None:
-        if device.type == "cuda":
-            return [torch.cuda.get_rng_state(device)]
-        return [torch.get_rng_state()]
-    sources = generator if isinstance(generator, list) else [generator]
-    return [g.get_state() for g in sources]
