@@ -7,7 +7,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["BayesDiffOutput"]
+__all__ = ["BayesDiffOutput", "TrajectoryDraws"]
+
+
+@dataclass
+class TrajectoryDraws:
+    """What trajectory Monte Carlo ran, kept with ``return_draws=True`` (for estimators built on it).
+
+    * ``finals`` (J, K, B, ...): x_0 of weight draw k in noise stream j.
+    * ``maps`` (J, B, ...): x_0 of each noise stream's MAP trajectory (the image for a deterministic sampler).
+    * ``deviations`` (J, K, B, P): the weight deviations Δθ of the draws, float64.
+    """
+
+    finals: torch.Tensor
+    maps: torch.Tensor
+    deviations: torch.Tensor
 
 
 @dataclass
@@ -24,6 +38,7 @@ class BayesDiffOutput:
       part from the model's uncertainty, so that the two add up to ``variance``. Both ≥ 0.
     * ``trace``: None, or one dict per scheduler step (see :meth:`BayesDiffSampler.sample`).
     * ``settings``: the settings the run used; ``timings``: wall time and UNet call counts.
+    * ``draws``: the trajectories behind a trajectory estimate (:class:`TrajectoryDraws`), when asked for.
     """
 
     images: torch.Tensor
@@ -35,6 +50,7 @@ class BayesDiffOutput:
     timings: dict[str, Any] = field(default_factory=dict)
     aleatoric_variance: torch.Tensor | None = None
     epistemic_variance: torch.Tensor = field(init=False)
+    draws: TrajectoryDraws | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.variance.flatten(1).sum(dim=1)

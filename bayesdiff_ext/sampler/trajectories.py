@@ -38,7 +38,7 @@ from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.draws import check_draws, weight_deviations
 from bayesdiff_ext.randomness import Generators, ImageStreams
 from bayesdiff_ext.sampler.initial_noise import initial_noise
-from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.trajectory_statistics import CENTRES, trajectory_moments
 
@@ -84,6 +84,7 @@ class TrajectorySampler:
         scheduler_kwargs: dict[str, Any] | None = None,
         set_timesteps_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
+        return_draws: bool = False,
     ) -> BayesDiffOutput:
         """Sample B images and the variance of their final images over M weight draws.
 
@@ -102,6 +103,7 @@ class TrajectorySampler:
             chunk_size (`int`, *optional*): rows per model call (default 256), rounded down to whole
                 copies of the batch (at least one).
             model_kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs, progress: as for the sampler.
+            return_draws (`bool`): keep every trajectory's x_0 and weight deviation in ``draws``.
 
         Returns:
             :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock sample, ``variance`` Var[x_0]
@@ -177,6 +179,7 @@ class TrajectorySampler:
             settings=settings,
             timings=timings,
             aleatoric_variance=moments.aleatoric.to(moment_dtype),
+            draws=TrajectoryDraws(draws_final, maps, deviations) if return_draws else None,
         )
 
 
