@@ -28,7 +28,12 @@ BUILTIN_DIGITS = "builtin:digits"
 SAMPLERS = ("ddim", "ddpm", "dpm2")
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
-METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble")
+#: ``--preset`` values and the default (bayesdiff_ext.sampler.settings, repeated for --help).
+PRESETS = ("accurate", "fast", "paper")
+DEFAULT_PRESET = "fast"
+DRAWS = ("independent", "antithetic", "sobol")
+COVARIANCES = ("mc", "regression", "none")
 
 _DESCRIPTION = """\
 Per-pixel uncertainty for diffusion models (BayesDiff: a last-layer Laplace posterior on the
@@ -150,19 +155,44 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         help="DDIM's eta: 0 = deterministic (default), 1 = DDPM-like noise",
     )
     g.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="what estimates Var[x_0]: accurate (trajectory Monte Carlo, per-pixel maps r >= 0.95 against "
+        "the truth), fast (the cheapest estimator meeting score Spearman >= 0.9 and map r >= 0.9; the "
+        "default), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's reproduction, "
+        "which does not track the truth). Numbers: python/BENCHMARKS.md, bench_truth. The options "
+        "below override the preset's values",
+    )
+    g.add_argument(
+        "--samples",
+        type=_int_at_least(1),
+        default=None,
+        metavar="M",
+        help="trajectory presets: head-weight draws per image, each a whole trajectory",
+    )
+    g.add_argument("--draws", choices=DRAWS, default=None, help="trajectory presets: how the weights are drawn")
+    g.add_argument(
         "--uq-every",
         type=_int_at_least(1),
-        default=5,
+        default=None,
         metavar="K",
-        help="propagate the full uncertainty every K-th step, the cheap update in between "
-        "(BayesDiff-Skip; 1 = every step; default 5)",
+        help="recurrence (paper): propagate the full uncertainty every K-th step, the cheap update in "
+        "between (BayesDiff-Skip; 1 = every step; the paper's 5 by default)",
     )
     g.add_argument(
         "--mc-samples",
-        type=_int_at_least(1),
-        default=10,
+        type=_int_at_least(0),
+        default=None,
         metavar="S",
-        help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)",
+        help="recurrence (paper): Monte Carlo samples of x_t per uncertainty step (the paper's 10 by default)",
+    )
+    g.add_argument(
+        "--covariance",
+        choices=COVARIANCES,
+        default=None,
+        help="recurrence (paper): Cov(x_t, eps) by plain Monte Carlo (mc, the paper's), its regression form "
+        "(regression: reproducible maps), or none (the closed form without Monte Carlo)",
     )
     g.add_argument(
         "--seed",
@@ -176,7 +206,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         "--method",
         choices=METHODS,
         default="laplace",
-        help="laplace (default: the posterior as fitted), hfl (Hessian-free Laplace from a full "
+        help="laplace (default: the posterior as fitted, estimated as --preset says), trajectories (the "
+        "posterior as fitted, by trajectory Monte Carlo whatever the preset), hfl (Hessian-free Laplace from a full "
         "posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
         "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble)",
     )
@@ -470,6 +501,12 @@ def _check_run_options(args) -> tuple[Path, dict]:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
         )
+    if args.method in ("mc-dropout", "ensemble"):
+        given = [f"--{k}" for k in ("preset", "samples", "draws", "covariance") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} choose(s) the Laplace estimators; --method {args.method} takes none")
+    else:
+        _uncertainty_settings(args)  # refuse a bad combination before any work
     out_dir = check_output_dir(args.out if args.out is not None else timestamped_out_dir())
     return out_dir, {**REPORTED_SCORES, method: {**REPORTED_SCORES.get(method, {}), **params}}
 
@@ -484,7 +521,6 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation, methods
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.randomness import image_generators
-    from bayesdiff_ext.sampler import BayesDiffSampler
     from bayesdiff_ext.sampler.schedulers import check_supported
 
     out_dir, scores_to_report = run_options
@@ -510,16 +546,22 @@ def _sample_and_write(
         probes=args.probes if args.method == "hfl" else None,
     )
 
-    uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
-    how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
-    if isinstance(sampler, BayesDiffSampler):
+    if args.method not in ("mc-dropout", "ensemble"):
+        settings = _uncertainty_settings(args)
+        if settings.estimator == "recurrence":
+            check_supported(scheduler, args.eta)
+        uncertainty = {"settings": settings}
+        how = ", ".join(f"{k} {v}" for k, v in settings.describe().items() if v is not None)
         # hfl and isotropic derive their posterior from the file's (other structure, other δ)
         described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
+        recorded = settings.describe()
     else:
+        uncertainty = {k: getattr(args, k) for k in ("uq_every", "mc_samples") if getattr(args, k) is not None}
         passes = f"{args.passes} dropout passes"
         if args.method == "ensemble":
             passes = f"{len(members) + 1} members"
-        how = f"{passes}, sampler-noise {how}"
+        how = f"{passes}, sampler-noise recurrence {uncertainty or 'at its defaults'}"
+        recorded = uncertainty
     _say(
         f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
         f"{how}, on {device}"
@@ -539,9 +581,9 @@ def _sample_and_write(
                 **uncertainty,
             )
         )
-    images, variance, mean, aleatoric = (
+    images, variance, mean, aleatoric, clamped = (
         torch.cat([getattr(r, k) for r in runs]).cpu()
-        for k in ("images", "variance", "mean", "aleatoric_variance")
+        for k in ("images", "variance", "mean", "aleatoric_variance", "clamped_pixels")
     )
     sampled = time.perf_counter()
 
@@ -555,7 +597,7 @@ def _sample_and_write(
         "sampler": args.sampler,
         "steps": args.steps,
         "eta": args.eta,
-        **uncertainty,
+        **recorded,
         **({"passes": args.passes} if args.method == "mc-dropout" else {}),
         **({"probes": args.probes} if args.method == "hfl" else {}),
         "seed": args.seed,
@@ -572,7 +614,8 @@ def _sample_and_write(
     timings = {
         "load_s": load_s,
         "sample_s": sampled - started,
-        "unet_calls": sum(r.timings["image_unet_calls"] + r.timings["mc_unet_calls"] for r in runs),
+        "model_forwards_per_image": sum(r.timings["model_forwards_per_image"] * len(r.images) for r in runs)
+        / args.num_images,
         "score_s": time.perf_counter() - sampled,
     }
     record = RunRecord(
@@ -586,12 +629,24 @@ def _sample_and_write(
         timings,
         mean=mean,
         aleatoric_variance=aleatoric,
+        clamped_pixels=clamped,
     )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
     _say(f"scored by {method}; filter {rule}: kept {kept} of {total}, removed {total - kept}")
     print(path)
     return 0
+
+
+def _uncertainty_settings(args):
+    """The run's UncertaintySettings from --preset, --method trajectories and the explicit options."""
+    from bayesdiff_ext.sampler.settings import resolve_settings
+
+    explicit = {k: getattr(args, k) for k in ("samples", "draws", "uq_every", "mc_samples", "covariance")}
+    estimator = "trajectories" if args.method == "trajectories" else None
+    if estimator and args.preset == "paper":
+        raise ValueError("--method trajectories runs trajectory Monte Carlo; --preset paper is the recurrence")
+    return resolve_settings(args.preset, estimator=estimator, **explicit)
 
 
 def _posterior_description(posterior, path) -> dict:
@@ -676,7 +731,7 @@ def _run_sample(args) -> int:
     from bayesdiff_ext.io.inputs import load_model
 
     run_options = _check_run_options(args)
-    laplace = args.method in ("laplace", "hfl", "isotropic")
+    laplace = args.method in ("laplace", "trajectories", "hfl", "isotropic")
     if laplace and args.posterior is None:
         raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
     if args.method == "ensemble" and not args.ensemble:

@@ -105,8 +105,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert stdout.strip() == str(out)
     summary = check_run_folder(out, 4)
     settings = summary["settings"]
-    assert settings["command"] == "demo" and settings["steps"] == 5 and settings["uq_every"] == 5
-    assert settings["mc_samples"] == 10 and settings["sampler"] == "ddim"
+    assert settings["command"] == "demo" and settings["steps"] == 5 and settings["sampler"] == "ddim"
+    assert settings["preset"] == cli.DEFAULT_PRESET and settings["estimator"] == "trajectories"
+    assert summary["clamped_pixels"]["total"] == 0  # the default preset clamps nothing
     assert summary["filter"]["rule"] == "mean_plus_std"
     with Image.open(out / "samples" / "00000.png") as picture:
         assert picture.size == (64, 64)  # 16x16 digits enlarged 4x
@@ -200,7 +201,7 @@ def test_sample_from_a_pipeline_folder(tiny, tmp_path, capsys):
     removed = summary["filter"]["removed"]
     scores = summary["scores"]["percentile"]
     assert min(scores[i] for i in removed) >= max(s for i, s in enumerate(scores) if i not in removed)
-    assert summary["settings"]["num_images"] == 5 and summary["timings"]["unet_calls"] > 0
+    assert summary["settings"]["num_images"] == 5 and summary["timings"]["model_forwards_per_image"] > 0
 
 
 def test_sample_from_a_bare_unet_folder_with_dpm2(tiny, tmp_path, capsys):
@@ -246,6 +247,22 @@ def test_same_seed_same_images(tiny, tmp_path, capsys):
     assert run([*args, "--out", tmp_path / "b"], capsys)[0] == 0
     for name in ("samples/00001.png", "uncertainty/00001.png", "scores.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_presets_and_their_refusals(tiny, tmp_path, capsys):
+    base = ["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors", "--num-images", 2,
+            "--steps", 3, "--no-progress"]
+    assert run([*base, "--preset", "paper", "--out", tmp_path / "paper"], capsys)[0] == 0
+    paper = json.loads((tmp_path / "paper" / "summary.json").read_text())
+    assert (paper["settings"]["estimator"], paper["settings"]["uq_every"], paper["settings"]["mc_samples"]) == ("recurrence", 5, 10)
+    assert "per_image" in paper["clamped_pixels"]
+    assert run([*base, "--method", "trajectories", "--samples", 2, "--out", tmp_path / "traj"], capsys)[0] == 0
+    traj = json.loads((tmp_path / "traj" / "summary.json").read_text())
+    assert traj["settings"]["samples"] == 2 and traj["settings"]["estimator"] == "trajectories"
+    code, _, err = run([*base, "--preset", "fast", "--uq-every", 2, "--out", tmp_path / "bad"], capsys)
+    assert_one_line_error(code, err, "uq_every is not an argument of the 'trajectories' estimator")
+    code, _, err = run([*base, "--covariance", "none", "--mc-samples", 0, "--uq-every", 1, "--out", tmp_path / "cf"], capsys)
+    assert code == 0, err
 
 
 def test_sample_and_demo_agree_for_one_seed_at_any_batch_size(tmp_path, capsys):

@@ -8,6 +8,7 @@ from test_posterior_models import conv_head, random_features
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.methods import METHODS, EnsembleSampler, MCDropoutSampler, sampler_for
 from bayesdiff_ext.methods.selection import laplace_posterior_for
+from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 
 
 def _fit(head, structure):
@@ -51,6 +52,7 @@ def test_every_method_samples_with_the_same_outputs():
     diag = LastLayerLaplace(unet, "diag").fit(images, ddim(), batch_size=4, progress=False)
     made = {
         "laplace": sampler_for("laplace", unet, ddim(), posterior=diag),
+        "trajectories": sampler_for("trajectories", unet, ddim(), posterior=diag),
         "hfl": sampler_for("hfl", unet, ddim(), posterior=full, probes=5),
         "isotropic": sampler_for("isotropic", unet, ddim(), posterior=diag),
         "mc-dropout": sampler_for("mc-dropout", tiny_unet(dropout=0.2), ddim(), passes=2),
@@ -59,6 +61,7 @@ def test_every_method_samples_with_the_same_outputs():
     assert set(made) == set(METHODS)
     assert isinstance(made["mc-dropout"], MCDropoutSampler) and isinstance(made["ensemble"], EnsembleSampler)
     assert isinstance(made["hfl"], BayesDiffSampler) and made["hfl"].posterior.structure == "hfl"
+    assert isinstance(made["trajectories"], TrajectorySampler)
     assert made["hfl"].posterior.posterior.probes == 5 and full.structure == "full"
     for method, sampler in made.items():
         out = sampler.sample(noise=noise(), num_inference_steps=STEPS, progress=False)

@@ -81,6 +81,10 @@ def _noise(seed: int = 3, batch: int = BATCH) -> torch.Tensor:
 
 
 def _sample(unet, scheduler, posterior, **kwargs) -> BayesDiffOutput:
+    """The moment recurrence (these tests are about it), at every step unless told otherwise."""
+    if "preset" not in kwargs and "estimator" not in kwargs:
+        kwargs.setdefault("uq_every", 1)
+        kwargs.setdefault("mc_samples", 0 if kwargs.get("covariance") == "none" else 10)
     kwargs.setdefault("num_inference_steps", STEPS)
     kwargs.setdefault("progress", False)
     return BayesDiffSampler(unet, scheduler, posterior).sample(**kwargs)
@@ -524,11 +528,11 @@ def test_batch_of_one(unet, posterior):
     assert out.scores.shape == (1,)
 
 
-def test_clip_sample_is_rejected(unet, posterior):
-    with pytest.raises(ValueError, match="clip_sample=False"):
-        BayesDiffSampler(unet, DDIMScheduler(), posterior)
-    with pytest.raises(ValueError, match="clip_sample=False"):
-        BayesDiffSampler(unet, DDPMScheduler(), posterior)
+def test_clip_sample_is_rejected_by_the_recurrence(unet, posterior):
+    """x̂_0 clipping makes the step non-affine: the recurrence refuses it (trajectories run it)."""
+    for scheduler in (DDIMScheduler(), DDPMScheduler()):
+        with pytest.raises(ValueError, match="clip_sample=False"):
+            BayesDiffSampler(unet, scheduler, posterior).sample(batch_size=1, preset="paper", progress=False)
 
 
 @pytest.mark.parametrize(
@@ -542,7 +546,7 @@ def test_clip_sample_is_rejected(unet, posterior):
         (dict(batch_size=2, mc_samples=0), "covariance='mc' needs mc_samples >= 1"),
         (dict(noise=torch.zeros(2, 4, 8, 8)), r"noise must have shape \(B, 3, H, W\)"),
         (dict(batch_size=3, noise=torch.zeros(2, 3, 8, 8)), "batch_size=3 but noise holds 2"),
-        (dict(batch_size=2, eta=0.5), "eta=0.5 applies to DDIMScheduler only"),
+        (dict(batch_size=2, eta=0.5, preset="paper"), "eta=0.5 applies to DDIMScheduler only"),
     ],
 )
 def test_bad_arguments_are_named(unet, posterior, kwargs, match):

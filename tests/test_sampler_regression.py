@@ -35,10 +35,10 @@ SCHEDULERS = {
     ),
 }
 MODES = {
-    "mc": dict(mc_samples=4),
+    "mc": dict(mc_samples=4, uq_every=1),
     "paper": dict(mc_samples=4, uq_every=2, eps_variance="bayesdiff", mode="bayesdiff"),
     "skip": dict(mc_samples=3, uq_every=3, skip="covariance"),
-    "closed": dict(mc_samples=0, covariance="none"),
+    "closed": dict(mc_samples=0, covariance="none", uq_every=1),
 }
 
 
@@ -77,7 +77,7 @@ def sampler_runs() -> dict[str, torch.Tensor]:
         guidance = ClassifierFreeGuidance(3.0, {"encoder_hidden_states": torch.zeros_like(states)}, variance)
         out = BayesDiffSampler(conditional, SCHEDULERS["ddim"](), cond_posterior).sample(
             noise=latents, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7),
-            mc_samples=4, unet_kwargs={"encoder_hidden_states": states}, guidance=guidance, progress=False,
+            mc_samples=4, uq_every=1, unet_kwargs={"encoder_hidden_states": states}, guidance=guidance, progress=False,
         )
         runs.update({f"guided_{variance}/{k}": v for k, v in _fields(out).items()})
     return runs
@@ -88,7 +88,7 @@ def callback_runs() -> dict[str, torch.Tensor]:
     pipe = sd_pipeline()
     cond, uncond = prompt_embeddings(pipe, 2)
     posterior = fitted_sd_posterior(pipe.unet)
-    for name, settings in dict(mc=dict(mc_samples=3), skip=dict(mc_samples=3, uq_every=2, skip="covariance")).items():
+    for name, settings in dict(mc=dict(mc_samples=3, uq_every=1), skip=dict(mc_samples=3, uq_every=2, skip="covariance")).items():
         pipe.scheduler = sd_scheduler()
         callback = UncertaintyCallback(posterior, generator=torch.Generator().manual_seed(0), **settings)
         pipe(

@@ -69,7 +69,8 @@ class RunRecord:
     ``scores`` maps each aggregation's name to its per-image scores (B,), ``aggregations`` the same
     names to the parameters used; ``primary`` names the score that was filtered on and sorts the
     grid; ``decision`` is the filter's result on it. ``aleatoric_variance`` (optional) is the part
-    of ``variance`` from the sampler's own noise; the rest is epistemic.
+    of ``variance`` from the sampler's own noise; the rest is epistemic. ``clamped_pixels`` (optional,
+    (B,)) counts the elements whose estimate was clamped to 0.
     """
 
     images: torch.Tensor
@@ -82,6 +83,7 @@ class RunRecord:
     timings: Mapping = field(default_factory=dict)
     mean: torch.Tensor | None = None
     aleatoric_variance: torch.Tensor | None = None
+    clamped_pixels: torch.Tensor | None = None
 
     def variance_split(self) -> dict[str, torch.Tensor]:
         """``{'aleatoric': ..., 'epistemic': ...}`` maps, or {} without a split."""
@@ -210,9 +212,25 @@ def _summary(record: RunRecord, maps: torch.Tensor, vmax: float, factor: int, ti
             "exact_values": "tensors.safetensors",
         },
         **_split_summary(record),
+        **_clamped_summary(record),
         "settings": dict(record.settings),
         "versions": versions(),
         "timings": dict(timings),
+    }
+
+
+def _clamped_summary(record: RunRecord) -> dict:
+    if record.clamped_pixels is None:
+        return {}
+    per_image = [int(n) for n in record.clamped_pixels]
+    return {
+        "clamped_pixels": {
+            "description": "elements whose variance estimate came out <= 0 and were set to 0: an exact zero "
+            "there means 'clamped', not 'certain' (the moment recurrence can produce them; trajectory "
+            "estimators never do)",
+            "total": sum(per_image),
+            "per_image": per_image,
+        }
     }
 
 

@@ -2,6 +2,8 @@
 ``sample(...)`` gives a :class:`~bayesdiff_ext.BayesDiffOutput` (images, per-pixel variance and its
 epistemic/aleatoric split, scores).
 
+* ``'trajectories'``: :class:`~bayesdiff_ext.sampler.trajectories.TrajectorySampler`, trajectory Monte
+  Carlo with the posterior as fitted (whatever the preset says).
 * ``'laplace'``, ``'hfl'``, ``'isotropic'``: :class:`~bayesdiff_ext.BayesDiffSampler` with a
   :class:`~bayesdiff_ext.LastLayerLaplace` of that structure ('laplace' takes the posterior as
   fitted: diag, full or kron; 'hfl' is McInerney & Kallus's Hessian-free Laplace; 'isotropic' the

@@ -113,6 +113,8 @@ class RepeatedSampler(abc.ABC):
         timings = dict(
             total_s=time.perf_counter() - started,
             image_unet_calls=base.timings["image_unet_calls"] * (len(samples) + 1),
+            model_forwards_per_image=base.timings["model_forwards_per_image"]
+            + len(samples) * base.timings["image_unet_calls"],
             mc_unet_calls=base.timings["mc_unet_calls"],
             mc_unet_batch=base.timings["mc_unet_batch"],
         )

@@ -9,13 +9,15 @@ from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
 from bayesdiff_ext.posterior.hfl import DEFAULT_PROBES, HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.sampler import BayesDiffSampler
+from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 
 __all__ = ["LAPLACE_METHODS", "METHODS", "laplace_posterior_for", "sampler_for"]
 
-METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble")
 #: The methods that sample with a LastLayerLaplace, and the posterior structures each accepts.
 LAPLACE_METHODS = {
     "laplace": ("diag", "full", "kron", "isotropic", "hfl"),
+    "trajectories": ("diag", "full", "kron", "isotropic", "hfl"),
     "hfl": ("hfl", "full"),
     "isotropic": ("isotropic", "diag"),
 }
@@ -36,7 +38,7 @@ def laplace_posterior_for(method: str, posterior, *, probes: int | None = None):
             f"method {method!r} needs a posterior of structure {' or '.join(accepted)}, got "
             f"{posterior.structure!r} (fit one with `bayesdiff fit --structure {accepted[0]}`)"
         )
-    keep = method == "laplace" or (posterior.structure == method and (method != "hfl" or probes is None))
+    keep = method in ("laplace", "trajectories") or (posterior.structure == method and (method != "hfl" or probes is None))
     if keep:
         return posterior
     derived = copy.copy(posterior)
@@ -71,7 +73,10 @@ def sampler_for(
     if method in LAPLACE_METHODS:
         if posterior is None:
             raise ValueError(f"method {method!r} needs a fitted posterior (posterior=LastLayerLaplace(...))")
-        return BayesDiffSampler(unet, scheduler, laplace_posterior_for(method, posterior, probes=probes))
+        laplace = laplace_posterior_for(method, posterior, probes=probes)
+        if method == "trajectories":
+            return TrajectorySampler(unet, scheduler, laplace)
+        return BayesDiffSampler(unet, scheduler, laplace)
     if method == "mc-dropout":
         return MCDropoutSampler(unet, scheduler, passes=passes, seed=seed)
     if method == "ensemble":

@@ -8,29 +8,19 @@ from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 
 __all__ = ["BayesDiffPipeline"]
 
-# The sampler's uncertainty arguments, keyword-only in every wrapper's ``__call__``.
-UNCERTAINTY_ARGUMENTS = (
-    "uq_every", "mc_samples", "covariance", "eps_variance", "skip", "clamp", "mode", "return_trace"
-)
-
-
-def uncertainty_arguments(call_arguments: dict[str, Any]) -> dict[str, Any]:
-    """The uncertainty arguments picked from a wrapper's ``__call__`` arguments (its ``locals()``)."""
-    return {name: call_arguments[name] for name in UNCERTAINTY_ARGUMENTS}
-
-
 class BayesDiffPipeline:
     """Wraps a ``DDPMPipeline``, ``DDIMPipeline`` or ``StableDiffusionPipeline`` and a posterior on its head.
 
     Build it with :meth:`from_pipe`; call it with the stock pipeline's own arguments plus the
-    uncertainty arguments of :class:`~bayesdiff_ext.BayesDiffSampler` (``uq_every``,
-    ``mc_samples``, ``covariance``, ``eps_variance``, ``skip``, ``clamp``, ``mode``,
-    ``return_trace``) and, for Stable Diffusion, ``guidance_variance``, ``decode_samples``,
+    uncertainty arguments of :meth:`~bayesdiff_ext.BayesDiffSampler.sample` (``preset``,
+    ``settings``, the estimator's keyword arguments of
+    :func:`~bayesdiff_ext.sampler.settings.resolve_settings`, ``return_trace``) and, for Stable Diffusion, ``guidance_variance``, ``decode_samples``,
     ``decode_batch_size`` and ``decode_generator``. It returns a
     :class:`~bayesdiff_ext.pipelines.BayesDiffPipelineOutput`: the stock ``.images`` (identical to the
     stock call's in ``mode='deterministic'``) plus ``.variance``, ``.pixel_variance``, ``.scores``,
     ``.pixel_scores``. The loop is the sampler's; the pipeline's components are used as they are
-    (nothing is copied or modified). The scheduler must be one the sampler supports (DDIM, DDPM,
+    (nothing is copied or modified). The trajectory estimators (the default preset) take any
+    scheduler; the moment recurrence (``preset='paper'``) the ones it describes (DDIM, DDPM,
     DPM-Solver singlestep, with ``clip_sample=False``).
     """
 

@@ -13,7 +13,8 @@ from diffusers.callbacks import PipelineCallback
 from bayesdiff_ext import latent
 from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
-from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.sampler.engine import StepEngine
+from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.schedulers import describe
@@ -32,7 +33,11 @@ class UncertaintyCallback(PipelineCallback):
     What it can do: it follows the pipeline's own loop step by step with the same moment
     recurrence as :class:`~bayesdiff_ext.BayesDiffSampler` (``mode='deterministic'``), including
     classifier-free guidance with the exact variance (``guidance_variance``), Skip (``uq_every``,
-    ``skip``) and the closed form only (``mc_samples=0``). It reads the pipeline's UNet call of each
+    ``skip``) and the closed form only (``covariance='none'``). Its settings are the recurrence's
+    (``preset='paper'`` when none are given, or the recurrence arguments of
+    :func:`~bayesdiff_ext.sampler.settings.resolve_settings`). A callback cannot run trajectory Monte
+    Carlo — the estimator the default preset of the other front doors uses, the one that tracks
+    Var[x_0] (docs/MATH.md §2.3) — because it only sees the pipeline's one trajectory. It reads the pipeline's UNet call of each
     step (its input, conditioning, output and the head's input φ) through forward hooks, so the
     mean path and the closed-form head variance cost nothing extra.
 
@@ -57,30 +62,26 @@ class UncertaintyCallback(PipelineCallback):
         posterior,
         *,
         eta: float = 0.0,
-        uq_every: int = 1,
-        mc_samples: int = 10,
-        covariance: str = "mc",
-        eps_variance: str = "total",
-        skip: str = "all",
-        clamp: bool = True,
+        preset: str | None = None,
+        settings: UncertaintySettings | None = None,
         guidance_variance: str = "exact",
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_trace: bool = False,
+        **uncertainty: Any,
     ) -> None:
         super().__init__()
-        self.settings = dict(
-            eta=float(eta),
-            uq_every=uq_every,
-            mc_samples=mc_samples,
-            covariance=covariance,
-            eps_variance=eps_variance,
-            clamp=bool(clamp),
-            mode="deterministic",
-            skip=skip,
-            guidance_variance=guidance_variance,
-        )
-        check_settings(self.settings)
+        if preset is None and settings is None and not uncertainty:
+            preset = "paper"  # the only preset a callback can follow (see the class docstring)
+        resolved = resolve_settings(preset, settings, **uncertainty)
+        if resolved.estimator != "recurrence" or resolved.mode != "deterministic":
+            raise ValueError(
+                f"UncertaintyCallback follows the pipeline's own loop and leaves its images alone, so it carries the "
+                f"moment recurrence with mode='deterministic' only (got estimator={resolved.estimator!r}"
+                f"{'' if resolved.mode is None else f', mode={resolved.mode!r}'}); for trajectory Monte Carlo use "
+                "BayesDiffPipeline or BayesDiffSampler"
+            )
         check_guidance_variance(guidance_variance)
+        self.settings = dict(resolved.describe(), eta=float(eta), guidance_variance=guidance_variance)
         self.posterior = posterior
         self.generator = generator
         self.mean: torch.Tensor | None = None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
+from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
+from bayesdiff_ext.sampler.settings import UncertaintySettings
 
 __all__ = ["BayesDiffDDIMPipeline", "BayesDiffDDPMPipeline"]
 
@@ -60,17 +61,13 @@ class BayesDiffDDPMPipeline(_PixelPipeline):
         output_type: str | None = "pil",
         return_dict: bool = True,
         *,
-        uq_every: int = 1,
-        mc_samples: int = 10,
-        covariance: str = "mc",
-        eps_variance: str = "total",
-        skip: str = "all",
-        clamp: bool = True,
-        mode: str = "deterministic",
+        preset: str | None = None,
+        settings: UncertaintySettings | None = None,
         return_trace: bool = False,
+        **uncertainty,
     ) -> BayesDiffPipelineOutput | tuple:
         """Sample like ``DDPMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
-        uncertainty = uncertainty_arguments(locals())
+        uncertainty = dict(uncertainty, preset=preset, settings=settings, return_trace=return_trace)
         return self._run(
             batch_size, generator, 0.0, num_inference_steps, output_type, return_dict, uncertainty
         )
@@ -90,14 +87,10 @@ class BayesDiffDDIMPipeline(_PixelPipeline):
         output_type: str | None = "pil",
         return_dict: bool = True,
         *,
-        uq_every: int = 1,
-        mc_samples: int = 10,
-        covariance: str = "mc",
-        eps_variance: str = "total",
-        skip: str = "all",
-        clamp: bool = True,
-        mode: str = "deterministic",
+        preset: str | None = None,
+        settings: UncertaintySettings | None = None,
         return_trace: bool = False,
+        **uncertainty,
     ) -> BayesDiffPipelineOutput | tuple:
         """Sample like ``DDIMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
         if use_clipped_model_output:
@@ -105,7 +98,7 @@ class BayesDiffDDIMPipeline(_PixelPipeline):
                 "use_clipped_model_output=True re-derives ε from a clipped x̂_0, which the moment "
                 "recurrence does not model; leave it None (the scheduler needs clip_sample=False anyway)"
             )
-        uncertainty = uncertainty_arguments(locals())
+        uncertainty = dict(uncertainty, preset=preset, settings=settings, return_trace=return_trace)
         return self._run(
             batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty
         )

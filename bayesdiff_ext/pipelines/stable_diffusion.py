@@ -10,9 +10,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
+from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
 from bayesdiff_ext.randomness import independent_generator
+from bayesdiff_ext.sampler.settings import UNCERTAINTY_ARGUMENTS, UncertaintySettings
 
 __all__ = ["BayesDiffStableDiffusionPipeline"]
 
@@ -65,13 +66,8 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         *,
-        uq_every: int = 1,
-        mc_samples: int = 10,
-        covariance: str = "mc",
-        eps_variance: str = "total",
-        skip: str = "all",
-        clamp: bool = True,
-        mode: str = "deterministic",
+        preset: str | None = None,
+        settings: UncertaintySettings | None = None,
         return_trace: bool = False,
         guidance_variance: str = "exact",
         decode_samples: int = 16,
@@ -82,6 +78,8 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
         """Sample like ``StableDiffusionPipeline``; ``return_dict=False`` gives
         (images, nsfw_content_detected, variance, pixel_variance)."""
         pipe, unet = self.pipe, self.pipe.unet
+        uncertainty = {name: kwargs.pop(name) for name in UNCERTAINTY_ARGUMENTS if name in kwargs}
+        uncertainty.update(preset=preset, settings=settings, return_trace=return_trace)
         check_guidance_variance(guidance_variance)
         _refuse_unsupported(
             timesteps=timesteps,
@@ -145,7 +143,6 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
             guidance = ClassifierFreeGuidance(
                 guidance_scale, {"encoder_hidden_states": negative_prompt_embeds}, guidance_variance
             )
-        uncertainty = uncertainty_arguments(locals())
         # The stock pipeline hands eta to the scheduler only where its step takes one (DDIM).
         step_eta = eta if "eta" in pipe.prepare_extra_step_kwargs(generator, eta) else 0.0
         result = self._sample(

@@ -22,32 +22,9 @@ from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, m
 from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
 
-__all__ = ["CHOICES", "StepEngine", "StepKind", "check_settings", "step_kinds"]
-
-CHOICES = {
-    "covariance": ("mc", "regression", "none"),
-    "eps_variance": ("total", "bayesdiff"),
-    "mode": ("deterministic", "bayesdiff"),
-    "skip": ("all", "covariance"),
-}
+__all__ = ["StepEngine", "StepKind", "step_kinds"]
 
 HeadAt = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def check_settings(settings: dict[str, Any]) -> None:
-    """ValueError naming the first uncertainty setting that is not allowed."""
-    for name, allowed in CHOICES.items():
-        if settings[name] not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {settings[name]!r}")
-    uq_every, mc_samples = settings["uq_every"], settings["mc_samples"]
-    if not isinstance(uq_every, int) or uq_every < 1:
-        raise ValueError(f"uq_every must be an integer >= 1 (1 = uncertainty at every step), got {uq_every!r}")
-    if not isinstance(mc_samples, int) or mc_samples < 0:
-        raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
-    if mc_samples == 0 and settings["covariance"] == "mc":
-        raise ValueError("covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only")
-    if mc_samples < 2 and settings["covariance"] == "regression":
-        raise ValueError("covariance='regression' needs mc_samples >= 2 (a slope needs two draws)")
 
 
 class StepKind(NamedTuple):
@@ -84,8 +61,8 @@ class StepEngine:
 
     Args:
         plan: the scheduler's steps (``SchedulerDescription.steps()``).
-        settings: the checked uncertainty settings (``uq_every``, ``mc_samples``, ``covariance``,
-            ``eps_variance``, ``skip``, ``clamp``, ``mode``).
+        settings: the recurrence's resolved settings (``uq_every``, ``mc_samples``, ``covariance``,
+            ``eps_variance``, ``skip``, ``clamp``, ``mode``: :mod:`~bayesdiff_ext.sampler.settings`).
         moment_dtype: float32, or float64 for a float64 model.
         generator: the Monte Carlo streams (never the scheduler's own generator).
         trace: keep one record per step (``index``, ``timestep``, ``uncertainty_step``,
@@ -114,13 +91,14 @@ class StepEngine:
         self.generator = generator
         self.trace: list[dict[str, Any]] | None = [] if trace else None
         self.monte_carlo_calls = 0
-        self.mean = self.var = self.aleatoric = None
+        self.mean = self.var = self.aleatoric = self.received = None
 
     def start(self, x: torch.Tensor) -> None:
         """E[x_T] = x_T, Var[x_T] = 0."""
         self.mean = x.to(self.moment_dtype, copy=True)
         self.var = torch.zeros_like(self.mean)
         self.aleatoric = self._previous_aleatoric = torch.zeros_like(self.mean)
+        self.received = torch.zeros_like(self.mean, dtype=torch.bool)
         self._previous: StepRecord | None = None
         self.monte_carlo_calls = 0
         if self.trace is not None:
@@ -181,6 +159,11 @@ class StepEngine:
                 step, origin_mean, origin_var, origin_aleatoric, moments, next_var, settings["clamp"]
             )
 
+        self.received = self.received | (origin_var > 0)
+        if moments.var is not None:
+            self.received = self.received | (moments.var > 0)
+        if step.c2 > 0:
+            self.received = torch.ones_like(self.received)
         self._previous = StepRecord(self.mean, self.var, eps, head_var, draws)
         self._previous_aleatoric = self.aleatoric
         self.mean, self.var, self.aleatoric = next_mean, next_var, next_aleatoric
@@ -197,6 +180,11 @@ class StepEngine:
                     aleatoric_variance=self.aleatoric,
                 )
             )
+
+    def clamped(self) -> torch.Tensor:
+        """Per image (B,), the elements whose variance estimate is ≤ 0 although variance entered them:
+        the negative estimates a clamp turned into exact zeros (or, with ``clamp=False``, would)."""
+        return ((self.var <= 0) & self.received).flatten(1).sum(dim=1)
 
     def image_prediction(self, step: AffineStep, prediction: torch.Tensor, head_var: torch.Tensor | None) -> torch.Tensor:
         """The prediction the image path steps with: the model's, or in ``mode='bayesdiff'`` at an

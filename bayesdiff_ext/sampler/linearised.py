@@ -29,6 +29,7 @@ from bayesdiff_ext.posterior.perturbation import perturbed_head
 from bayesdiff_ext.randomness import Generators, ImageStreams, restartable
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 
@@ -52,33 +53,35 @@ class LinearisedSampler(TrajectorySampler):
         num_inference_steps: int = 50,
         generator: Generators = None,
         eta: float = 0.0,
-        samples: int = 8,
-        draws: str = "independent",
-        noise_samples: int | None = None,
-        chunk_size: int | None = None,
+        *,
+        settings: UncertaintySettings | None = None,
         model_kwargs=None,
         guidance=None,
         scheduler_kwargs=None,
         set_timesteps_kwargs=None,
         progress: bool = True,
+        **uncertainty,
     ) -> BayesDiffOutput:
         """Sample B images and the linearised variance of x_0 over M weight directions.
 
         Args:
-            samples (`int`): M, the weight directions per image.
-            draws (`str`): ``'independent'`` or ``'sobol'`` (``'antithetic'`` would repeat each
-                direction with its sign flipped: the linearisation is odd in it).
-            noise_samples (`int`, *optional*): J fresh-noise MAP trajectories for a stochastic
-                sampler's aleatoric part (default 8, at least 2).
-            chunk_size (`int`, *optional*): directions per tangent pass (default 16); each pass
-                recomputes the primal.
+            settings, uncertainty: the linearised estimator's arguments, resolved with
+                ``estimator='linearised'`` (:mod:`~bayesdiff_ext.sampler.settings`):
+
+                * ``samples``: M, the weight directions per image;
+                * ``draws``: ``'independent'`` or ``'sobol'`` (``'antithetic'`` would repeat each
+                  direction with its sign flipped: the linearisation is odd in it);
+                * ``noise_samples``: J fresh-noise MAP trajectories for a stochastic sampler's
+                  aleatoric part (default 8, at least 2);
+                * ``chunk_size``: directions per tangent pass (default 16); each pass recomputes
+                  the primal.
             The other arguments are those of :meth:`TrajectorySampler.sample`.
 
         Returns:
             :class:`~bayesdiff_ext.BayesDiffOutput` (``timings`` also counts ``tangent_passes``).
         """
-        if draws == "antithetic":
-            raise ValueError("draws='antithetic' repeats every direction with its sign flipped; use 'independent' or 'sobol'")
+        resolved = resolve_settings(settings=settings, estimator="linearised", **uncertainty)
+        samples, draws, chunk_size = resolved.samples, resolved.draws, resolved.chunk_size
         started = time.perf_counter()
         kwargs = dict(model_kwargs or {})
         if guidance is not None:
@@ -98,7 +101,7 @@ class LinearisedSampler(TrajectorySampler):
             loop.bar = bar
             images = loop.run(self.scheduler, x_unit, generator, copies=1)
             stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
-            streams = _noise_streams(noise_samples, stochastic)
+            streams = _noise_streams(resolved.noise_samples, stochastic)
             directions = weight_deviations(
                 self.posterior, draws, samples, ImageStreams.derived(generator, batch, draw_device, "weights", 0).generators
             ).to(x_unit.device)
@@ -127,12 +130,10 @@ class LinearisedSampler(TrajectorySampler):
                 aleatoric, mean = torch.zeros_like(epistemic), images.to(torch.float64)
 
         moment_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-        settings = dict(
-            method="linearised",
+        record = dict(
+            resolved.describe(),
             num_inference_steps=num_inference_steps,
             eta=float(eta),
-            samples=samples,
-            draws=draws,
             noise_samples=streams,
             stochastic_sampler=stochastic,
             scheduler=type(self.scheduler).__name__,
@@ -145,13 +146,12 @@ class LinearisedSampler(TrajectorySampler):
             model_forwards_per_image=loop.model_rows / batch,
             tangent_passes=passes,
             tangents_per_image=samples * steps,
-            clamped_pixels=0,
         )
         return BayesDiffOutput(
             images=images,
             variance=(epistemic + aleatoric).to(moment_dtype),
             mean=mean.to(moment_dtype),
-            settings=settings,
+            settings=record,
             timings=timings,
             aleatoric_variance=aleatoric.to(moment_dtype),
         )

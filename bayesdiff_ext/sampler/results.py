@@ -39,6 +39,9 @@ class BayesDiffOutput:
     * ``trace``: None, or one dict per scheduler step (see :meth:`BayesDiffSampler.sample`).
     * ``settings``: the settings the run used; ``timings``: wall time and UNet call counts.
     * ``draws``: the trajectories behind a trajectory estimate (:class:`TrajectoryDraws`), when asked for.
+    * ``clamped_pixels`` (B,): per image, the elements whose variance estimate came out ≤ 0 and were
+      set to 0 (an exact zero that means "clamped", not "certain"); zeros where nothing was clamped
+      (the trajectory estimators never clamp).
     """
 
     images: torch.Tensor
@@ -51,6 +54,7 @@ class BayesDiffOutput:
     aleatoric_variance: torch.Tensor | None = None
     epistemic_variance: torch.Tensor = field(init=False)
     draws: TrajectoryDraws | None = None
+    clamped_pixels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.variance.flatten(1).sum(dim=1)
@@ -58,3 +62,5 @@ class BayesDiffOutput:
             self.aleatoric_variance = torch.zeros_like(self.variance)
         self.aleatoric_variance = torch.minimum(self.aleatoric_variance.clamp_min(0), self.variance)
         self.epistemic_variance = self.variance - self.aleatoric_variance
+        if self.clamped_pixels is None:
+            self.clamped_pixels = torch.zeros(self.variance.shape[0], dtype=torch.int64, device=self.variance.device)

@@ -9,12 +9,15 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
-from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.sampler.engine import StepEngine
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.linearised import LinearisedSampler
 from bayesdiff_ext.sampler.schedulers import describe
+from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
+from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 
 __all__ = ["BayesDiffSampler"]
 
@@ -37,7 +40,6 @@ class BayesDiffSampler:
     """
 
     def __init__(self, model, scheduler, posterior) -> None:
-        describe(scheduler)
         self.model = model
         self.scheduler = scheduler
         self.posterior = posterior
@@ -51,13 +53,9 @@ class BayesDiffSampler:
         num_inference_steps: int = 50,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
-        uq_every: int = 1,
-        mc_samples: int = 10,
-        covariance: str = "mc",
-        eps_variance: str = "total",
-        clamp: bool = True,
-        mode: str = "deterministic",
-        skip: str = "all",
+        *,
+        preset: str | None = None,
+        settings: UncertaintySettings | None = None,
         return_trace: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         guidance: ClassifierFreeGuidance | None = None,
@@ -65,8 +63,21 @@ class BayesDiffSampler:
         unet_kwargs: dict[str, Any] | None = None,
         scheduler_kwargs: dict[str, Any] | None = None,
         set_timesteps_kwargs: dict[str, Any] | None = None,
+        **uncertainty: Any,
     ) -> BayesDiffOutput:
-        """Run the scheduler loop from x_T and propagate E[x_t], Var[x_t] to x_0.
+        """Sample from x_T and estimate the per-pixel Var[x_0 | x_T] with the estimator the settings name.
+
+        The uncertainty comes from ``preset`` (``'accurate'``, ``'fast'``, ``'paper'``), ``settings``
+        (an :class:`~bayesdiff_ext.sampler.settings.UncertaintySettings`) and the keyword arguments
+        ``uncertainty`` (``estimator``; ``samples``, ``draws``, ``centre``, ``noise_samples``,
+        ``chunk_size`` for the trajectory estimators; ``uq_every``, ``mc_samples``, ``covariance``,
+        ``eps_variance``, ``skip``, ``mode``, ``clamp`` for the recurrence), resolved by
+        :func:`~bayesdiff_ext.sampler.settings.resolve_settings`: explicit arguments override the
+        preset; recurrence arguments alone select the recurrence; nothing selects
+        :data:`~bayesdiff_ext.sampler.settings.DEFAULT_PRESET`. ``'trajectories'`` and
+        ``'linearised'`` run :class:`~bayesdiff_ext.sampler.trajectories.TrajectorySampler` and
+        :class:`~bayesdiff_ext.sampler.linearised.LinearisedSampler` (any diffusers scheduler); the
+        rest of this docstring is the recurrence (the schedulers of :mod:`~bayesdiff_ext.sampler.schedulers`):
 
         * The image path is exactly ``x = scheduler.step(model(scale_model_input(x, t), t), t, x, ...)``
           from x_T = ``noise``·``scheduler.init_noise_sigma`` (where the scheduler has one, as the
@@ -121,18 +132,17 @@ class BayesDiffSampler:
           ``uncertainty_step``, ``monte_carlo`` and the moments after the step (``mean``,
           ``variance`` tensors and the per-image ``variance_sum``).
         """
-        settings = dict(
-            num_inference_steps=num_inference_steps,
-            eta=float(eta),
-            uq_every=uq_every,
-            mc_samples=mc_samples,
-            covariance=covariance,
-            eps_variance=eps_variance,
-            clamp=bool(clamp),
-            mode=mode,
-            skip=skip,
-        )
-        check_settings(settings)
+        resolved = resolve_settings(preset, settings, **uncertainty)
+        if resolved.estimator != "recurrence":
+            if return_trace:
+                raise ValueError(f"return_trace records the moment recurrence's steps; estimator={resolved.estimator!r} has none")
+            estimator = TrajectorySampler if resolved.estimator == "trajectories" else LinearisedSampler
+            return estimator(self.model, self.scheduler, self.posterior).sample(
+                batch_size, noise, num_inference_steps, generator, eta, settings=resolved,
+                model_kwargs=_conditioning(model_kwargs, unet_kwargs), guidance=guidance,
+                scheduler_kwargs=scheduler_kwargs, set_timesteps_kwargs=set_timesteps_kwargs, progress=progress,
+            )
+        settings = dict(resolved.describe(), num_inference_steps=num_inference_steps, eta=float(eta))
         description = describe(self.scheduler, float(eta), **(scheduler_kwargs or {}))
         started = time.perf_counter()
         scheduler, model_call = self.scheduler, self.model_call
@@ -178,7 +188,9 @@ class BayesDiffSampler:
             total_s=time.perf_counter() - started,
             image_unet_calls=len(engine.plan),
             mc_unet_calls=engine.monte_carlo_calls,
-            mc_unet_batch=mc_samples * x.shape[0] * (1 if guidance is None else 2),
+            mc_unet_batch=resolved.mc_samples * x.shape[0] * (1 if guidance is None else 2),
+            model_forwards_per_image=(len(engine.plan) + engine.monte_carlo_calls * resolved.mc_samples)
+            * (1 if guidance is None else 2),
         )
         return BayesDiffOutput(
             images=x,
@@ -188,6 +200,7 @@ class BayesDiffSampler:
             settings=settings,
             timings=timings,
             aleatoric_variance=engine.aleatoric,
+            clamped_pixels=engine.clamped(),
         )
 
     def draw_noise(self, batch_size, noise, generator) -> torch.Tensor:

@@ -40,7 +40,8 @@ from bayesdiff_ext.randomness import Generators, ImageStreams
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
-from bayesdiff_ext.sampler.trajectory_statistics import CENTRES, trajectory_moments
+from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
+from bayesdiff_ext.sampler.trajectory_statistics import trajectory_moments
 
 __all__ = ["TrajectorySampler"]
 
@@ -74,17 +75,15 @@ class TrajectorySampler:
         num_inference_steps: int = 50,
         generator: Generators = None,
         eta: float = 0.0,
-        samples: int = 8,
-        draws: str = "antithetic",
-        centre: str = "map",
-        noise_samples: int | None = None,
-        chunk_size: int | None = None,
+        *,
+        settings: UncertaintySettings | None = None,
         model_kwargs: dict[str, Any] | None = None,
         guidance: ClassifierFreeGuidance | None = None,
         scheduler_kwargs: dict[str, Any] | None = None,
         set_timesteps_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
         return_draws: bool = False,
+        **uncertainty: Any,
     ) -> BayesDiffOutput:
         """Sample B images and the variance of their final images over M weight draws.
 
@@ -92,16 +91,20 @@ class TrajectorySampler:
             batch_size, noise, num_inference_steps, generator, eta: as for
                 :meth:`~bayesdiff_ext.BayesDiffSampler.sample` (``eta`` only where ``scheduler.step``
                 takes it). A list of per-image generators makes every result independent of the batch.
-            samples (`int`): M, the weight draws per image (for a stochastic sampler, in all noise streams).
-            draws (`str`): ``'independent'``, ``'antithetic'`` (± pairs, M even) or ``'sobol'``.
-            centre (`str`): ``'map'`` (spread around each stream's MAP trajectory, the returned image for a
-                deterministic sampler) or ``'mean'`` (around the draws' own mean, unbiased for
-                independent draws; needs M/J ≥ 2).
-            noise_samples (`int`, *optional*): J noise streams of a stochastic sampler (must divide M; default
-                M, or M/2 for antithetic draws or ``centre='mean'``: two draws per stream). A deterministic
-                sampler has one.
-            chunk_size (`int`, *optional*): rows per model call (default 256), rounded down to whole
-                copies of the batch (at least one).
+            settings (`UncertaintySettings`, *optional*), uncertainty: the trajectory estimator's arguments
+                (defaults in :mod:`~bayesdiff_ext.sampler.settings`), resolved with
+                ``estimator='trajectories'``:
+
+                * ``samples``: M, the weight draws per image (for a stochastic sampler, in all noise streams);
+                * ``draws``: ``'independent'``, ``'antithetic'`` (± pairs, M even) or ``'sobol'``;
+                * ``centre``: ``'map'`` (spread around each stream's MAP trajectory, the returned image
+                  for a deterministic sampler) or ``'mean'`` (around the draws' own mean, unbiased for
+                  independent draws; needs M/J ≥ 2);
+                * ``noise_samples``: J noise streams of a stochastic sampler (must divide M; default M,
+                  or M/2 for antithetic draws or ``centre='mean'``: two draws per stream); a
+                  deterministic sampler has one;
+                * ``chunk_size``: rows per model call (default 256), rounded down to whole copies of
+                  the batch (at least one).
             model_kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs, progress: as for the sampler.
             return_draws (`bool`): keep every trajectory's x_0 and weight deviation in ``draws``.
 
@@ -110,8 +113,8 @@ class TrajectorySampler:
             (B, ...) ≥ 0 with its ``aleatoric_variance`` and ``epistemic_variance``, ``mean`` the draws'
             mean, ``timings`` with ``model_forwards_per_image``.
         """
-        if centre not in CENTRES:
-            raise ValueError(f"centre must be one of {CENTRES}, got {centre!r}")
+        resolved = resolve_settings(settings=settings, estimator="trajectories", **uncertainty)
+        samples, draws, centre = resolved.samples, resolved.draws, resolved.centre
         check_draws(draws, samples, self.posterior)
         started = time.perf_counter()
         kwargs = dict(model_kwargs or {})
@@ -128,7 +131,7 @@ class TrajectorySampler:
             loop.bar = bar
             images = loop.run(self.scheduler, x_unit, generator, copies=1)
             stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
-            streams = _check_streams(samples, noise_samples, stochastic, draws, centre)
+            streams = _check_streams(samples, resolved.noise_samples, stochastic, draws, centre)
             per_stream = samples // streams
             deviations = torch.stack(
                 [
@@ -142,7 +145,7 @@ class TrajectorySampler:
                 ]
             )  # (J, K, B, P)
             copies = [(j, k) for j in range(streams) for k in ([None] if stochastic else []) + list(range(per_stream))]
-            finals = loop.run_copies(copies, x_unit, deviations, generator, draw_device, chunk_size, stochastic)
+            finals = loop.run_copies(copies, x_unit, deviations, generator, draw_device, resolved.chunk_size, stochastic)
 
         shape = images.shape[1:]
         draws_final = torch.stack([finals[(j, k)] for j in range(streams) for k in range(per_stream)])
@@ -152,13 +155,10 @@ class TrajectorySampler:
         moment_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
         if x_unit.device.type == "cuda":
             torch.cuda.synchronize(x_unit.device)
-        settings = dict(
-            method="trajectories",
+        record = dict(
+            resolved.describe(),
             num_inference_steps=num_inference_steps,
             eta=float(eta),
-            samples=samples,
-            draws=draws,
-            centre=centre,
             noise_samples=streams,
             stochastic_sampler=stochastic,
             scheduler=type(self.scheduler).__name__,
@@ -170,13 +170,12 @@ class TrajectorySampler:
             total_s=time.perf_counter() - started,
             model_forwards_per_image=loop.model_rows / batch,
             chunks=loop.chunks,
-            clamped_pixels=0,
         )
         return BayesDiffOutput(
             images=images,
             variance=moments.variance.to(moment_dtype),
             mean=moments.mean.to(moment_dtype),
-            settings=settings,
+            settings=record,
             timings=timings,
             aleatoric_variance=moments.aleatoric.to(moment_dtype),
             draws=TrajectoryDraws(draws_final, maps, deviations) if return_draws else None,

@@ -1,0 +1,213 @@
+"""One settings object for the uncertainty: which estimator, its arguments, their defaults and presets.
+
+Every front door — :class:`~bayesdiff_ext.BayesDiffSampler`, the pipeline wrappers,
+:class:`~bayesdiff_ext.UncertaintyCallback` and the ``bayesdiff`` command — turns its arguments into
+an :class:`UncertaintySettings` with :func:`resolve_settings`, so the defaults and the rules live
+here and nowhere else.
+
+Estimators of Var[x_0 | x_T] (docs/MATH.md §2.3):
+
+* ``'trajectories'``: trajectory Monte Carlo (the reference; ``samples`` weight draws per image).
+* ``'linearised'``: the forward-mode linearisation along the one stock trajectory.
+* ``'recurrence'``: BayesDiff's moment recurrence (``uq_every``, ``mc_samples``, ``covariance``...).
+
+Presets (measured against trajectory Monte Carlo with M = 64 in ``python/BENCHMARKS.md``):
+
+* ``'accurate'``: trajectories with enough draws for a per-pixel map r ≥ 0.95 against the truth;
+* ``'fast'``: the cheapest estimator on the table with image-score Spearman ≥ 0.9 and map r ≥ 0.9;
+* ``'paper'``: BayesDiff's recurrence with the paper's settings (Skip 5, S = 10), as in its
+  reproduction — it does not track the truth (docs/MATH.md §2.3).
+
+Rules: explicit arguments override the preset's; an argument of another estimator is refused,
+naming it; without a preset, recurrence arguments select the recurrence (with the paper's values
+for the rest) and otherwise :data:`DEFAULT_PRESET` applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bayesdiff_ext.posterior.draws import DRAWS
+from bayesdiff_ext.sampler.trajectory_statistics import CENTRES
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "ESTIMATORS",
+    "PRESETS",
+    "UNCERTAINTY_ARGUMENTS",
+    "UncertaintySettings",
+    "resolve_settings",
+]
+
+ESTIMATORS = ("trajectories", "linearised", "recurrence")
+TRAJECTORY_ARGUMENTS = ("samples", "draws", "centre", "noise_samples", "chunk_size")
+LINEARISED_ARGUMENTS = ("samples", "draws", "noise_samples", "chunk_size")
+RECURRENCE_ARGUMENTS = ("uq_every", "mc_samples", "covariance", "eps_variance", "skip", "mode", "clamp")
+#: Every keyword a front door accepts for the uncertainty (besides ``preset`` and ``settings``).
+UNCERTAINTY_ARGUMENTS = ("estimator", *TRAJECTORY_ARGUMENTS, *RECURRENCE_ARGUMENTS)
+ARGUMENTS = {
+    "trajectories": TRAJECTORY_ARGUMENTS,
+    "linearised": LINEARISED_ARGUMENTS,
+    "recurrence": RECURRENCE_ARGUMENTS,
+}
+CHOICES = {
+    "draws": DRAWS,
+    "centre": CENTRES,
+    "covariance": ("mc", "regression", "none"),
+    "eps_variance": ("total", "bayesdiff"),
+    "skip": ("all", "covariance"),
+    "mode": ("deterministic", "bayesdiff"),
+}
+#: Each estimator's values for what neither the preset nor the caller sets.
+DEFAULTS = {
+    "trajectories": dict(samples=8, draws="sobol", centre="map", noise_samples=None, chunk_size=None),
+    "linearised": dict(samples=8, draws="sobol", noise_samples=None, chunk_size=None),
+    "recurrence": dict(uq_every=5, mc_samples=10, covariance="mc", eps_variance="total", skip="all", mode="deterministic", clamp=True),
+}
+PRESETS = {
+    "accurate": dict(estimator="trajectories", samples=16, draws="sobol", centre="map"),
+    "fast": dict(estimator="trajectories", samples=4, draws="sobol", centre="map"),
+    "paper": dict(estimator="recurrence", **DEFAULTS["recurrence"]),
+}
+#: The cheapest preset that meets the truth bar (map r ≥ 0.9, score Spearman ≥ 0.9) on the table.
+DEFAULT_PRESET = "fast"
+
+
+@dataclass(frozen=True)
+class UncertaintySettings:
+    """The resolved uncertainty settings of one run (build it with :func:`resolve_settings`).
+
+    Only the fields of ``estimator`` are set; the others are None. ``preset`` records where the
+    values came from (None: explicit arguments only).
+    """
+
+    estimator: str
+    preset: str | None = None
+    samples: int | None = None
+    draws: str | None = None
+    centre: str | None = None
+    noise_samples: int | None = None
+    chunk_size: int | None = None
+    uq_every: int | None = None
+    mc_samples: int | None = None
+    covariance: str | None = None
+    eps_variance: str | None = None
+    skip: str | None = None
+    mode: str | None = None
+    clamp: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        for name in ARGUMENTS[self.estimator]:
+            _check_field(name, getattr(self, name))
+        if self.estimator == "recurrence":
+            _check_recurrence(self)
+        else:
+            _check_draws(self)
+
+    def arguments(self) -> dict[str, Any]:
+        """The estimator's own arguments, as keyword arguments."""
+        return {name: getattr(self, name) for name in ARGUMENTS[self.estimator]}
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records (summary.json, ``BayesDiffOutput.settings``)."""
+        return {"estimator": self.estimator, "preset": self.preset, **self.arguments()}
+
+
+def resolve_settings(preset: str | None = None, settings: UncertaintySettings | None = None, **explicit: Any) -> UncertaintySettings:
+    """The settings a front door runs with.
+
+    Args:
+        preset (`str`, *optional*): ``'accurate'``, ``'fast'`` or ``'paper'``.
+        settings (`UncertaintySettings`, *optional*): settings made before; ``preset`` and the
+            explicit arguments then override them.
+        explicit: ``estimator`` and the estimator's arguments (see :data:`UNCERTAINTY_ARGUMENTS`);
+            None means "not given".
+
+    Returns:
+        :class:`UncertaintySettings`. ValueError names an argument that is unknown, belongs to
+        another estimator than the one chosen, or does not combine with the others.
+    """
+    unknown = sorted(set(explicit) - set(UNCERTAINTY_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"unknown uncertainty argument(s) {unknown}; expected some of {UNCERTAINTY_ARGUMENTS}")
+    given = {name: value for name, value in explicit.items() if value is not None}
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    if settings is not None and not isinstance(settings, UncertaintySettings):
+        raise TypeError(f"settings must be an UncertaintySettings, got {type(settings).__name__}")
+    if preset is not None:
+        base = dict(PRESETS[preset])
+    elif settings is not None:
+        preset, base = settings.preset, {"estimator": settings.estimator, **settings.arguments()}
+    elif "estimator" in given:
+        base = {"estimator": given["estimator"]}
+    elif any(name in RECURRENCE_ARGUMENTS for name in given):
+        base = {"estimator": "recurrence"}  # recurrence arguments can only mean the recurrence
+    else:
+        preset, base = DEFAULT_PRESET, dict(PRESETS[DEFAULT_PRESET])
+    estimator = given.pop("estimator", base["estimator"])
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator != base["estimator"]:  # an explicit estimator overrides the preset's altogether
+        preset, base = None, {"estimator": estimator}
+    foreign = sorted(name for name in given if name not in ARGUMENTS[estimator])
+    if foreign:
+        where = f"preset={preset!r} runs" if preset else "the run uses"
+        raise ValueError(
+            f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not an argument of the {estimator!r} "
+            f"estimator ({where} estimator={estimator!r}, whose arguments are {', '.join(ARGUMENTS[estimator])})"
+        )
+    values = {**DEFAULTS[estimator], **{k: v for k, v in base.items() if k in ARGUMENTS[estimator]}, **given}
+    if estimator == "recurrence" and "covariance" in given and given["covariance"] == "none" and "mc_samples" not in given:
+        values["mc_samples"] = 0  # no covariance: the closed form at the image sample, no Monte Carlo
+    return UncertaintySettings(estimator=estimator, preset=preset, **values)
+
+
+def _check_field(name: str, value: Any) -> None:
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
+    elif name == "clamp":
+        if not isinstance(value, bool):
+            raise ValueError(f"clamp must be True or False, got {value!r}")
+    elif name in ("noise_samples", "chunk_size") and value is None:
+        return
+    else:
+        low = 0 if name == "mc_samples" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_recurrence(s: UncertaintySettings) -> None:
+    """covariance='mc'/'regression': Monte Carlo at every ``uq_every``-th step (S = mc_samples ≥ 1, ≥ 2).
+    covariance='none': with mc_samples = 0 (its default) the head's closed form at the image sample;
+    with mc_samples = S > 0 the Monte Carlo E[ε], Var[ε] with the covariance dropped (an ablation)."""
+    if s.covariance == "none" and not s.mc_samples:
+        if s.eps_variance != "total":
+            raise ValueError(
+                "eps_variance='bayesdiff' drops the Monte Carlo spread; covariance='none' with mc_samples=0 has none"
+            )
+        if s.skip == "covariance":
+            raise ValueError(
+                "skip='covariance' adds the closed form between Monte Carlo steps; covariance='none' with mc_samples=0 "
+                "has none: pass uq_every=1 for the closed form at every step"
+            )
+    elif s.covariance != "none" and s.mc_samples < (2 if s.covariance == "regression" else 1):
+        raise ValueError(
+            f"covariance={s.covariance!r} needs mc_samples >= {2 if s.covariance == 'regression' else 1} "
+            f"(got {s.mc_samples}); covariance='none' is the closed form without Monte Carlo"
+        )
+
+
+def _check_draws(s: UncertaintySettings) -> None:
+    if s.draws == "antithetic":
+        if s.estimator == "linearised":
+            raise ValueError("draws='antithetic' repeats every direction of the linearisation; use 'independent' or 'sobol'")
+        if s.samples % 2:
+            raise ValueError(f"draws='antithetic' needs an even number of samples, got {s.samples}")
+    if s.estimator == "trajectories" and s.centre == "mean" and s.samples < 2:
+        raise ValueError("centre='mean' needs samples >= 2 (a spread around the draws' own mean)")
+

@@ -1,0 +1,106 @@
+"""One settings object: presets, explicit overrides, refusals that name the arguments, the paper preset unchanged."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from test_sampler import _noise, _posterior, _unet
+
+from bayesdiff_ext import BayesDiffSampler, UncertaintyCallback
+from bayesdiff_ext.sampler.settings import DEFAULT_PRESET, PRESETS, UncertaintySettings, resolve_settings
+
+
+def test_nothing_given_is_the_default_preset_and_presets_resolve():
+    default = resolve_settings()
+    assert default.preset == DEFAULT_PRESET and default.estimator == PRESETS[DEFAULT_PRESET]["estimator"]
+    paper = resolve_settings(preset="paper")
+    assert (paper.estimator, paper.uq_every, paper.mc_samples, paper.covariance) == ("recurrence", 5, 10, "mc")
+    assert resolve_settings(preset="accurate").estimator == "trajectories"
+
+
+def test_explicit_arguments_override_the_preset():
+    assert resolve_settings(preset="accurate", samples=32).samples == 32
+    assert resolve_settings(preset="paper", uq_every=1).uq_every == 1
+    switched = resolve_settings(preset="fast", estimator="recurrence")
+    assert switched.estimator == "recurrence" and switched.preset is None and switched.uq_every == 5
+    again = resolve_settings(settings=resolve_settings(preset="accurate"), draws="independent")
+    assert (again.samples, again.draws, again.preset) == (PRESETS["accurate"]["samples"], "independent", "accurate")
+
+
+def test_recurrence_arguments_alone_mean_the_recurrence_with_the_papers_values():
+    implied = resolve_settings(mc_samples=4)
+    assert implied.estimator == "recurrence" and implied.uq_every == 5 and implied.mc_samples == 4
+    closed = resolve_settings(covariance="none")
+    assert closed.mc_samples == 0  # the closed form: no Monte Carlo, no cost
+
+
+@pytest.mark.parametrize(
+    "arguments,fragment",
+    [
+        (dict(preset="fast", uq_every=2), "uq_every is not an argument of the 'trajectories' estimator"),
+        (dict(preset="paper", samples=4), "samples is not an argument of the 'recurrence' estimator"),
+        (dict(estimator="linearised", centre="mean"), "centre is not an argument of the 'linearised'"),
+        (dict(covariance="none", skip="covariance"), "skip='covariance'"),
+        (dict(covariance="none", eps_variance="bayesdiff"), "eps_variance='bayesdiff'"),
+        (dict(covariance="regression", mc_samples=1), "needs mc_samples >= 2"),
+        (dict(covariance="mc", mc_samples=0), "needs mc_samples >= 1"),
+        (dict(samples=3, draws="antithetic"), "even number of samples"),
+        (dict(estimator="linearised", draws="antithetic"), "antithetic"),
+        (dict(uq_every=0), "uq_every must be an integer >= 1"),
+        (dict(samples=True), "samples must be an integer"),
+        (dict(preset="best"), "preset must be one of"),
+        (dict(estimator="ensemble"), "estimator must be one of"),
+    ],
+)
+def test_combinations_that_mean_nothing_are_refused_by_name(arguments, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        resolve_settings(**arguments)
+
+
+def test_unknown_arguments_and_settings_types():
+    with pytest.raises(TypeError, match="unknown uncertainty argument"):
+        resolve_settings(uq_everyy=2)
+    with pytest.raises(TypeError, match="UncertaintySettings"):
+        resolve_settings(settings={"estimator": "recurrence"})
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        UncertaintySettings(estimator="nope")
+
+
+@pytest.fixture(scope="module")
+def unet_and_posterior():
+    unet = _unet()
+    return unet, _posterior(unet)
+
+
+def test_paper_preset_is_the_recurrence_with_the_papers_arguments_bit_for_bit(unet_and_posterior):
+    unet, posterior = unet_and_posterior
+
+    def run(**uncertainty):
+        return BayesDiffSampler(unet, DDIMScheduler(clip_sample=False), posterior).sample(
+            noise=_noise(), num_inference_steps=10, generator=torch.Generator().manual_seed(2), progress=False,
+            **uncertainty,
+        )
+
+    preset = run(preset="paper")
+    explicit = run(uq_every=5, mc_samples=10, covariance="mc", eps_variance="total", skip="all", mode="deterministic")
+    for field in ("images", "variance", "mean", "aleatoric_variance"):
+        assert torch.equal(getattr(preset, field), getattr(explicit, field))
+    assert preset.settings["preset"] == "paper" and preset.timings["mc_unet_calls"] == 1  # steps 5 (not 0)
+
+
+def test_default_runs_the_default_presets_estimator(unet_and_posterior):
+    unet, posterior = unet_and_posterior
+    out = BayesDiffSampler(unet, DDIMScheduler(clip_sample=False), posterior).sample(
+        noise=_noise(), num_inference_steps=3, progress=False
+    )
+    assert out.settings["estimator"] == PRESETS[DEFAULT_PRESET]["estimator"] and out.settings["preset"] == DEFAULT_PRESET
+
+
+def test_callback_defaults_to_the_paper_preset_and_refuses_trajectories(unet_and_posterior):
+    unet, posterior = unet_and_posterior
+    callback = UncertaintyCallback(posterior)
+    assert callback.settings["preset"] == "paper" and callback.settings["uq_every"] == 5
+    callback.close()
+    with pytest.raises(ValueError, match="moment recurrence with mode='deterministic' only"):
+        UncertaintyCallback(posterior, preset="accurate")
+    with pytest.raises(ValueError, match="mode='deterministic' only"):
+        UncertaintyCallback(posterior, mode="bayesdiff")
