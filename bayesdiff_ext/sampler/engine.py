@@ -18,7 +18,13 @@ import torch
 
 from bayesdiff_ext import ops
 from bayesdiff_ext.randomness import ImageStreams
-from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
+from bayesdiff_ext.sampler.eps_moments import (
+    MonteCarloNormals,
+    StepRecord,
+    closed_form_moments,
+    draw_normals,
+    monte_carlo_moments,
+)
 from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
 
@@ -109,11 +115,29 @@ class StepEngine:
         kind = self.kinds[index]
         return kind.closed_form or (self.settings["mode"] == "bayesdiff" and kind.uncertain)
 
-    def advance(self, step: AffineStep, timestep, prediction: torch.Tensor, head_var: torch.Tensor | None, head_at: HeadAt) -> None:
+    def normals(self, step: AffineStep) -> MonteCarloNormals | None:
+        """The standard normals a Monte Carlo ``step`` will use, drawn from the Monte Carlo streams
+        (None for a step without Monte Carlo). Draw them outside a compiled or captured step."""
+        if not self.kinds[step.index].monte_carlo:
+            return None
+        return draw_normals(step, self.mean, self.settings["mc_samples"], step.index in self.restarted, self.generator)
+
+    def advance(
+        self,
+        step: AffineStep,
+        timestep,
+        prediction: torch.Tensor,
+        head_var: torch.Tensor | None,
+        head_at: HeadAt,
+        normals: MonteCarloNormals | None = None,
+    ) -> None:
         """Move the moments over ``step`` given the model's ``prediction`` at the image sample.
 
         ``head_var`` is the head's variance there (needed where :meth:`wants_head`); ``head_at``
-        maps Monte Carlo samples (S, B, ...) of the step's input to the head's (mean, var) there.
+        maps Monte Carlo samples (S, B, ...) of the step's input to the head's (mean, var) there;
+        ``normals`` are :meth:`normals` (drawn here when not given). With the normals given, the
+        step makes no host synchronisation and no random draw: it compiles with
+        ``torch.compile(fullgraph=True)`` (tested) and can be captured in a CUDA graph.
         """
         settings = self.settings
         is_uncertain, monte_carlo, closed_form_var = self.kinds[step.index]
@@ -136,7 +160,7 @@ class StepEngine:
                 keep_eps=step.index in self.restarted,
                 eps_variance=settings["eps_variance"],
                 covariance=settings["covariance"],
-                generator=self.generator,
+                normals=self.normals(step) if normals is None else normals,
             )
             self.monte_carlo_calls += 1
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +20,10 @@ from bayesdiff_ext.randomness import ImageStreams, antithetic_randn
 __all__ = [
     "EpsMoments",
     "MonteCarloDraws",
+    "MonteCarloNormals",
     "StepRecord",
     "closed_form_moments",
+    "draw_normals",
     "monte_carlo_moments",
     "regression_moments",
 ]
@@ -57,6 +60,22 @@ class StepRecord:
     eps: torch.Tensor  # the UNet's output (ε channels) at the image sample
     head_var: torch.Tensor | None  # the head's closed-form variance there
     draws: MonteCarloDraws | None
+
+
+class MonteCarloNormals(NamedTuple):
+    """The standard normals a Monte Carlo step uses, (S, B, ...) antithetic pairs: for the samples of x_t
+    (None where a second stage reuses its first stage's samples) and for the head noise ε^i a second
+    stage needs (None otherwise)."""
+
+    x: torch.Tensor | None
+    eps: torch.Tensor | None
+
+
+def draw_normals(step: AffineStep, like: torch.Tensor, samples: int, keep_eps: bool, streams: ImageStreams) -> MonteCarloNormals:
+    """The draws of :func:`monte_carlo_moments` for ``step``, in the order it always made them."""
+    x = None if step.origin != step.index else antithetic_randn(samples, like, streams)
+    eps = antithetic_randn(samples, like, streams) if keep_eps else None
+    return MonteCarloNormals(x, eps)
 
 
 def first_output_weight(step: AffineStep) -> float:
@@ -107,7 +126,7 @@ def monte_carlo_moments(
     keep_eps: bool,
     eps_variance: str,
     covariance: str,
-    generator: ImageStreams,
+    normals: MonteCarloNormals,
 ) -> tuple[EpsMoments, MonteCarloDraws]:
     """E[ε_eff], Var[ε_eff], Cov(x_origin, ε_eff) from S samples through one batched head call.
 
@@ -117,17 +136,19 @@ def monte_carlo_moments(
     ε_eff^i = m^i + w·ε_s^i keeps its dependence on x_s^i and the covariance is taken against
     x_s. ``covariance='regression'`` takes the spread and the covariance in the regression form
     (:func:`regression_moments`). ``eps_variance='bayesdiff'`` keeps only the head variances (mean γ², plus w²·mean γ_s²
-    for a second stage), dropping the spread of the head means over the samples.
+    for a second stage), dropping the spread of the head means over the samples. The standard
+    normals come drawn (:func:`draw_normals`), so this function makes no random draw of its own: a
+    compiled or graph-captured step takes them as inputs.
     """
     weight = first_output_weight(step)
     if step.origin != step.index:
         origin_x, origin_mean = previous.draws.x, previous.mean
         x = first_stage.a * origin_x + first_stage.b[0] * previous.draws.eps
     else:
-        x = mean + var.clamp_min(0).sqrt() * antithetic_randn(samples, mean, generator)
+        x = mean + var.clamp_min(0).sqrt() * normals.x
         origin_x, origin_mean = x, mean
     head_mean, head_var = head_at(x)
-    drawn = head_mean + head_var.sqrt() * antithetic_randn(samples, mean, generator) if keep_eps else None
+    drawn = head_mean + head_var.sqrt() * normals.eps if keep_eps else None
     eff = head_mean + weight * previous.draws.eps if weight else head_mean
     eps_mean, eps_var, cov = ops.mc_moments(origin_x, eff, head_var, origin_mean)
     posterior_var = head_var.mean(dim=0)

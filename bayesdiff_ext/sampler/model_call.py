@@ -14,7 +14,8 @@ What a model call means is decided here once, for the image path and the Monte C
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ class ModelCall:
         self.denoiser = Denoiser(model)
         self.scheduler = scheduler
         self.posterior = posterior
+        self._capture = None
 
     def __call__(
         self,
@@ -96,6 +98,20 @@ class ModelCall:
             return guidance.forward(self.denoiser, self.posterior, x, t, kwargs, want_head)
         if not want_head:
             return self.denoiser(x, t, kwargs), None, None
+        if self._capture is not None:
+            out = self.denoiser(x, t, kwargs)
+            return (out, *head_moments(self.posterior, self._capture.phi, None))
         with self.posterior.capture() as cap:
             out = self.denoiser(x, t, kwargs)
         return (out, *head_moments(self.posterior, cap.phi, None))
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Keep one hook on the head for a whole loop instead of one per model call: a step then
+        registers no hook, which ``torch.compile(fullgraph=True)`` and CUDA graphs need."""
+        with self.posterior.capture() as capture:
+            self._capture = capture
+            try:
+                yield
+            finally:
+                self._capture = None

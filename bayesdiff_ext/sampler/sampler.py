@@ -162,19 +162,20 @@ class BayesDiffSampler:
         engine.start(x)
         step_kwargs = description.step_kwargs()
 
-        for step in tqdm(engine.plan, desc="BayesDiff", disable=not progress):
-            t = scheduler.timesteps[step.index]
-            prediction, head_var = model_call(x, t, kwargs, want_head=engine.wants_head(step.index), guidance=guidance)
-            engine.advance(
-                step,
-                t,
-                prediction,
-                head_var,
-                lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance),
-            )
-            image_prediction = engine.image_prediction(step, prediction, head_var)
-            x = scheduler.step(image_prediction, t, x, generator=generator, **step_kwargs).prev_sample
-            _check_step_index(scheduler, step.index)
+        with model_call.capturing():
+            for step in tqdm(engine.plan, desc="BayesDiff", disable=not progress):
+                t = scheduler.timesteps[step.index]
+                prediction, head_var = model_call(x, t, kwargs, want_head=engine.wants_head(step.index), guidance=guidance)
+                engine.advance(
+                    step,
+                    t,
+                    prediction,
+                    head_var,
+                    lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance),
+                )
+                image_prediction = engine.image_prediction(step, prediction, head_var)
+                x = scheduler.step(image_prediction, t, x, generator=generator, **step_kwargs).prev_sample
+                _check_step_index(scheduler, step.index)
 
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
