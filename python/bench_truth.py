@@ -7,10 +7,11 @@ For one model and scheduler (``--config``), on the same x_T for every estimator:
   posterior mean — the brute force of the sampler's noise);
 * the moment recurrence (BayesDiff): the paper's defaults (Skip 5, S = 10), Monte Carlo at every
   step, each with the plain and the regression covariance, and the closed form without covariance;
-* trajectories with M = 2, 4, 8, 16 weight draws — independent, antithetic, Sobol — each around
-  the draws' mean and around the MAP trajectory (M < 16 are the first draws of one M = 16 run:
-  the first points of the same streams, exactly what a run with that M draws for independent and
-  Sobol draws, and its first pairs for antithetic ones);
+* trajectories with M = 2 … 32 weight draws — independent, antithetic (up to 16), Sobol — each
+  around the draws' mean and around the MAP trajectory; a stochastic sampler: M = 2 … 16 draws
+  with J = M or 2M noise streams (smaller M and J are the first draws and streams of one run: the
+  first points of the same streams, what a run with that M draws for independent and Sobol draws,
+  its first pairs for antithetic ones);
 * forward-mode linearisation (M = 4 Sobol directions: on a CPU each tangent costs several forwards);
 * deterministic samplers only: a control variate (the trajectories' squared deviations against the
   closed-form response without feedback, whose variance is known), and the top eigen-directions of
@@ -20,7 +21,7 @@ Columns: mean Var / truth; per-pixel Pearson r of the map against the truth (all
 images); Spearman's ρ of the per-image sums against the truth's; between-seed map r (the same
 estimator with another seed, "—" where it has no randomness); model forwards per image
 (tangent passes count one each); wall time relative to plain sampling (the pipeline's loop) in the
-same process — for M < 16 trajectories estimated from the M = 16 run's time per trajectory.
+same process — for the trajectory subsets, from the largest run's time per trajectory.
 
 Run one configuration per call (each ≤ ~20 min on one thread; results to
 python/bench_truth_results/<config>.json), then ``--report`` to write the `bench_truth` section of
@@ -60,13 +61,13 @@ from bench_timing import write_section  # noqa: E402
 
 RESULTS = Path(__file__).with_name("bench_truth_results")
 CONFIGS = {
-    "digits-ddim": dict(model="digits", scheduler="ddim", eta=0.0, steps=50, images=16),
-    "digits-ddpm": dict(model="digits", scheduler="ddpm", eta=0.0, steps=20, images=16),
-    "digits-ddim-eta1": dict(model="digits", scheduler="ddim", eta=1.0, steps=20, images=16),
-    "random-ddim": dict(model="random", scheduler="ddim", eta=0.0, steps=20, images=8),
-    "random-ddpm": dict(model="random", scheduler="ddpm", eta=0.0, steps=20, images=8),
+    "digits-ddim": dict(model="digits", scheduler="ddim", eta=0.0, steps=50, images=12),
+    "digits-ddpm": dict(model="digits", scheduler="ddpm", eta=0.0, steps=20, images=12),
+    "digits-ddim-eta1": dict(model="digits", scheduler="ddim", eta=1.0, steps=20, images=12),
+    "random-ddim": dict(model="random", scheduler="ddim", eta=0.0, steps=20, images=6),
+    "random-ddpm": dict(model="random", scheduler="ddpm", eta=0.0, steps=20, images=6),
 }
-TRUTH_DRAWS, TRAJECTORY_DRAWS, SEEDS = 64, 16, (1, 2)
+TRUTH_DRAWS, SEEDS = 64, (1, 2)
 X_T_SEED = 0
 
 
@@ -201,9 +202,11 @@ class Bench:
         started, load_start = time.perf_counter(), os.getloadavg()
         self.plain = self.plain_seconds()
         truth, truth_s = self.trajectories(
-            100, TRUTH_DRAWS, "independent", "mean", noise_samples=None if self.config["scheduler"] == "ddim" and not self.eta else TRUTH_DRAWS // 2
+            100, TRUTH_DRAWS, "independent", "mean", return_draws=True,
+            noise_samples=None if self.config["scheduler"] == "ddim" and not self.eta else TRUTH_DRAWS // 2,
         )
         self.truth, self.stochastic = truth, truth.settings["stochastic_sampler"]
+        reliability = _split_half_reliability(truth.draws, self.stochastic)
         self.add("truth", f"trajectories M={TRUTH_DRAWS}", truth.variance, truth_s, truth.timings["model_forwards_per_image"],
                  aleatoric=truth.aleatoric_variance)
         self.recurrence()
@@ -214,6 +217,7 @@ class Bench:
         return dict(
             config=self.name, settings=self.config, described=self.described, plain_s=self.plain,
             truth_mean=float(truth.variance.double().mean()), truth_aleatoric_mean=float(truth.aleatoric_variance.double().mean()),
+            truth_reliability=reliability,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - started,
             load_start=load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
             torch=torch.__version__, machine=platform.machine(),
@@ -247,23 +251,29 @@ class Bench:
 
     # -------------------------------------------------------------- trajectories and the control variate
     def trajectory_table(self):
-        # a stochastic sampler: 2 draws per noise stream (both centres and antithetic pairs work)
-        streams = TRAJECTORY_DRAWS // 2 if self.stochastic else None
-        for draws in ("independent", "antithetic", "sobol"):
-            runs = [self.trajectories(seed, TRAJECTORY_DRAWS, draws, "map", streams, return_draws=True) for seed in SEEDS]
-            seconds_per_copy = (runs[0][1] - self.plain) / (runs[0][0].timings["model_forwards_per_image"] / self.steps - 1)
-            for samples in (2, 4, 8, 16):
-                subsets = [_first_draws(out.draws, samples, draws, self.stochastic) for out, _ in runs]
-                if subsets[0] is None:
-                    continue
-                copies = samples + (subsets[0][1].shape[0] if self.stochastic else 0)
+        """One run per kind of draws and seed with the most draws; smaller M are its first draws.
+
+        Deterministic: M up to 32 (antithetic 16), around the mean and around the MAP trajectory.
+        Stochastic: 16 draws around their stream's MAP trajectory in the first 16 of 32 noise streams;
+        subsets (M, J) = (M draws, J noise streams) with J = M and J = 2M.
+        """
+        kinds = {"independent": 32, "antithetic": 16, "sobol": 32}
+        if self.stochastic:
+            kinds = {"independent": 16, "sobol": 16}
+        for draws, most in kinds.items():
+            streams = 2 * most if self.stochastic else None
+            centre = "map" if self.stochastic else "mean"
+            runs = [self.trajectories(seed, most, draws, centre, streams, return_draws=True) for seed in SEEDS]
+            copies_run = runs[0][0].timings["model_forwards_per_image"] / self.steps - 1
+            seconds_per_copy = (runs[0][1] - self.plain) / copies_run
+            for samples, streams_used in _subsets(most, self.stochastic):
+                subsets = [_first_draws(out.draws, samples, streams_used, draws) for out, _ in runs]
+                copies = samples + (streams_used if self.stochastic else 0)
                 seconds, forwards = self.plain + copies * seconds_per_copy, (1 + copies) * self.steps
-                for centre in ("mean", "map"):
-                    try:
-                        moments = [trajectory_moments(f, m, draws, centre) for f, m, _ in subsets]
-                    except ValueError:
-                        continue
-                    self.add(f"trajectories, {draws}", f"M={samples}, around the {centre}", moments[0].variance, seconds,
+                label = f"M={samples}" + (f", J={streams_used} noise streams" if self.stochastic else "")
+                for centre in ("map",) if self.stochastic else ("mean", "map"):
+                    moments = [trajectory_moments(f, m, draws, centre) for f, m, _ in subsets]
+                    self.add(f"trajectories, {draws}", f"{label}, around the {centre}", moments[0].variance, seconds,
                              forwards, moments[1].variance, moments[0].aleatoric)
                 if not self.stochastic and draws != "antithetic":
                     self.control_variate(draws, samples, subsets, seconds, forwards)
@@ -347,18 +357,40 @@ class Bench:
                      (1 + 2 * rank) * self.steps)
 
 
-def _first_draws(draws, samples: int, kind: str, stochastic: bool):
-    """The first ``samples`` draws of a run: (finals (J, K, B, ...), maps (J, B, ...), deviations).
+def _split_half_reliability(draws, stochastic: bool) -> dict:
+    """How much the truth's own Monte Carlo noise limits every comparison: the map r and the score ρ
+    of its two halves (draws or noise streams 1..32 against 33..64), and the map r of the whole truth
+    against a repetition (Spearman–Brown: 2r/(1 + r)); an estimator cannot correlate with the truth
+    above √(that), even if it were exact."""
+    finals, maps = draws.finals, draws.maps
+    if stochastic:
+        half = finals.shape[0] // 2
+        parts = [trajectory_moments(finals[s], maps[s], "independent", "mean").variance for s in (slice(0, half), slice(half, None))]
+    else:
+        half = finals.shape[1] // 2
+        parts = [trajectory_moments(finals[:, s], maps, "independent", "mean").variance for s in (slice(0, half), slice(half, None))]
+    halves = compare(parts[0], parts[1], None)
+    whole = 2 * halves["map_r"] / (1 + halves["map_r"])
+    return dict(half_map_r=halves["map_r"], half_spearman=halves["spearman"], whole_map_r=whole, ceiling=whole**0.5)
 
-    Deterministic: the first draws of the one stream (antithetic: the first samples/2 pairs).
-    Stochastic (2 draws per stream): the first samples/2 streams; None where fewer than 2 streams.
+
+def _subsets(most: int, stochastic: bool) -> list[tuple[int, int]]:
+    """(M, J) pairs for the table: M draws, J noise streams (1 for a deterministic sampler)."""
+    sizes = [m for m in (2, 4, 8, 16, 32) if m <= most]
+    if not stochastic:
+        return [(m, 1) for m in sizes]
+    return sorted({(m, j) for m in sizes for j in (m, 2 * m) if j >= 2})
+
+
+def _first_draws(draws, samples: int, streams: int, kind: str):
+    """The first ``samples`` draws and ``streams`` noise streams of a run: (finals, maps, deviations).
+
+    Deterministic (one stream): the first draws (antithetic: the first samples/2 pairs). Stochastic
+    (one draw per stream): the first ``samples`` streams' draws and the first ``streams`` MAP runs.
     """
     finals, maps, deviations = draws.finals, draws.maps, draws.deviations
-    if stochastic:
-        streams = samples // 2
-        if streams < 2:
-            return None
-        return finals[:streams], maps[:streams], deviations[:streams]
+    if finals.shape[0] > 1 or maps.shape[0] > 1:
+        return finals[:samples], maps[:streams], deviations[:samples]
     count = finals.shape[1]
     if kind == "antithetic":
         index = torch.cat([torch.arange(samples // 2), count // 2 + torch.arange(samples // 2)])
@@ -376,8 +408,8 @@ def render(results: list[dict]) -> str:
         "`python/bench_truth.py` — every estimator of Var[x_0 | x_T] against trajectory Monte Carlo with "
         f"M = {TRUTH_DRAWS} independent weight draws (docs/MATH.md §2.3). Per configuration one process, one "
         "thread (OMP_NUM_THREADS=1), the same x_T for every estimator (image k drawn from (seed 0, k)); "
-        "\"time / plain\" is wall time over the plain loop's in the same process (M < 16 trajectories: "
-        "from the M = 16 run's time per trajectory), on a shared machine (load averages below). "
+        "\"time / plain\" is wall time over the plain loop's in the same process (trajectory subsets: "
+        "from the largest run's time per trajectory), on a shared machine (load averages below). "
         "\"forwards / image\": model calls per image, a JVP tangent counted as one. \"score ρ\": Spearman "
         "of the per-image sums; \"between-seed r\": the map of seed 1 against seed 2 (— : no randomness).",
         "",
@@ -390,6 +422,13 @@ def render(results: list[dict]) -> str:
             "",
             f"{result['described']}. Truth: mean Var {result['truth_mean']:.4g}"
             + (f", of which the sampler's noise {result['truth_aleatoric_mean']:.4g}" if result["stochastic"] else "")
+            + (
+                f"; the truth's own noise: its halves agree at map r {result['truth_reliability']['half_map_r']:.3f}, "
+                f"score ρ {result['truth_reliability']['half_spearman']:.2f}, so a repeat of the whole truth would "
+                f"agree at r ≈ {result['truth_reliability']['whole_map_r']:.3f} and no estimator can exceed map r ≈ "
+                f"{result['truth_reliability']['ceiling']:.3f} against it"
+                if "truth_reliability" in result else ""
+            )
             + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min; load average "
             f"{result['load_start'][0]:.1f} at the start, {result['load_end'][0]:.1f} at the end; torch {result['torch']}, "
             f"{result['threads']} thread.",

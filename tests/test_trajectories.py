@@ -250,8 +250,8 @@ def test_bad_arguments_are_named(unet, posterior):
         run(samples=3, draws="antithetic")
     with pytest.raises(ValueError, match="centre"):
         run(samples=4, centre="median")
-    with pytest.raises(ValueError, match="noise_samples"):
-        run(samples=4, noise_samples=2)
+    with pytest.raises(ValueError, match="noise_samples must be an integer >= 4"):
+        _trajectories(unet, DDPMScheduler(clip_sample=False), posterior, batch_size=1, samples=4, noise_samples=2)
     with pytest.raises(ValueError, match="chunk_size"):
         run(samples=4, chunk_size=0)
     with pytest.raises(ValueError, match="draws must be one of"):

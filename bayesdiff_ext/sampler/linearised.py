@@ -158,9 +158,8 @@ class LinearisedSampler(TrajectorySampler):
 
 
 def _noise_streams(noise_samples: int | None, stochastic: bool) -> int:
+    """J MAP trajectories with fresh noise for a stochastic sampler (a deterministic one ignores it)."""
     if not stochastic:
-        if noise_samples not in (None, 1):
-            raise ValueError(f"noise_samples={noise_samples} but the sampler drew no noise (deterministic)")
         return 1
     streams = 8 if noise_samples is None else noise_samples
     if not isinstance(streams, int) or streams < 2:

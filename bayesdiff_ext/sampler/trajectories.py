@@ -19,8 +19,9 @@ How it runs:
   stream), so each image's result is the same in any batch (:mod:`bayesdiff_ext.randomness`).
 * Deterministic samplers (no draw from the generator during the stock loop): one noise stream, the
   stock trajectory is the MAP trajectory, M weight draws. Stochastic samplers: J noise streams
-  (``noise_samples``, default M or M/2 pairs), each with its own MAP trajectory and M/J weight draws that share
-  its noise, so the law of total variance splits epistemic and aleatoric parts
+  (``noise_samples``), each with its own MAP trajectory, the M weight draws sharing the noise of
+  the first M/K streams (K = 1 or 2 per stream), so the law of total variance splits epistemic and
+  aleatoric parts
   (:mod:`~bayesdiff_ext.sampler.trajectory_statistics` says how).
 """
 
@@ -100,9 +101,10 @@ class TrajectorySampler:
                 * ``centre``: ``'map'`` (spread around each stream's MAP trajectory, the returned image
                   for a deterministic sampler) or ``'mean'`` (around the draws' own mean, unbiased for
                   independent draws; needs M/J ≥ 2);
-                * ``noise_samples``: J noise streams of a stochastic sampler (must divide M; default M,
-                  or M/2 for antithetic draws or ``centre='mean'``: two draws per stream); a
-                  deterministic sampler has one;
+                * ``noise_samples``: J noise streams of a stochastic sampler, each with its MAP
+                  trajectory; the M draws go K to a stream (K = 2 for antithetic draws or
+                  ``centre='mean'``, else 1) in the first M/K of them (default J = M/K); a
+                  deterministic sampler has one stream and ignores it;
                 * ``chunk_size``: rows per model call (default 256), rounded down to whole copies of
                   the batch (at least one).
             model_kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs, progress: as for the sampler.
@@ -131,8 +133,7 @@ class TrajectorySampler:
             loop.bar = bar
             images = loop.run(self.scheduler, x_unit, generator, copies=1)
             stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
-            streams = _check_streams(samples, resolved.noise_samples, stochastic, draws, centre)
-            per_stream = samples // streams
+            streams, with_draws, per_stream = _stream_layout(samples, resolved.noise_samples, stochastic, draws, centre)
             deviations = torch.stack(
                 [
                     weight_deviations(
@@ -141,15 +142,16 @@ class TrajectorySampler:
                         per_stream,
                         ImageStreams.derived(generator, batch, draw_device, "weights", j).generators,
                     )
-                    for j in range(streams)
+                    for j in range(with_draws)
                 ]
-            )  # (J, K, B, P)
-            copies = [(j, k) for j in range(streams) for k in ([None] if stochastic else []) + list(range(per_stream))]
+            )  # (J_w, K, B, P)
+            maps_needed = [(j, None) for j in range(streams)] if stochastic else []
+            copies = maps_needed + [(j, k) for j in range(with_draws) for k in range(per_stream)]
             finals = loop.run_copies(copies, x_unit, deviations, generator, draw_device, resolved.chunk_size, stochastic)
 
         shape = images.shape[1:]
-        draws_final = torch.stack([finals[(j, k)] for j in range(streams) for k in range(per_stream)])
-        draws_final = draws_final.reshape(streams, per_stream, batch, *shape)
+        draws_final = torch.stack([finals[(j, k)] for j in range(with_draws) for k in range(per_stream)])
+        draws_final = draws_final.reshape(with_draws, per_stream, batch, *shape)
         maps = torch.stack([finals[(j, None)] for j in range(streams)]) if stochastic else images[None]
         moments = trajectory_moments(draws_final, maps, draws, centre)
         moment_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
@@ -182,30 +184,25 @@ class TrajectorySampler:
         )
 
 
-def _check_streams(samples: int, noise_samples: int | None, stochastic: bool, draws: str, centre: str) -> int:
-    """J, the noise streams, after checking it against the sampler and the draws."""
+def _stream_layout(samples: int, noise_samples: int | None, stochastic: bool, draws: str, centre: str) -> tuple[int, int, int]:
+    """(J noise streams, J_w of them with weight draws, K draws in each) for M = ``samples`` draws.
+
+    A deterministic sampler has one stream with all M draws (``noise_samples`` does not apply). A
+    stochastic one puts K = 2 draws (an antithetic pair, or two for a spread around their mean) or
+    K = 1 (around the MAP trajectory) in each of the first J_w = M/K streams, and runs J ≥ J_w MAP
+    trajectories (default J_w): more streams sharpen the sampler-noise part at one trajectory each.
+    """
     if not stochastic:
-        if noise_samples not in (None, 1):
-            raise ValueError(
-                f"noise_samples={noise_samples} but the sampler drew no noise (deterministic): it has one noise stream"
-            )
-        streams = 1
-    else:
-        default = samples // 2 if draws == "antithetic" or centre == "mean" else samples
-        streams = default if noise_samples is None else noise_samples
-        if not isinstance(streams, int) or streams < 2 or samples % streams:
-            raise ValueError(
-                f"noise_samples must be an integer >= 2 that divides samples={samples} for a stochastic "
-                f"sampler (the law of total variance needs 2 noise streams or more), got {noise_samples!r}"
-            )
-    per_stream = samples // streams
-    if draws == "antithetic" and per_stream % 2:
+        return 1, 1, samples
+    per_stream = 2 if draws == "antithetic" or centre == "mean" else 1
+    if samples % per_stream:
+        raise ValueError(f"draws={draws!r}, centre={centre!r} put 2 draws in each noise stream: samples must be even, got {samples}")
+    with_draws = samples // per_stream
+    streams = with_draws if noise_samples is None else noise_samples
+    if not isinstance(streams, int) or streams < max(2, with_draws):
         raise ValueError(
-            f"draws='antithetic' pairs the draws of each noise stream: samples/noise_samples = {per_stream} must be even"
+            f"noise_samples must be an integer >= {max(2, with_draws)} for a stochastic sampler with samples={samples} "
+            f"(the law of total variance needs 2 noise streams or more, and the {with_draws} streams with weight "
+            f"draws are among them), got {noise_samples!r}"
         )
-    if centre == "mean" and per_stream < 2:
-        raise ValueError(
-            f"centre='mean' needs 2 or more weight draws per noise stream (samples/noise_samples = {per_stream}); "
-            "use centre='map' or fewer noise_samples"
-        )
-    return streams
+    return streams, with_draws, per_stream

@@ -1,14 +1,14 @@
 """From the final images of trajectory Monte Carlo to Var[x_0 | x_T] and its two parts (docs/MATH.md §2.3).
 
 The design: J noise streams z_j (J = 1 for a deterministic sampler); stream j runs the posterior
-mean's weights once (x̄_j = Φ(x_T; θ_MAP, z_j), the "MAP trajectory") and K weight draws
-x_jk = Φ(x_T; θ_jk, z_j). By the law of total variance,
+mean's weights once (x̄_j = Φ(x_T; θ_MAP, z_j), the "MAP trajectory"), and the first J_w of them
+also K weight draws x_jk = Φ(x_T; θ_jk, z_j). By the law of total variance,
 
     Var[x_0] = E_z Var_θ[x_0 | z] + Var_z E_θ[x_0 | z]          (epistemic + aleatoric).
 
 Estimators, per pixel:
 
-* epistemic = mean over j of the within-stream spread w_j:
+* epistemic = mean over the J_w streams with draws of the within-stream spread w_j:
     - ``centre='mean'``, independent or Sobol draws: the sample variance over k (divisor K − 1:
       unbiased for independent draws; Sobol points are not independent, see docs);
     - ``centre='mean'``, antithetic pairs (θ_p, θ_{p+K/2}) = μ ± Σ^{1/2}z_p: with the pair's half
@@ -50,9 +50,10 @@ def trajectory_moments(finals: torch.Tensor, maps: torch.Tensor, draws: str, cen
     """The estimators above.
 
     Args:
-        finals (`torch.Tensor` of shape `(J, K, B, ...)`): x_0 of draw k in noise stream j; for
+        finals (`torch.Tensor` of shape `(J_w, K, B, ...)`): x_0 of draw k in noise stream j; for
             antithetic draws, draw k and k + K/2 are a ± pair.
-        maps (`torch.Tensor` of shape `(J, B, ...)`): x_0 of the MAP trajectory of each stream.
+        maps (`torch.Tensor` of shape `(J, B, ...)`): x_0 of the MAP trajectory of each stream, J ≥ J_w
+            (the first J_w streams are those with draws).
         draws (`str`): ``'independent'``, ``'antithetic'`` or ``'sobol'``.
         centre (`str`): ``'mean'`` or ``'map'``.
 
@@ -62,9 +63,9 @@ def trajectory_moments(finals: torch.Tensor, maps: torch.Tensor, draws: str, cen
     if centre not in CENTRES:
         raise ValueError(f"centre must be one of {CENTRES}, got {centre!r}")
     finals, maps = finals.to(torch.float64), maps.to(torch.float64)
-    streams, count = finals.shape[:2]
+    count = finals.shape[1]
     if centre == "map":
-        within = (finals - maps[:, None]).square().mean(dim=1)
+        within = (finals - maps[: finals.shape[0], None]).square().mean(dim=1)
     elif draws == "antithetic":
         plus, minus = finals.chunk(2, dim=1)
         within = ((plus - minus) / 2).square().mean(dim=1)
@@ -74,5 +75,5 @@ def trajectory_moments(finals: torch.Tensor, maps: torch.Tensor, draws: str, cen
         if count < 2:
             raise ValueError("centre='mean' needs at least 2 weight draws per noise stream; use centre='map'")
         within = finals.var(dim=1)
-    aleatoric = maps.var(dim=0) if streams >= 2 else torch.zeros_like(maps[0])
+    aleatoric = maps.var(dim=0) if maps.shape[0] >= 2 else torch.zeros_like(maps[0])
     return TrajectoryMoments(finals.mean(dim=(0, 1)), within.mean(dim=0), aleatoric)
