@@ -4,15 +4,15 @@ test_transformers.py): the image path against the scheduler's own loop, the vari
 import pytest
 import torch
 from diffusers import (
-    DDPMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
 
-from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
+from bayesdiff_ext import BayesDiffSampler
 from brute_force import brute_force_variance, correlation, with_output_tracking_input
 from test_posterior_models import tiny_unet
+from test_sampler import _posterior
 
 STEPS = 5
 
@@ -32,18 +32,6 @@ SCHEDULERS = {
         num_train_timesteps=1000, shift=3.0, stochastic_sampling=True
     ),
 }
-
-
-def _posterior(unet) -> LastLayerLaplace:
-    images = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    posterior = LastLayerLaplace(unet, "diag", sigma_noise=0.1, prior_precision=1e3)
-    return posterior.fit(
-        images,
-        DDPMScheduler(num_train_timesteps=1000, clip_sample=False),
-        batch_size=6,
-        generator=torch.Generator().manual_seed(1),
-        progress=False,
-    )
 
 
 @pytest.fixture(scope="module")

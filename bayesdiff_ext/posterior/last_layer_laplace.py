@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 from bayesdiff_ext.posterior import hyperparameters as hp
-from bayesdiff_ext.posterior.capture import capture_head_input
+from bayesdiff_ext.posterior.capture import capture_head_input, capture_token_grid
 from bayesdiff_ext.posterior.diag import DiagCurvature, DiagPosterior
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import HeadSpec, default_eps_channels, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
+from bayesdiff_ext.posterior.output_layout import describe_head
 from bayesdiff_ext.posterior.structure import PosteriorStructure
 
 STRUCTURES: dict[str, type[PosteriorStructure]] = {
@@ -44,9 +45,14 @@ DEFAULTS = {"sigma_noise": "ml", "prior_precision": "mackay"}
 class LastLayerLaplace:
     """A Laplace posterior N(θ_MAP, (s·H + δ·I)⁻¹) over the ε weights of a model's head.
 
-    ``model`` is a diffusers ``UNet2DModel``/``UNet2DConditionModel`` (head: ``conv_out``), a bare
-    ``nn.Conv2d``/``nn.Linear`` head, or any model with ``head=`` naming its output layer. The model
-    is never modified: φ (the head's input) is read by a forward hook inside ``capture()``/``fit``.
+    ``model`` is a diffusers ``UNet2DModel``/``UNet2DConditionModel`` (head: ``conv_out``), a
+    ``DiTTransformer2DModel`` (``proj_out_2``), ``PixArtTransformer2DModel``,
+    ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (the top-level ``proj_out``), a bare
+    ``nn.Conv2d``/``nn.Linear`` head, or any model with ``head=`` naming its output layer (a
+    token-wise ``nn.Linear`` included). The model is never modified: φ (the head's input) is read by
+    a forward hook inside ``capture()``/``fit``. For DiT, PixArt and SD3, whose output is the head's
+    output unpatchified, ``capture()`` gives φ on the token grid (B, h, w, D) and ``predict``
+    returns the model's layout (B, C, H, W) (:mod:`~bayesdiff_ext.posterior.output_layout`).
 
     * ``structure``: ``'diag'``, ``'full'`` (exact GGN I_C ⊗ A_aug), ``'kron'`` (laplace-torch's
       KFAC), ``'isotropic'`` (Σ = λ⁻¹·I, λ = s·mean(h) + δ: the reproduction's "Hessian-free"
@@ -56,8 +62,9 @@ class LastLayerLaplace:
       ``'ef_bayesdiff'`` (laplace-torch's 2×EF with σ = δ = 1 unless given: BayesDiff's code).
     * ``sigma_noise``: ``'ml'`` (√ mean residual², default) or a float; ``prior_precision``:
       ``'mackay'`` (default), ``'marglik'`` or a float; ``temperature`` T; s = 1/(σ²·T).
-    * ``eps_channels``: the leading head outputs that are ε (default: half of them for a UNet whose
-      out_channels = 2·in_channels, i.e. a learned-variance head; otherwise all).
+    * ``eps_channels``: the leading output channels of the model that are ε (default: half of them
+      for a UNet or transformer whose out_channels = 2·in_channels, i.e. a learned-variance head;
+      otherwise all); for a patch transformer the head's ε rows follow (p² per channel).
     """
 
     def __init__(
@@ -80,10 +87,7 @@ class LastLayerLaplace:
                 f"choose one of {CURVATURES[structure]}"
             )
         self.model = model
-        self.head = locate_head(model, head)
-        if eps_channels is None:
-            eps_channels = default_eps_channels(model, self.head)
-        self.spec: HeadSpec = head_spec(self.head, eps_channels)
+        self.head, self.spec, self.layout = describe_head(model, head, eps_channels)
         self.structure = structure
         self.curvature = curvature
         defaults = BAYESDIFF_DEFAULTS if curvature == "ef_bayesdiff" else DEFAULTS
@@ -104,21 +108,33 @@ class LastLayerLaplace:
     # ------------------------------------------------------------------ what the sampler uses
     @property
     def eps_channels(self) -> int:
-        return self.spec.eps_channels
+        """The model's output channels that are ε."""
+        return self.spec.eps_channels if self.layout is None else self.layout.eps_channels
 
     def capture(self):
         """Context manager recording the head's input: ``with post.capture() as cap: ...; cap.phi``."""
+        if self.layout is not None:
+            return capture_token_grid(self.model, self.head, self.layout)
         return capture_head_input(self.head)
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, var) of ε at the head input φ through the fused ops; var ≥ 0, float32 or float64.
 
-        Conv heads: φ (B, C_in, H, W) → (B, C_eps, H_out, W_out); Linear heads: (..., D) → (..., C_eps).
+        Conv heads: φ (B, C_in, H, W) → (B, C_eps, H_out, W_out); Linear heads: (..., D) → (..., C_eps);
+        patch transformers: φ on the token grid (B, h, w, D) → the unpatchified (B, C_eps, h·p, w·p).
         """
         posterior = self._fitted()
         check_phi(self.spec, phi)
+        if self.layout is not None and phi.dim() != 4:
+            raise ValueError(
+                f"`phi` of a patch transformer's head must be its tokens on their grid (B, h, w, "
+                f"{self.spec.in_channels}), as capture() records them; got {tuple(phi.shape)}"
+            )
         weight, bias = eps_parameters(self.head, self.spec)
-        return posterior.predict(phi, weight, bias, self.precision_scale, self.prior_precision)
+        mean, var = posterior.predict(phi, weight, bias, self.precision_scale, self.prior_precision)
+        if self.layout is not None:
+            return self.layout.to_output(mean), self.layout.to_output(var)
+        return mean, var
 
     @property
     def precision_scale(self) -> float:
@@ -142,11 +158,16 @@ class LastLayerLaplace:
         prior_precision: str | float | None = None,
         temperature: float | None = None,
     ) -> LastLayerLaplace:
-        """Fit on training images x_0 (model scale; a tensor (N,C,H,W), a Dataset or a DataLoader).
+        """Fit on training images x_0 (model scale; a tensor (N, ...) in the model's sample layout, a
+        Dataset or a DataLoader).
 
-        Each image gets ``timesteps_per_image`` draws t ~ U{0..T−1} and ε ~ N(0, I) noised by
-        ``scheduler.add_noise`` (per batch and draw: t, then ε, both from ``generator`` on its
-        device, so a seed reproduces the fit). ``model_kwargs`` (a dict, or a callable of the x_0
+        Each image gets ``timesteps_per_image`` draws of the model's training noise (per batch and
+        draw: the timestep, then ε, both from ``generator`` on its device, so a seed reproduces the
+        fit), and the residual is taken against the training target
+        (:mod:`~bayesdiff_ext.posterior.training_noise`): ``scheduler`` is a diffusers scheduler
+        (DDPM-family: x_t = √ᾱ·x_0 + √(1−ᾱ)·ε with target ε, v or x_0 by its ``prediction_type``;
+        ``FlowMatchEulerDiscreteScheduler``: flow matching with σ uniform) or a ``TrainingNoise``
+        such as ``FlowMatchingNoise(scheduler, "logit_normal")``. ``model_kwargs`` (a dict, or a callable of the x_0
         batch returning one) is passed to the model. The model runs in eval mode without gradients
         and gets its mode back afterwards. σ and δ are then chosen as configured (the keyword
         arguments here override the constructor's).
@@ -157,6 +178,8 @@ class LastLayerLaplace:
                 self.model,
                 self.head,
                 self.spec,
+                self.layout,
+                self.capture,
                 accumulator,
                 images,
                 scheduler,

@@ -64,6 +64,7 @@ def save_posterior(post, path) -> None:
         "prior_precision_choice": post.prior_choice,
         "temperature": post.temperature,
         "head": post.spec.describe(),
+        "eps_channels": post.eps_channels,
         "head_sha256": head_fingerprint(post.head, post.spec),
         "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
         "versions": _versions(),
@@ -104,7 +105,7 @@ def load_posterior(cls, path, model, head):
     meta, tensors = read_posterior_file(path)
     saved = HeadSpec.from_description(meta["head"])
     target_head = locate_head(model, head)
-    current = head_spec(target_head, min(saved.eps_channels, _out_channels(target_head)))
+    current = head_spec(target_head, min(saved.eps_channels, _out_channels(target_head)), saved.eps_rows)
     if current != saved:
         raise ValueError(
             f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
@@ -115,7 +116,7 @@ def load_posterior(cls, path, model, head):
         meta["structure"],
         meta["curvature"],
         head=target_head,
-        eps_channels=saved.eps_channels,
+        eps_channels=meta.get("eps_channels", saved.eps_channels),  # the model's ε channels
         sigma_noise=meta["sigma_noise_choice"],
         prior_precision=meta["prior_precision_choice"],
         temperature=meta["temperature"],
