@@ -55,6 +55,8 @@ def test_repeat_batch_tiles_copy_major_and_passes_the_rest():
     assert torch.equal(tiled["n"]["b"], torch.cat([states] * 3))
     assert tiled["flag"] is True and tiled["ids"].shape == (16, 3)
     assert Denoiser.tile(None, 2, 3) == {}
+    ids = torch.zeros(2, 3)  # Flux's img_ids for 2 tokens, with a batch of 2: not a batch
+    assert Denoiser.tile({"img_ids": ids, "a": states}, 2, 3)["img_ids"] is ids
 
 
 def test_refusals_name_the_problem():

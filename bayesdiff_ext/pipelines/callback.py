@@ -40,8 +40,10 @@ class UncertaintyCallback(PipelineCallback):
     are exactly the stock pipeline's); see x_T or the step's ε other than through those hooks;
     save UNet calls — its Monte Carlo passes (S samples, 2·S·B rows with guidance) are extra UNet
     calls it makes itself at every uncertainty step. It supports the sampler's schedulers with
-    one UNet call per step (DDIM, DDPM, first-order DPM-Solver; not DPM-Solver-2's two-stage
-    steps), needs ``eta`` to be the one given to the pipeline, and rejects ``guidance_rescale``.
+    one UNet call per step and an unscaled model input (DDIM, DDPM, first-order DPM-Solver; not
+    DPM-Solver-2's two-stage steps, nor the Euler family, whose model input is scaled by a σ the
+    scheduler has already moved past when the callback runs), needs ``eta`` to be the one given
+    to the pipeline, and rejects ``guidance_rescale``.
 
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
@@ -144,7 +146,14 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
-        plan = describe(pipeline.scheduler, self.settings["eta"]).steps()
+        description = describe(pipeline.scheduler, self.settings["eta"])
+        if description.scales_model_input:
+            raise ValueError(
+                f"{description.name} scales the model input by its current σ, and a step-end callback runs "
+                "after the scheduler has moved to the next one (its model input is not x_T either): "
+                "use BayesDiffSampler for this scheduler"
+            )
+        plan = description.steps()
         restarts = [s.index for s in plan if s.origin != s.index]
         if restarts:
             raise ValueError(

@@ -29,6 +29,7 @@ def predicted_original(prediction_type: str, sample, out, sigma_hat: float, sigm
 
 class Euler(SchedulerDescription):
     schedulers = (EulerDiscreteScheduler,)
+    scales_model_input = True
     prediction_types = ("epsilon", "v_prediction", "sample", "original_sample")
     step_options = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 

@@ -19,6 +19,7 @@ __all__ = ["EulerAncestral"]
 
 class EulerAncestral(SchedulerDescription):
     schedulers = (EulerAncestralDiscreteScheduler,)
+    scales_model_input = True
     prediction_types = ("epsilon", "v_prediction")
 
     def affine_steps(self) -> list[AffineStep]:
