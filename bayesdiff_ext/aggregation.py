@@ -1,10 +1,10 @@
 """Per-image uncertainty scores from a per-pixel variance map, and the rules that filter on them.
 
-Layer 5 of ARCHITECTURE.md: pure functions on tensors (numpy arrays are accepted too); no model,
+Layer 5 of docs/ARCHITECTURE.md: pure functions on tensors (numpy arrays are accepted too); no model,
 no files. A variance map is Var[x_0] with shape (B, C, H, W); every score is a float64 tensor (B,)
 on the map's device, so long sums over float32/16-bit maps do not lose precision.
 
-Aggregations (SPEC §3), by name in :data:`AGGREGATIONS`::
+Aggregations (docs/MATH.md §3), by name in :data:`AGGREGATIONS`::
 
     sum          Σ over C, H, W                      (BayesDiff's score)
     mean         mean over C, H, W

@@ -1,6 +1,6 @@
 """Latent diffusion: the VAE's latent conventions, and pixel-space variance by decoding samples of z_0.
 
-The moments of a latent diffusion model live in latent space (SPEC §2): E[z_0] and Var[z_0] per
+The moments of a latent diffusion model live in latent space (docs/MATH.md §2): E[z_0] and Var[z_0] per
 latent element, and the image score is the sum of the latent variance (BayesDiff). A pixel map
 comes from decoding N Gaussian draws z ~ N(E[z_0], Var[z_0]) and taking the per-pixel variance of
 the decoded images. The paper's published script drew *uniform* noise here by mistake; these draws

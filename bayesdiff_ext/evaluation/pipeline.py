@@ -169,7 +169,7 @@ def _generate(config, started) -> tuple[Generated, dict, dict]:
 
 
 def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Path:
-    """Run the filtering evaluation of SPEC §3 with ``config``; returns the report's path.
+    """Run the filtering evaluation of docs/MATH.md §3 with ``config``; returns the report's path.
 
     Writes ``config.out_dir``/``filtering_run.npz`` (the generated images, scores, maps, traces,
     sweep, costs: ``reuse=True`` starts from it instead of sampling), ``results.json``, and the

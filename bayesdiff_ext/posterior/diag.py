@@ -1,4 +1,4 @@
-"""Diagonal posterior: Σ = diag(1/(s·h + δ)), predicted with one fused conv of φ² (SPEC §1.1)."""
+"""Diagonal posterior: Σ = diag(1/(s·h + δ)), predicted with one fused conv of φ² (docs/MATH.md §1.1)."""
 
 from __future__ import annotations
 

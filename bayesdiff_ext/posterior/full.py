@@ -1,4 +1,4 @@
-"""Full GGN posterior: Σ = I_C ⊗ (s·A_aug + δ·I)⁻¹, exact for a Gaussian likelihood (SPEC §1.1).
+"""Full GGN posterior: Σ = I_C ⊗ (s·A_aug + δ·I)⁻¹, exact for a Gaussian likelihood (docs/MATH.md §1.1).
 
 With A_aug = Q·diag(a)·Qᵀ, var[c,p] = Σ_r (Q[:, r]·[φ_p; 1])² / (s·a_r + δ): the factored op with
 proj = Qᵀ (its last row as the projection bias) and mix[c, r] = 1/(s·a_r + δ). One eigendecomposition

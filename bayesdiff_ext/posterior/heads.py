@@ -48,7 +48,7 @@ class HeadSpec:
 
     @property
     def taps(self) -> int:
-        """Weights per output channel: D = C_in/groups·kh·kw (SPEC §1.1), or in_features."""
+        """Weights per output channel: D = C_in/groups·kh·kw (docs/MATH.md §1.1), or in_features."""
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
     @property

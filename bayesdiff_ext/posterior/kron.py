@@ -1,4 +1,4 @@
-"""KFAC posterior as laplace-torch forms it: H ≈ G ⊗ A for the weight, G_b for the bias (SPEC §1.1).
+"""KFAC posterior as laplace-torch forms it: H ≈ G ⊗ A for the weight, G_b for the bias (docs/MATH.md §1.1).
 
 With eig(G) = (Q_G, g), eig(A) = (Q_A, a), eig(G_b) = (Q_b, g_b) and laplace-torch's default
 undamped inverse of s·H + δ (``laplace_convert.factored_from_kron`` builds the op inputs):

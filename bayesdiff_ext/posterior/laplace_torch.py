@@ -1,4 +1,4 @@
-"""Adopt a laplace-torch posterior fitted on ``Sequential(head, Flatten)`` (SPEC §1.3).
+"""Adopt a laplace-torch posterior fitted on ``Sequential(head, Flatten)`` (docs/MATH.md §1.3).
 
 laplace-torch orders the parameters of that model as [vec(W) row-major, b] (converted with
 ``curvature_layout``); its curvature (H for Diag/Full, the Kron factors for Kron), σ, δ and T carry

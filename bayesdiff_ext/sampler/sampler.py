@@ -1,4 +1,4 @@
-"""BayesDiffSampler: the scheduler's own loop, with E[x_t] and Var[x_t] carried alongside (SPEC §2)."""
+"""BayesDiffSampler: the scheduler's own loop with E[x_t] and Var[x_t] alongside (docs/MATH.md §2)."""
 
 from __future__ import annotations
 
