@@ -38,6 +38,7 @@ class DiagCurvature:
 
 class DiagPosterior(PosteriorStructure):
     name = "diag"
+    curvatures = ("ggn", "ef", "ef_bayesdiff")
 
     def __init__(self, spec: HeadSpec, h_weight: torch.Tensor, h_bias: torch.Tensor | None):
         super().__init__(spec)

@@ -39,6 +39,7 @@ class GramCurvature:
 
 class FullPosterior(PosteriorStructure):
     name = "full"
+    curvatures = ("ggn",)
 
     def __init__(self, spec: HeadSpec, gram: torch.Tensor):
         super().__init__(spec)

@@ -90,6 +90,7 @@ class KronEFCurvature:
 
 class KronPosterior(PosteriorStructure):
     name = "kron"
+    curvatures = ("ggn", "ef")
 
     def __init__(self, spec: HeadSpec, g: torch.Tensor, a: torch.Tensor, g_bias: torch.Tensor | None):
         super().__init__(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -14,26 +15,14 @@ from bayesdiff_ext.posterior.diag import DiagCurvature, DiagPosterior
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import HeadSpec, default_eps_channels, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, resolve_head
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
+from bayesdiff_ext.posterior.registry import check_structure
+from bayesdiff_ext.posterior.serialization import load_posterior, save_posterior
 from bayesdiff_ext.posterior.structure import PosteriorStructure
 
-STRUCTURES: dict[str, type[PosteriorStructure]] = {
-    "diag": DiagPosterior,
-    "full": FullPosterior,
-    "kron": KronPosterior,
-    "isotropic": IsotropicPosterior,
-    "hfl": HessianFreePosterior,
-}
-CURVATURES = {
-    "diag": ("ggn", "ef", "ef_bayesdiff"),
-    "full": ("ggn",),
-    "kron": ("ggn", "ef"),
-    "isotropic": ("ggn", "ef"),
-    "hfl": ("ggn",),
-}
 # laplace-torch's EF is twice the squared per-sample gradients of ½‖r‖²; BayesDiff's code uses it
 # with σ = δ = 1.
 BAYESDIFF_EF_SCALE = 2.0
@@ -72,18 +61,9 @@ class LastLayerLaplace:
         prior_precision: str | float | None = None,
         temperature: float = 1.0,
     ):
-        if structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {sorted(STRUCTURES)}, got {structure!r}")
-        if curvature not in CURVATURES[structure]:
-            raise ValueError(
-                f"curvature {curvature!r} is not available for structure {structure!r}; "
-                f"choose one of {CURVATURES[structure]}"
-            )
+        check_structure(structure, curvature)
         self.model = model
-        self.head = locate_head(model, head)
-        if eps_channels is None:
-            eps_channels = default_eps_channels(model, self.head)
-        self.spec: HeadSpec = head_spec(self.head, eps_channels)
+        self.head, self.spec = resolve_head(model, head, eps_channels)
         self.structure = structure
         self.curvature = curvature
         defaults = BAYESDIFF_DEFAULTS if curvature == "ef_bayesdiff" else DEFAULTS
@@ -274,23 +254,57 @@ class LastLayerLaplace:
     # ------------------------------------------------------------------ persistence, adoption
     def save(self, path) -> None:
         """One safetensors file: the curvature tensors, all settings as JSON in its header metadata."""
-        from bayesdiff_ext.posterior.serialization import save_posterior
-
+        self._fitted()
         save_posterior(self, path)
 
     @classmethod
     def load(cls, path, model: nn.Module, *, head: nn.Module | None = None) -> LastLayerLaplace:
         """Load a saved posterior onto ``model``; ValueError if its head differs from the saved one."""
-        from bayesdiff_ext.posterior.serialization import load_posterior
-
-        return load_posterior(cls, path, model, head)
+        saved = load_posterior(path, model, head)
+        post = cls(
+            model,
+            saved.structure,
+            saved.curvature,
+            head=saved.head,
+            eps_channels=saved.spec.eps_channels,
+            sigma_noise=saved.sigma_choice,
+            prior_precision=saved.prior_choice,
+            temperature=saved.temperature,
+        )
+        return post._restore(saved.posterior, saved.fit_stats, saved.sigma_noise, saved.prior_precision)
 
     @classmethod
     def from_laplace_torch(cls, la, head: nn.Module, *, eps_channels: int | None = None) -> LastLayerLaplace:
         """Adopt a laplace-torch DiagLaplace/KronLaplace/FullLaplace fitted on Sequential(head, Flatten)."""
         from bayesdiff_ext.posterior.laplace_torch import adopt
 
-        return adopt(cls, la, head, eps_channels)
+        adopted = adopt(la, head, eps_channels)
+        post = cls(
+            head,
+            adopted.structure,
+            adopted.curvature,
+            eps_channels=adopted.spec.eps_channels,
+            sigma_noise=adopted.sigma_noise,
+            prior_precision=adopted.prior_precision,
+            temperature=adopted.temperature,
+        )
+        return post._restore(adopted.posterior, adopted.fit_stats, adopted.sigma_noise, adopted.prior_precision)
+
+    def with_structure(self, posterior: PosteriorStructure) -> LastLayerLaplace:
+        """A copy that predicts with another structure built from this one's curvature (e.g. 'hfl' from
+        a 'full' Gram matrix, 'isotropic' from a 'diag' one); σ, δ and T are re-chosen as configured.
+
+        This posterior is left unchanged; the copy shares its model, head and fitting statistics.
+        """
+        derived = copy.copy(self)
+        derived.structure, derived.posterior = posterior.name, posterior
+        return derived.set_hyperparameters()
+
+    def _restore(self, posterior: PosteriorStructure, fit_stats, sigma_noise: float, prior_precision: float):
+        """Take a fitted structure with the σ and δ it was used with (loading, adoption): no re-choice."""
+        self.posterior, self.fit_stats = posterior, fit_stats
+        self.sigma_noise, self.prior_precision = float(sigma_noise), float(prior_precision)
+        return self
 
     def __repr__(self) -> str:
         state = (

@@ -23,6 +23,8 @@ class PosteriorStructure(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: The curvatures it can be fitted with (``LastLayerLaplace``'s ``curvature``).
+    curvatures: ClassVar[tuple[str, ...]]
 
     def __init__(self, spec: HeadSpec):
         self.spec = spec
