@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from bayesdiff_ext._lazy import lazy_names
 from bayesdiff_ext._version import __version__
 
 #: Public classes and functions, and the module that defines each.
@@ -34,6 +35,7 @@ _SUBMODULES = (
     "latent",
     "methods",
     "metrics",
+    "numerics",
     "ops",
     "pipelines",
     "posterior",
@@ -61,19 +63,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _ATTRIBUTES:
-        value = getattr(importlib.import_module(_ATTRIBUTES[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_ATTRIBUTES) | set(_SUBMODULES) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _ATTRIBUTES, _SUBMODULES)
 
 
 def build_info() -> dict:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bayesdiff_ext.numerics import per_image_sum
+
 __all__ = [
     "AGGREGATIONS",
     "FILTER_RULES",
@@ -105,7 +107,7 @@ def _linear_quantile(rows_sorted: torch.Tensor, q: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def score_sum(variance) -> torch.Tensor:
     """Σ of the variance over channels and pixels: BayesDiff's image score."""
-    return _variance_map(variance).sum(dim=(1, 2, 3))
+    return per_image_sum(_variance_map(variance))
 
 
 def score_mean(variance) -> torch.Tensor:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
+
 __all__ = [
     "PixelMoments",
     "decode_latents",
@@ -81,7 +83,7 @@ class PixelMoments:
 
     @property
     def scores(self) -> torch.Tensor:
-        return self.variance.flatten(1).sum(dim=1)
+        return per_image_sum(self.variance)
 
 
 @torch.no_grad()
@@ -113,7 +115,7 @@ def pixel_moments(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    moment_dtype = torch.float64 if latent_mean.dtype == torch.float64 else torch.float32
+    moment_dtype = accumulation_dtype(latent_mean)
     mean = latent_mean.to(moment_dtype)
     std = latent_variance.to(moment_dtype).clamp_min(0).sqrt()
     images = mean.shape[0]

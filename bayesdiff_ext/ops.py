@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from bayesdiff_ext import _C  # noqa: F401  (loads the library that defines the ops)
-from bayesdiff_ext._fake_ops import register_fakes, result_dtype
+from bayesdiff_ext._fake_ops import register_fakes
+from bayesdiff_ext.numerics import accumulation_dtype as result_dtype  # the dtype every op returns
 
 register_fakes("bayesdiff_ext")
 

@@ -236,8 +236,9 @@ def _third_party_imports(modules) -> list[str]:
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_every_module_imports_on_its_own():
     modules = _module_names()
+    arguments = [json.dumps(sorted(modules)), json.dumps(_third_party_imports(modules))]
     result = subprocess.run(
-        [sys.executable, "-c", _ISOLATION_SCRIPT, json.dumps(sorted(modules)), json.dumps(_third_party_imports(modules))],
+        [sys.executable, "-c", _ISOLATION_SCRIPT, *arguments],
         capture_output=True,
         text=True,
         timeout=600,

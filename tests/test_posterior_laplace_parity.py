@@ -10,7 +10,8 @@ import pytest
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
-from test_posterior_models import conv_head, random_features, tiny_scheduler, tiny_unet
+from test_posterior_models import conv_head, random_features, tiny_scheduler
+from tiny_models import tiny_unet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

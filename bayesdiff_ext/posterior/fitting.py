@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.posterior.capture import capture_head_input
-from bayesdiff_ext.posterior.head_ops import accumulation_dtype
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
 
 ModelKwargs = Mapping[str, Any] | Callable[[torch.Tensor], Mapping[str, Any]] | None

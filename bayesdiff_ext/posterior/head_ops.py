@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
-
-
-def accumulation_dtype(phi: torch.Tensor) -> torch.dtype:
-    """float64 for float64 φ, float32 otherwise (16-bit inputs accumulate and return float32)."""
-    return torch.float64 if phi.dtype == torch.float64 else torch.float32
 
 
 def check_phi(spec: HeadSpec, phi: torch.Tensor) -> None:

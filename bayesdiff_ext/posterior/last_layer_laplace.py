@@ -11,11 +11,11 @@ from torch import nn
 
 from bayesdiff_ext.posterior import hyperparameters as hp
 from bayesdiff_ext.posterior.capture import capture_head_input
-from bayesdiff_ext.posterior.diag import DiagCurvature, DiagPosterior
+from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, resolve_head
+from bayesdiff_ext.posterior.heads import eps_parameters, resolve_head
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior

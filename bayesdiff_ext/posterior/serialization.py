@@ -4,8 +4,8 @@ Layout: tensors ``curvature.<name>`` (float64, the structure's curvature without
 metadata entry ``bayesdiff_ext.posterior`` holding a JSON object: format version, structure,
 curvature, σ/δ/T and how they were chosen, the head (kind, shapes, geometry, ε channels), the
 fitting statistics (images, samples, timesteps per image, residual sum of squares), a SHA-256 of
-the head's MAP weights, package versions and the UTC date. Written to a temporary file in the
-target directory and moved into place with os.replace, so a reader never sees a partial file.
+the head's MAP weights, package versions and the UTC date. Written atomically
+(``bayesdiff_ext.io.atomic``), so a reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from bayesdiff_ext._version import library_versions
+from bayesdiff_ext.io.atomic import atomic_write
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head, output_channels
 from bayesdiff_ext.posterior.registry import restore_structure
@@ -41,19 +42,6 @@ def head_fingerprint(head: torch.nn.Module, spec: HeadSpec) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict:
-    import bayesdiff_ext
-
-    versions = {"bayesdiff_ext": bayesdiff_ext.__version__, "torch": torch.__version__}
-    try:
-        import diffusers
-
-        versions["diffusers"] = diffusers.__version__
-    except ImportError:
-        versions["diffusers"] = None
-    return versions
-
-
 def save_posterior(post, path) -> None:
     """Write the fitted ``LastLayerLaplace`` ``post`` to ``path`` (its public state only)."""
     if post.posterior is None:
@@ -70,23 +58,13 @@ def save_posterior(post, path) -> None:
         "head": post.spec.describe(),
         "head_sha256": head_fingerprint(post.head, post.spec),
         "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
-        "versions": _versions(),
+        "versions": library_versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     tensors = {
         TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in post.posterior.tensors().items()
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
 def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
