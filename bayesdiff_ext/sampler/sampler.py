@@ -11,9 +11,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.denoiser import repeat_batch
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
-from bayesdiff_ext.sampler.batching import repeat_batch
 from bayesdiff_ext.sampler.coefficients import AffineStep, check_supported, step_coefficients
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
