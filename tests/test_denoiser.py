@@ -3,9 +3,9 @@
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+from tiny_models import tiny_condition_unet, tiny_unet
 
 from bayesdiff_ext.denoiser import Denoiser, model_prediction, repeat_batch
-from tests.test_posterior_models import tiny_condition_unet, tiny_unet
 
 
 def tiny_dit() -> DiTTransformer2DModel:
