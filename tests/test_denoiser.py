@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from bayesdiff_ext.denoiser import Denoiser, model_prediction, repeat_batch, stepped_prediction
-from test_posterior_models import tiny_condition_unet, tiny_unet
-from tiny_transformers import tiny_dit, tiny_flux, tiny_sd3
+from tiny_models import tiny_condition_unet, tiny_dit, tiny_flux, tiny_sd3, tiny_unet
 
 
 @torch.no_grad()

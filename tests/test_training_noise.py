@@ -8,8 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, Flow
 from bayesdiff_ext import LastLayerLaplace
 from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.posterior.training_noise import DiffusionNoise, FlowMatchingNoise, training_noise
-from test_posterior_models import tiny_unet
-from tiny_transformers import text_conditioning, tiny_sd3
+from tiny_models import text_conditioning, tiny_sd3, tiny_unet
 
 
 def _x0(batch=4, channels=3):

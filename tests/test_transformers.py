@@ -1,7 +1,7 @@
 """Transformer denoisers end to end: heads, the unpatchify, the closed forms against references, fit/save/load/sample.
 
 Tiny random-init DiT (learned σ, class labels), PixArt (learned σ, captions, resolution conditions),
-SD3 and Flux (packed tokens) from ``tiny_transformers.py``.
+SD3 and Flux (packed tokens) from ``tiny_models.py``.
 """
 
 import warnings
@@ -20,7 +20,7 @@ from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.heads import eps_parameters
 from bayesdiff_ext.posterior.training_noise import FlowMatchingNoise, training_noise
-from tiny_transformers import (
+from tiny_models import (
     flux_conditioning,
     flux_tokens,
     pixart_conditioning,

@@ -14,6 +14,7 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
 from bayesdiff_ext.sampler.schedulers import describe
@@ -97,7 +98,7 @@ class UncertaintyCallback(PipelineCallback):
         """Per-image sum of the latent variance (BayesDiff's score), (B,)."""
         if self.variance is None:
             raise RuntimeError("no step has been tracked yet: pass the callback to a pipeline call first")
-        return self.variance.flatten(1).sum(dim=1)
+        return per_image_sum(self.variance)
 
     def pixel_moments(
         self, vae, *, samples: int = 16, batch_size: int = 8, generator=None
@@ -163,7 +164,7 @@ class UncertaintyCallback(PipelineCallback):
             )
         self._model_call = ModelCall(self._recorder.unet, pipeline.scheduler, self.posterior)
         x_start = call.sample[:batch]
-        dtype = torch.float64 if x_start.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(x_start)
         generator = independent_generator(self.generator, x_start.device)
         self._engine = StepEngine(
             plan, self.settings, moment_dtype=dtype, generator=generator, trace=self.trace is not None

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.denoiser import Denoiser
-from bayesdiff_ext.posterior.head_ops import accumulation_dtype
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.output_layout import PatchLayout
 from bayesdiff_ext.posterior.training_noise import training_noise

@@ -1,4 +1,4 @@
-"""Where a token-wise Linear head's outputs land in the model's output: the unpatchify (docs/MATH.md §5).
+"""Where a token-wise Linear head's outputs land in the model's output: the unpatchify (docs/MATH.md §8).
 
 DiT, PixArt and SD3 transformers end in a Linear head on tokens, (B, N, D) → (B, N, p²·C_out),
 and then unpatchify: the N = h·w tokens are a grid, each token's p·p·C_out outputs a p×p patch of
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bayesdiff_ext.posterior.heads import TRANSFORMER_HEADS, HeadSpec, default_eps_channels, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import TRANSFORMER_HEADS, HeadSpec, head_spec, locate_head, resolve_head
 
 __all__ = ["PatchLayout", "describe_head", "output_layout"]
 
@@ -105,6 +105,4 @@ def describe_head(
     layout = output_layout(model, head, eps_channels)
     if layout is not None:
         return head, head_spec(head, layout.patch_size**2 * layout.eps_channels, layout.eps_rows()), layout
-    if eps_channels is None:
-        eps_channels = default_eps_channels(model, head)
-    return head, head_spec(head, eps_channels), None
+    return (*resolve_head(model, head, eps_channels), None)

@@ -1,4 +1,4 @@
-"""How the model was trained to denoise: the (x_t, timestep, target) the fit draws (docs/MATH.md §6).
+"""How the model was trained to denoise: the (x_t, timestep, target) the fit draws (docs/MATH.md §9).
 
 The posterior is on the model's raw output, so the fit noises its images the way the model was
 trained and takes the residual against the training target:

@@ -1,4 +1,4 @@
-"""BayesDiffSampler: the scheduler's own loop, with E[x_t] and Var[x_t] carried alongside (docs/MATH.md §2)."""
+"""BayesDiffSampler: the scheduler's own loop with E[x_t] and Var[x_t] alongside (docs/MATH.md §2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
 from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.sampler.randomness import independent_generator
@@ -140,7 +141,7 @@ class BayesDiffSampler:
         if guidance is not None:
             kwargs = guidance.branch_kwargs(kwargs)
         x = self.draw_noise(batch_size, noise, generator)
-        moment_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        moment_dtype = accumulation_dtype(x)
         mc_generator = independent_generator(generator, x.device)
 
         scheduler.set_timesteps(num_inference_steps, **(set_timesteps_kwargs or {}))
