@@ -141,3 +141,12 @@ def test_propagated_variance_agrees_with_brute_force(
         without = _sample(unet, make(), posterior, covariance="none", **settings)
         ratio_without = float(without.variance.sum() / empirical.sum())
         assert abs(ratio_without - 1) > ratio_band, f"the test cannot see the covariance ({ratio_without:.3f})"
+
+
+def test_a_repeated_first_timestep_stops_the_run_instead_of_following_other_coefficients(unet, posterior):
+    """diffusers starts at the second σ when the first timestep repeats (its img2img rule)."""
+    with pytest.raises(RuntimeError, match="timesteps repeat"):
+        _sample(
+            unet, SCHEDULERS["flow"](), posterior, noise=_noise(), mc_samples=0, covariance="none",
+            num_inference_steps=4, set_timesteps_kwargs=dict(sigmas=[1.0, 1.0, 0.5, 0.25]),
+        )
