@@ -478,7 +478,7 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation, methods
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.sampler import BayesDiffSampler
-    from bayesdiff_ext.sampler.coefficients import check_supported
+    from bayesdiff_ext.sampler.schedulers import check_supported
 
     out_dir, scores_to_report = run_options
     channels = unet.config.in_channels

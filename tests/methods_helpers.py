@@ -29,7 +29,7 @@ def plain_loop(unet, scheduler, x, seed: int = 11) -> torch.Tensor:
 
 
 def c2_only_variance(scheduler, eta: float = 0.0) -> float:
-    from bayesdiff_ext.sampler.coefficients import step_coefficients
+    from bayesdiff_ext.sampler.schedulers import step_coefficients
 
     scheduler.set_timesteps(STEPS)
     var = 0.0

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
 from tiny_models import tiny_unet
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 
 STEPS = 6
 

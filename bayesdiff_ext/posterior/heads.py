@@ -9,10 +9,18 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 SUPPORTED = (
-    "a diffusers UNet2DModel or UNet2DConditionModel (head: conv_out), a bare nn.Conv2d or nn.Linear "
-    "head, or any model together with head=<its nn.Conv2d/nn.Linear output layer> whose output is the "
-    "model's output"
+    "a diffusers UNet2DModel or UNet2DConditionModel (head: conv_out), DiTTransformer2DModel (proj_out_2), "
+    "PixArtTransformer2DModel, SD3Transformer2DModel or FluxTransformer2DModel (proj_out), a bare nn.Conv2d "
+    "or nn.Linear head, or any model together with head=<its nn.Conv2d/nn.Linear output layer> whose output "
+    "is the model's output"
 )
+# Transformers and their head: the top-level output layer (Flux's single blocks have a proj_out too).
+TRANSFORMER_HEADS = {
+    "DiTTransformer2DModel": "proj_out_2",  # proj_out_1 makes the AdaLN shift and scale
+    "PixArtTransformer2DModel": "proj_out",
+    "SD3Transformer2DModel": "proj_out",
+    "FluxTransformer2DModel": "proj_out",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +29,9 @@ class HeadSpec:
 
     For a conv head the weight is (out_channels, in_channels/groups, *kernel_size); for a Linear head
     it is (out_channels, in_channels) and the geometry fields keep their neutral values.
-    ``eps_channels`` leading output channels are ε (all of them unless the head also predicts a
-    variance, out_channels = 2·eps_channels); the posterior covers only their weights.
+    ``eps_channels`` output channels are ε (all of them unless the head also predicts a variance):
+    the leading ones, or for a patch transformer the rows ``eps_rows``; the posterior covers only
+    their weights.
     """
 
     kind: str  # "conv2d" or "linear"
@@ -35,6 +44,7 @@ class HeadSpec:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    eps_rows: tuple[int, ...] | None = None  # the ε outputs when they are not the leading ones
 
     @property
     def is_conv(self) -> bool:
@@ -94,6 +104,10 @@ def locate_head(model: nn.Module, head: nn.Module | None = None) -> nn.Module:
         _check_head_type(model)
         return model
     name = type(model).__name__
+    if name in TRANSFORMER_HEADS:
+        head = getattr(model, TRANSFORMER_HEADS[name])
+        _check_head_type(head)
+        return head
     if name == "UNet2DModel":
         _check_unet2d_output_is_head(model)
     elif name != "UNet2DConditionModel":
@@ -168,8 +182,15 @@ def resolve_head(
     return found, head_spec(found, eps_channels)
 
 
-def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
+def head_spec(head: nn.Module, eps_channels: int, eps_rows: tuple[int, ...] | None = None) -> HeadSpec:
+    """The spec of ``head`` with ``eps_channels`` ε outputs: the leading ones, or the rows ``eps_rows``."""
     out = output_channels(head)
+    if eps_rows is not None:
+        eps_rows = tuple(int(r) for r in eps_rows)
+        if not isinstance(head, nn.Linear) or len(eps_rows) != eps_channels or not all(0 <= r < out for r in eps_rows):
+            raise ValueError(
+                f"eps_rows must be {eps_channels} distinct rows of a Linear head with {out} outputs, got {eps_rows}"
+            )
     if not 0 < eps_channels <= out:
         raise ValueError(f"eps_channels must be in 1..{out} (the head's outputs), got {eps_channels}")
     if isinstance(head, nn.Conv2d):
@@ -196,12 +217,14 @@ def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
         out_channels=out,
         eps_channels=eps_channels,
         has_bias=head.bias is not None,
+        eps_rows=eps_rows,
     )
 
 
 def eps_parameters(head: nn.Module, spec: HeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """θ_MAP restricted to the ε channels: (weight[:C_eps], bias[:C_eps]), detached views."""
-    c = spec.eps_channels
-    weight = head.weight.detach()[:c]
-    bias = None if head.bias is None else head.bias.detach()[:c]
+    """θ_MAP restricted to the ε outputs: (weight[:C_eps], bias[:C_eps]) as detached views, or the
+    rows ``spec.eps_rows`` (copies)."""
+    rows = slice(spec.eps_channels) if spec.eps_rows is None else list(spec.eps_rows)
+    weight = head.weight.detach()[rows]
+    bias = None if head.bias is None else head.bias.detach()[rows]
     return weight, bias

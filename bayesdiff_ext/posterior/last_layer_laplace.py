@@ -10,15 +10,16 @@ import torch
 from torch import nn
 
 from bayesdiff_ext.posterior import hyperparameters as hp
-from bayesdiff_ext.posterior.capture import capture_head_input
+from bayesdiff_ext.posterior.capture import capture_head_input, capture_token_grid
 from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import eps_parameters, resolve_head
+from bayesdiff_ext.posterior.heads import eps_parameters
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
+from bayesdiff_ext.posterior.output_layout import describe_head
 from bayesdiff_ext.posterior.registry import check_structure
 from bayesdiff_ext.posterior.serialization import load_posterior, save_posterior
 from bayesdiff_ext.posterior.structure import PosteriorStructure
@@ -42,8 +43,12 @@ class LastLayerLaplace:
 
     Args:
         model (`torch.nn.Module`):
-            A diffusers `UNet2DModel` or `UNet2DConditionModel` (head: `conv_out`), a bare `nn.Conv2d` or
-            `nn.Linear` head, or any model whose output layer is named by `head`.
+            A diffusers `UNet2DModel` or `UNet2DConditionModel` (head: `conv_out`), `DiTTransformer2DModel`
+            (`proj_out_2`), `PixArtTransformer2DModel`, `SD3Transformer2DModel` or `FluxTransformer2DModel`
+            (the top-level `proj_out`), a bare `nn.Conv2d` or `nn.Linear` head, or any model whose output layer
+            (a token-wise `nn.Linear` included) is named by `head`. DiT, PixArt and SD3 unpatchify their head's
+            output: :meth:`capture` gives φ on the token grid and :meth:`predict` returns the model's layout
+            (docs/MATH.md §8).
         structure (`str`, *optional*, defaults to `"diag"`):
             `"diag"`, `"full"` (the exact GGN, I_C ⊗ A_aug), `"kron"` (laplace-torch's KFAC), `"isotropic"`
             (Σ = λ⁻¹·I, λ = s·mean(h) + δ: the reproduction's "Hessian-free" baseline) or `"hfl"` (McInerney &
@@ -54,8 +59,9 @@ class LastLayerLaplace:
         head (`torch.nn.Module`, *optional*):
             The `nn.Conv2d` or `nn.Linear` output layer of `model`, when it is not found by itself.
         eps_channels (`int`, *optional*):
-            How many leading head outputs are ε. Defaults to half of them for a UNet whose `out_channels` is
-            twice its `in_channels` (a learned-variance head), otherwise all.
+            How many leading output channels of the model are ε. Defaults to half of them for a UNet or
+            transformer whose `out_channels` is twice its `in_channels` (a learned-variance head), otherwise
+            all; for a patch transformer the head's ε rows follow (p² per channel).
         sigma_noise (`str` or `float`, *optional*, defaults to `"ml"`):
             The observation noise σ: `"ml"` (√ of the mean squared fitting residual) or a positive number.
         prior_precision (`str` or `float`, *optional*, defaults to `"mackay"`):
@@ -83,7 +89,7 @@ class LastLayerLaplace:
     ):
         check_structure(structure, curvature)
         self.model = model
-        self.head, self.spec = resolve_head(model, head, eps_channels)
+        self.head, self.spec, self.layout = describe_head(model, head, eps_channels)
         self.structure = structure
         self.curvature = curvature
         defaults = BAYESDIFF_DEFAULTS if curvature == "ef_bayesdiff" else DEFAULTS
@@ -104,8 +110,9 @@ class LastLayerLaplace:
     # ------------------------------------------------------------------ what the sampler uses
     @property
     def eps_channels(self) -> int:
-        """`int`: the number C_eps of leading head outputs that are ε (the posterior covers their weights)."""
-        return self.spec.eps_channels
+        """`int`: the number C_eps of leading output channels of the model that are ε (the posterior covers
+        the weights of the head outputs they come from)."""
+        return self.spec.eps_channels if self.layout is None else self.layout.eps_channels
 
     def capture(self):
         r"""
@@ -113,8 +120,11 @@ class LastLayerLaplace:
 
         Returns:
             A context manager yielding a `HeadInputCapture` whose `phi` is the head input of the latest
-            forward: `with posterior.capture() as cap: unet(x, t); posterior.predict(cap.phi)`.
+            forward: `with posterior.capture() as cap: unet(x, t); posterior.predict(cap.phi)`. For DiT, PixArt
+            and SD3, `phi` is the tokens on their grid, `(batch_size, height / p, width / p, in_features)`.
         """
+        if self.layout is not None:
+            return capture_token_grid(self.model, self.head, self.layout)
         return capture_head_input(self.head)
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +135,13 @@ class LastLayerLaplace:
         Args:
             phi (`torch.Tensor`):
                 The head's input: `(batch_size, in_channels, height, width)` for a conv head, `(..., in_features)`
-                for a Linear head. float64 computes in float64; any other dtype in float32.
+                for a Linear head, the token grid `(batch_size, h, w, in_features)` for a patch transformer (as
+                :meth:`capture` records it). float64 computes in float64; any other dtype in float32.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each of shape `(batch_size, eps_channels,
-            height_out, width_out)` for a conv head or `(..., eps_channels)` for a Linear head, float64 for float64
+            height_out, width_out)` for a conv head, `(..., eps_channels)` for a Linear head, or the model's
+            unpatchified `(batch_size, eps_channels, h·p, w·p)` for a patch transformer, float64 for float64
             `phi` and float32 otherwise. `mean` is the head's own output on its ε channels; `var` ≥ 0.
 
         Raises:
@@ -137,8 +149,16 @@ class LastLayerLaplace:
         """
         posterior = self._fitted()
         check_phi(self.spec, phi)
+        if self.layout is not None and phi.dim() != 4:
+            raise ValueError(
+                f"`phi` of a patch transformer's head must be its tokens on their grid (B, h, w, "
+                f"{self.spec.in_channels}), as capture() records them; got {tuple(phi.shape)}"
+            )
         weight, bias = eps_parameters(self.head, self.spec)
-        return posterior.predict(phi, weight, bias, self.precision_scale, self.prior_precision)
+        mean, var = posterior.predict(phi, weight, bias, self.precision_scale, self.prior_precision)
+        if self.layout is not None:
+            return self.layout.to_output(mean), self.layout.to_output(var)
+        return mean, var
 
     @property
     def precision_scale(self) -> float:
@@ -165,24 +185,32 @@ class LastLayerLaplace:
         r"""
         Fit the curvature on noised training images (docs/MATH.md §1.2), then choose σ and δ.
 
-        Each image gets `timesteps_per_image` draws t ~ U{0, …, T_train−1} and ε ~ N(0, I), noised by
-        `scheduler.add_noise`; the head sees the model's features of x_t and the residual of its ε prediction.
-        The model runs in eval mode without gradients and gets its mode back afterwards.
+        Each image gets `timesteps_per_image` draws of the noise the model was trained with (docs/MATH.md §9):
+        t ~ U{0, …, T_train−1} and x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε for a DDPM-family scheduler, with the
+        target ε, v or x_0 by its `prediction_type`; σ and x_t = (1−σ)·x_0 + σ·ε with the target ε − x_0 for
+        flow matching. The head sees the model's features of x_t (the model is called through
+        :class:`~bayesdiff_ext.denoiser.Denoiser`) and the residual of its prediction, moved back onto the
+        token grid for a patch transformer. The model runs in eval mode without gradients and gets its
+        mode back afterwards.
 
         Args:
             images (`torch.Tensor`, `torch.utils.data.Dataset` or `torch.utils.data.DataLoader`):
-                Training images x_0 at model scale (usually [-1, 1]): a tensor of shape `(num_images, channels,
-                height, width)`, or a dataset/loader whose items are such images (or tuples, or dicts with an
+                Training images x_0 at model scale (usually [-1, 1]) in the model's sample layout: a tensor of
+                shape `(num_images, channels, height, width)` (Flux: packed tokens `(num_images, tokens,
+                channels)`), or a dataset/loader whose items are such images (or tuples, or dicts with an
                 `"images"`, `"image"` or `"pixel_values"` entry).
-            scheduler (`SchedulerMixin`):
-                A diffusers scheduler with `add_noise` and `prediction_type="epsilon"`.
+            scheduler (`SchedulerMixin` or `TrainingNoise`):
+                A DDPM-family diffusers scheduler (its ᾱ table and `prediction_type`), a
+                `FlowMatchEulerDiscreteScheduler` (flow matching with σ uniform), or a
+                :class:`~bayesdiff_ext.posterior.training_noise.TrainingNoise` such as
+                `FlowMatchingNoise(scheduler, "logit_normal", mu=...)`.
             batch_size (`int`, *optional*, defaults to 16):
                 Images per model forward (for a tensor or a dataset).
             timesteps_per_image (`int`, *optional*, defaults to 1):
                 (t, ε) draws per image.
             generator (`torch.Generator`, *optional*):
-                The source of t and ε (per batch and draw: t, then ε, on the generator's device); a seeded one
-                reproduces the fit.
+                The source of the timesteps and ε (per batch and draw: the timestep, then ε, on the generator's
+                device); a seeded one reproduces the fit.
             model_kwargs (`dict` or callable, *optional*):
                 Keyword arguments of every model call, or a function of the x_0 batch returning them (e.g.
                 `encoder_hidden_states` of a conditional UNet).
@@ -204,6 +232,8 @@ class LastLayerLaplace:
                 self.model,
                 self.head,
                 self.spec,
+                self.layout,
+                self.capture,
                 accumulator,
                 images,
                 scheduler,
@@ -401,7 +431,7 @@ class LastLayerLaplace:
             saved.structure,
             saved.curvature,
             head=saved.head,
-            eps_channels=saved.spec.eps_channels,
+            eps_channels=saved.eps_channels,
             sigma_noise=saved.sigma_choice,
             prior_precision=saved.prior_choice,
             temperature=saved.temperature,

@@ -56,6 +56,7 @@ def save_posterior(post, path) -> None:
         "prior_precision_choice": post.prior_choice,
         "temperature": post.temperature,
         "head": post.spec.describe(),
+        "eps_channels": post.eps_channels,
         "head_sha256": head_fingerprint(post.head, post.spec),
         "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
         "versions": library_versions(),
@@ -86,6 +87,7 @@ class SavedPosterior:
 
     head: torch.nn.Module
     spec: HeadSpec
+    eps_channels: int  # the model's output channels that are ε (for a patch transformer ≠ spec's rows)
     structure: str
     curvature: str
     posterior: PosteriorStructure
@@ -103,7 +105,7 @@ def load_posterior(path, model, head=None) -> SavedPosterior:
     meta, tensors = read_posterior_file(path)
     saved = HeadSpec.from_description(meta["head"])
     target_head = locate_head(model, head)
-    current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)))
+    current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)), saved.eps_rows)
     if current != saved:
         raise ValueError(
             f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
@@ -118,6 +120,7 @@ def load_posterior(path, model, head=None) -> SavedPosterior:
     return SavedPosterior(
         head=target_head,
         spec=saved,
+        eps_channels=meta.get("eps_channels", saved.eps_channels),
         structure=meta["structure"],
         curvature=meta["curvature"],
         posterior=restore_structure(meta["structure"], saved, tensors),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bayesdiff_ext import ops
-from bayesdiff_ext.sampler.coefficients import AffineStep
+from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.randomness import antithetic_randn
 
 __all__ = ["EpsMoments", "MonteCarloDraws", "StepRecord", "closed_form_moments", "monte_carlo_moments"]
