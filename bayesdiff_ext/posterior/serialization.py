@@ -1,5 +1,8 @@
 """save/load of a LastLayerLaplace: one safetensors file, settings as JSON in its header metadata.
 
+The other posteriors (``inference``) write the same layout through ``write_posterior_file`` with
+their own tensor prefix and extra metadata; ``loading.load_posterior`` opens any of them.
+
 Layout: tensors ``curvature.<name>`` (float64, the structure's curvature without σ or δ) and one
 metadata entry ``bayesdiff_ext.posterior`` holding a JSON object: format version, structure,
 curvature, σ/δ/T and how they were chosen, the head (kind, shapes, geometry, ε channels), the
@@ -52,9 +55,10 @@ def _versions() -> dict:
     return versions
 
 
-def save_posterior(post, path) -> None:
-    posterior = post._fitted()
-    meta = {
+def posterior_metadata(post) -> dict:
+    """The settings every saved posterior records (``post``: a LastLayerLaplace or another
+    posterior with the same attributes)."""
+    return {
         "format_version": FORMAT_VERSION,
         "structure": post.structure,
         "curvature": post.curvature,
@@ -69,9 +73,11 @@ def save_posterior(post, path) -> None:
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    tensors = {
-        TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in posterior.tensors().items()
-    }
+
+
+def write_posterior_file(path, meta: dict, tensors: dict[str, torch.Tensor], prefix: str = TENSOR_PREFIX) -> None:
+    """Write ``tensors`` (names prefixed) and ``meta`` atomically to ``path``."""
+    tensors = {prefix + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
@@ -85,23 +91,27 @@ def save_posterior(post, path) -> None:
         raise
 
 
-def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and curvature tensors of a saved posterior."""
+def save_posterior(post, path) -> None:
+    write_posterior_file(path, posterior_metadata(post), post._fitted().tensors())
+
+
+def read_posterior_file(path, prefix: str | None = TENSOR_PREFIX) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and the tensors (names under ``prefix``; none for None) of a saved posterior."""
     with safe_open(os.fspath(path), framework="pt") as f:
         header = f.metadata() or {}
         if METADATA_KEY not in header:
             raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
-        tensors = {k[len(TENSOR_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(TENSOR_PREFIX)}
+        names = [] if prefix is None else [k for k in f.keys() if k.startswith(prefix)]
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names}
     meta = json.loads(header[METADATA_KEY])
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has posterior format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return meta, tensors
 
 
-def load_posterior(cls, path, model, head):
-    from bayesdiff_ext.posterior.last_layer_laplace import STRUCTURES
-
-    meta, tensors = read_posterior_file(path)
+def matching_head(meta: dict, path, model, head) -> tuple[torch.nn.Module, HeadSpec]:
+    """The model's head and the saved head's spec; ValueError if their shapes differ, a warning if
+    the weights differ from those the posterior was fitted at."""
     saved = HeadSpec.from_description(meta["head"])
     target_head = locate_head(model, head)
     current = head_spec(target_head, min(saved.eps_channels, _out_channels(target_head)))
@@ -110,6 +120,26 @@ def load_posterior(cls, path, model, head):
             f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
             f"{current.shape_text()}"
         )
+    if head_fingerprint(target_head, saved) != meta["head_sha256"]:
+        warnings.warn(
+            f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
+            "its curvature and hyperparameters belong to the other weights",
+            stacklevel=4,
+        )
+    return target_head, saved
+
+
+def load_posterior(cls, path, model, head):
+    from bayesdiff_ext.posterior.last_layer_laplace import STRUCTURES
+
+    meta, tensors = read_posterior_file(path)
+    inference = meta.get("inference", "laplace")
+    if inference != "laplace":
+        raise ValueError(
+            f"{path} holds a {inference!r} posterior, not a Laplace one; load it with "
+            "bayesdiff_ext.posterior.load_posterior(path, model)"
+        )
+    target_head, saved = matching_head(meta, path, model, head)
     post = cls(
         model,
         meta["structure"],
@@ -120,12 +150,6 @@ def load_posterior(cls, path, model, head):
         prior_precision=meta["prior_precision_choice"],
         temperature=meta["temperature"],
     )
-    if head_fingerprint(target_head, saved) != meta["head_sha256"]:
-        warnings.warn(
-            f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
-            "its curvature and hyperparameters belong to the other weights",
-            stacklevel=3,
-        )
     post.posterior = STRUCTURES[meta["structure"]].from_tensors(saved, tensors)
     post.fit_stats = None if meta["fit"] is None else FitStatistics(**meta["fit"])
     post.sigma_noise, post.prior_precision = meta["sigma_noise"], meta["prior_precision"]
