@@ -185,3 +185,17 @@ class LinearGaussianHead:
     def covariance(self) -> torch.Tensor:
         """Λ⁻¹ (K, K): the posterior covariance of every channel's row (channels are independent)."""
         return torch.linalg.inv(self.precision)
+
+    def log_evidence(self) -> float:
+        """log ∫ p(data | Θ)^(1/T)·p(Θ) dΘ, exact: the Gaussian integral around Θ*."""
+        log_det = self.theta_hat.shape[0] * float(torch.linalg.slogdet(self.precision).logabsdet)
+        volume = 0.5 * (self.num_params * math.log(2 * math.pi) - log_det)
+        return float(self.log_density(self.posterior_mean())) + volume
+
+    def elbo(self, mean: torch.Tensor, covariance: torch.Tensor) -> float:
+        """The ELBO of q = N(mean (C, K), covariance (C, K, K) per channel), exact:
+        E_q[log density] = log density(mean) − ½·Σ_c tr(Λ·S_c), H(q) = ½·Σ_c log det(2πe·S_c)."""
+        expected = float(self.log_density(mean)) - 0.5 * float((covariance * self.precision).sum())
+        log_det = float(torch.linalg.slogdet(covariance).logabsdet.sum())
+        entropy = 0.5 * log_det + 0.5 * self.num_params * math.log(2 * math.pi * math.e)
+        return expected + entropy

@@ -48,8 +48,12 @@ class WeightDistribution(abc.ABC):
         """(mean, var) of the ε channels at φ, with the mean parameters and op inputs on φ's device."""
 
     @abc.abstractmethod
+    def covariance(self) -> torch.Tensor:
+        """Every channel's K×K covariance, (C, K, K) float64 (the channels are independent)."""
+
     def marginal_variance(self) -> torch.Tensor:
         """Every parameter's variance as rows (C, K), float64."""
+        return self.covariance().diagonal(dim1=-2, dim2=-1)
 
     @abc.abstractmethod
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,6 +107,9 @@ class DiagGaussian(WeightDistribution):
     def predict_with(self, phi, weight, bias, inputs):
         return head_ops.mean_and_diag_var(self.spec, phi, weight, bias, inputs["weight_var"], inputs["bias_var"])
 
+    def covariance(self) -> torch.Tensor:
+        return torch.diag_embed(self.variance_rows)
+
     def marginal_variance(self) -> torch.Tensor:
         return self.variance_rows
 
@@ -144,6 +151,9 @@ class FactoredGaussian(WeightDistribution):
         mean = head_ops.head_mean(self.spec, phi, weight, bias)
         var = head_ops.factored_var(self.spec, phi, inputs["proj_weight"], inputs["proj_bias"], inputs["mix"], None)
         return mean, var
+
+    def covariance(self) -> torch.Tensor:
+        return torch.einsum("cr,rk,rl->ckl", self.mix, self.proj, self.proj)
 
     def marginal_variance(self) -> torch.Tensor:
         return self.mix @ self.proj.square()
