@@ -9,7 +9,13 @@ from bayesdiff_ext import _C
 from bayesdiff_ext import aggregation, ops, reference
 from bayesdiff_ext import metrics
 from bayesdiff_ext.ops import mc_moments, moment_step
-from bayesdiff_ext.posterior import LastLayerLaplace
+from bayesdiff_ext.posterior import (
+    LastLayerHeadEnsemble,
+    LastLayerLaplace,
+    LastLayerMCMC,
+    LastLayerVI,
+    load_posterior,
+)
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 from bayesdiff_ext import guidance, latent, methods
 from bayesdiff_ext.pipelines import BayesDiffPipeline, UncertaintyCallback
@@ -26,12 +32,16 @@ __all__ = [
     "BayesDiffOutput",
     "BayesDiffPipeline",
     "BayesDiffSampler",
+    "LastLayerHeadEnsemble",
     "LastLayerLaplace",
+    "LastLayerMCMC",
+    "LastLayerVI",
     "UncertaintyCallback",
     "aggregation",
     "build_info",
     "guidance",
     "latent",
+    "load_posterior",
     "mc_moments",
     "methods",
     "metrics",
