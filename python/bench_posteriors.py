@@ -110,7 +110,7 @@ def main(argv=None) -> None:
             )
         sd = exact.covariance().diagonal().sqrt()
         mean_error = ((post.distribution.mean_rows - exact.posterior_mean()) / sd).abs()
-        extra.append(f"|mean − Θ*| {float(mean_error.median()):.2f} sd (max {float(mean_error.max()):.2f})")
+        extra.append(f"mean off Θ* by {float(mean_error.median()):.2f} sd (max {float(mean_error.max()):.2f})")
         rows.append(
             [
                 name,
