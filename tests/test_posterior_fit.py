@@ -3,7 +3,8 @@
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from test_posterior_models import tiny_condition_unet, tiny_scheduler, tiny_unet
+from test_posterior_models import tiny_scheduler
+from tiny_models import tiny_condition_unet, tiny_unet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

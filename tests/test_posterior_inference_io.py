@@ -4,7 +4,8 @@ import warnings
 
 import pytest
 import torch
-from test_posterior_models import tiny_scheduler, tiny_unet
+from test_posterior_models import tiny_scheduler
+from tiny_models import tiny_unet
 
 from bayesdiff_ext.posterior import (
     LastLayerHeadEnsemble,

@@ -16,27 +16,12 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.utils.torch_utils import randn_tensor
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import BayesDiffOutput, BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.sampler.coefficients import step_coefficients
 
 BATCH, STEPS = 2, 5
-
-
-def _unet(seed: int = 0, **overrides) -> UNet2DModel:
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    config.update(overrides)
-    return UNet2DModel(**config).eval()
 
 
 def _posterior(unet: UNet2DModel, model_kwargs=None) -> LastLayerLaplace:
@@ -55,7 +40,7 @@ def _posterior(unet: UNet2DModel, model_kwargs=None) -> LastLayerLaplace:
 
 @pytest.fixture(scope="module")
 def unet():
-    return _unet()
+    return tiny_unet()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +149,7 @@ def test_deterministic_images_equal_the_plain_scheduler_loop(unet, posterior, ma
 
 
 def test_unet_kwargs_reach_every_call_and_are_tiled_for_the_monte_carlo_batch():
-    unet = _unet(num_class_embeds=4)
+    unet = tiny_unet(num_class_embeds=4)
     labels = torch.tensor([1, 3])
     posterior = _posterior(unet, model_kwargs=lambda x0: {"class_labels": torch.arange(len(x0)) % 4})
     noise = _noise()
@@ -192,7 +177,7 @@ def test_unet_kwargs_reach_every_call_and_are_tiled_for_the_monte_carlo_batch():
 
 
 def test_learned_variance_heads_use_the_eps_channels():
-    unet = _unet(out_channels=6)
+    unet = tiny_unet(out_channels=6)
     posterior = _posterior(unet)
     assert posterior.eps_channels == 3
     noise = _noise()
@@ -230,7 +215,7 @@ def _with_eps_tracking_x(unet: UNet2DModel) -> UNet2DModel:
 
 @pytest.fixture(scope="module")
 def sensitive_unet():
-    return _with_eps_tracking_x(_unet())
+    return _with_eps_tracking_x(tiny_unet())
 
 
 @pytest.fixture(scope="module")
@@ -506,7 +491,7 @@ def test_output_fields(unet, posterior):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_unets_keep_their_image_path_and_get_float32_moments(dtype):
-    unet = _unet().to(dtype)
+    unet = tiny_unet().to(dtype)
     posterior = _posterior(unet)
     noise = _noise().to(dtype)
     ours = _sample(unet, _ddim(), posterior, noise=noise, mc_samples=3)

@@ -18,6 +18,7 @@ from bayesdiff_ext.guidance import (
     guided_head_moments,
     split_branches,
 )
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 from bayesdiff_ext.sampler.coefficients import step_coefficients
 from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
@@ -100,7 +101,7 @@ class UncertaintyCallback(PipelineCallback):
         """Per-image sum of the latent variance (BayesDiff's score), (B,)."""
         if self.variance is None:
             raise RuntimeError("no step has been tracked yet: pass the callback to a pipeline call first")
-        return self.variance.flatten(1).sum(dim=1)
+        return per_image_sum(self.variance)
 
     def pixel_moments(
         self, vae, *, samples: int = 16, batch_size: int = 8, generator=None
@@ -162,7 +163,7 @@ class UncertaintyCallback(PipelineCallback):
         )
         self._sampler = BayesDiffSampler(self._recorder.unet, pipeline.scheduler, self.posterior)
         x_start = call.sample[:batch]
-        self._dtype = torch.float64 if x_start.dtype == torch.float64 else torch.float32
+        self._dtype = accumulation_dtype(x_start)
         self._mc_generator = independent_generator(self.generator, x_start.device)
         self.mean = x_start.to(self._dtype, copy=True)
         self.variance = torch.zeros_like(self.mean)
@@ -235,7 +236,7 @@ class UncertaintyCallback(PipelineCallback):
                     monte_carlo=monte_carlo,
                     mean=self.mean,
                     variance=self.variance,
-                    variance_sum=self.variance.flatten(1).sum(dim=1),
+                    variance_sum=per_image_sum(self.variance),
                 )
             )
 

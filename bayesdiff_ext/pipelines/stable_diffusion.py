@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
@@ -19,7 +20,7 @@ __all__ = ["BayesDiffStableDiffusionPipeline"]
 _DECODE_STREAM = 0x5DEECE66D
 
 
-class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
+class BayesDiffStableDiffusionPipeline(BayesDiffPipeline, wraps=StableDiffusionPipeline):
     """``StableDiffusionPipeline.__call__``'s arguments plus the uncertainty arguments.
 
     The prompt is encoded, x_T drawn and the images decoded, checked and post-processed by the

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.denoiser import model_prediction
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.capture import capture_head_input
-from bayesdiff_ext.posterior.head_ops import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
 
 ModelKwargs = Mapping[str, Any] | Callable[[torch.Tensor], Mapping[str, Any]] | None
@@ -41,17 +42,6 @@ class FitStatistics:
         self.n_samples += len(residual)
         self.residual_elements += residual.numel()
         self.residual_sum_squares += float(residual.to(torch.float64).square().sum())
-
-
-def model_output(out) -> torch.Tensor:
-    """The prediction tensor of a diffusers output object, a tuple, or a plain tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot read the prediction from a model output of type {type(out).__name__}")
 
 
 def image_batches(images, batch_size: int) -> tuple[Iterable[torch.Tensor], int | None]:
@@ -136,7 +126,7 @@ def fit_on_images(
                 noise = noise.to(param.device, param.dtype)
                 x_t = scheduler.add_noise(x0, noise, t)
                 with capture_head_input(head) as cap:
-                    out = model_output(model(x_t, t, **kwargs))
+                    out = model_prediction(model(x_t, t, **kwargs))
                 if cap.phi is None:
                     raise RuntimeError("the head was not called during the model's forward")
                 if not checked:

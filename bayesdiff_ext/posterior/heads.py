@@ -48,7 +48,7 @@ class HeadSpec:
 
     @property
     def taps(self) -> int:
-        """Weights per output channel: D = C_in/groups·kh·kw (SPEC §1.1), or in_features."""
+        """Weights per output channel: D = C_in/groups·kh·kw (docs/MATH.md §1.1), or in_features."""
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
     @property
@@ -141,10 +141,15 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return _pair(conv.padding)
 
 
+def output_channels(head: nn.Module) -> int:
+    """The outputs of a Conv2d (out_channels) or Linear (out_features) head."""
+    return head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+
+
 def default_eps_channels(model: nn.Module, head: nn.Module) -> int:
     """ε channels: half the head's outputs for a diffusers UNet that also predicts a variance
     (out_channels = 2·in_channels, "learned"/"learned_range" variance), otherwise all of them."""
-    out = head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+    out = output_channels(head)
     config = getattr(model, "config", None)
     in_channels = getattr(config, "in_channels", None) if config is not None else None
     if head is getattr(model, "conv_out", None) and in_channels is not None and out == 2 * in_channels:
@@ -152,8 +157,19 @@ def default_eps_channels(model: nn.Module, head: nn.Module) -> int:
     return out
 
 
+def resolve_head(
+    model: nn.Module, head: nn.Module | None = None, eps_channels: int | None = None
+) -> tuple[nn.Module, HeadSpec]:
+    """The head of ``model`` (:func:`locate_head`) and its spec, with the default ε channels
+    (:func:`default_eps_channels`) unless ``eps_channels`` is given."""
+    found = locate_head(model, head)
+    if eps_channels is None:
+        eps_channels = default_eps_channels(model, found)
+    return found, head_spec(found, eps_channels)
+
+
 def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
-    out = head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+    out = output_channels(head)
     if not 0 < eps_channels <= out:
         raise ValueError(f"eps_channels must be in 1..{out} (the head's outputs), got {eps_channels}")
     if isinstance(head, nn.Conv2d):

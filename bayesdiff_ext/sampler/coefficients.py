@@ -1,4 +1,4 @@
-"""Each scheduler step as an affine map of the sample and the model outputs (SPEC §2).
+"""Each scheduler step as an affine map of the sample and the model outputs (docs/MATH.md §2).
 
 For every supported scheduler, step ``k`` (the ``k``-th UNet call) is
 

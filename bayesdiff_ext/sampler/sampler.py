@@ -1,4 +1,4 @@
-"""BayesDiffSampler: the scheduler's own loop, with E[x_t] and Var[x_t] carried alongside (SPEC §2)."""
+"""BayesDiffSampler: the scheduler's own loop with E[x_t] and Var[x_t] alongside (docs/MATH.md §2)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.denoiser import repeat_batch
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
-from bayesdiff_ext.sampler.batching import repeat_batch
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 from bayesdiff_ext.sampler.coefficients import AffineStep, check_supported, step_coefficients
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
@@ -134,7 +135,7 @@ class BayesDiffSampler:
             raise ValueError(
                 f"posterior.eps_channels = {posterior.eps_channels} but the UNet's samples have {channels} channels"
             )
-        moment_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        moment_dtype = accumulation_dtype(x)
         mc_generator = independent_generator(generator, x.device)
 
         scheduler.set_timesteps(num_inference_steps)
@@ -228,7 +229,7 @@ class BayesDiffSampler:
                         monte_carlo=monte_carlo,
                         mean=mean,
                         variance=var,
-                        variance_sum=var.flatten(1).sum(dim=1),
+                        variance_sum=per_image_sum(var),
                         aleatoric_variance=aleatoric,
                     )
                 )
