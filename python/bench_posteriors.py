@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         if "ess_min" in record:
             extra.append(
                 f"ESS min {record['ess_min']:.0f}, median {record['ess_median']:.0f} of "
-                f"{record['chains'] * record['draws']}; R̂ max {record['rhat_max']:.4f}; accept "
+                f"{post.options.chains * post.options.draws}; R̂ max {record['rhat_max']:.4f}; accept "
                 f"{record['accept_rate']:.2f}, step {record['step_size']:.3f}, "
                 f"{record['gradient_evaluations']} gradients"
             )

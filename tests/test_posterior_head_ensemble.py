@@ -62,7 +62,7 @@ def test_bootstrap_members_spread_like_the_posterior():
     _, exact_var = laplace.predict(phi)
     ratio = float(var.mean() / exact_var.mean())
     assert 0.5 < ratio < 2, ratio
-    assert post.record["bootstrap"] and post.laplace.statistics.boot_gram.shape[0] == 8
+    assert post.options.bootstrap and post.laplace.statistics.boot_gram.shape[0] == 8
 
 
 def test_early_stopping_spread_shrinks_with_the_steps():

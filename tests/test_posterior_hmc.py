@@ -17,6 +17,7 @@ from bayesdiff_ext.posterior import LastLayerLaplace, LastLayerMCMC
 from bayesdiff_ext.posterior.hmc import run_hmc, warmup_windows
 from bayesdiff_ext.posterior.linear_gaussian import vector_to_rows
 from bayesdiff_ext.posterior.mcmc_diagnostics import effective_sample_size, split_rhat, summary
+from bayesdiff_ext.posterior.settings import HMCSettings
 
 CHAINS, DRAWS = 4, 2000
 Z = 4.5
@@ -87,14 +88,15 @@ def test_warmup_follows_stans_windows():
 
 def test_thinning_and_seed(mcmc):
     exact = mcmc.exact
-    a, record = run_hmc(exact, chains=2, warmup=30, draws=8, thin=3, generator=torch.Generator().manual_seed(1))
-    b, _ = run_hmc(exact, chains=2, warmup=30, draws=8, thin=3, generator=torch.Generator().manual_seed(1))
+    settings = HMCSettings(chains=2, warmup=30, draws=8, thin=3)
+    a, record = run_hmc(exact, settings, generator=torch.Generator().manual_seed(1))
+    b, _ = run_hmc(exact, settings, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 8, *exact.theta_hat.shape) and torch.equal(a, b)
-    assert record["thin"] == 3 and math.isfinite(record["rhat_max"])
+    assert math.isfinite(record["rhat_max"])
     with pytest.raises(ValueError, match="draws"):
-        run_hmc(exact, draws=2)
+        LastLayerMCMC(mcmc.head, draws=2)
     with pytest.raises(ValueError, match="target_accept"):
-        run_hmc(exact, target_accept=1.0)
+        HMCSettings(target_accept=1.0)
 
 
 def test_ess_and_rhat_on_known_chains():

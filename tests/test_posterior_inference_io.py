@@ -17,7 +17,7 @@ from bayesdiff_ext.posterior import (
 
 KINDS = {
     "vi-diag": lambda unet: LastLayerVI(unet, steps=40),
-    "vi-full": lambda unet: LastLayerVI(unet, "full", steps=40),
+    "vi-full": lambda unet: LastLayerVI(unet, family="full", steps=40),
     "mcmc": lambda unet: LastLayerMCMC(unet, warmup=30, draws=8, chains=2),
     "head-ensemble": lambda unet: LastLayerHeadEnsemble(unet, members=3),
 }

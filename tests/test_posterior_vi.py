@@ -14,7 +14,6 @@ import torch
 from test_posterior_models import conv_head, random_features
 
 from bayesdiff_ext.posterior import LastLayerVI
-from bayesdiff_ext.posterior.variational import fit_variational
 
 VARIANCE_RTOL = 0.08
 MEAN_TOL_SD = 0.1
@@ -23,7 +22,7 @@ MEAN_TOL_SD = 0.1
 def _fitted(family, seed=0, **options):
     head = conv_head(c_in=3, c_out=2, kernel=3)
     data = random_features(conv_head(c_in=3, c_out=2, kernel=3, seed=1), batches=2, batch=4)
-    post = LastLayerVI(head, family, seed=seed, sigma_noise=0.5, prior_precision=2.0, **options)
+    post = LastLayerVI(head, family=family, seed=seed, sigma_noise=0.5, prior_precision=2.0, **options)
     return post.fit_features(data)
 
 
@@ -105,5 +104,8 @@ def test_bad_settings_are_refused(mean_field):
         (dict(lr=0.0), "lr"),
     ):
         with pytest.raises(ValueError, match=match):
-            fit_variational(mean_field.exact, **kwargs)
+            LastLayerVI(mean_field.head, **kwargs)
+    with pytest.raises(TypeError, match="chains"):
+        LastLayerVI(mean_field.head, chains=2)
     assert math.isfinite(mean_field.record["elbo"])
+    assert mean_field.settings() == dict(seed=0, family="diag", steps=3000, samples=16, lr=0.05)

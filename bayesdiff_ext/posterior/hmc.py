@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from bayesdiff_ext.posterior import mcmc_diagnostics
 from bayesdiff_ext.posterior.linear_gaussian import LinearGaussianHead
+from bayesdiff_ext.posterior.settings import HMCSettings
 
 DUAL_AVERAGING = {"gamma": 0.05, "t0": 10.0, "kappa": 0.75}
 
@@ -141,28 +142,19 @@ def _initial_step_size(chains: _Chains, generator) -> float:
 
 def run_hmc(
     target: LinearGaussianHead,
+    settings: HMCSettings = HMCSettings(),
     *,
-    chains: int = 4,
-    warmup: int = 1000,
-    draws: int = 1000,
-    thin: int = 1,
-    leapfrog_steps: int = 16,
-    target_accept: float = 0.8,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Sample the head's posterior; returns draws (chains, draws, C, K) float64 and a record.
 
-    The record holds the settings, the final step size, the mean acceptance and the divergences
-    after warm-up, the number of gradient evaluations, and the diagnostics of the parameters
+    The record holds the final step size, the mean acceptance and the divergences after warm-up,
+    the number of gradient evaluations, and the diagnostics of the parameters
     (``mcmc_diagnostics.summary``: minimum/median ESS, maximum split-R̂).
     """
-    counts = (("chains", chains, 1), ("warmup", warmup, 0), ("draws", draws, 4), ("thin", thin, 1))
-    for name, value, low in (*counts, ("leapfrog_steps", leapfrog_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not 0 < target_accept < 1:
-        raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+    chains, warmup, draws, thin = settings.chains, settings.warmup, settings.draws, settings.thin
+    leapfrog_steps, target_accept = settings.leapfrog_steps, settings.target_accept
     diagonal_std = (1.0 / (target.s * target.gram.diagonal() + target.delta)).sqrt()
     start = target.theta_hat + 2 * diagonal_std * torch.randn(
         (chains, *target.theta_hat.shape), generator=generator, dtype=torch.float64
@@ -196,12 +188,6 @@ def run_hmc(
             kept.append(state.rows())
     samples = torch.stack(kept, dim=1)  # (chains, draws, C, K)
     record = dict(
-        chains=chains,
-        warmup=warmup,
-        draws=draws,
-        thin=thin,
-        leapfrog_steps=leapfrog_steps,
-        target_accept=target_accept,
         step_size=step,
         accept_rate=sum(accepts) / len(accepts),
         divergences=divergences,

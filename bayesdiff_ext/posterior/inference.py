@@ -15,6 +15,7 @@ head's weights; ``predict`` returns that mean and the variance around it.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from bayesdiff_ext.posterior.capture import capture_head_input
 from bayesdiff_ext.posterior.fitting import FitStatistics
+from bayesdiff_ext.posterior.full import require_ungrouped
 from bayesdiff_ext.posterior.head_ensemble import initial_heads, train_members
 from bayesdiff_ext.posterior.head_ops import check_phi
 from bayesdiff_ext.posterior.hmc import run_hmc
@@ -34,6 +36,7 @@ from bayesdiff_ext.posterior.serialization import (
     read_posterior_file,
     write_posterior_file,
 )
+from bayesdiff_ext.posterior.settings import EnsembleSettings, HMCSettings, VISettings
 from bayesdiff_ext.posterior.variational import fit_variational
 from bayesdiff_ext.posterior.weight_distributions import DISTRIBUTIONS, WeightDistribution, WeightSamples
 
@@ -55,19 +58,38 @@ class _StatisticsLaplace(LastLayerLaplace):
 
 
 class LastLayerPosterior(abc.ABC):
-    """Base of the non-Laplace head posteriors; subclasses say how ``_run`` turns the exact
-    linear-Gaussian model into a ``WeightDistribution``.
+    r"""
+    Base of the non-Laplace posteriors of a model's head (docs/MATH.md §8): one data pass, the exact
+    linear-Gaussian model of the head, then the subclass's inference on it.
 
     Args:
-        model: as for ``LastLayerLaplace`` (a diffusers UNet, a bare Conv2d/Linear head, or any
-            model with ``head=``); never modified. The head must be ungrouped.
-        sigma_noise, prior_precision, temperature: as for ``LastLayerLaplace`` ('ml', 'mackay',
-            'marglik' or positive numbers), chosen on the full-GGN spectrum and then fixed.
-        seed: seeds the inference's own randomness (initial points, Monte Carlo draws, bootstrap
-            weights); the data draws come from the ``generator`` given to ``fit``.
+        model (`torch.nn.Module`):
+            As for `LastLayerLaplace`: a diffusers `UNet2DModel`/`UNet2DConditionModel`, a bare `nn.Conv2d`
+            or `nn.Linear` head, or any model whose output layer is named by `head`. Never modified. The
+            head must be ungrouped.
+        head (`torch.nn.Module`, *optional*):
+            The model's output layer, when it is not found by itself.
+        eps_channels (`int`, *optional*):
+            How many leading head outputs are ε (default as for `LastLayerLaplace`).
+        sigma_noise (`str` or `float`, *optional*, defaults to `"ml"`):
+            σ: `"ml"` or a positive number, chosen as the full-GGN Laplace fit chooses it, then fixed.
+        prior_precision (`str` or `float`, *optional*, defaults to `"mackay"`):
+            δ: `"mackay"`, `"marglik"` (on the full-GGN spectrum) or a positive number, then fixed.
+        temperature (`float`, *optional*, defaults to 1.0):
+            The likelihood's temperature T.
+        seed (`int`, *optional*, defaults to 0):
+            Seeds the inference's own randomness (initial points, Monte Carlo draws, bootstrap weights);
+            the data draws come from the `generator` given to `fit`.
+        **options:
+            The subclass's settings (`VISettings`, `HMCSettings`, `EnsembleSettings`).
+
+    Raises:
+        `ValueError`: as for `LastLayerLaplace`, a grouped head, or an option out of range. `TypeError`: an
+        option the inference does not have.
     """
 
     inference: ClassVar[str]
+    settings_class: ClassVar[type]
     curvature = None
 
     def __init__(
@@ -80,7 +102,9 @@ class LastLayerPosterior(abc.ABC):
         prior_precision: str | float | None = None,
         temperature: float = 1.0,
         seed: int = 0,
+        **options,
     ):
+        self.options = self.settings_class(**options)
         self.seed = int(seed)
         self.laplace = _StatisticsLaplace(
             model,
@@ -94,19 +118,19 @@ class LastLayerPosterior(abc.ABC):
             bootstrap_seed=self.seed,
         )
         self.model, self.head, self.spec = model, self.laplace.head, self.laplace.spec
+        require_ungrouped(self.spec, self.inference)
         self.sigma_choice, self.prior_choice = self.laplace.sigma_choice, self.laplace.prior_choice
         self.temperature = self.laplace.temperature
         self.sigma_noise: float | None = None
         self.prior_precision: float | None = None
-        self.fit_stats = None
+        self.fit_stats: FitStatistics | None = None
         self.distribution: WeightDistribution | None = None
         self.exact: LinearGaussianHead | None = None
         self.record: dict = {}
 
-    # ------------------------------------------------------------------ what subclasses define
     def settings(self) -> dict:
-        """The constructor's inference settings (saved; ``load`` passes them back)."""
-        return {"seed": self.seed}
+        """`dict`: the seed and the inference's settings, as saved (``load`` passes them back)."""
+        return {"seed": self.seed, **dataclasses.asdict(self.options)}
 
     def _replicates(self) -> int:
         """Bootstrap replicates the data pass accumulates."""
@@ -119,59 +143,119 @@ class LastLayerPosterior(abc.ABC):
     # ------------------------------------------------------------------ what the sampler uses
     @property
     def eps_channels(self) -> int:
+        """`int`: the number C_eps of leading head outputs that are ε."""
         return self.spec.eps_channels
 
     @property
     def structure(self) -> str | None:
-        """How the distribution is stored: 'diag', 'factored' or 'samples'."""
+        """`str`: how the distribution is stored and served: `"diag"`, `"factored"` or `"samples"`."""
         return None if self.distribution is None else self.distribution.name
 
     def capture(self):
-        """Context manager recording the head's input: ``with post.capture() as cap: ...; cap.phi``."""
+        r"""
+        Record the head's input during the forwards inside a `with` block.
+
+        Returns:
+            A context manager yielding a `HeadInputCapture` whose `phi` is the head input of the latest forward.
+        """
         return capture_head_input(self.head)
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, var) of ε at the head input φ through the fused ops; var ≥ 0, float32 or float64.
+        r"""
+        The mean and variance of ε at the head input φ under this posterior, through the fused ops
+        (docs/MATH.md §8.4).
 
-        Conv heads: φ (B, C_in, H, W) → (B, C_eps, H_out, W_out); Linear heads: (..., D) → (..., C_eps).
+        Args:
+            phi (`torch.Tensor`):
+                The head's input: `(batch_size, in_channels, height, width)` for a conv head, `(..., in_features)`
+                for a Linear head. float64 computes in float64; any other dtype in float32.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each `(batch_size, eps_channels, height_out,
+            width_out)` for a conv head or `(..., eps_channels)` for a Linear head, float64 for float64 `phi` and
+            float32 otherwise. `mean` is this posterior's own mean (not the head's output); `var` ≥ 0.
+
+        Raises:
+            `RuntimeError`: the posterior is not fitted. `ValueError` / `TypeError`: `phi` does not fit the head.
         """
         distribution = self._fitted()
         check_phi(self.spec, phi)
         return distribution.predict(phi)
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, P) float64 ε-head parameter vectors (laplace-torch's ``parameters_to_vector`` order:
-        the ε rows of the weight flattened row-major, then the ε biases)."""
+        r"""
+        Parameter vectors of the ε head drawn from this posterior.
+
+        Args:
+            n_samples (`int`):
+                How many vectors.
+            generator (`torch.Generator`, *optional*):
+                A CPU generator for the draws (VI) or the order of the stored vectors (MCMC, ensembles).
+
+        Returns:
+            `torch.Tensor`: `(n_samples, num_params)` float64 in laplace-torch's `parameters_to_vector` order (the
+            ε rows of the weight flattened row-major, then the ε biases). VI draws from q; MCMC and ensembles return
+            stored vectors, distinct ones for `n_samples` ≤ their number and whole shuffled passes beyond it.
+        """
         return self._fitted().sample(n_samples, generator)
 
     @property
     def precision_scale(self) -> float:
-        """s = 1/(σ²·T) the distribution was fitted at."""
+        """`float`: s = 1/(σ²·T) the distribution was fitted at."""
         if self.sigma_noise is None:
             raise RuntimeError("the posterior is not fitted yet: call fit(...) or load(...)")
         return 1.0 / (self.sigma_noise**2 * self.temperature)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images, scheduler, *, progress: bool = True, **fit_options):
-        """Fit on training images, exactly as ``LastLayerLaplace.fit`` (same arguments: ``batch_size``,
-        ``timesteps_per_image``, ``generator``, ``model_kwargs``, ``sigma_noise``, ...), then infer."""
+        r"""
+        Run the Laplace fit's data pass on training images (one model forward per batch and draw), choose σ and
+        δ, then run the inference on the head's statistics.
+
+        Args:
+            images, scheduler:
+                As for `LastLayerLaplace.fit`.
+            progress (`bool`, *optional*, defaults to `True`):
+                Progress bars for the data pass and the inference.
+            **fit_options:
+                `batch_size`, `timesteps_per_image`, `generator`, `model_kwargs`, `sigma_noise`, `prior_precision`,
+                `temperature`, as for `LastLayerLaplace.fit`.
+
+        Returns:
+            This posterior, fitted; `record` holds what the inference reported, `exact` the exact
+            linear-Gaussian posterior and `laplace` the full-GGN Laplace of the same data.
+        """
         self.laplace.fit(images, scheduler, progress=progress, **fit_options)
         return self._infer(progress)
 
     def fit_features(self, features, *, progress: bool = False, **fit_options):
-        """Fit on precomputed (φ, target) batches, as ``LastLayerLaplace.fit_features``, then infer."""
+        r"""
+        As :meth:`fit`, on precomputed `(phi, target)` batches (see `LastLayerLaplace.fit_features`).
+
+        Returns:
+            This posterior, fitted.
+        """
         self.laplace.fit_features(features, progress=progress, **fit_options)
         return self._infer(progress)
 
-    def exact_model(self, statistics_index: int | None = None) -> LinearGaussianHead:
-        """The linear-Gaussian posterior of the fitted data (``statistics_index`` m: of bootstrap
-        replicate m) at the fitted σ, δ."""
+    def exact_model(self, replicate: int | None = None) -> LinearGaussianHead:
+        r"""
+        The exact linear-Gaussian posterior of the fitted data at the fitted σ, δ (docs/MATH.md §8.0).
+
+        Args:
+            replicate (`int`, *optional*):
+                Of bootstrap replicate `replicate` instead (head ensembles).
+
+        Returns:
+            `LinearGaussianHead`
+        """
         lap, stats = self.laplace, self.laplace.statistics
-        gram, cross = (
-            (stats.gram, stats.cross)
-            if statistics_index is None
-            else (stats.boot_gram[statistics_index], stats.boot_cross[statistics_index])
-        )
+        if stats is None:
+            raise RuntimeError("the exact model needs the fitting statistics: call fit(...) or fit_features(...)")
+        if replicate is None:
+            gram, cross = stats.gram, stats.cross
+        else:
+            gram, cross = stats.boot_gram[replicate], stats.boot_cross[replicate]
         return LinearGaussianHead(
             self.spec,
             gram,
@@ -203,9 +287,15 @@ class LastLayerPosterior(abc.ABC):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """One safetensors file in the Laplace format (``serialization``) with the distribution's
-        tensors under ``distribution.`` and, in the metadata, ``inference``, ``settings`` (the
-        constructor's options) and ``record`` (what the fit reported: ELBO, ESS, R̂, timings)."""
+        r"""
+        Save the fitted posterior as one safetensors file in the Laplace layout, written atomically: the
+        distribution's tensors (float64, under `distribution.`) and, as JSON metadata, `inference`, `structure`,
+        σ, δ, T and their choices, the head and its hash, the fitting statistics, `settings` and `record`.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                The file to write (its folder must exist); an existing file is replaced.
+        """
         meta = {
             **posterior_metadata(self),
             "inference": self.inference,
@@ -216,8 +306,24 @@ class LastLayerPosterior(abc.ABC):
 
     @classmethod
     def load(cls, path, model: nn.Module, *, head: nn.Module | None = None):
-        """Load a saved posterior of this kind onto ``model``; ValueError if the file holds another
-        kind or its head differs, a warning if the head's weights differ from the fitted ones."""
+        r"""
+        Load a posterior of this kind saved by :meth:`save` onto a model's head.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                The saved posterior.
+            model (`torch.nn.Module`):
+                The model (or bare head) it was fitted for.
+            head (`torch.nn.Module`, *optional*):
+                The model's output layer, as for the constructor.
+
+        Returns:
+            The posterior, with its settings, σ, δ and record (`exact` and `laplace` are not saved).
+
+        Raises:
+            `ValueError`: the file holds another kind of posterior (`load_posterior` opens any), or the head's
+            shape differs. A `UserWarning` says when only the head's weights differ.
+        """
         meta, tensors = read_posterior_file(path, prefix=DISTRIBUTION_PREFIX)
         inference = meta.get("inference", "laplace")
         if inference != cls.inference or meta.get("structure") not in DISTRIBUTIONS:
@@ -251,88 +357,103 @@ class LastLayerPosterior(abc.ABC):
 
 
 class LastLayerVI(LastLayerPosterior):
-    """Variational inference on the head (``variational``): ``family`` 'diag' (mean-field, served by
-    the diagonal op) or 'full' (one K×K covariance shared by the channels, the factored op);
-    ``steps`` Adam steps of ``samples`` reparameterised draws at learning rate ``lr``."""
+    r"""
+    Variational inference on the head by the reparameterised ELBO (docs/MATH.md §8.1).
+
+    Args:
+        model (`torch.nn.Module`):
+            As for `LastLayerPosterior`, with its other keyword arguments (`head`, `eps_channels`, `sigma_noise`,
+            `prior_precision`, `temperature`, `seed`).
+        family (`str`, *optional*, defaults to `"diag"`):
+            `"diag"` (mean-field: its optimum has the diagonal GGN-Laplace variances 1/(s·A_jj + δ), served by the
+            diagonal op) or `"full"` (one K×K covariance shared by the channels: the exact posterior's family,
+            served by the factored op).
+        steps (`int`, *optional*, defaults to 3000):
+            Adam steps.
+        samples (`int`, *optional*, defaults to 16):
+            Reparameterised draws per step.
+        lr (`float`, *optional*, defaults to 0.05):
+            Adam's learning rate, in units of the posterior's width.
+
+    `record` after a fit: the exact `elbo`, `log_evidence`, `kl_to_posterior` and `elbo_trace`.
+    """
 
     inference = "vi"
-
-    def __init__(
-        self, model, family: str = "diag", *, steps: int = 3000, samples: int = 16, lr: float = 0.05, **common
-    ):
-        self.options = dict(family=family, steps=steps, samples=samples, lr=lr)
-        super().__init__(model, **common)
-
-    def settings(self):
-        return {**super().settings(), **self.options}
+    settings_class = VISettings
 
     def _run(self, exact, generator, progress):
-        return fit_variational(exact, **self.options, generator=generator, progress=progress)
+        return fit_variational(exact, self.options, generator=generator, progress=progress)
 
 
 class LastLayerMCMC(LastLayerPosterior):
-    """Hamiltonian Monte Carlo on the head (``hmc``): ``chains`` chains, ``warmup`` adaptation
-    iterations, ``draws`` kept per chain every ``thin``-th iteration, at most ``leapfrog_steps`` per
-    trajectory, step size by dual averaging to ``target_accept``. The posterior is the set of kept
-    draws (interleaved: draw 0 of every chain, then draw 1, ...); ``record`` has ESS and R̂."""
+    r"""
+    Hamiltonian Monte Carlo on the head (docs/MATH.md §8.2): several chains, Stan's windowed warm-up of a dense
+    metric, dual-averaging step size, thinning; the posterior is the set of kept draws (stored draw-major, the
+    chains interleaved).
+
+    Args:
+        model (`torch.nn.Module`):
+            As for `LastLayerPosterior`, with its other keyword arguments.
+        chains (`int`, *optional*, defaults to 4):
+            Chains, run in lockstep.
+        warmup (`int`, *optional*, defaults to 1000):
+            Adaptation iterations per chain, discarded.
+        draws (`int`, *optional*, defaults to 1000):
+            Draws kept per chain.
+        thin (`int`, *optional*, defaults to 1):
+            Keep every `thin`-th iteration after warm-up.
+        leapfrog_steps (`int`, *optional*, defaults to 16):
+            The most leapfrog steps per trajectory (each iteration draws from ⌈n/2⌉..n).
+        target_accept (`float`, *optional*, defaults to 0.8):
+            The acceptance probability the step size is adapted to.
+
+    `record` after a fit: `ess_min`, `ess_median`, `rhat_max`, `accept_rate`, `step_size`, `divergences`,
+    `gradient_evaluations`.
+    """
 
     inference = "mcmc"
-
-    def __init__(
-        self,
-        model,
-        *,
-        chains: int = 4,
-        warmup: int = 1000,
-        draws: int = 1000,
-        thin: int = 1,
-        leapfrog_steps: int = 16,
-        target_accept: float = 0.8,
-        **common,
-    ):
-        self.options = dict(chains=chains, warmup=warmup, draws=draws, thin=thin)
-        self.options.update(leapfrog_steps=leapfrog_steps, target_accept=target_accept)
-        super().__init__(model, **common)
-
-    def settings(self):
-        return {**super().settings(), **self.options}
+    settings_class = HMCSettings
 
     def _run(self, exact, generator, progress):
-        draws, record = run_hmc(exact, **self.options, generator=generator, progress=progress)
+        draws, record = run_hmc(exact, self.options, generator=generator, progress=progress)
         interleaved = draws.transpose(0, 1).flatten(0, 1)  # (draws·chains, C, K)
         return WeightSamples(self.spec, rows_to_vector(self.spec, interleaved)), record
 
 
 class LastLayerHeadEnsemble(LastLayerPosterior):
-    """A partial ensemble of ``members`` heads on the fixed trunk (``head_ensemble``), re-initialised
-    as PyTorch initialises the layer and trained by gradient descent on the MAP objective:
-    ``bootstrap=True`` (default) on Poisson-bootstrap replicates of the fitting data, ``steps``
-    gradient steps (None = to convergence; a number = early stopping). With ``bootstrap=False`` and
-    ``steps=None`` the members coincide (a convex objective has one optimum): no spread."""
+    r"""
+    A partial ensemble (docs/MATH.md §8.3): the trunk fixed, `members` heads re-initialised as PyTorch initialises
+    the layer and trained by gradient descent on the MAP objective of the fitting data.
+
+    The objective is convex with one optimum, so members trained to convergence on the same data all coincide: a
+    plain head ensemble (`bootstrap=False`, `steps=None`) has no spread. The default trains each member on a Poisson
+    bootstrap replicate of the data (spread ≈ the sampling distribution of the fit); `steps` stops early (spread
+    left over from the random initialisation: a heuristic).
+
+    Args:
+        model (`torch.nn.Module`):
+            As for `LastLayerPosterior`, with its other keyword arguments.
+        members (`int`, *optional*, defaults to 8):
+            Heads in the ensemble (at least 2).
+        bootstrap (`bool`, *optional*, defaults to `True`):
+            Train member m on bootstrap replicate m (accumulated in the same data pass).
+        steps (`int`, *optional*):
+            Gradient-descent steps of size 1/λ_max per member; `None` (default) trains to convergence.
+    """
 
     inference = "head-ensemble"
-
-    def __init__(self, model, *, members: int = 8, bootstrap: bool = True, steps: int | None = None, **common):
-        if isinstance(members, bool) or not isinstance(members, int) or members < 2:
-            raise ValueError(f"members must be an integer >= 2, got {members!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-            raise ValueError(f"steps must be None or an integer >= 0, got {steps!r}")
-        self.members, self.bootstrap, self.steps = members, bool(bootstrap), steps
-        super().__init__(model, **common)
-
-    def settings(self):
-        return {**super().settings(), "members": self.members, "bootstrap": self.bootstrap, "steps": self.steps}
+    settings_class = EnsembleSettings
 
     def _replicates(self):
-        return self.members if self.bootstrap else 0
+        return self.options.members if self.options.bootstrap else 0
 
     def _run(self, exact, generator, progress):
+        members = self.options.members
         channels, k = exact.theta_hat.shape
-        start = initial_heads(self.members, channels, k, self.spec.taps, generator)
-        targets = [self.exact_model(m) if self.bootstrap else exact for m in range(self.members)]
-        heads = train_members(targets, start, self.steps)
-        record = dict(members=self.members, bootstrap=self.bootstrap, steps=self.steps)
-        return WeightSamples(self.spec, rows_to_vector(self.spec, heads)), record
+        start = initial_heads(members, channels, k, self.spec.taps, generator)
+        targets = [self.exact_model(m) if self.options.bootstrap else exact for m in range(members)]
+        heads = train_members(targets, start, self.options.steps)
+        return WeightSamples(self.spec, rows_to_vector(self.spec, heads)), {}
 
 
 INFERENCES: dict[str, type[LastLayerPosterior]] = {

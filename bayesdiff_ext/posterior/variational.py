@@ -5,8 +5,9 @@
 estimated with ``samples`` draws per step (the expectation by Monte Carlo, the entropy exactly) and
 maximised with Adam. Its gradients are written out rather than taped: with g = ∇ log density at
 the draws, ∂/∂μ = E[g] and ∂/∂L = E[g·noiseᵀ] (lower triangle) plus the entropy's ∂/∂log L_jj = C
-(1 for 'diag'), which is what autograd would give, at a third of the cost. The data enter through the linear-Gaussian statistics (``LinearGaussianHead``),
-so a step costs a few (C, K)×(K, K) products whatever the number of fitting images. Two families:
+(1 for 'diag'), which is what autograd would give, at a third of the cost. The data enter through
+the linear-Gaussian statistics (``LinearGaussianHead``), so a step costs a few (C, K)×(K, K)
+products whatever the number of fitting images. Two families:
 
 * ``'diag'`` (mean-field): q = N(μ, diag(v)). For a Gaussian posterior N(Θ*, Λ⁻¹) the optimum is
   μ = Θ* and v = 1/diag(Λ) = 1/(s·diag(A) + δ): the diagonal GGN-Laplace variances, which
@@ -30,9 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.posterior.linear_gaussian import LinearGaussianHead
+from bayesdiff_ext.posterior.settings import VISettings
 from bayesdiff_ext.posterior.weight_distributions import DiagGaussian, FactoredGaussian
-
-FAMILIES = ("diag", "full")
 
 
 def elbo_scale(target: LinearGaussianHead) -> float:
@@ -42,27 +42,18 @@ def elbo_scale(target: LinearGaussianHead) -> float:
 
 def fit_variational(
     target: LinearGaussianHead,
-    family: str = "diag",
+    settings: VISettings = VISettings(),
     *,
-    steps: int = 3000,
-    samples: int = 16,
-    lr: float = 0.05,
     generator: torch.Generator | None = None,
     progress: bool = False,
-):
-    """Maximise the ELBO of ``family`` over q; returns (DiagGaussian or FactoredGaussian, record).
+) -> tuple[DiagGaussian | FactoredGaussian, dict]:
+    """Maximise the ELBO of ``settings.family`` over q; returns (DiagGaussian or FactoredGaussian, record).
 
     ``record`` holds the settings, the ELBO estimate of every 10th step (``elbo_trace``), and for the
     returned q its exact ELBO (``elbo``), the exact log evidence and their difference
     ``kl_to_posterior`` = KL(q ‖ posterior) ≥ 0 (what the family or the optimisation leaves out).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    for name, value, low in (("steps", steps, 4), ("samples", samples, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    family, steps, samples, lr = settings.family, settings.steps, settings.samples, settings.lr
     scale = elbo_scale(target)
     channels, k = target.theta_hat.shape
     mean = torch.zeros(channels, k, dtype=torch.float64)  # μ = Θ̂ + scale·mean
@@ -103,8 +94,7 @@ def fit_variational(
     else:
         result = FactoredGaussian.tied(target.spec, final_mean, spread @ spread.T)
     final, evidence = target.elbo(result.mean_rows, result.covariance()), target.log_evidence()
-    record = dict(family=family, steps=steps, samples=samples, lr=lr, elbo=final, log_evidence=evidence)
-    record.update(kl_to_posterior=evidence - final, elbo_trace=trace)
+    record = dict(elbo=final, log_evidence=evidence, kl_to_posterior=evidence - final, elbo_trace=trace)
     return result, record
 
 

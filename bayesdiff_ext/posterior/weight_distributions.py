@@ -23,6 +23,7 @@ import torch
 from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.linear_gaussian import row_size, rows_to_parameters, rows_to_vector, vector_to_rows
+from bayesdiff_ext.posterior.settings import check_count
 from bayesdiff_ext.posterior.structure import OpInputs
 
 
@@ -83,12 +84,6 @@ class WeightDistribution(abc.ABC):
         return self.predict_with(phi.to(dtype), weight, bias, inputs)
 
 
-def _check_count(n_samples) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-    return n_samples
-
-
 class DiagGaussian(WeightDistribution):
     """N(μ, diag(v)) over the ε rows: the diagonal op with μ as the weights."""
 
@@ -114,7 +109,8 @@ class DiagGaussian(WeightDistribution):
         return self.variance_rows
 
     def sample(self, n_samples, generator=None):
-        noise = torch.randn((_check_count(n_samples), *self.mean_rows.shape), generator=generator, dtype=torch.float64)
+        shape = (check_count("n_samples", n_samples, 1), *self.mean_rows.shape)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float64)
         return rows_to_vector(self.spec, self.mean_rows + self.variance_rows.sqrt() * noise)
 
     def tensors(self):
@@ -159,7 +155,7 @@ class FactoredGaussian(WeightDistribution):
         return self.mix @ self.proj.square()
 
     def sample(self, n_samples, generator=None):
-        shape = (_check_count(n_samples), *self.mix.shape)
+        shape = (check_count("n_samples", n_samples, 1), *self.mix.shape)
         noise = torch.randn(shape, generator=generator, dtype=torch.float64) * self.mix.sqrt()
         return rows_to_vector(self.spec, self.mean_rows + noise @ self.proj)
 
@@ -219,7 +215,7 @@ class WeightSamples(FactoredGaussian):
         super().__init__(spec, *sample_factors(spec, self.samples))
 
     def sample(self, n_samples, generator=None):
-        n, stored = _check_count(n_samples), len(self.samples)
+        n, stored = check_count("n_samples", n_samples, 1), len(self.samples)
         passes = -(-n // stored)
         order = torch.cat([torch.randperm(stored, generator=generator) for _ in range(passes)])[:n]
         return self.samples[order]
