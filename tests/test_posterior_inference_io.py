@@ -28,7 +28,8 @@ def _images():
 
 
 def _fit(post):
-    return post.fit(_images(), tiny_scheduler(), batch_size=2, generator=torch.Generator().manual_seed(0), progress=False)
+    generator = torch.Generator().manual_seed(0)
+    return post.fit(_images(), tiny_scheduler(), batch_size=2, generator=generator, progress=False)
 
 
 def _phi(post):
