@@ -41,7 +41,14 @@ def _phi(post):
 @pytest.fixture(scope="module", params=list(KINDS))
 def fitted(request):
     unet = tiny_unet()
-    return _fit(KINDS[request.param](unet))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the HMC chains have not converged")  # 8 draws: on purpose
+        return _fit(KINDS[request.param](unet))
+
+
+def test_short_chains_warn():
+    with pytest.warns(UserWarning, match="the HMC chains have not converged"):
+        _fit(LastLayerMCMC(tiny_unet(), warmup=10, draws=4, chains=2))
 
 
 def test_the_data_pass_and_hyperparameters_are_the_laplace_fits(fitted):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
+import warnings
 from typing import ClassVar
 
 import torch
@@ -41,6 +42,8 @@ from bayesdiff_ext.posterior.variational import fit_variational
 from bayesdiff_ext.posterior.weight_distributions import DISTRIBUTIONS, WeightDistribution, WeightSamples
 
 DISTRIBUTION_PREFIX = "distribution."
+#: Convergence thresholds of Vehtari et al. (2021) below which LastLayerMCMC warns.
+RHAT_LIMIT, ESS_PER_CHAIN = 1.01, 100
 
 
 class _StatisticsLaplace(LastLayerLaplace):
@@ -408,7 +411,8 @@ class LastLayerMCMC(LastLayerPosterior):
             The acceptance probability the step size is adapted to.
 
     `record` after a fit: `ess_min`, `ess_median`, `rhat_max`, `accept_rate`, `step_size`, `divergences`,
-    `gradient_evaluations`.
+    `gradient_evaluations`; a `UserWarning` when R̂ > 1.01 or the ESS is under 100 per chain (Vehtari et al.
+    2021's thresholds).
     """
 
     inference = "mcmc"
@@ -416,6 +420,13 @@ class LastLayerMCMC(LastLayerPosterior):
 
     def _run(self, exact, generator, progress):
         draws, record = run_hmc(exact, self.options, generator=generator, progress=progress)
+        if record["rhat_max"] > RHAT_LIMIT or record["ess_min"] < ESS_PER_CHAIN * self.options.chains:
+            warnings.warn(
+                f"the HMC chains have not converged (split-R̂ max {record['rhat_max']:.3g}, ESS min "
+                f"{record['ess_min']:.0f}; aim for R̂ < {RHAT_LIMIT} and ESS > {ESS_PER_CHAIN} per chain): "
+                "raise warmup (the metric needs it) or draws",
+                stacklevel=4,
+            )
         interleaved = draws.transpose(0, 1).flatten(0, 1)  # (draws·chains, C, K)
         return WeightSamples(self.spec, rows_to_vector(self.spec, interleaved)), record
 
