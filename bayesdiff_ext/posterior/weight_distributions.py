@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.linear_gaussian import row_size, rows_to_parameters, rows_to_vector, vector_to_rows
@@ -73,7 +74,7 @@ class WeightDistribution(abc.ABC):
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, var) at φ in the accumulation dtype (float32 for 16-bit φ), var ≥ 0."""
-        dtype = head_ops.accumulation_dtype(phi)
+        dtype = accumulation_dtype(phi)
         key = (phi.device, dtype)
         if self._device_inputs is None or self._device_inputs[0] != key:
             weight, bias = rows_to_parameters(self.spec, self.mean_rows)
