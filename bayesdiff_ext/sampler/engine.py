@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.numerics import per_image_sum
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.eps_moments import (
     MonteCarloNormals,
@@ -200,7 +201,7 @@ class StepEngine:
                     monte_carlo=monte_carlo,
                     mean=self.mean,
                     variance=self.var,
-                    variance_sum=self.var.flatten(1).sum(dim=1),
+                    variance_sum=per_image_sum(self.var),
                     aleatoric_variance=self.aleatoric,
                 )
             )
