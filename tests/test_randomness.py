@@ -13,7 +13,7 @@ from bayesdiff_ext.randomness import (
     peek_seed,
     restartable,
 )
-from test_posterior_models import tiny_unet
+from tiny_models import tiny_unet
 
 SEED, NUM_IMAGES, STEPS = 11, 4, 4
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from test_sampler import _noise, _posterior, _unet
+from test_sampler import _noise, _posterior
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import BayesDiffSampler, UncertaintyCallback
 from bayesdiff_ext.sampler.settings import DEFAULT_PRESET, PRESETS, UncertaintySettings, resolve_settings
@@ -67,7 +68,7 @@ def test_unknown_arguments_and_settings_types():
 
 @pytest.fixture(scope="module")
 def unet_and_posterior():
-    unet = _unet()
+    unet = tiny_unet()
     return unet, _posterior(unet)
 
 

@@ -8,6 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, Flow
 from bayesdiff_ext import LastLayerLaplace
 from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.posterior.training_noise import DiffusionNoise, FlowMatchingNoise, training_noise
+from bayesdiff_ext.randomness import image_generators
 from tiny_models import text_conditioning, tiny_sd3, tiny_unet
 
 
@@ -73,12 +74,26 @@ def test_flow_matching_draws_x_t_between_the_image_and_the_noise_with_the_veloci
     assert torch.equal(target, noise - x0)
 
 
+def _fit_streams(seed: int, count: int):
+    """The generators the fit draws image n's noise from: one draw of its generator seeds them."""
+    fit_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+    return image_generators(fit_seed, range(count), stream="fit")
+
+
+def test_per_image_generators_draw_each_image_alone():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    whole = DiffusionNoise(scheduler).draw(_x0(), image_generators(3, range(4)))
+    parts = [DiffusionNoise(scheduler).draw(_x0()[s], image_generators(3, range(4)[s])) for s in (slice(0, 1), slice(1, 4))]
+    for a, b in zip(whole, (torch.cat(p) for p in zip(*parts))):
+        assert torch.equal(a, b)
+
+
 def test_the_fit_takes_its_residuals_against_the_training_target():
     """σ by maximum likelihood from Σ(f − target)²: v for a v-prediction model, ε − x_0 for flow matching."""
     unet = tiny_unet()
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
     post = LastLayerLaplace(unet).fit(_x0(), scheduler, batch_size=4, generator=torch.Generator().manual_seed(7), progress=False)
-    x_t, t, v = DiffusionNoise(scheduler).draw(_x0(), torch.Generator().manual_seed(7))
+    x_t, t, v = DiffusionNoise(scheduler).draw(_x0(), _fit_streams(7, len(_x0())))
     with torch.no_grad():
         out = unet(x_t, t).sample
     assert post.fit_stats.residual_sum_squares == pytest.approx(float((out - v).double().square().sum()), rel=1e-6)
@@ -87,7 +102,7 @@ def test_the_fit_takes_its_residuals_against_the_training_target():
     noising = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), "logit_normal")
     x0 = _x0(channels=4)
     post = LastLayerLaplace(sd3).fit(x0, noising, batch_size=4, generator=torch.Generator().manual_seed(8), model_kwargs=cond, progress=False)
-    x_t, timestep, velocity = noising.draw(x0, torch.Generator().manual_seed(8))
+    x_t, timestep, velocity = noising.draw(x0, _fit_streams(8, len(x0)))
     with torch.no_grad():
         out = Denoiser(sd3)(x_t, timestep, cond)
     assert post.fit_stats.residual_sum_squares == pytest.approx(float((out - velocity).double().square().sum()), rel=1e-6)

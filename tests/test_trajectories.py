@@ -10,13 +10,18 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from test_posterior_models import dense_covariance, tiny_unet
+from test_posterior_models import dense_covariance
+from test_transformers import conditioning_for, fitted, model_input
+from tiny_models import tiny_unet
 from torch import nn
 
 from bayesdiff_ext import LastLayerLaplace
+from bayesdiff_ext.denoiser import Denoiser
+from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.heads import eps_parameter_vector
 from bayesdiff_ext.posterior.perturbation import head_perturbation, perturbed_head
 from bayesdiff_ext.randomness import image_generators
@@ -256,3 +261,45 @@ def test_bad_arguments_are_named(unet, posterior):
         run(samples=4, chunk_size=0)
     with pytest.raises(ValueError, match="draws must be one of"):
         run(samples=4, draws="halton")
+
+
+# ------------------------------------------------------------------ transformers
+
+
+@pytest.mark.parametrize("name", ["dit", "sd3"])
+def test_transformer_heads_are_perturbed_on_their_eps_rows(name):
+    """A patch transformer's Linear head on tokens (DiT: learned σ, ε rows interleaved in every patch):
+    a drawn row through the hook equals the model with those head weights written in."""
+    posterior = fitted(name)
+    model, spec = posterior.model, posterior.spec
+    x, kwargs = model_input(name), conditioning_for(name, 2)
+    t = torch.tensor([500.0, 500.0])
+    deviation = torch.randn(2, spec.num_params, generator=torch.Generator().manual_seed(0)) * 0.05
+    with torch.no_grad():
+        with perturbed_head(posterior.head, spec, deviation):
+            hooked = Denoiser(model)(x, t, kwargs)
+        rows = list(spec.eps_rows) if spec.eps_rows is not None else list(range(spec.eps_channels))
+        for r in range(2):
+            original = (posterior.head.weight.clone(), posterior.head.bias.clone())
+            weight_numel = spec.eps_channels * spec.taps
+            posterior.head.weight[rows] += deviation[r, :weight_numel].reshape(spec.eps_channels, spec.taps)
+            posterior.head.bias[rows] += deviation[r, weight_numel:]
+            written = Denoiser(model)(x[r : r + 1], t[r : r + 1], {k: v[r : r + 1] for k, v in kwargs.items()})
+            posterior.head.weight.copy_(original[0])
+            posterior.head.bias.copy_(original[1])
+            torch.testing.assert_close(hooked[r : r + 1], written, rtol=1e-4, atol=1e-5)
+
+
+def test_trajectories_on_a_dit_with_guidance_and_on_sd3_flow_matching():
+    dit = fitted("dit")
+    guidance = ClassifierFreeGuidance(4.0, {"class_labels": torch.full((2,), 10)})
+    out = _trajectories(dit.model, DDIMScheduler(clip_sample=False), dit, noise=model_input("dit"), samples=4,
+                        model_kwargs={"class_labels": torch.tensor([3, 7])}, guidance=guidance)
+    assert out.variance.shape == out.images.shape == (2, 4, 8, 8) and float(out.variance.sum()) > 0
+    assert out.timings["model_forwards_per_image"] == 2 * 5 * STEPS  # both branches, stock + 4 draws
+
+    sd3 = fitted("sd3")
+    out = _trajectories(sd3.model, FlowMatchEulerDiscreteScheduler(shift=3.0), sd3, noise=model_input("sd3"), samples=4,
+                        model_kwargs=conditioning_for("sd3", 2))
+    assert bool(torch.isfinite(out.variance).all()) and float(out.variance.sum()) > 0
+    assert not out.settings["stochastic_sampler"]

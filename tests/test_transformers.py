@@ -20,6 +20,7 @@ from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.heads import eps_parameters
 from bayesdiff_ext.posterior.training_noise import FlowMatchingNoise, training_noise
+from bayesdiff_ext.randomness import image_generators
 from tiny_models import (
     flux_conditioning,
     flux_tokens,
@@ -197,7 +198,8 @@ def _fitting_features(posterior, name):
     _, conditioning, clean = MODELS[name]
     noise = training(name)
     x0 = clean()
-    x_t, timestep, target = noise.draw(x0, torch.Generator().manual_seed(2))
+    fit_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(2)))  # as the fit seeds
+    x_t, timestep, target = noise.draw(x0, image_generators(fit_seed, range(len(x0)), stream="fit"))
     with torch.no_grad(), posterior.capture() as cap:
         Denoiser(posterior.model)(x_t, timestep, conditioning(6))
     target = stepped_prediction(target, x0) if posterior.layout is None else posterior.layout.to_tokens(target)
@@ -310,7 +312,7 @@ def test_dit_with_learned_sigma_fits_saves_loads_and_samples_with_guidance(tmp_p
     guidance = ClassifierFreeGuidance(4.0, {"class_labels": torch.full((2,), 10)})  # DiT's null class
     noise = model_input("dit")
     out = BayesDiffSampler(posterior.model, DDIMScheduler(clip_sample=False), posterior).sample(
-        noise=noise, num_inference_steps=STEPS, mc_samples=4, model_kwargs={"class_labels": labels},
+        noise=noise, num_inference_steps=STEPS, uq_every=1, mc_samples=4, model_kwargs={"class_labels": labels},
         guidance=guidance, generator=torch.Generator().manual_seed(0), progress=False,
     )
     expected = _plain_loop(posterior.model, DDIMScheduler(clip_sample=False), noise, {"class_labels": labels}, guidance)
@@ -325,7 +327,7 @@ def test_sd3_fits_with_flow_matching_saves_loads_and_samples(tmp_path):
     noise = model_input("sd3")
     for scheduler in (FlowMatchEulerDiscreteScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)):
         out = BayesDiffSampler(posterior.model, scheduler, posterior).sample(
-            noise=noise, num_inference_steps=STEPS, mc_samples=4, model_kwargs=cond, guidance=guidance,
+            noise=noise, num_inference_steps=STEPS, uq_every=1, mc_samples=4, model_kwargs=cond, guidance=guidance,
             generator=torch.Generator().manual_seed(0), progress=False,
         )
         expected = _plain_loop(posterior.model, scheduler, noise, cond, guidance, torch.Generator().manual_seed(0))
@@ -344,7 +346,7 @@ def test_pixart_tiles_added_cond_kwargs_for_the_monte_carlo_batch(tmp_path):
     )
     try:
         out = BayesDiffSampler(posterior.model, DDIMScheduler(clip_sample=False), posterior).sample(
-            noise=model_input("pixart"), num_inference_steps=STEPS, mc_samples=3, model_kwargs=kwargs, progress=False,
+            noise=model_input("pixart"), num_inference_steps=STEPS, uq_every=1, mc_samples=3, model_kwargs=kwargs, progress=False,
         )
     finally:
         handle.remove()
@@ -359,7 +361,7 @@ def test_flux_samples_packed_tokens_with_dynamic_shifting(tmp_path):
     timesteps = dict(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.6)  # as FluxPipeline: linspace(1, 1/N, N)
     noise = model_input("flux")
     out = BayesDiffSampler(posterior.model, scheduler, posterior).sample(
-        noise=noise, num_inference_steps=STEPS, mc_samples=4, model_kwargs=kwargs, set_timesteps_kwargs=timesteps,
+        noise=noise, num_inference_steps=STEPS, uq_every=1, mc_samples=4, model_kwargs=kwargs, set_timesteps_kwargs=timesteps,
         progress=False,
     )
     expected = _plain_loop(posterior.model, scheduler, noise, kwargs, set_timesteps=timesteps)

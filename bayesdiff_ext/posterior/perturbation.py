@@ -74,9 +74,13 @@ def perturbed_head(head: nn.Module, spec: HeadSpec, deviations: torch.Tensor) ->
     """Inside the context, row r of every forward through ``head`` uses θ_head + ``deviations[r]``.
 
     ``deviations`` (R, P) are Δθ in ``parameters_to_vector`` order; a forward with k·R rows gets
-    them tiled k times. The hook is removed on exit, also when the body raises.
+    them tiled k times. The ε outputs are the head's leading ``spec.eps_channels`` or, for a patch
+    transformer's Linear head, its rows ``spec.eps_rows``. The hook is removed on exit, also when the
+    body raises.
     """
     count = deviations.shape[0]
+    # the ε outputs: the leading channels, or a patch transformer's rows (docs/MATH.md §8)
+    rows = torch.tensor(spec.eps_rows if spec.eps_rows is not None else range(spec.eps_channels))
 
     def hook(module, args, output):
         phi = args[0]
@@ -84,12 +88,10 @@ def perturbed_head(head: nn.Module, spec: HeadSpec, deviations: torch.Tensor) ->
             raise RuntimeError(f"the head saw {phi.shape[0]} rows, not a multiple of the {count} weight draws")
         tiled = deviations.repeat(phi.shape[0] // count, 1)
         delta = head_perturbation(spec, phi, tiled).to(output.dtype)
-        channel_dim = 1 if spec.is_conv else -1
-        if spec.eps_channels == output.shape[channel_dim]:
+        channel_dim = 1 if spec.is_conv else output.dim() - 1
+        if spec.eps_channels == output.shape[channel_dim] and spec.eps_rows is None:
             return output + delta
-        rest = output.narrow(channel_dim, spec.eps_channels, output.shape[channel_dim] - spec.eps_channels)
-        eps = output.narrow(channel_dim, 0, spec.eps_channels) + delta
-        return torch.cat([eps, rest], dim=channel_dim)
+        return output.index_add(channel_dim, rows.to(output.device), delta)
 
     handle = head.register_forward_hook(hook)
     try:

@@ -23,7 +23,7 @@ import torch
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, guided_head_moments
 
-__all__ = ["ModelCall", "head_moments"]
+__all__ = ["ModelCall", "head_moments", "scaled_model_input"]
 
 
 def head_moments(posterior, phi: torch.Tensor, guidance: ClassifierFreeGuidance | None):
@@ -31,6 +31,12 @@ def head_moments(posterior, phi: torch.Tensor, guidance: ClassifierFreeGuidance 
     if guidance is None:
         return posterior.predict(phi)
     return guided_head_moments(posterior, phi, guidance.scale, guidance.variance)
+
+
+def scaled_model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    """``scheduler.scale_model_input(x, t)``, or ``x`` for a scheduler without one (flow matching)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
 
 
 class ModelCall:
@@ -92,9 +98,8 @@ class ModelCall:
         )
 
     def model_input(self, x: torch.Tensor, t) -> torch.Tensor:
-        """``scheduler.scale_model_input(x, t)``, or ``x`` for a scheduler without one (flow matching)."""
-        scale = getattr(self.scheduler, "scale_model_input", None)
-        return x if scale is None else scale(x, t)
+        """:func:`scaled_model_input` with this call's scheduler."""
+        return scaled_model_input(self.scheduler, x, t)
 
     def _forward(self, x, t, kwargs, want_head: bool, guidance: ClassifierFreeGuidance | None):
         """One model call (both guidance branches in it): its output and, with ``want_head``, the

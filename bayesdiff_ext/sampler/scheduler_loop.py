@@ -16,6 +16,7 @@ import torch
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.posterior.perturbation import perturbed_head
 from bayesdiff_ext.randomness import Generators, ImageStreams
+from bayesdiff_ext.sampler.model_call import scaled_model_input
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "SchedulerLoop", "generator_device", "generator_states"]
 
@@ -60,7 +61,7 @@ class SchedulerLoop:
             self.bar.total = (self.bar.total or 0) + len(scheduler.timesteps)
             self.bar.refresh()
         for t in scheduler.timesteps:
-            out = self.predict(scheduler.scale_model_input(x, t), t, kwargs)
+            out = self.predict(scaled_model_input(scheduler, x, t), t, kwargs)
             prediction = out if self.learned_variance else stepped_prediction(out, x)
             x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
             if self.bar is not None:
