@@ -144,12 +144,14 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
-    def __init__(self, name: str):
+    def __init__(self, name: str, device: torch.device):
         self.name, self.config = name, CONFIGS[name]
         setup = digits_setup if self.config["model"] == "digits" else random_setup
         self.unet, self.scheduler_config, self.posterior, self.described = setup()
+        self.unet.to(device)
         self.batch, self.steps, self.eta = self.config["images"], self.config["steps"], self.config["eta"]
         self.x_t = torch.cat([torch.randn(1, *self.shape, generator=g) for g in image_generators(X_T_SEED, range(self.batch))])
+        self.x_t = self.x_t.to(device)
         self.rows: list[dict] = []
 
     @property
@@ -175,6 +177,8 @@ class Bench:
             with torch.no_grad():
                 for t in scheduler.timesteps:
                     x = scheduler.step(self.unet(x, t).sample, t, x, generator=generator, **kwargs).prev_sample
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
             times.append(time.perf_counter() - started)
         return sorted(times)[1]
 
@@ -220,7 +224,7 @@ class Bench:
             truth_reliability=reliability,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - started,
             load_start=load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
-            torch=torch.__version__, machine=platform.machine(),
+            torch=torch.__version__, machine=platform.machine(), device=str(self.x_t.device),
         )
 
     # -------------------------------------------------------------- the moment recurrence
@@ -453,21 +457,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="override the configuration's image count")
     parser.add_argument("--steps", type=int, default=None, help="override the configuration's steps (smoke tests)")
     parser.add_argument("--report", action="store_true", help="write the bench_truth section from the result files")
+    parser.add_argument("--device", default="cpu", help="torch device of the model and the samples (default cpu)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
         for key in ("images", "steps"):
             if getattr(args, key):
                 CONFIGS[args.config][key] = getattr(args, key)
-        result = Bench(args.config).run()
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"{args.config}.json"
+        result = Bench(args.config, torch.device(args.device)).run()
+        args.results.mkdir(exist_ok=True)
+        path = args.results / f"{args.config}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
-        results = [json.loads((RESULTS / f"{name}.json").read_text()) for name in CONFIGS if (RESULTS / f"{name}.json").exists()]
+        results = [
+            json.loads((args.results / f"{name}.json").read_text()) for name in CONFIGS if (args.results / f"{name}.json").exists()
+        ]
         write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_truth", render(results))
         print(render(results))
 

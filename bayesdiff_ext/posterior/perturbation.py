@@ -50,7 +50,7 @@ def head_perturbation(spec: HeadSpec, phi: torch.Tensor, vectors: torch.Tensor) 
     rows = phi.shape[0]
     if vectors.shape[0] != rows:
         raise ValueError(f"{vectors.shape[0]} parameter vectors for {rows} rows of φ")
-    weight, bias = split_parameters(spec, vectors.to(phi.dtype))
+    weight, bias = split_parameters(spec, vectors.to(device=phi.device, dtype=phi.dtype))
     if spec.is_conv:
         out = F.conv2d(
             phi.reshape(1, rows * phi.shape[1], *phi.shape[2:]),
