@@ -18,7 +18,6 @@ have no forward-mode derivative); the returned image is still the stock loop's o
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,11 +25,9 @@ from tqdm.auto import tqdm
 
 from bayesdiff_ext.posterior.draws import weight_deviations
 from bayesdiff_ext.posterior.perturbation import perturbed_head
-from bayesdiff_ext.randomness import Generators, ImageStreams, restartable
-from bayesdiff_ext.sampler.initial_noise import initial_noise
+from bayesdiff_ext.randomness import Generators, ImageStreams
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
-from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 
 __all__ = ["LinearisedSampler"]
@@ -82,33 +79,21 @@ class LinearisedSampler(TrajectorySampler):
         """
         resolved = resolve_settings(settings=settings, estimator="linearised", **uncertainty)
         samples, draws, chunk_size = resolved.samples, resolved.draws, resolved.chunk_size
-        started = time.perf_counter()
-        kwargs = dict(model_kwargs or {})
-        if guidance is not None:
-            kwargs = guidance.branch_kwargs(kwargs)
-        x_unit = initial_noise(self.denoiser, batch_size, noise, generator)
-        batch = x_unit.shape[0]
-        template = copy.deepcopy(self.scheduler)
-        loop = SchedulerLoop(self, template, num_inference_steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs)
-        draw_device = generator_device(generator, x_unit.device)
-        before = generator_states(generator, x_unit.device)
-        replay = restartable(generator, x_unit.device)
         per_pass = DEFAULT_TANGENTS if chunk_size is None else chunk_size
-        if not isinstance(per_pass, int) or per_pass < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1 (directions per tangent pass), got {chunk_size!r}")
-
         with tqdm(desc="linearised", disable=not progress, unit="step") as bar:
-            loop.bar = bar
-            images = loop.run(self.scheduler, x_unit, generator, copies=1)
-            stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
-            streams = _noise_streams(resolved.noise_samples, stochastic)
+            run = self.stock_run(
+                batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance, scheduler_kwargs,
+                set_timesteps_kwargs, bar,
+            )
+            loop, x_unit, images = run.loop, run.x_unit, run.images
+            streams = _noise_streams(resolved.noise_samples, run.stochastic)
             directions = weight_deviations(
-                self.posterior, draws, samples, ImageStreams.derived(generator, batch, draw_device, "weights", 0).generators
+                self.posterior, draws, samples, ImageStreams.derived(generator, run.batch, run.draw_device, "weights", 0).generators
             ).to(x_unit.device)
 
             def trajectory(deviation):
                 with perturbed_head(self.posterior.head, self.posterior.spec, deviation):
-                    return loop.run(copy.deepcopy(template), x_unit, replay(), copies=1)
+                    return loop.run(copy.deepcopy(loop.template), x_unit, run.replay(), copies=1)
 
             def tangent(direction):
                 return torch.func.jvp(trajectory, (torch.zeros_like(direction),), (direction,))[1]
@@ -120,40 +105,17 @@ class LinearisedSampler(TrajectorySampler):
                     squares += tangents.to(torch.float64).square().sum(dim=0)
                     passes += 1
             epistemic = squares / samples
-            if stochastic:
-                zeros = torch.zeros_like(directions[:1, None].expand(1, 1, -1, -1), dtype=torch.float64)
-                finals = loop.run_copies([(j, None) for j in range(streams)], x_unit, zeros, generator, draw_device,
+            if run.stochastic:
+                zeros = torch.zeros((1, 1, *directions.shape[1:]), dtype=torch.float64)
+                finals = loop.run_copies([(j, None) for j in range(streams)], x_unit, zeros, generator, run.draw_device,
                                          None, True)
                 maps = torch.stack([finals[(j, None)] for j in range(streams)]).to(torch.float64)
                 aleatoric, mean = maps.var(dim=0), maps.mean(dim=0)
             else:
                 aleatoric, mean = torch.zeros_like(epistemic), images.to(torch.float64)
-
-        moment_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-        record = dict(
-            resolved.describe(),
-            num_inference_steps=num_inference_steps,
-            eta=float(eta),
-            noise_samples=streams,
-            stochastic_sampler=stochastic,
-            scheduler=type(self.scheduler).__name__,
-            timesteps=template.timesteps.tolist() if template.timesteps is not None else None,
-            posterior_structure=getattr(self.posterior, "structure", None),
-        )
-        steps = len(template.timesteps)
-        timings = dict(
-            total_s=time.perf_counter() - started,
-            model_forwards_per_image=loop.model_rows / batch,
-            tangent_passes=passes,
-            tangents_per_image=samples * steps,
-        )
-        return BayesDiffOutput(
-            images=images,
-            variance=(epistemic + aleatoric).to(moment_dtype),
-            mean=mean.to(moment_dtype),
-            settings=record,
-            timings=timings,
-            aleatoric_variance=aleatoric.to(moment_dtype),
+        return run.output(
+            resolved, streams, epistemic + aleatoric, mean, aleatoric, guidance,
+            tangent_passes=passes, tangents_per_image=samples * len(loop.template.timesteps),
         )
 
 

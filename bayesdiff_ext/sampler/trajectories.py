@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,8 @@ from tqdm.auto import tqdm
 from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.draws import check_draws, weight_deviations
-from bayesdiff_ext.randomness import Generators, ImageStreams
+from bayesdiff_ext.numerics import accumulation_dtype
+from bayesdiff_ext.randomness import Generators, ImageStreams, restartable
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
@@ -118,21 +120,13 @@ class TrajectorySampler:
         resolved = resolve_settings(settings=settings, estimator="trajectories", **uncertainty)
         samples, draws, centre = resolved.samples, resolved.draws, resolved.centre
         check_draws(draws, samples, self.posterior)
-        started = time.perf_counter()
-        kwargs = dict(model_kwargs or {})
-        if guidance is not None:
-            kwargs = guidance.branch_kwargs(kwargs)
-        x_unit = initial_noise(self.denoiser, batch_size, noise, generator)
-        batch = x_unit.shape[0]
-        template = copy.deepcopy(self.scheduler)
-        loop = SchedulerLoop(self, template, num_inference_steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs)
-        draw_device = generator_device(generator, x_unit.device)
-        before = generator_states(generator, x_unit.device)
-
         with tqdm(desc="trajectories", disable=not progress, unit="step") as bar:
-            loop.bar = bar
-            images = loop.run(self.scheduler, x_unit, generator, copies=1)
-            stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
+            run = self.stock_run(
+                batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance, scheduler_kwargs,
+                set_timesteps_kwargs, bar,
+            )
+            x_unit, batch, loop, draw_device, stochastic = run.x_unit, run.batch, run.loop, run.draw_device, run.stochastic
+            images = run.images
             streams, with_draws, per_stream = _stream_layout(samples, resolved.noise_samples, stochastic, draws, centre)
             deviations = torch.stack(
                 [
@@ -154,33 +148,82 @@ class TrajectorySampler:
         draws_final = draws_final.reshape(with_draws, per_stream, batch, *shape)
         maps = torch.stack([finals[(j, None)] for j in range(streams)]) if stochastic else images[None]
         moments = trajectory_moments(draws_final, maps, draws, centre)
-        moment_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-        if x_unit.device.type == "cuda":
-            torch.cuda.synchronize(x_unit.device)
+        return run.output(
+            resolved, streams, moments.variance, moments.mean, moments.aleatoric, guidance,
+            draws=TrajectoryDraws(draws_final, maps, deviations) if return_draws else None, chunks=loop.chunks,
+        )
+
+    def stock_run(
+        self, batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance, scheduler_kwargs,
+        set_timesteps_kwargs, bar,
+    ) -> StockRun:
+        """x_T, the stock loop (the returned image) and whether the sampler drew noise in it, with the
+        loop that runs the copies; shared by the trajectory estimators."""
+        started = time.perf_counter()
+        kwargs = dict(model_kwargs or {})
+        if guidance is not None:
+            kwargs = guidance.branch_kwargs(kwargs)
+        x_unit = initial_noise(self.denoiser, batch_size, noise, generator)
+        template = copy.deepcopy(self.scheduler)
+        loop = SchedulerLoop(self, template, num_inference_steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs)
+        loop.bar = bar
+        before = generator_states(generator, x_unit.device)
+        replay = restartable(generator, x_unit.device)
+        images = loop.run(self.scheduler, x_unit, generator, copies=1)
+        stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
+        return StockRun(
+            self, started, x_unit, loop, generator_device(generator, x_unit.device), images, stochastic, replay,
+            num_inference_steps, float(eta),
+        )
+
+
+@dataclass
+class StockRun:
+    """The stock trajectory of a trajectory estimator and what its copies need."""
+
+    sampler: TrajectorySampler
+    started: float
+    x_unit: torch.Tensor  # the unit-variance x_T
+    loop: SchedulerLoop
+    draw_device: torch.device  # where the derived streams draw
+    images: torch.Tensor  # the stock x_0
+    stochastic: bool  # the sampler drew from the generator during the stock loop
+    replay: Any  # generators at the stock loop's starting state (restartable)
+    num_inference_steps: int
+    eta: float
+
+    @property
+    def batch(self) -> int:
+        return self.x_unit.shape[0]
+
+    def output(self, resolved, streams, variance, mean, aleatoric, guidance, draws=None, **timings) -> BayesDiffOutput:
+        """The estimate as a BayesDiffOutput with the run's settings and timings."""
+        if self.x_unit.device.type == "cuda":
+            torch.cuda.synchronize(self.x_unit.device)
+        template, sampler = self.loop.template, self.sampler
         record = dict(
             resolved.describe(),
-            num_inference_steps=num_inference_steps,
-            eta=float(eta),
+            num_inference_steps=self.num_inference_steps,
+            eta=self.eta,
             noise_samples=streams,
-            stochastic_sampler=stochastic,
-            scheduler=type(self.scheduler).__name__,
+            stochastic_sampler=self.stochastic,
+            scheduler=type(sampler.scheduler).__name__,
             timesteps=template.timesteps.tolist() if template.timesteps is not None else None,
-            posterior_structure=getattr(self.posterior, "structure", None),
+            posterior_structure=getattr(sampler.posterior, "structure", None),
             guidance=None if guidance is None else dict(scale=guidance.scale),
         )
         timings = dict(
-            total_s=time.perf_counter() - started,
-            model_forwards_per_image=loop.model_rows / batch,
-            chunks=loop.chunks,
+            total_s=time.perf_counter() - self.started, model_forwards_per_image=self.loop.model_rows / self.batch, **timings
         )
+        dtype = accumulation_dtype(self.images)
         return BayesDiffOutput(
-            images=images,
-            variance=moments.variance.to(moment_dtype),
-            mean=moments.mean.to(moment_dtype),
+            images=self.images,
+            variance=variance.to(dtype),
+            mean=mean.to(dtype),
             settings=record,
             timings=timings,
-            aleatoric_variance=moments.aleatoric.to(moment_dtype),
-            draws=TrajectoryDraws(draws_final, maps, deviations) if return_draws else None,
+            aleatoric_variance=aleatoric.to(dtype),
+            draws=draws,
         )
 
 
