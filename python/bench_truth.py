@@ -435,11 +435,11 @@ def render(results: list[dict]) -> str:
             )
             + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min; load average "
             f"{result['load_start'][0]:.1f} at the start, {result['load_end'][0]:.1f} at the end; torch {result['torch']}, "
-            f"{result['threads']} thread.",
+            f"{result['threads']} thread on {result.get('device', 'cpu')}.",
             "",
-            COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else ""),
         ]
+        lines += _verdict(result) + ["", COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
+                                     "|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
         for row in result["rows"]:
             seed_r = "—" if row["seed_r"] is None else f"{row['seed_r']:.2f}"
             cells = [row["estimator"], row["setting"], f"{row['ratio']:.3g}", f"{row['map_r']:.3f}",
@@ -449,6 +449,30 @@ def render(results: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _verdict(result: dict) -> list[str]:
+    """The cheapest estimator (model forwards per image) that meets each bar of issue 22, from the rows."""
+    rows = [r for r in result["rows"] if r["estimator"] != "truth"]
+    bars = {
+        "map r ≥ 0.95 (accurate)": lambda r: r["map_r"] >= 0.95,
+        "map r ≥ 0.9 and score ρ ≥ 0.9 (fast)": lambda r: r["map_r"] >= 0.9 and r["spearman"] >= 0.9,
+        "map r ≥ 0.9 alone": lambda r: r["map_r"] >= 0.9,
+    }
+    lines = []
+    for bar, meets in bars.items():
+        passing = sorted((r for r in rows if meets(r) and 0.5 <= r["ratio"] <= 2), key=lambda r: (r["forwards"], r["time_ratio"]))
+        if passing:
+            best = passing[0]
+            lines.append(
+                f"* {bar}: cheapest {best['estimator']}, {best['setting']} — map r {best['map_r']:.3f}, score ρ "
+                f"{best['spearman']:.2f}, mean ratio {best['ratio']:.2f}, {best['forwards']:.0f} forwards per image, "
+                f"{best['time_ratio']:.1f}× plain"
+            )
+        else:
+            top = max(rows, key=lambda r: r["map_r"])
+            lines.append(f"* {bar}: not met (the highest map r is {top['map_r']:.3f}, {top['estimator']}, {top['setting']})")
+    return lines
 
 
 def main() -> None:

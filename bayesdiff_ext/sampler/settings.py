@@ -61,13 +61,13 @@ CHOICES = {
 }
 #: Each estimator's values for what neither the preset nor the caller sets.
 DEFAULTS = {
-    "trajectories": dict(samples=8, draws="sobol", centre="map", noise_samples=None, chunk_size=None),
+    "trajectories": dict(samples=16, draws="sobol", centre="map", noise_samples=32, chunk_size=None),
     "linearised": dict(samples=8, draws="sobol", noise_samples=None, chunk_size=None),
     "recurrence": dict(uq_every=5, mc_samples=10, covariance="mc", eps_variance="total", skip="all", mode="deterministic", clamp=True),
 }
 PRESETS = {
-    "accurate": dict(estimator="trajectories", samples=16, draws="sobol", centre="map"),
-    "fast": dict(estimator="trajectories", samples=4, draws="sobol", centre="map"),
+    "accurate": dict(estimator="trajectories", samples=32, draws="sobol", centre="map", noise_samples=32),
+    "fast": dict(estimator="trajectories", **DEFAULTS["trajectories"]),
     "paper": dict(estimator="recurrence", **DEFAULTS["recurrence"]),
 }
 #: The cheapest preset that meets the truth bar (map r ≥ 0.9, score Spearman ≥ 0.9) on the table.
