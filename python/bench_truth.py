@@ -48,10 +48,9 @@ from scipy.stats import spearmanr
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.digits import bundled_dir, load_bundled_scheduler, load_bundled_unet
-from bayesdiff_ext.posterior.perturbation import head_perturbation
 from bayesdiff_ext.randomness import image_generators
 from bayesdiff_ext.sampler.linearised import LinearisedSampler
-from bayesdiff_ext.sampler.schedulers import describe
+from bayesdiff_ext.sampler.feedback_free import accumulate_features, feedback_free_coefficients
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 from bayesdiff_ext.sampler.trajectory_statistics import trajectory_moments
@@ -284,39 +283,23 @@ class Bench:
 
     def control_variate(self, draws, samples, subsets, seconds, forwards):
         """Σ_m D_m² / M − β·(Σ_m L_m² / M − V): D_m = x_m − x_MAP, L_m the response without feedback
-        head(φ̃; Δθ_m) (φ̃ = Σ_k β_k φ_k along the stock trajectory), V its exact variance, β per image."""
+        head(φ̃; Δθ_m) (φ̃ = Σ_k β_k φ_k along the stock trajectory), V its exact variance, β per image
+        (the package's estimator, :func:`~bayesdiff_ext.sampler.trajectory_statistics.controlled_spread`)."""
+        sampler = TrajectorySampler(self.unet, self.scheduler(), self.posterior)
         phi_tilde = self.feedback_free_features()
-        estimates = []
-        for finals, maps, deviations in subsets:
-            deviation_sq = (finals[0] - maps[0]).double().square()  # (K, B, ...)
-            responses = torch.stack([head_perturbation(self.posterior.spec, phi_tilde, d.float()) for d in deviations[0]])
-            control = responses.double().square()
-            exact = self.posterior.predict(phi_tilde)[1].double()
-            centred_d, centred_c = deviation_sq - deviation_sq.mean(0), control - control.mean(0)
-            dims = tuple(range(2, control.dim()))
-            slope = (centred_d * centred_c).sum((0, *dims)) / centred_c.square().sum((0, *dims)).clamp_min(1e-300)
-            slope = slope.view(-1, *([1] * len(dims)))
-            estimates.append((deviation_sq.mean(0) - slope * (control.mean(0) - exact)).clamp_min(0))
+        estimates = [sampler._controlled_epistemic(phi_tilde, f, m, d) for f, m, d in subsets]
         self.add(f"control variate, {draws}", f"M={samples}, around the map", estimates[0], seconds, forwards, estimates[1])
 
     def feedback_free_features(self) -> torch.Tensor:
-        """φ̃ = Σ_k β_k φ_k, β_k the coefficient of ε_k in x_0 when the steps are not fed back."""
+        """φ̃ = Σ_k β_k φ_k along the stock trajectory (the package's own accumulation)."""
         scheduler = self.scheduler()
         scheduler.set_timesteps(self.steps)
-        plan = describe(scheduler, self.eta).steps()
-        phis, x = [], self.x_t
-        with torch.no_grad():
-            for step in plan:
-                t = scheduler.timesteps[step.index]
-                with self.posterior.capture() as cap:
-                    out = self.unet(x, t).sample
-                phis.append(cap.phi)
-                x = scheduler.step(out, t, x, eta=self.eta).prev_sample
-        total, carry = torch.zeros_like(phis[0], dtype=torch.float64), 1.0
-        for step, phi in zip(reversed(plan), reversed(phis)):
-            total += carry * step.b[-1] * phi.double()
-            carry *= step.a
-        return total.float()
+        betas = feedback_free_coefficients(scheduler, self.eta)
+        with torch.no_grad(), accumulate_features(self.posterior.head, betas) as summed:
+            x = self.x_t
+            for t in scheduler.timesteps:
+                x = scheduler.step(self.unet(x, t).sample, t, x, eta=self.eta).prev_sample
+        return summed.total
 
     # -------------------------------------------------------------- linearisation, eigen-directions
     def linearised(self):

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 ESTIMATORS = ("trajectories", "linearised", "recurrence")
-TRAJECTORY_ARGUMENTS = ("samples", "draws", "centre", "noise_samples", "chunk_size")
+TRAJECTORY_ARGUMENTS = ("samples", "draws", "centre", "noise_samples", "chunk_size", "control_variate")
 LINEARISED_ARGUMENTS = ("samples", "draws", "noise_samples", "chunk_size")
 RECURRENCE_ARGUMENTS = ("uq_every", "mc_samples", "covariance", "eps_variance", "skip", "mode", "clamp")
 #: Every keyword a front door accepts for the uncertainty (besides ``preset`` and ``settings``).
@@ -61,7 +61,7 @@ CHOICES = {
 }
 #: Each estimator's values for what neither the preset nor the caller sets.
 DEFAULTS = {
-    "trajectories": dict(samples=16, draws="sobol", centre="map", noise_samples=32, chunk_size=None),
+    "trajectories": dict(samples=16, draws="sobol", centre="map", noise_samples=32, chunk_size=None, control_variate=None),
     "linearised": dict(samples=8, draws="sobol", noise_samples=None, chunk_size=None),
     "recurrence": dict(uq_every=5, mc_samples=10, covariance="mc", eps_variance="total", skip="all", mode="deterministic", clamp=True),
 }
@@ -89,6 +89,7 @@ class UncertaintySettings:
     centre: str | None = None
     noise_samples: int | None = None
     chunk_size: int | None = None
+    control_variate: bool | None = None
     uq_every: int | None = None
     mc_samples: int | None = None
     covariance: str | None = None
@@ -170,9 +171,9 @@ def _check_field(name: str, value: Any) -> None:
     if name in CHOICES:
         if value not in CHOICES[name]:
             raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
-    elif name == "clamp":
-        if not isinstance(value, bool):
-            raise ValueError(f"clamp must be True or False, got {value!r}")
+    elif name in ("clamp", "control_variate"):
+        if not isinstance(value, bool) and not (name == "control_variate" and value is None):
+            raise ValueError(f"{name} must be True or False{' (or None: where available)' if name != 'clamp' else ''}, got {value!r}")
     elif name in ("noise_samples", "chunk_size") and value is None:
         return
     else:
@@ -210,4 +211,6 @@ def _check_draws(s: UncertaintySettings) -> None:
             raise ValueError(f"draws='antithetic' needs an even number of samples, got {s.samples}")
     if s.estimator == "trajectories" and s.centre == "mean" and s.samples < 2:
         raise ValueError("centre='mean' needs samples >= 2 (a spread around the draws' own mean)")
+    if s.estimator == "trajectories" and s.centre == "mean" and s.control_variate:
+        raise ValueError("control_variate=True corrects the spread around the MAP trajectory: use centre='map'")
 

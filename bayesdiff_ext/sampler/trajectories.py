@@ -27,6 +27,7 @@ How it runs:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -38,13 +39,15 @@ from tqdm.auto import tqdm
 from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.draws import check_draws, weight_deviations
+from bayesdiff_ext.posterior.perturbation import head_perturbation
 from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.randomness import Generators, ImageStreams, restartable
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
-from bayesdiff_ext.sampler.trajectory_statistics import trajectory_moments
+from bayesdiff_ext.sampler.feedback_free import FeatureSum, accumulate_features, feedback_free_coefficients
+from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread, trajectory_moments
 
 __all__ = ["TrajectorySampler"]
 
@@ -108,7 +111,10 @@ class TrajectorySampler:
                   ``centre='mean'``, else 1) in the first M/K of them (default J = M/K); a
                   deterministic sampler has one stream and ignores it;
                 * ``chunk_size``: rows per model call (default 256), rounded down to whole copies of
-                  the batch (at least one).
+                  the batch (at least one);
+                * ``control_variate``: correct the epistemic spread around the MAP trajectory by the
+                  feedback-free response of each draw (:mod:`~bayesdiff_ext.sampler.feedback_free`);
+                  None (default) where the run allows it, True to require it, False never.
             model_kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs, progress: as for the sampler.
             return_draws (`bool`): keep every trajectory's x_0 and weight deviation in ``draws``.
 
@@ -120,11 +126,19 @@ class TrajectorySampler:
         resolved = resolve_settings(settings=settings, estimator="trajectories", **uncertainty)
         samples, draws, centre = resolved.samples, resolved.draws, resolved.centre
         check_draws(draws, samples, self.posterior)
+        blocked = self._control_blocked(centre, guidance)
+        if resolved.control_variate and blocked:
+            raise ValueError(f"control_variate=True: {blocked}")
         with tqdm(desc="trajectories", disable=not progress, unit="step") as bar:
             run = self.stock_run(
                 batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance, scheduler_kwargs,
-                set_timesteps_kwargs, bar,
+                set_timesteps_kwargs, bar, features=resolved.control_variate is not False and not blocked,
             )
+            if resolved.control_variate and run.features is None:
+                raise ValueError(
+                    f"control_variate=True needs a scheduler described by single-output affine steps (DDIM, DDPM, "
+                    f"Euler, Euler-A, flow matching), got {type(self.scheduler).__name__}"
+                )
             x_unit, batch, loop, draw_device, stochastic = run.x_unit, run.batch, run.loop, run.draw_device, run.stochastic
             images = run.images
             streams, with_draws, per_stream = _stream_layout(samples, resolved.noise_samples, stochastic, draws, centre)
@@ -148,17 +162,45 @@ class TrajectorySampler:
         draws_final = draws_final.reshape(with_draws, per_stream, batch, *shape)
         maps = torch.stack([finals[(j, None)] for j in range(streams)]) if stochastic else images[None]
         moments = trajectory_moments(draws_final, maps, draws, centre)
+        epistemic = moments.epistemic
+        if run.features is not None:
+            epistemic = self._controlled_epistemic(run.features.total, draws_final, maps, deviations)
         return run.output(
-            resolved, streams, moments.variance, moments.mean, moments.aleatoric, guidance,
-            draws=TrajectoryDraws(draws_final, maps, deviations) if return_draws else None, chunks=loop.chunks,
+            resolved, streams, epistemic + moments.aleatoric, moments.mean, moments.aleatoric, guidance,
+            draws=TrajectoryDraws(draws_final, maps, deviations) if return_draws else None,
+            record={"control_variate_used": run.features is not None}, chunks=loop.chunks,
         )
+
+    def _control_blocked(self, centre: str, guidance) -> str | None:
+        """Why the feedback-free control variate cannot serve this run (None: it can)."""
+        if centre != "map":
+            return "it corrects the spread around the MAP trajectory (centre='map')"
+        if guidance is not None:
+            return "it is not implemented with classifier-free guidance"
+        if getattr(self.posterior, "layout", None) is not None:
+            return "it is not implemented for a patch transformer's unpatchified head"
+        if not hasattr(self.posterior, "sample_from_normal"):
+            return "it needs draws centred on the head's weights (a Laplace posterior)"
+        return None
+
+    def _controlled_epistemic(self, phi_tilde, draws_final, maps, deviations) -> torch.Tensor:
+        """:func:`controlled_spread` of the draws' squared deviations from their stream's MAP trajectory,
+        controlled by head(φ̃; Δθ) (docs/MATH.md §11.5)."""
+        spec = self.posterior.spec
+        deviation_sq = (draws_final - maps[: draws_final.shape[0], None]).to(torch.float64).square().flatten(0, 1)
+        control_sq = torch.stack(
+            [head_perturbation(spec, phi_tilde, d).square() for d in deviations.flatten(0, 1)]
+        )
+        exact = self.posterior.predict(phi_tilde)[1]
+        return controlled_spread(deviation_sq, control_sq.reshape(deviation_sq.shape), exact.reshape(deviation_sq.shape[1:]))
 
     def stock_run(
         self, batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance, scheduler_kwargs,
-        set_timesteps_kwargs, bar,
+        set_timesteps_kwargs, bar, features: bool = False,
     ) -> StockRun:
         """x_T, the stock loop (the returned image) and whether the sampler drew noise in it, with the
-        loop that runs the copies; shared by the trajectory estimators."""
+        loop that runs the copies; shared by the trajectory estimators. With ``features``, also φ̃ of
+        the stock trajectory (:mod:`~bayesdiff_ext.sampler.feedback_free`) where the scheduler allows."""
         started = time.perf_counter()
         kwargs = dict(model_kwargs or {})
         if guidance is not None:
@@ -169,11 +211,16 @@ class TrajectorySampler:
         loop.bar = bar
         before = generator_states(generator, x_unit.device)
         replay = restartable(generator, x_unit.device)
-        images = loop.run(self.scheduler, x_unit, generator, copies=1)
+        betas = feedback_free_coefficients(template, float(eta), scheduler_kwargs) if features else None
+        with contextlib.ExitStack() as stack:
+            summed = None if betas is None else stack.enter_context(accumulate_features(self.posterior.head, betas))
+            images = loop.run(self.scheduler, x_unit, generator, copies=1)
+        if summed is not None and summed.calls != len(betas):
+            summed = None  # the loop called the model otherwise than the description says
         stochastic = not all(map(torch.equal, generator_states(generator, x_unit.device), before))
         return StockRun(
             self, started, x_unit, loop, generator_device(generator, x_unit.device), images, stochastic, replay,
-            num_inference_steps, float(eta),
+            num_inference_steps, float(eta), summed,
         )
 
 
@@ -191,17 +238,18 @@ class StockRun:
     replay: Any  # generators at the stock loop's starting state (restartable)
     num_inference_steps: int
     eta: float
+    features: FeatureSum | None = None  # φ̃ of the stock trajectory, for the control variate
 
     @property
     def batch(self) -> int:
         return self.x_unit.shape[0]
 
-    def output(self, resolved, streams, variance, mean, aleatoric, guidance, draws=None, **timings) -> BayesDiffOutput:
-        """The estimate as a BayesDiffOutput with the run's settings and timings."""
+    def output(self, resolved, streams, variance, mean, aleatoric, guidance, draws=None, record=None, **timings) -> BayesDiffOutput:
+        """The estimate as a BayesDiffOutput with the run's settings (and ``record``) and ``timings``."""
         if self.x_unit.device.type == "cuda":
             torch.cuda.synchronize(self.x_unit.device)
         template, sampler = self.loop.template, self.sampler
-        record = dict(
+        settings = dict(
             resolved.describe(),
             num_inference_steps=self.num_inference_steps,
             eta=self.eta,
@@ -211,6 +259,7 @@ class StockRun:
             timesteps=template.timesteps.tolist() if template.timesteps is not None else None,
             posterior_structure=getattr(sampler.posterior, "structure", None),
             guidance=None if guidance is None else dict(scale=guidance.scale),
+            **(record or {}),
         )
         timings = dict(
             total_s=time.perf_counter() - self.started, model_forwards_per_image=self.loop.model_rows / self.batch, **timings
@@ -220,7 +269,7 @@ class StockRun:
             images=self.images,
             variance=variance.to(dtype),
             mean=mean.to(dtype),
-            settings=record,
+            settings=settings,
             timings=timings,
             aleatoric_variance=aleatoric.to(dtype),
             draws=draws,

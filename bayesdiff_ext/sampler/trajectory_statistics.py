@@ -22,6 +22,9 @@ Estimators, per pixel:
   Var_z Φ(x_T; θ_MAP, z) ≈ Var_z E_θ[x_0 | z] (equal to first order in the weight deviation);
   0 for a deterministic sampler.
 * variance = epistemic + aleatoric: both terms are ≥ 0 by construction, nothing is clamped.
+
+With a control variate (:mod:`~bayesdiff_ext.sampler.feedback_free`, around the MAP trajectory),
+the epistemic part is :func:`controlled_spread` of the squared deviations over all draws.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CENTRES", "TrajectoryMoments", "trajectory_moments"]
+__all__ = ["CENTRES", "TrajectoryMoments", "controlled_spread", "trajectory_moments"]
 
 CENTRES = ("mean", "map")
 
@@ -44,6 +47,29 @@ class TrajectoryMoments:
     @property
     def variance(self) -> torch.Tensor:
         return self.epistemic + self.aleatoric
+
+
+def controlled_spread(deviation_sq: torch.Tensor, control_sq: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """mean D² − β·(mean L² − V) per element, with β per image the least-squares slope of D² on L².
+
+    Args:
+        deviation_sq (`torch.Tensor` of shape `(M, B, ...)`): squared deviations D_m² of the draws.
+        control_sq (`torch.Tensor` of shape `(M, B, ...)`): squared control responses L_m².
+        exact (`torch.Tensor` of shape `(B, ...)`): V = E[L²], known exactly.
+
+    Returns:
+        `torch.Tensor` of shape `(B, ...)`, float64. Where the correction would leave an estimate
+        ≤ 0 (the control over-shoots), the uncorrected mean D² is kept: no estimate is clamped.
+    """
+    deviation_sq, control_sq, exact = (t.to(torch.float64) for t in (deviation_sq, control_sq, exact))
+    dims = (0, *range(2, deviation_sq.dim()))
+    centred_d = deviation_sq - deviation_sq.mean(dim=0)
+    centred_c = control_sq - control_sq.mean(dim=0)
+    slope = (centred_d * centred_c).sum(dims) / centred_c.square().sum(dims).clamp_min(torch.finfo(torch.float64).tiny)
+    slope = slope.view(-1, *([1] * (deviation_sq.dim() - 2)))
+    plain = deviation_sq.mean(dim=0)
+    corrected = plain - slope * (control_sq.mean(dim=0) - exact)
+    return torch.where(corrected > 0, corrected, plain)
 
 
 def trajectory_moments(finals: torch.Tensor, maps: torch.Tensor, draws: str, centre: str) -> TrajectoryMoments:
