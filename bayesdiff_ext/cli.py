@@ -28,7 +28,7 @@ BUILTIN_DIGITS = "builtin:digits"
 SAMPLERS = ("ddim", "ddpm", "dpm2")
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
-METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
 
 _DESCRIPTION = """\
 Per-pixel uncertainty for diffusion models (BayesDiff: a last-layer Laplace posterior on the
@@ -172,7 +172,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         default="laplace",
         help="laplace (default: the posterior as fitted), hfl (Hessian-free Laplace from a full "
         "posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
-        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble)",
+        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble), "
+        "x0-drift (how much the predicted final image still moves over the last --last-steps steps: "
+        "no posterior, no extra model calls)",
     )
     g.add_argument(
         "--passes",
@@ -188,6 +190,13 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         metavar="K",
         help="hfl: random probes per image (default 16); each costs one CG solve per uncertainty step, "
         "the estimate's error shrinks like 1/sqrt(K)",
+    )
+    g.add_argument(
+        "--last-steps",
+        type=_int_at_least(2),
+        default=5,
+        metavar="L",
+        help="x0-drift: the variance of the predicted x_0 over the last L steps (default 5)",
     )
     g.add_argument(
         "--ensemble",
@@ -460,6 +469,8 @@ def _check_run_options(args) -> tuple[Path, dict]:
     aggregation.check_aggregation(method, params)
     rule, rule_params = args.filter
     aggregation.check_filter(rule, rule_params)
+    if args.method == "x0-drift" and args.last_steps > args.steps:
+        raise ValueError(f"--last-steps {args.last_steps} compares more steps than the run has (--steps {args.steps})")
     if rule == "top_k" and rule_params["k"] > args.num_images:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
@@ -501,12 +512,18 @@ def _sample_and_write(
         passes=args.passes,
         seed=args.seed,
         probes=args.probes if args.method == "hfl" else None,
+        last_steps=args.last_steps,
     )
     generator = torch.Generator("cpu").manual_seed(args.seed)
 
+    # The options the method's sample() takes; the recorded settings say what the run used.
     uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
+    recorded = uncertainty
     how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
-    if isinstance(sampler, BayesDiffSampler):
+    if args.method == "x0-drift":
+        uncertainty, recorded = {}, dict(last_steps=args.last_steps)
+        how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
+    elif isinstance(sampler, BayesDiffSampler):
         # hfl and isotropic derive their posterior from the file's (other structure, other δ)
         described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
     else:
@@ -547,7 +564,7 @@ def _sample_and_write(
         "sampler": args.sampler,
         "steps": args.steps,
         "eta": args.eta,
-        **uncertainty,
+        **recorded,
         **({"passes": args.passes} if args.method == "mc-dropout" else {}),
         **({"probes": args.probes} if args.method == "hfl" else {}),
         "seed": args.seed,
@@ -631,6 +648,8 @@ def _run_demo(args) -> int:
         members = _ensemble_members(args, root, root / "scheduler")
         unet, inputs["members"] = members[0], members[1:]
         described["ensemble"] = [str(p) for p in args.ensemble] if args.ensemble else "bundled members"
+    elif args.method == "x0-drift":
+        unet = digits.load_bundled_unet()
     else:
         unet = digits.load_bundled_unet()
         path = root / ("posterior_full.safetensors" if args.method == "hfl" else "posterior_diag.safetensors")
