@@ -148,16 +148,13 @@ class X0DriftSampler:
         eta: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
-        **ignored: Any,
     ) -> BayesDiffOutput:
         """Run the stock loop from x_T (``noise`` or drawn with ``generator``) and score the images.
 
         Returns:
             :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock loop's samples (B, C, H, W);
             ``variance`` the per-pixel variance of the last L x̂₀ predictions (float64, ≥ 0);
-            ``mean`` their mean; no sampler-noise part (``aleatoric_variance`` is 0). Options of the
-            Laplace samplers (``uq_every``, ``mc_samples``) are accepted and ignored: nothing is
-            propagated.
+            ``mean`` their mean; no sampler-noise part (``aleatoric_variance`` is 0).
         """
         from tqdm.auto import tqdm
 
