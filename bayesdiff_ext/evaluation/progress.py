@@ -56,7 +56,12 @@ class RunClock:
             f"on {what}; refined after the first batch",
             flush=True,
         )
-        self.bar = tqdm(total=round(total), unit="s", desc="generation (estimated seconds of work)", disable=not self.progress)
+        self.bar = tqdm(
+            total=round(total),
+            desc="generation",
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s of estimated work [{elapsed}<{remaining}]",
+            disable=not self.progress,
+        )
 
     def done(self, name: str, images: int, seconds: float) -> None:
         count = self.measured.setdefault(name, [0, 0.0])

@@ -302,6 +302,7 @@ def render_section(*, config, results, labels, costs, forwards, meta, figures, j
         "the real UNet.",
         f"* Kept fractions {', '.join(str(f) for f in config.fractions)}; random removal: {config.random_seeds} seeds per "
         "fraction. Cells: metric" + (" (advantage over random removal in random-subset stds, + = better)." if sigma else "."),
+        "* Generated images are clamped to [-1, 1] (as a pipeline outputs them) before features and oracles.",
         f"* Real set: {info['real_description']}. Features: "
         + "; ".join(f"{e} — {note}" + (" (primary)" if e == extractors[0] else "") for e, note in info["extractor_notes"].items())
         + f". KID (raw, not ×1000): unbiased MMD² on min(N_real, N_kept) rows; PRDC and realism: k = {config.knn_k}; "

@@ -44,13 +44,16 @@ def summed_variance(output: SourceOutput, context: Context) -> torch.Tensor:
 @dataclass(frozen=True)
 class Score:
     """A per-image score: ``reduce(output, context)`` -> (B,) from its ``source``'s output.
-    ``verdict``: judged in the conclusion (False for sanity rows such as the random score)."""
+    ``verdict``: judged in the conclusion and the goal (False for sanity rows such as the random
+    score, and for scores that read the oracle's own features); ``applies(subject)``: whether the
+    score means something on the subject (beyond its source being able to run)."""
 
     name: str
     label: Callable[[object], str]
     source: Source
     reduce: Callable[[SourceOutput, Context], torch.Tensor] = summed_variance
     verdict: bool = True
+    applies: Callable[[object], bool] = lambda subject: True
 
 
 #: Every score, in report order.
@@ -66,7 +69,7 @@ def register(score: Score) -> Score:
 
 def registered(subject) -> list[Score]:
     """The registered scores whose source can run on ``subject``."""
-    return [score for score in SCORES if score.source.available(subject)]
+    return [score for score in SCORES if score.source.available(subject) and score.applies(subject)]
 
 
 def forwards(score: Score, config) -> int:
@@ -91,9 +94,15 @@ def _aggregated(name: str, **params) -> Callable:
     return lambda output, context: aggregation.aggregate(output.variance, name, **params)
 
 
-def _entropy(output: SourceOutput, context: Context) -> torch.Tensor:
-    subject = context.subject
-    return feature_entropy(output.samples, subject.extractors[subject.primary])
+def _entropy(extractor: str | None) -> Callable:
+    """Entropy of the M final images (clamped to [-1, 1], as a pipeline outputs them) in the feature
+    space ``extractor`` (None: the subject's primary one)."""
+
+    def reduce(output: SourceOutput, context: Context) -> torch.Tensor:
+        subject = context.subject
+        return feature_entropy(output.samples.clamp(-1, 1), subject.extractors[extractor or subject.primary])
+
+    return reduce
 
 
 def _rank_mean(parts: tuple[str, ...]) -> Callable:
@@ -170,12 +179,25 @@ register(
         WEIGHT_SAMPLES,
     )
 )
+# The random conv net is no oracle's and no judged metric's feature space: entropy there is judged.
 register(
     Score(
         "weight_samples_entropy",
-        lambda c: f"weight-samples, feature-space entropy of the {c.weight_samples} images (primary features)",
+        lambda c: f"weight-samples, feature-space entropy of the {c.weight_samples} images (random-conv features)",
         WEIGHT_SAMPLES,
-        _entropy,
+        _entropy("random_conv"),
+    )
+)
+# In the primary features the entropy reads the space of the realism oracle and of FID: shown, not judged.
+register(
+    Score(
+        "weight_samples_entropy_primary",
+        lambda c: f"weight-samples, feature-space entropy of the {c.weight_samples} images (primary features: "
+        "the realism oracle's and FID's own, not judged)",
+        WEIGHT_SAMPLES,
+        _entropy(None),
+        verdict=False,
+        applies=lambda subject: subject.primary != "random_conv",
     )
 )
 register(

@@ -85,11 +85,14 @@ class SourceOutput:
 
 class Source(abc.ABC):
     """A computation that scores take their values from. ``costly``: it needs extra model calls, so
-    only the first ``costly_images`` images get it (unless ``all_images``)."""
+    only the first ``costly_images`` images get it (unless ``all_images``). ``shares_path``: in the
+    evaluation it reuses the recorded image path, so it costs there its time on its own less plain
+    sampling's."""
 
     name: str
     costly: bool = False
     all_images: bool = False
+    shares_path: bool = True
 
     def available(self, subject) -> bool:
         return True
@@ -221,6 +224,7 @@ class Repeated(Source):
     name: str
     passes: Callable[[object], int]
     costly: bool = True
+    shares_path: bool = False
 
     def available(self, subject) -> bool:
         return self.name in subject.repeated
