@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Denoiser", "model_prediction", "repeat_batch"]
+__all__ = ["Denoiser", "model_prediction", "repeat_batch", "stepped_prediction"]
 
 # Transformers whose pipelines pass ``timestep / 1000``: the model embeds σ·1000 / 1000 = σ.
 _TIMESTEP_PER_MILLE = ("FluxTransformer2DModel",)
+# Conditioning without a batch dimension (Flux's rotary position ids).
+_UNBATCHED_KWARGS = ("img_ids", "txt_ids")
 
 
 def model_prediction(out) -> torch.Tensor:
@@ -38,6 +40,29 @@ def model_prediction(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot read the prediction from a model output of type {type(out).__name__}")
+
+
+def stepped_prediction(output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The part of a model output the scheduler steps with: shaped like ``sample``.
+
+    All of it when the shapes agree; the leading C channels (dim 1) of a learned-variance output
+    with 2·C channels (DiT, PixArt, DeepFloyd IF, Kandinsky), as their pipelines split it.
+    """
+    if output.shape == sample.shape:
+        return output
+    channels = sample.shape[1] if sample.dim() > 1 else None
+    learned_variance = (
+        channels is not None
+        and output.dim() == sample.dim()
+        and output.shape[1] == 2 * channels
+        and output.shape[:1] + output.shape[2:] == sample.shape[:1] + sample.shape[2:]
+    )
+    if not learned_variance:
+        raise ValueError(
+            f"the model's output {tuple(output.shape)} is neither shaped like its sample {tuple(sample.shape)} "
+            "nor a learned-variance output with twice its channels"
+        )
+    return output[:, :channels]
 
 
 def repeat_batch(value: Any, batch: int, repeats: int) -> Any:
@@ -123,5 +148,13 @@ class Denoiser:
 
     @staticmethod
     def tile(model_kwargs: Mapping[str, Any] | None, batch: int, repeats: int) -> dict[str, Any]:
-        """Conditioning for ``repeats`` stacked copies of a batch (rows laid out copy-major)."""
-        return repeat_batch(dict(model_kwargs or {}), batch, repeats)
+        """Conditioning for ``repeats`` stacked copies of a batch (rows laid out copy-major).
+
+        Flux's position ids (``img_ids`` (N, 3), ``txt_ids``) have no batch dimension and are never
+        tiled, even when their token count happens to equal the batch.
+        """
+        kwargs = dict(model_kwargs or {})
+        return {
+            key: value if key in _UNBATCHED_KWARGS else repeat_batch(value, batch, repeats)
+            for key, value in kwargs.items()
+        }

@@ -12,20 +12,11 @@ import numpy as np
 
 from bayesdiff_ext.evaluation.config import ANALYSIS_SETTINGS, GENERATION_SETTINGS, EvaluationConfig
 from bayesdiff_ext.evaluation.generation import Generated
+from bayesdiff_ext.io.atomic import atomic_write
 
-__all__ = ["CACHE_NAME", "cached_settings", "check_settings", "load_cache", "save_cache", "write_bytes"]
+__all__ = ["CACHE_NAME", "cached_settings", "check_settings", "load_cache", "save_cache"]
 
 CACHE_NAME = "filtering_run.npz"
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a partial file, then a rename)."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def save_cache(path: Path, generated: Generated, costs: dict, meta: dict) -> None:
@@ -37,7 +28,8 @@ def save_cache(path: Path, generated: Generated, costs: dict, meta: dict) -> Non
     arrays["meta"] = np.array(json.dumps(dict(meta, costs=costs, seconds=generated.seconds)))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    write_bytes(path, buffer.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_cache(path: Path) -> tuple[Generated, dict, dict]:

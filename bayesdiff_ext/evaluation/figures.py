@@ -11,18 +11,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from bayesdiff_ext.io.atomic import atomic_write
+
 __all__ = ["extremes_figure", "filtering_curves", "sweep_figure", "timestep_figure"]
 
 DPI = 80
 
 
 def _save(fig, path: Path) -> None:
-    from bayesdiff_ext.evaluation.cache import write_bytes
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _show(ax, image: np.ndarray) -> None:

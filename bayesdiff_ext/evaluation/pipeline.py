@@ -13,7 +13,8 @@ import torch
 from bayesdiff_ext import metrics
 from bayesdiff_ext.evaluation import figures
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
-from bayesdiff_ext.evaluation.cache import CACHE_NAME, cached_settings, check_settings, load_cache, save_cache, write_bytes
+from bayesdiff_ext._version import library_versions
+from bayesdiff_ext.evaluation.cache import CACHE_NAME, cached_settings, check_settings, load_cache, save_cache
 from bayesdiff_ext.evaluation.cost import PLAIN, PLAIN_RUN, measure_costs, score_costs, seconds
 from bayesdiff_ext.evaluation.generation import Generated, batch_sources, generate, initial_noise
 from bayesdiff_ext.evaluation.oracle import classifier_confidence, knn_realism
@@ -23,6 +24,7 @@ from bayesdiff_ext.evaluation.report import ORACLE_NAMES, assemble, goal_summary
 from bayesdiff_ext.evaluation.scores import forwards, registered
 from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Context, Derived, SamplerRun
 from bayesdiff_ext.evaluation.subject import load_subject
+from bayesdiff_ext.io.atomic import atomic_write
 
 __all__ = ["run_evaluation"]
 
@@ -49,8 +51,6 @@ def _subject_info(subject, features) -> dict:
 
 
 def _generate(context, scores, started) -> tuple[Generated, dict, dict]:
-    from bayesdiff_ext.io.outputs import versions
-
     config, subject = context.config, context.subject
     sources = batch_sources(scores)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def _generate(context, scores, started) -> tuple[Generated, dict, dict]:
         generated = generate(context, scores, clock)
     meta = dict(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        versions=dict(versions(), threads=torch.get_num_threads()),
+        versions=dict(library_versions(), threads=torch.get_num_threads()),
         posteriors=context.posteriors.descriptions(),
         phases_s=dict(
             fitting=fitted - started,
@@ -164,6 +164,7 @@ def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Pat
     docs_dir = Path(config.docs_dir) if config.docs_dir is not None else out_dir
     figure_root = docs_dir / "evaluation"
     figure_dir = figure_root / subject.name
+    figure_dir.mkdir(parents=True, exist_ok=True)
 
     # Metrics and oracles see the images a pipeline outputs: clamped to the data range.
     fake = torch.from_numpy(generated.images).clamp(-1, 1)
@@ -209,11 +210,11 @@ def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Pat
         judged=judged,
     )
     summary = goal_summary(config, results, labels, meta["subject"], judged)
-    write_bytes(figure_dir / SUMMARY_NAME, json.dumps(summary, indent=1).encode())
+    atomic_write(figure_dir / SUMMARY_NAME, json.dumps(summary, indent=1))
     report_path = docs_dir / "EVALUATION.md"
     existing = report_path.read_text() if report_path.is_file() else None
     text = assemble(existing, subject.name, section, _read_summaries(figure_root))
-    write_bytes(report_path, text.encode())
+    atomic_write(report_path, text)
     out = dict(results, costs=costs, meta=meta, quality={k: v.tolist() for k, v in quality.items()})
-    write_bytes(out_dir / "results.json", json.dumps(out, indent=1, default=float).encode())
+    atomic_write(out_dir / "results.json", json.dumps(out, indent=1, default=float))
     return report_path

@@ -31,8 +31,8 @@ from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
 from bayesdiff_ext.evaluation.weight_samples import fixed_weight_samples
 from bayesdiff_ext.methods.x0_drift import drift_variance, predicted_x0
 from bayesdiff_ext.sampler import BayesDiffSampler
-from bayesdiff_ext.sampler.coefficients import step_coefficients
-from bayesdiff_ext.sampler.sampler import step_kinds
+from bayesdiff_ext.sampler.schedulers import step_coefficients
+from bayesdiff_ext.sampler.engine import step_kinds
 
 __all__ = [
     "CLOSED_FORM",

@@ -4,8 +4,12 @@ Layout: tensors ``curvature.<name>`` (float64, the structure's curvature without
 metadata entry ``bayesdiff_ext.posterior`` holding a JSON object: format version, structure,
 curvature, σ/δ/T and how they were chosen, the head (kind, shapes, geometry, ε channels), the
 fitting statistics (images, samples, timesteps per image, residual sum of squares), a SHA-256 of
-the head's MAP weights, package versions and the UTC date. Written to a temporary file in the
-target directory and moved into place with os.replace, so a reader never sees a partial file.
+the head's MAP weights, package versions and the UTC date. Written atomically
+(``bayesdiff_ext.io.atomic``), so a reader never sees a partial file.
+
+The other posteriors (``inference``) write the same layout through ``posterior_metadata`` and
+``write_posterior_file`` with their own tensor prefix and extra metadata (``inference`` names them);
+``load_posterior`` here reads Laplace files only, ``loading.load_posterior`` any of them.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from bayesdiff_ext._version import library_versions
+from bayesdiff_ext.io.atomic import atomic_write
 from bayesdiff_ext.posterior.fitting import FitStatistics
-from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head, output_channels
+from bayesdiff_ext.posterior.registry import restore_structure
+from bayesdiff_ext.posterior.structure import PosteriorStructure
 
 METADATA_KEY = "bayesdiff_ext.posterior"
 FORMAT_VERSION = 1
@@ -39,22 +46,10 @@ def head_fingerprint(head: torch.nn.Module, spec: HeadSpec) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict:
-    import bayesdiff_ext
-
-    versions = {"bayesdiff_ext": bayesdiff_ext.__version__, "torch": torch.__version__}
-    try:
-        import diffusers
-
-        versions["diffusers"] = diffusers.__version__
-    except ImportError:
-        versions["diffusers"] = None
-    return versions
-
-
-def save_posterior(post, path) -> None:
-    posterior = post._fitted()
-    meta = {
+def posterior_metadata(post) -> dict:
+    """The settings every saved posterior records (``post``: a LastLayerLaplace, or another posterior
+    with the same attributes)."""
+    return {
         "format_version": FORMAT_VERSION,
         "structure": post.structure,
         "curvature": post.curvature,
@@ -64,73 +59,101 @@ def save_posterior(post, path) -> None:
         "prior_precision_choice": post.prior_choice,
         "temperature": post.temperature,
         "head": post.spec.describe(),
+        "eps_channels": post.eps_channels,
         "head_sha256": head_fingerprint(post.head, post.spec),
         "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
-        "versions": _versions(),
+        "versions": library_versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    tensors = {
-        TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in posterior.tensors().items()
-    }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
-def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and curvature tensors of a saved posterior."""
+def write_posterior_file(path, meta: dict, tensors: dict[str, torch.Tensor], prefix: str = TENSOR_PREFIX) -> None:
+    """Write ``tensors`` (float64, names under ``prefix``) and ``meta`` atomically to ``path``."""
+    tensors = {prefix + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
+    atomic_write(path, save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
+
+
+def save_posterior(post, path) -> None:
+    """Write the fitted ``LastLayerLaplace`` ``post`` to ``path`` (its public state only)."""
+    if post.posterior is None:
+        raise RuntimeError("the posterior is not fitted yet: call fit(...), fit_features(...) or load(...)")
+    write_posterior_file(path, posterior_metadata(post), post.posterior.tensors())
+
+
+def read_posterior_file(path, prefix: str | None = TENSOR_PREFIX) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and the tensors (names under ``prefix``; none for None) of a saved posterior."""
     with safe_open(os.fspath(path), framework="pt") as f:
         header = f.metadata() or {}
         if METADATA_KEY not in header:
             raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
-        tensors = {k[len(TENSOR_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(TENSOR_PREFIX)}
+        names = [] if prefix is None else [k for k in f.keys() if k.startswith(prefix)]
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names}
     meta = json.loads(header[METADATA_KEY])
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has posterior format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return meta, tensors
 
 
-def load_posterior(cls, path, model, head):
-    from bayesdiff_ext.posterior.last_layer_laplace import STRUCTURES
-
-    meta, tensors = read_posterior_file(path)
+def matching_head(meta: dict, path, model, head) -> tuple[torch.nn.Module, HeadSpec]:
+    """``model``'s head and the saved head's spec: ValueError if the head's shape differs from the
+    saved one, a warning if only its weights differ."""
     saved = HeadSpec.from_description(meta["head"])
     target_head = locate_head(model, head)
-    current = head_spec(target_head, min(saved.eps_channels, _out_channels(target_head)))
+    current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)), saved.eps_rows)
     if current != saved:
         raise ValueError(
             f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
             f"{current.shape_text()}"
         )
-    post = cls(
-        model,
-        meta["structure"],
-        meta["curvature"],
-        head=target_head,
-        eps_channels=saved.eps_channels,
-        sigma_noise=meta["sigma_noise_choice"],
-        prior_precision=meta["prior_precision_choice"],
-        temperature=meta["temperature"],
-    )
     if head_fingerprint(target_head, saved) != meta["head_sha256"]:
         warnings.warn(
             f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
             "its curvature and hyperparameters belong to the other weights",
-            stacklevel=3,
+            stacklevel=4,
         )
-    post.posterior = STRUCTURES[meta["structure"]].from_tensors(saved, tensors)
-    post.fit_stats = None if meta["fit"] is None else FitStatistics(**meta["fit"])
-    post.sigma_noise, post.prior_precision = meta["sigma_noise"], meta["prior_precision"]
-    return post
+    return target_head, saved
 
 
-def _out_channels(head: torch.nn.Module) -> int:
-    return head.out_channels if isinstance(head, torch.nn.Conv2d) else head.out_features
+@dataclasses.dataclass(frozen=True)
+class SavedPosterior:
+    """A saved posterior, restored onto the head of the model it is loaded for."""
+
+    head: torch.nn.Module
+    spec: HeadSpec
+    eps_channels: int  # the model's output channels that are ε (for a patch transformer ≠ spec's rows)
+    structure: str
+    curvature: str
+    posterior: PosteriorStructure
+    fit_stats: FitStatistics | None
+    sigma_noise: float
+    prior_precision: float
+    sigma_choice: str | float
+    prior_choice: str | float
+    temperature: float
+
+
+def load_posterior(path, model, head=None) -> SavedPosterior:
+    """Read a saved Laplace posterior for ``model``'s head: ValueError if the file holds another kind of
+    posterior or the head's shape differs from the saved one, a warning if only its weights differ."""
+    meta, tensors = read_posterior_file(path)
+    inference = meta.get("inference", "laplace")
+    if inference != "laplace":
+        raise ValueError(
+            f"{path} holds a {inference!r} posterior, not a Laplace one; load it with "
+            "bayesdiff_ext.posterior.load_posterior(path, model)"
+        )
+    target_head, saved = matching_head(meta, path, model, head)
+    return SavedPosterior(
+        head=target_head,
+        spec=saved,
+        eps_channels=meta.get("eps_channels", saved.eps_channels),
+        structure=meta["structure"],
+        curvature=meta["curvature"],
+        posterior=restore_structure(meta["structure"], saved, tensors),
+        fit_stats=None if meta["fit"] is None else FitStatistics(**meta["fit"]),
+        sigma_noise=meta["sigma_noise"],
+        prior_precision=meta["prior_precision"],
+        sigma_choice=meta["sigma_noise_choice"],
+        prior_choice=meta["prior_precision_choice"],
+        temperature=meta["temperature"],
+    )
