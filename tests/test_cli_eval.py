@@ -124,7 +124,8 @@ def test_every_help_shows_every_options_default():
     for name, sub in _subparsers(parser).items():
         formatter = sub._get_formatter()
         for action in sub._actions:
-            if not action.option_strings or action.required or action.default in (False, argparse.SUPPRESS):
+            flag = action.nargs == 0  # --debug, --no-bootstrap: their help says what they switch
+            if not action.option_strings or action.required or flag or action.default is argparse.SUPPRESS:
                 continue
             shown = formatter._expand_help(action) if action.help else ""
             assert "default" in shown, (name, action.option_strings, shown)

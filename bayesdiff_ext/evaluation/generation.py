@@ -16,10 +16,10 @@ import torch
 
 from bayesdiff_ext.evaluation.posteriors import DEFAULT
 from bayesdiff_ext.evaluation.progress import RunClock
-from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Derived, SamplerRun, SourceOutput
+from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Derived, SamplerRun, SourceOutput, batch_sources, rows_of
 from bayesdiff_ext.evaluation.sweep import hyperparameter_sweep
 
-__all__ = ["Generated", "batch_sources", "generate", "initial_noise", "rows_of"]
+__all__ = ["Generated", "generate", "initial_noise"]
 
 
 @dataclass
@@ -36,22 +36,6 @@ class Generated:
 def initial_noise(config, shape) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed)
     return torch.randn((config.num_images, *shape), generator=generator)
-
-
-def batch_sources(scores) -> list:
-    """The distinct per-batch sources of ``scores``, the recording run first."""
-    sources = [RECORDING]
-    for score in scores:
-        if not isinstance(score.source, Derived) and score.source not in sources:
-            sources.append(score.source)
-    return sources
-
-
-def rows_of(source, config, start: int, stop: int) -> slice:
-    """The rows of the batch [start, stop) that ``source`` scores."""
-    if source.costly and not source.all_images:
-        return slice(0, max(0, min(stop, config.costly_count) - start))
-    return slice(0, stop - start)
 
 
 def generate(context, scores, clock: RunClock) -> Generated:

@@ -16,13 +16,13 @@ from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
 from bayesdiff_ext._version import library_versions
 from bayesdiff_ext.evaluation.cache import CACHE_NAME, cached_settings, check_settings, load_cache, save_cache
 from bayesdiff_ext.evaluation.cost import PLAIN, PLAIN_RUN, measure_costs, score_costs, seconds
-from bayesdiff_ext.evaluation.generation import Generated, batch_sources, generate, initial_noise
+from bayesdiff_ext.evaluation.generation import Generated, generate, initial_noise
 from bayesdiff_ext.evaluation.oracle import classifier_confidence, knn_realism
 from bayesdiff_ext.evaluation.posteriors import Posteriors
 from bayesdiff_ext.evaluation.progress import RunClock, planned_images
 from bayesdiff_ext.evaluation.report import ORACLE_NAMES, assemble, goal_summary, render_section, table_metrics
 from bayesdiff_ext.evaluation.scores import forwards, registered
-from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Context, Derived, SamplerRun
+from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Context, Derived, SamplerRun, batch_sources
 from bayesdiff_ext.evaluation.subject import load_subject
 from bayesdiff_ext.io.atomic import atomic_write
 

@@ -8,13 +8,13 @@ from datetime import datetime, timedelta
 
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.evaluation.sources import rows_of
+
 __all__ = ["RunClock", "planned_images"]
 
 
 def planned_images(sources, config) -> dict[str, int]:
     """How many images each source will score over the whole run."""
-    from bayesdiff_ext.evaluation.generation import rows_of
-
     planned = {}
     for source in sources:
         planned[source.name] = sum(

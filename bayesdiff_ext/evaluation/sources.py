@@ -46,6 +46,8 @@ __all__ = [
     "SourceOutput",
     "WeightSamples",
     "X0Drift",
+    "batch_sources",
+    "rows_of",
 ]
 
 #: Closed-form head variance at every step, no covariance: no UNet calls beyond the image path.
@@ -252,3 +254,19 @@ class Derived(Source):
 
     def run(self, context: Context, batch: Batch) -> SourceOutput:
         raise TypeError("a derived score is combined after generation, not run per batch")
+
+
+def batch_sources(scores) -> list:
+    """The distinct per-batch sources of ``scores``, the recording run first."""
+    sources = [RECORDING]
+    for score in scores:
+        if not isinstance(score.source, Derived) and score.source not in sources:
+            sources.append(score.source)
+    return sources
+
+
+def rows_of(source, config, start: int, stop: int) -> slice:
+    """The rows of the batch [start, stop) that ``source`` scores."""
+    if source.costly and not source.all_images:
+        return slice(0, max(0, min(stop, config.costly_count) - start))
+    return slice(0, stop - start)
