@@ -137,3 +137,27 @@ def test_unknown_aggregation_lists_only_the_names_the_command_takes(tmp_path, ca
     code, _, err = run(["demo", "--aggregation", "median", "--out", tmp_path / "x"], capsys)
     assert_one_line_error(code, err, "unknown aggregation 'median'; valid: sum, mean, max, percentile, patch_max")
     assert "masked_mean" not in err
+
+
+def test_a_new_method_is_one_registered_score_and_a_cached_run_gains_it(evaluated, monkeypatch):
+    from bayesdiff_ext import LastLayerLaplace
+    from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
+    from bayesdiff_ext.evaluation.cache import cached_settings
+    from bayesdiff_ext.evaluation.posteriors import PosteriorSpec
+    from bayesdiff_ext.evaluation.scores import SCORES, Score
+    from bayesdiff_ext.evaluation.sources import CLOSED_FORM, SamplerRun
+
+    out, code, _, err = evaluated
+    assert code == 0, err
+    strong_prior = PosteriorSpec(
+        "strong_prior",
+        lambda p: LastLayerLaplace(p.subject.unet, "diag", prior_precision=1e4).fit_features(p.features()),
+    )
+    score = Score("strong_prior", lambda c: "diag, δ = 1e4, closed form", SamplerRun("strong_closed", strong_prior, lambda c: CLOSED_FORM))
+    monkeypatch.setattr("bayesdiff_ext.evaluation.scores.SCORES", [*SCORES, score])
+    config = EvaluationConfig(**cached_settings(out), out_dir=out, progress=False)
+    run_evaluation(config, reuse=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["strong_prior"]["n"] == 24
+    assert "strong_closed" in results["meta"]["supplemented"]
+    assert "diag, δ = 1e4, closed form" in (out / "EVALUATION.md").read_text()
