@@ -273,3 +273,22 @@ def test_detection_statistics_are_sklearns_auroc_and_scipys_spearman():
     bad[np.argsort(quality, kind="stable")[:30]] = True
     assert found["auroc"] == pytest.approx(roc_auc_score(bad, scores), abs=1e-12)
     assert found["spearman"] == pytest.approx(spearmanr(scores, -quality).statistic, abs=1e-12)
+
+
+def test_a_monte_carlo_run_repeats_exactly_and_depends_on_the_batchs_place(tiny):
+    from types import SimpleNamespace
+
+    from bayesdiff_ext.evaluation.posteriors import DEFAULT
+    from bayesdiff_ext.evaluation.sources import SamplerRun
+
+    unet, scheduler, posterior = tiny
+    context = Context(
+        SimpleNamespace(unet=unet, scheduler=scheduler),
+        EvaluationConfig(steps=4, drift_last_steps=2, progress=False),
+        SimpleNamespace(get=lambda spec: posterior),
+    )
+    run = SamplerRun("mc", DEFAULT, lambda c: dict(mc_samples=3, uq_every=2, covariance="mc"))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    first, again = (run.run(context, Batch(noise, start=10)).variance for _ in range(2))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, run.run(context, Batch(noise, start=12)).variance)

@@ -62,12 +62,14 @@ def generate(context, scores, clock: RunClock) -> Generated:
         stop = min(start + config.batch_size, n)
         x_t, first = noise[start:stop], start == 0
         clock.say(f"batch {start // config.batch_size + 1}/{-(-n // config.batch_size)}: images {start}..{stop - 1}")
-        recorded, calls = timed(RECORDING.name, stop - start, lambda: RECORDING.record(context, x_t, trace=first))
+        recorded, calls = timed(
+            RECORDING.name, stop - start, lambda: RECORDING.record(context, x_t, trace=first, start=start)
+        )
         outputs = {RECORDING.name: SourceOutput(recorded.variance, trace=recorded.trace)}
         for source in sources[1:]:
             rows = rows_of(source, config, start, stop)
             if rows.stop > 0:
-                batch = Batch(x_t[rows], calls, rows, recorded.images[rows], trace=first)
+                batch = Batch(x_t[rows], calls, rows, recorded.images[rows], trace=first, start=start)
                 outputs[source.name] = timed(source.name, rows.stop, lambda: source.run(context, batch))
         for name, output in outputs.items():
             if name in maps:

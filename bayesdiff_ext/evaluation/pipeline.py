@@ -102,7 +102,7 @@ def _supplement(context, scores, generated: Generated, source_costs: dict, meta:
         started = time.perf_counter()
         rows = config.num_images if source.all_images or not source.costly else config.costly_count
         outputs = [
-            source.run(context, Batch(noise[i : min(i + config.batch_size, rows)]))
+            source.run(context, Batch(noise[i : min(i + config.batch_size, rows)], start=i))
             for i in range(0, rows, config.batch_size)
         ]
         for score in missing:

@@ -66,13 +66,15 @@ class Context:
 @dataclass
 class Batch:
     """What a source sees of a batch: x_T of the rows it scores, and the recording run's calls
-    (``calls`` None: the source runs on its own, e.g. to be timed)."""
+    (``calls`` None: the source runs on its own, e.g. to be timed); ``start`` the index of its first
+    image in the run (it seeds the batch's Monte Carlo draws, so a run repeats exactly)."""
 
     noise: torch.Tensor
     calls: list | None = None
     rows: slice = field(default_factory=lambda: slice(None))
     reference: torch.Tensor | None = None
     trace: bool = False
+    start: int = 0
 
 
 @dataclass
@@ -129,19 +131,22 @@ class SamplerRun(Source):
         return BayesDiffSampler(unet, context.subject.scheduler, context.posteriors.get(self.posterior))
 
     def sample(self, context: Context, unet, batch: Batch):
+        # DDIM η = 0 draws no step noise: the generator seeds the Monte Carlo stream only.
+        generator = torch.Generator().manual_seed(context.config.seed * 1_000_003 + batch.start)
         return self.sampler(context, unet).sample(
             noise=batch.noise,
             num_inference_steps=context.config.steps,
+            generator=generator,
             return_trace=batch.trace and self.traced,
             progress=False,
             **self.options(context.config),
         )
 
-    def record(self, context: Context, noise: torch.Tensor, trace: bool = False):
+    def record(self, context: Context, noise: torch.Tensor, trace: bool = False, start: int = 0):
         """Sample ``noise`` with the real UNet, recording its calls: (output, calls)."""
         posterior = context.posteriors.get(self.posterior)
         recorder = RecordingUNet(context.subject.unet, posterior.head)
-        out = self.sample(context, recorder, Batch(noise, trace=trace))
+        out = self.sample(context, recorder, Batch(noise, trace=trace, start=start))
         return out, recorder.calls
 
     def run(self, context: Context, batch: Batch) -> SourceOutput:
