@@ -479,6 +479,7 @@ _EVAL_OPTIONS = {
         "the model: builtin:digits or builtin:photos (bundled), or a local diffusers model folder (an "
         "unconditional UNet2DModel pipeline folder with unet/ and scheduler/)",
     ),
+    "scheduler": ("--scheduler", str, "DIR", "the scheduler folder of a bare UNet folder (scheduler_config.json)"),
     "data": ("--data", str, "DIR|FILE", "a model folder's real images: a folder of PNG/JPG or a .npy/.pt tensor"),
     "features": (
         "--features",

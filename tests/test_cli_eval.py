@@ -109,7 +109,10 @@ def test_eval_refuses_a_folder_without_data_and_data_for_a_bundled_model(folder,
     code, _, err = run(["eval", "--model", folder / "model", "--out", tmp_path / "a"], capsys)
     assert_one_line_error(code, err, "pass data (its real images) as well")
     code, _, err = run(["eval", "--data", folder / "data.pt", "--out", tmp_path / "b"], capsys)
-    assert_one_line_error(code, err, "builtin:digits brings its own data")
+    assert_one_line_error(code, err, "builtin:digits brings its own scheduler, data")
+    bare = ["eval", "--model", folder / "model" / "unet", "--data", folder / "data.pt", "--out", tmp_path / "c"]
+    code, _, err = run(bare, capsys)
+    assert_one_line_error(code, err, "name its scheduler folder with --scheduler DIR")
 
 
 def _subparsers(parser):

@@ -14,6 +14,7 @@ BUILTIN_MODELS = ("builtin:digits", "builtin:photos")
 #: cache, and refuses a call that asks for other values (naming the setting).
 GENERATION_SETTINGS = (
     "model",
+    "scheduler",
     "data",
     "features",
     "posterior",
@@ -45,8 +46,8 @@ class EvaluationConfig:
     """What to generate and how to compare (defaults: the documented run, docs/MATH.md §3).
 
     * ``model``: ``builtin:digits`` or ``builtin:photos`` (the bundled models), or a local diffusers
-      model folder (an unconditional UNet2DModel pipeline, or a UNet folder with ``scheduler/``);
-      ``data`` its real images (a folder of PNG/JPG, or a .npy/.pt tensor; the bundled models bring
+      model folder (an unconditional UNet2DModel pipeline folder, or a bare UNet folder with
+      ``scheduler`` its scheduler folder); ``data`` its real images (a folder of PNG/JPG, or a .npy/.pt tensor; the bundled models bring
       theirs); ``features`` the feature space of FID/KID/PRDC and of the k-NN realism oracle:
       ``random_conv``, or a TorchScript file mapping images at model scale (N, C, H, W) to (N, d)
       (None: the bundled classifier's embedding for a bundled model, ``random_conv`` otherwise);
@@ -70,6 +71,7 @@ class EvaluationConfig:
 
     out_dir: Path = Path("eval-out")
     model: str = "builtin:digits"
+    scheduler: str | None = None
     data: str | None = None
     features: str | None = None
     classifier: str | None = None
@@ -106,7 +108,7 @@ class EvaluationConfig:
         self.fractions = tuple(float(f) for f in self.fractions)
         self.sweep_sigmas = tuple(float(s) for s in self.sweep_sigmas)
         self.sweep_priors = tuple(float(p) for p in self.sweep_priors)
-        for name in ("model", "data", "features", "classifier", "posterior"):
+        for name in ("model", "scheduler", "data", "features", "classifier", "posterior"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))

@@ -144,7 +144,7 @@ def _folder(config) -> Subject:
     from bayesdiff_ext.io.inputs import load_images, load_model
     from bayesdiff_ext.metrics import load_feature_module
 
-    unet, scheduler = load_model(config.model)
+    unet, scheduler = load_model(config.model, config.scheduler)
     channels, size = unet.config.in_channels, unet.config.sample_size
     if not isinstance(size, int):
         if len(set(size)) != 1:
@@ -179,10 +179,10 @@ def load_subject(config) -> Subject:
     """The :class:`Subject` that ``config.model`` (and ``data``, ``features``, ``classifier``,
     ``posterior``) name."""
     if config.builtin is not None:
-        if config.data is not None or config.features is not None or config.classifier is not None:
+        if any(getattr(config, name) is not None for name in ("scheduler", "data", "features", "classifier")):
             raise ValueError(
-                f"{config.model} brings its own data, feature space and classifier; data, features and "
-                "classifier are for a model folder"
+                f"{config.model} brings its own scheduler, data, feature space and classifier; scheduler, data, "
+                "features and classifier are for a model folder"
             )
         return _bundled(config.builtin, config.posterior)
     return _folder(config)
