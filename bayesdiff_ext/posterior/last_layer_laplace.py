@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior import hyperparameters as hp
 from bayesdiff_ext.posterior.capture import capture_head_input, capture_token_grid
 from bayesdiff_ext.posterior.diag import DiagCurvature
@@ -166,6 +167,79 @@ class LastLayerLaplace:
         if self.sigma_noise is None:
             raise RuntimeError("the posterior is not fitted yet: call fit(...) or load(...)")
         return 1.0 / (self.sigma_noise**2 * self.temperature)
+
+    # ------------------------------------------------------------------ following the model
+    def for_model(self, model: nn.Module) -> LastLayerLaplace:
+        r"""
+        This posterior on `model`'s head: itself when its head is a module of `model`, otherwise a copy on the
+        module of `model` at the head's path (e.g. `conv_out`), for a `copy.deepcopy` of the model or a copy
+        moved to another device or dtype. The samplers call it, so a posterior follows its model's copies.
+
+        Args:
+            model (`torch.nn.Module`):
+                The model to predict for.
+
+        Returns:
+            `LastLayerLaplace`: `self`, or a copy sharing the fitted state, its curvature on the head's device.
+
+        Raises:
+            `ValueError`: `model` has no module of the head's kind at its path, of its shape, with its weights (up
+            to the cast to the copy's dtype); the message says what to do. `RuntimeError`: not fitted.
+        """
+        self._fitted()
+        if any(m is self.head for m in model.modules()):
+            return self
+        path = next(name for name, m in self.model.named_modules() if m is self.head)
+        where = f"`{path}`" if path else "the model itself"
+        try:
+            head = model.get_submodule(path)
+        except AttributeError:
+            head = None
+        remedy = "fit a posterior for this model, or load a saved one onto it with LastLayerLaplace.load(file, model)"
+        if type(head) is not type(self.head):
+            raise ValueError(
+                f"the posterior's head is {where} ({type(self.head).__name__}) of another model, and this "
+                f"{type(model).__name__} has no {type(self.head).__name__} there: {remedy}"
+            )
+        moved = copy.copy(self)
+        moved.model = model
+        moved.head, moved.spec, moved.layout = describe_head(model, head, self.eps_channels)
+        if moved.spec != self.spec:
+            raise ValueError(
+                f"the posterior is for the head {self.spec.shape_text()}, but {where} of this {type(model).__name__} "
+                f"is {moved.spec.shape_text()}: {remedy}"
+            )
+        if not all(_same_weights(mine, theirs) for mine, theirs in zip(self.head.parameters(), head.parameters())):
+            raise ValueError(
+                f"{where} of this {type(model).__name__} has other weights than the head the posterior was fitted "
+                f"at (a copy cast to another dtype or device is fine; a changed one is not): {remedy} (it warns)"
+            )
+        moved.posterior = self.posterior.to(head.weight.device)
+        return moved
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LastLayerLaplace:
+        r"""
+        Move the curvature to `device` and prepare the prediction for a head input φ of `dtype` there (in place,
+        like `nn.Module.to`). The curvature stays float64 and the variances are computed in float32 for 16- and
+        32-bit φ, float64 for float64 φ (`numerics.accumulation_dtype`); the model is not moved.
+
+        Args:
+            device (`torch.device` or `str`, *optional*):
+                Where the model runs; defaults to the head's device.
+            dtype (`torch.dtype`, *optional*):
+                The model's floating-point dtype; defaults to the head's.
+
+        Returns:
+            `LastLayerLaplace`: this posterior.
+        """
+        device = torch.device(device) if device is not None else self.head.weight.device
+        dtype = dtype if dtype is not None else self.head.weight.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        posterior = self._fitted().to(device)
+        posterior.prepared_inputs(self.precision_scale, self.prior_precision, device, accumulation_dtype(dtype))
+        self.posterior = posterior
+        return self
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -499,6 +573,11 @@ class LastLayerLaplace:
             else "not fitted"
         )
         return f"LastLayerLaplace({self.structure}/{self.curvature}, head={self.spec.shape_text()}, {state})"
+
+
+def _same_weights(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal after casting ours to their dtype and device (what `model.to(...)` of a copy does)."""
+    return mine.shape == theirs.shape and torch.equal(mine.detach().to(theirs), theirs.detach())
 
 
 @contextlib.contextmanager
