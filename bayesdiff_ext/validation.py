@@ -201,15 +201,19 @@ def check_images(
     _check_layout(name, images, shape, exact_size=True)
     check_finite(name, images)
     if check_range:
-        low, high = float(images.min()), float(images.max())
-        if low >= 0 and high > 0:
-            scale = "[0, 255]" if high > 1 else "[0, 1]"
-            fix = "images / 127.5 - 1" if high > 1 else "images * 2 - 1"
-            raise ValueError(
-                f"{name} range over [{low:.3g}, {high:.3g}], never below 0: that looks like {scale} image data, "
-                f"but the model takes x_0 at model scale, centred ([-1, 1] for a pixel model): pass {fix}"
-            )
+        _check_centred(name, images)
     return images
+
+
+def _check_centred(name: str, data: torch.Tensor) -> None:
+    """ValueError for data that never goes below 0 but above: [0, 1] or [0, 255] images."""
+    low, high = float(data.min()), float(data.max())
+    if low >= 0 and high > 0:
+        scale, fix = ("[0, 255]", "x / 127.5 - 1") if high > 1 else ("[0, 1]", "x * 2 - 1")
+        raise ValueError(
+            f"{name} range over [{low:.3g}, {high:.3g}], never below 0: that looks like {scale} image data, but "
+            f"the model takes x_0 at model scale, centred ([-1, 1] for a pixel model): pass {fix}"
+        )
 
 
 def check_noise(noise: Any, shape: SampleShape, *, name: str = "noise") -> torch.Tensor:
@@ -232,11 +236,12 @@ def pixels_to_model_scale(images: torch.Tensor, *, name: str = "images") -> torc
     """Images as users load them, at a pixel model's scale [-1, 1], float32.
 
     The rule: integer images (uint8, or any integer dtype holding 0..255) map by x / 127.5 − 1
-    (0 → −1, 255 → 1); floating-point images must already be in [-1, 1] (up to 1e-3, then clamped).
+    (0 → −1, 255 → 1); floating-point images must already be in [-1, 1] (up to 1e-3, then clamped)
+    and go below 0 somewhere (floats in [0, 1] are refused, as by :func:`check_images`).
 
     Raises:
         `TypeError`: a bool or complex tensor.
-        `ValueError`: integers outside 0..255, NaN/Inf, or floats outside [-1, 1].
+        `ValueError`: integers outside 0..255, NaN/Inf, floats outside [-1, 1] or never below 0.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
@@ -257,6 +262,7 @@ def pixels_to_model_scale(images: torch.Tensor, *, name: str = "images") -> torc
             f"floating-point {name} range over [{low:.3g}, {high:.3g}]; they must be at model scale [-1, 1] "
             "(or give uint8 0..255)"
         )
+    _check_centred(name, data)
     return data.clamp_(-1.0, 1.0)
 
 

@@ -18,10 +18,10 @@ import os
 import warnings
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from bayesdiff_ext._version import library_versions
+from bayesdiff_ext._version import __version__, library_versions
 from bayesdiff_ext.io.atomic import atomic_write
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head, output_channels
@@ -69,16 +69,39 @@ def save_posterior(post, path) -> None:
 
 
 def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and curvature tensors of a saved posterior."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if METADATA_KEY not in header:
-            raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
-        tensors = {k[len(TENSOR_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(TENSOR_PREFIX)}
-    meta = json.loads(header[METADATA_KEY])
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has posterior format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    """The metadata and curvature tensors of a saved posterior; one clear error for a file that is
+    missing, truncated, of another kind, or of another format version. Nothing is unpickled."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"posterior file {path} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"posterior file {path} is a folder; give the .safetensors file")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if METADATA_KEY not in header:
+                raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
+            tensors = {k[len(TENSOR_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(TENSOR_PREFIX)}
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a posterior file: safetensors cannot read it ({err}); it is truncated or of another format"
+        ) from None
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is a damaged posterior file: its metadata is not JSON ({err})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has posterior format version {version}, but this bayesdiff_ext ({__version__}) reads version "
+            f"{FORMAT_VERSION}: load it with the bayesdiff_ext that wrote it ({_writer(meta)}), or refit"
+        )
     return meta, tensors
+
+
+def _writer(meta) -> str:
+    versions = meta.get("versions") if isinstance(meta, dict) else None
+    writer = versions.get("bayesdiff_ext") if isinstance(versions, dict) else None
+    return f"version {writer}" if writer else "version unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +126,13 @@ def load_posterior(path, model, head=None) -> SavedPosterior:
     """Read a saved posterior for ``model``'s head: ValueError if the head's shape differs from the
     saved one, a warning if only its weights differ."""
     meta, tensors = read_posterior_file(path)
+    try:
+        return _restore(path, meta, tensors, model, head)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is a damaged posterior file: {type(err).__name__} {err} in its contents") from None
+
+
+def _restore(path, meta: dict, tensors: dict[str, torch.Tensor], model, head) -> SavedPosterior:
     saved = HeadSpec.from_description(meta["head"])
     target_head = locate_head(model, head)
     current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)), saved.eps_rows)
