@@ -87,8 +87,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -539,6 +539,7 @@ def _sample_and_write(
     device = _device(args.device)
     scheduler, scheduler_changes = _scheduler_for(args, base_scheduler)
     check_supported(scheduler, args.eta)
+    scheduler.set_timesteps(args.steps)  # refuses more steps than the model was trained with, before any work
     unet.to(device)
     members = [member.to(device) for member in method_inputs.get("members", ())]
     sampler = methods.sampler_for(
