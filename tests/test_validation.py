@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace, digits, validation
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.posterior import LastLayerVI
 from bayesdiff_ext.posterior.serialization import METADATA_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,11 +176,19 @@ def test_a_copy_in_another_dtype_samples(unet, scheduler, posterior):
     assert torch.allclose(out.variance.sum(), reference.variance.sum(), rtol=0.2)
 
 
+def test_a_vi_posterior_follows_a_copy_too(unet, scheduler, images):
+    vi = LastLayerVI(unet, steps=4, samples=1).fit(images, scheduler, progress=False)
+    twin = copy.deepcopy(unet)
+    assert BayesDiffSampler(twin, _ddim(scheduler), vi).posterior.head is twin.conv_out
+    original, copied = _run(unet, scheduler, vi), _run(twin, scheduler, vi)
+    assert torch.equal(original.images, copied.images) and torch.equal(original.variance, copied.variance)
+
+
 def test_a_changed_copy_or_another_model_is_refused_in_one_line(unet, scheduler, posterior):
     tuned = copy.deepcopy(unet)
     with torch.no_grad():
         tuned.conv_out.weight.mul_(1.01)
-    with pytest.raises(ValueError, match="`conv_out` of this UNet2DModel has other weights .*LastLayerLaplace.load"):
+    with pytest.raises(ValueError, match="`conv_out` of this UNet2DModel has other weights .*load_posterior\\(file, model\\)"):
         BayesDiffSampler(tuned, _ddim(scheduler), posterior)
     with pytest.raises(ValueError, match=r"posterior is for the head Conv2d\(32->1.* is Conv2d\(8->3"):
         BayesDiffSampler(tiny_unet(), _ddim(scheduler), posterior)

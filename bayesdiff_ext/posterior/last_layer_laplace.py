@@ -16,7 +16,7 @@ from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import eps_parameters
+from bayesdiff_ext.posterior.heads import eps_parameters, head_of_copy
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
@@ -186,35 +186,13 @@ class LastLayerLaplace:
             `ValueError`: `model` has no module of the head's kind at its path, of its shape, with its weights (up
             to the cast to the copy's dtype); the message says what to do. `RuntimeError`: not fitted.
         """
-        self._fitted()
-        if any(m is self.head for m in model.modules()):
+        posterior = self._fitted()
+        head = head_of_copy(model, self.model, self.head, self.spec)
+        if head is self.head:
             return self
-        path = next(name for name, m in self.model.named_modules() if m is self.head)
-        where = f"`{path}`" if path else "the model itself"
-        try:
-            head = model.get_submodule(path)
-        except AttributeError:
-            head = None
-        remedy = "fit a posterior for this model, or load a saved one onto it with LastLayerLaplace.load(file, model)"
-        if type(head) is not type(self.head):
-            raise ValueError(
-                f"the posterior's head is {where} ({type(self.head).__name__}) of another model, and this "
-                f"{type(model).__name__} has no {type(self.head).__name__} there: {remedy}"
-            )
         moved = copy.copy(self)
-        moved.model = model
-        moved.head, moved.spec, moved.layout = describe_head(model, head, self.eps_channels)
-        if moved.spec != self.spec:
-            raise ValueError(
-                f"the posterior is for the head {self.spec.shape_text()}, but {where} of this {type(model).__name__} "
-                f"is {moved.spec.shape_text()}: {remedy}"
-            )
-        if not all(_same_weights(mine, theirs) for mine, theirs in zip(self.head.parameters(), head.parameters())):
-            raise ValueError(
-                f"{where} of this {type(model).__name__} has other weights than the head the posterior was fitted "
-                f"at (a copy cast to another dtype or device is fine; a changed one is not): {remedy} (it warns)"
-            )
-        moved.posterior = self.posterior.to(head.weight.device)
+        moved.model, moved.head = model, head
+        moved.posterior = posterior.to(head.weight.device)
         return moved
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LastLayerLaplace:
@@ -573,11 +551,6 @@ class LastLayerLaplace:
             else "not fitted"
         )
         return f"LastLayerLaplace({self.structure}/{self.curvature}, head={self.spec.shape_text()}, {state})"
-
-
-def _same_weights(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
-    """Equal after casting ours to their dtype and device (what `model.to(...)` of a copy does)."""
-    return mine.shape == theirs.shape and torch.equal(mine.detach().to(theirs), theirs.detach())
 
 
 @contextlib.contextmanager
