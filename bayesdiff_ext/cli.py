@@ -36,7 +36,15 @@ SAMPLERS = {
 }
 
 #: Errors that mean bad input (exit status 2); any other error is a failure while running (1).
-BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+BAD_INPUT = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
 METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")

@@ -120,15 +120,15 @@ class SampleShape:
 def sample_shape(model: torch.nn.Module) -> SampleShape:
     """The :class:`SampleShape` of a diffusers UNet or transformer (an empty one for other modules)."""
     config = getattr(model, "config", None)
-    get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
-    channels, size = get("in_channels"), get("sample_size")
+    config = config if isinstance(config, Mapping) else {}  # diffusers' FrozenDict is a Mapping
+    channels, size = config.get("in_channels"), config.get("sample_size")
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
-    if get("patch_size"):
-        multiple = int(get("patch_size"))
+    if config.get("patch_size"):
+        multiple = int(config["patch_size"])
     elif type(model).__name__ == "UNet2DModel":
         # every down block but the last halves H and W, and the up path must meet the skips again
-        multiple = 2 ** (len(get("down_block_types")) - 1)
+        multiple = 2 ** (len(config["down_block_types"]) - 1)
     else:
         multiple = 1  # UNet2DConditionModel pads its up path itself
     return SampleShape(channels, size, multiple)
@@ -161,7 +161,9 @@ def _check_layout(name: str, tensor: torch.Tensor, shape: SampleShape, *, exact_
     full = shape.full
     if full is None:
         if shape.channels is not None and tensor.dim() == 4 and tensor.shape[1] != shape.channels:
-            raise ValueError(f"{name} must have {shape.channels} channels (dim 1), got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must have {shape.channels} channels (dim 1), got shape {tuple(tensor.shape)}"
+            )
         return
     layout = f"(B, {full[0]}, H, W)"
     if tensor.dim() != 4 or tensor.shape[1] != full[0]:
@@ -211,8 +213,8 @@ def _check_centred(name: str, data: torch.Tensor) -> None:
     if low >= 0 and high > 0:
         scale, fix = ("[0, 255]", "x / 127.5 - 1") if high > 1 else ("[0, 1]", "x * 2 - 1")
         raise ValueError(
-            f"{name} range over [{low:.3g}, {high:.3g}], never below 0: that looks like {scale} image data, but "
-            f"the model takes x_0 at model scale, centred ([-1, 1] for a pixel model): pass {fix}"
+            f"{name} range over [{low:.3g}, {high:.3g}], never below 0: that looks like {scale} image data, "
+            f"but the model takes x_0 at model scale, centred ([-1, 1] for a pixel model): pass {fix}"
         )
 
 

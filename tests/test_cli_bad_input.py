@@ -51,20 +51,60 @@ def _unet_weights_folder(tmp_path):
 
 
 DATA = [
-    ("floats in [0, 255]", lambda tmp: _tensor_file(tmp, torch.rand(4, 1, 8, 8) * 255), r"range over \[.*, 25.\]; they must be at model scale \[-1, 1\]"),
-    ("floats in [0, 1]", lambda tmp: _tensor_file(tmp, torch.rand(4, 1, 8, 8)), r"never below 0: that looks like \[0, 1\] image data"),
-    ("a NaN pixel", lambda tmp: _tensor_file(tmp, torch.zeros(4, 1, 8, 8).index_fill_(0, torch.tensor([2]), float("nan"))), "must be finite, but holds 64 NaN/Inf"),
-    ("integers beyond 255", lambda tmp: _tensor_file(tmp, torch.arange(256).reshape(4, 1, 8, 8) + 44), r"range over \[44, 299\]; expected 0..255"),
-    ("3 channels for a 1-channel model", lambda tmp: _tensor_file(tmp, torch.zeros(4, 3, 8, 8)), r"the model needs \(N, 1, 8, 8\)"),
-    ("16x16 for an 8x8 model", lambda tmp: _tensor_file(tmp, torch.zeros(4, 1, 16, 16)), r"have shape \(4, 1, 16, 16\); the model needs \(N, 1, 8, 8\)"),
-    ("no images", lambda tmp: _tensor_file(tmp, torch.zeros(0, 1, 8, 8)), "with N >= 1"),
-    ("a pickled object", lambda tmp: _tensor_file(tmp, _RunsCodeWhenUnpickled(tmp / MARKER)), "cannot read .* as a plain tensor file"),
-    ("an object .npy", lambda tmp: _tensor_file(tmp, np.array([{"a": 1}], dtype=object), "data.npy"), "Object arrays cannot be loaded when allow_pickle=False"),
-    ("a dict of tensors", lambda tmp: _tensor_file(tmp, {"images": torch.zeros(4, 1, 8, 8)}), "holds a dict, expected a single tensor"),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.rand(4, 1, 8, 8) * 255),
+        r"range over \[.*, 25.\]; they must be at model scale \[-1, 1\]",
+        id="floats in [0, 255]",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.rand(4, 1, 8, 8)),
+        r"never below 0: that looks like \[0, 1\] image data",
+        id="floats in [0, 1]",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.zeros(4, 1, 8, 8).index_fill_(0, torch.tensor([2]), float("nan"))),
+        "must be finite, but holds 64 NaN/Inf",
+        id="a NaN pixel",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.arange(256).reshape(4, 1, 8, 8) + 44),
+        r"range over \[44, 299\]; expected 0..255",
+        id="integers beyond 255",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.zeros(4, 3, 8, 8)),
+        r"the model needs \(N, 1, 8, 8\)",
+        id="3 channels for a 1-channel model",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.zeros(4, 1, 16, 16)),
+        r"have shape \(4, 1, 16, 16\); the model needs \(N, 1, 8, 8\)",
+        id="16x16 for an 8x8 model",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, torch.zeros(0, 1, 8, 8)),
+        "with N >= 1",
+        id="no images",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, _RunsCodeWhenUnpickled(tmp / MARKER)),
+        "cannot read .* as a plain tensor file",
+        id="a pickled object",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, np.array([{"a": 1}], dtype=object), "data.npy"),
+        "Object arrays cannot be loaded when allow_pickle=False",
+        id="an object .npy",
+    ),
+    pytest.param(
+        lambda tmp: _tensor_file(tmp, {"images": torch.zeros(4, 1, 8, 8)}),
+        "holds a dict, expected a single tensor",
+        id="a dict of tensors",
+    ),
 ]
 
 
-@pytest.mark.parametrize("make, pattern", [case[1:] for case in DATA], ids=[case[0] for case in DATA])
+@pytest.mark.parametrize("make, pattern", DATA)
 def test_fit_refuses_bad_data(tiny, tmp_path, capsys, make, pattern):
     out = tmp_path / "p.safetensors"
     argv = ["fit", "--model", tiny / "model", "--data", make(tmp_path), "--out", out, "--no-progress"]
@@ -80,15 +120,16 @@ def test_fit_refuses_bad_data(tiny, tmp_path, capsys, make, pattern):
 )
 def test_fit_refuses_bad_options(tiny, tmp_path, capsys, options, fragment):
     out = tmp_path / "p.safetensors"
-    argv = ["fit", "--model", tiny / "model", "--data", tiny / "data.pt", "--out", out, "--no-progress", *options]
-    code, _, err = run(argv, capsys)
+    argv = ["fit", "--model", tiny / "model", "--data", tiny / "data.pt", "--out", out, "--no-progress"]
+    code, _, err = run([*argv, *options], capsys)
     assert_one_line_error(code, err, fragment)
     assert not out.exists()
 
 
 def test_a_model_folder_without_weights(tmp_path, capsys):
     out = tmp_path / "p.safetensors"
-    code, _, err = run(["fit", "--model", _unet_weights_folder(tmp_path), "--data", tmp_path, "--out", out], capsys)
+    argv = ["fit", "--model", _unet_weights_folder(tmp_path), "--data", tmp_path, "--out", out]
+    code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, "has a config.json but no weights (diffusion_pytorch_model.safetensors)")
 
 
@@ -108,20 +149,44 @@ def _cut(tiny, tmp_path):
 
 
 POSTERIORS = [
-    ("missing", lambda tiny, tmp: tmp / "nope.safetensors", "does not exist (make one with `bayesdiff fit`)"),
-    ("a folder", lambda tiny, tmp: tmp, "is a folder; give the .safetensors file"),
-    ("truncated", _cut, "is not a posterior file: safetensors cannot read it"),
-    ("model weights", lambda tiny, tmp: tiny / "model" / "unet" / "diffusion_pytorch_model.safetensors", "is not a saved bayesdiff_ext posterior"),
-    ("a newer format", lambda tiny, tmp: _posterior_with(tiny, tmp, lambda m: m.update(format_version=7)), "has posterior format version 7, but this bayesdiff_ext"),
-    ("damaged metadata", lambda tiny, tmp: _posterior_with(tiny, tmp, lambda m: m.pop("structure")), "is a damaged posterior file: KeyError 'structure'"),
+    pytest.param(
+        lambda tiny, tmp: tmp / "nope.safetensors",
+        "does not exist (make one with `bayesdiff fit`)",
+        id="missing",
+    ),
+    pytest.param(
+        lambda tiny, tmp: tmp,
+        "is a folder; give the .safetensors file",
+        id="a folder",
+    ),
+    pytest.param(
+        _cut,
+        "is not a posterior file: safetensors cannot read it",
+        id="truncated",
+    ),
+    pytest.param(
+        lambda tiny, tmp: tiny / "model" / "unet" / "diffusion_pytorch_model.safetensors",
+        "is not a saved bayesdiff_ext posterior",
+        id="model weights",
+    ),
+    pytest.param(
+        lambda tiny, tmp: _posterior_with(tiny, tmp, lambda m: m.update(format_version=7)),
+        "has posterior format version 7, but this bayesdiff_ext",
+        id="a newer format",
+    ),
+    pytest.param(
+        lambda tiny, tmp: _posterior_with(tiny, tmp, lambda m: m.pop("structure")),
+        "is a damaged posterior file: KeyError 'structure'",
+        id="damaged metadata",
+    ),
 ]
 
 
-@pytest.mark.parametrize("make, fragment", [case[1:] for case in POSTERIORS], ids=[case[0] for case in POSTERIORS])
+@pytest.mark.parametrize("make, fragment", POSTERIORS)
 def test_sample_refuses_bad_posterior_files(tiny, tmp_path, capsys, make, fragment):
     out = tmp_path / "out"
-    argv = ["sample", "--model", tiny / "model", "--posterior", make(tiny, tmp_path), "--out", out, *FAST_SAMPLING]
-    code, _, err = run(argv, capsys)
+    argv = ["sample", "--model", tiny / "model", "--posterior", make(tiny, tmp_path), "--out", out]
+    code, _, err = run([*argv, *FAST_SAMPLING], capsys)
     assert_one_line_error(code, err, fragment)
     assert not out.exists()
 
@@ -160,7 +225,8 @@ def test_a_clipping_scheduler_is_refused_or_changed_with_the_flag(tiny, tmp_path
     assert code == 0, err
     said = [line for line in err.splitlines() if "the model's scheduler changed" in line]
     assert said == [
-        "the model's scheduler changed: DDPMScheduler -> DDIMScheduler (--sampler ddim; its noise schedule is kept); "
+        "the model's scheduler changed: DDPMScheduler -> DDIMScheduler (--sampler ddim; its noise schedule is "
+        "kept); "
         "clip_sample True -> False (--no-clipping)"
     ]
     summary = check_run_folder(tmp_path / "run", 2)
@@ -172,8 +238,9 @@ def test_a_clipping_scheduler_is_refused_or_changed_with_the_flag(tiny, tmp_path
 
 
 def test_an_unchanged_scheduler_is_not_reported(tiny, tmp_path, capsys):
-    argv = ["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors", "--num-images", "2"]
-    code, _, err = run([*argv, "--sampler", "ddpm", "--out", tmp_path / "run", *FAST_SAMPLING], capsys)
+    argv = ["sample", "--model", tiny / "model", "--posterior", tiny / "posterior.safetensors"]
+    options = ["--num-images", "2", "--sampler", "ddpm", "--out", tmp_path / "run", *FAST_SAMPLING]
+    code, _, err = run([*argv, *options], capsys)
     assert code == 0 and "scheduler changed" not in err, err
     assert check_run_folder(tmp_path / "run", 2)["settings"]["scheduler_changes"] == {}
 
@@ -185,7 +252,8 @@ def test_uint8_data_is_converted_by_the_stated_rule(tiny, tmp_path, capsys):
     saved = {}
     for name in ("uint8", "scaled"):
         out = tmp_path / f"{name}.safetensors"
-        argv = ["fit", "--model", tiny / "model", "--data", tmp_path / f"{name}.pt", "--out", out, "--no-progress"]
+        data = tmp_path / f"{name}.pt"
+        argv = ["fit", "--model", tiny / "model", "--data", data, "--out", out, "--no-progress"]
         code, _, err = run(argv, capsys)
         assert code == 0, err
         with safe_open(str(out), framework="pt") as f:

@@ -57,24 +57,85 @@ def _with_one(images, value):
     return bad
 
 
-# (case, what the user does: f(unet, scheduler, posterior, images), exception type, message pattern)
+# what the user fits on, made from 8 digits: f(images); the exception type; the message pattern
 FIT = [
-    ("nan pixel", lambda im: _with_one(im, float("nan")), ValueError, r"images must be finite, but holds 1 NaN/Inf value\(s\), the first nan at index \(3, 0, 5, 7\)"),
-    ("inf pixel", lambda im: _with_one(im, float("inf")), ValueError, r"holds 1 NaN/Inf value\(s\), the first inf"),
-    ("uint8 0..255", lambda im: ((im + 1) * 127.5).round().to(torch.uint8), TypeError, r"floating-point tensor, got dtype torch.uint8; convert uint8 0..255 images with bayesdiff_ext.validation.pixels_to_model_scale"),
-    ("int64 0..255", lambda im: ((im + 1) * 127.5).round().long(), TypeError, "got dtype torch.int64"),
-    ("floats in [0, 255]", lambda im: (im + 1) * 127.5, ValueError, r"range over \[0, 255\], never below 0: that looks like \[0, 255\] image data.*x / 127.5 - 1"),
-    ("floats in [0, 1]", lambda im: (im + 1) / 2, ValueError, r"looks like \[0, 1\] image data.*x \* 2 - 1"),
-    ("3 channels for a 1-channel model", lambda im: im.repeat(1, 3, 1, 1), ValueError, r"images must have shape \(B, 1, H, W\) for this model, got \(8, 3, 16, 16\)"),
-    ("32x32 for a 16x16 model", lambda im: torch.nn.functional.interpolate(im, size=32), ValueError, "images are 32x32 but the model takes 16x16 samples"),
-    ("no channel dimension", lambda im: im[:, 0], ValueError, r"must have shape \(B, 1, H, W\)"),
-    ("empty", lambda im: im[:0], ValueError, "`images` is empty"),
-    ("a list", lambda im: im.tolist(), TypeError, "must be a tensor, a Dataset or a DataLoader"),
-    ("a loader of uint8", lambda im: DataLoader(TensorDataset(((im + 1) * 127.5).to(torch.uint8)), batch_size=4), TypeError, "got dtype torch.uint8"),
+    pytest.param(
+        lambda im: _with_one(im, float("nan")),
+        ValueError,
+        r"images must be finite, but holds 1 NaN/Inf value\(s\), the first nan at index \(3, 0, 5, 7\)",
+        id="nan pixel",
+    ),
+    pytest.param(
+        lambda im: _with_one(im, float("inf")),
+        ValueError,
+        r"holds 1 NaN/Inf value\(s\), the first inf",
+        id="inf pixel",
+    ),
+    pytest.param(
+        lambda im: ((im + 1) * 127.5).round().to(torch.uint8),
+        TypeError,
+        r"floating-point tensor, got dtype torch.uint8; convert uint8 0..255 images with "
+        r"bayesdiff_ext.validation.pixels_to_model_scale",
+        id="uint8 0..255",
+    ),
+    pytest.param(
+        lambda im: ((im + 1) * 127.5).round().long(),
+        TypeError,
+        "got dtype torch.int64",
+        id="int64 0..255",
+    ),
+    pytest.param(
+        lambda im: (im + 1) * 127.5,
+        ValueError,
+        r"range over \[0, 255\], never below 0: that looks like \[0, 255\] image data.*x / 127.5 - 1",
+        id="floats in [0, 255]",
+    ),
+    pytest.param(
+        lambda im: (im + 1) / 2,
+        ValueError,
+        r"looks like \[0, 1\] image data.*x \* 2 - 1",
+        id="floats in [0, 1]",
+    ),
+    pytest.param(
+        lambda im: im.repeat(1, 3, 1, 1),
+        ValueError,
+        r"images must have shape \(B, 1, H, W\) for this model, got \(8, 3, 16, 16\)",
+        id="3 channels for a 1-channel model",
+    ),
+    pytest.param(
+        lambda im: torch.nn.functional.interpolate(im, size=32),
+        ValueError,
+        "images are 32x32 but the model takes 16x16 samples",
+        id="32x32 for a 16x16 model",
+    ),
+    pytest.param(
+        lambda im: im[:, 0],
+        ValueError,
+        r"must have shape \(B, 1, H, W\)",
+        id="no channel dimension",
+    ),
+    pytest.param(
+        lambda im: im[:0],
+        ValueError,
+        "`images` is empty",
+        id="empty",
+    ),
+    pytest.param(
+        lambda im: im.tolist(),
+        TypeError,
+        "must be a tensor, a Dataset or a DataLoader",
+        id="a list",
+    ),
+    pytest.param(
+        lambda im: DataLoader(TensorDataset(((im + 1) * 127.5).to(torch.uint8)), batch_size=4),
+        TypeError,
+        "got dtype torch.uint8",
+        id="a loader of uint8",
+    ),
 ]
 
 
-@pytest.mark.parametrize("make, error, pattern", [case[1:] for case in FIT], ids=[case[0] for case in FIT])
+@pytest.mark.parametrize("make, error, pattern", FIT)
 def test_bad_fitting_images(unet, scheduler, images, make, error, pattern):
     with pytest.raises(error, match=pattern):
         LastLayerLaplace(unet).fit(make(images), scheduler, progress=False)
@@ -104,31 +165,136 @@ def test_a_nan_model_output_is_named_as_such(scheduler, images):
 
 NOISE = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 SAMPLE = [
-    ("num_inference_steps=0", dict(batch_size=2, num_inference_steps=0), ValueError, "num_inference_steps must be an integer >= 1, got 0"),
-    ("num_inference_steps=-1", dict(batch_size=2, num_inference_steps=-1), ValueError, "num_inference_steps must be an integer >= 1"),
-    ("num_inference_steps=2.5", dict(batch_size=2, num_inference_steps=2.5), TypeError, "num_inference_steps must be an integer"),
-    ("batch_size=0", dict(batch_size=0), ValueError, "batch_size must be an integer >= 1, got 0"),
-    ("batch_size=-1", dict(batch_size=-1), ValueError, "batch_size must be an integer >= 1"),
-    ("batch_size=True", dict(batch_size=True), TypeError, "batch_size must be an integer"),
-    ("NaN noise", dict(noise=torch.full((2, 1, 16, 16), float("nan"))), ValueError, "noise must be finite, but holds 512 NaN/Inf"),
-    ("one Inf in the noise", dict(noise=_with_one(NOISE.repeat(2, 1, 1, 1), float("-inf"))), ValueError, r"the first -inf at index \(3, 0, 5, 7\)"),
-    ("integer noise", dict(noise=torch.ones(2, 1, 16, 16, dtype=torch.long)), TypeError, "noise must be a floating-point tensor"),
-    ("noise as a list", dict(noise=[[0.0]]), TypeError, "noise must be a torch.Tensor, got list"),
-    ("3-channel noise", dict(noise=torch.randn(2, 3, 16, 16)), ValueError, r"noise must have shape \(B, 1, H, W\) for this model, got \(2, 3, 16, 16\)"),
-    ("noise without a batch", dict(noise=torch.randn(1, 16, 16)), ValueError, r"noise must have shape \(B, 1, H, W\)"),
-    ("noise of 15x15", dict(noise=torch.randn(2, 1, 15, 15)), ValueError, "this model takes multiples of 4"),
-    ("empty noise", dict(noise=torch.randn(0, 1, 16, 16)), ValueError, "noise must be a non-empty batch"),
-    ("mc_samples=-1", dict(batch_size=2, mc_samples=-1), ValueError, "mc_samples must be an integer >= 0"),
-    ("mc_samples=2.0", dict(batch_size=2, mc_samples=2.0), TypeError, "mc_samples must be an integer"),
-    ("uq_every=0", dict(batch_size=2, uq_every=0), ValueError, "uq_every must be an integer >= 1"),
-    ("eta=nan", dict(batch_size=2, eta=float("nan")), ValueError, "eta must be a finite number"),
-    ("eta=-1", dict(batch_size=2, eta=-1.0), ValueError, "eta must be >= 0"),
-    ("eta='big'", dict(batch_size=2, eta="big"), TypeError, "eta must be a number"),
-    ("more steps than trained", dict(batch_size=2, num_inference_steps=5000), ValueError, "cannot be larger than"),
+    pytest.param(
+        dict(batch_size=2, num_inference_steps=0),
+        ValueError,
+        "num_inference_steps must be an integer >= 1, got 0",
+        id="num_inference_steps=0",
+    ),
+    pytest.param(
+        dict(batch_size=2, num_inference_steps=-1),
+        ValueError,
+        "num_inference_steps must be an integer >= 1",
+        id="num_inference_steps=-1",
+    ),
+    pytest.param(
+        dict(batch_size=2, num_inference_steps=2.5),
+        TypeError,
+        "num_inference_steps must be an integer",
+        id="num_inference_steps=2.5",
+    ),
+    pytest.param(
+        dict(batch_size=0),
+        ValueError,
+        "batch_size must be an integer >= 1, got 0",
+        id="batch_size=0",
+    ),
+    pytest.param(
+        dict(batch_size=-1),
+        ValueError,
+        "batch_size must be an integer >= 1",
+        id="batch_size=-1",
+    ),
+    pytest.param(
+        dict(batch_size=True),
+        TypeError,
+        "batch_size must be an integer",
+        id="batch_size=True",
+    ),
+    pytest.param(
+        dict(noise=torch.full((2, 1, 16, 16), float("nan"))),
+        ValueError,
+        "noise must be finite, but holds 512 NaN/Inf",
+        id="NaN noise",
+    ),
+    pytest.param(
+        dict(noise=_with_one(NOISE.repeat(2, 1, 1, 1), float("-inf"))),
+        ValueError,
+        r"the first -inf at index \(3, 0, 5, 7\)",
+        id="one Inf in the noise",
+    ),
+    pytest.param(
+        dict(noise=torch.ones(2, 1, 16, 16, dtype=torch.long)),
+        TypeError,
+        "noise must be a floating-point tensor",
+        id="integer noise",
+    ),
+    pytest.param(
+        dict(noise=[[0.0]]),
+        TypeError,
+        "noise must be a torch.Tensor, got list",
+        id="noise as a list",
+    ),
+    pytest.param(
+        dict(noise=torch.randn(2, 3, 16, 16)),
+        ValueError,
+        r"noise must have shape \(B, 1, H, W\) for this model, got \(2, 3, 16, 16\)",
+        id="3-channel noise",
+    ),
+    pytest.param(
+        dict(noise=torch.randn(1, 16, 16)),
+        ValueError,
+        r"noise must have shape \(B, 1, H, W\)",
+        id="noise without a batch",
+    ),
+    pytest.param(
+        dict(noise=torch.randn(2, 1, 15, 15)),
+        ValueError,
+        "this model takes multiples of 4",
+        id="noise of 15x15",
+    ),
+    pytest.param(
+        dict(noise=torch.randn(0, 1, 16, 16)),
+        ValueError,
+        "noise must be a non-empty batch",
+        id="empty noise",
+    ),
+    pytest.param(
+        dict(batch_size=2, mc_samples=-1),
+        ValueError,
+        "mc_samples must be an integer >= 0",
+        id="mc_samples=-1",
+    ),
+    pytest.param(
+        dict(batch_size=2, mc_samples=2.0),
+        TypeError,
+        "mc_samples must be an integer",
+        id="mc_samples=2.0",
+    ),
+    pytest.param(
+        dict(batch_size=2, uq_every=0),
+        ValueError,
+        "uq_every must be an integer >= 1",
+        id="uq_every=0",
+    ),
+    pytest.param(
+        dict(batch_size=2, eta=float("nan")),
+        ValueError,
+        "eta must be a finite number",
+        id="eta=nan",
+    ),
+    pytest.param(
+        dict(batch_size=2, eta=-1.0),
+        ValueError,
+        "eta must be >= 0",
+        id="eta=-1",
+    ),
+    pytest.param(
+        dict(batch_size=2, eta="big"),
+        TypeError,
+        "eta must be a number",
+        id="eta='big'",
+    ),
+    pytest.param(
+        dict(batch_size=2, num_inference_steps=5000),
+        ValueError,
+        "cannot be larger than",
+        id="more steps than trained",
+    ),
 ]
 
 
-@pytest.mark.parametrize("options, error, pattern", [case[1:] for case in SAMPLE], ids=[case[0] for case in SAMPLE])
+@pytest.mark.parametrize("options, error, pattern", SAMPLE)
 def test_bad_sampling_arguments(unet, scheduler, posterior, options, error, pattern):
     sampler = BayesDiffSampler(unet, _ddim(scheduler), posterior)
     with pytest.raises(error, match=pattern):
@@ -137,7 +303,10 @@ def test_bad_sampling_arguments(unet, scheduler, posterior, options, error, patt
 
 @pytest.mark.parametrize(
     "scale, error, pattern",
-    [(float("nan"), ValueError, "guidance scale must be a finite number"), (float("inf"), ValueError, "finite")],
+    [
+        (float("nan"), ValueError, "guidance scale must be a finite number"),
+        (float("inf"), ValueError, "guidance scale must be a finite number"),
+    ],
 )
 def test_bad_guidance_scale(scale, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -147,7 +316,8 @@ def test_bad_guidance_scale(scale, error, pattern):
 @pytest.mark.parametrize("setting", ["clip_sample", "thresholding"])
 def test_a_nonlinear_scheduler_is_refused_naming_the_setting(unet, scheduler, posterior, setting):
     stock = DDPMScheduler.from_config(scheduler.config, **{setting: True})
-    with pytest.raises(ValueError, match=f"has {setting}=True, which .* moment recurrence needs affine steps; pass {setting}=False"):
+    pattern = f"has {setting}=True, which .* moment recurrence needs affine steps; pass {setting}=False"
+    with pytest.raises(ValueError, match=pattern):
         BayesDiffSampler(unet, stock, posterior)
 
 
@@ -156,7 +326,12 @@ def test_a_nonlinear_scheduler_is_refused_naming_the_setting(unet, scheduler, po
 # ------------------------------------------------------------------------------------------------
 def _run(model, scheduler, posterior):
     return BayesDiffSampler(model, _ddim(scheduler), posterior).sample(
-        noise=NOISE, num_inference_steps=STEPS, uq_every=2, mc_samples=3, progress=False, generator=torch.Generator().manual_seed(1)
+        noise=NOISE,
+        num_inference_steps=STEPS,
+        uq_every=2,
+        mc_samples=3,
+        progress=False,
+        generator=torch.Generator().manual_seed(1),
     )
 
 
@@ -188,7 +363,8 @@ def test_a_changed_copy_or_another_model_is_refused_in_one_line(unet, scheduler,
     tuned = copy.deepcopy(unet)
     with torch.no_grad():
         tuned.conv_out.weight.mul_(1.01)
-    with pytest.raises(ValueError, match="`conv_out` of this UNet2DModel has other weights .*load_posterior\\(file, model\\)"):
+    pattern = r"`conv_out` of this UNet2DModel has other weights .*load_posterior\(file, model\)"
+    with pytest.raises(ValueError, match=pattern):
         BayesDiffSampler(tuned, _ddim(scheduler), posterior)
     with pytest.raises(ValueError, match=r"posterior is for the head Conv2d\(32->1.* is Conv2d\(8->3"):
         BayesDiffSampler(tiny_unet(), _ddim(scheduler), posterior)
@@ -234,18 +410,59 @@ def _foreign(tmp_path):
 
 
 FILES = [
-    ("missing", lambda tmp: tmp / "nope.safetensors", FileNotFoundError, "posterior file .* does not exist"),
-    ("a folder", lambda tmp: tmp, IsADirectoryError, "is a folder; give the .safetensors file"),
-    ("truncated", _truncated, ValueError, "is not a posterior file: safetensors cannot read it .* truncated or of another format"),
-    ("foreign bytes", _foreign, ValueError, "is not a posterior file"),
-    ("model weights, not a posterior", lambda tmp: digits.bundled_dir() / "unet" / "diffusion_pytorch_model.safetensors", ValueError, "is not a saved bayesdiff_ext posterior"),
-    ("a newer format version", lambda tmp: _rewrite_metadata(tmp, lambda m: m.update(format_version=2)), ValueError, r"has posterior format version 2, but this bayesdiff_ext \(.*\) reads version 1: load it with the bayesdiff_ext that wrote it \(version .*\), or refit"),
-    ("metadata without the head", lambda tmp: _rewrite_metadata(tmp, lambda m: m.pop("head")), ValueError, "is a damaged posterior file: KeyError 'head'"),
-    ("another head shape", lambda tmp: _rewrite_metadata(tmp, lambda m: m["head"].update(in_channels=16)), ValueError, r"was fitted for the head Conv2d\(16->1"),
+    pytest.param(
+        lambda tmp: tmp / "nope.safetensors",
+        FileNotFoundError,
+        "posterior file .* does not exist",
+        id="missing",
+    ),
+    pytest.param(
+        lambda tmp: tmp,
+        IsADirectoryError,
+        "is a folder; give the .safetensors file",
+        id="a folder",
+    ),
+    pytest.param(
+        _truncated,
+        ValueError,
+        "is not a posterior file: safetensors cannot read it .* truncated or of another format",
+        id="truncated",
+    ),
+    pytest.param(
+        _foreign,
+        ValueError,
+        "is not a posterior file",
+        id="foreign bytes",
+    ),
+    pytest.param(
+        lambda tmp: digits.bundled_dir() / "unet" / "diffusion_pytorch_model.safetensors",
+        ValueError,
+        "is not a saved bayesdiff_ext posterior",
+        id="model weights, not a posterior",
+    ),
+    pytest.param(
+        lambda tmp: _rewrite_metadata(tmp, lambda m: m.update(format_version=2)),
+        ValueError,
+        r"has posterior format version 2, but this bayesdiff_ext \(.*\) reads version 1: "
+        r"load it with the bayesdiff_ext that wrote it \(version .*\), or refit",
+        id="a newer format version",
+    ),
+    pytest.param(
+        lambda tmp: _rewrite_metadata(tmp, lambda m: m.pop("head")),
+        ValueError,
+        "is a damaged posterior file: KeyError 'head'",
+        id="metadata without the head",
+    ),
+    pytest.param(
+        lambda tmp: _rewrite_metadata(tmp, lambda m: m["head"].update(in_channels=16)),
+        ValueError,
+        r"was fitted for the head Conv2d\(16->1",
+        id="another head shape",
+    ),
 ]
 
 
-@pytest.mark.parametrize("make, error, pattern", [case[1:] for case in FILES], ids=[case[0] for case in FILES])
+@pytest.mark.parametrize("make, error, pattern", FILES)
 def test_bad_posterior_files(unet, tmp_path, make, error, pattern):
     with pytest.raises(error, match=pattern):
         LastLayerLaplace.load(make(tmp_path), unet)
@@ -254,14 +471,19 @@ def test_bad_posterior_files(unet, tmp_path, make, error, pattern):
 def test_no_code_path_unpickles_files():
     """Every torch.load passes weights_only=True, every numpy load allow_pickle=False; no pickle loads."""
     offenders = []
-    for path in sorted([*(ROOT / "bayesdiff_ext").rglob("*.py"), *(ROOT / "python").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+    safe = {
+        "torch.load": ("weights_only", True),
+        "np.load": ("allow_pickle", False),
+        "numpy.load": ("allow_pickle", False),
+    }
+    sources = [path for folder in ("bayesdiff_ext", "python", "tests") for path in (ROOT / folder).rglob("*.py")]
+    for path in sorted(sources):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue
             owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
             keywords = {k.arg: k.value for k in node.keywords}
             call = f"{owner}.{node.func.attr}"
-            safe = {"torch.load": ("weights_only", True), "np.load": ("allow_pickle", False), "numpy.load": ("allow_pickle", False)}
             if call in safe:
                 name, value = safe[call]
                 if not (isinstance(keywords.get(name), ast.Constant) and keywords[name].value is value):
@@ -275,9 +497,10 @@ def test_no_code_path_unpickles_files():
 # the rules themselves
 # ------------------------------------------------------------------------------------------------
 def test_pixels_to_model_scale_states_its_rule():
-    assert torch.equal(validation.pixels_to_model_scale(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
-    assert torch.equal(validation.pixels_to_model_scale(torch.tensor([0, 51, 255])), torch.tensor([-1.0, -0.6, 1.0]))
-    assert torch.equal(validation.pixels_to_model_scale(torch.tensor([-1.0005, 0.5])), torch.tensor([-1.0, 0.5]))
+    scale = validation.pixels_to_model_scale
+    assert torch.equal(scale(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
+    assert torch.equal(scale(torch.tensor([0, 51, 255])), torch.tensor([-1.0, -0.6, 1.0]))
+    assert torch.equal(scale(torch.tensor([-1.0005, 0.5])), torch.tensor([-1.0, 0.5]))
     for bad, pattern in [
         (torch.tensor([0, 256]), r"range over \[0, 256\]; expected 0..255"),
         (torch.tensor([-2.0, 0.5]), "must be at model scale"),

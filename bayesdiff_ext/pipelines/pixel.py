@@ -17,7 +17,8 @@ class _PixelPipeline(BayesDiffPipeline):
     def _run(self, batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty):
         pipe, config = self.pipe, self.pipe.unet.config
         size = config.sample_size
-        shape = (check_count("batch_size", batch_size), config.in_channels, *((size, size) if isinstance(size, int) else size))
+        batch_size = check_count("batch_size", batch_size)
+        shape = (batch_size, config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators but batch_size is {batch_size}: "

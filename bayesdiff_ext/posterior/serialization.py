@@ -125,7 +125,9 @@ def damaged_file(path):
     try:
         yield
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is a damaged posterior file: {type(err).__name__} {err} in its contents") from None
+        raise ValueError(
+            f"{path} is a damaged posterior file: {type(err).__name__} {err} in its contents"
+        ) from None
 
 
 def matching_head(meta: dict, path, model, head) -> tuple[torch.nn.Module, HeadSpec]:

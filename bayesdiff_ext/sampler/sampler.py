@@ -205,7 +205,9 @@ class BayesDiffSampler:
                 raise ValueError(
                     f"{type(self.model).__name__}'s config gives no sample size: pass the initial noise as noise"
                 )
-            return randn_tensor((batch_size, *shape.full), generator=generator, device=denoiser.device, dtype=denoiser.dtype)
+            return randn_tensor(
+                (batch_size, *shape.full), generator=generator, device=denoiser.device, dtype=denoiser.dtype
+            )
         check_noise(noise, shape)
         if batch_size is not None and batch_size != noise.shape[0]:
             raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
