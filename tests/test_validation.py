@@ -351,6 +351,13 @@ def test_a_copy_in_another_dtype_samples(unet, scheduler, posterior):
     assert torch.allclose(out.variance.sum(), reference.variance.sum(), rtol=0.2)
 
 
+def test_a_sampler_may_be_built_before_its_posterior_is_fitted(unet, scheduler, images):
+    posterior = LastLayerLaplace(unet)
+    sampler = BayesDiffSampler(unet, _ddim(scheduler), posterior)
+    posterior.fit(images, scheduler, progress=False)
+    assert sampler.sample(batch_size=1, num_inference_steps=2, progress=False).variance.shape == (1, 1, 16, 16)
+
+
 def test_a_vi_posterior_follows_a_copy_too(unet, scheduler, images):
     vi = LastLayerVI(unet, steps=4, samples=1).fit(images, scheduler, progress=False)
     twin = copy.deepcopy(unet)

@@ -170,10 +170,10 @@ class LastLayerPosterior(abc.ABC):
         This posterior on `model`'s head: itself, or a copy on the head of a copy of its model, as
         `LastLayerLaplace.for_model`.
         """
-        self._fitted()
         head = head_of_copy(model, self.model, self.head, self.spec)
         if head is self.head:
             return self
+        self._fitted()
         moved = copy.copy(self)
         moved.model, moved.head = model, head
         return moved

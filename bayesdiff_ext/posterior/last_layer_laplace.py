@@ -184,15 +184,15 @@ class LastLayerLaplace:
 
         Raises:
             `ValueError`: `model` has no module of the head's kind at its path, of its shape, with its weights (up
-            to the cast to the copy's dtype); the message says what to do. `RuntimeError`: not fitted.
+            to the cast to the copy's dtype); the message says what to do. `RuntimeError`: a copy is needed but
+            the posterior is not fitted.
         """
-        posterior = self._fitted()
         head = head_of_copy(model, self.model, self.head, self.spec)
         if head is self.head:
             return self
         moved = copy.copy(self)
         moved.model, moved.head = model, head
-        moved.posterior = posterior.to(head.weight.device)
+        moved.posterior = self._fitted().to(head.weight.device)
         return moved
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LastLayerLaplace:
@@ -209,6 +209,9 @@ class LastLayerLaplace:
 
         Returns:
             `LastLayerLaplace`: this posterior.
+
+        Raises:
+            `RuntimeError`: the posterior is not fitted. `TypeError`: `dtype` is not a floating-point dtype.
         """
         device = torch.device(device) if device is not None else self.head.weight.device
         dtype = dtype if dtype is not None else self.head.weight.dtype
