@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_digits import scheduler, unet
 from tiny_models import tiny_unet
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,18 +24,10 @@ from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior import LastLayerVI
 from bayesdiff_ext.posterior.serialization import METADATA_KEY
 
+__all__ = ["scheduler", "unet"]  # the bundled model's fixtures, imported for these tests
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return digits.load_bundled_unet()
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    return digits.load_bundled_scheduler()
 
 
 @pytest.fixture(scope="module")
