@@ -33,7 +33,7 @@ def save_cache(path: Path, generated: Generated, costs: dict, meta: dict) -> Non
 
 
 def load_cache(path: Path) -> tuple[Generated, dict, dict]:
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
 
         def pick(prefix):
@@ -57,7 +57,7 @@ def cached_settings(out_dir: Path) -> dict:
     path = Path(out_dir) / CACHE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--reuse: no cached run at {path}; run once without --reuse first")
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         settings = json.loads(str(data["meta"]))["config"]
     missing = [name for name in GENERATION_SETTINGS if name not in settings]
     if missing:
