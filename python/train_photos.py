@@ -17,7 +17,8 @@ Reproduce the bundled assets (from the repository root):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python python/train_photos.py --out bayesdiff_ext/assets/photos
 
-The atomic writers, the EMA update and the evaluation loss are those of ``train_digits.py``.
+The folder writer, the EMA update and the evaluation loss are those of ``train_digits.py``; every file
+is written atomically (``bayesdiff_ext.io.atomic``).
 """
 
 from __future__ import annotations
@@ -40,19 +41,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import (  # noqa: E402
-    REPO,
-    accuracy,
-    atomic_save_dir,
-    atomic_save_safetensors,
-    atomic_write_text,
-    ema_update,
-    eval_loss,
-    human_size,
-)
+from safetensors.torch import save  # noqa: E402
+from train_digits import REPO, accuracy, ema_update, eval_loss, human_size, save_folder  # noqa: E402
 
 from bayesdiff_ext import photos  # noqa: E402
 from bayesdiff_ext.digits import DigitsClassifier, load_bundled_classifier  # noqa: E402
+from bayesdiff_ext.io.atomic import atomic_write  # noqa: E402
 
 COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python python/train_photos.py "
 RESOLUTION = 16
@@ -99,9 +93,10 @@ def train_classifier(args, log) -> None:
     with torch.no_grad():
         probs = model(x_test).softmax(dim=1)
     per_photo = probs.unflatten(1, (2, -1)).sum(dim=2)
-    atomic_save_safetensors(model.state_dict(), args.out / "classifier.safetensors", metadata={"format": "pt"})
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(args.out / "classifier.safetensors", save(tensors, metadata={"format": "pt"}))
     config = dict(model.config, resolution=RESOLUTION)
-    atomic_write_text(args.out / "classifier_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write(args.out / "classifier_config.json", json.dumps(config, indent=2) + "\n")
     quantiles = probs.amax(dim=1).quantile(torch.tensor([0.1, 0.25, 0.5])).tolist()
     log["classifier"] = {
         "command": args.command,
@@ -182,8 +177,8 @@ def train_unet(args, log) -> None:
         if step % 100 == 0:
             print(f"step {step}: loss {np.mean(losses[-100:]):.4f}, {time.time() - started:.0f} s", flush=True)
     wall = time.time() - started
-    atomic_save_dir(lambda tmp: ema.save_pretrained(str(tmp), safe_serialization=True), args.out / "unet")
-    atomic_save_dir(lambda tmp: scheduler.save_pretrained(str(tmp)), args.out / "scheduler")
+    save_folder(lambda tmp: ema.save_pretrained(str(tmp), safe_serialization=True), args.out / "unet")
+    save_folder(lambda tmp: scheduler.save_pretrained(str(tmp)), args.out / "scheduler")
     data, _ = photos.load_photo_crops(resolution=RESOLUTION)
     reproduce = args.command
     if stopped_by_time:
@@ -344,7 +339,7 @@ def write_card(out: Path, log: dict) -> None:
         *files,
         "",
     ]
-    atomic_write_text(out / "MODEL_CARD.md", "\n".join(lines))
+    atomic_write(out / "MODEL_CARD.md", "\n".join(lines))
 
 
 def parse_args(argv=None):
@@ -386,7 +381,7 @@ def main(argv=None) -> None:
     train_classifier(args, log)
     train_unet(args, log)
     fit_posterior(args, log)
-    atomic_write_text(args.out / "training_log.json", json.dumps(log, indent=2) + "\n")
+    atomic_write(args.out / "training_log.json", json.dumps(log, indent=2) + "\n")
     write_card(args.out, log)
     print(f"wrote {args.out}", flush=True)
 
