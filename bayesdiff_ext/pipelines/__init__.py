@@ -10,6 +10,7 @@ from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.pipelines.callback import UncertaintyCallback
 
 # Defining the wrappers registers the stock pipelines they wrap with BayesDiffPipeline.from_pipe.
-from bayesdiff_ext.pipelines import pixel, stable_diffusion  # noqa: F401
+from bayesdiff_ext.pipelines import dit, flux, pixart, pixel, sd3, stable_diffusion  # noqa: F401
+from bayesdiff_ext.pipelines.fitting import fit_pipeline_posterior
 
-__all__ = ["BayesDiffPipeline", "UncertaintyCallback"]
+__all__ = ["BayesDiffPipeline", "UncertaintyCallback", "fit_pipeline_posterior"]

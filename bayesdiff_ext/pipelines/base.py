@@ -24,12 +24,19 @@ from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 from bayesdiff_ext.sampler.randomness import independent_generator
 
 __all__ = [
+    "OWN_LOOP",
     "BayesDiffPipeline",
     "Conditioning", "UNCERTAINTY_ARGUMENTS", "WrapperOptions", "refuse_extra_kwargs", "unit_noise"]
 
 #: The sampler's uncertainty arguments, keyword-only in every wrapper's ``__call__``; None (their
 #: default there) leaves the sampler's own default, so the defaults live in one place.
 UNCERTAINTY_ARGUMENTS = ("uq_every", "mc_samples", "covariance", "eps_variance", "skip", "clamp", "mode")
+
+#: Why a wrapper refuses ``callback_on_step_end``.
+OWN_LOOP = (
+    "the loop is the sampler's; to keep the stock loop and your callbacks, pass "
+    "bayesdiff_ext.UncertaintyCallback to the stock pipeline instead"
+)
 
 # Separates the decode draws' stream from the sampler's Monte Carlo stream seeded from the same generator.
 _DECODE_STREAM = 0x5DEECE66D

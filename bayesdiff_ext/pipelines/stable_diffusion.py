@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from bayesdiff_ext import latent
 from bayesdiff_ext.pipelines.base import (
+    OWN_LOOP,
     BayesDiffPipeline,
     Conditioning,
     WrapperOptions,
@@ -28,17 +29,13 @@ _NON_LINEAR_RESCALE = (
     "it rescales ε by its own per-image std, a non-linear map the moment recurrence does not model; "
     "pass guidance_rescale=0.0"
 )
-_OWN_LOOP = (
-    "the loop is the sampler's; to keep the stock loop and your callbacks, pass "
-    "bayesdiff_ext.UncertaintyCallback to the stock pipeline instead"
-)
 _TEXT_PIPELINE_UNSUPPORTED = {
     "timesteps": "custom timesteps are not supported; pass num_inference_steps",
     "sigmas": "custom sigmas are not supported; pass num_inference_steps",
     "guidance_rescale": _NON_LINEAR_RESCALE,
     "ip_adapter_image": "IP-Adapter inputs are not supported",
     "ip_adapter_image_embeds": "IP-Adapter inputs are not supported",
-    "callback_on_step_end": _OWN_LOOP,
+    "callback_on_step_end": OWN_LOOP,
 }
 
 
@@ -93,7 +90,8 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
     (1−s)²·V_u + s²·V_c (``'independent'``); Monte Carlo samples of z_t go through the UNet as one
     2·S·B batch. ``decode_samples`` Gaussian draws of z_0 ~ N(E[z_0], Var[z_0]) per image are decoded
     for the pixel variance. SD 1.5's default ``PNDMScheduler`` is multistep: the moment recurrence
-    refuses it (swap in ``DDIMScheduler.from_config(pipe.scheduler.config)``, or use trajectory Monte
+    refuses it (swap in
+    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)``, or use trajectory Monte
     Carlo). Not supported (ValueError): custom ``timesteps``/``sigmas``, ``guidance_rescale > 0``,
     IP-Adapter inputs, ``callback_on_step_end`` and UNets with a guidance embedding.
     """

@@ -1,0 +1,121 @@
+"""BayesDiff wrapper of PixArtSigmaPipeline: a learned-σ patch transformer with T5 captions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import PixArtSigmaPipeline
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
+    ASPECT_RATIO_256_BIN,
+    ASPECT_RATIO_512_BIN,
+    ASPECT_RATIO_1024_BIN,
+    ASPECT_RATIO_2048_BIN,
+)
+
+from bayesdiff_ext.pipelines.base import (
+    OWN_LOOP,
+    BayesDiffPipeline,
+    Conditioning,
+    WrapperOptions,
+    refuse_extra_kwargs,
+    unit_noise,
+)
+
+__all__ = ["BayesDiffPixArtSigmaPipeline"]
+
+# The stock resolution bins by the transformer's sample size.
+_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_256_BIN}
+
+
+class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline):
+    """``PixArtSigmaPipeline``'s call with the variance of z_0 and pixel maps, images bitwise the stock call's.
+
+    The T5 captions through the stock ``encode_prompt`` (with their attention masks), the stock
+    resolution binning (the images, and every pixel draw, resized back to the asked size), guidance
+    as [uncond; cond] on all 2·C output channels of which the stepped ε channels get the exact
+    variance at φ_cfg (the learned-σ rows are not the posterior's). The default
+    ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) is multistep, which the moment recurrence
+    refuses by name: swap in
+    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)``, or use trajectory
+    Monte Carlo. Not supported (ValueError): custom ``timesteps``/``sigmas``, ``callback``.
+    """
+
+    denoiser_name = "transformer"
+    unsupported = {
+        "timesteps": "custom timesteps are not supported; pass num_inference_steps",
+        "sigmas": "custom sigmas are not supported; pass num_inference_steps",
+        "callback": OWN_LOOP,
+    }
+
+    def _generate(self, call, extra, options: WrapperOptions):
+        refuse_extra_kwargs(extra)
+        pipe = self.pipe
+        sample_size = pipe.transformer.config.sample_size
+        height = call["height"] or sample_size * pipe.vae_scale_factor
+        width = call["width"] or sample_size * pipe.vae_scale_factor
+        requested = (height, width)
+        if call["use_resolution_binning"]:
+            if sample_size not in _BINS:
+                raise ValueError("Invalid sample size")
+            height, width = pipe.image_processor.classify_height_width_bin(height, width, ratios=_BINS[sample_size])
+        pipe.check_inputs(
+            call["prompt"], height, width, call["negative_prompt"], call["callback_steps"], call["prompt_embeds"],
+            call["negative_prompt_embeds"], call["prompt_attention_mask"], call["negative_prompt_attention_mask"],
+        )
+        guided = call["guidance_scale"] > 1.0
+        conditioning = self._encode(call, guided, height, width)
+        device, generator = pipe._execution_device, call["generator"]
+        noise = unit_noise(
+            pipe, (conditioning.batch, pipe.transformer.config.in_channels, height, width), conditioning.dtype,
+            device, generator, call["latents"],
+        )
+        step_eta = call["eta"] if "eta" in pipe.prepare_extra_step_kwargs(generator, call["eta"]) else 0.0
+        result = self._sample(
+            noise, call["num_inference_steps"], generator, step_eta, options, model_kwargs=conditioning.cond,
+            guidance=conditioning.guidance(call["guidance_scale"], options.guidance_variance),
+            set_timesteps_kwargs={"device": device},
+        )
+        decode = self.decoder(*requested) if call["use_resolution_binning"] else self._decode
+        if call["output_type"] == "latent":
+            image = result.images
+        else:
+            image = pipe.image_processor.postprocess(decode(result.images), output_type=call["output_type"])
+        return self._output(
+            result, image, options, generator, return_dict=call["return_dict"], stock_tuple=(image,),
+            guidance_scale=call["guidance_scale"] if guided else None, decode=decode,
+        )
+
+    def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
+        pipe = self.pipe
+        prompt_embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
+            call["prompt"],
+            guided,
+            negative_prompt=call["negative_prompt"],
+            num_images_per_prompt=call["num_images_per_prompt"],
+            device=pipe._execution_device,
+            prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"],
+            prompt_attention_mask=call["prompt_attention_mask"],
+            negative_prompt_attention_mask=call["negative_prompt_attention_mask"],
+            clean_caption=call["clean_caption"],
+            max_sequence_length=call["max_sequence_length"],
+        )
+        no_micro_conditions: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+        cond = {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": mask, "added_cond_kwargs": no_micro_conditions}
+        uncond = None
+        if guided:
+            uncond = {"encoder_hidden_states": negative_embeds, "encoder_attention_mask": negative_mask}
+        return Conditioning(cond, uncond, prompt_embeds.dtype, len(prompt_embeds))
+
+    def decoder(self, height: int | None = None, width: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The stock decode, then (resolution binning) the stock resize and crop to ``height`` × ``width``."""
+        if height is None or width is None:
+            return self._decode
+        resize = self.pipe.image_processor.resize_and_crop_tensor
+        return lambda latents: resize(self._decode(latents), width, height)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
