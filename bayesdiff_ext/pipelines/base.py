@@ -150,14 +150,9 @@ class BayesDiffPipeline:
     def __init__(self, pipe, posterior) -> None:
         if type(self) is BayesDiffPipeline:
             raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
-        denoiser = getattr(pipe, self.denoiser_name)
-        if not any(module is posterior.head for module in denoiser.modules()):
-            raise ValueError(
-                f"the posterior is not on this pipeline's {self.denoiser_name}: fit or load it with "
-                f"pipe.{self.denoiser_name}"
-            )
         self.pipe = pipe
-        self.posterior = posterior
+        # A posterior fitted on a copy of the denoiser (another device or dtype) moves onto this one.
+        self.posterior = posterior.for_model(getattr(pipe, self.denoiser_name))
 
     @classmethod
     def from_pipe(cls, pipe, posterior) -> BayesDiffPipeline:

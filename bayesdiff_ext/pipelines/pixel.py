@@ -6,6 +6,7 @@ from diffusers import DDIMPipeline, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline, WrapperOptions
+from bayesdiff_ext.validation import check_count
 
 __all__ = ["BayesDiffDDIMPipeline", "BayesDiffDDPMPipeline"]
 
@@ -17,7 +18,7 @@ class _PixelPipeline(BayesDiffPipeline):
 
     def _generate(self, call, extra, options: WrapperOptions):
         pipe, config = self.pipe, self.pipe.unet.config
-        batch_size, generator = call["batch_size"], call["generator"]
+        batch_size, generator = check_count("batch_size", call["batch_size"]), call["generator"]
         size = config.sample_size
         shape = (batch_size, config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
