@@ -59,6 +59,7 @@ class BayesDiffDiTPipeline(BayesDiffPipeline, wraps=DiTPipeline):
         uncond = {"class_labels": torch.tensor([_NULL_CLASS] * len(labels), device=device)} if guided else None
         return Conditioning({"class_labels": labels}, uncond, self.pipe.transformer.dtype, len(labels))
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         return vae.decode(1 / vae.config.scaling_factor * latents.to(vae.dtype)).sample

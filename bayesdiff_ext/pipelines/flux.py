@@ -154,6 +154,7 @@ class BayesDiffFluxPipeline(BayesDiffPipeline, wraps=FluxPipeline):
         height, width = self._size(height, width)
         pipe = self.pipe
 
+        @torch.no_grad()
         def decode(latents: torch.Tensor) -> torch.Tensor:
             unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
             return latent.decode_latents(pipe.vae, unpacked.to(pipe.vae.device))

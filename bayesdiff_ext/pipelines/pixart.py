@@ -116,6 +116,7 @@ class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline)
         resize = self.pipe.image_processor.resize_and_crop_tensor
         return lambda latents: resize(self._decode(latents), width, height)
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

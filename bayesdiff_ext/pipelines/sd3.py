@@ -109,6 +109,7 @@ class BayesDiffStableDiffusion3Pipeline(BayesDiffPipeline, wraps=StableDiffusion
         uncond = {"encoder_hidden_states": negative_prompt_embeds, "pooled_projections": negative_pooled} if guided else None
         return Conditioning(cond, uncond, prompt_embeds.dtype, len(prompt_embeds))
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latent.decode_latents(self.pipe.vae, latents)
 

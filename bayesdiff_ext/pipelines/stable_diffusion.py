@@ -144,6 +144,7 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
         uncond = {"encoder_hidden_states": negative_prompt_embeds} if guided else None
         return Conditioning(cond, uncond, prompt_embeds.dtype, len(prompt_embeds))
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latent.decode_latents(self.pipe.vae, latents)
 
@@ -255,6 +256,7 @@ class BayesDiffStableDiffusionXLPipeline(_TextToImage, wraps=StableDiffusionXLPi
         uncond_rows, cond_rows = rows.chunk(2)
         return cond_rows, uncond_rows
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The stock decode: the fp16 VAE upcast, ``latents_mean``/``latents_std`` or 1/``scaling_factor``."""
         vae = self.pipe.vae
