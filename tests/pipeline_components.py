@@ -79,7 +79,7 @@ def with_tokenizers(pipe, directory):
         if encoder is None:
             continue
         folder = directory / name
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         tokenizer = t5_tokenizer(folder) if isinstance(encoder, T5EncoderModel) else sd_tokenizer(folder)
         pipe.register_modules(**{name: tokenizer})
     return pipe

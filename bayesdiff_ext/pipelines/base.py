@@ -25,12 +25,31 @@ from bayesdiff_ext.sampler.randomness import independent_generator
 
 __all__ = [
     "OWN_LOOP",
+    "PER_IMAGE_ARGUMENTS",
+    "UNCERTAINTY_ARGUMENTS",
     "BayesDiffPipeline",
-    "Conditioning", "UNCERTAINTY_ARGUMENTS", "WrapperOptions", "refuse_extra_kwargs", "unit_noise"]
+    "Conditioning",
+    "WrapperOptions",
+    "decode_stream",
+    "per_image",
+    "refuse_extra_kwargs",
+    "unit_noise",
+]
 
 #: The sampler's uncertainty arguments, keyword-only in every wrapper's ``__call__``; None (their
 #: default there) leaves the sampler's own default, so the defaults live in one place.
 UNCERTAINTY_ARGUMENTS = ("uq_every", "mc_samples", "covariance", "eps_variance", "skip", "clamp", "mode")
+
+#: Conditioning arguments that hold one value per image (a single value is repeated for a batch).
+PER_IMAGE_ARGUMENTS = (
+    "prompt",
+    "prompt_2",
+    "prompt_3",
+    "negative_prompt",
+    "negative_prompt_2",
+    "negative_prompt_3",
+    "class_labels",
+)
 
 #: Why a wrapper refuses ``callback_on_step_end``.
 OWN_LOOP = (
@@ -229,6 +248,19 @@ class BayesDiffPipeline:
             **extra,
         )
 
+    def default_size(self) -> tuple[int, int]:
+        """The stock call's (height, width) in pixels when none is given."""
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def command_line_arguments(self) -> dict[str, Any]:
+        """Stock call arguments the command line adds so that any saved model of this pipeline runs."""
+        return {}
+
+    def _size(self, call: dict[str, Any]) -> tuple[int, int]:
+        default_height, default_width = self.default_size()
+        return call["height"] or default_height, call["width"] or default_width
+
     def decoder(self, height: int | None = None, width: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The stock decode path: model-scale latents (the pipeline's layout) → images in the VAE's output
         range, as the stock call decodes them before post-processing. ``height`` × ``width`` (pixels)
@@ -293,7 +325,7 @@ class BayesDiffPipeline:
                 result.variance,
                 samples=options.decode_samples,
                 batch_size=options.decode_batch_size,
-                generator=options.decode_generator or _decode_stream(generator, result.mean.device),
+                generator=options.decode_generator or decode_stream(generator, result.mean.device),
             )
             pixel_variance, pixel_scores = pixels.variance, pixels.scores
         if result.mean.device.type == "cuda":
@@ -340,6 +372,12 @@ def unit_noise(pipe, size, dtype, device, generator, latents) -> torch.Tensor:
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+def per_image(value, rows: int):
+    """A per-image conditioning value for ``rows`` images: a single value (a string, a class label)
+    repeated, a list or tensor of ``rows`` as it is."""
+    return [value] * rows if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+
 def refuse_extra_kwargs(extra: dict[str, Any]) -> None:
     """The stock ``**kwargs`` hold only the deprecated ``callback``/``callback_steps``: refuse those and anything else."""
     if "callback" in extra or "callback_steps" in extra:
@@ -351,8 +389,8 @@ def refuse_extra_kwargs(extra: dict[str, Any]) -> None:
         raise TypeError(f"unexpected keyword arguments: {sorted(extra)}")
 
 
-def _decode_stream(generator, device: torch.device) -> torch.Generator:
-    """A generator for the decode draws, seeded from ``generator`` without consuming it."""
+def decode_stream(generator, device: torch.device) -> torch.Generator:
+    """A generator for the decode draws, seeded from ``generator`` (or its first element) without consuming it."""
     seed = independent_generator(generator, device).initial_seed() ^ _DECODE_STREAM
     return torch.Generator(device=device).manual_seed(seed % 2**63)
 

@@ -51,6 +51,11 @@ class BayesDiffDiTPipeline(BayesDiffPipeline, wraps=DiTPipeline):
             guidance_scale=call["guidance_scale"] if guided else None,
         )
 
+    def default_size(self) -> tuple[int, int]:
+        """The transformer's sample size times the VAE's downsampling (DiTPipeline has no ``vae_scale_factor``)."""
+        size = self.pipe.transformer.config.sample_size * 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return size, size
+
     def _encode(self, call, guided: bool, height, width) -> Conditioning:
         if call["class_labels"] is None:
             raise ValueError("DiT needs class_labels (ImageNet class indices, one per image)")

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline
+from bayesdiff_ext.pipelines.base import PER_IMAGE_ARGUMENTS, BayesDiffPipeline, per_image
 
 __all__ = ["fit_pipeline_posterior"]
 
@@ -82,7 +82,10 @@ def fit_pipeline_posterior(
         nonlocal offset
         rows = slice(offset, offset + len(x0))
         offset += len(x0)
-        given = {name: _rows(value, rows, count) for name, value in conditioning.items()}
+        given = {}
+        for name, value in conditioning.items():
+            value = _rows(value, rows, count)
+            given[name] = per_image(value, len(x0)) if name in PER_IMAGE_ARGUMENTS else value
         return wrapper.fit_conditioning(given, height, width, len(x0))
 
     return posterior.fit(
@@ -102,6 +105,4 @@ def _rows(value, rows: slice, count: int):
         return value[rows]
     if isinstance(value, (list, tuple)) and len(value) == count:
         return list(value[rows])
-    if isinstance(value, str):
-        return [value] * (rows.stop - rows.start)
     return value

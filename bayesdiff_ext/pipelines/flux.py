@@ -42,13 +42,9 @@ class BayesDiffFluxPipeline(BayesDiffPipeline, wraps=FluxPipeline):
         "callback_on_step_end": OWN_LOOP,
     }
 
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return height or default, width or default
-
     def _generate(self, call, extra, options: WrapperOptions):
         pipe = self.pipe
-        height, width = self._size(call["height"], call["width"])
+        height, width = self._size(call)
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], height, width,
             negative_prompt=call["negative_prompt"], negative_prompt_2=call["negative_prompt_2"],
@@ -151,7 +147,7 @@ class BayesDiffFluxPipeline(BayesDiffPipeline, wraps=FluxPipeline):
     def decoder(self, height: int | None = None, width: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The stock decode of packed latents for ``height`` × ``width`` images (the pipeline's default size
         when not given): unpack, z/s + shift_factor, ``vae.decode``."""
-        height, width = self._size(height, width)
+        height, width = self._size({"height": height, "width": width})
         pipe = self.pipe
 
         @torch.no_grad()

@@ -53,9 +53,7 @@ class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline)
         refuse_extra_kwargs(extra)
         pipe = self.pipe
         sample_size = pipe.transformer.config.sample_size
-        height = call["height"] or sample_size * pipe.vae_scale_factor
-        width = call["width"] or sample_size * pipe.vae_scale_factor
-        requested = (height, width)
+        height, width = requested = self._size(call)
         if call["use_resolution_binning"]:
             if sample_size not in _BINS:
                 raise ValueError("Invalid sample size")
@@ -86,6 +84,14 @@ class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline)
             result, image, options, generator, return_dict=call["return_dict"], stock_tuple=(image,),
             guidance_scale=call["guidance_scale"] if guided else None, decode=decode,
         )
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def command_line_arguments(self) -> dict[str, Any]:
+        """No resolution binning for a transformer whose sample size has no bins (the stock call refuses it)."""
+        return {} if self.pipe.transformer.config.sample_size in _BINS else {"use_resolution_binning": False}
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
         pipe = self.pipe

@@ -36,8 +36,7 @@ class BayesDiffStableDiffusion3Pipeline(BayesDiffPipeline, wraps=StableDiffusion
 
     def _generate(self, call, extra, options: WrapperOptions):
         pipe = self.pipe
-        height = call["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        width = call["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self._size(call)
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], call["prompt_3"], height, width,
             negative_prompt=call["negative_prompt"], negative_prompt_2=call["negative_prompt_2"],

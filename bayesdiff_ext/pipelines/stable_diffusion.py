@@ -44,9 +44,6 @@ class _TextToImage(BayesDiffPipeline):
 
     unsupported = _TEXT_PIPELINE_UNSUPPORTED
 
-    def _size(self, call) -> tuple[int, int]:
-        raise NotImplementedError
-
     def _check_unet(self) -> None:
         if self.pipe.unet.config.time_cond_proj_dim is not None:
             raise ValueError("UNets with a guidance-scale embedding (time_cond_proj_dim) are not supported")
@@ -100,9 +97,7 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
         pipe = self.pipe
         refuse_extra_kwargs(extra)
         self._check_unet()
-        size = pipe.unet.config.sample_size
-        height = call["height"] or size * pipe.vae_scale_factor
-        width = call["width"] or size * pipe.vae_scale_factor
+        height, width = self._size(call)
         pipe.check_inputs(
             call["prompt"], height, width, None, call["negative_prompt"], call["prompt_embeds"],
             call["negative_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
@@ -124,6 +119,10 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
             return_dict=call["return_dict"], stock_tuple=(image, nsfw),
             guidance_scale=call["guidance_scale"] if guided else None, nsfw=nsfw,
         )
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return size, size
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
         pipe, attention = self.pipe, call["cross_attention_kwargs"]
@@ -171,8 +170,7 @@ class BayesDiffStableDiffusionXLPipeline(_TextToImage, wraps=StableDiffusionXLPi
         pipe = self.pipe
         refuse_extra_kwargs(extra)
         self._check_unet()
-        height = call["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        width = call["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self._size(call)
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], height, width, None, call["negative_prompt"], call["negative_prompt_2"],
             call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
