@@ -17,8 +17,7 @@ from pipeline_components import (
     with_tokenizers,
 )
 from safetensors.torch import load_file
-
-from bayesdiff_ext import cli
+from test_cli import run
 
 # name: (pipeline, its conditioning options, --sampler where its default scheduler is multistep)
 PIPELINES = {
@@ -31,15 +30,6 @@ PIPELINES = {
 }
 SAMPLING = ["--steps", "2", "--uq-every", "1", "--mc-samples", "2", "--num-images", "2", "--batch-size", "2",
             "--decode-samples", "2", "--no-progress"]
-
-
-def run(argv, capsys):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ __all__ = [
     "WrapperOptions",
     "decode_stream",
     "per_image",
+    "with_stock_arguments",
     "refuse_extra_kwargs",
     "unit_noise",
 ]
@@ -274,6 +275,15 @@ class BayesDiffPipeline:
         """The model kwargs of both branches from the stock conditioning arguments (the stock encoders)."""
         raise NotImplementedError
 
+    def _encoding(self, guided: bool, attention: dict[str, Any] | None) -> dict[str, Any]:
+        """The arguments of the stock ``encode_prompt`` that are not the call's own: the device, whether to
+        encode the negative branch, the LoRA scale of the attention kwargs."""
+        return {
+            "device": self.pipe._execution_device,
+            "do_classifier_free_guidance": guided,
+            "lora_scale": attention.get("scale", None) if attention is not None else None,
+        }
+
     # ------------------------------------------------------------------ fitting (pipelines.fitting)
     def stock_arguments(self, **given: Any) -> dict[str, Any]:
         """Every argument of the stock ``__call__`` with its default, ``given`` ones replaced."""
@@ -301,6 +311,28 @@ class BayesDiffPipeline:
         if self.prompted and given.get("prompt") is None and given.get("prompt_embeds") is None:
             given = {**given, "prompt": [""] * batch}  # unconditional training rows
         return self._encode(self.stock_arguments(**given), False, height, width).cond
+
+    def _finish(
+        self,
+        result: BayesDiffOutput,
+        call: dict[str, Any],
+        options: WrapperOptions,
+        guidance_scale: float | None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        finish_image: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> BayesDiffOutput | tuple:
+        """The stock ending of a latent pipeline: the latents for ``output_type='latent'``, else decoded
+        (``decode``, then ``finish_image`` on the image only) and post-processed; then the maps."""
+        decode = decode or self.decoder()
+        image = result.images
+        if call["output_type"] != "latent":
+            image = decode(result.images)
+            image = image if finish_image is None else finish_image(image)
+            image = self.pipe.image_processor.postprocess(image, output_type=call["output_type"])
+        return self._output(
+            result, image, options, call["generator"], return_dict=call["return_dict"], stock_tuple=(image,),
+            guidance_scale=guidance_scale, decode=decode,
+        )
 
     def _output(
         self,
@@ -370,6 +402,13 @@ def unit_noise(pipe, size, dtype, device, generator, latents) -> torch.Tensor:
         return latents.to(device)
     shape = (batch, channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def with_stock_arguments(method: Callable, call: dict[str, Any], **given: Any):
+    """``method(...)`` (a stock pipeline method such as ``encode_prompt``) with the arguments of the stock
+    call it takes by the same name, ``given`` ones replacing them."""
+    names = [n for n, p in inspect.signature(method).parameters.items() if p.kind is not p.VAR_KEYWORD]
+    return method(**{**{name: call[name] for name in names if name in call}, **given})
 
 
 def per_image(value, rows: int):

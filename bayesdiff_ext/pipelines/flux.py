@@ -11,7 +11,13 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from bayesdiff_ext import latent
-from bayesdiff_ext.pipelines.base import OWN_LOOP, BayesDiffPipeline, Conditioning, WrapperOptions
+from bayesdiff_ext.pipelines.base import (
+    OWN_LOOP,
+    BayesDiffPipeline,
+    Conditioning,
+    WrapperOptions,
+    with_stock_arguments,
+)
 from bayesdiff_ext.posterior.training_noise import FlowMatchingNoise
 
 __all__ = ["BayesDiffFluxPipeline"]
@@ -83,14 +89,8 @@ class BayesDiffFluxPipeline(BayesDiffPipeline, wraps=FluxPipeline):
             noise, steps if sigmas is None else len(sigmas), generator, 0.0, options,
             model_kwargs=conditioning.cond, guidance=guidance, set_timesteps_kwargs=timesteps,
         )
-        decode = self.decoder(height, width)
-        if call["output_type"] == "latent":
-            image = result.images
-        else:
-            image = pipe.image_processor.postprocess(decode(result.images), output_type=call["output_type"])
-        return self._output(
-            result, image, options, generator, return_dict=call["return_dict"], stock_tuple=(image,),
-            guidance_scale=call["true_cfg_scale"] if true_cfg else None, decode=decode,
+        return self._finish(
+            result, call, options, call["true_cfg_scale"] if true_cfg else None, self.decoder(height, width)
         )
 
     def _shift(self, tokens: int) -> float:
@@ -106,19 +106,12 @@ class BayesDiffFluxPipeline(BayesDiffPipeline, wraps=FluxPipeline):
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
         pipe, device, attention = self.pipe, self.pipe._execution_device, call["joint_attention_kwargs"]
-        lora_scale = attention.get("scale", None) if attention is not None else None
+        encoding = self._encoding(guided, attention)
+        del encoding["do_classifier_free_guidance"]  # Flux encodes each branch in its own call
 
         def encoded(prefix: str):
-            return pipe.encode_prompt(
-                prompt=call[f"{prefix}prompt"],
-                prompt_2=call[f"{prefix}prompt_2"],
-                prompt_embeds=call[f"{prefix}prompt_embeds"],
-                pooled_prompt_embeds=call[f"{prefix}pooled_prompt_embeds"],
-                device=device,
-                num_images_per_prompt=call["num_images_per_prompt"],
-                max_sequence_length=call["max_sequence_length"],
-                lora_scale=lora_scale,
-            )
+            branch = {name: call[prefix + name] for name in ("prompt", "prompt_2", "prompt_embeds", "pooled_prompt_embeds")}
+            return with_stock_arguments(pipe.encode_prompt, call, **branch, **encoding)
 
         prompt_embeds, pooled, text_ids = encoded("")
         batch = len(prompt_embeds)

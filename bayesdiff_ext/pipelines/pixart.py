@@ -21,6 +21,7 @@ from bayesdiff_ext.pipelines.base import (
     WrapperOptions,
     refuse_extra_kwargs,
     unit_noise,
+    with_stock_arguments,
 )
 
 __all__ = ["BayesDiffPixArtSigmaPipeline"]
@@ -76,14 +77,7 @@ class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline)
             set_timesteps_kwargs={"device": device},
         )
         decode = self.decoder(*requested) if call["use_resolution_binning"] else self._decode
-        if call["output_type"] == "latent":
-            image = result.images
-        else:
-            image = pipe.image_processor.postprocess(decode(result.images), output_type=call["output_type"])
-        return self._output(
-            result, image, options, generator, return_dict=call["return_dict"], stock_tuple=(image,),
-            guidance_scale=call["guidance_scale"] if guided else None, decode=decode,
-        )
+        return self._finish(result, call, options, call["guidance_scale"] if guided else None, decode)
 
     def default_size(self) -> tuple[int, int]:
         size = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
@@ -94,19 +88,8 @@ class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline)
         return {} if self.pipe.transformer.config.sample_size in _BINS else {"use_resolution_binning": False}
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
-        pipe = self.pipe
-        prompt_embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-            call["prompt"],
-            guided,
-            negative_prompt=call["negative_prompt"],
-            num_images_per_prompt=call["num_images_per_prompt"],
-            device=pipe._execution_device,
-            prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"],
-            prompt_attention_mask=call["prompt_attention_mask"],
-            negative_prompt_attention_mask=call["negative_prompt_attention_mask"],
-            clean_caption=call["clean_caption"],
-            max_sequence_length=call["max_sequence_length"],
+        prompt_embeds, mask, negative_embeds, negative_mask = with_stock_arguments(
+            self.pipe.encode_prompt, call, device=self.pipe._execution_device, do_classifier_free_guidance=guided
         )
         no_micro_conditions: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
         cond = {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": mask, "added_cond_kwargs": no_micro_conditions}

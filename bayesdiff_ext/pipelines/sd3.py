@@ -9,7 +9,13 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from bayesdiff_ext import latent
-from bayesdiff_ext.pipelines.base import OWN_LOOP, BayesDiffPipeline, Conditioning, WrapperOptions
+from bayesdiff_ext.pipelines.base import (
+    OWN_LOOP,
+    BayesDiffPipeline,
+    Conditioning,
+    WrapperOptions,
+    with_stock_arguments,
+)
 from bayesdiff_ext.posterior.training_noise import FlowMatchingNoise
 
 __all__ = ["BayesDiffStableDiffusion3Pipeline"]
@@ -73,34 +79,12 @@ class BayesDiffStableDiffusion3Pipeline(BayesDiffPipeline, wraps=StableDiffusion
             guidance=conditioning.guidance(call["guidance_scale"], options.guidance_variance),
             set_timesteps_kwargs=timesteps,
         )
-        if call["output_type"] == "latent":
-            image = result.images
-        else:
-            image = pipe.image_processor.postprocess(self._decode(result.images), output_type=call["output_type"])
-        return self._output(
-            result, image, options, generator, return_dict=call["return_dict"], stock_tuple=(image,),
-            guidance_scale=call["guidance_scale"] if guided else None,
-        )
+        return self._finish(result, call, options, call["guidance_scale"] if guided else None)
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
-        pipe, attention = self.pipe, call["joint_attention_kwargs"]
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=call["prompt"],
-            prompt_2=call["prompt_2"],
-            prompt_3=call["prompt_3"],
-            negative_prompt=call["negative_prompt"],
-            negative_prompt_2=call["negative_prompt_2"],
-            negative_prompt_3=call["negative_prompt_3"],
-            do_classifier_free_guidance=guided,
-            prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"],
-            pooled_prompt_embeds=call["pooled_prompt_embeds"],
-            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"],
-            device=pipe._execution_device,
-            clip_skip=call["clip_skip"],
-            num_images_per_prompt=call["num_images_per_prompt"],
-            max_sequence_length=call["max_sequence_length"],
-            lora_scale=attention.get("scale", None) if attention is not None else None,
+        attention = call["joint_attention_kwargs"]
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = with_stock_arguments(
+            self.pipe.encode_prompt, call, **self._encoding(guided, attention)
         )
         cond: dict[str, Any] = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
         if attention is not None:

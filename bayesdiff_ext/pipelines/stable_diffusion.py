@@ -21,6 +21,7 @@ from bayesdiff_ext.pipelines.base import (
     WrapperOptions,
     refuse_extra_kwargs,
     unit_noise,
+    with_stock_arguments,
 )
 
 __all__ = ["BayesDiffStableDiffusionPipeline", "BayesDiffStableDiffusionXLPipeline"]
@@ -44,13 +45,12 @@ class _TextToImage(BayesDiffPipeline):
 
     unsupported = _TEXT_PIPELINE_UNSUPPORTED
 
-    def _check_unet(self) -> None:
+    def _checked_size(self, call, extra) -> tuple[int, int]:
+        """The image size, after refusing the stock ``**kwargs`` and a UNet with a guidance embedding."""
+        refuse_extra_kwargs(extra)
         if self.pipe.unet.config.time_cond_proj_dim is not None:
             raise ValueError("UNets with a guidance-scale embedding (time_cond_proj_dim) are not supported")
-
-    def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
-        """The model kwargs of both branches from the stock prompt arguments, by the stock ``encode_prompt``."""
-        raise NotImplementedError
+        return self._size(call)
 
     def _run(self, call, options: WrapperOptions, conditioning: Conditioning, height: int, width: int):
         """x_T, guidance and the sampler's loop from the encoded conditioning; returns the sampler's result."""
@@ -95,9 +95,7 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
 
     def _generate(self, call, extra, options: WrapperOptions):
         pipe = self.pipe
-        refuse_extra_kwargs(extra)
-        self._check_unet()
-        height, width = self._size(call)
+        height, width = self._checked_size(call, extra)
         pipe.check_inputs(
             call["prompt"], height, width, None, call["negative_prompt"], call["prompt_embeds"],
             call["negative_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
@@ -125,17 +123,9 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
         return size, size
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
-        pipe, attention = self.pipe, call["cross_attention_kwargs"]
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            call["prompt"],
-            pipe._execution_device,
-            call["num_images_per_prompt"],
-            guided,
-            call["negative_prompt"],
-            prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"],
-            lora_scale=attention.get("scale", None) if attention is not None else None,
-            clip_skip=call["clip_skip"],
+        attention = call["cross_attention_kwargs"]
+        prompt_embeds, negative_prompt_embeds = with_stock_arguments(
+            self.pipe.encode_prompt, call, **self._encoding(guided, attention)
         )
         cond: dict[str, Any] = {"encoder_hidden_states": prompt_embeds}
         if attention is not None:
@@ -168,9 +158,7 @@ class BayesDiffStableDiffusionXLPipeline(_TextToImage, wraps=StableDiffusionXLPi
 
     def _generate(self, call, extra, options: WrapperOptions):
         pipe = self.pipe
-        refuse_extra_kwargs(extra)
-        self._check_unet()
-        height, width = self._size(call)
+        height, width = self._checked_size(call, extra)
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], height, width, None, call["negative_prompt"], call["negative_prompt_2"],
             call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
@@ -179,35 +167,13 @@ class BayesDiffStableDiffusionXLPipeline(_TextToImage, wraps=StableDiffusionXLPi
         guided = call["guidance_scale"] > 1
         result = self._run(call, options, self._encode(call, guided, height, width), height, width)
 
-        if call["output_type"] == "latent":
-            image = result.images
-        else:
-            image = self._decode(result.images)
-            if pipe.watermark is not None:
-                image = pipe.watermark.apply_watermark(image)
-            image = pipe.image_processor.postprocess(image, output_type=call["output_type"])
-        return self._output(
-            result, image, options, call["generator"],
-            return_dict=call["return_dict"], stock_tuple=(image,),
-            guidance_scale=call["guidance_scale"] if guided else None,
-        )
+        watermark = None if pipe.watermark is None else pipe.watermark.apply_watermark  # the images only
+        return self._finish(result, call, options, call["guidance_scale"] if guided else None, finish_image=watermark)
 
     def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
-        pipe, attention, device = self.pipe, call["cross_attention_kwargs"], self.pipe._execution_device
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=call["prompt"],
-            prompt_2=call["prompt_2"],
-            device=device,
-            num_images_per_prompt=call["num_images_per_prompt"],
-            do_classifier_free_guidance=guided,
-            negative_prompt=call["negative_prompt"],
-            negative_prompt_2=call["negative_prompt_2"],
-            prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"],
-            pooled_prompt_embeds=call["pooled_prompt_embeds"],
-            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"],
-            lora_scale=attention.get("scale", None) if attention is not None else None,
-            clip_skip=call["clip_skip"],
+        attention, device = call["cross_attention_kwargs"], self.pipe._execution_device
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = with_stock_arguments(
+            self.pipe.encode_prompt, call, **self._encoding(guided, attention)
         )
         batch = len(prompt_embeds)
         time_ids, uncond_time_ids = self._time_ids(call, height, width, pooled, prompt_embeds.dtype, batch, guided)
