@@ -221,8 +221,6 @@ class BayesDiffPipeline:
 
     # ------------------------------------------------------------------ the call
     def __call__(self, *args, **kwargs) -> BayesDiffOutput | tuple:
-        """The stock pipeline's call with uncertainty (each wrapper's own ``__call__`` has the stock
-        signature plus the uncertainty arguments: see ``help(BayesDiffPipeline.from_pipe(pipe, posterior))``)."""
         raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
 
     def _generate(self, call: dict[str, Any], extra: dict[str, Any], options: WrapperOptions):
@@ -439,13 +437,7 @@ def _wrapper_call(cls: type[BayesDiffPipeline], stock: type):
     stock_signature = inspect.signature(stock.__call__)
     parameters = [p for p in stock_signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
     stock_kwargs = next((p for p in stock_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in UNCERTAINTY_ARGUMENTS]
-    ours.append(inspect.Parameter("return_trace", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
-    defaults = WrapperOptions(uncertainty={})
-    option_names = (("guidance_variance",) if cls.guided else ()) + (
-        ("decode_samples", "decode_batch_size", "decode_generator") if cls.latent else ()
-    )
-    ours += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name)) for name in option_names]
+    ours, option_names = _uncertainty_parameters(cls.guided, cls.latent)
     signature = stock_signature.replace(
         parameters=parameters + ours + ([stock_kwargs] if stock_kwargs else []),
         return_annotation="BayesDiffOutput | tuple",
@@ -480,6 +472,19 @@ def _wrapper_call(cls: type[BayesDiffPipeline], stock: type):
     return __call__
 
 
+def _uncertainty_parameters(guided: bool, latent: bool) -> tuple[list[inspect.Parameter], tuple[str, ...]]:
+    """The keyword-only parameters a wrapper adds to the stock call, and the names of its options among them."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [inspect.Parameter(name, keyword, default=None) for name in UNCERTAINTY_ARGUMENTS]
+    parameters.append(inspect.Parameter("return_trace", keyword, default=False, annotation=bool))
+    defaults = WrapperOptions(uncertainty={})
+    names = (("guidance_variance",) if guided else ()) + (
+        ("decode_samples", "decode_batch_size", "decode_generator") if latent else ()
+    )
+    parameters += [inspect.Parameter(name, keyword, default=getattr(defaults, name)) for name in names]
+    return parameters, names
+
+
 def _call_doc(cls, stock) -> str:
     """The wrapper's summary, the stock call's Args, the uncertainty arguments and the return value."""
     summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0]
@@ -487,8 +492,31 @@ def _call_doc(cls, stock) -> str:
     start = stock_doc.find("Args:")
     end = min((i for i in (stock_doc.find("Examples:", start), stock_doc.find("Returns:", start)) if i > 0), default=-1)
     stock_args = stock_doc[start:end].rstrip() if start >= 0 else "Args:"
-    options = (_GUIDANCE_DOC if cls.guided else "") + (_DECODE_DOC if cls.latent else "")
+    return _doc(summary, stock_args, cls.guided, cls.latent)
+
+
+def _doc(summary: str, stock_args: str, guided: bool, latent: bool) -> str:
+    options = (_GUIDANCE_DOC if guided else "") + (_DECODE_DOC if latent else "")
     return f"{summary}\n\n        {stock_args}\n{_UNCERTAINTY_DOC}{options}\n{_RETURNS_DOC}"
+
+
+# BayesDiffPipeline.__call__ itself: what every wrapper's call takes, for help(BayesDiffPipeline.__call__).
+BayesDiffPipeline.__call__.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("stock_arguments", inspect.Parameter.VAR_POSITIONAL),
+        *_uncertainty_parameters(True, True)[0],
+        inspect.Parameter("stock_keyword_arguments", inspect.Parameter.VAR_KEYWORD),
+    ],
+    return_annotation="BayesDiffOutput | tuple",
+)
+BayesDiffPipeline.__call__.__doc__ = _doc(
+    "The stock pipeline's call with uncertainty; each wrapper's ``__call__`` has the stock signature (see\n"
+    "    ``help(BayesDiffPipeline.from_pipe(pipe, posterior).__call__)``) followed by these keyword-only arguments.",
+    "Args:\n            stock_arguments, stock_keyword_arguments: the wrapped pipeline's own ``__call__`` arguments.",
+    True,
+    True,
+)
 
 
 def _given(value, default) -> bool:
