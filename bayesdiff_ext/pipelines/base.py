@@ -188,8 +188,10 @@ class BayesDiffPipeline:
 
     # ------------------------------------------------------------------ the pipeline's conventions
     def to(self, *args, **kwargs) -> BayesDiffPipeline:
-        """``pipe.to(...)``; returns this wrapper."""
+        """``pipe.to(...)``, and a fitted Laplace posterior's curvature to the head's device; returns this wrapper."""
         self.pipe.to(*args, **kwargs)
+        if getattr(self.posterior, "posterior", None) is not None and hasattr(self.posterior, "to"):
+            self.posterior.to()  # LastLayerLaplace.to: the head's device and dtype
         return self
 
     @property
