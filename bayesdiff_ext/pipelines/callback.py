@@ -15,6 +15,7 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
 from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
+from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
@@ -147,8 +148,6 @@ class UncertaintyCallback(PipelineCallback):
         """
         self._tracked()
         if not isinstance(decoder, torch.nn.Module):
-            from bayesdiff_ext.pipelines.base import BayesDiffPipeline
-
             decoder = BayesDiffPipeline.from_pipe(decoder, self.posterior).decoder(height, width)
         return latent.pixel_moments(
             decoder, self.mean, self.variance, samples=samples, batch_size=batch_size, generator=generator
