@@ -149,6 +149,18 @@ def test_callback_follows_euler_in_stable_diffusion_too():
     torch.testing.assert_close(callback.variance, wrapped.variance)
 
 
+def test_callback_follows_pixart_through_its_legacy_callback():
+    pipe, posterior, call = family("pixart-ddim")
+    generator = seeded()
+    callback = UncertaintyCallback(posterior, generator=generator, mc_samples=2, guidance_scale=SCALE)
+    images = pipe(generator=generator, callback=callback.legacy(pipe), **call).images
+    assert np.array_equal(images, pipe(generator=seeded(), **call).images)
+    wrapped = BayesDiffPipeline.from_pipe(pipe, posterior)(generator=seeded(), mc_samples=2, decode_samples=0, **call)
+    torch.testing.assert_close(callback.variance, wrapped.variance)
+    with pytest.raises(ValueError, match="does not expose its scale"):
+        pipe(callback=UncertaintyCallback(posterior, mc_samples=2).legacy(pipe), **call)
+
+
 def test_dit_guidance_variance_is_the_heads_at_phi_cfg_with_cond_first_rows():
     pipe, posterior, call = family("dit")
     out = BayesDiffPipeline.from_pipe(pipe, posterior)(
@@ -209,6 +221,10 @@ def test_callback_refuses_forms_it_cannot_follow():
     pipe, posterior, call = family("flux-true-cfg")
     with pytest.raises(ValueError, match="guidance_scale=true_cfg_scale"):
         pipe(callback_on_step_end=UncertaintyCallback(posterior, mc_samples=2), **call)
+    pipe = sd15_pipeline()  # SD 1.5's PNDM: the callback cannot run the trajectories the refusal names
+    _, posterior, call = family("sd15-ddim")
+    with pytest.raises(ValueError, match="PNDMScheduler is a multistep.*run BayesDiffPipeline"):
+        pipe(callback_on_step_end=UncertaintyCallback(posterior.for_model(pipe.unet), mc_samples=2), **call)
     pipe, posterior, call = family("sd3")
     with pytest.raises(ValueError, match="skip_guidance_layers"):
         pipe(callback_on_step_end=UncertaintyCallback(posterior, mc_samples=2), skip_guidance_layers=[0],

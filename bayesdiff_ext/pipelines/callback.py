@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
-from bayesdiff_ext.sampler.schedulers import describe
+from bayesdiff_ext.sampler.schedulers import MULTISTEP, describe
 
 __all__ = ["UncertaintyCallback"]
 
@@ -47,8 +47,10 @@ class UncertaintyCallback(PipelineCallback):
     samples are scaled for the step's σ from the scheduler's table, not from its current state),
     ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (flow matching; Flux's guidance-distilled single
     forward, and its ``true_cfg_scale`` as two forwards per step — pass that scale as
-    ``guidance_scale``, the pipeline does not expose it to callbacks). ``PixArtSigmaPipeline`` and
-    ``DiTPipeline`` take no ``callback_on_step_end``: use :class:`~bayesdiff_ext.BayesDiffPipeline`.
+    ``guidance_scale``, the pipeline does not expose it to callbacks). ``PixArtSigmaPipeline`` takes
+    only the older ``callback=``: pass ``cb.legacy(pipe)`` and ``guidance_scale`` (with a scheduler the
+    recurrence follows: its default DPM-Solver++ 2M is multistep). ``DiTPipeline`` takes no callback:
+    use :class:`~bayesdiff_ext.BayesDiffPipeline`.
 
     What it cannot do: change the images (it returns the callback tensors untouched, so the images
     are exactly the stock pipeline's); save model calls — its Monte Carlo passes (S samples, 2·S·B
@@ -153,6 +155,17 @@ class UncertaintyCallback(PipelineCallback):
             decoder, self.mean, self.variance, samples=samples, batch_size=batch_size, generator=generator
         )
 
+    def legacy(self, pipeline) -> Callable[[int, Any, torch.Tensor], None]:
+        """This callback for ``pipeline``'s older ``callback(step, timestep, latents)`` argument (with
+        ``callback_steps=1``), for pipelines without ``callback_on_step_end`` such as PixArt-Σ:
+        ``pipe(..., callback=cb.legacy(pipe))``. Such a pipeline does not expose its guidance scale:
+        pass it to the callback as ``guidance_scale``."""
+
+        def callback(step: int, timestep, latents: torch.Tensor) -> None:
+            self.callback_fn(pipeline, step, timestep, {"latents": latents})
+
+        return callback
+
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Remove the hooks from the denoiser (idempotent)."""
@@ -191,7 +204,12 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
-        self._description = description = describe(pipeline.scheduler, self.settings["eta"])
+        try:
+            self._description = description = describe(pipeline.scheduler, self.settings["eta"])
+        except ValueError as error:
+            if type(pipeline.scheduler).__name__ in MULTISTEP:  # the trajectories it names need the wrapper
+                raise ValueError(f"{error}. A callback sees the one stock trajectory: run BayesDiffPipeline") from None
+            raise
         plan = description.steps()
         restarts = [s.index for s in plan if s.origin != s.index]
         if restarts:
@@ -225,7 +243,7 @@ class UncertaintyCallback(PipelineCallback):
         if rows == [2 * batch]:
             call = calls[0]
             uncond, cond = split_branches(call.kwargs, batch)
-            scale = self.guidance_scale if self.guidance_scale is not None else float(pipeline.guidance_scale)
+            scale = self.guidance_scale if self.guidance_scale is not None else _guidance_scale(pipeline)
             guidance = ClassifierFreeGuidance(scale, uncond, variance)
             return guidance, guidance.branch_kwargs(cond), combine(*call.output.chunk(2), scale), call.phi
         if rows == [batch, batch]:  # Flux's true CFG: the conditional forward, then the unconditional one
@@ -260,6 +278,16 @@ class UncertaintyCallback(PipelineCallback):
         self.mean, self.variance = self._engine.mean, self._engine.var
         if self.trace is not None:
             self.trace[:] = self._engine.trace
+
+
+def _guidance_scale(pipeline) -> float:
+    scale = getattr(pipeline, "guidance_scale", None)
+    if scale is None:
+        raise ValueError(
+            f"{type(pipeline).__name__} runs guidance but does not expose its scale to callbacks: pass "
+            "UncertaintyCallback(..., guidance_scale=...)"
+        )
+    return float(scale)
 
 
 @dataclass
