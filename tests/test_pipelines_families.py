@@ -40,6 +40,13 @@ def _ddim(pipe):
 FAMILIES = {
     "sd15-ddim": (lambda: _ddim(sd15_pipeline()), dict(guidance_scale=SCALE), None),
     "sdxl": (sdxl_pipeline, dict(guidance_scale=SCALE, height=SIZE, width=SIZE), None),
+    # two images per prompt and a negative size conditioning: the stock time-id rows alternate by branch
+    "sdxl-micro-conditions": (
+        sdxl_pipeline,
+        dict(guidance_scale=SCALE, height=SIZE, width=SIZE, num_images_per_prompt=2,
+             negative_original_size=(8, 8), negative_target_size=(12, 12)),
+        None,
+    ),
     "sd3": (sd3_pipeline, dict(guidance_scale=SCALE, height=SIZE, width=SIZE), None),
     "flux": (flux_pipeline, dict(height=SIZE, width=SIZE), None),
     "flux-distilled": (lambda: flux_pipeline(guidance_embeds=True), dict(height=SIZE, width=SIZE), None),
@@ -89,11 +96,12 @@ def test_images_equal_the_stock_call_with_latent_and_pixel_variance(name):
     out = BayesDiffPipeline.from_pipe(pipe, posterior)(generator=seeded(), mc_samples=3, decode_samples=3, **call)
     assert np.array_equal(stock, out.images)
     assert isinstance(out, BayesDiffOutput) and isinstance(out, BaseOutput)
-    latent_shape = (BATCH, 16, 16) if name.startswith("flux") else (BATCH, 4, 8, 8)  # Flux: packed tokens
+    images = len(stock)
+    latent_shape = (images, 16, 16) if name.startswith("flux") else (images, 4, 8, 8)  # Flux: packed tokens
     assert out.variance.shape == out.mean.shape == latent_shape and out.variance.dtype == torch.float32
     _finite_nonnegative(out.variance)
     torch.testing.assert_close(out.aleatoric_variance + out.epistemic_variance, out.variance)
-    assert out.pixel_variance.shape == (BATCH, 3, SIZE, SIZE)
+    assert out.pixel_variance.shape == (images, 3, SIZE, SIZE)
     _finite_nonnegative(out.pixel_variance)
     torch.testing.assert_close(out.pixel_scores, out.pixel_variance.flatten(1).sum(1))
 
@@ -254,6 +262,9 @@ def test_the_wrapper_behaves_as_the_pipeline(monkeypatch):
     assert "Args:" in doc and "prompt_3" in doc and "mc_samples" in doc and "Returns:" in doc
     with pytest.raises(TypeError, match="mc_sample"):
         wrapper(mc_sample=3, **call)
+    images, variance, pixel_variance = wrapper(mc_samples=2, decode_samples=2, return_dict=False, **call)
+    assert images.shape == (BATCH, SIZE, SIZE, 3) and variance.shape == (BATCH, 4, 8, 8)
+    assert pixel_variance.shape == (BATCH, 3, SIZE, SIZE)
 
 
 def test_fit_pipeline_posterior_conditions_each_batch_with_its_rows():
