@@ -172,7 +172,7 @@ class BayesDiffPipeline:
             raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
         self.pipe = pipe
         # A posterior fitted on a copy of the denoiser (another device or dtype) moves onto this one.
-        self.posterior = posterior.for_model(getattr(pipe, self.denoiser_name))
+        self.posterior = posterior.for_model(self._denoiser)
 
     @classmethod
     def from_pipe(cls, pipe, posterior) -> BayesDiffPipeline:
