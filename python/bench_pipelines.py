@@ -38,12 +38,12 @@ from diffusers import DDIMScheduler
 
 import bayesdiff_ext
 from bayesdiff_ext import BayesDiffPipeline
-from bayesdiff_ext.pipelines import fit_pipeline_posterior
 from bench_timing import markdown_table, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pipeline_components import (  # noqa: E402
     dit_pipeline,
+    fitted_posterior,
     flux_pipeline,
     pixart_pipeline,
     sd3_pipeline,
@@ -102,15 +102,8 @@ class CallCounter:
 def _setup(make, arguments, steps):
     pipe = make()
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    name = type(pipe).__name__
-    embeddings = {} if name == "DiTPipeline" else text_embeddings(pipe, BATCH)
-    conditioning = (
-        {"class_labels": [1, 2, 3, 4]}
-        if name == "DiTPipeline"
-        else {k: torch.cat([v, v]) for k, v in embeddings.items() if not k.startswith("negative")}
-    )
-    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    posterior = fit_pipeline_posterior(pipe, images, progress=False, **conditioning)
+    embeddings = {} if type(pipe).__name__ == "DiTPipeline" else text_embeddings(pipe, BATCH)
+    posterior = fitted_posterior(pipe, embeddings)
     call = dict(num_inference_steps=steps, output_type="np", **embeddings, **arguments)
     return pipe, denoiser, BayesDiffPipeline.from_pipe(pipe, posterior), call
 

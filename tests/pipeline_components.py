@@ -173,6 +173,20 @@ def dit_pipeline(seed: int = 0) -> DiTPipeline:
     return _quiet(DiTPipeline(transformer=transformer, vae=sd_vae(seed), scheduler=scheduler))
 
 
+def fitted_posterior(pipe, embeddings: dict[str, torch.Tensor]):
+    """A diag posterior fitted by ``fit_pipeline_posterior`` on 4 random images, conditioned like the calls
+    that use ``embeddings`` (their conditional rows, twice; DiT: classes 1–4)."""
+    from bayesdiff_ext.pipelines import fit_pipeline_posterior
+
+    if type(pipe).__name__ == "DiTPipeline":
+        conditioning = {"class_labels": [1, 2, 3, 4]}
+    else:
+        conditioning = {k: torch.cat([v, v]) for k, v in embeddings.items() if not k.startswith("negative")}
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    generator = torch.Generator().manual_seed(2)
+    return fit_pipeline_posterior(pipe, images, batch_size=2, generator=generator, progress=False, **conditioning)
+
+
 def text_embeddings(pipe, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """The stock prompt-embedding arguments of ``pipe``'s call (both branches), from its own text
     encoders on random token ids, as ``encode_prompt`` would build them from text."""

@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 from pipeline_components import (
     dit_pipeline,
+    fitted_posterior,
     flux_pipeline,
     pixart_pipeline,
     sd3_pipeline,
@@ -61,16 +62,6 @@ FAMILIES = {
 CALLBACK_FAMILIES = ["sdxl", "sd3", "flux", "flux-distilled", "flux-true-cfg"]
 
 
-def _fit(pipe, embeddings):
-    """fit_pipeline_posterior on 4 random images, conditioned like the test's calls."""
-    if type(pipe).__name__ == "DiTPipeline":
-        conditioning = {"class_labels": [1, 2, 3, 4]}
-    else:
-        conditioning = {k: torch.cat([v, v]) for k, v in embeddings.items() if not k.startswith("negative")}
-    images = torch.rand(4, 3, SIZE, SIZE, generator=seeded(1)) * 2 - 1
-    return fit_pipeline_posterior(pipe, images, batch_size=2, generator=seeded(2), progress=False, **conditioning)
-
-
 _BUILT = {}
 
 
@@ -81,7 +72,7 @@ def family(name):
         pipe = make()
         embeddings = {} if name == "dit" else text_embeddings(pipe, BATCH)
         call = dict(num_inference_steps=STEPS, output_type="np", **embeddings, **arguments)
-        _BUILT[name] = pipe, _fit(pipe, embeddings), call
+        _BUILT[name] = pipe, fitted_posterior(pipe, embeddings), call
     return _BUILT[name]
 
 
