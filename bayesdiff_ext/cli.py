@@ -193,9 +193,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
     g.add_argument(
         "--sampler",
         choices=tuple(SAMPLERS),
-        default="ddim",
-        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep), built from the model's scheduler "
-        "config (its noise schedule); a change of class is reported and recorded in summary.json",
+        default=None,
+        help="ddim (the default for a UNet folder), ddpm, or dpm2 (DPM-Solver-2, singlestep), built from the "
+        "model's scheduler config (its noise schedule); a change of class is reported and recorded in "
+        "summary.json. A pipeline folder samples with its own scheduler unless this is given",
     )
     g.add_argument(
         "--no-clipping",
@@ -301,6 +302,33 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
     )
 
 
+def _add_pipeline_options(p: argparse.ArgumentParser, *, sampling: bool) -> None:
+    g = p.add_argument_group(
+        "pipeline folders (Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma, DiT: what save_pretrained writes)"
+    )
+    g.add_argument("--prompt", default=None, help="the prompt of every image (default: the empty prompt)")
+    g.add_argument("--class-label", type=_int_at_least(0), default=None, metavar="K", help="DiT: the class of every image")
+    g.add_argument("--height", type=_int_at_least(1), default=None, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=_int_at_least(1), default=None, help="image width in pixels (default: the pipeline's)")
+    if not sampling:
+        return
+    g.add_argument("--negative-prompt", default=None, help="the negative prompt of every image")
+    g.add_argument(
+        "--guidance-scale",
+        type=_non_negative_float,
+        default=None,
+        metavar="S",
+        help="the pipeline's guidance_scale (default: the pipeline's own; Flux: the distilled guidance input)",
+    )
+    g.add_argument(
+        "--decode-samples",
+        type=_int_at_least(2),
+        default=16,
+        metavar="N",
+        help="draws of the latent z_0 per image decoded by the pipeline's VAE for the pixel maps (default 16)",
+    )
+
+
 def _add_general_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
@@ -336,12 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="sample with uncertainty from a local diffusers model and a fitted posterior",
         description=_wrap(
-            "Sample images with per-pixel uncertainty from a local diffusers model (a pipeline folder "
-            "with unet/ and scheduler/, or a bare UNet folder plus --scheduler) using a posterior "
+            "Sample images with per-pixel uncertainty from a local diffusers model (an unconditional "
+            "UNet2DModel: a pipeline folder with unet/ and scheduler/, or a bare UNet folder plus --scheduler; "
+            "or a Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma or DiT pipeline folder, sampled with its own "
+            "scheduler, --prompt/--class-label, the maps decoded through its VAE) using a posterior "
             f"made by `bayesdiff fit`. {files_written}."
         ),
-        epilog="example:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
-        "--num-images 32 --sampler ddim --steps 50",
+        epilog="examples:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
+        "--num-images 32 --sampler ddim --steps 50\n"
+        "  bayesdiff sample --model ./sdxl --posterior sdxl.safetensors --prompt 'a cat' --guidance-scale 5 "
+        "--steps 30 --num-images 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sample.add_argument(
@@ -363,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scheduler folder (scheduler_config.json), needed for a bare UNet folder",
     )
     _add_sampling_options(sample, num_images=64, batch_size=16)
+    _add_pipeline_options(sample, sampling=True)
     _add_general_options(sample)
 
     fit = commands.add_parser(
@@ -372,14 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Fit a posterior of the model's last layer on training images (noised at random timesteps, "
             "like in training) and save it for `bayesdiff sample`. --inference laplace (default) is the "
             "paper's last-layer Laplace; vi, mcmc and head-ensemble run on the same data pass (the model "
-            "runs once) with sigma and the prior precision chosen as for the full Laplace, then fixed."
+            "runs once) with sigma and the prior precision chosen as for the full Laplace, then fixed. "
+            "A Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma or DiT pipeline folder is fitted the pipeline's "
+            "way: the images encoded by its VAE, conditioned by --prompt (or --class-label), noised as the "
+            "model was trained."
         ),
         epilog="examples:\n"
         "  bayesdiff fit --model ./my-pipeline --data ./train-images/ --out posterior.safetensors\n"
         "  bayesdiff fit --model ./my-pipeline --data images.npy --structure full --prior-precision 1\n"
         f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors\n"
         f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference mcmc --chains 4\n"
-        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference vi --structure full",
+        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference vi --structure full\n"
+        "  bayesdiff fit --model ./sdxl --data ./photos/ --prompt 'a photo' --out sdxl.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
@@ -459,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_inference_options(fit)
+    _add_pipeline_options(fit, sampling=False)
     _add_general_options(fit)
     _add_eval_command(commands)
     return parser
@@ -639,7 +677,8 @@ def _scheduler_for(args, base) -> tuple:
             f"affine steps; pass --no-clipping to sample with {' and '.join(nonlinear)} off (the images are then "
             "not clipped either)"
         )
-    class_name, settings = SAMPLERS[args.sampler]
+    # No --sampler (a pipeline folder): the model's own scheduler class, with --no-clipping's changes only.
+    class_name, settings = SAMPLERS[args.sampler] if args.sampler else (type(base).__name__, dict.fromkeys(nonlinear, False))
     scheduler = getattr(diffusers, class_name).from_config(base.config, **settings)
     changes = {}
     if type(scheduler) is not type(base):
@@ -694,57 +733,29 @@ def _sample_and_write(
     the ensemble."""
     import torch
 
-    from bayesdiff_ext import aggregation, methods
+    from bayesdiff_ext import aggregation
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.sampler import BayesDiffSampler
-    from bayesdiff_ext.sampler.schedulers import check_supported
 
     out_dir, scores_to_report = run_options
-    channels = unet.config.in_channels
-    if channels not in (1, 3):
-        raise ValueError(
-            f"the model makes {channels}-channel samples; the command line writes grey or RGB "
-            "images only (for latent models use the Python API)"
-        )
-    device = _device(args.device)
-    scheduler, scheduler_changes = _scheduler_for(args, base_scheduler)
-    check_supported(scheduler, args.eta)
-    scheduler.set_timesteps(args.steps)  # refuses more steps than the model was trained with, before any work
-    unet.to(device)
-    members = [member.to(device) for member in method_inputs.get("members", ())]
-    sampler = methods.sampler_for(
-        args.method,
-        unet,
-        scheduler,
-        posterior=method_inputs.get("posterior"),
-        members=members,
-        passes=args.passes,
-        seed=args.seed,
-        probes=args.probes if args.method == "hfl" else None,
-        last_steps=args.last_steps,
-    )
+    if "pipeline" in method_inputs:
+        sampler, scheduler, scheduler_changes, device, how = _pipeline_sampler(args, method_inputs)
+    else:
+        sampler, scheduler, scheduler_changes, device, how = _unet_sampler(args, unet, base_scheduler, method_inputs)
     generator = torch.Generator("cpu").manual_seed(args.seed)
-
     # The options the method's sample() takes; the recorded settings say what the run used.
     uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
     recorded = uncertainty
-    how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
     if args.method == "x0-drift":
         uncertainty, recorded = {}, dict(last_steps=args.last_steps)
-        how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
     elif isinstance(sampler, BayesDiffSampler):
         # hfl and isotropic derive their posterior from the file's (other structure, other δ)
         described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
-    else:
-        passes = f"{args.passes} dropout passes"
-        if args.method == "ensemble":
-            passes = f"{len(members) + 1} members"
-        how = f"{passes}, sampler-noise {how}"
     if scheduler_changes:
         _say(_describe_changes(args, scheduler_changes))
     _say(
-        f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
-        f"{how}, on {device}"
+        f"sampling {args.num_images} images: {args.sampler or type(scheduler).__name__}, {args.steps} steps, "
+        f"method {args.method}, {how}, on {device}"
     )
     started = time.perf_counter()
     runs = []
@@ -815,6 +826,106 @@ def _sample_and_write(
     return 0
 
 
+def _unet_sampler(args, unet, base_scheduler, method_inputs: dict):
+    """(sampler, scheduler, its changes, device, a line on the method) of an unconditional UNet model."""
+    from bayesdiff_ext import methods
+    from bayesdiff_ext.sampler.schedulers import check_supported
+
+    channels = unet.config.in_channels
+    if channels not in (1, 3):
+        raise ValueError(
+            f"the model makes {channels}-channel samples; the command line writes grey or RGB images only "
+            "(a latent model is sampled from its pipeline folder: Stable Diffusion, SDXL, SD3, Flux, "
+            "PixArt-Sigma or DiT)"
+        )
+    device = _device(args.device)
+    scheduler, scheduler_changes = _scheduler_for(args, base_scheduler)
+    check_supported(scheduler, args.eta)
+    scheduler.set_timesteps(args.steps)  # refuses more steps than the model was trained with, before any work
+    unet.to(device)
+    members = [member.to(device) for member in method_inputs.get("members", ())]
+    sampler = methods.sampler_for(
+        args.method,
+        unet,
+        scheduler,
+        posterior=method_inputs.get("posterior"),
+        members=members,
+        passes=args.passes,
+        seed=args.seed,
+        probes=args.probes if args.method == "hfl" else None,
+        last_steps=args.last_steps,
+    )
+    how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
+    if args.method == "x0-drift":
+        how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
+    elif args.method == "mc-dropout":
+        how = f"{args.passes} dropout passes, sampler-noise {how}"
+    elif args.method == "ensemble":
+        how = f"{len(members) + 1} members, sampler-noise {how}"
+    return sampler, scheduler, scheduler_changes, device, how
+
+
+def _pipeline_sampler(args, method_inputs: dict):
+    """(sampler, scheduler, its changes, device, a line on the method) of a pipeline folder: the
+    pipeline wrapper with the run's conditioning, its own scheduler unless --sampler names one."""
+    from bayesdiff_ext import BayesDiffPipeline
+    from bayesdiff_ext.pipelines.batch_sampler import PipelineSampler
+    from bayesdiff_ext.sampler.schedulers import check_supported
+
+    pipe = method_inputs["pipeline"]
+    if args.sampler == "ddpm" or args.eta:
+        raise ValueError(
+            "a pipeline folder is sampled with a deterministic scheduler (its pixel maps have no sampler-noise "
+            "part): leave out --sampler ddpm and --eta"
+        )
+    device = _device(args.device)
+    scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler)
+    check_supported(scheduler, args.eta)
+    pipe.scheduler = scheduler
+    wrapper = BayesDiffPipeline.from_pipe(pipe.to(device), method_inputs["posterior"])
+    sampler = PipelineSampler(wrapper, _pipeline_conditioning(args, wrapper), decode_samples=args.decode_samples)
+    how = (
+        f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples, "
+        f"pixel maps from {args.decode_samples} decoded latents"
+    )
+    return sampler, scheduler, scheduler_changes, device, how
+
+
+def _pipeline_conditioning(args, wrapper) -> dict:
+    """The stock call's arguments of one image from the pipeline options (the pipeline's own defaults otherwise)."""
+    if wrapper.prompted:
+        if args.class_label is not None:
+            raise ValueError(f"--class-label applies to DiT; {type(wrapper.pipe).__name__} takes --prompt")
+        call = {"prompt": args.prompt or ""}
+        if getattr(args, "negative_prompt", None) is not None:
+            call["negative_prompt"] = args.negative_prompt
+    else:
+        if args.prompt is not None or getattr(args, "negative_prompt", None) is not None:
+            raise ValueError(f"{type(wrapper.pipe).__name__} is class-conditional: pass --class-label, not --prompt")
+        if args.class_label is None:
+            raise ValueError(f"{type(wrapper.pipe).__name__} is class-conditional: pass --class-label K")
+        call = {"class_labels": args.class_label}
+    if getattr(args, "guidance_scale", None) is not None:
+        call["guidance_scale"] = args.guidance_scale
+    call.update(wrapper.command_line_arguments())
+    if "height" not in wrapper.stock_arguments():
+        if args.height is not None or args.width is not None:
+            raise ValueError(f"{type(wrapper.pipe).__name__} makes images of its model's size: leave out --height/--width")
+        return call
+    height, width = wrapper.default_size()
+    return {**call, "height": args.height or height, "width": args.width or width}
+
+
+def _refuse_pipeline_options(args) -> None:
+    """The pipeline options given for a UNet folder: refused, naming the first."""
+    for flag in ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} applies to pipeline folders (Stable Diffusion, SDXL, SD3, Flux, "
+                f"PixArt-Sigma, DiT); {args.model} is an unconditional UNet model"
+            )
+
+
 def _posterior_description(posterior, path) -> dict:
     return {
         "posterior": str(path),
@@ -846,6 +957,7 @@ def _run_demo(args) -> int:
     from bayesdiff_ext import digits
 
     run_options = _check_run_options(args)
+    args.sampler = args.sampler or "ddim"
     started = time.perf_counter()
     root = digits.bundled_dir()
     described = {"command": "demo", "model": "bundled digits (bayesdiff_ext/assets/digits)"}
@@ -893,9 +1005,13 @@ def _ensemble_members(args, root: Path, scheduler_dir: Path) -> list:
 
 
 def _run_sample(args) -> int:
-    from bayesdiff_ext.io.inputs import load_model
+    from bayesdiff_ext.io.inputs import load_model, pipeline_class
 
     run_options = _check_run_options(args)
+    if pipeline_class(args.model) is not None:
+        return _run_pipeline_sample(args, run_options)
+    _refuse_pipeline_options(args)
+    args.sampler = args.sampler or "ddim"
     laplace = args.method in ("laplace", "hfl", "isotropic")
     if laplace and args.posterior is None:
         raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
@@ -914,6 +1030,29 @@ def _run_sample(args) -> int:
         described["ensemble"] = [str(p) for p in args.ensemble]
     load_s = time.perf_counter() - started
     return _sample_and_write(args, run_options, unet, scheduler, inputs, described, load_s)
+
+
+def _run_pipeline_sample(args, run_options) -> int:
+    """``sample`` on a pipeline folder: the Laplace method through the pipeline's wrapper."""
+    from bayesdiff_ext.io.inputs import load_pipeline
+
+    if args.method != "laplace":
+        raise ValueError(f"--method {args.method} takes unconditional UNet models; a pipeline folder samples --method laplace")
+    if args.posterior is None:
+        raise ValueError("--method laplace needs --posterior FILE (made by `bayesdiff fit`)")
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    posterior = _load_posterior(args.posterior, getattr(pipe, "unet", None) or pipe.transformer)
+    described = {
+        "command": "sample",
+        "model": str(args.model),
+        "pipeline": type(pipe).__name__,
+        **{k: getattr(args, k) for k in ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width")},
+        "decode_samples": args.decode_samples,
+        **_posterior_description(posterior, args.posterior),
+    }
+    inputs = {"pipeline": pipe, "posterior": posterior}
+    return _sample_and_write(args, run_options, None, pipe.scheduler, inputs, described, time.perf_counter() - started)
 
 
 def _fit_images(args, unet):
@@ -972,7 +1111,7 @@ def _fit_posterior(args, unet):
 def _run_fit(args) -> int:
     import torch
 
-    from bayesdiff_ext.io.inputs import load_model
+    from bayesdiff_ext.io.inputs import load_model, pipeline_class
 
     default_name = (args.structure or "diag") if args.inference == "laplace" else args.inference
     out = (args.out or Path(f"posterior_{default_name}.safetensors")).expanduser().absolute()
@@ -982,6 +1121,9 @@ def _run_fit(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+    if pipeline_class(args.model) is not None:
+        return _fit_pipeline(args, out)
+    _refuse_pipeline_options(args)
     unet, scheduler = load_model(args.model, args.scheduler)
     posterior = _fit_posterior(args, unet)
     images = _fit_images(args, unet)
@@ -999,6 +1141,10 @@ def _run_fit(args) -> int:
         generator=torch.Generator("cpu").manual_seed(args.seed),
         progress=not args.no_progress,
     )
+    return _save_posterior(posterior, out)
+
+
+def _save_posterior(posterior, out: Path) -> int:
     posterior.save(out)
     _say(repr(posterior))
     record = getattr(posterior, "record", {})
@@ -1007,6 +1153,41 @@ def _run_fit(args) -> int:
         _say(", ".join(reported))
     print(out)
     return 0
+
+
+def _fit_pipeline(args, out: Path) -> int:
+    """``fit`` on a pipeline folder: images encoded by its VAE, conditioned by --prompt/--class-label."""
+    import torch
+
+    from bayesdiff_ext import BayesDiffPipeline
+    from bayesdiff_ext.io.inputs import load_images, load_pipeline
+    from bayesdiff_ext.pipelines import fit_pipeline_posterior
+
+    if args.data == BUILTIN_DIGITS:
+        raise ValueError(f"{BUILTIN_DIGITS} are grey 16x16 digits; a pipeline folder is fitted on RGB images (--data)")
+    pipe = load_pipeline(args.model)
+    posterior = _fit_posterior(args, getattr(pipe, "unet", None) or pipe.transformer)
+    conditioning = _pipeline_conditioning(args, BayesDiffPipeline.from_pipe(pipe, posterior))
+    default_height, default_width = BayesDiffPipeline.from_pipe(pipe, posterior).default_size()
+    height, width = conditioning.pop("height", default_height), conditioning.pop("width", default_width)
+    conditioning = {k: v for k, v in conditioning.items() if k in ("prompt", "class_labels")}
+    if height != width:
+        raise ValueError(f"--height {height} and --width {width} differ: the command line fits square images")
+    images = load_images(args.data, size=height, channels=3)
+    device = _device(args.device)
+    pipe.to(device)
+    _say(f"fitting a posterior of {type(pipe).__name__} on {len(images)} images x {args.timesteps_per_image} timestep(s) on {device}")
+    fit_pipeline_posterior(
+        pipe,
+        images.to(device),
+        posterior,
+        batch_size=args.batch_size,
+        timesteps_per_image=args.timesteps_per_image,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        progress=not args.no_progress,
+        **conditioning,
+    )
+    return _save_posterior(posterior, out)
 
 
 def _run_eval(args) -> int:

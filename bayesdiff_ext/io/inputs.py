@@ -16,7 +16,7 @@ from PIL import Image
 
 from bayesdiff_ext.validation import pixels_to_model_scale
 
-__all__ = ["IMAGE_SUFFIXES", "load_images", "load_model"]
+__all__ = ["IMAGE_SUFFIXES", "PIPELINE_CLASSES", "load_images", "load_model", "load_pipeline", "pipeline_class"]
 
 #: The stem of a diffusers model's weights files (.safetensors, .bin, and their shards).
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -153,3 +153,48 @@ def load_images(path: str | os.PathLike, size: int, channels: int) -> torch.Tens
             f"{size}, {size}) with N >= 1"
         )
     return pixels_to_model_scale(data, name=f"images from {source}")
+
+
+#: Pipeline folders the command line samples and fits through ``BayesDiffPipeline`` (by the class
+#: ``model_index.json`` names); a DDPM/DDIM pipeline folder is read as its unconditional UNet.
+PIPELINE_CLASSES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "PixArtSigmaPipeline",
+    "DiTPipeline",
+)
+
+
+def pipeline_class(model_dir: str | os.PathLike) -> str | None:
+    """The pipeline class a folder's ``model_index.json`` names when it is one of :data:`PIPELINE_CLASSES`."""
+    index = Path(model_dir).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    name = _config(index).get("_class_name")
+    return name if name in PIPELINE_CLASSES else None
+
+
+def load_pipeline(model_dir: str | os.PathLike):
+    """Load a saved pipeline of :data:`PIPELINE_CLASSES` (``pipeline.save_pretrained``), offline, float32,
+    its models in eval mode."""
+    import diffusers
+    import transformers
+
+    root = Path(model_dir).expanduser()
+    name = pipeline_class(root)
+    if name is None:
+        raise ValueError(f"{root} is not a folder of one of {', '.join(PIPELINE_CLASSES)}")
+    # the libraries' loading bars would drown the command's own lines
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(str(root), local_files_only=True, low_cpu_mem_usage=False)
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+    for component in pipe.components.values():
+        if hasattr(component, "eval"):
+            component.eval()
+    return pipe

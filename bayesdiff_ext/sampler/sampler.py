@@ -162,7 +162,7 @@ class BayesDiffSampler:
                 t,
                 prediction,
                 head_var,
-                lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance),
+                lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance, index=step.index),
             )
             image_prediction = engine.image_prediction(step, prediction, head_var)
             x = scheduler.step(image_prediction, t, x, generator=generator, **step_kwargs).prev_sample

@@ -103,6 +103,22 @@ class SchedulerDescription(abc.ABC):
             )
         return {key: options.get(key, default) for key, default in self.step_options.items()}
 
+    def input_scale(self, index: int):
+        """The divisor of the model input at step ``index`` (``scale_model_input(x) = x / input_scale``),
+        or None where the model sees the sample itself."""
+        return None
+
+    def model_input(self, x, index: int):
+        """``scheduler.scale_model_input(x, t)`` at step ``index``, whatever step the scheduler is at now
+        (a step-end callback runs after it has moved on); bitwise the scheduler's own arithmetic."""
+        scale = self.input_scale(index)
+        return x if scale is None else x / scale
+
+    def sample_from_model_input(self, model_input, index: int):
+        """The sample whose model input at step ``index`` is ``model_input`` (exact up to one rounding)."""
+        scale = self.input_scale(index)
+        return model_input if scale is None else model_input * scale
+
     def step_kwargs(self) -> dict[str, Any]:
         """The keyword arguments to pass to ``scheduler.step`` besides the output, timestep and sample."""
         return dict(self.options)
