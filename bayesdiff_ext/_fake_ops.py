@@ -6,12 +6,7 @@ host emulation of the CUDA kernels used by the tests.
 
 import torch
 
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-
-
-def result_dtype(dtype: torch.dtype) -> torch.dtype:
-    """16-bit inputs are accumulated and returned in float32."""
-    return torch.float32 if dtype in _HALF_TYPES else dtype
+from bayesdiff_ext.numerics import accumulation_dtype
 
 
 def _check_same(name: str, t, ref, ref_name: str, shape) -> None:
@@ -44,7 +39,7 @@ def register_fakes(namespace: str) -> None:
     def _moment_step_fake(mean_x, var_x, eps_mean, eps_var, cov_x_eps, a, b, c2, clamp=True):
         for name, t in (("var_x", var_x), ("eps_mean", eps_mean), ("eps_var", eps_var), ("cov_x_eps", cov_x_eps)):
             _check_same(name, t, mean_x, "mean_x", mean_x.shape)
-        dtype = result_dtype(mean_x.dtype)
+        dtype = accumulation_dtype(mean_x.dtype)
         return mean_x.new_empty(mean_x.shape, dtype=dtype), mean_x.new_empty(mean_x.shape, dtype=dtype)
 
     @torch.library.register_fake(f"{namespace}::mc_moments")
@@ -53,26 +48,26 @@ def register_fakes(namespace: str) -> None:
         _check_same("eps_mean", eps_mean, x, "x", x.shape)
         _check_same("eps_var", eps_var, x, "x", x.shape)
         _check_same("mean_x", mean_x, x, "x", x.shape[1:])
-        dtype = result_dtype(x.dtype)
+        dtype = accumulation_dtype(x.dtype)
         return tuple(mean_x.new_empty(mean_x.shape, dtype=dtype) for _ in range(3))
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ggn")
     def _conv_diag_ggn_fake(phi, kernel_size, stride, padding, dilation):
         _patch_output_size(phi, kernel_size, stride, padding, dilation)
-        return phi.new_empty((phi.shape[1], *kernel_size), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((phi.shape[1], *kernel_size), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ef")
     def _conv_diag_ef_fake(phi, residual, kernel_size, stride, padding, dilation):
         out_h, out_w = _patch_output_size(phi, kernel_size, stride, padding, dilation)
         torch._check(residual.dim() == 4, lambda: "`residual` must have shape (N, C, H_out, W_out)")
         _check_same("residual", residual, phi, "phi", (phi.shape[0], residual.shape[1], out_h, out_w))
-        return phi.new_empty((residual.shape[1], phi.shape[1], *kernel_size), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((residual.shape[1], phi.shape[1], *kernel_size), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_patch_gram")
     def _conv_patch_gram_fake(phi, kernel_size, stride, padding, dilation):
         _patch_output_size(phi, kernel_size, stride, padding, dilation)
         augmented = phi.shape[1] * kernel_size[0] * kernel_size[1] + 1
-        return phi.new_empty((augmented, augmented), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((augmented, augmented), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_head_mean_var")
     def _conv_head_mean_var_fake(phi, weight, bias, weight_var, bias_var, stride, padding, dilation, groups):
@@ -84,7 +79,7 @@ def register_fakes(namespace: str) -> None:
         _check_same("bias", bias, phi, "phi", weight.shape[:1])
         _check_same("bias_var", bias_var, phi, "phi", weight.shape[:1])
         shape = (phi.shape[0], weight.shape[0], out_h, out_w)
-        dtype = result_dtype(phi.dtype)
+        dtype = accumulation_dtype(phi.dtype)
         return phi.new_empty(shape, dtype=dtype), phi.new_empty(shape, dtype=dtype)
 
     @torch.library.register_fake(f"{namespace}::linear_head_mean_var")
@@ -95,7 +90,7 @@ def register_fakes(namespace: str) -> None:
         _check_same("bias", bias, phi, "phi", weight.shape[:1])
         _check_same("bias_var", bias_var, phi, "phi", weight.shape[:1])
         shape = (*phi.shape[:-1], weight.shape[0])
-        dtype = result_dtype(phi.dtype)
+        dtype = accumulation_dtype(phi.dtype)
         return phi.new_empty(shape, dtype=dtype), phi.new_empty(shape, dtype=dtype)
 
     @torch.library.register_fake(f"{namespace}::conv_head_var_factored")
@@ -107,4 +102,4 @@ def register_fakes(namespace: str) -> None:
         _check_same("proj_bias", proj_bias, phi, "phi", (rank,))
         _check_same("mix", mix, phi, "phi", (mix.shape[0], rank))
         _check_same("bias_var", bias_var, phi, "phi", mix.shape[:1])
-        return phi.new_empty((phi.shape[0], mix.shape[0], out_h, out_w), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((phi.shape[0], mix.shape[0], out_h, out_w), dtype=accumulation_dtype(phi.dtype))

@@ -27,6 +27,8 @@ __all__ = ["Denoiser", "model_prediction", "repeat_batch", "stepped_prediction"]
 
 # Transformers whose pipelines pass ``timestep / 1000``: the model embeds σ·1000 / 1000 = σ.
 _TIMESTEP_PER_MILLE = ("FluxTransformer2DModel",)
+# Conditioning without a batch dimension (Flux's rotary position ids).
+_UNBATCHED_KWARGS = ("img_ids", "txt_ids")
 
 
 def model_prediction(out) -> torch.Tensor:
@@ -146,5 +148,13 @@ class Denoiser:
 
     @staticmethod
     def tile(model_kwargs: Mapping[str, Any] | None, batch: int, repeats: int) -> dict[str, Any]:
-        """Conditioning for ``repeats`` stacked copies of a batch (rows laid out copy-major)."""
-        return repeat_batch(dict(model_kwargs or {}), batch, repeats)
+        """Conditioning for ``repeats`` stacked copies of a batch (rows laid out copy-major).
+
+        Flux's position ids (``img_ids`` (N, 3), ``txt_ids``) have no batch dimension and are never
+        tiled, even when their token count happens to equal the batch.
+        """
+        kwargs = dict(model_kwargs or {})
+        return {
+            key: value if key in _UNBATCHED_KWARGS else repeat_batch(value, batch, repeats)
+            for key, value in kwargs.items()
+        }

@@ -1,4 +1,4 @@
-"""Classifier-free guidance with a Bayesian head: ε_cfg and its variance (SPEC §2).
+"""Classifier-free guidance with a Bayesian head: ε_cfg and its variance (docs/MATH.md §2).
 
 Guidance combines the unconditional and conditional predictions, ε_cfg = (1−s)·ε_u + s·ε_c. Both
 come from the *same* head weights θ, so with a head linear in θ,

@@ -2,34 +2,9 @@
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 
-from bayesdiff_ext.denoiser import Denoiser, model_prediction, repeat_batch
-from tests.test_posterior_models import tiny_condition_unet, tiny_unet
-
-
-def tiny_dit() -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
-    ).eval()
-
-
-def tiny_sd3() -> SD3Transformer2DModel:
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=2,
-        joint_attention_dim=6, caption_projection_dim=8, pooled_projection_dim=5, out_channels=4, pos_embed_max_size=8,
-    ).eval()
-
-
-def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=6, pooled_projection_dim=5, guidance_embeds=False, axes_dims_rope=(2, 2, 4),
-    ).eval()
+from bayesdiff_ext.denoiser import Denoiser, model_prediction, repeat_batch, stepped_prediction
+from tiny_models import tiny_condition_unet, tiny_dit, tiny_flux, tiny_sd3, tiny_unet
 
 
 @torch.no_grad()
@@ -79,6 +54,8 @@ def test_repeat_batch_tiles_copy_major_and_passes_the_rest():
     assert torch.equal(tiled["n"]["b"], torch.cat([states] * 3))
     assert tiled["flag"] is True and tiled["ids"].shape == (16, 3)
     assert Denoiser.tile(None, 2, 3) == {}
+    ids = torch.zeros(2, 3)  # Flux's img_ids for 2 tokens, with a batch of 2: not a batch
+    assert Denoiser.tile({"img_ids": ids, "a": states}, 2, 3)["img_ids"] is ids
 
 
 def test_refusals_name_the_problem():
@@ -88,3 +65,12 @@ def test_refusals_name_the_problem():
         Denoiser(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="cannot read the prediction"):
         model_prediction({"x": 1})
+
+
+def test_stepped_prediction_drops_learned_variance_channels():
+    sample, out = torch.randn(2, 4, 8, 8), torch.randn(2, 8, 8, 8)
+    assert torch.equal(stepped_prediction(out, sample), out[:, :4])
+    tokens = torch.randn(2, 16, 8)
+    assert stepped_prediction(tokens, tokens) is tokens
+    with pytest.raises(ValueError, match="neither shaped like its sample"):
+        stepped_prediction(torch.randn(2, 5, 8, 8), sample)

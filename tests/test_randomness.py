@@ -13,14 +13,14 @@ from bayesdiff_ext.randomness import (
     peek_seed,
     restartable,
 )
-from test_posterior_models import tiny_unet
+from tiny_models import tiny_unet
 
 SEED, NUM_IMAGES, STEPS = 11, 4, 4
 
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet(seed=3)
+    return tiny_unet(seed=3, add_attention=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The recurrence's regression (Stein) estimator of Cov(x_t, ε) and the spread of ε (docs/MATH.md §2)."""
 
 import torch
-from test_sampler import _ddim, _noise, _posterior, _unet
+from test_sampler import _ddim, _noise, _posterior
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import BayesDiffSampler
 from bayesdiff_ext import reference
@@ -32,7 +33,7 @@ def test_zero_variance_gives_zero_covariance():
 def test_sampler_with_the_regression_estimator_agrees_with_many_plain_draws():
     """Measured on the tiny UNet (10 DDIM steps): S = 10 regression and S = 200 plain means agree
     within 1%; bound 5%."""
-    unet = _unet()
+    unet = tiny_unet()
     posterior = _posterior(unet)
 
     def run(covariance, samples):

@@ -13,7 +13,8 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from test_posterior_models import dense_covariance, tiny_unet
+from test_posterior_models import dense_covariance
+from tiny_models import tiny_unet
 from torch import nn
 
 from bayesdiff_ext import LastLayerLaplace
@@ -27,7 +28,7 @@ STEPS, SEED = 4, 7
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet(seed=2)
+    return tiny_unet(seed=2, add_attention=False)
 
 
 @pytest.fixture(scope="module")

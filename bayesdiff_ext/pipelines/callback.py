@@ -14,6 +14,7 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.schedulers import describe
@@ -40,8 +41,10 @@ class UncertaintyCallback(PipelineCallback):
     are exactly the stock pipeline's); see x_T or the step's ε other than through those hooks;
     save UNet calls — its Monte Carlo passes (S samples, 2·S·B rows with guidance) are extra UNet
     calls it makes itself at every uncertainty step. It supports the sampler's schedulers with
-    one UNet call per step (DDIM, DDPM, first-order DPM-Solver; not DPM-Solver-2's two-stage
-    steps), needs ``eta`` to be the one given to the pipeline, and rejects ``guidance_rescale``.
+    one UNet call per step and an unscaled model input (DDIM, DDPM, first-order DPM-Solver; not
+    DPM-Solver-2's two-stage steps, nor the Euler family, whose model input is scaled by a σ the
+    scheduler has already moved past when the callback runs), needs ``eta`` to be the one given
+    to the pipeline, and rejects ``guidance_rescale``.
 
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
@@ -95,7 +98,7 @@ class UncertaintyCallback(PipelineCallback):
         """Per-image sum of the latent variance (BayesDiff's score), (B,)."""
         if self.variance is None:
             raise RuntimeError("no step has been tracked yet: pass the callback to a pipeline call first")
-        return self.variance.flatten(1).sum(dim=1)
+        return per_image_sum(self.variance)
 
     def pixel_moments(
         self, vae, *, samples: int = 16, batch_size: int = 8, generator=None
@@ -144,7 +147,14 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
-        plan = describe(pipeline.scheduler, self.settings["eta"]).steps()
+        description = describe(pipeline.scheduler, self.settings["eta"])
+        if description.scales_model_input:
+            raise ValueError(
+                f"{description.name} scales the model input by its current σ, and a step-end callback runs "
+                "after the scheduler has moved to the next one (its model input is not x_T either): "
+                "use BayesDiffSampler for this scheduler"
+            )
+        plan = description.steps()
         restarts = [s.index for s in plan if s.origin != s.index]
         if restarts:
             raise ValueError(
@@ -154,7 +164,7 @@ class UncertaintyCallback(PipelineCallback):
             )
         self._model_call = ModelCall(self._recorder.unet, pipeline.scheduler, self.posterior)
         x_start = call.sample[:batch]
-        dtype = torch.float64 if x_start.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(x_start)
         generator = ImageStreams.derived(self.generator, batch, x_start.device, "monte_carlo")
         self._engine = StepEngine(
             plan, self.settings, moment_dtype=dtype, generator=generator, trace=self.trace is not None

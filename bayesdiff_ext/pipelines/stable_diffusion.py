@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext import latent
@@ -20,7 +21,7 @@ __all__ = ["BayesDiffStableDiffusionPipeline"]
 _DECODE_STREAM = 0x5DEECE66D
 
 
-class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
+class BayesDiffStableDiffusionPipeline(BayesDiffPipeline, wraps=StableDiffusionPipeline):
     """``StableDiffusionPipeline.__call__``'s arguments plus the uncertainty arguments.
 
     The prompt is encoded, x_T drawn and the images decoded, checked and post-processed by the

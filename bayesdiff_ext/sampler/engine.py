@@ -18,6 +18,7 @@ import torch
 
 from bayesdiff_ext import ops
 from bayesdiff_ext.randomness import ImageStreams
+from bayesdiff_ext.numerics import per_image_sum
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
@@ -193,7 +194,7 @@ class StepEngine:
                     monte_carlo=monte_carlo,
                     mean=self.mean,
                     variance=self.var,
-                    variance_sum=self.var.flatten(1).sum(dim=1),
+                    variance_sum=per_image_sum(self.var),
                     aleatoric_variance=self.aleatoric,
                 )
             )

@@ -1,4 +1,4 @@
-"""The moments of a step's ε term: closed form at the image sample, or Monte Carlo over x_t (SPEC §2).
+"""The moments of a step's ε term: closed form at the image sample, or Monte Carlo over x_t (docs/MATH.md §2).
 
 A step x' = a·x_origin + Σ_j b_j·out_j + c·z is written a·x_origin + b·ε_eff + c·z with b = b_last
 and ε_eff = out_last + (b_first/b_last)·out_first for DPM-Solver-2's second stage (ε_eff = out

@@ -4,7 +4,7 @@ What a model call means is decided here once, for the image path and the Monte C
 
 * the model is called through :class:`~bayesdiff_ext.denoiser.Denoiser` (UNets and transformers:
   sample argument by name, timestep by keyword);
-* it sees ``scheduler.scale_model_input(x, t)`` (Euler: x/√(σ²+1)) while the moments and the
+* it sees ``scheduler.scale_model_input(x, t)`` where the scheduler has one (Euler: x/√(σ²+1)) while the moments and the
   Monte Carlo draws stay in the scheduler's own space;
 * classifier-free guidance runs both branches in one call and the head's variance is that of the
   guided prediction (:class:`~bayesdiff_ext.guidance.ClassifierFreeGuidance`);
@@ -58,7 +58,7 @@ class ModelCall:
 
         ``kwargs`` are the conditioning of the B rows (under guidance: ``guidance.branch_kwargs(...)``).
         """
-        out, _, head_var = self._forward(self.scheduler.scale_model_input(x, t), t, kwargs, want_head, guidance)
+        out, _, head_var = self._forward(self.model_input(x, t), t, kwargs, want_head, guidance)
         prediction = stepped_prediction(out, x)
         if head_var is not None and head_var.shape != prediction.shape:
             raise ValueError(
@@ -81,13 +81,18 @@ class ModelCall:
         space and scaled for the model here; the moments come back in ``dtype``.
         """
         repeats, batch = samples.shape[:2]
-        flat = self.scheduler.scale_model_input(samples.flatten(0, 1).to(self.denoiser.dtype), t)
+        flat = self.model_input(samples.flatten(0, 1).to(self.denoiser.dtype), t)
         tiled = Denoiser.tile(kwargs, batch, repeats)
         _, head_mean, head_var = self._forward(flat, t, tiled, True, guidance)
         return (
             head_mean.to(dtype).unflatten(0, (repeats, batch)),
             head_var.to(dtype).unflatten(0, (repeats, batch)),
         )
+
+    def model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        """``scheduler.scale_model_input(x, t)``, or ``x`` for a scheduler without one (flow matching)."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        return x if scale is None else scale(x, t)
 
     def _forward(self, x, t, kwargs, want_head: bool, guidance: ClassifierFreeGuidance | None):
         """One model call (both guidance branches in it): its output and, with ``want_head``, the

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from bayesdiff_ext.numerics import per_image_sum
+
 __all__ = ["BayesDiffOutput", "TrajectoryDraws"]
 
 
@@ -53,7 +55,7 @@ class BayesDiffOutput:
     draws: TrajectoryDraws | None = None
 
     def __post_init__(self) -> None:
-        self.scores = self.variance.flatten(1).sum(dim=1)
+        self.scores = per_image_sum(self.variance)
         if self.aleatoric_variance is None:
             self.aleatoric_variance = torch.zeros_like(self.variance)
         self.aleatoric_variance = torch.minimum(self.aleatoric_variance.clamp_min(0), self.variance)

@@ -1,4 +1,4 @@
-"""BayesDiffSampler: the scheduler's own loop, with E[x_t] and Var[x_t] carried alongside (docs/MATH.md §2)."""
+"""BayesDiffSampler: the scheduler's own loop with E[x_t] and Var[x_t] alongside (docs/MATH.md §2)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.model_call import ModelCall
@@ -140,7 +141,7 @@ class BayesDiffSampler:
         if guidance is not None:
             kwargs = guidance.branch_kwargs(kwargs)
         x = self.draw_noise(batch_size, noise, generator)
-        moment_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        moment_dtype = accumulation_dtype(x)
         mc_generator = ImageStreams.derived(generator, x.shape[0], x.device, "monte_carlo")
 
         scheduler.set_timesteps(num_inference_steps, **(set_timesteps_kwargs or {}))

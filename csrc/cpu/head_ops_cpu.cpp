@@ -1,4 +1,4 @@
-// CPU implementation of the head ops (SPEC §1.1): the per-element math of kernels/head_math.h in
+// CPU implementation of the head ops (docs/MATH.md §1.1): the per-element math of kernels/head_math.h in
 // register-blocked loops, compiled for AVX-512, AVX2 and the baseline ISA and picked at run time
 // (the wheel must run anywhere; the head is compute-bound, so the vector width matters).
 #include <ATen/Parallel.h>

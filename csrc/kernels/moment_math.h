@@ -1,4 +1,4 @@
-// Per-element math of the moment recurrence (SPEC §2), shared by the CPU and CUDA kernels.
+// Per-element math of the moment recurrence (docs/MATH.md §2), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include "kernels/platform.h"

@@ -14,6 +14,9 @@ from bayesdiff_ext.sampler.schedulers.base import AffineStep, SchedulerDescripti
 from bayesdiff_ext.sampler.schedulers.ddim import DDIM
 from bayesdiff_ext.sampler.schedulers.ddpm import DDPM
 from bayesdiff_ext.sampler.schedulers.dpm_singlestep import DPMSolverSinglestep
+from bayesdiff_ext.sampler.schedulers.euler import Euler
+from bayesdiff_ext.sampler.schedulers.euler_ancestral import EulerAncestral
+from bayesdiff_ext.sampler.schedulers.flow_match_euler import FlowMatchEuler
 
 __all__ = ["DESCRIPTIONS", "AffineStep", "SchedulerDescription", "check_supported", "describe", "step_coefficients"]
 
@@ -21,6 +24,9 @@ DESCRIPTIONS: tuple[type[SchedulerDescription], ...] = (
     DDIM,
     DDPM,
     DPMSolverSinglestep,
+    Euler,
+    EulerAncestral,
+    FlowMatchEuler,
 )
 
 

@@ -46,7 +46,8 @@ class SchedulerDescription(abc.ABC):
         options (`dict`, *optional*): keyword arguments of ``scheduler.step`` the family takes
             (``step_options``, e.g. DDIM's ``eta``); missing ones take their defaults.
 
-    Subclasses set ``schedulers``, ``prediction_types`` and ``step_options``, extend :meth:`check`
+    Subclasses set ``schedulers``, ``prediction_types``, ``step_options`` and
+    ``scales_model_input``, extend :meth:`check`
     with the family's own refusals and implement :meth:`affine_steps`. Adding a scheduler to the
     package means adding one subclass (and its tests); the step engine needs nothing else.
     """
@@ -54,6 +55,9 @@ class SchedulerDescription(abc.ABC):
     schedulers: ClassVar[tuple[type, ...]]
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
     step_options: ClassVar[dict[str, float]] = {}
+    # The model sees scale_model_input(x, t) ≠ x (Euler: x/√(σ²+1)), with σ at the scheduler's
+    # current step index: whoever calls the model must do so before the scheduler steps.
+    scales_model_input: ClassVar[bool] = False
 
     def __init__(self, scheduler, options: Mapping[str, Any] | None = None) -> None:
         self.scheduler = scheduler
