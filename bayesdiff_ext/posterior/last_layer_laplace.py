@@ -225,12 +225,22 @@ class LastLayerLaplace:
         token grid for a patch transformer. The model runs in eval mode without gradients and gets its
         mode back afterwards.
 
+        Inside an initialised process group (`torchrun`, `accelerate launch`), every process calls `fit` with
+        the same arguments and fits on its share of the images (a tensor or dataset is cut into batches of
+        `batch_size`, process r taking batches r, r + W, …; a DataLoader must sample with a
+        `DistributedSampler`, whose padding is not counted); the curvature, residual sums and counts are then
+        summed over the processes in float64 (one all-reduce) and σ, δ chosen from the sums, so every process
+        holds the posterior of the union — the one a single process fits, to float64 round-off (docs/MATH.md
+        §10). Save it from one process (`bayesdiff_ext.distributed.is_main_process()`). A process that fails
+        stops the others with `bayesdiff_ext.distributed.RankFailed`.
+
         Args:
             images (`torch.Tensor`, `torch.utils.data.Dataset` or `torch.utils.data.DataLoader`):
                 Training images x_0 at model scale (usually [-1, 1]) in the model's sample layout: a tensor of
                 shape `(num_images, channels, height, width)` (Flux: packed tokens `(num_images, tokens,
                 channels)`), or a dataset/loader whose items are such images (or tuples, or dicts with an
-                `"images"`, `"image"` or `"pixel_values"` entry).
+                `"images"`, `"image"` or `"pixel_values"` entry). Image n (its index in the tensor or dataset,
+                or its place in the loader's order) draws its (t, ε) from stream n.
             scheduler (`SchedulerMixin` or `TrainingNoise`):
                 A DDPM-family diffusers scheduler (its ᾱ table and `prediction_type`), a
                 `FlowMatchEulerDiscreteScheduler` (flow matching with σ uniform), or a
@@ -241,7 +251,7 @@ class LastLayerLaplace:
             timesteps_per_image (`int`, *optional*, defaults to 1):
                 (t, ε) draws per image.
             generator (`torch.Generator`, *optional*):
-                Seeds the fit: one draw of it (on its device) is the fit's seed, and image n's timesteps and ε
+                Seeds the fit: one draw of it (on its device; process 0's in a process group) is the fit's seed, and image n's timesteps and ε
                 come from its own stream (seed, n) (:mod:`bayesdiff_ext.randomness`), so a seeded generator
                 reproduces the fit and the posterior is the same for any `batch_size`.
             model_kwargs (`dict` or callable, *optional*):
@@ -290,6 +300,8 @@ class LastLayerLaplace:
         r"""
         Fit the curvature on precomputed head inputs and targets, for models whose output is not the head's
         output (e.g. a Linear head before unpatchify), then choose σ and δ.
+
+        In a process group, each process passes its own features and the sums are combined as in :meth:`fit`.
 
         Args:
             features (iterable of `(torch.Tensor, torch.Tensor)`):
