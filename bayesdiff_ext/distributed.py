@@ -4,7 +4,7 @@ A run is a list of global image indices cut into batches of ``batch_size`` (:fun
 process r of W takes batches r, r + W, r + 2W, … (:func:`shard_batches`). Every random draw of an
 image comes from (seed, its global index) (:mod:`bayesdiff_ext.randomness`) and every batch is the
 same batch whatever W is, so the results of 1, 2 or N processes are identical, and a fit's
-statistics are sums over images that one all-reduce combines (docs/MATH.md §10).
+statistics are sums over images that one all-reduce combines (docs/MATH.md §11).
 
 Processes are those of the initialised default process group (``torchrun``, ``accelerate launch``,
 or your own ``torch.distributed.init_process_group``); without one, everything here is the

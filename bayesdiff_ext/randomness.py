@@ -45,6 +45,7 @@ STREAMS = {
     "trajectory_noise": 3,
     "fit": 4,
     "decode": 5,
+    "bootstrap": 6,
 }
 
 Generators = torch.Generator | list[torch.Generator] | None

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.distributed import RankFailed, gather_by_index, rank_and_world, shard_batches, shard_indices
+from bayesdiff_ext.posterior.inference import _StatisticsLaplace
+from bayesdiff_ext.posterior.linear_gaussian import HeadStatistics
 from bayesdiff_ext.randomness import image_generators
 from tiny_models import tiny_unet
 
@@ -43,6 +45,14 @@ def fit(unet, structure: str, curvature: str, data, **options) -> LastLayerLapla
         progress=False,
         **options,
     )
+
+
+def head_statistics(unet) -> HeadStatistics:
+    """The data pass of the VI, MCMC and head-ensemble posteriors: (A, B) sums beside the Laplace fit."""
+    laplace = _StatisticsLaplace(unet, "full")
+    laplace.fit(images(), DDPMScheduler(clip_sample=False), batch_size=FIT_BATCH,
+                generator=torch.Generator().manual_seed(1), progress=False)
+    return laplace.statistics
 
 
 def summary(posterior: LastLayerLaplace) -> dict:
@@ -82,6 +92,8 @@ def work(rank: int, world: int, folder: str) -> None:
         unet = model()
         for structure, curvature in FITS:
             results["fits"][f"{structure}/{curvature}"] = summary(fit(unet, structure, curvature, images()))
+        statistics = head_statistics(unet)
+        results["statistics"] = {"gram": statistics.gram, "cross": statistics.cross}
         dataset = TensorDataset(images())
         loader = DataLoader(dataset, batch_size=FIT_BATCH, sampler=DistributedSampler(dataset, shuffle=True, seed=4))
         results["loader"] = summary(fit(unet, "diag", "ggn", loader))

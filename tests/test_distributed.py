@@ -64,6 +64,15 @@ def test_every_process_holds_the_single_process_posterior(ranks, unet, structure
         _assert_same_fit(rank["fits"][f"{structure}/{curvature}"], expected, rtol)
 
 
+def test_the_other_inferences_statistics_are_those_of_one_process(ranks, unet):
+    """VI, MCMC and head ensembles run on (A, B) of the data pass: summed like the curvature."""
+    expected = workers.head_statistics(unet)
+    for rank in ranks:
+        for name in ("gram", "cross"):
+            reference = getattr(expected, name)
+            torch.testing.assert_close(rank["statistics"][name], reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
+
+
 def test_a_distributed_sampler_counts_each_image_once(ranks, unet):
     """11 images over 2 processes: the sampler pads to 12 by repeating image 0; the fit counts 11
     (its batches differ from one process's, so the sums agree to float32 round-off)."""

@@ -231,7 +231,7 @@ class LastLayerLaplace:
         `DistributedSampler`, whose padding is not counted); the curvature, residual sums and counts are then
         summed over the processes in float64 (one all-reduce) and σ, δ chosen from the sums, so every process
         holds the posterior of the union — the one a single process fits, to float64 round-off (docs/MATH.md
-        §10). Save it from one process (`bayesdiff_ext.distributed.is_main_process()`). A process that fails
+        §11). Save it from one process (`bayesdiff_ext.distributed.is_main_process()`). A process that fails
         stops the others with `bayesdiff_ext.distributed.RankFailed`.
 
         Args:
