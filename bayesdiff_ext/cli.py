@@ -250,7 +250,15 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         type=Path,
         default=None,
         metavar="DIR",
-        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/)",
+        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/). "
+        "Finished batches are kept in DIR.work/ until the folder is written; a second run into the same "
+        "folder is refused",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run into --out from the batches kept in DIR.work/ (the same settings "
+        "are required; the result is bit-identical to an uninterrupted run)",
     )
 
 
@@ -492,7 +500,10 @@ def _add_eval_command(commands) -> None:
 # the commands
 # ------------------------------------------------------------------------------------------------
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr (from process 0 only, under torchrun)."""
+    from bayesdiff_ext.cli_session import current
+
+    current().say(message)
 
 
 def _device(name: str | None):
@@ -547,6 +558,7 @@ def _sample_and_write(
     import torch
 
     from bayesdiff_ext import aggregation, methods
+    from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.randomness import image_generators
     from bayesdiff_ext.sampler import BayesDiffSampler
@@ -590,20 +602,22 @@ def _sample_and_write(
         f"{how}, on {device}"
     )
     started = time.perf_counter()
-    runs = []
-    for first in range(0, args.num_images, args.batch_size):
-        indices = range(first, min(first + args.batch_size, args.num_images))
-        runs.append(
-            sampler.sample(
-                batch_size=len(indices),
-                num_inference_steps=args.steps,
-                # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
-                generator=image_generators(args.seed, indices),
-                eta=args.eta,
-                progress=not args.no_progress,
-                **uncertainty,
-            )
-        )
+    # batch by batch, over the processes of a torchrun launch, each batch kept as it finishes (--resume)
+    runs = current().run_batches(
+        lambda indices: sampler.sample(
+            batch_size=len(indices),
+            num_inference_steps=args.steps,
+            # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
+            generator=image_generators(args.seed, indices),
+            eta=args.eta,
+            progress=not args.no_progress,
+            **uncertainty,
+        ),
+        args.num_images,
+        args.batch_size,
+    )
+    if runs is None:  # another process than 0: process 0 writes the output
+        return 0
     images, variance, mean, aleatoric = (
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance")
@@ -812,6 +826,7 @@ def _fit_posterior(args, unet):
 def _run_fit(args) -> int:
     import torch
 
+    from bayesdiff_ext.distributed import is_main_process
     from bayesdiff_ext.io.inputs import load_model
 
     default_name = (args.structure or "diag") if args.inference == "laplace" else args.inference
@@ -839,6 +854,8 @@ def _run_fit(args) -> int:
         generator=torch.Generator("cpu").manual_seed(args.seed),
         progress=not args.no_progress,
     )
+    if not is_main_process():  # every process of a torchrun launch holds the same posterior
+        return 0
     posterior.save(out)
     _say(repr(posterior))
     record = getattr(posterior, "record", {})
@@ -875,24 +892,33 @@ _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bayesdiff`` console script; returns the exit status."""
+    """Entry point of the ``bayesdiff`` console script (and of ``python -m bayesdiff_ext``, which
+    ``torchrun`` launches once per process); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
+
+    from bayesdiff_ext.cli_session import CommandSession
 
     verbosity = diffusers_logging.get_verbosity()
     if not args.debug:
         # diffusers' loading notes (e.g. "install accelerate") would drown the one-line report
         diffusers_logging.set_verbosity_error()
+    session = CommandSession(args, argv)
     try:
-        return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        _say("bayesdiff: interrupted")
-        return 130
+        with session:
+            return _COMMANDS[args.command](args)
+    except KeyboardInterrupt as stop:
+        print(f"bayesdiff: stopped ({stop or 'SIGINT'})", file=sys.stderr, flush=True)
+        hint = session.resume_hint()
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
+        return getattr(stop, "exit_code", 130)
     except (ValueError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
-        _say(f"bayesdiff: error: {message}")
+        print(session.error_line(message), file=sys.stderr, flush=True)
         return 1
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -45,6 +45,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "rank_and_world",
+    "report_failure",
     "shard_batches",
     "shard_indices",
 ]
@@ -151,13 +152,20 @@ def failing_together(state: Any = None) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        # once per error: an enclosing block, or the collective call that learnt of it, must not report it again
-        if not isinstance(error, RankFailed) and not getattr(error, "_reported_to_group", False):
-            with contextlib.suppress(Exception):
-                error._reported_to_group = True
-            with contextlib.suppress(Exception):
-                exchange_status(error, state)
+        report_failure(error, state)
         raise
+
+
+def report_failure(error: BaseException, state: Any = None) -> None:
+    """Tell the other processes that this one failed with ``error`` (the :func:`failing_together` of a
+    block that has already ended). An error is reported once, and a :class:`RankFailed` (learnt from
+    the others) never; a failure of the exchange itself is left out."""
+    if isinstance(error, RankFailed) or getattr(error, "_reported_to_group", False):
+        return
+    with contextlib.suppress(Exception):
+        error._reported_to_group = True
+    with contextlib.suppress(Exception):
+        exchange_status(error, state)
 
 
 def barrier(state: Any = None) -> None:
