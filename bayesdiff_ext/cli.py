@@ -891,6 +891,14 @@ def _run_eval(args) -> int:
 _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": _run_eval}
 
 
+def _stopped(session, line: str) -> None:
+    """Why the command stopped, on every process; on process 0 also how to resume a sampling run."""
+    print(line, file=sys.stderr, flush=True)
+    hint = session.resume_hint()
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bayesdiff`` console script (and of ``python -m bayesdiff_ext``, which
     ``torchrun`` launches once per process); returns the exit status."""
@@ -909,16 +917,13 @@ def main(argv: list[str] | None = None) -> int:
         with session:
             return _COMMANDS[args.command](args)
     except KeyboardInterrupt as stop:
-        print(f"bayesdiff: stopped ({stop or 'SIGINT'})", file=sys.stderr, flush=True)
-        hint = session.resume_hint()
-        if hint:
-            print(hint, file=sys.stderr, flush=True)
+        _stopped(session, f"bayesdiff: stopped ({stop or 'SIGINT'})")
         return getattr(stop, "exit_code", 130)
     except (ValueError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
-        print(session.error_line(message), file=sys.stderr, flush=True)
+        _stopped(session, session.error_line(message))
         return 1
     finally:
         diffusers_logging.set_verbosity(verbosity)
