@@ -269,7 +269,7 @@ def init_from_environment(timeout_s: float | None = None) -> torch.device | None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
         return device
     dist.init_process_group("gloo", timeout=timeout)
     return None
