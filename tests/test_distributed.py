@@ -21,6 +21,8 @@ from bayesdiff_ext.distributed import (
 )
 
 WORLD = 2
+#: the tests that read what the two processes of `ranks` did (~40 s on 2 shared cores, once)
+two_processes = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,7 @@ def _assert_same_fit(ours: dict, expected: dict, rtol: float) -> None:
         torch.testing.assert_close(ours["tensors"][name], tensor, rtol=rtol, atol=rtol * float(tensor.abs().max()))
 
 
+@two_processes
 @pytest.mark.parametrize("structure, curvature", workers.FITS)
 def test_every_process_holds_the_single_process_posterior(ranks, unet, structure, curvature):
     """Same batches, per-image draws, float64 sums over the shards: float64 round-off; kron with the
@@ -64,6 +67,7 @@ def test_every_process_holds_the_single_process_posterior(ranks, unet, structure
         _assert_same_fit(rank["fits"][f"{structure}/{curvature}"], expected, rtol)
 
 
+@two_processes
 def test_the_other_inferences_statistics_are_those_of_one_process(ranks, unet):
     """VI, MCMC and head ensembles run on (A, B) of the data pass: summed like the curvature."""
     expected = workers.head_statistics(unet)
@@ -73,6 +77,7 @@ def test_the_other_inferences_statistics_are_those_of_one_process(ranks, unet):
             torch.testing.assert_close(rank["statistics"][name], reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
 
 
+@two_processes
 def test_a_distributed_sampler_counts_each_image_once(ranks, unet):
     """11 images over 2 processes: the sampler pads to 12 by repeating image 0; the fit counts 11
     (its batches differ from one process's, so the sums agree to float32 round-off)."""
@@ -82,6 +87,7 @@ def test_a_distributed_sampler_counts_each_image_once(ranks, unet):
         _assert_same_fit(rank["loader"], expected, 1e-5)
 
 
+@two_processes
 def test_sampling_by_global_index_is_bit_identical(ranks, unet):
     posterior = workers.fit(unet, "diag", "ggn", workers.images())
     parts = [workers.sample(unet, posterior, batch) for batch in global_batches(workers.NUM_SAMPLES, workers.SAMPLE_BATCH)]
@@ -91,11 +97,13 @@ def test_sampling_by_global_index_is_bit_identical(ranks, unet):
     assert ranks[1]["samples"] is None
 
 
+@two_processes
 def test_an_accelerate_like_state_gives_the_same_shards(ranks):
     assert ranks[0]["state"] == ((0, 2), [0, 1, 4])
     assert ranks[1]["state"] == ((1, 2), [2, 3])
 
 
+@two_processes
 def test_a_failing_process_stops_the_other_with_its_error(ranks):
     assert ranks[1]["failure"] == ("ValueError", workers.FAILURE)
     kind, message = ranks[0]["failure"]
