@@ -3,7 +3,9 @@
 A front door (layer 6 of docs/ARCHITECTURE.md): it parses arguments, calls the package and writes
 files; the method itself lives in :mod:`bayesdiff_ext.posterior`, :mod:`bayesdiff_ext.sampler`,
 :mod:`bayesdiff_ext.aggregation` and :mod:`bayesdiff_ext.io`. Bad input ends with one line on
-stderr, ``bayesdiff: error: ...``, and a non-zero exit status; ``--debug`` adds the traceback.
+stderr, ``bayesdiff: error: ...``: exit status 2 for bad input (an argument, or a file it names:
+the checks of :mod:`bayesdiff_ext.validation` and the loaders), 1 for a failure while running.
+Nothing is written then. ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +27,24 @@ REPORTED_SCORES = {"sum": {}, "mean": {}, "max": {}, "percentile": {"q": 95.0}, 
 #: ``--data`` value that names the bundled scikit-learn digits (16x16) instead of a path.
 BUILTIN_DIGITS = "builtin:digits"
 
-SAMPLERS = ("ddim", "ddpm", "dpm2")
+#: ``--sampler``: the scheduler class built from the model's scheduler config, and the settings it
+#: gets on top of that config (the moment recurrence needs affine steps: no x̂_0 clipping).
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "thresholding": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False, "thresholding": False}),
+    "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2, "thresholding": False}),
+}
+
+#: Errors that mean bad input (exit status 2); any other error is a failure while running (1).
+BAD_INPUT = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
 METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
@@ -94,8 +113,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -156,9 +175,17 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
     )
     g.add_argument(
         "--sampler",
-        choices=SAMPLERS,
+        choices=tuple(SAMPLERS),
         default="ddim",
-        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep)",
+        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep), built from the model's scheduler "
+        "config (its noise schedule); a change of class is reported and recorded in summary.json",
+    )
+    g.add_argument(
+        "--no-clipping",
+        action="store_true",
+        help="sample a model whose scheduler has clip_sample or thresholding on with them off (the moment "
+        "recurrence needs affine steps; the images are then not clipped either). Without it such a "
+        "scheduler is refused",
     )
     g.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps (default 50)")
     g.add_argument(
@@ -511,23 +538,53 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-def _scheduler_for(name: str, base):
-    """The ``--sampler`` family built from the model's own scheduler configuration (its noise
-    schedule), with x̂_0 clipping and thresholding off: the moment recurrence needs affine steps."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
+def _scheduler_for(args, base) -> tuple:
+    """The ``--sampler`` scheduler built from the model's scheduler ``base`` and what it changes of
+    ``base``: ``{"class": [old, new], setting: [old, new], ...}``. A ``base`` with clip_sample or
+    thresholding on is refused unless ``--no-clipping`` (the rule of the Python API, which refuses it)."""
+    import diffusers
 
-    linear = dict(clip_sample=False, thresholding=False)
-    if name == "ddim":
-        return DDIMScheduler.from_config(base.config, **linear)
-    if name == "ddpm":
-        return DDPMScheduler.from_config(base.config, **linear)
-    return DPMSolverSinglestepScheduler.from_config(base.config, solver_order=2, thresholding=False)
+    from bayesdiff_ext.validation import nonlinear_scheduler_settings
+
+    nonlinear = nonlinear_scheduler_settings(base.config)
+    if nonlinear and not args.no_clipping:
+        setting, effect = next(iter(nonlinear.items()))
+        raise ValueError(
+            f"the model's {type(base).__name__} has {setting}=True, which {effect}: the moment recurrence needs "
+            f"affine steps; pass --no-clipping to sample with {' and '.join(nonlinear)} off (the images are then "
+            "not clipped either)"
+        )
+    class_name, settings = SAMPLERS[args.sampler]
+    scheduler = getattr(diffusers, class_name).from_config(base.config, **settings)
+    changes = {}
+    if type(scheduler) is not type(base):
+        changes["class"] = [type(base).__name__, class_name]
+    for key, value in settings.items():
+        if key in base.config and base.config[key] != value:
+            changes[key] = [base.config[key], value]
+    return scheduler, changes
+
+
+def _describe_changes(args, changes: dict) -> str:
+    """One line saying what the run changed of the model's scheduler."""
+    parts = []
+    if "class" in changes:
+        old, new = changes["class"]
+        parts.append(f"{old} -> {new} (--sampler {args.sampler}; its noise schedule is kept)")
+    for key, (old, new) in changes.items():
+        if key != "class":
+            flag = "--no-clipping" if key in ("clip_sample", "thresholding") else f"--sampler {args.sampler}"
+            parts.append(f"{key} {old} -> {new} ({flag})")
+    return "the model's scheduler changed: " + "; ".join(parts)
 
 
 def _check_run_options(args) -> tuple[Path, dict]:
@@ -572,10 +629,11 @@ def _sample_and_write(
             "images only (for latent models use the Python API)"
         )
     device = _device(args.device)
+    scheduler, scheduler_changes = _scheduler_for(args, base_scheduler)
+    check_supported(scheduler, args.eta)
+    scheduler.set_timesteps(args.steps)  # refuses more steps than the model was trained with, before any work
     unet.to(device)
     members = [member.to(device) for member in method_inputs.get("members", ())]
-    scheduler = _scheduler_for(args.sampler, base_scheduler)
-    check_supported(scheduler, args.eta)
     sampler = methods.sampler_for(
         args.method,
         unet,
@@ -597,6 +655,8 @@ def _sample_and_write(
         if args.method == "ensemble":
             passes = f"{len(members) + 1} members"
         how = f"{passes}, sampler-noise {how}"
+    if scheduler_changes:
+        _say(_describe_changes(args, scheduler_changes))
     _say(
         f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
         f"{how}, on {device}"
@@ -647,6 +707,7 @@ def _sample_and_write(
         "sampler_settings": {k: v for k, v in runs[0].settings.items() if k != "timesteps"},
         "timesteps": runs[0].settings.get("timesteps"),
         "scheduler_config": dict(scheduler.config),
+        "scheduler_changes": scheduler_changes,
     }
     timings = {
         "load_s": load_s,
@@ -688,11 +749,9 @@ def _load_posterior(path: Path, unet):
     """The saved posterior on ``unet``'s head. A posterior fitted at other head weights of the same
     shape loads with a warning in the package; here it is an error, because its curvature and
     hyperparameters belong to another model."""
-    from safetensors import SafetensorError
-
     from bayesdiff_ext.posterior import load_posterior
 
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"posterior file {path} does not exist (make one with `bayesdiff fit`)")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the head weights differ")
@@ -700,8 +759,6 @@ def _load_posterior(path: Path, unet):
             return load_posterior(path, unet)
         except UserWarning as mismatch:
             raise ValueError(f"{path} is a posterior for another model: {mismatch}") from None
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a posterior file (safetensors: {err})") from None
 
 
 def _run_demo(args) -> int:
@@ -919,12 +976,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         _stopped(session, f"bayesdiff: stopped ({stop or 'SIGINT'})")
         return getattr(stop, "exit_code", 130)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
         _stopped(session, session.error_line(message))
-        return 1
+        return 2 if isinstance(err, BAD_INPUT) else 1
     finally:
         diffusers_logging.set_verbosity(verbosity)
 

@@ -99,10 +99,10 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
     try:
         lock = Path(f"{out}.work/lock")
         wait_for(lambda: lock.is_file() and lock.stat().st_size > 0 or first.poll() is not None, "the first run's lock")
-        assert cli.main([*DEMO, "--out", str(out)]) == 1
+        assert cli.main([*DEMO, "--out", str(out)]) == 2  # refused: bad input
         err = capsys.readouterr().err
         assert f"another run is writing this output (pid {first.pid} on" in err
-        assert cli.main([*DEMO, "--out", str(out), "--resume"]) == 1  # not while it is alive either
+        assert cli.main([*DEMO, "--out", str(out), "--resume"]) == 2  # not while it is alive either
         assert first.poll() is None, "the first run ended before the second started: nothing was tested"
     finally:
         first.kill()

@@ -38,7 +38,7 @@ def ranks(tmp_path_factory):
     ]
     errors = [p.communicate(timeout=300)[1].decode() for p in processes]
     assert [p.returncode for p in processes] == [0] * WORLD, "\n".join(errors)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

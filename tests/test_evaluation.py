@@ -222,7 +222,7 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
     assert methods["default"]["n"] == methods["weight_samples"]["n"] == 12
     assert methods["hfl"]["n"] == 24
     # HFL estimates the full GGN's variance: summed over an image the probe noise averages out.
-    with np.load(tmp_path / "run" / "filtering_run.npz") as cached:
+    with np.load(tmp_path / "run" / "filtering_run.npz", allow_pickle=False) as cached:
         hfl, full = cached["score__hfl"], cached["score__full_ggn"]
     assert spearmanr(hfl, full).statistic > 0.9
     assert np.allclose(hfl, full, rtol=0.25)

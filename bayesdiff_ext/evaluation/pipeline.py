@@ -53,7 +53,7 @@ def _save_cache(path: Path, generated: Generated, costs: dict, meta: dict) -> No
 
 
 def _load_cache(path: Path) -> tuple[Generated, dict, dict]:
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
         pick = lambda prefix: {k[len(prefix) :]: data[k] for k in data.files if k.startswith(prefix)}
         generated = Generated(

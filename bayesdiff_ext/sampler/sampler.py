@@ -16,6 +16,7 @@ from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.schedulers import describe
+from bayesdiff_ext.validation import check_count, check_number
 
 __all__ = ["BayesDiffSampler"]
 
@@ -41,8 +42,8 @@ class BayesDiffSampler:
         describe(scheduler)
         self.model = model
         self.scheduler = scheduler
-        self.posterior = posterior
         self.model_call = ModelCall(model, scheduler, posterior)
+        self.posterior = self.model_call.posterior
 
     @torch.no_grad()
     def sample(
@@ -123,8 +124,8 @@ class BayesDiffSampler:
           ``variance`` tensors and the per-image ``variance_sum``).
         """
         settings = dict(
-            num_inference_steps=num_inference_steps,
-            eta=float(eta),
+            num_inference_steps=check_count("num_inference_steps", num_inference_steps),
+            eta=check_number("eta", eta, minimum=0.0),
             uq_every=uq_every,
             mc_samples=mc_samples,
             covariance=covariance,
@@ -134,7 +135,7 @@ class BayesDiffSampler:
             skip=skip,
         )
         check_settings(settings)
-        description = describe(self.scheduler, float(eta), **(scheduler_kwargs or {}))
+        description = describe(self.scheduler, settings["eta"], **(scheduler_kwargs or {}))
         started = time.perf_counter()
         scheduler, model_call = self.scheduler, self.model_call
         kwargs = _conditioning(model_kwargs, unet_kwargs)
