@@ -662,9 +662,10 @@ def _sample_and_write(
         f"{how}, on {device}"
     )
     started = time.perf_counter()
-    # batch by batch, over the processes of a torchrun launch, each batch kept as it finishes (--resume)
-    runs = current().run_batches(
-        lambda indices: sampler.sample(
+
+    def sample_batch(indices):
+        _seed_probes(sampler, args.seed, indices)
+        return sampler.sample(
             batch_size=len(indices),
             num_inference_steps=args.steps,
             # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
@@ -672,10 +673,10 @@ def _sample_and_write(
             eta=args.eta,
             progress=not args.no_progress,
             **uncertainty,
-        ),
-        args.num_images,
-        args.batch_size,
-    )
+        )
+
+    # batch by batch, over the processes of a torchrun launch, each batch kept as it finishes (--resume)
+    runs = current().run_batches(sample_batch, args.num_images, args.batch_size)
     if runs is None:  # another process than 0: process 0 writes the output
         return 0
     images, variance, mean, aleatoric = (
@@ -732,6 +733,17 @@ def _sample_and_write(
     _say(f"scored by {method}; filter {rule}: kept {kept} of {total}, removed {total - kept}")
     print(path)
     return 0
+
+
+def _seed_probes(sampler, seed: int, indices: range) -> None:
+    """A batch must not depend on the batches before it (--resume, torchrun): HFL's random probes come
+    from a generator its calls share, so it restarts at (seed, the batch's first index)."""
+    from bayesdiff_ext.posterior.hfl import HessianFreePosterior
+    from bayesdiff_ext.randomness import derived_seed
+
+    structure = getattr(getattr(sampler, "posterior", None), "posterior", None)
+    if isinstance(structure, HessianFreePosterior):
+        structure.seed_probes(derived_seed(seed, indices[0], "probes"))
 
 
 def _posterior_description(posterior, path) -> dict:

@@ -46,6 +46,7 @@ STREAMS = {
     "fit": 4,
     "decode": 5,
     "bootstrap": 6,
+    "probes": 7,
 }
 
 Generators = torch.Generator | list[torch.Generator] | None

@@ -93,6 +93,24 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(uninterrupted, tmp_path, 
     assert_same_tensors(out, uninterrupted)
 
 
+def test_hessian_free_probes_are_drawn_per_batch(tmp_path, capsys):
+    """HFL's random probes come from a generator the sampler calls share; the run seeds it per batch
+    from (seed, first index), so a resumed run draws the probes the uninterrupted one drew."""
+    hfl = ["demo", "--method", "hfl", "--probes", "4", "--num-images", "12", "--batch-size", "4", "--steps", "3", "--no-progress"]
+    assert cli.main([*hfl, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "run"
+
+    def interrupt_after_the_first_batch():
+        wait_for(lambda: kept_batches(out), "the first kept batch")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_the_first_batch, daemon=True).start()
+    assert cli.main([*hfl, "--out", str(out)]) == 130
+    assert cli.main([*hfl, "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    assert_same_tensors(out, tmp_path / "whole")
+
+
 def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     first = start_run(out)
