@@ -42,6 +42,7 @@ _SUBMODULES = (
     "metrics",
     "numerics",
     "ops",
+    "photos",
     "pipelines",
     "posterior",
     "reference",
@@ -69,6 +70,7 @@ __all__ = [
     "metrics",
     "moment_step",
     "ops",
+    "photos",
     "reference",
 ]
 
