@@ -227,7 +227,13 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         metavar="S",
         help="Monte Carlo samples of x_t per uncertainty step (default 10, as in the paper)",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")
+    g.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=0,
+        help="random seed: image k's noise depends only on the seed and k, so the same seed gives the "
+        "same images and maps for any --batch-size, in sample and demo alike (default 0)",
+    )
     g = p.add_argument_group("uncertainty method")
     g.add_argument(
         "--method",
@@ -298,7 +304,15 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         type=Path,
         default=None,
         metavar="DIR",
-        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/)",
+        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/). "
+        "Finished batches are kept in DIR.work/ until the folder is written; a second run into the same "
+        "folder is refused",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run into --out from the batches kept in DIR.work/ (the same settings "
+        "are required; the result is bit-identical to an uninterrupted run)",
     )
 
 
@@ -644,7 +658,10 @@ def _eval_value(kind):
 # the commands
 # ------------------------------------------------------------------------------------------------
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr (from process 0 only, under torchrun)."""
+    from bayesdiff_ext.cli_session import current
+
+    current().say(message)
 
 
 def _device(name: str | None):
@@ -734,7 +751,9 @@ def _sample_and_write(
     import torch
 
     from bayesdiff_ext import aggregation
+    from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.randomness import image_generators
     from bayesdiff_ext.sampler import BayesDiffSampler
 
     out_dir, scores_to_report = run_options
@@ -742,7 +761,6 @@ def _sample_and_write(
         sampler, scheduler, scheduler_changes, device, how = _pipeline_sampler(args, method_inputs)
     else:
         sampler, scheduler, scheduler_changes, device, how = _unet_sampler(args, unet, base_scheduler, method_inputs)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
     # The options the method's sample() takes; the recorded settings say what the run used.
     uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
     recorded = uncertainty
@@ -758,18 +776,23 @@ def _sample_and_write(
         f"method {args.method}, {how}, on {device}"
     )
     started = time.perf_counter()
-    runs = []
-    for first in range(0, args.num_images, args.batch_size):
-        runs.append(
-            sampler.sample(
-                batch_size=min(args.batch_size, args.num_images - first),
-                num_inference_steps=args.steps,
-                generator=generator,
-                eta=args.eta,
-                progress=not args.no_progress,
-                **uncertainty,
-            )
+
+    def sample_batch(indices):
+        _seed_probes(sampler, args.seed, indices)
+        return sampler.sample(
+            batch_size=len(indices),
+            num_inference_steps=args.steps,
+            # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
+            generator=image_generators(args.seed, indices),
+            eta=args.eta,
+            progress=not args.no_progress,
+            **uncertainty,
         )
+
+    # batch by batch, over the processes of a torchrun launch, each batch kept as it finishes (--resume)
+    runs = current().run_batches(sample_batch, args.num_images, args.batch_size)
+    if runs is None:  # another process than 0: process 0 writes the output
+        return 0
     images, variance, mean, aleatoric = (
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance")
@@ -924,6 +947,17 @@ def _refuse_pipeline_options(args) -> None:
                 f"--{flag.replace('_', '-')} applies to pipeline folders (Stable Diffusion, SDXL, SD3, Flux, "
                 f"PixArt-Sigma, DiT); {args.model} is an unconditional UNet model"
             )
+
+
+def _seed_probes(sampler, seed: int, indices: range) -> None:
+    """A batch must not depend on the batches before it (--resume, torchrun): HFL's random probes come
+    from a generator its calls share, so it restarts at (seed, the batch's first index)."""
+    from bayesdiff_ext.posterior.hfl import HessianFreePosterior
+    from bayesdiff_ext.randomness import derived_seed
+
+    structure = getattr(getattr(sampler, "posterior", None), "posterior", None)
+    if isinstance(structure, HessianFreePosterior):
+        structure.seed_probes(derived_seed(seed, indices[0], "probes"))
 
 
 def _posterior_description(posterior, path) -> dict:
@@ -1145,6 +1179,10 @@ def _run_fit(args) -> int:
 
 
 def _save_posterior(posterior, out: Path) -> int:
+    from bayesdiff_ext.distributed import is_main_process
+
+    if not is_main_process():  # every process of a torchrun launch holds the same posterior
+        return 0
     posterior.save(out)
     _say(repr(posterior))
     record = getattr(posterior, "record", {})
@@ -1208,25 +1246,39 @@ def _run_eval(args) -> int:
 _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": _run_eval}
 
 
+def _stopped(session, line: str) -> None:
+    """Why the command stopped, on every process; on process 0 also how to resume a sampling run."""
+    print(line, file=sys.stderr, flush=True)
+    hint = session.resume_hint()
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bayesdiff`` console script; returns the exit status."""
+    """Entry point of the ``bayesdiff`` console script (and of ``python -m bayesdiff_ext``, which
+    ``torchrun`` launches once per process); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
+
+    from bayesdiff_ext.cli_session import CommandSession
 
     verbosity = diffusers_logging.get_verbosity()
     if not args.debug:
         # diffusers' loading notes (e.g. "install accelerate") would drown the one-line report
         diffusers_logging.set_verbosity_error()
+    session = CommandSession(args, argv)
     try:
-        return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        _say("bayesdiff: interrupted")
-        return 130
+        with session:
+            return _COMMANDS[args.command](args)
+    except KeyboardInterrupt as stop:
+        _stopped(session, f"bayesdiff: stopped ({stop or 'SIGINT'})")
+        return getattr(stop, "exit_code", 130)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
-        _say(f"bayesdiff: error: {message}")
+        _stopped(session, session.error_line(message))
         return 2 if isinstance(err, BAD_INPUT) else 1
     finally:
         diffusers_logging.set_verbosity(verbosity)

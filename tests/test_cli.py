@@ -234,6 +234,25 @@ def test_same_seed_same_images(tiny, tmp_path, capsys):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_sample_and_demo_agree_for_one_seed_at_any_batch_size(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from bayesdiff_ext import digits
+
+    common = ["--num-images", 3, "--steps", 3, "--uq-every", 1, "--mc-samples", 4, "--seed", 5, "--no-progress"]
+    assert run(["demo", *common, "--batch-size", 3, "--out", tmp_path / "demo"], capsys)[0] == 0
+    root = digits.bundled_dir()
+    bundled = ["--model", root, "--posterior", root / "posterior_diag.safetensors"]
+    assert run(["sample", *bundled, *common, "--batch-size", 2, "--out", tmp_path / "sample"], capsys)[0] == 0
+    demo, sample = (load_file(tmp_path / name / "tensors.safetensors") for name in ("demo", "sample"))
+    torch.testing.assert_close(sample["images"], demo["images"], rtol=1e-5, atol=1e-5)
+    # float32 convolutions round differently in batches of 2 and 3; the Monte Carlo covariance is a
+    # difference of O(1) float32 moments, so each pixel keeps an absolute round-off of ~1e-7
+    variance = demo["variance"]
+    torch.testing.assert_close(sample["variance"], variance, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(sample["variance"].sum((1, 2, 3)), variance.sum((1, 2, 3)), rtol=1e-4, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: exit status 2 and one line, never a traceback
 # ------------------------------------------------------------------------------------------------

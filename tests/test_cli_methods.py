@@ -157,12 +157,13 @@ def test_x0_drift_needs_no_posterior_and_matches_the_python_method(tiny, tmp_pat
     unet, scheduler = load_model(tiny / "model", None)
     from diffusers import DDIMScheduler
 
-    generator = torch.Generator().manual_seed(0)
-    expected = [
+    from bayesdiff_ext.randomness import image_generators
+
+    expected = [  # the CLI draws image k from (seed, k)
         sampler_for("x0-drift", unet, DDIMScheduler.from_config(scheduler.config, clip_sample=False), last_steps=3)
-        .sample(batch_size=b, num_inference_steps=4, generator=generator, progress=False)
+        .sample(batch_size=len(b), num_inference_steps=4, generator=image_generators(0, b), progress=False)
         .variance
-        for b in (2, 1)
+        for b in (range(0, 2), range(2, 3))
     ]
     written = load_file(out / "tensors.safetensors")["variance"]
     torch.testing.assert_close(written, torch.cat(expected).to(written.dtype))

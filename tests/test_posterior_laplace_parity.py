@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayesdiff_ext import LastLayerLaplace
+from bayesdiff_ext.randomness import image_generators
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
@@ -27,14 +28,17 @@ def la_variance(la, phi):
 
 
 def fitting_features(unet, images, scheduler, batch_size, seed):
-    """The (φ, ε) pairs LastLayerLaplace.fit draws with a generator seeded `seed`: per batch, t then ε."""
-    g = torch.Generator().manual_seed(seed)
+    """The (φ, ε) pairs LastLayerLaplace.fit draws with a generator seeded `seed`: one draw of it seeds
+    the fit, then image n draws t, then ε, from its own generator (bayesdiff_ext.randomness)."""
+    fit_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+    streams = image_generators(fit_seed, range(len(images)), stream="fit")
     phis, targets = [], []
     handle = unet.conv_out.register_forward_pre_hook(lambda m, args: phis.append(args[0]))
     with torch.no_grad():
-        for x0 in images.split(batch_size):
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
+        for first, x0 in zip(range(0, len(images), batch_size), images.split(batch_size)):
+            own = streams[first : first + len(x0)]
+            t = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g) for g in own])
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in own])
             unet(scheduler.add_noise(x0, noise, t), t)
             targets.append(noise.flatten(1))
     handle.remove()

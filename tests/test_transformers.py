@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.posterior.fitting import fit_generators, fit_seed
 from bayesdiff_ext.posterior.heads import eps_parameters
 from bayesdiff_ext.posterior.training_noise import FlowMatchingNoise, training_noise
 from tiny_models import (
@@ -197,7 +198,8 @@ def _fitting_features(posterior, name):
     _, conditioning, clean = MODELS[name]
     noise = training(name)
     x0 = clean()
-    x_t, timestep, target = noise.draw(x0, torch.Generator().manual_seed(2))
+    streams = fit_generators(fit_seed(torch.Generator().manual_seed(2)), range(len(x0)))
+    x_t, timestep, target = noise.draw(x0, streams)
     with torch.no_grad(), posterior.capture() as cap:
         Denoiser(posterior.model)(x_t, timestep, conditioning(6))
     target = stepped_prediction(target, x0) if posterior.layout is None else posterior.layout.to_tokens(target)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bayesdiff_ext.methods.point import PointPosterior
+from bayesdiff_ext.randomness import restartable
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 from bayesdiff_ext.sampler.schedulers import step_coefficients
 from bayesdiff_ext.sampler.variance_split import has_sampler_noise
@@ -57,7 +58,7 @@ class RepeatedSampler(abc.ABC):
         batch_size: int | None = None,
         noise: torch.Tensor | None = None,
         num_inference_steps: int = 50,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
         unet_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
@@ -69,21 +70,16 @@ class RepeatedSampler(abc.ABC):
         started = time.perf_counter()
         reference = BayesDiffSampler(self.reference_unet, self.scheduler, PointPosterior(self.reference_unet))
         x_t = reference.draw_noise(batch_size, noise, generator)
-        if generator is None:
-            generator = torch.Generator(x_t.device)
-            generator.seed()
-        state = generator.get_state()
+        restart = restartable(generator, x_t.device)
         self.scheduler.set_timesteps(num_inference_steps)
         if not has_sampler_noise(step_coefficients(self.scheduler, eta)):
             mc_samples = 0
 
         def run(unet, samples: int = 0) -> BayesDiffOutput:
-            restarted = torch.Generator(generator.device)
-            restarted.set_state(state)
             return BayesDiffSampler(unet, self.scheduler, PointPosterior(unet)).sample(
                 noise=x_t,
                 num_inference_steps=num_inference_steps,
-                generator=restarted,
+                generator=restart(),
                 eta=eta,
                 uq_every=uq_every,
                 mc_samples=samples,

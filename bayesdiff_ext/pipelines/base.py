@@ -21,7 +21,7 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, same_value
 from bayesdiff_ext.posterior.training_noise import training_noise
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
-from bayesdiff_ext.sampler.randomness import independent_generator
+from bayesdiff_ext.randomness import independent_generator
 
 __all__ = [
     "OWN_LOOP",

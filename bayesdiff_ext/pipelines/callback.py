@@ -19,7 +19,7 @@ from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
-from bayesdiff_ext.sampler.randomness import independent_generator
+from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.schedulers import MULTISTEP, describe
 
 __all__ = ["UncertaintyCallback"]
@@ -221,7 +221,7 @@ class UncertaintyCallback(PipelineCallback):
         self._model_call = ModelCall(self._recorder.model, pipeline.scheduler, self.posterior)
         x_start = description.sample_from_model_input(call.sample[:batch], 0)
         dtype = accumulation_dtype(x_start)
-        generator = independent_generator(self.generator, x_start.device)
+        generator = ImageStreams.derived(self.generator, batch, x_start.device, "monte_carlo")
         self._engine = StepEngine(
             plan, self.settings, moment_dtype=dtype, generator=generator, trace=self.trace is not None
         )

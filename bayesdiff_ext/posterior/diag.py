@@ -31,6 +31,12 @@ class DiagCurvature:
             self.weight += weight_ef.to("cpu", torch.float64)
             self.bias += bias_ef.to("cpu", torch.float64)
 
+    def sums(self) -> list[torch.Tensor]:
+        return [self.weight, self.bias]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        self.weight, self.bias = sums
+
     def finish(self) -> DiagPosterior:
         bias = self.bias * self.scale if self.spec.has_bias else None
         return DiagPosterior(self.spec, self.weight * self.scale, bias)
@@ -63,6 +69,11 @@ class DiagPosterior(PosteriorStructure):
 
     def predict_with(self, phi, weight, bias, inputs):
         return head_ops.mean_and_diag_var(self.spec, phi, weight, bias, inputs["weight_var"], inputs["bias_var"])
+
+    def scale_normal(self, z, s, delta):
+        inputs = self.op_inputs(s, delta)
+        variances = [inputs["weight_var"].flatten()] + ([inputs["bias_var"]] if self.h_bias is not None else [])
+        return z.to(torch.float64) * torch.cat(variances).to(z.device).sqrt()
 
     def tensors(self):
         out = {"h_weight": self.h_weight}

@@ -19,6 +19,24 @@ def require_ungrouped(spec: HeadSpec, structure: str) -> None:
         raise ValueError(f"structure {structure!r} needs an ungrouped head (groups=1), got groups={spec.groups}")
 
 
+def gram_scale_normal(
+    spec: HeadSpec, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, z: torch.Tensor, s: float, delta: float
+) -> torch.Tensor:
+    """Σ^{1/2}·z for Σ = I_C ⊗ (s·A + δ·I)⁻¹ with A = Q·diag(a)·Qᵀ, in laplace-torch's order.
+
+    Each channel's block [W_c; b_c] is Q·diag((s·a + δ)^{-1/2})·z_c. z (n, P) is read as
+    (n, eigen-direction, channel), a ascending: its first columns drive the largest variances.
+    """
+    n, size, channels = z.shape[0], len(eigenvalues), spec.eps_channels
+    scale = (s * eigenvalues + delta).rsqrt().to(z.device)
+    coordinates = z.to(torch.float64).reshape(n, size, channels).transpose(1, 2) * scale
+    blocks = coordinates @ eigenvectors.to(z.device).T  # (n, C, D[+1]), each channel's [W_c; b_c]
+    parts = [blocks[..., : spec.taps].reshape(n, -1)]
+    if spec.has_bias:
+        parts.append(blocks[..., spec.taps])
+    return torch.cat(parts, dim=1)
+
+
 class GramCurvature:
     """Accumulates A_aug = Σ_{n,p} [φ_p; 1][φ_p; 1]ᵀ (bias row/column last), in float64.
 
@@ -32,6 +50,12 @@ class GramCurvature:
 
     def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
         self.gram += head_ops.patch_gram(self.spec, phi).to("cpu", torch.float64)
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.gram]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        (self.gram,) = sums
 
     def finish(self) -> PosteriorStructure:
         return self.build(self.spec, self.gram)
@@ -62,6 +86,9 @@ class FullPosterior(FactoredPosterior):
         taps = self.spec.taps
         proj_bias = projection[:, taps].contiguous() if self.spec.has_bias else None
         return {"proj_weight": projection[:, :taps].contiguous(), "proj_bias": proj_bias, "mix": mix, "bias_var": None}
+
+    def scale_normal(self, z, s, delta):
+        return gram_scale_normal(self.spec, self.eigenvalues, self.eigenvectors, z, s, delta)
 
     def tensors(self):
         return {"gram": self.gram}

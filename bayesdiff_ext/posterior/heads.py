@@ -221,6 +221,14 @@ def head_spec(head: nn.Module, eps_channels: int, eps_rows: tuple[int, ...] | No
     )
 
 
+def eps_parameter_vector(head: nn.Module, spec: HeadSpec) -> torch.Tensor:
+    """The ε weights and biases as one float64 vector (P,): vec(W) row-major, then the bias, in
+    ``torch.nn.utils.parameters_to_vector`` order (laplace-torch's)."""
+    weight, bias = eps_parameters(head, spec)
+    parts = [weight.flatten()] + ([bias] if bias is not None else [])
+    return torch.cat([p.to(torch.float64) for p in parts])
+
+
 def eps_parameters(head: nn.Module, spec: HeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """θ_MAP restricted to the ε outputs: (weight[:C_eps], bias[:C_eps]) as detached views, or the
     rows ``spec.eps_rows`` (copies)."""

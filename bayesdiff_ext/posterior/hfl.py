@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bayesdiff_ext.posterior import head_ops
-from bayesdiff_ext.posterior.full import require_ungrouped
+from bayesdiff_ext.posterior.full import gram_scale_normal, require_ungrouped
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
 
@@ -78,6 +78,12 @@ class HessianFreePosterior(PosteriorStructure):
         self.generator = torch.Generator().manual_seed(seed)
         self.last_iterations = 0  # CG iterations of the latest predict, for benchmarks
         self._device_gram: dict[torch.device, torch.Tensor] = {}
+        self._gram_eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def seed_probes(self, seed: int) -> None:
+        """Restart the probes' generator at ``seed`` (a run seeds it per batch, so that a batch's
+        probes do not depend on the calls before it)."""
+        self.generator.manual_seed(seed)
 
     @classmethod
     def from_augmented_gram(cls, spec: HeadSpec, gram: torch.Tensor) -> HessianFreePosterior:
@@ -107,6 +113,14 @@ class HessianFreePosterior(PosteriorStructure):
             generator=self.generator,
         )
         return mean, var.to(mean.dtype)
+
+    def scale_normal(self, z, s, delta):
+        """Draws from the posterior HFL approximates, the full-GGN Laplace N(θ_MAP, (s·A_aug + δ)⁻¹)
+        of the same Gram matrix (HFL itself predicts variances; it has no draws of its own)."""
+        if self._gram_eig is None:
+            values, vectors = torch.linalg.eigh(self.gram)
+            self._gram_eig = (values.clamp_min(0.0), vectors)
+        return gram_scale_normal(self.spec, *self._gram_eig, z, s, delta)
 
     def tensors(self):
         return {"gram": self.gram}

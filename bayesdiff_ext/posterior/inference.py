@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from bayesdiff_ext.distributed import rank_and_world
 from bayesdiff_ext.posterior.capture import capture_head_input
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.full import require_ungrouped
@@ -42,6 +43,7 @@ from bayesdiff_ext.posterior.serialization import (
 from bayesdiff_ext.posterior.settings import EnsembleSettings, HMCSettings, VISettings
 from bayesdiff_ext.posterior.variational import fit_variational
 from bayesdiff_ext.posterior.weight_distributions import DISTRIBUTIONS, WeightDistribution, WeightSamples
+from bayesdiff_ext.randomness import derived_seed
 
 DISTRIBUTION_PREFIX = "distribution."
 #: Convergence thresholds of Vehtari et al. (2021) below which LastLayerMCMC warns.
@@ -57,7 +59,11 @@ class _StatisticsLaplace(LastLayerLaplace):
         self.statistics: HeadStatistics | None = None
 
     def _accumulator(self):
-        generator = torch.Generator().manual_seed(self.bootstrap_seed)
+        # in a process group, process r > 0 weighs its own data points from a stream of its own: the
+        # replicates are Poisson bootstraps of the union (not the draws of one process)
+        rank = rank_and_world()[0]
+        seed = self.bootstrap_seed if rank == 0 else derived_seed(self.bootstrap_seed, rank, "bootstrap")
+        generator = torch.Generator().manual_seed(seed)
         self.statistics = HeadStatistics(self.spec, bootstrap=self.bootstrap, generator=generator)
         return self.statistics
 

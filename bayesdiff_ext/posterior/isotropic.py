@@ -38,6 +38,9 @@ class IsotropicPosterior(PosteriorStructure):
     def predict_with(self, phi, weight, bias, inputs):
         return head_ops.mean_and_diag_var(self.spec, phi, weight, bias, inputs["weight_var"], inputs["bias_var"])
 
+    def scale_normal(self, z, s, delta):
+        return z.to(torch.float64) * float(1.0 / (s * self.mean_curvature + delta)) ** 0.5
+
     def tensors(self):
         return {"mean_curvature": self.mean_curvature}
 

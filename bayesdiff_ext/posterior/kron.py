@@ -63,6 +63,7 @@ class KronEFCurvature:
         self.spec = spec
         self._weight, self._bias = weight, bias
         self.laplace = None
+        self._summed: list | None = None  # the factors summed over processes
 
     def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
         from laplace import KronLaplace
@@ -82,7 +83,26 @@ class KronEFCurvature:
         with torch.enable_grad():  # curvlinops differentiates the ε-head copy (the model stays gradient-free)
             self.laplace.fit(batch, override=first)
 
+    def sums(self) -> list[torch.Tensor]:
+        """[G, n·A, (G_bias,) n]: laplace-torch sums G over the images and averages A weighted by
+        their number n, batch by batch; summing these over processes does the same for their union."""
+        c, d = self.spec.eps_channels, self.spec.taps
+        if self.laplace is None:  # no images here (a process with an empty shard)
+            factors = [[torch.zeros(c, c), torch.zeros(d, d)]] + ([[torch.zeros(c, c)]] if self._bias is not None else [])
+            n = 0
+        else:
+            factors, n = self.laplace.H_facs.kfacs, self.laplace.n_data
+        g, a = factors[0]
+        bias = [factors[1][0]] if len(factors) > 1 else []
+        return [g, a.to(torch.float64) * n, *bias, torch.tensor(float(n))]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        g, a_weighted, *bias, n = sums
+        self._summed = None if float(n) == 0 else [[g, a_weighted / n]] + ([bias] if bias else [])
+
     def finish(self) -> KronPosterior:
+        if self._summed is not None:
+            return KronPosterior.from_kron_factors(self.spec, self._summed)
         if self.laplace is None:
             raise ValueError("no data was given to fit the kron curvature")
         return KronPosterior.from_kron_factors(self.spec, self.laplace.H_facs.kfacs)
@@ -143,6 +163,20 @@ class KronPosterior(FactoredPosterior):
             values.append([s * g_b])
         deltas = torch.full((len(vectors),), float(delta), dtype=torch.float64)
         return factored_from_kron(vectors, values, deltas, self.spec.eps_weight_shape, self.g_bias is not None)
+
+    def scale_normal(self, z, s, delta):
+        # (s·G⊗A + δ)^{-1/2} = (Q_G⊗Q_A)·diag((s·g_i·a_j + δ)^{-1/2})·(Q_G⊗Q_A)ᵀ, and
+        # (Q_G⊗Q_A)·vec(Z) = vec(Q_G·Z·Q_Aᵀ) for row-major vec.
+        n, c, d = z.shape[0], self.spec.eps_channels, self.spec.taps
+        z = z.to(torch.float64)
+        (g, q_g), (a, q_a) = (tuple(t.to(z.device) for t in pair) for pair in self._eig[:2])
+        scale = (s * torch.outer(g, a) + delta).rsqrt()
+        weight = q_g @ (z[:, : c * d].reshape(n, c, d) * scale) @ q_a.T
+        parts = [weight.reshape(n, c * d)]
+        if self.g_bias is not None:
+            g_b, q_b = (t.to(z.device) for t in self._eig[2])
+            parts.append((z[:, c * d :] * (s * g_b + delta).rsqrt()) @ q_b.T)
+        return torch.cat(parts, dim=1)
 
     def tensors(self):
         out = {"G": self.g, "A": self.a}

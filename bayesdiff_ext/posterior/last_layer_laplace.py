@@ -16,7 +16,7 @@ from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import eps_parameters, head_of_copy
+from bayesdiff_ext.posterior.heads import eps_parameter_vector, eps_parameters, head_of_copy
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
@@ -168,6 +168,38 @@ class LastLayerLaplace:
             raise RuntimeError("the posterior is not fitted yet: call fit(...) or load(...)")
         return 1.0 / (self.sigma_noise**2 * self.temperature)
 
+    # ------------------------------------------------------------------ weight draws
+    def map_vector(self) -> torch.Tensor:
+        """θ_MAP of the ε head as one float64 vector (P,): vec(W) row-major, then the bias, in
+        ``torch.nn.utils.parameters_to_vector`` order (laplace-torch's)."""
+        return eps_parameter_vector(self.head, self.spec)
+
+    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draws θ ~ N(θ_MAP, Σ) of the ε head's parameters, as laplace-torch's ``sample``.
+
+        Args:
+            n_samples (`int`): how many draws.
+            generator (`torch.Generator`, *optional*): draws z ~ N(0, I) of shape (n, P) in the head's
+                dtype on its device (the head's device when None, from the global generator).
+
+        Returns:
+            `torch.Tensor` of shape `(n_samples, P)`, the head's dtype: θ_MAP + Σ^{1/2}·z in the order of
+            :meth:`map_vector`. ``'hfl'`` draws from the full-GGN Laplace posterior of its Gram matrix.
+        """
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        device = generator.device if generator is not None else self.head.weight.device
+        z = torch.randn(n_samples, self.spec.num_params, generator=generator, device=device, dtype=self.head.weight.dtype)
+        return self.sample_from_normal(z)
+
+    def sample_from_normal(self, z: torch.Tensor) -> torch.Tensor:
+        """θ_MAP + Σ^{1/2}·z for given standard normals z (n, P): antithetic (±z) or quasi-random
+        draws. Computed in float64, returned in z's dtype and device."""
+        if z.dim() != 2 or z.shape[1] != self.spec.num_params:
+            raise ValueError(f"z must have shape (n, {self.spec.num_params}) for this head, got {tuple(z.shape)}")
+        deviation = self._fitted().scale_normal(z, self.precision_scale, self.prior_precision)
+        return (self.map_vector().to(z.device) + deviation).to(z.dtype)
+
     # ------------------------------------------------------------------ following the model
     def for_model(self, model: nn.Module) -> LastLayerLaplace:
         r"""
@@ -248,12 +280,22 @@ class LastLayerLaplace:
         token grid for a patch transformer. The model runs in eval mode without gradients and gets its
         mode back afterwards.
 
+        Inside an initialised process group (`torchrun`, `accelerate launch`), every process calls `fit` with
+        the same arguments and fits on its share of the images (a tensor or dataset is cut into batches of
+        `batch_size`, process r taking batches r, r + W, …; a DataLoader must sample with a
+        `DistributedSampler`, whose padding is not counted); the curvature, residual sums and counts are then
+        summed over the processes in float64 (one all-reduce) and σ, δ chosen from the sums, so every process
+        holds the posterior of the union — the one a single process fits, to float64 round-off (docs/MATH.md
+        §13). Save it from one process (`bayesdiff_ext.distributed.is_main_process()`). A process that fails
+        stops the others with `bayesdiff_ext.distributed.RankFailed`.
+
         Args:
             images (`torch.Tensor`, `torch.utils.data.Dataset` or `torch.utils.data.DataLoader`):
                 Training images x_0 at model scale (usually [-1, 1]) in the model's sample layout: a tensor of
                 shape `(num_images, channels, height, width)` (Flux: packed tokens `(num_images, tokens,
                 channels)`), or a dataset/loader whose items are such images (or tuples, or dicts with an
-                `"images"`, `"image"` or `"pixel_values"` entry).
+                `"images"`, `"image"` or `"pixel_values"` entry). Image n (its index in the tensor or dataset,
+                or its place in the loader's order) draws its (t, ε) from stream n.
             scheduler (`SchedulerMixin` or `TrainingNoise`):
                 A DDPM-family diffusers scheduler (its ᾱ table and `prediction_type`), a
                 `FlowMatchEulerDiscreteScheduler` (flow matching with σ uniform), or a
@@ -264,8 +306,9 @@ class LastLayerLaplace:
             timesteps_per_image (`int`, *optional*, defaults to 1):
                 (t, ε) draws per image.
             generator (`torch.Generator`, *optional*):
-                The source of the timesteps and ε (per batch and draw: the timestep, then ε, on the generator's
-                device); a seeded one reproduces the fit.
+                Seeds the fit: one draw of it (on its device; process 0's in a process group) is the fit's seed, and image n's timesteps and ε
+                come from its own stream (seed, n) (:mod:`bayesdiff_ext.randomness`), so a seeded generator
+                reproduces the fit and the posterior is the same for any `batch_size`.
             model_kwargs (`dict` or callable, *optional*):
                 Keyword arguments of every model call, or a function of the x_0 batch returning them (e.g.
                 `encoder_hidden_states` of a conditional UNet).
@@ -312,6 +355,8 @@ class LastLayerLaplace:
         r"""
         Fit the curvature on precomputed head inputs and targets, for models whose output is not the head's
         output (e.g. a Linear head before unpatchify), then choose σ and δ.
+
+        In a process group, each process passes its own features and the sums are combined as in :meth:`fit`.
 
         Args:
             features (iterable of `(torch.Tensor, torch.Tensor)`):

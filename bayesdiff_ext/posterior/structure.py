@@ -49,6 +49,12 @@ class PosteriorStructure(abc.ABC):
         """(mean, var) of the ε channels at φ given op inputs already on φ's device."""
 
     @abc.abstractmethod
+    def scale_normal(self, z: torch.Tensor, s: float, delta: float) -> torch.Tensor:
+        """Σ^{1/2}·z for standard normals z (n, P), float64: draws of θ − θ_MAP, in laplace-torch's
+        parameter order (vec(W) row-major, then the bias). Any square root of Σ serves; the
+        structures use their eigenbases, largest variance first where they have one."""
+
+    @abc.abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The curvature, for saving; ``from_tensors`` inverts it."""
 

@@ -12,17 +12,22 @@ trained and takes the residual against the training target:
   shifted as the scheduler shifts σ (``shift``, or dynamic shifting with ``mu``),
   x_t = (1−σ)·x_0 + σ·ε, target v = ε − x_0; the model gets σ·T (as the scheduler's timesteps).
 
-The random draws of a batch come from the fit's generator in a fixed order (timestep, then ε).
+The random draws of a batch come from the fit's generator in a fixed order (timestep, then ε); given a
+list of per-image generators (the fit's, :mod:`bayesdiff_ext.randomness`), each image draws its own
+timestep and ε from its generator, so an image's draws do not depend on its batch.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 __all__ = ["DiffusionNoise", "FlowMatchingNoise", "TrainingNoise", "training_noise"]
+
+Generators = torch.Generator | list[torch.Generator] | None
 
 SIGMA_DISTRIBUTIONS = ("uniform", "logit_normal")
 
@@ -38,16 +43,26 @@ class TrainingNoise(abc.ABC):
         self.num_train_timesteps = int(config.num_train_timesteps)
 
     @abc.abstractmethod
-    def draw(
-        self, x0: torch.Tensor, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, timestep (B,), target) for ``x0`` (B, ...) on its device and in its dtype."""
+    def draw(self, x0: torch.Tensor, generator: Generators) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, timestep (B,), target) for ``x0`` (B, ...) on its device and in its dtype; ``generator`` is
+        one generator for the batch or a list of B, one per image."""
 
-    def _draw_device(self, generator: torch.Generator | None) -> torch.device:
-        return generator.device if generator is not None else torch.device("cpu")
+    def _per_image(self, draw: Callable[[tuple, torch.Generator | None, torch.device], torch.Tensor], shape: tuple,
+                   generator: Generators) -> torch.Tensor:
+        """``draw(shape, generator, device)`` for the batch, or row by row from each image's generator."""
+        if not isinstance(generator, list):
+            device = generator.device if generator is not None else torch.device("cpu")
+            return draw(shape, generator, device)
+        if len(generator) != shape[0]:
+            raise ValueError(f"expected one generator per image ({shape[0]}), got {len(generator)}")
+        return torch.cat([draw((1, *shape[1:]), g, g.device) for g in generator])
 
-    def _noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        noise = torch.randn(x0.shape, generator=generator, device=self._draw_device(generator), dtype=torch.float32)
+    def _noise(self, x0: torch.Tensor, generator: Generators) -> torch.Tensor:
+        noise = self._per_image(
+            lambda shape, g, device: torch.randn(shape, generator=g, device=device, dtype=torch.float32),
+            tuple(x0.shape),
+            generator,
+        )
         return noise.to(x0.device, x0.dtype)
 
     def describe(self) -> dict:
@@ -70,8 +85,11 @@ class DiffusionNoise(TrainingNoise):
             )
 
     def draw(self, x0, generator):
-        t = torch.randint(0, self.num_train_timesteps, (len(x0),), generator=generator, device=self._draw_device(generator))
-        t = t.to(x0.device)
+        t = self._per_image(
+            lambda shape, g, device: torch.randint(0, self.num_train_timesteps, shape, generator=g, device=device),
+            (len(x0),),
+            generator,
+        ).to(x0.device)
         noise = self._noise(x0, generator)
         # DDPMScheduler.add_noise's arithmetic, so that the fit is the same for every VP scheduler
         alphas_cumprod = self.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
@@ -131,12 +149,14 @@ class FlowMatchingNoise(TrainingNoise):
         return shift * u / (1 + (shift - 1) * u)
 
     def draw(self, x0, generator):
-        device = self._draw_device(generator)
-        if self.distribution == "uniform":
-            u = torch.rand(len(x0), generator=generator, device=device, dtype=torch.float64)
-        else:
-            n = torch.randn(len(x0), generator=generator, device=device, dtype=torch.float64)
-            u = torch.sigmoid(self.logit_mean + self.logit_std * n)
+        standard = torch.rand if self.distribution == "uniform" else torch.randn
+        u = self._per_image(
+            lambda shape, g, device: standard(shape, generator=g, device=device, dtype=torch.float64),
+            (len(x0),),
+            generator,
+        )
+        if self.distribution == "logit_normal":
+            u = torch.sigmoid(self.logit_mean + self.logit_std * u)
         sigma = self.sigmas(u).to(x0.device)
         noise = self._noise(x0, generator)
         s = _per_sample(sigma.to(x0.dtype), x0)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.numerics import per_image_sum
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.schedulers import AffineStep
@@ -26,7 +27,7 @@ from bayesdiff_ext.validation import check_count
 __all__ = ["CHOICES", "StepEngine", "StepKind", "check_settings", "step_kinds"]
 
 CHOICES = {
-    "covariance": ("mc", "none"),
+    "covariance": ("mc", "regression", "none"),
     "eps_variance": ("total", "bayesdiff"),
     "mode": ("deterministic", "bayesdiff"),
     "skip": ("all", "covariance"),
@@ -44,6 +45,8 @@ def check_settings(settings: dict[str, Any]) -> None:
     mc_samples = check_count("mc_samples", settings["mc_samples"], minimum=0)
     if mc_samples == 0 and settings["covariance"] == "mc":
         raise ValueError("covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only")
+    if mc_samples < 2 and settings["covariance"] == "regression":
+        raise ValueError("covariance='regression' needs mc_samples >= 2 (a slope needs two draws)")
 
 
 class StepKind(NamedTuple):
@@ -83,7 +86,7 @@ class StepEngine:
         settings: the checked uncertainty settings (``uq_every``, ``mc_samples``, ``covariance``,
             ``eps_variance``, ``skip``, ``clamp``, ``mode``).
         moment_dtype: float32, or float64 for a float64 model.
-        generator: the Monte Carlo stream (never the scheduler's own generator).
+        generator: the Monte Carlo streams (never the scheduler's own generator).
         trace: keep one record per step (``index``, ``timestep``, ``uncertainty_step``,
             ``monte_carlo``, ``mean``, ``variance``, ``variance_sum``, ``aleatoric_variance``).
 
@@ -98,7 +101,7 @@ class StepEngine:
         settings: dict[str, Any],
         *,
         moment_dtype: torch.dtype,
-        generator: torch.Generator,
+        generator: ImageStreams,
         trace: bool = False,
     ) -> None:
         self.plan = plan
@@ -200,5 +203,5 @@ class StepEngine:
         if not (self.settings["mode"] == "bayesdiff" and self.kinds[step.index].uncertain):
             return prediction
         eps = prediction.to(self.moment_dtype)
-        drawn = torch.randn(eps.shape, generator=self.generator, device=eps.device, dtype=self.moment_dtype)
+        drawn = self.generator.randn((), eps)
         return (eps + head_var.to(self.moment_dtype).sqrt() * drawn).to(prediction.dtype)

@@ -14,9 +14,16 @@ import torch
 
 from bayesdiff_ext import ops
 from bayesdiff_ext.sampler.schedulers import AffineStep
-from bayesdiff_ext.sampler.randomness import antithetic_randn
+from bayesdiff_ext.randomness import ImageStreams, antithetic_randn
 
-__all__ = ["EpsMoments", "MonteCarloDraws", "StepRecord", "closed_form_moments", "monte_carlo_moments"]
+__all__ = [
+    "EpsMoments",
+    "MonteCarloDraws",
+    "StepRecord",
+    "closed_form_moments",
+    "monte_carlo_moments",
+    "regression_moments",
+]
 
 HeadAt = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,6 +78,23 @@ def closed_form_moments(
     return EpsMoments(eps + weight * previous.eps, var, None)
 
 
+def regression_moments(x: torch.Tensor, eps: torch.Tensor, var_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spread of ε over the samples and Cov(x, ε) in the regression (Stein) form (docs/MATH.md §2).
+
+    The draws x^i have a known variance v = ``var_x``, so per element the least-squares slope
+    β = Σ_i d^i·(ε^i − ε̄) / Σ_i (d^i)², d^i = x^i − x̄, gives Cov(x, ε) = β·v (Stein's lemma,
+    Cov(x, f(x)) = E[f′]·Var(x) for Gaussian x) and the spread β²·v + mean_i (r^i)² with the
+    residuals r^i = ε^i − ε̄ − β·d^i. The plain estimator's covariance is β times the draws' own
+    spread, whose noise it carries; here v is exact. Samples (S, B, ...).
+    """
+    deviation = x - x.mean(dim=0)
+    centred = eps - eps.mean(dim=0)
+    energy = deviation.square().sum(dim=0)
+    slope = torch.where(energy > 0, (deviation * centred).sum(dim=0) / energy.clamp_min(torch.finfo(energy.dtype).tiny), 0.0)
+    residual = centred - slope * deviation
+    return slope.square() * var_x + residual.square().mean(dim=0), slope * var_x
+
+
 def monte_carlo_moments(
     step: AffineStep,
     first_stage: AffineStep,
@@ -83,7 +107,7 @@ def monte_carlo_moments(
     keep_eps: bool,
     eps_variance: str,
     covariance: str,
-    generator: torch.Generator,
+    generator: ImageStreams,
 ) -> tuple[EpsMoments, MonteCarloDraws]:
     """E[ε_eff], Var[ε_eff], Cov(x_origin, ε_eff) from S samples through one batched head call.
 
@@ -91,7 +115,8 @@ def monte_carlo_moments(
     single-output step draws x^i ~ N(mean, var) (antithetic pairs). A second stage instead moves
     its first stage's samples x_s^i to the intermediate point with their drawn ε_s^i, so that
     ε_eff^i = m^i + w·ε_s^i keeps its dependence on x_s^i and the covariance is taken against
-    x_s. ``eps_variance='bayesdiff'`` keeps only the head variances (mean γ², plus w²·mean γ_s²
+    x_s. ``covariance='regression'`` takes the spread and the covariance in the regression form
+    (:func:`regression_moments`). ``eps_variance='bayesdiff'`` keeps only the head variances (mean γ², plus w²·mean γ_s²
     for a second stage), dropping the spread of the head means over the samples.
     """
     weight = first_output_weight(step)
@@ -108,6 +133,9 @@ def monte_carlo_moments(
     posterior_var = head_var.mean(dim=0)
     if weight:
         posterior_var = posterior_var + weight**2 * previous.draws.head_var.mean(dim=0)
+    if covariance == "regression":
+        regression_spread, cov = regression_moments(origin_x, eff, previous.var if weight else var)
+        eps_var = posterior_var + regression_spread
     spread = None
     if eps_variance == "bayesdiff":
         eps_var = posterior_var

@@ -12,7 +12,21 @@ from diffusers.utils import BaseOutput
 
 from bayesdiff_ext.numerics import per_image_sum
 
-__all__ = ["BayesDiffOutput"]
+__all__ = ["BayesDiffOutput", "TrajectoryDraws"]
+
+
+@dataclass
+class TrajectoryDraws:
+    """What trajectory Monte Carlo ran, kept with ``return_draws=True`` (for estimators built on it).
+
+    * ``finals`` (J, K, B, ...): x_0 of weight draw k in noise stream j.
+    * ``maps`` (J, B, ...): x_0 of each noise stream's MAP trajectory (the image for a deterministic sampler).
+    * ``deviations`` (J, K, B, P): the weight deviations Δθ of the draws, float64.
+    """
+
+    finals: torch.Tensor
+    maps: torch.Tensor
+    deviations: torch.Tensor
 
 
 @dataclass
@@ -43,6 +57,8 @@ class BayesDiffOutput(BaseOutput):
         nsfw_content_detected (`list[bool]`, *optional*): the safety checker's verdicts (Stable Diffusion).
         trace (`list[dict]`, *optional*): one record per scheduler step (``return_trace=True``).
         settings (`dict`): the settings the run used. timings (`dict`): wall times and model call counts.
+        draws (`TrajectoryDraws`, *optional*): the trajectories behind a trajectory estimate, when asked for
+            (``return_draws=True``).
     """
 
     images: torch.Tensor | np.ndarray | list[PIL.Image.Image]
@@ -57,6 +73,7 @@ class BayesDiffOutput(BaseOutput):
     trace: list[dict[str, Any]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
+    draws: TrajectoryDraws | None = None
 
     def __post_init__(self) -> None:
         if self.scores is None:

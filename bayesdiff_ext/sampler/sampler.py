@@ -6,17 +6,17 @@ import time
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.model_call import ModelCall
-from bayesdiff_ext.sampler.randomness import independent_generator
+from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.schedulers import describe
-from bayesdiff_ext.validation import check_count, check_noise, check_number, sample_shape
+from bayesdiff_ext.validation import check_count, check_number
 
 __all__ = ["BayesDiffSampler"]
 
@@ -143,7 +143,7 @@ class BayesDiffSampler:
             kwargs = guidance.branch_kwargs(kwargs)
         x = self.draw_noise(batch_size, noise, generator)
         moment_dtype = accumulation_dtype(x)
-        mc_generator = independent_generator(generator, x.device)
+        mc_generator = ImageStreams.derived(generator, x.shape[0], x.device, "monte_carlo")
 
         scheduler.set_timesteps(num_inference_steps, **(set_timesteps_kwargs or {}))
         if hasattr(scheduler, "init_noise_sigma"):
@@ -194,24 +194,7 @@ class BayesDiffSampler:
 
     def draw_noise(self, batch_size, noise, generator) -> torch.Tensor:
         """The unit-variance initial noise: ``noise`` as given, or drawn as the pixel pipelines draw it."""
-        denoiser = self.model_call.denoiser
-        shape = sample_shape(self.model)
-        if batch_size is not None:
-            batch_size = check_count("batch_size", batch_size)
-        if noise is None:
-            if batch_size is None:
-                raise ValueError("pass batch_size or the initial noise x_T as noise")
-            if shape.full is None:
-                raise ValueError(
-                    f"{type(self.model).__name__}'s config gives no sample size: pass the initial noise as noise"
-                )
-            return randn_tensor(
-                (batch_size, *shape.full), generator=generator, device=denoiser.device, dtype=denoiser.dtype
-            )
-        check_noise(noise, shape)
-        if batch_size is not None and batch_size != noise.shape[0]:
-            raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
-        return noise.to(device=denoiser.device, dtype=denoiser.dtype)
+        return initial_noise(self.model_call.denoiser, batch_size, noise, generator)
 
 
 def _conditioning(model_kwargs, unet_kwargs) -> dict[str, Any]:
