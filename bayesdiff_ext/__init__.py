@@ -32,6 +32,7 @@ _SUBMODULES = (
     "aggregation",
     "cli",
     "digits",
+    "distributed",
     "emulation",
     "evaluation",
     "guidance",
@@ -41,6 +42,7 @@ _SUBMODULES = (
     "metrics",
     "numerics",
     "ops",
+    "photos",
     "pipelines",
     "posterior",
     "reference",
@@ -59,6 +61,7 @@ __all__ = [
     "__version__",
     "aggregation",
     "build_info",
+    "distributed",
     "guidance",
     "latent",
     "load_posterior",
@@ -67,6 +70,7 @@ __all__ = [
     "metrics",
     "moment_step",
     "ops",
+    "photos",
     "reference",
 ]
 

@@ -3,7 +3,9 @@
 A front door (layer 6 of docs/ARCHITECTURE.md): it parses arguments, calls the package and writes
 files; the method itself lives in :mod:`bayesdiff_ext.posterior`, :mod:`bayesdiff_ext.sampler`,
 :mod:`bayesdiff_ext.aggregation` and :mod:`bayesdiff_ext.io`. Bad input ends with one line on
-stderr, ``bayesdiff: error: ...``, and a non-zero exit status; ``--debug`` adds the traceback.
+stderr, ``bayesdiff: error: ...``: exit status 2 for bad input (an argument, or a file it names:
+the checks of :mod:`bayesdiff_ext.validation` and the loaders), 1 for a failure while running.
+Nothing is written then. ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -24,16 +26,37 @@ REPORTED_SCORES = {"sum": {}, "mean": {}, "max": {}, "percentile": {"q": 95.0}, 
 
 #: ``--data`` value that names the bundled scikit-learn digits (16x16) instead of a path.
 BUILTIN_DIGITS = "builtin:digits"
+#: ``--data`` value that names the bundled photo-crops model's data set (2000 RGB 16x16 crops).
+BUILTIN_PHOTOS = "builtin:photos"
 
-SAMPLERS = ("ddim", "ddpm", "dpm2")
+#: ``--sampler``: the scheduler class built from the model's scheduler config, and the settings it
+#: gets on top of that config (the moment recurrence needs affine steps: no x̂_0 clipping).
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "thresholding": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False, "thresholding": False}),
+    "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2, "thresholding": False}),
+}
+
+#: Errors that mean bad input (exit status 2); any other error is a failure while running (1).
+BAD_INPUT = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
-METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble")
+METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
 #: ``--preset`` values and the default (bayesdiff_ext.sampler.settings, repeated for --help).
 PRESETS = ("accurate", "fast", "paper")
 DEFAULT_PRESET = "fast"
 DRAWS = ("independent", "antithetic", "sobol")
 COVARIANCES = ("mc", "regression", "none")
+#: Methods that sample with their own models and take the recurrence's Skip and S for the sampler's noise only.
+REPEATED_METHODS = ("mc-dropout", "ensemble")
 
 #: ``fit --inference`` values: laplace and bayesdiff_ext.posterior.inference.INFERENCES.
 INFERENCES = ("laplace", "vi", "mcmc", "head-ensemble")
@@ -74,8 +97,23 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=96)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default in its help (unless the help names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = "default" in text or action.default in (argparse.SUPPRESS, False) or action.required or action.nargs == 0
+        if shown or not action.option_strings:
+            return text
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage mistakes also end with a single line."""
+    """argparse, but usage mistakes also end with a single line, and every --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = _HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"bayesdiff: error: {message} (see `{self.prog} --help`)\n")
@@ -99,8 +137,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -161,9 +199,18 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
     )
     g.add_argument(
         "--sampler",
-        choices=SAMPLERS,
-        default="ddim",
-        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep)",
+        choices=tuple(SAMPLERS),
+        default=None,
+        help="ddim (the default for a UNet folder), ddpm, or dpm2 (DPM-Solver-2, singlestep), built from the "
+        "model's scheduler config (its noise schedule); a change of class is reported and recorded in "
+        "summary.json. A pipeline folder samples with its own scheduler unless this is given",
+    )
+    g.add_argument(
+        "--no-clipping",
+        action="store_true",
+        help="sample a model whose scheduler has clip_sample or thresholding on with them off (the moment "
+        "recurrence needs affine steps; the images are then not clipped either). Without it such a "
+        "scheduler is refused",
     )
     g.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps (default 50)")
     g.add_argument(
@@ -176,11 +223,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         "--preset",
         choices=PRESETS,
         default=None,
-        help="what estimates Var[x_0]: accurate (trajectory Monte Carlo, per-pixel maps r >= 0.95 against "
-        "the truth), fast (the cheapest estimator meeting score Spearman >= 0.9 and map r >= 0.9; the "
-        "default), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's reproduction, "
-        "which does not track the truth). Numbers: python/BENCHMARKS.md, bench_truth. The options "
-        "below override the preset's values",
+        help="what estimates Var[x_0 | x_T]: fast (the default: trajectory Monte Carlo, 16 weight draws), "
+        "accurate (32 draws), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's "
+        "reproduction, which does not track the truth). Their numbers: python/BENCHMARKS.md, bench_truth. "
+        "The options below override the preset's values",
     )
     g.add_argument(
         "--samples",
@@ -227,7 +273,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         help="laplace (default: the posterior file as fitted, whatever its inference, estimated as --preset says), "
         "trajectories (the same posterior, by trajectory Monte Carlo whatever the preset), hfl (Hessian-free "
         "Laplace from a full posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
-        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble)",
+        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble), "
+        "x0-drift (how much the predicted final image still moves over the last --last-steps steps: "
+        "no posterior, no extra model calls)",
     )
     g.add_argument(
         "--passes",
@@ -243,6 +291,13 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         metavar="K",
         help="hfl: random probes per image (default 16); each costs one CG solve per uncertainty step, "
         "the estimate's error shrinks like 1/sqrt(K)",
+    )
+    g.add_argument(
+        "--last-steps",
+        type=_int_at_least(2),
+        default=5,
+        metavar="L",
+        help="x0-drift: the variance of the predicted x_0 over the last L steps (default 5)",
     )
     g.add_argument(
         "--ensemble",
@@ -281,7 +336,42 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         type=Path,
         default=None,
         metavar="DIR",
-        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/)",
+        help="output folder, created; must not exist or be empty (default ./bayesdiff-out/<date-time>/). "
+        "Finished batches are kept in DIR.work/ until the folder is written; a second run into the same "
+        "folder is refused",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run into --out from the batches kept in DIR.work/ (the same settings "
+        "are required; the result is bit-identical to an uninterrupted run)",
+    )
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser, *, sampling: bool) -> None:
+    g = p.add_argument_group(
+        "pipeline folders (Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma, DiT: what save_pretrained writes)"
+    )
+    g.add_argument("--prompt", default=None, help="the prompt of every image (default: the empty prompt)")
+    g.add_argument("--class-label", type=_int_at_least(0), default=None, metavar="K", help="DiT: the class of every image")
+    g.add_argument("--height", type=_int_at_least(1), default=None, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=_int_at_least(1), default=None, help="image width in pixels (default: the pipeline's)")
+    if not sampling:
+        return
+    g.add_argument("--negative-prompt", default=None, help="the negative prompt of every image")
+    g.add_argument(
+        "--guidance-scale",
+        type=_non_negative_float,
+        default=None,
+        metavar="S",
+        help="the pipeline's guidance_scale (default: the pipeline's own; Flux: the distilled guidance input)",
+    )
+    g.add_argument(
+        "--decode-samples",
+        type=_int_at_least(2),
+        default=16,
+        metavar="N",
+        help="draws of the latent z_0 per image decoded by the pipeline's VAE for the pixel maps (default 16)",
     )
 
 
@@ -320,12 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="sample with uncertainty from a local diffusers model and a fitted posterior",
         description=_wrap(
-            "Sample images with per-pixel uncertainty from a local diffusers model (a pipeline folder "
-            "with unet/ and scheduler/, or a bare UNet folder plus --scheduler) using a posterior "
+            "Sample images with per-pixel uncertainty from a local diffusers model (an unconditional "
+            "UNet2DModel: a pipeline folder with unet/ and scheduler/, or a bare UNet folder plus --scheduler; "
+            "or a Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma or DiT pipeline folder, sampled with its own "
+            "scheduler, --prompt/--class-label, the maps decoded through its VAE) using a posterior "
             f"made by `bayesdiff fit`. {files_written}."
         ),
-        epilog="example:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
-        "--num-images 32 --sampler ddim --steps 50",
+        epilog="examples:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
+        "--num-images 32 --sampler ddim --steps 50\n"
+        "  bayesdiff sample --model ./sdxl --posterior sdxl.safetensors --prompt 'a cat' --guidance-scale 5 "
+        "--steps 30 --num-images 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sample.add_argument(
@@ -347,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scheduler folder (scheduler_config.json), needed for a bare UNet folder",
     )
     _add_sampling_options(sample, num_images=64, batch_size=16)
+    _add_pipeline_options(sample, sampling=True)
     _add_general_options(sample)
 
     fit = commands.add_parser(
@@ -356,14 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Fit a posterior of the model's last layer on training images (noised at random timesteps, "
             "like in training) and save it for `bayesdiff sample`. --inference laplace (default) is the "
             "paper's last-layer Laplace; vi, mcmc and head-ensemble run on the same data pass (the model "
-            "runs once) with sigma and the prior precision chosen as for the full Laplace, then fixed."
+            "runs once) with sigma and the prior precision chosen as for the full Laplace, then fixed. "
+            "A Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma or DiT pipeline folder is fitted the pipeline's "
+            "way: the images encoded by its VAE, conditioned by --prompt (or --class-label), noised as the "
+            "model was trained."
         ),
         epilog="examples:\n"
         "  bayesdiff fit --model ./my-pipeline --data ./train-images/ --out posterior.safetensors\n"
         "  bayesdiff fit --model ./my-pipeline --data images.npy --structure full --prior-precision 1\n"
         f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors\n"
         f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference mcmc --chains 4\n"
-        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference vi --structure full",
+        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference vi --structure full\n"
+        "  bayesdiff fit --model ./sdxl --data ./photos/ --prompt 'a photo' --out sdxl.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
@@ -380,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR|FILE",
         help="training images: a folder of PNG/JPG files (resized to the model's size), a .npy/.pt "
         "tensor (N, C, H, W) (uint8 0..255, or floats in [-1, 1]), or "
-        f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16)",
+        f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16) or {BUILTIN_PHOTOS} (the photo-crops model's 2000 "
+        "crops of scikit-learn's sample photos)",
     )
     fit.add_argument(
         "--out",
@@ -442,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_inference_options(fit)
+    _add_pipeline_options(fit, sampling=False)
     _add_general_options(fit)
     _add_eval_command(commands)
     return parser
@@ -478,52 +579,121 @@ def _add_inference_options(fit: argparse.ArgumentParser) -> None:
     )
 
 
+#: ``bayesdiff eval`` options: (flag, type, metavar, help) per EvaluationConfig setting. Their parser
+#: default is None ("not given"): the run takes EvaluationConfig's default, or with --reuse the cached
+#: run's setting; the help shows EvaluationConfig's default.
+_EVAL_OPTIONS = {
+    "model": (
+        "--model",
+        str,
+        "builtin:NAME|DIR",
+        "the model: builtin:digits or builtin:photos (bundled), or a local diffusers model folder (an "
+        "unconditional UNet2DModel pipeline folder with unet/ and scheduler/)",
+    ),
+    "scheduler": ("--scheduler", str, "DIR", "the scheduler folder of a bare UNet folder (scheduler_config.json)"),
+    "data": ("--data", str, "DIR|FILE", "a model folder's real images: a folder of PNG/JPG or a .npy/.pt tensor"),
+    "features": (
+        "--features",
+        str,
+        "random_conv|PATH",
+        "a model folder's feature space for FID/KID/PRDC and the k-NN realism oracle: random_conv, or a "
+        "TorchScript file mapping images at model scale (N, C, H, W) to features (N, d) (default for a "
+        "folder: random_conv; the bundled models use their classifier's embedding)",
+    ),
+    "classifier": (
+        "--classifier",
+        str,
+        "PATH",
+        "a TorchScript classifier (images at model scale -> logits) whose confidence is a second oracle",
+    ),
+    "posterior": ("--posterior", str, "FILE", "the default posterior (default: the bundled one, or a diag GGN fitted on --data)"),
+    "num_images": ("--num-images", int, "N", "samples"),
+    "steps": ("--steps", int, "K", "DDIM steps"),
+    "batch_size": ("--batch-size", int, "B", "images per batch"),
+    "seed": ("--seed", int, "S", "seed of x_T and the random subsets"),
+    "costly_images": (
+        "--costly-images",
+        int,
+        "N",
+        "images scored by the methods with extra model calls other than the paper's (default: all)",
+    ),
+    "mc_samples": ("--mc-samples", int, "S", "Monte Carlo samples per uncertainty step"),
+    "uq_every": ("--uq-every", int, "K", "Skip: Monte Carlo every K-th step"),
+    "weight_samples": ("--weight-samples", int, "M", "head-weight draws of weight-samples"),
+    "dropout_passes": ("--dropout-passes", int, "T", "MC dropout passes (bundled digits)"),
+    "drift_last_steps": ("--drift-last-steps", int, "L", "steps whose x_0 predictions x0-drift compares"),
+    "hfl_probes": ("--hfl-probes", int, "K", "Hessian-free Laplace probes per image"),
+    "fit_images": ("--fit-images", int, "N", "real images the fitted posteriors see (default: all)"),
+    "random_seeds": (
+        "--random-seeds",
+        int,
+        "K",
+        "random subsets per kept fraction (fewer than 5: no σ advantages, no verdict)",
+    ),
+    "bad_fraction": ("--bad-fraction", float, "F", "share of images the oracle calls bad (AUROC)"),
+}
+
+
 def _add_eval_command(commands) -> None:
+    from bayesdiff_ext.evaluation.config import default_settings
+
+    defaults = default_settings()
     evaluate = commands.add_parser(
         "eval",
-        help="does the uncertainty find bad images? filtering vs random removal on the bundled model",
+        help="does the uncertainty find bad images? filtering vs random removal, on a bundled model or yours",
         description=_wrap(
-            "Generate N digits with the bundled model, score them by every uncertainty method on the same "
-            "images, and compare filtering by each score with removing random images (FID, KID, CMMD, "
-            "precision/recall over seeds), plus AUROC and Spearman against a quality oracle. Writes "
-            "EVALUATION.md, figures under evaluation/, results.json and a cache (filtering_run.npz) that "
-            "--reuse renders again without sampling."
+            "Generate N images with a model, score them by every uncertainty method on the same images, and "
+            "compare filtering by each score with removing random images (FID, KID, CMMD, precision/recall over "
+            "seeds), plus AUROC and Spearman against quality oracles (a k-NN realism score against the real "
+            "images in the chosen feature space; a classifier's confidence where there is one). The run time is "
+            "estimated before generation starts and shown by a progress bar. Writes the model's section of "
+            "EVALUATION.md, figures under evaluation/<model>/, results.json and a cache (filtering_run.npz) "
+            "with the settings that made it: --reuse renders again without sampling, with those settings."
         ),
-        epilog="example:\n  bayesdiff eval --out eval-out --docs docs --num-images 2000 --steps 20",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  bayesdiff eval --out eval-out --docs docs                       # bundled digits, the documented run\n"
+        "  bayesdiff eval --model builtin:photos --out eval-photos --docs docs\n"
+        "  bayesdiff eval --model ./my-pipeline --data ./images/ --num-images 500 --out my-eval\n"
+        "  bayesdiff eval --out eval-out --reuse --random-seeds 20         # re-render with other analysis settings",
     )
     evaluate.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="cache and results folder")
     evaluate.add_argument(
-        "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/*.png go (default --out)"
+        "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/ go (default: --out)"
     )
-    evaluate.add_argument("--reuse", action="store_true", help="render from the cached run in --out, no sampling")
-    evaluate.add_argument("--num-images", type=_int_at_least(12), default=2000, metavar="N", help="samples (default 2000)")
-    evaluate.add_argument("--steps", type=_int_at_least(2), default=20, help="DDIM steps (default 20)")
-    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=250, metavar="B", help="images per batch")
     evaluate.add_argument(
-        "--costly-images",
-        type=_int_at_least(12),
-        default=None,
-        metavar="N",
-        help="images scored by the methods with extra UNet calls other than the paper's (default all)",
+        "--reuse",
+        action="store_true",
+        help="render from the cached run in --out, no sampling; its settings are the cache's (an option that asks "
+        "for another generation setting is refused, naming it)",
     )
-    evaluate.add_argument("--mc-samples", type=_int_at_least(1), default=10, metavar="S", help="Monte Carlo samples")
-    evaluate.add_argument("--weight-samples", type=_int_at_least(2), default=4, metavar="M", help="fixed weight samples")
-    evaluate.add_argument("--free-last-steps", type=_int_at_least(2), default=5, metavar="L", help="free baseline steps")
-    evaluate.add_argument(
-        "--hfl-probes", type=_int_at_least(1), default=16, metavar="K", help="Hessian-free Laplace probes per image"
-    )
-    evaluate.add_argument("--random-seeds", type=_int_at_least(2), default=10, help="random subsets per fraction")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of x_T and the random subsets (default 0)")
-    evaluate.add_argument("--label", default=None, help="a line printed at the top of the report")
+    for name, (flag, kind, metavar, text) in _EVAL_OPTIONS.items():
+        default = defaults[name]
+        shown = "" if "default" in text else f" (default: {'none' if default is None else default})"
+        evaluate.add_argument(flag, dest=name, type=_eval_value(kind), default=None, metavar=metavar, help=text + shown)
+    evaluate.add_argument("--label", default=None, help="a line printed at the top of the report's section")
     _add_general_options(evaluate)
+
+
+def _eval_value(kind):
+    """Parse an eval option's value; range checks are EvaluationConfig's (one place)."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+    return parse if kind in (int, float) else kind
 
 
 # ------------------------------------------------------------------------------------------------
 # the commands
 # ------------------------------------------------------------------------------------------------
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr (from process 0 only, under torchrun)."""
+    from bayesdiff_ext.cli_session import current
+
+    current().say(message)
 
 
 def _device(name: str | None):
@@ -531,23 +701,55 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-def _scheduler_for(name: str, base):
-    """The ``--sampler`` family built from the model's own scheduler configuration (its noise
-    schedule), with x̂_0 clipping and thresholding off: the moment recurrence needs affine steps."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
+def _scheduler_for(args, base, affine: bool = True) -> tuple:
+    """The ``--sampler`` scheduler built from the model's scheduler ``base`` and what it changes of
+    ``base``: ``{"class": [old, new], setting: [old, new], ...}``. For the moment recurrence
+    (``affine``), a ``base`` with clip_sample or thresholding on is refused unless ``--no-clipping``
+    (the rule of the Python API, which refuses it); trajectory Monte Carlo runs such a scheduler."""
+    import diffusers
 
-    linear = dict(clip_sample=False, thresholding=False)
-    if name == "ddim":
-        return DDIMScheduler.from_config(base.config, **linear)
-    if name == "ddpm":
-        return DDPMScheduler.from_config(base.config, **linear)
-    return DPMSolverSinglestepScheduler.from_config(base.config, solver_order=2, thresholding=False)
+    from bayesdiff_ext.validation import nonlinear_scheduler_settings
+
+    nonlinear = nonlinear_scheduler_settings(base.config) if affine or args.no_clipping else {}
+    if nonlinear and not args.no_clipping:
+        setting, effect = next(iter(nonlinear.items()))
+        raise ValueError(
+            f"the model's {type(base).__name__} has {setting}=True, which {effect}: the moment recurrence needs "
+            f"affine steps; pass --no-clipping to sample with {' and '.join(nonlinear)} off (the images are then "
+            "not clipped either)"
+        )
+    # No --sampler (a pipeline folder): the model's own scheduler class, with --no-clipping's changes only.
+    class_name, settings = SAMPLERS[args.sampler] if args.sampler else (type(base).__name__, dict.fromkeys(nonlinear, False))
+    scheduler = getattr(diffusers, class_name).from_config(base.config, **settings)
+    changes = {}
+    if type(scheduler) is not type(base):
+        changes["class"] = [type(base).__name__, class_name]
+    for key, value in settings.items():
+        if key in base.config and base.config[key] != value:
+            changes[key] = [base.config[key], value]
+    return scheduler, changes
+
+
+def _describe_changes(args, changes: dict) -> str:
+    """One line saying what the run changed of the model's scheduler."""
+    parts = []
+    if "class" in changes:
+        old, new = changes["class"]
+        parts.append(f"{old} -> {new} (--sampler {args.sampler}; its noise schedule is kept)")
+    for key, (old, new) in changes.items():
+        if key != "class":
+            flag = "--no-clipping" if key in ("clip_sample", "thresholding") else f"--sampler {args.sampler}"
+            parts.append(f"{key} {old} -> {new} ({flag})")
+    return "the model's scheduler changed: " + "; ".join(parts)
 
 
 def _check_run_options(args) -> tuple[Path, dict]:
@@ -559,14 +761,18 @@ def _check_run_options(args) -> tuple[Path, dict]:
     method, params = args.aggregation
     if method == "masked_mean":
         raise ValueError("--aggregation masked_mean needs a mask; use bayesdiff_ext.aggregation from Python")
+    if method not in REPORTED_SCORES:
+        raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(REPORTED_SCORES)}")
     aggregation.check_aggregation(method, params)
     rule, rule_params = args.filter
     aggregation.check_filter(rule, rule_params)
+    if args.method == "x0-drift" and args.last_steps > args.steps:
+        raise ValueError(f"--last-steps {args.last_steps} compares more steps than the run has (--steps {args.steps})")
     if rule == "top_k" and rule_params["k"] > args.num_images:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
         )
-    if args.method in ("mc-dropout", "ensemble"):
+    if args.method in (*REPEATED_METHODS, "x0-drift"):
         given = [f"--{k}" for k in ("preset", "samples", "draws", "covariance") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} choose(s) the Laplace estimators; --method {args.method} takes none")
@@ -583,68 +789,55 @@ def _sample_and_write(
     the ensemble."""
     import torch
 
-    from bayesdiff_ext import aggregation, methods
+    from bayesdiff_ext import aggregation
+    from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.randomness import image_generators
-    from bayesdiff_ext.sampler.schedulers import check_supported
 
     out_dir, scores_to_report = run_options
-    channels = unet.config.in_channels
-    if channels not in (1, 3):
-        raise ValueError(
-            f"the model makes {channels}-channel samples; the command line writes grey or RGB "
-            "images only (for latent models use the Python API)"
-        )
-    device = _device(args.device)
-    unet.to(device)
-    members = [member.to(device) for member in method_inputs.get("members", ())]
-    scheduler = _scheduler_for(args.sampler, base_scheduler)
-    sampler = methods.sampler_for(
-        args.method,
-        unet,
-        scheduler,
-        posterior=method_inputs.get("posterior"),
-        members=members,
-        passes=args.passes,
-        seed=args.seed,
-        probes=args.probes if args.method == "hfl" else None,
-    )
-
-    if args.method not in ("mc-dropout", "ensemble"):
+    # The options the method's sample() takes; the recorded settings say what the run used.
+    if args.method == "x0-drift":
+        settings, uncertainty, recorded = None, {}, dict(last_steps=args.last_steps)
+    elif args.method in REPEATED_METHODS:
+        settings = None
+        uncertainty = {k: getattr(args, k) for k in ("uq_every", "mc_samples") if getattr(args, k) is not None}
+        recorded = uncertainty
+    else:
         settings = _uncertainty_settings(args)
-        if settings.estimator == "recurrence":
-            check_supported(scheduler, args.eta)
-        uncertainty = {"settings": settings}
-        how = ", ".join(f"{k} {v}" for k, v in settings.describe().items() if v is not None)
+        uncertainty, recorded = {"settings": settings}, settings.describe()
+    if "pipeline" in method_inputs:
+        sampler, scheduler, scheduler_changes, device, how = _pipeline_sampler(args, method_inputs, settings)
+    else:
+        sampler, scheduler, scheduler_changes, device, how = _unet_sampler(
+            args, unet, base_scheduler, method_inputs, settings
+        )
+    if settings is not None and "pipeline" not in method_inputs:
         # hfl and isotropic derive their posterior from the file's (other structure, other δ)
         described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
-        recorded = settings.describe()
-    else:
-        uncertainty = {k: getattr(args, k) for k in ("uq_every", "mc_samples") if getattr(args, k) is not None}
-        passes = f"{args.passes} dropout passes"
-        if args.method == "ensemble":
-            passes = f"{len(members) + 1} members"
-        how = f"{passes}, sampler-noise recurrence {uncertainty or 'at its defaults'}"
-        recorded = uncertainty
+    if scheduler_changes:
+        _say(_describe_changes(args, scheduler_changes))
     _say(
-        f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
-        f"{how}, on {device}"
+        f"sampling {args.num_images} images: {args.sampler or type(scheduler).__name__}, {args.steps} steps, "
+        f"method {args.method}, {how}, on {device}"
     )
     started = time.perf_counter()
-    runs = []
-    for first in range(0, args.num_images, args.batch_size):
-        indices = range(first, min(first + args.batch_size, args.num_images))
-        runs.append(
-            sampler.sample(
-                batch_size=len(indices),
-                num_inference_steps=args.steps,
-                # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
-                generator=image_generators(args.seed, indices),
-                eta=args.eta,
-                progress=not args.no_progress,
-                **uncertainty,
-            )
+
+    def sample_batch(indices):
+        _seed_probes(sampler, args.seed, indices)
+        return sampler.sample(
+            batch_size=len(indices),
+            num_inference_steps=args.steps,
+            # image k's x_T, noise and draws come from (seed, k): any --batch-size, same results
+            generator=image_generators(args.seed, indices),
+            eta=args.eta,
+            progress=not args.no_progress,
+            **uncertainty,
         )
+
+    # batch by batch, over the processes of a torchrun launch, each batch kept as it finishes (--resume)
+    runs = current().run_batches(sample_batch, args.num_images, args.batch_size)
+    if runs is None:  # another process than 0: process 0 writes the output
+        return 0
     images, variance, mean, aleatoric, clamped = (
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance", "clamped_pixels")
@@ -674,12 +867,12 @@ def _sample_and_write(
         "sampler_settings": {k: v for k, v in runs[0].settings.items() if k != "timesteps"},
         "timesteps": runs[0].settings.get("timesteps"),
         "scheduler_config": dict(scheduler.config),
+        "scheduler_changes": scheduler_changes,
     }
     timings = {
         "load_s": load_s,
         "sample_s": sampled - started,
-        "model_forwards_per_image": sum(r.timings["model_forwards_per_image"] * len(r.images) for r in runs)
-        / args.num_images,
+        **_model_forwards(runs, args.num_images),
         "score_s": time.perf_counter() - sampled,
     }
     record = RunRecord(
@@ -702,6 +895,13 @@ def _sample_and_write(
     return 0
 
 
+def _model_forwards(runs, num_images: int) -> dict:
+    """Model calls per image over the run (every sampler of the package records them)."""
+    if not all("model_forwards_per_image" in r.timings for r in runs):
+        return {}
+    return {"model_forwards_per_image": sum(r.timings["model_forwards_per_image"] * len(r.images) for r in runs) / num_images}
+
+
 def _uncertainty_settings(args):
     """The run's UncertaintySettings from --preset, --method trajectories and the explicit options."""
     from bayesdiff_ext.sampler.settings import resolve_settings
@@ -711,6 +911,125 @@ def _uncertainty_settings(args):
     if estimator and args.preset == "paper":
         raise ValueError("--method trajectories runs trajectory Monte Carlo; --preset paper is the recurrence")
     return resolve_settings(args.preset, estimator=estimator, **explicit)
+
+
+def _describe_uncertainty(settings) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.describe().items() if v is not None)
+
+
+def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
+    """(sampler, scheduler, its changes, device, a line on the method) of an unconditional UNet model;
+    ``settings`` are the Laplace methods' uncertainty settings (None for the other methods)."""
+    from bayesdiff_ext import methods
+    from bayesdiff_ext.sampler.schedulers import check_supported
+
+    channels = unet.config.in_channels
+    if channels not in (1, 3):
+        raise ValueError(
+            f"the model makes {channels}-channel samples; the command line writes grey or RGB images only "
+            "(a latent model is sampled from its pipeline folder: Stable Diffusion, SDXL, SD3, Flux, "
+            "PixArt-Sigma or DiT)"
+        )
+    device = _device(args.device)
+    recurrence = settings is None or settings.estimator == "recurrence"
+    scheduler, scheduler_changes = _scheduler_for(args, base_scheduler, affine=recurrence)
+    if recurrence:
+        check_supported(scheduler, args.eta)
+    scheduler.set_timesteps(args.steps)  # refuses more steps than the model was trained with, before any work
+    unet.to(device)
+    members = [member.to(device) for member in method_inputs.get("members", ())]
+    sampler = methods.sampler_for(
+        args.method,
+        unet,
+        scheduler,
+        posterior=method_inputs.get("posterior"),
+        members=members,
+        passes=args.passes,
+        seed=args.seed,
+        probes=args.probes if args.method == "hfl" else None,
+        last_steps=args.last_steps,
+    )
+    if settings is not None:
+        how = _describe_uncertainty(settings)
+    elif args.method == "x0-drift":
+        how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
+    else:
+        recurrence = f"sampler-noise recurrence every {args.uq_every or 'default'} steps, S {args.mc_samples or 'default'}"
+        how = f"{args.passes} dropout passes, {recurrence}" if args.method == "mc-dropout" else (
+            f"{len(members) + 1} members, {recurrence}"
+        )
+    return sampler, scheduler, scheduler_changes, device, how
+
+
+def _pipeline_sampler(args, method_inputs: dict, settings):
+    """(sampler, scheduler, its changes, device, a line on the method) of a pipeline folder: the
+    pipeline wrapper with the run's conditioning, its own scheduler unless --sampler names one."""
+    from bayesdiff_ext import BayesDiffPipeline
+    from bayesdiff_ext.pipelines.batch_sampler import PipelineSampler
+    from bayesdiff_ext.sampler.schedulers import check_supported
+
+    pipe = method_inputs["pipeline"]
+    if args.sampler == "ddpm" or args.eta:
+        raise ValueError(
+            "a pipeline folder is sampled with a deterministic scheduler (its pixel maps have no sampler-noise "
+            "part): leave out --sampler ddpm and --eta"
+        )
+    device = _device(args.device)
+    recurrence = settings is None or settings.estimator == "recurrence"
+    scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler, affine=recurrence)
+    if recurrence:
+        check_supported(scheduler, args.eta)
+    pipe.scheduler = scheduler
+    wrapper = BayesDiffPipeline.from_pipe(pipe.to(device), method_inputs["posterior"])
+    sampler = PipelineSampler(wrapper, _pipeline_conditioning(args, wrapper), decode_samples=args.decode_samples)
+    how = f"{_describe_uncertainty(settings)}, pixel maps from {args.decode_samples} decoded latents"
+    return sampler, scheduler, scheduler_changes, device, how
+
+
+def _pipeline_conditioning(args, wrapper) -> dict:
+    """The stock call's arguments of one image from the pipeline options (the pipeline's own defaults otherwise)."""
+    if wrapper.prompted:
+        if args.class_label is not None:
+            raise ValueError(f"--class-label applies to DiT; {type(wrapper.pipe).__name__} takes --prompt")
+        call = {"prompt": args.prompt or ""}
+        if getattr(args, "negative_prompt", None) is not None:
+            call["negative_prompt"] = args.negative_prompt
+    else:
+        if args.prompt is not None or getattr(args, "negative_prompt", None) is not None:
+            raise ValueError(f"{type(wrapper.pipe).__name__} is class-conditional: pass --class-label, not --prompt")
+        if args.class_label is None:
+            raise ValueError(f"{type(wrapper.pipe).__name__} is class-conditional: pass --class-label K")
+        call = {"class_labels": args.class_label}
+    if getattr(args, "guidance_scale", None) is not None:
+        call["guidance_scale"] = args.guidance_scale
+    call.update(wrapper.command_line_arguments())
+    if "height" not in wrapper.stock_arguments():
+        if args.height is not None or args.width is not None:
+            raise ValueError(f"{type(wrapper.pipe).__name__} makes images of its model's size: leave out --height/--width")
+        return call
+    height, width = wrapper.default_size()
+    return {**call, "height": args.height or height, "width": args.width or width}
+
+
+def _refuse_pipeline_options(args) -> None:
+    """The pipeline options given for a UNet folder: refused, naming the first."""
+    for flag in ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} applies to pipeline folders (Stable Diffusion, SDXL, SD3, Flux, "
+                f"PixArt-Sigma, DiT); {args.model} is an unconditional UNet model"
+            )
+
+
+def _seed_probes(sampler, seed: int, indices: range) -> None:
+    """A batch must not depend on the batches before it (--resume, torchrun): HFL's random probes come
+    from a generator its calls share, so it restarts at (seed, the batch's first index)."""
+    from bayesdiff_ext.posterior.hfl import HessianFreePosterior
+    from bayesdiff_ext.randomness import derived_seed
+
+    structure = getattr(getattr(sampler, "posterior", None), "posterior", None)
+    if isinstance(structure, HessianFreePosterior):
+        structure.seed_probes(derived_seed(seed, indices[0], "probes"))
 
 
 def _posterior_description(posterior, path) -> dict:
@@ -728,11 +1047,9 @@ def _load_posterior(path: Path, unet):
     """The saved posterior on ``unet``'s head. A posterior fitted at other head weights of the same
     shape loads with a warning in the package; here it is an error, because its curvature and
     hyperparameters belong to another model."""
-    from safetensors import SafetensorError
-
     from bayesdiff_ext.posterior import load_posterior
 
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"posterior file {path} does not exist (make one with `bayesdiff fit`)")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the head weights differ")
@@ -740,14 +1057,13 @@ def _load_posterior(path: Path, unet):
             return load_posterior(path, unet)
         except UserWarning as mismatch:
             raise ValueError(f"{path} is a posterior for another model: {mismatch}") from None
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a posterior file (safetensors: {err})") from None
 
 
 def _run_demo(args) -> int:
     from bayesdiff_ext import digits
 
     run_options = _check_run_options(args)
+    args.sampler = args.sampler or "ddim"
     started = time.perf_counter()
     root = digits.bundled_dir()
     described = {"command": "demo", "model": "bundled digits (bayesdiff_ext/assets/digits)"}
@@ -759,6 +1075,8 @@ def _run_demo(args) -> int:
         members = _ensemble_members(args, root, root / "scheduler")
         unet, inputs["members"] = members[0], members[1:]
         described["ensemble"] = [str(p) for p in args.ensemble] if args.ensemble else "bundled members"
+    elif args.method == "x0-drift":
+        unet = digits.load_bundled_unet()
     else:
         unet = digits.load_bundled_unet()
         path = root / ("posterior_full.safetensors" if args.method == "hfl" else "posterior_diag.safetensors")
@@ -793,9 +1111,13 @@ def _ensemble_members(args, root: Path, scheduler_dir: Path) -> list:
 
 
 def _run_sample(args) -> int:
-    from bayesdiff_ext.io.inputs import load_model
+    from bayesdiff_ext.io.inputs import load_model, pipeline_class
 
     run_options = _check_run_options(args)
+    if pipeline_class(args.model) is not None:
+        return _run_pipeline_sample(args, run_options)
+    _refuse_pipeline_options(args)
+    args.sampler = args.sampler or "ddim"
     laplace = args.method in ("laplace", "trajectories", "hfl", "isotropic")
     if laplace and args.posterior is None:
         raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
@@ -816,6 +1138,29 @@ def _run_sample(args) -> int:
     return _sample_and_write(args, run_options, unet, scheduler, inputs, described, load_s)
 
 
+def _run_pipeline_sample(args, run_options) -> int:
+    """``sample`` on a pipeline folder: the Laplace method through the pipeline's wrapper."""
+    from bayesdiff_ext.io.inputs import load_pipeline
+
+    if args.method != "laplace":
+        raise ValueError(f"--method {args.method} takes unconditional UNet models; a pipeline folder samples --method laplace")
+    if args.posterior is None:
+        raise ValueError("--method laplace needs --posterior FILE (made by `bayesdiff fit`)")
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    posterior = _load_posterior(args.posterior, getattr(pipe, "unet", None) or pipe.transformer)
+    described = {
+        "command": "sample",
+        "model": str(args.model),
+        "pipeline": type(pipe).__name__,
+        **{k: getattr(args, k) for k in ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width")},
+        "decode_samples": args.decode_samples,
+        **_posterior_description(posterior, args.posterior),
+    }
+    inputs = {"pipeline": pipe, "posterior": posterior}
+    return _sample_and_write(args, run_options, None, pipe.scheduler, inputs, described, time.perf_counter() - started)
+
+
 def _fit_images(args, unet):
     from bayesdiff_ext.io.inputs import load_images
 
@@ -832,6 +1177,12 @@ def _fit_images(args, unet):
                 f"{BUILTIN_DIGITS} are grey images; the model takes {unet.config.in_channels} channels"
             )
         return load_digits_images(resolution=size)[0]
+    if args.data == BUILTIN_PHOTOS:
+        from bayesdiff_ext.photos import load_photo_crops
+
+        if unet.config.in_channels != 3:
+            raise ValueError(f"{BUILTIN_PHOTOS} are RGB images; the model takes {unet.config.in_channels} channels")
+        return load_photo_crops(resolution=size)[0]
     return load_images(args.data, size=size, channels=unet.config.in_channels)
 
 
@@ -866,7 +1217,7 @@ def _fit_posterior(args, unet):
 def _run_fit(args) -> int:
     import torch
 
-    from bayesdiff_ext.io.inputs import load_model
+    from bayesdiff_ext.io.inputs import load_model, pipeline_class
 
     default_name = (args.structure or "diag") if args.inference == "laplace" else args.inference
     out = (args.out or Path(f"posterior_{default_name}.safetensors")).expanduser().absolute()
@@ -876,6 +1227,9 @@ def _run_fit(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+    if pipeline_class(args.model) is not None:
+        return _fit_pipeline(args, out)
+    _refuse_pipeline_options(args)
     unet, scheduler = load_model(args.model, args.scheduler)
     posterior = _fit_posterior(args, unet)
     images = _fit_images(args, unet)
@@ -893,6 +1247,14 @@ def _run_fit(args) -> int:
         generator=torch.Generator("cpu").manual_seed(args.seed),
         progress=not args.no_progress,
     )
+    return _save_posterior(posterior, out)
+
+
+def _save_posterior(posterior, out: Path) -> int:
+    from bayesdiff_ext.distributed import is_main_process
+
+    if not is_main_process():  # every process of a torchrun launch holds the same posterior
+        return 0
     posterior.save(out)
     _say(repr(posterior))
     record = getattr(posterior, "record", {})
@@ -903,23 +1265,51 @@ def _run_fit(args) -> int:
     return 0
 
 
+def _fit_pipeline(args, out: Path) -> int:
+    """``fit`` on a pipeline folder: images encoded by its VAE, conditioned by --prompt/--class-label."""
+    import torch
+
+    from bayesdiff_ext import BayesDiffPipeline
+    from bayesdiff_ext.io.inputs import load_images, load_pipeline
+    from bayesdiff_ext.pipelines import fit_pipeline_posterior
+
+    if args.data == BUILTIN_DIGITS:
+        raise ValueError(f"{BUILTIN_DIGITS} are grey 16x16 digits; a pipeline folder is fitted on RGB images (--data)")
+    pipe = load_pipeline(args.model)
+    posterior = _fit_posterior(args, getattr(pipe, "unet", None) or pipe.transformer)
+    conditioning = _pipeline_conditioning(args, BayesDiffPipeline.from_pipe(pipe, posterior))
+    default_height, default_width = BayesDiffPipeline.from_pipe(pipe, posterior).default_size()
+    height, width = conditioning.pop("height", default_height), conditioning.pop("width", default_width)
+    conditioning = {k: v for k, v in conditioning.items() if k in ("prompt", "class_labels")}
+    if height != width:
+        raise ValueError(f"--height {height} and --width {width} differ: the command line fits square images")
+    images = load_images(args.data, size=height, channels=3)
+    device = _device(args.device)
+    pipe.to(device)
+    _say(f"fitting a posterior of {type(pipe).__name__} on {len(images)} images x {args.timesteps_per_image} timestep(s) on {device}")
+    fit_pipeline_posterior(
+        pipe,
+        images.to(device),
+        posterior,
+        batch_size=args.batch_size,
+        timesteps_per_image=args.timesteps_per_image,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        progress=not args.no_progress,
+        **conditioning,
+    )
+    return _save_posterior(posterior, out)
+
+
 def _run_eval(args) -> int:
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
+    from bayesdiff_ext.evaluation.cache import cached_settings
 
+    given = {name: getattr(args, name) for name in _EVAL_OPTIONS if getattr(args, name) is not None}
+    # With --reuse the cache's settings stand in for the ones not given; a given one that differs is
+    # refused by run_evaluation, naming it.
+    base = cached_settings(args.out) if args.reuse else {}
     config = EvaluationConfig(
-        out_dir=args.out,
-        docs_dir=args.docs,
-        num_images=args.num_images,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        costly_images=args.costly_images,
-        mc_samples=args.mc_samples,
-        weight_samples=args.weight_samples,
-        free_last_steps=args.free_last_steps,
-        hfl_probes=args.hfl_probes,
-        random_seeds=args.random_seeds,
-        seed=args.seed,
-        progress=not args.no_progress,
+        **{**base, **given}, out_dir=args.out, docs_dir=args.docs, progress=not args.no_progress
     )
     print(run_evaluation(config, reuse=args.reuse, label=args.label))
     return 0
@@ -928,26 +1318,40 @@ def _run_eval(args) -> int:
 _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": _run_eval}
 
 
+def _stopped(session, line: str) -> None:
+    """Why the command stopped, on every process; on process 0 also how to resume a sampling run."""
+    print(line, file=sys.stderr, flush=True)
+    hint = session.resume_hint()
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bayesdiff`` console script; returns the exit status."""
+    """Entry point of the ``bayesdiff`` console script (and of ``python -m bayesdiff_ext``, which
+    ``torchrun`` launches once per process); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
+
+    from bayesdiff_ext.cli_session import CommandSession
 
     verbosity = diffusers_logging.get_verbosity()
     if not args.debug:
         # diffusers' loading notes (e.g. "install accelerate") would drown the one-line report
         diffusers_logging.set_verbosity_error()
+    session = CommandSession(args, argv)
     try:
-        return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        _say("bayesdiff: interrupted")
-        return 130
-    except (ValueError, OSError, RuntimeError) as err:
+        with session:
+            return _COMMANDS[args.command](args)
+    except KeyboardInterrupt as stop:
+        _stopped(session, f"bayesdiff: stopped ({stop or 'SIGINT'})")
+        return getattr(stop, "exit_code", 130)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
-        _say(f"bayesdiff: error: {message}")
-        return 1
+        _stopped(session, session.error_line(message))
+        return 2 if isinstance(err, BAD_INPUT) else 1
     finally:
         diffusers_logging.set_verbosity(verbosity)
 

@@ -7,7 +7,8 @@ differences between model families live in one place:
 * the name of the sample argument (``sample`` for UNets, ``hidden_states`` for transformers);
 * the timestep a pipeline hands the model: UNets take the scheduler's timestep as it is (a 0-d
   tensor is broadcast inside the model); transformer pipelines expand it to the batch first, and
-  Flux divides it by 1000 (``FluxPipeline`` calls ``transformer(timestep=t / 1000, ...)``);
+  Flux casts it to the latents' dtype and divides it by 1000 (``FluxPipeline`` calls
+  ``transformer(timestep=t.expand(B).to(latents.dtype) / 1000, ...)``);
 * reading the prediction out of the model's return value (``.sample``, a tuple, or a tensor).
 
 The output is returned in full: learned-variance channels are kept (the caller slices the ε
@@ -119,8 +120,8 @@ class Denoiser:
     def config(self):
         return getattr(self.model, "config", None)
 
-    def model_timestep(self, timestep, batch: int) -> Any:
-        """The timestep argument as the model's pipeline passes it, for ``batch`` rows."""
+    def model_timestep(self, timestep, batch: int, dtype: torch.dtype | None = None) -> Any:
+        """The timestep argument as the model's pipeline passes it, for ``batch`` rows of samples of ``dtype``."""
         if not self.expands_timestep:
             return timestep
         if not torch.is_tensor(timestep):
@@ -128,7 +129,9 @@ class Denoiser:
         elif timestep.dim() == 0:
             timestep = timestep[None].to(self.device)
         timestep = timestep.expand(batch)
-        return timestep / self.timestep_divisor if self.timestep_divisor != 1 else timestep
+        if self.timestep_divisor == 1:
+            return timestep
+        return (timestep if dtype is None else timestep.to(dtype)) / self.timestep_divisor
 
     def __call__(self, sample: torch.Tensor, timestep, model_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The model's prediction at ``sample`` (already scaled by ``scheduler.scale_model_input``).
@@ -143,7 +146,7 @@ class Denoiser:
         """
         kwargs = dict(model_kwargs or {})
         kwargs[self.sample_argument] = sample
-        kwargs["timestep"] = self.model_timestep(timestep, sample.shape[0])
+        kwargs["timestep"] = self.model_timestep(timestep, sample.shape[0], sample.dtype)
         return model_prediction(self.model(**kwargs))
 
     @staticmethod

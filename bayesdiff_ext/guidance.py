@@ -11,8 +11,11 @@ code treats the branches as independent, (1−s)²·V_u + s²·V_c, which drops 
 2s(1−s)·Cov(ε_u, ε_c) — for s > 1 that term is negative and large, the branches being nearly equal.
 That formula is kept as ``variance='independent'`` for comparison with the paper.
 
-Both branches run in one UNet call on a batch laid out [uncond; cond], as the diffusers pipelines
-do; conditioning is concatenated the same way.
+The branches run as the pipeline runs them (``ClassifierFreeGuidance.layout``): one model call on a
+batch laid out [uncond; cond] (most diffusers pipelines) or [cond; uncond] (DiT), conditioning
+concatenated the same way, or two calls (Flux's true CFG). Every form combines ε_u + s·(ε_c − ε_u)
+(DiT on its ε channels only, which are the ones the head's posterior describes), so the exact
+variance is the head's at φ_cfg in each.
 """
 
 from __future__ import annotations
@@ -25,16 +28,19 @@ from typing import Any
 import torch
 
 __all__ = [
+    "GUIDANCE_LAYOUTS",
     "GUIDANCE_VARIANCES",
     "ClassifierFreeGuidance",
     "check_guidance_variance",
     "combine",
     "guided_head_moments",
+    "same_value",
     "split_branches",
     "stack_branches",
 ]
 
 GUIDANCE_VARIANCES = ("exact", "independent")
+GUIDANCE_LAYOUTS = ("uncond_first", "cond_first", "separate")
 
 
 def combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,7 +89,7 @@ def stack_branches(uncond: Any, cond: Any, rows: int) -> Any:
         return {key: stack_branches(uncond[key], cond[key], rows) for key in cond}
     elif isinstance(cond, (list, tuple)) and type(cond) is type(uncond) and len(cond) == len(uncond):
         return type(cond)(stack_branches(u, c, rows) for u, c in zip(uncond, cond, strict=True))
-    if not _same(uncond, cond):
+    if not same_value(uncond, cond):
         raise ValueError(
             f"an unconditional kwarg ({type(uncond).__name__}) differs from the conditional one "
             f"({type(cond).__name__}) but is not a batch of {rows} rows that could be stacked"
@@ -108,7 +114,8 @@ def split_branches(kwargs: Any, rows: int) -> tuple[Any, Any]:
     return kwargs, kwargs
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two kwargs values are the same (tensors by ``torch.equal``, anything else by ``==``)."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -123,15 +130,20 @@ def _same(a: Any, b: Any) -> bool:
 class ClassifierFreeGuidance:
     """Guidance for :class:`~bayesdiff_ext.BayesDiffSampler`: scale s, unconditional branch, variance rule.
 
-    ``uncond_kwargs`` are the UNet kwargs of the unconditional branch for the B images (e.g.
+    ``uncond_kwargs`` are the model kwargs of the unconditional branch for the B images (e.g.
     ``{"encoder_hidden_states": negative_prompt_embeds}``); keys it lacks are shared with the
-    conditional kwargs (``unet_kwargs`` of ``sample``). ``variance``: ``'exact'`` (default) or
-    ``'independent'`` (BayesDiff's code).
+    conditional kwargs (``model_kwargs`` of ``sample``). ``variance``: ``'exact'`` (default) or
+    ``'independent'`` (BayesDiff's code). ``layout``: how the pipeline runs the branches, which the
+    image path must repeat to stay bitwise the pipeline's — ``'uncond_first'`` (one call on
+    [uncond; cond]: Stable Diffusion, SDXL, SD3, PixArt), ``'cond_first'`` (one call on [cond; uncond]:
+    DiT) or ``'separate'`` (two calls, the conditional first: Flux's ``true_cfg_scale``). Every layout
+    combines ε_u + s·(ε_c − ε_u).
     """
 
     scale: float
     uncond_kwargs: Mapping[str, Any] = field(default_factory=dict)
     variance: str = "exact"
+    layout: str = "uncond_first"
 
     def __post_init__(self) -> None:
         check_guidance_variance(self.variance)
@@ -139,28 +151,50 @@ class ClassifierFreeGuidance:
             raise ValueError(f"guidance scale must be a finite number, got {self.scale!r}")
         if not isinstance(self.uncond_kwargs, Mapping):
             raise TypeError(
-                f"uncond_kwargs must be a dict of UNet kwargs, got {type(self.uncond_kwargs).__name__}"
+                f"uncond_kwargs must be a dict of model kwargs, got {type(self.uncond_kwargs).__name__}"
             )
+        if self.layout not in GUIDANCE_LAYOUTS:
+            raise ValueError(f"guidance layout must be one of {GUIDANCE_LAYOUTS}, got {self.layout!r}")
 
     def branch_kwargs(self, cond_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Both branches' kwargs for B rows, ``{"uncond": ..., "cond": ...}``; tile it like any kwargs."""
         return {"uncond": {**cond_kwargs, **self.uncond_kwargs}, "cond": dict(cond_kwargs)}
 
     def forward(self, denoiser, posterior, x: torch.Tensor, t, branch_kwargs: Mapping[str, Any], want_head: bool):
-        """One model call on [x; x]: (ε_cfg, head mean, head var); the head moments only with ``want_head``.
+        """Both branches at ``x`` as the layout runs them: (ε_cfg, head mean, head var); the head moments
+        only with ``want_head``.
 
         ``denoiser`` is a :class:`~bayesdiff_ext.denoiser.Denoiser` (called ``denoiser(sample, t, kwargs)``);
         ``branch_kwargs`` is :meth:`branch_kwargs`' result, tiled to the rows of ``x``.
         """
-        rows = x.shape[0]
-        kwargs = stack_branches(branch_kwargs["uncond"], branch_kwargs["cond"], rows)
-        doubled = torch.cat([x, x])
+        uncond, cond = branch_kwargs["uncond"], branch_kwargs["cond"]
+        if self.layout == "separate":
+            out_cond, phi_cond = _forward(denoiser, posterior, x, t, cond, want_head)
+            out_uncond, phi_uncond = _forward(denoiser, posterior, x, t, uncond, want_head)
+        else:
+            uncond_first = self.layout == "uncond_first"
+            first, second = (uncond, cond) if uncond_first else (cond, uncond)
+            out, phi = _forward(denoiser, posterior, torch.cat([x, x]), t, stack_branches(first, second, x.shape[0]), want_head)
+            out_a, out_b = out.chunk(2)
+            phi_a, phi_b = (None, None) if phi is None else phi.chunk(2)
+            out_uncond, out_cond = (out_a, out_b) if uncond_first else (out_b, out_a)
+            phi_uncond, phi_cond = (phi_a, phi_b) if uncond_first else (phi_b, phi_a)
+        eps = combine(out_uncond, out_cond, self.scale)
         if not want_head:
-            return combine(*denoiser(doubled, t, kwargs).chunk(2), self.scale), None, None
-        with posterior.capture() as cap:
-            out = denoiser(doubled, t, kwargs)
-        head_mean, head_var = guided_head_moments(posterior, cap.phi, self.scale, self.variance)
-        return combine(*out.chunk(2), self.scale), head_mean, head_var
+            return eps, None, None
+        head_mean, head_var = guided_head_moments(
+            posterior, torch.cat([phi_uncond, phi_cond]), self.scale, self.variance
+        )
+        return eps, head_mean, head_var
+
+
+def _forward(denoiser, posterior, x: torch.Tensor, t, kwargs, want_head: bool):
+    """One model call: its output and, with ``want_head``, the head's input φ (else None)."""
+    if not want_head:
+        return denoiser(x, t, kwargs), None
+    with posterior.capture() as cap:
+        out = denoiser(x, t, kwargs)
+    return out, cap.phi
 
 
 def check_guidance_variance(variance: str) -> None:

@@ -8,12 +8,14 @@ are Gaussian.
 
 Latents are at "model scale", as the UNet sees them. The VAE sees ``z / scaling_factor``, plus
 ``shift_factor`` where the VAE's config has one (SD3/Flux-style VAEs; Stable Diffusion 1.x/2.x
-have none), exactly as the diffusers pipelines decode.
+have none), or ``z·latents_std/scaling_factor + latents_mean`` where it has per-channel statistics
+(SDXL-style VAEs), exactly as the diffusers pipelines decode.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -30,23 +32,43 @@ __all__ = [
 ]
 
 
-def _scaling(vae) -> tuple[float, float | None]:
+def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE config's per-channel ``latents_mean``/``latents_std`` (SDXL-style VAEs that have them), as
+    ``like``'s (B, C, 1, 1) broadcast, or None."""
     config = vae.config
-    return float(config.scaling_factor), getattr(config, "shift_factor", None)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    channels = len(mean)
+    return (
+        torch.tensor(mean).view(1, channels, 1, 1).to(like.device, like.dtype),
+        torch.tensor(std).view(1, channels, 1, 1).to(like.device, like.dtype),
+    )
 
 
 def to_vae_latents(latents: torch.Tensor, vae) -> torch.Tensor:
-    """Model-scale latents → what ``vae.decode`` takes: ``z / scaling_factor (+ shift_factor)``."""
-    scaling, shift = _scaling(vae)
-    z = latents / scaling
+    """Model-scale latents → what ``vae.decode`` takes, as the pipelines compute it: ``z·std/s + mean``
+    where the config has ``latents_mean``/``latents_std`` (SDXL), else ``z / s (+ shift_factor)``."""
+    config = vae.config
+    statistics = _latent_statistics(vae, latents)
+    if statistics is not None:
+        mean, std = statistics
+        return latents * std / config.scaling_factor + mean
+    z = latents / config.scaling_factor
+    shift = getattr(config, "shift_factor", None)
     return z if shift is None else z + shift
 
 
 def to_model_latents(vae_latents: torch.Tensor, vae) -> torch.Tensor:
-    """The inverse of :func:`to_vae_latents`: ``(z − shift_factor) · scaling_factor``."""
-    scaling, shift = _scaling(vae)
+    """The inverse of :func:`to_vae_latents`: ``(z − mean)·s/std``, else ``(z − shift_factor) · s``."""
+    config = vae.config
+    statistics = _latent_statistics(vae, vae_latents)
+    if statistics is not None:
+        mean, std = statistics
+        return (vae_latents - mean) * config.scaling_factor / std
+    shift = getattr(config, "shift_factor", None)
     z = vae_latents if shift is None else vae_latents - shift
-    return z * scaling
+    return z * config.scaling_factor
 
 
 def decode_latents(vae, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -88,7 +110,7 @@ class PixelMoments:
 
 @torch.no_grad()
 def pixel_moments(
-    vae,
+    decoder,
     latent_mean: torch.Tensor,
     latent_variance: torch.Tensor,
     *,
@@ -96,13 +118,19 @@ def pixel_moments(
     batch_size: int = 8,
     generator: torch.Generator | None = None,
 ) -> PixelMoments:
-    """Decode ``samples`` Gaussian draws of every latent, ``batch_size`` latents per ``vae.decode`` call.
+    """Decode ``samples`` Gaussian draws of every latent, ``batch_size`` latents per decode call.
 
-    The draws z = E[z_0] + √Var[z_0] ⊙ ξ, ξ ~ N(0, I), are laid out sample-major across the
-    batch and decoded in ⌈samples·B / batch_size⌉ calls. Per-image moments are merged batch by
-    batch (Chan et al.'s pairwise update, in float64), so memory stays at one decode batch.
+    ``decoder`` is a VAE (model-scale latents (B, C, h, w) decoded by :func:`decode_latents`) or a
+    function from a batch of latents in the layout of ``latent_mean`` to images — a pipeline's own
+    decode path (Flux's unpacking, SD3's ``shift_factor``, DiT's ``1/s·z``, PixArt's resize). The
+    draws z = E[z_0] + √Var[z_0] ⊙ ξ, ξ ~ N(0, I), are laid out sample-major across the batch and
+    decoded in ⌈samples·B / batch_size⌉ calls. Per-image moments are merged batch by batch (Chan et
+    al.'s pairwise update, in float64), so memory stays at one decode batch.
     """
-    if latent_mean.dim() != 4:
+    decode = partial(decode_latents, decoder) if isinstance(decoder, torch.nn.Module) else decoder
+    if decode is decoder and not callable(decoder):
+        raise TypeError(f"decoder must be a VAE or a function of a batch of latents, got {type(decoder).__name__}")
+    if latent_mean.dim() != 4 and (decode is not decoder or latent_mean.dim() < 2):
         raise ValueError(f"latent_mean must be (B, C, h, w), got shape {tuple(latent_mean.shape)}")
     if latent_variance.shape != latent_mean.shape:
         raise ValueError(
@@ -128,7 +156,7 @@ def pixel_moments(
         noise = randn_tensor(
             (len(rows), *mean.shape[1:]), generator=generator, device=mean.device, dtype=moment_dtype
         )
-        decoded = decode_latents(vae, mean[which] + std[which] * noise)
+        decoded = decode(mean[which] + std[which] * noise)
         stats.update(decoded, which)
     pixel_mean, pixel_var = stats.result()
     return PixelMoments(pixel_mean.to(moment_dtype), pixel_var.to(moment_dtype), samples)

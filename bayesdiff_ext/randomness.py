@@ -45,6 +45,8 @@ STREAMS = {
     "trajectory_noise": 3,
     "fit": 4,
     "decode": 5,
+    "bootstrap": 6,
+    "probes": 7,
 }
 
 Generators = torch.Generator | list[torch.Generator] | None

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler, EulerDiscreteScheduler
+from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler
 
 from bayesdiff_ext import BayesDiffPipeline, UncertaintyCallback, latent
 from bayesdiff_ext.guidance import guided_head_moments
@@ -222,12 +222,12 @@ def test_wrapper_refuses_what_it_cannot_follow(sd):
     pipe.scheduler = DDPMScheduler.from_config(sd_scheduler().config, clip_sample=True)
     with pytest.raises(ValueError, match="clip_sample=True"):
         wrapper(preset="paper", **sd_call(cond, uncond))  # the recurrence; trajectories follow clipping
-    with pytest.raises(TypeError, match="wraps a DDPMPipeline, DDIMPipeline or StableDiffusionPipeline"):
+    with pytest.raises(TypeError, match="BayesDiffPipeline wraps DDIMPipeline, DDPMPipeline, .*StableDiffusionPipeline"):
         BayesDiffPipeline.from_pipe(object(), post)
     with pytest.raises(TypeError, match="from_pipe"):
         BayesDiffPipeline(pipe, post)
-    with pytest.raises(ValueError, match="not on this pipeline's UNet"):
-        BayesDiffPipeline.from_pipe(sd_pipeline(), post)
+    with pytest.raises(ValueError, match="has other weights than the head the posterior was fitted at"):
+        BayesDiffPipeline.from_pipe(sd_pipeline(seed=1), post)
 
 
 # ------------------------------------------------------------------ pixel-space pipelines
@@ -301,9 +301,6 @@ def test_callback_refuses_steps_it_cannot_follow(sd):
     with pytest.raises(ValueError, match="two-stage steps"):
         pipe(callback_on_step_end=callback, **sd_call(cond, uncond))
     assert not pipe.unet._forward_hooks and not post.head._forward_pre_hooks  # removed when the step failed
-    pipe.scheduler = EulerDiscreteScheduler.from_config(sd_scheduler().config)
-    with pytest.raises(ValueError, match="scales the model input"):
-        pipe(callback_on_step_end=UncertaintyCallback(post, mc_samples=2), **sd_call(cond, uncond))
     pipe.scheduler = sd_scheduler()
     with (
         UncertaintyCallback(post, mc_samples=2) as callback,

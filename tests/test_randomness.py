@@ -20,7 +20,7 @@ SEED, NUM_IMAGES, STEPS = 11, 4, 4
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet(seed=3)
+    return tiny_unet(seed=3, add_attention=False)
 
 
 @pytest.fixture(scope="module")

@@ -356,7 +356,7 @@ def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, poster
         x,
         torch.zeros_like(x),
         None,
-        lambda samples: model_call.head_at(samples, t, {}, torch.float32),
+        lambda samples: model_call.head_at(samples, t, {}, torch.float32, index=0),
         samples=6,
         keep_eps=False,
         eps_variance=eps_variance,

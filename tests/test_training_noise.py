@@ -7,8 +7,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, Flow
 
 from bayesdiff_ext import LastLayerLaplace
 from bayesdiff_ext.denoiser import Denoiser
+from bayesdiff_ext.posterior.fitting import fit_generators, fit_seed
 from bayesdiff_ext.posterior.training_noise import DiffusionNoise, FlowMatchingNoise, training_noise
-from bayesdiff_ext.randomness import image_generators
 from tiny_models import text_conditioning, tiny_sd3, tiny_unet
 
 
@@ -37,6 +37,28 @@ def test_euler_models_are_fitted_on_the_scaled_forward_process_they_were_trained
     x_t, t, _ = training_noise(euler).draw(_x0(), torch.Generator().manual_seed(5))
     reference, _, _ = DiffusionNoise(DDIMScheduler(num_train_timesteps=1000)).draw(_x0(), torch.Generator().manual_seed(5))
     assert torch.equal(x_t, reference)
+
+
+@pytest.mark.parametrize(
+    "noising",
+    [
+        DiffusionNoise(DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")),
+        FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), "logit_normal"),
+    ],
+    ids=["diffusion", "flow_matching"],
+)
+def test_a_list_of_generators_draws_each_image_from_its_own(noising):
+    """Per-image generators (the fit's randomness rule): image b's (x_t, timestep, target) are what it
+    gets alone from generator b, whatever the rest of the batch."""
+    x0 = _x0()
+    seeds = [11, 3, 7, 5]
+    x_t, timestep, target = noising.draw(x0, [torch.Generator().manual_seed(s) for s in seeds])
+    for b, seed in enumerate(seeds):
+        alone = noising.draw(x0[b : b + 1], torch.Generator().manual_seed(seed))
+        for batched, single in zip((x_t, timestep, target), alone):
+            assert torch.equal(batched[b : b + 1], single)
+    with pytest.raises(ValueError, match="one generator per image"):
+        noising.draw(x0, [torch.Generator()])
 
 
 @pytest.mark.parametrize(
@@ -74,18 +96,9 @@ def test_flow_matching_draws_x_t_between_the_image_and_the_noise_with_the_veloci
     assert torch.equal(target, noise - x0)
 
 
-def _fit_streams(seed: int, count: int):
-    """The generators the fit draws image n's noise from: one draw of its generator seeds them."""
-    fit_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
-    return image_generators(fit_seed, range(count), stream="fit")
-
-
-def test_per_image_generators_draw_each_image_alone():
-    scheduler = DDPMScheduler(num_train_timesteps=100)
-    whole = DiffusionNoise(scheduler).draw(_x0(), image_generators(3, range(4)))
-    parts = [DiffusionNoise(scheduler).draw(_x0()[s], image_generators(3, range(4)[s])) for s in (slice(0, 1), slice(1, 4))]
-    for a, b in zip(whole, (torch.cat(p) for p in zip(*parts))):
-        assert torch.equal(a, b)
+def _fit_streams(seed: int, count: int) -> list[torch.Generator]:
+    """The per-image generators a fit seeded by ``Generator().manual_seed(seed)`` draws from."""
+    return fit_generators(fit_seed(torch.Generator().manual_seed(seed)), range(count))
 
 
 def test_the_fit_takes_its_residuals_against_the_training_target():
@@ -93,7 +106,7 @@ def test_the_fit_takes_its_residuals_against_the_training_target():
     unet = tiny_unet()
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
     post = LastLayerLaplace(unet).fit(_x0(), scheduler, batch_size=4, generator=torch.Generator().manual_seed(7), progress=False)
-    x_t, t, v = DiffusionNoise(scheduler).draw(_x0(), _fit_streams(7, len(_x0())))
+    x_t, t, v = DiffusionNoise(scheduler).draw(_x0(), _fit_streams(7, 4))
     with torch.no_grad():
         out = unet(x_t, t).sample
     assert post.fit_stats.residual_sum_squares == pytest.approx(float((out - v).double().square().sum()), rel=1e-6)
@@ -102,7 +115,7 @@ def test_the_fit_takes_its_residuals_against_the_training_target():
     noising = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), "logit_normal")
     x0 = _x0(channels=4)
     post = LastLayerLaplace(sd3).fit(x0, noising, batch_size=4, generator=torch.Generator().manual_seed(8), model_kwargs=cond, progress=False)
-    x_t, timestep, velocity = noising.draw(x0, _fit_streams(8, len(x0)))
+    x_t, timestep, velocity = noising.draw(x0, _fit_streams(8, 4))
     with torch.no_grad():
         out = Denoiser(sd3)(x_t, timestep, cond)
     assert post.fit_stats.residual_sum_squares == pytest.approx(float((out - velocity).double().square().sum()), rel=1e-6)

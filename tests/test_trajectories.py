@@ -32,7 +32,7 @@ STEPS, SEED = 4, 7
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet(seed=2)
+    return tiny_unet(seed=2, add_attention=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.posterior.fitting import fit_generators, fit_seed
 from bayesdiff_ext.posterior.heads import eps_parameters
 from bayesdiff_ext.posterior.training_noise import FlowMatchingNoise, training_noise
-from bayesdiff_ext.randomness import image_generators
 from tiny_models import (
     flux_conditioning,
     flux_tokens,
@@ -198,8 +198,8 @@ def _fitting_features(posterior, name):
     _, conditioning, clean = MODELS[name]
     noise = training(name)
     x0 = clean()
-    fit_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(2)))  # as the fit seeds
-    x_t, timestep, target = noise.draw(x0, image_generators(fit_seed, range(len(x0)), stream="fit"))
+    streams = fit_generators(fit_seed(torch.Generator().manual_seed(2)), range(len(x0)))
+    x_t, timestep, target = noise.draw(x0, streams)
     with torch.no_grad(), posterior.capture() as cap:
         Denoiser(posterior.model)(x_t, timestep, conditioning(6))
     target = stepped_prediction(target, x0) if posterior.layout is None else posterior.layout.to_tokens(target)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline
-from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
-from bayesdiff_ext.sampler.settings import UncertaintySettings
+from bayesdiff_ext.pipelines.base import BayesDiffPipeline, WrapperOptions
+from bayesdiff_ext.validation import check_count
 
 __all__ = ["BayesDiffDDIMPipeline", "BayesDiffDDPMPipeline"]
 
 
 class _PixelPipeline(BayesDiffPipeline):
-    def _run(self, batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty):
+    guided = False
+    latent = False
+    prompted = False
+
+    def _generate(self, call, extra, options: WrapperOptions):
         pipe, config = self.pipe, self.pipe.unet.config
+        batch_size, generator = check_count("batch_size", call["batch_size"]), call["generator"]
         size = config.sample_size
         shape = (batch_size, config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -27,79 +30,29 @@ class _PixelPipeline(BayesDiffPipeline):
         # x_T drawn exactly as the stock pipelines draw it (DDPMPipeline draws on the CPU for mps).
         draw_device = None if device.type == "mps" else device
         noise = randn_tensor(shape, generator=generator, device=draw_device, dtype=pipe.unet.dtype).to(device)
-        result = self._sample(noise, num_inference_steps, generator, eta, uncertainty)
+        result = self._sample(noise, call["num_inference_steps"], generator, call.get("eta", 0.0), options)
 
         image = (result.images / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
+        if call["output_type"] != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
+            if call["output_type"] == "pil":
                 image = pipe.numpy_to_pil(image)
-        pipe.maybe_free_model_hooks()
-        if not return_dict:
-            return image, result.variance, result.variance
-        return BayesDiffPipelineOutput(
-            images=image,
-            variance=result.variance,
-            mean=result.mean,
-            scores=result.scores,
-            pixel_variance=result.variance,
-            pixel_scores=result.scores,
-            trace=result.trace,
-            settings=result.settings,
-            timings=result.timings,
-        )
+        return self._output(result, image, options, generator, return_dict=call["return_dict"], stock_tuple=(image,))
 
 
 class BayesDiffDDPMPipeline(_PixelPipeline, wraps=DDPMPipeline):
-    """``DDPMPipeline.__call__``'s arguments plus the sampler's uncertainty arguments."""
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        batch_size: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 1000,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        *,
-        preset: str | None = None,
-        settings: UncertaintySettings | None = None,
-        return_trace: bool = False,
-        **uncertainty,
-    ) -> BayesDiffPipelineOutput | tuple:
-        """Sample like ``DDPMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
-        uncertainty = dict(uncertainty, preset=preset, settings=settings, return_trace=return_trace)
-        return self._run(
-            batch_size, generator, 0.0, num_inference_steps, output_type, return_dict, uncertainty
-        )
+    """``DDPMPipeline``'s call with the per-pixel variance of x_0, images bitwise the stock call's."""
 
 
 class BayesDiffDDIMPipeline(_PixelPipeline, wraps=DDIMPipeline):
-    """``DDIMPipeline.__call__``'s arguments plus the sampler's uncertainty arguments."""
+    """``DDIMPipeline``'s call with the per-pixel variance of x_0, images bitwise the stock call's.
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        batch_size: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        eta: float = 0.0,
-        num_inference_steps: int = 50,
-        use_clipped_model_output: bool | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        *,
-        preset: str | None = None,
-        settings: UncertaintySettings | None = None,
-        return_trace: bool = False,
-        **uncertainty,
-    ) -> BayesDiffPipelineOutput | tuple:
-        """Sample like ``DDIMPipeline``; ``return_dict=False`` gives (images, variance, pixel_variance)."""
-        if use_clipped_model_output:
-            raise ValueError(
-                "use_clipped_model_output=True re-derives ε from a clipped x̂_0, which the moment "
-                "recurrence does not model; leave it None (the scheduler needs clip_sample=False anyway)"
-            )
-        uncertainty = dict(uncertainty, preset=preset, settings=settings, return_trace=return_trace)
-        return self._run(
-            batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty
-        )
+    ``use_clipped_model_output=True`` is refused (it re-derives ε from a clipped x̂_0).
+    """
+
+    unsupported = {
+        "use_clipped_model_output": (
+            "it re-derives ε from a clipped x̂_0, which the moment recurrence does not model; leave it None "
+            "(the scheduler needs clip_sample=False anyway)"
+        ),
+    }

@@ -1,260 +1,234 @@
-"""BayesDiff wrapper of StableDiffusionPipeline: latent moments, exact guidance variance, pixel maps."""
+"""BayesDiff wrappers of StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline.
+
+Both encode the prompt, draw x_T and decode with the stock pipeline's own methods and arithmetic;
+the loop is the sampler's, with both guidance branches in one UNet call as the stock loop does.
+SD 1.5's default ``PNDMScheduler`` is multistep, which the moment recurrence refuses by name;
+SDXL's default ``EulerDiscreteScheduler`` (the model sees x/√(σ²+1)) is followed.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from bayesdiff_ext import latent
-from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
-from bayesdiff_ext.pipelines.base import BayesDiffPipeline
-from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
-from bayesdiff_ext.randomness import independent_generator
-from bayesdiff_ext.sampler.settings import UNCERTAINTY_ARGUMENTS, UncertaintySettings
+from bayesdiff_ext.pipelines.base import (
+    OWN_LOOP,
+    BayesDiffPipeline,
+    Conditioning,
+    WrapperOptions,
+    refuse_extra_kwargs,
+    unit_noise,
+    with_stock_arguments,
+)
 
-__all__ = ["BayesDiffStableDiffusionPipeline"]
+__all__ = ["BayesDiffStableDiffusionPipeline", "BayesDiffStableDiffusionXLPipeline"]
 
-# Separates the decode draws' stream from the sampler's Monte Carlo stream seeded from the same generator.
-_DECODE_STREAM = 0x5DEECE66D
+_NON_LINEAR_RESCALE = (
+    "it rescales ε by its own per-image std, a non-linear map the moment recurrence does not model; "
+    "pass guidance_rescale=0.0"
+)
+_TEXT_PIPELINE_UNSUPPORTED = {
+    "timesteps": "custom timesteps are not supported; pass num_inference_steps",
+    "sigmas": "custom sigmas are not supported; pass num_inference_steps",
+    "guidance_rescale": _NON_LINEAR_RESCALE,
+    "ip_adapter_image": "IP-Adapter inputs are not supported",
+    "ip_adapter_image_embeds": "IP-Adapter inputs are not supported",
+    "callback_on_step_end": OWN_LOOP,
+}
 
 
-class BayesDiffStableDiffusionPipeline(BayesDiffPipeline, wraps=StableDiffusionPipeline):
-    """``StableDiffusionPipeline.__call__``'s arguments plus the uncertainty arguments.
+class _TextToImage(BayesDiffPipeline):
+    """What SD and SDXL share: the size default, x_T, the guidance, the step's η, the output."""
 
-    The prompt is encoded, x_T drawn and the images decoded, checked and post-processed by the
-    stock pipeline's own methods; the denoising loop is the sampler's, with both guidance branches
-    in one UNet call as the stock loop does, so in ``mode='deterministic'`` the images are those of
-    the stock call. With guidance (``guidance_scale > 1``) the head's variance is evaluated at
-    φ_cfg = (1−s)·φ_u + s·φ_c (``guidance_variance='exact'``) or, as in BayesDiff's code, as
-    (1−s)²·V_u + s²·V_c (``'independent'``); Monte Carlo samples of z_t go through the UNet as one
-    2·S·B batch. ``decode_samples`` Gaussian draws of z_0 ~ N(E[z_0], Var[z_0]) per image are
-    decoded, ``decode_batch_size`` per ``vae.decode`` call, for the pixel variance (0: none).
+    unsupported = _TEXT_PIPELINE_UNSUPPORTED
 
-    Not supported (ValueError): custom ``timesteps``/``sigmas``, ``guidance_rescale > 0`` (a
-    non-linear rescaling of ε), IP-Adapter inputs, ``callback_on_step_end`` (the loop is the
-    sampler's; use :class:`~bayesdiff_ext.UncertaintyCallback` in a stock loop instead) and UNets
-    with a guidance embedding (``time_cond_proj_dim``).
-    """
+    def _checked_size(self, call, extra) -> tuple[int, int]:
+        """The image size, after refusing the stock ``**kwargs`` and a UNet with a guidance embedding."""
+        refuse_extra_kwargs(extra)
+        if self.pipe.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("UNets with a guidance-scale embedding (time_cond_proj_dim) are not supported")
+        return self._size(call)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image=None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        *,
-        preset: str | None = None,
-        settings: UncertaintySettings | None = None,
-        return_trace: bool = False,
-        guidance_variance: str = "exact",
-        decode_samples: int = 16,
-        decode_batch_size: int = 8,
-        decode_generator: torch.Generator | None = None,
-        **kwargs,
-    ) -> BayesDiffPipelineOutput | tuple:
-        """Sample like ``StableDiffusionPipeline``; ``return_dict=False`` gives
-        (images, nsfw_content_detected, variance, pixel_variance)."""
-        pipe, unet = self.pipe, self.pipe.unet
-        uncertainty = {name: kwargs.pop(name) for name in UNCERTAINTY_ARGUMENTS if name in kwargs}
-        uncertainty.update(preset=preset, settings=settings, return_trace=return_trace)
-        check_guidance_variance(guidance_variance)
-        _refuse_unsupported(
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_rescale=guidance_rescale,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
-            time_cond_proj_dim=unet.config.time_cond_proj_dim,
-            **kwargs,
-        )
-        if not height or not width:
-            size = unet.config.sample_size
-            height, width = (size, size) if isinstance(size, int) else size
-            height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
-        pipe.check_inputs(
-            prompt,
-            height,
-            width,
-            None,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            None,
-            None,
-            callback_on_step_end_tensor_inputs,
-        )
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        device = pipe._execution_device
-        guided = guidance_scale > 1
-        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            guided,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
-        )
+    def _run(self, call, options: WrapperOptions, conditioning: Conditioning, height: int, width: int):
+        """x_T, guidance and the sampler's loop from the encoded conditioning; returns the sampler's result."""
+        pipe, generator = self.pipe, call["generator"]
         # The unit-variance draw of prepare_latents; the sampler scales it by init_noise_sigma once
         # the timesteps are set, as the stock pipeline does after retrieve_timesteps.
-        noise = _unit_noise(
+        noise = unit_noise(
             pipe,
-            (batch_size * num_images_per_prompt, unet.config.in_channels, height, width),
-            prompt_embeds.dtype,
-            device,
+            (conditioning.batch, pipe.unet.config.in_channels, height, width),
+            conditioning.dtype,
+            pipe._execution_device,
             generator,
-            latents,
+            call["latents"],
         )
-        cond_kwargs: dict[str, Any] = {"encoder_hidden_states": prompt_embeds}
-        if cross_attention_kwargs is not None:
-            cond_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
-        guidance = None
-        if guided:
-            guidance = ClassifierFreeGuidance(
-                guidance_scale, {"encoder_hidden_states": negative_prompt_embeds}, guidance_variance
-            )
         # The stock pipeline hands eta to the scheduler only where its step takes one (DDIM).
-        step_eta = eta if "eta" in pipe.prepare_extra_step_kwargs(generator, eta) else 0.0
-        result = self._sample(
+        step_eta = call["eta"] if "eta" in pipe.prepare_extra_step_kwargs(generator, call["eta"]) else 0.0
+        return self._sample(
             noise,
-            num_inference_steps,
+            call["num_inference_steps"],
             generator,
             step_eta,
-            uncertainty,
-            unet_kwargs=cond_kwargs,
-            guidance=guidance,
+            options,
+            model_kwargs=conditioning.cond,
+            guidance=conditioning.guidance(call["guidance_scale"], options.guidance_variance),
+            set_timesteps_kwargs={"device": pipe._execution_device},
         )
 
+
+class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeline):
+    """``StableDiffusionPipeline``'s call with the variance of z_0 and pixel maps, images bitwise the stock call's.
+
+    With guidance (``guidance_scale > 1``) the head's variance is evaluated at
+    φ_cfg = (1−s)·φ_u + s·φ_c (``guidance_variance='exact'``) or, as in BayesDiff's code, as
+    (1−s)²·V_u + s²·V_c (``'independent'``); Monte Carlo samples of z_t go through the UNet as one
+    2·S·B batch. ``decode_samples`` Gaussian draws of z_0 ~ N(E[z_0], Var[z_0]) per image are decoded
+    for the pixel variance. SD 1.5's default ``PNDMScheduler`` is multistep: the moment recurrence
+    refuses it (swap in
+    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)``, or use trajectory Monte
+    Carlo). Not supported (ValueError): custom ``timesteps``/``sigmas``, ``guidance_rescale > 0``,
+    IP-Adapter inputs, ``callback_on_step_end`` and UNets with a guidance embedding.
+    """
+
+    def _generate(self, call, extra, options: WrapperOptions):
+        pipe = self.pipe
+        height, width = self._checked_size(call, extra)
+        pipe.check_inputs(
+            call["prompt"], height, width, None, call["negative_prompt"], call["prompt_embeds"],
+            call["negative_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+        )
+        guided = call["guidance_scale"] > 1
+        conditioning = self._encode(call, guided, height, width)
+        result = self._run(call, options, conditioning, height, width)
+
+        generator, output_type = call["generator"], call["output_type"]
         if output_type == "latent":
             image, nsfw = result.images, None
         else:
             image = latent.decode_latents(pipe.vae, result.images, generator)
-            image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
-        do_denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-        image = pipe.image_processor.postprocess(
-            image, output_type=output_type, do_denormalize=do_denormalize
+            image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, conditioning.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        return self._output(
+            result, image, options, generator,
+            return_dict=call["return_dict"], stock_tuple=(image, nsfw),
+            guidance_scale=call["guidance_scale"] if guided else None, nsfw=nsfw,
         )
 
-        pixels = None
-        decode_started = time.perf_counter()
-        if decode_samples:
-            if decode_generator is None:
-                decode_generator = _decode_stream(generator, result.mean.device)
-            pixels = latent.pixel_moments(
-                pipe.vae,
-                result.mean,
-                result.variance,
-                samples=decode_samples,
-                batch_size=decode_batch_size,
-                generator=decode_generator,
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
+        attention = call["cross_attention_kwargs"]
+        prompt_embeds, negative_prompt_embeds = with_stock_arguments(
+            self.pipe.encode_prompt, call, **self._encoding(guided, attention)
+        )
+        cond: dict[str, Any] = {"encoder_hidden_states": prompt_embeds}
+        if attention is not None:
+            cond["cross_attention_kwargs"] = attention
+        uncond = {"encoder_hidden_states": negative_prompt_embeds} if guided else None
+        return Conditioning(cond, uncond, prompt_embeds.dtype, len(prompt_embeds))
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latent.decode_latents(self.pipe.vae, latents)
+
+
+class BayesDiffStableDiffusionXLPipeline(_TextToImage, wraps=StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline``'s call with the variance of z_0 and pixel maps, images bitwise the stock call's.
+
+    Both text encoders through the stock ``encode_prompt``; the micro-conditioning
+    (``added_cond_kwargs``: pooled text embeddings and time ids) is the stock rows, tiled for the
+    Monte Carlo batch. The default ``EulerDiscreteScheduler`` is followed (the model sees x/√(σ²+1),
+    the moments stay in the scheduler's space). Guidance as for Stable Diffusion (exact variance at
+    φ_cfg); the decode path is the stock one (``latents_mean``/``latents_std`` where the VAE has them,
+    the fp16 upcast); the watermark is applied to the images, not to the pixel draws. Not supported
+    (ValueError): ``denoising_end``, custom ``timesteps``/``sigmas``, ``guidance_rescale > 0``,
+    IP-Adapter inputs, ``callback_on_step_end`` and UNets with a guidance embedding.
+    """
+
+    unsupported = {
+        **_TEXT_PIPELINE_UNSUPPORTED,
+        "denoising_end": "the sampler runs every step; leave denoising_end None",
+    }
+
+    def _generate(self, call, extra, options: WrapperOptions):
+        pipe = self.pipe
+        height, width = self._checked_size(call, extra)
+        pipe.check_inputs(
+            call["prompt"], call["prompt_2"], height, width, None, call["negative_prompt"], call["negative_prompt_2"],
+            call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
+            call["negative_pooled_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+        )
+        guided = call["guidance_scale"] > 1
+        result = self._run(call, options, self._encode(call, guided, height, width), height, width)
+
+        watermark = None if pipe.watermark is None else pipe.watermark.apply_watermark  # the images only
+        return self._finish(result, call, options, call["guidance_scale"] if guided else None, finish_image=watermark)
+
+    def _encode(self, call, guided: bool, height: int, width: int) -> Conditioning:
+        attention, device = call["cross_attention_kwargs"], self.pipe._execution_device
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = with_stock_arguments(
+            self.pipe.encode_prompt, call, **self._encoding(guided, attention)
+        )
+        batch = len(prompt_embeds)
+        time_ids, uncond_time_ids = self._time_ids(call, height, width, pooled, prompt_embeds.dtype, batch, guided)
+        cond: dict[str, Any] = {
+            "encoder_hidden_states": prompt_embeds.to(device),
+            "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids},
+        }
+        if attention is not None:
+            cond["cross_attention_kwargs"] = attention
+        uncond = None
+        if guided:
+            uncond = {
+                "encoder_hidden_states": negative_prompt_embeds.to(device),
+                "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": uncond_time_ids},
+            }
+        return Conditioning(cond, uncond, prompt_embeds.dtype, batch)
+
+    def _time_ids(self, call, height, width, pooled, dtype, batch: int, guided: bool):
+        """The (conditional, unconditional) rows of the stock ``add_time_ids``.
+
+        The stock pipeline concatenates one row per branch and repeats that pair for the 2·B rows
+        (so rows alternate between the branches when the negative size conditioning differs);
+        the rows are split back into the branches' halves here, so every UNet row gets the stock's.
+        """
+        pipe = self.pipe
+        projection = (
+            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        )
+        original_size = call["original_size"] or (height, width)
+        target_size = call["target_size"] or (height, width)
+        time_ids = pipe._get_add_time_ids(
+            original_size, call["crops_coords_top_left"], target_size, dtype=dtype, text_encoder_projection_dim=projection
+        )
+        uncond_ids = time_ids
+        if call["negative_original_size"] is not None and call["negative_target_size"] is not None:
+            uncond_ids = pipe._get_add_time_ids(
+                call["negative_original_size"], call["negative_crops_coords_top_left"], call["negative_target_size"],
+                dtype=dtype, text_encoder_projection_dim=projection,
             )
-        if result.mean.device.type == "cuda":
-            torch.cuda.synchronize(result.mean.device)
-        timings = dict(result.timings, pixel_decode_s=time.perf_counter() - decode_started)
-        pipe.maybe_free_model_hooks()
+        device = pipe._execution_device
+        if not guided:
+            return time_ids.to(device).repeat(batch, 1), None
+        rows = torch.cat([uncond_ids, time_ids], dim=0).to(device).repeat(batch, 1)
+        uncond_rows, cond_rows = rows.chunk(2)
+        return cond_rows, uncond_rows
 
-        settings = dict(
-            result.settings,
-            guidance_scale=float(guidance_scale) if guided else None,
-            guidance_variance=guidance_variance if guided else None,
-            decode_samples=decode_samples,
-        )
-        pixel_variance = None if pixels is None else pixels.variance
-        if not return_dict:
-            return image, nsfw, result.variance, pixel_variance
-        return BayesDiffPipelineOutput(
-            images=image,
-            variance=result.variance,
-            mean=result.mean,
-            scores=result.scores,
-            pixel_variance=pixel_variance,
-            pixel_scores=None if pixels is None else pixels.scores,
-            nsfw_content_detected=nsfw,
-            trace=result.trace,
-            settings=settings,
-            timings=timings,
-        )
-
-
-def _unit_noise(pipe, size, dtype, device, generator, latents) -> torch.Tensor:
-    """``prepare_latents``' draw (or the given ``latents``) before its scaling by ``init_noise_sigma``."""
-    batch, channels, height, width = size
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(
-            f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
-            f" size of {batch}. Make sure the batch size matches the length of the generators."
-        )
-    if latents is not None:
-        return latents.to(device)
-    shape = (batch, channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-
-def _refuse_unsupported(
-    *,
-    timesteps,
-    sigmas,
-    guidance_rescale,
-    ip_adapter_image,
-    ip_adapter_image_embeds,
-    callback_on_step_end,
-    time_cond_proj_dim,
-    **kwargs,
-) -> None:
-    if timesteps is not None or sigmas is not None:
-        raise ValueError("custom timesteps/sigmas are not supported; pass num_inference_steps")
-    if guidance_rescale:
-        raise ValueError(
-            f"guidance_rescale={guidance_rescale} rescales ε by its own per-image std, a non-linear map the "
-            "moment "
-            "recurrence does not model; pass guidance_rescale=0.0"
-        )
-    if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-        raise ValueError("IP-Adapter inputs are not supported by BayesDiffPipeline")
-    if callback_on_step_end is not None or "callback" in kwargs or "callback_steps" in kwargs:
-        raise ValueError(
-            "step callbacks are not supported by BayesDiffPipeline (its loop is the sampler's); "
-            "to keep your own "
-            "loop and callbacks, pass bayesdiff_ext.UncertaintyCallback to the stock pipeline instead"
-        )
-    if kwargs:
-        raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-    if time_cond_proj_dim is not None:
-        raise ValueError("UNets with a guidance-scale embedding (time_cond_proj_dim) are not supported")
-
-
-def _decode_stream(generator, device: torch.device) -> torch.Generator:
-    """A generator for the decode draws, seeded from ``generator`` without consuming it."""
-    seed = independent_generator(generator, device).initial_seed() ^ _DECODE_STREAM
-    return torch.Generator(device=device).manual_seed(seed % 2**63)
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The stock decode: the fp16 VAE upcast, ``latents_mean``/``latents_std`` or 1/``scaling_factor``."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(dtype=torch.float32)
+        z = latent.to_vae_latents(latents.to(vae.dtype), vae)
+        image = vae.decode(z.to(vae.device), return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        return image

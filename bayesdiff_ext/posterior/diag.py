@@ -31,6 +31,12 @@ class DiagCurvature:
             self.weight += weight_ef.to("cpu", torch.float64)
             self.bias += bias_ef.to("cpu", torch.float64)
 
+    def sums(self) -> list[torch.Tensor]:
+        return [self.weight, self.bias]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        self.weight, self.bias = sums
+
     def finish(self) -> DiagPosterior:
         bias = self.bias * self.scale if self.spec.has_bias else None
         return DiagPosterior(self.spec, self.weight * self.scale, bias)

@@ -51,6 +51,12 @@ class GramCurvature:
     def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
         self.gram += head_ops.patch_gram(self.spec, phi).to("cpu", torch.float64)
 
+    def sums(self) -> list[torch.Tensor]:
+        return [self.gram]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        (self.gram,) = sums
+
     def finish(self) -> PosteriorStructure:
         return self.build(self.spec, self.gram)
 

@@ -80,6 +80,11 @@ class HessianFreePosterior(PosteriorStructure):
         self._device_gram: dict[torch.device, torch.Tensor] = {}
         self._gram_eig: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def seed_probes(self, seed: int) -> None:
+        """Restart the probes' generator at ``seed`` (a run seeds it per batch, so that a batch's
+        probes do not depend on the calls before it)."""
+        self.generator.manual_seed(seed)
+
     @classmethod
     def from_augmented_gram(cls, spec: HeadSpec, gram: torch.Tensor) -> HessianFreePosterior:
         return cls(spec, gram if spec.has_bias else gram[:-1, :-1])

@@ -15,6 +15,7 @@ head's weights; ``predict`` returns that mean and the variance around it.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import time
 import warnings
@@ -23,11 +24,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from bayesdiff_ext.distributed import rank_and_world
 from bayesdiff_ext.posterior.capture import capture_head_input
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.full import require_ungrouped
 from bayesdiff_ext.posterior.head_ensemble import initial_heads, train_members
 from bayesdiff_ext.posterior.head_ops import check_phi
+from bayesdiff_ext.posterior.heads import head_of_copy
 from bayesdiff_ext.posterior.hmc import run_hmc
 from bayesdiff_ext.posterior.last_layer_laplace import LastLayerLaplace
 from bayesdiff_ext.posterior.linear_gaussian import HeadStatistics, LinearGaussianHead, head_rows, rows_to_vector
@@ -40,6 +43,7 @@ from bayesdiff_ext.posterior.serialization import (
 from bayesdiff_ext.posterior.settings import EnsembleSettings, HMCSettings, VISettings
 from bayesdiff_ext.posterior.variational import fit_variational
 from bayesdiff_ext.posterior.weight_distributions import DISTRIBUTIONS, WeightDistribution, WeightSamples
+from bayesdiff_ext.randomness import derived_seed
 
 DISTRIBUTION_PREFIX = "distribution."
 #: Convergence thresholds of Vehtari et al. (2021) below which LastLayerMCMC warns.
@@ -55,7 +59,11 @@ class _StatisticsLaplace(LastLayerLaplace):
         self.statistics: HeadStatistics | None = None
 
     def _accumulator(self):
-        generator = torch.Generator().manual_seed(self.bootstrap_seed)
+        # in a process group, process r > 0 weighs its own data points from a stream of its own: the
+        # replicates are Poisson bootstraps of the union (not the draws of one process)
+        rank = rank_and_world()[0]
+        seed = self.bootstrap_seed if rank == 0 else derived_seed(self.bootstrap_seed, rank, "bootstrap")
+        generator = torch.Generator().manual_seed(seed)
         self.statistics = HeadStatistics(self.spec, bootstrap=self.bootstrap, generator=generator)
         return self.statistics
 
@@ -162,6 +170,19 @@ class LastLayerPosterior(abc.ABC):
             A context manager yielding a `HeadInputCapture` whose `phi` is the head input of the latest forward.
         """
         return capture_head_input(self.head)
+
+    def for_model(self, model: nn.Module) -> LastLayerPosterior:
+        r"""
+        This posterior on `model`'s head: itself, or a copy on the head of a copy of its model, as
+        `LastLayerLaplace.for_model`.
+        """
+        head = head_of_copy(model, self.model, self.head, self.spec)
+        if head is self.head:
+            return self
+        self._fitted()
+        moved = copy.copy(self)
+        moved.model, moved.head = model, head
+        return moved
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""

@@ -63,6 +63,7 @@ class KronEFCurvature:
         self.spec = spec
         self._weight, self._bias = weight, bias
         self.laplace = None
+        self._summed: list | None = None  # the factors summed over processes
 
     def update(self, phi: torch.Tensor, residual: torch.Tensor) -> None:
         from laplace import KronLaplace
@@ -82,7 +83,26 @@ class KronEFCurvature:
         with torch.enable_grad():  # curvlinops differentiates the ε-head copy (the model stays gradient-free)
             self.laplace.fit(batch, override=first)
 
+    def sums(self) -> list[torch.Tensor]:
+        """[G, n·A, (G_bias,) n]: laplace-torch sums G over the images and averages A weighted by
+        their number n, batch by batch; summing these over processes does the same for their union."""
+        c, d = self.spec.eps_channels, self.spec.taps
+        if self.laplace is None:  # no images here (a process with an empty shard)
+            factors = [[torch.zeros(c, c), torch.zeros(d, d)]] + ([[torch.zeros(c, c)]] if self._bias is not None else [])
+            n = 0
+        else:
+            factors, n = self.laplace.H_facs.kfacs, self.laplace.n_data
+        g, a = factors[0]
+        bias = [factors[1][0]] if len(factors) > 1 else []
+        return [g, a.to(torch.float64) * n, *bias, torch.tensor(float(n))]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        g, a_weighted, *bias, n = sums
+        self._summed = None if float(n) == 0 else [[g, a_weighted / n]] + ([bias] if bias else [])
+
     def finish(self) -> KronPosterior:
+        if self._summed is not None:
+            return KronPosterior.from_kron_factors(self.spec, self._summed)
         if self.laplace is None:
             raise ValueError("no data was given to fit the kron curvature")
         return KronPosterior.from_kron_factors(self.spec, self.laplace.H_facs.kfacs)

@@ -9,13 +9,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior import hyperparameters as hp
 from bayesdiff_ext.posterior.capture import capture_head_input, capture_token_grid
 from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import eps_parameter_vector, eps_parameters
+from bayesdiff_ext.posterior.heads import eps_parameter_vector, eps_parameters, head_of_copy
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
@@ -199,6 +200,60 @@ class LastLayerLaplace:
         deviation = self._fitted().scale_normal(z, self.precision_scale, self.prior_precision)
         return (self.map_vector().to(z.device) + deviation).to(z.dtype)
 
+    # ------------------------------------------------------------------ following the model
+    def for_model(self, model: nn.Module) -> LastLayerLaplace:
+        r"""
+        This posterior on `model`'s head: itself when its head is a module of `model`, otherwise a copy on the
+        module of `model` at the head's path (e.g. `conv_out`), for a `copy.deepcopy` of the model or a copy
+        moved to another device or dtype. The samplers call it, so a posterior follows its model's copies.
+
+        Args:
+            model (`torch.nn.Module`):
+                The model to predict for.
+
+        Returns:
+            `LastLayerLaplace`: `self`, or a copy sharing the fitted state, its curvature on the head's device.
+
+        Raises:
+            `ValueError`: `model` has no module of the head's kind at its path, of its shape, with its weights (up
+            to the cast to the copy's dtype); the message says what to do. `RuntimeError`: a copy is needed but
+            the posterior is not fitted.
+        """
+        head = head_of_copy(model, self.model, self.head, self.spec)
+        if head is self.head:
+            return self
+        moved = copy.copy(self)
+        moved.model, moved.head = model, head
+        moved.posterior = self._fitted().to(head.weight.device)
+        return moved
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LastLayerLaplace:
+        r"""
+        Move the curvature to `device` and prepare the prediction for a head input φ of `dtype` there (in place,
+        like `nn.Module.to`). The curvature stays float64 and the variances are computed in float32 for 16- and
+        32-bit φ, float64 for float64 φ (`numerics.accumulation_dtype`); the model is not moved.
+
+        Args:
+            device (`torch.device` or `str`, *optional*):
+                Where the model runs; defaults to the head's device.
+            dtype (`torch.dtype`, *optional*):
+                The model's floating-point dtype; defaults to the head's.
+
+        Returns:
+            `LastLayerLaplace`: this posterior.
+
+        Raises:
+            `RuntimeError`: the posterior is not fitted. `TypeError`: `dtype` is not a floating-point dtype.
+        """
+        device = torch.device(device) if device is not None else self.head.weight.device
+        dtype = dtype if dtype is not None else self.head.weight.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        posterior = self._fitted().to(device)
+        posterior.prepared_inputs(self.precision_scale, self.prior_precision, device, accumulation_dtype(dtype))
+        self.posterior = posterior
+        return self
+
     # ------------------------------------------------------------------ fitting
     def fit(
         self,
@@ -225,12 +280,22 @@ class LastLayerLaplace:
         token grid for a patch transformer. The model runs in eval mode without gradients and gets its
         mode back afterwards.
 
+        Inside an initialised process group (`torchrun`, `accelerate launch`), every process calls `fit` with
+        the same arguments and fits on its share of the images (a tensor or dataset is cut into batches of
+        `batch_size`, process r taking batches r, r + W, …; a DataLoader must sample with a
+        `DistributedSampler`, whose padding is not counted); the curvature, residual sums and counts are then
+        summed over the processes in float64 (one all-reduce) and σ, δ chosen from the sums, so every process
+        holds the posterior of the union — the one a single process fits, to float64 round-off (docs/MATH.md
+        §13). Save it from one process (`bayesdiff_ext.distributed.is_main_process()`). A process that fails
+        stops the others with `bayesdiff_ext.distributed.RankFailed`.
+
         Args:
             images (`torch.Tensor`, `torch.utils.data.Dataset` or `torch.utils.data.DataLoader`):
                 Training images x_0 at model scale (usually [-1, 1]) in the model's sample layout: a tensor of
                 shape `(num_images, channels, height, width)` (Flux: packed tokens `(num_images, tokens,
                 channels)`), or a dataset/loader whose items are such images (or tuples, or dicts with an
-                `"images"`, `"image"` or `"pixel_values"` entry).
+                `"images"`, `"image"` or `"pixel_values"` entry). Image n (its index in the tensor or dataset,
+                or its place in the loader's order) draws its (t, ε) from stream n.
             scheduler (`SchedulerMixin` or `TrainingNoise`):
                 A DDPM-family diffusers scheduler (its ᾱ table and `prediction_type`), a
                 `FlowMatchEulerDiscreteScheduler` (flow matching with σ uniform), or a
@@ -241,9 +306,9 @@ class LastLayerLaplace:
             timesteps_per_image (`int`, *optional*, defaults to 1):
                 (t, ε) draws per image.
             generator (`torch.Generator`, *optional*):
-                Seeds the fit with one draw (on its device); image n's timesteps and ε then come from its own
-                stream (:mod:`bayesdiff_ext.randomness`), so a seed reproduces the fit and the posterior is the
-                same for any `batch_size`.
+                Seeds the fit: one draw of it (on its device; process 0's in a process group) is the fit's seed, and image n's timesteps and ε
+                come from its own stream (seed, n) (:mod:`bayesdiff_ext.randomness`), so a seeded generator
+                reproduces the fit and the posterior is the same for any `batch_size`.
             model_kwargs (`dict` or callable, *optional*):
                 Keyword arguments of every model call, or a function of the x_0 batch returning them (e.g.
                 `encoder_hidden_states` of a conditional UNet).
@@ -290,6 +355,8 @@ class LastLayerLaplace:
         r"""
         Fit the curvature on precomputed head inputs and targets, for models whose output is not the head's
         output (e.g. a Linear head before unpatchify), then choose σ and δ.
+
+        In a process group, each process passes its own features and the sums are combined as in :meth:`fit`.
 
         Args:
             features (iterable of `(torch.Tensor, torch.Tensor)`):

@@ -123,6 +123,12 @@ class HeadStatistics:
                 self.boot_gram[m] += k * gram(self.spec, phi[rows])
                 self.boot_cross[m] += k * residual_cross(self.spec, phi[rows], residual[rows])
 
+    def sums(self) -> list[torch.Tensor]:
+        return [self.gram, self.cross, self.boot_gram, self.boot_cross]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        self.gram, self.cross, self.boot_gram, self.boot_cross = sums
+
     def finish(self) -> FullPosterior:
         return FullPosterior(self.spec, self.gram)
 

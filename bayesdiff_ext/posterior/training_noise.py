@@ -12,14 +12,15 @@ trained and takes the residual against the training target:
   shifted as the scheduler shifts σ (``shift``, or dynamic shifting with ``mu``),
   x_t = (1−σ)·x_0 + σ·ε, target v = ε − x_0; the model gets σ·T (as the scheduler's timesteps).
 
-The random draws of a batch come from the fit's generator in a fixed order (timestep, then ε):
-one generator for the batch, or one per image (image n's draws then depend on its generator
-alone, the rule of :mod:`bayesdiff_ext.randomness` that makes the fit independent of the batch size).
+The random draws of a batch come from the fit's generator in a fixed order (timestep, then ε); given a
+list of per-image generators (the fit's, :mod:`bayesdiff_ext.randomness`), each image draws its own
+timestep and ε from its generator, so an image's draws do not depend on its batch.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -43,25 +44,24 @@ class TrainingNoise(abc.ABC):
 
     @abc.abstractmethod
     def draw(self, x0: torch.Tensor, generator: Generators) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, timestep (B,), target) for ``x0`` (B, ...) on its device and in its dtype; ``generator``
-        is one generator, None (the global one) or a list of one generator per image."""
+        """(x_t, timestep (B,), target) for ``x0`` (B, ...) on its device and in its dtype; ``generator`` is
+        one generator for the batch or a list of B, one per image."""
 
-    def _draw_device(self, generator: Generators) -> torch.device:
-        source = generator[0] if isinstance(generator, list) else generator
-        return source.device if source is not None else torch.device("cpu")
-
-    def _per_image(self, generator: Generators, count: int, draw) -> torch.Tensor:
-        """``draw(n, g)`` (n rows from generator g) for the batch: once, or once per image's generator."""
+    def _per_image(self, draw: Callable[[tuple, torch.Generator | None, torch.device], torch.Tensor], shape: tuple,
+                   generator: Generators) -> torch.Tensor:
+        """``draw(shape, generator, device)`` for the batch, or row by row from each image's generator."""
         if not isinstance(generator, list):
-            return draw(count, generator)
-        if len(generator) != count:
-            raise ValueError(f"{len(generator)} generators for {count} images")
-        return torch.cat([draw(1, g) for g in generator])
+            device = generator.device if generator is not None else torch.device("cpu")
+            return draw(shape, generator, device)
+        if len(generator) != shape[0]:
+            raise ValueError(f"expected one generator per image ({shape[0]}), got {len(generator)}")
+        return torch.cat([draw((1, *shape[1:]), g, g.device) for g in generator])
 
     def _noise(self, x0: torch.Tensor, generator: Generators) -> torch.Tensor:
-        device = self._draw_device(generator)
         noise = self._per_image(
-            generator, len(x0), lambda n, g: torch.randn((n, *x0.shape[1:]), generator=g, device=device, dtype=torch.float32)
+            lambda shape, g, device: torch.randn(shape, generator=g, device=device, dtype=torch.float32),
+            tuple(x0.shape),
+            generator,
         )
         return noise.to(x0.device, x0.dtype)
 
@@ -85,9 +85,10 @@ class DiffusionNoise(TrainingNoise):
             )
 
     def draw(self, x0, generator):
-        device = self._draw_device(generator)
         t = self._per_image(
-            generator, len(x0), lambda n, g: torch.randint(0, self.num_train_timesteps, (n,), generator=g, device=device)
+            lambda shape, g, device: torch.randint(0, self.num_train_timesteps, shape, generator=g, device=device),
+            (len(x0),),
+            generator,
         ).to(x0.device)
         noise = self._noise(x0, generator)
         # DDPMScheduler.add_noise's arithmetic, so that the fit is the same for every VP scheduler
@@ -148,14 +149,14 @@ class FlowMatchingNoise(TrainingNoise):
         return shift * u / (1 + (shift - 1) * u)
 
     def draw(self, x0, generator):
-        device = self._draw_device(generator)
-        if self.distribution == "uniform":
-            u = self._per_image(generator, len(x0), lambda n, g: torch.rand(n, generator=g, device=device, dtype=torch.float64))
-        else:
-            normal = self._per_image(
-                generator, len(x0), lambda n, g: torch.randn(n, generator=g, device=device, dtype=torch.float64)
-            )
-            u = torch.sigmoid(self.logit_mean + self.logit_std * normal)
+        standard = torch.rand if self.distribution == "uniform" else torch.randn
+        u = self._per_image(
+            lambda shape, g, device: standard(shape, generator=g, device=device, dtype=torch.float64),
+            (len(x0),),
+            generator,
+        )
+        if self.distribution == "logit_normal":
+            u = torch.sigmoid(self.logit_mean + self.logit_std * u)
         sigma = self.sigmas(u).to(x0.device)
         noise = self._noise(x0, generator)
         s = _per_sample(sigma.to(x0.dtype), x0)

@@ -5,7 +5,9 @@ What a model call means is decided here once, for the image path and the Monte C
 * the model is called through :class:`~bayesdiff_ext.denoiser.Denoiser` (UNets and transformers:
   sample argument by name, timestep by keyword);
 * it sees ``scheduler.scale_model_input(x, t)`` where the scheduler has one (Euler: x/√(σ²+1)) while the moments and the
-  Monte Carlo draws stay in the scheduler's own space;
+  Monte Carlo draws stay in the scheduler's own space; the Monte Carlo samples are scaled for step
+  ``index`` by the scheduler's description, whichever step the scheduler itself is at (a step-end
+  callback runs after the scheduler has moved on);
 * classifier-free guidance runs both branches in one call and the head's variance is that of the
   guided prediction (:class:`~bayesdiff_ext.guidance.ClassifierFreeGuidance`);
 * the prediction is the part of the output the scheduler steps with (learned-variance channels
@@ -22,6 +24,7 @@ import torch
 
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, guided_head_moments
+from bayesdiff_ext.sampler.schedulers import describe
 
 __all__ = ["ModelCall", "head_moments", "scaled_model_input"]
 
@@ -43,13 +46,16 @@ class ModelCall:
     """``model`` (a diffusers UNet or transformer), ``scheduler`` and ``posterior`` on the model's head.
 
     The posterior needs ``capture()`` and ``predict(phi)`` returning (mean, var) shaped like the
-    model's prediction (see :class:`~bayesdiff_ext.LastLayerLaplace`).
+    model's prediction (see :class:`~bayesdiff_ext.LastLayerLaplace`). One with ``for_model(model)``
+    is moved onto ``model``'s head first: a posterior follows copies of its model (``copy.deepcopy``,
+    another device or dtype).
     """
 
     def __init__(self, model, scheduler, posterior) -> None:
         self.denoiser = Denoiser(model)
         self.scheduler = scheduler
-        self.posterior = posterior
+        for_model = getattr(posterior, "for_model", None)
+        self.posterior = posterior if for_model is None else for_model(model)
         self._capture = None
 
     def __call__(
@@ -82,14 +88,17 @@ class ModelCall:
         kwargs: Mapping[str, Any],
         dtype: torch.dtype,
         guidance: ClassifierFreeGuidance | None = None,
+        *,
+        index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head (mean, var) at S samples of x, (S, B, ...), through one model call on S·B (2·S·B guided) rows.
 
         ``kwargs`` are for the B images; they are tiled here. The samples are in the scheduler's
-        space and scaled for the model here; the moments come back in ``dtype``.
+        space and scaled here for the model at step ``index`` of ``scheduler.timesteps``; the
+        moments come back in ``dtype``.
         """
         repeats, batch = samples.shape[:2]
-        flat = self.model_input(samples.flatten(0, 1).to(self.denoiser.dtype), t)
+        flat = describe(self.scheduler).model_input(samples.flatten(0, 1).to(self.denoiser.dtype), index)
         tiled = Denoiser.tile(kwargs, batch, repeats)
         _, head_mean, head_var = self._forward(flat, t, tiled, True, guidance)
         return (

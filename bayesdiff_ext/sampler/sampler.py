@@ -19,6 +19,7 @@ from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.schedulers import describe
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
+from bayesdiff_ext.validation import check_count, check_number
 
 __all__ = ["BayesDiffSampler"]
 
@@ -43,8 +44,8 @@ class BayesDiffSampler:
     def __init__(self, model, scheduler, posterior) -> None:
         self.model = model
         self.scheduler = scheduler
-        self.posterior = posterior
         self.model_call = ModelCall(model, scheduler, posterior)
+        self.posterior = self.model_call.posterior
 
     @torch.no_grad()
     def sample(
@@ -143,8 +144,12 @@ class BayesDiffSampler:
                 model_kwargs=_conditioning(model_kwargs, unet_kwargs), guidance=guidance,
                 scheduler_kwargs=scheduler_kwargs, set_timesteps_kwargs=set_timesteps_kwargs, progress=progress,
             )
-        settings = dict(resolved.describe(), num_inference_steps=num_inference_steps, eta=float(eta))
-        description = describe(self.scheduler, float(eta), **(scheduler_kwargs or {}))
+        settings = dict(
+            resolved.describe(),
+            num_inference_steps=check_count("num_inference_steps", num_inference_steps),
+            eta=check_number("eta", eta, minimum=0.0),
+        )
+        description = describe(self.scheduler, settings["eta"], **(scheduler_kwargs or {}))
         started = time.perf_counter()
         scheduler, model_call = self.scheduler, self.model_call
         kwargs = _conditioning(model_kwargs, unet_kwargs)
@@ -172,7 +177,7 @@ class BayesDiffSampler:
                     t,
                     prediction,
                     head_var,
-                    lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance),
+                    lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance, index=step.index),
                 )
                 image_prediction = engine.image_prediction(step, prediction, head_var)
                 x = scheduler.step(image_prediction, t, x, generator=generator, **step_kwargs).prev_sample

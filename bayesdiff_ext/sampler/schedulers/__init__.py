@@ -18,7 +18,7 @@ from bayesdiff_ext.sampler.schedulers.euler import Euler
 from bayesdiff_ext.sampler.schedulers.euler_ancestral import EulerAncestral
 from bayesdiff_ext.sampler.schedulers.flow_match_euler import FlowMatchEuler
 
-__all__ = ["DESCRIPTIONS", "AffineStep", "SchedulerDescription", "check_supported", "describe", "step_coefficients"]
+__all__ = ["DESCRIPTIONS", "MULTISTEP", "AffineStep", "SchedulerDescription", "check_supported", "describe", "step_coefficients"]
 
 DESCRIPTIONS: tuple[type[SchedulerDescription], ...] = (
     DDIM,
@@ -30,13 +30,33 @@ DESCRIPTIONS: tuple[type[SchedulerDescription], ...] = (
 )
 
 
+# Schedulers whose step mixes earlier model outputs (PLMS: up to four; DPM-Solver++ 2M: one): the
+# moment recurrence would have to carry cross moments over the window (docs/MATH.md §2.1), so it
+# refuses them by name; trajectory Monte Carlo runs their own loop.
+MULTISTEP = (
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "LMSDiscreteScheduler",
+    "SASolverScheduler",
+)
+
+
 def describe(scheduler, eta: float = 0.0, **options: Any) -> SchedulerDescription:
     """The description of ``scheduler``'s family with these ``scheduler.step`` settings; ValueError if unsupported."""
     for description in DESCRIPTIONS:
         if isinstance(scheduler, description.schedulers):
             return description(scheduler, {"eta": eta, **options})
+    name = type(scheduler).__name__
     names = ", ".join(cls.__name__ for d in DESCRIPTIONS for cls in d.schedulers)
-    raise ValueError(f"scheduler must be one of {names}; got {type(scheduler).__name__}")
+    if name in MULTISTEP:
+        raise ValueError(
+            f"{name} is a multistep scheduler (each step mixes earlier model outputs), which the moment "
+            "recurrence does not follow: use trajectory Monte Carlo (estimator='trajectories'), which runs "
+            f"the scheduler's own loop, or swap in one of {names}"
+        )
+    raise ValueError(f"scheduler must be one of {names}; got {name}")
 
 
 def check_supported(scheduler, eta: float = 0.0, **options: Any) -> None:

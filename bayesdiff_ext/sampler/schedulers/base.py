@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bayesdiff_ext.validation import nonlinear_scheduler_settings
+
 __all__ = ["AffineStep", "SchedulerDescription", "vp_prediction_forms"]
 
 
@@ -76,14 +78,11 @@ class SchedulerDescription(abc.ABC):
 
     def check(self) -> None:
         """Raise ValueError unless every step is affine in (sample, model output) with fixed noise."""
-        if self.config.get("clip_sample", False):
+        for setting, effect in nonlinear_scheduler_settings(self.config).items():
             raise ValueError(
-                f"{self.name} has clip_sample=True, which clips x̂_0 and makes the step non-linear; "
-                f"pass clip_sample=False (e.g. {self.name}.from_config(scheduler.config, clip_sample=False))"
-            )
-        if self.config.get("thresholding", False):
-            raise ValueError(
-                f"{self.name} has thresholding=True, which makes the step non-linear; pass thresholding=False"
+                f"{self.name} has {setting}=True, which {effect} and makes the step non-linear: the moment "
+                f"recurrence needs affine steps; pass {setting}=False "
+                f"(e.g. {self.name}.from_config(scheduler.config, {setting}=False))"
             )
         if self.prediction_type not in self.prediction_types:
             raise ValueError(
@@ -103,6 +102,22 @@ class SchedulerDescription(abc.ABC):
                 f"it takes {sorted(self.step_options) or 'none'}"
             )
         return {key: options.get(key, default) for key, default in self.step_options.items()}
+
+    def input_scale(self, index: int):
+        """The divisor of the model input at step ``index`` (``scale_model_input(x) = x / input_scale``),
+        or None where the model sees the sample itself."""
+        return None
+
+    def model_input(self, x, index: int):
+        """``scheduler.scale_model_input(x, t)`` at step ``index``, whatever step the scheduler is at now
+        (a step-end callback runs after it has moved on); bitwise the scheduler's own arithmetic."""
+        scale = self.input_scale(index)
+        return x if scale is None else x / scale
+
+    def sample_from_model_input(self, model_input, index: int):
+        """The sample whose model input at step ``index`` is ``model_input`` (exact up to one rounding)."""
+        scale = self.input_scale(index)
+        return model_input if scale is None else model_input * scale
 
     def step_kwargs(self) -> dict[str, Any]:
         """The keyword arguments to pass to ``scheduler.step`` besides the output, timestep and sample."""

@@ -15,7 +15,14 @@ from diffusers import EulerDiscreteScheduler
 
 from bayesdiff_ext.sampler.schedulers.base import AffineStep, SchedulerDescription
 
-__all__ = ["Euler", "predicted_original"]
+__all__ = ["Euler", "predicted_original", "sigma_input_scale"]
+
+
+def sigma_input_scale(scheduler, index: int):
+    """√(σ_k² + 1), the Euler schedulers' model-input divisor, as ``scale_model_input`` computes it
+    (on the table's float32 σ, so the division is bitwise theirs)."""
+    sigma = scheduler.sigmas[index]
+    return (sigma**2 + 1) ** 0.5
 
 
 def predicted_original(prediction_type: str, sample, out, sigma_hat: float, sigma: float):
@@ -32,6 +39,9 @@ class Euler(SchedulerDescription):
     scales_model_input = True
     prediction_types = ("epsilon", "v_prediction", "sample", "original_sample")
     step_options = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+
+    def input_scale(self, index: int):
+        return sigma_input_scale(self.scheduler, index)
 
     def affine_steps(self) -> list[AffineStep]:
         scheduler = self.scheduler

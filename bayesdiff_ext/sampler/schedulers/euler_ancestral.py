@@ -12,7 +12,7 @@ import numpy as np
 from diffusers import EulerAncestralDiscreteScheduler
 
 from bayesdiff_ext.sampler.schedulers.base import AffineStep, SchedulerDescription
-from bayesdiff_ext.sampler.schedulers.euler import predicted_original
+from bayesdiff_ext.sampler.schedulers.euler import predicted_original, sigma_input_scale
 
 __all__ = ["EulerAncestral"]
 
@@ -21,6 +21,9 @@ class EulerAncestral(SchedulerDescription):
     schedulers = (EulerAncestralDiscreteScheduler,)
     scales_model_input = True
     prediction_types = ("epsilon", "v_prediction")
+
+    def input_scale(self, index: int):
+        return sigma_input_scale(self.scheduler, index)
 
     def affine_steps(self) -> list[AffineStep]:
         scheduler = self.scheduler

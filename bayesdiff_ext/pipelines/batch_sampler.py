@@ -1,0 +1,74 @@
+"""A pipeline wrapper with the sampler's batch interface, for the command line's run loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bayesdiff_ext import latent
+from bayesdiff_ext.pipelines.base import PER_IMAGE_ARGUMENTS, BayesDiffPipeline, decode_stream, per_image
+from bayesdiff_ext.sampler import BayesDiffOutput
+
+__all__ = ["PipelineSampler"]
+
+
+class PipelineSampler:
+    """``sample(batch_size, num_inference_steps, generator, eta, progress, **uncertainty)`` as
+    :meth:`BayesDiffSampler.sample`, through a :class:`~bayesdiff_ext.BayesDiffPipeline`: every image of
+    a batch gets the same conditioning, and the result is in pixels — the decoded images at model scale
+    [−1, 1], and the mean and variance of ``decode_samples`` draws of z_0 decoded through the pipeline's
+    own VAE path. The samplers this serves are deterministic (no aleatoric part).
+
+    Args:
+        wrapper (`BayesDiffPipeline`): the pipeline and its posterior.
+        conditioning (`dict`): the stock call's conditioning for one image (``prompt``, ``negative_prompt``,
+            ``class_labels`` as one label, ...; each is repeated for the batch) and its other arguments
+            (``guidance_scale``, ``height``, ``width``, ...).
+        decode_samples (`int`): decoded draws of z_0 per image for the pixel moments.
+    """
+
+    def __init__(self, wrapper: BayesDiffPipeline, conditioning: dict[str, Any], decode_samples: int = 16) -> None:
+        self.wrapper = wrapper
+        self.conditioning = conditioning
+        self.decode_samples = decode_samples
+        self.posterior = wrapper.posterior
+
+    def sample(
+        self,
+        batch_size: int,
+        num_inference_steps: int,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        progress: bool = True,
+        **uncertainty: Any,
+    ) -> BayesDiffOutput:
+        wrapper = self.wrapper
+        wrapper.set_progress_bar_config(disable=not progress)
+        call = {
+            name: per_image(value, batch_size) if name in PER_IMAGE_ARGUMENTS else value
+            for name, value in self.conditioning.items()
+        }
+        if eta:
+            call["eta"] = eta
+        out = wrapper(
+            num_inference_steps=num_inference_steps, generator=generator, output_type="pt", decode_samples=0,
+            **call, **uncertainty,
+        )
+        height, width = out.images.shape[-2:]
+        pixels = latent.pixel_moments(
+            wrapper.decoder(height, width),
+            out.mean,
+            out.variance,
+            samples=self.decode_samples,
+            generator=decode_stream(generator, out.mean.device),
+        )
+        return BayesDiffOutput(
+            images=out.images.to(pixels.mean.dtype) * 2 - 1,
+            variance=pixels.variance,
+            mean=pixels.mean,
+            settings=dict(out.settings, decode_samples=self.decode_samples),
+            timings=out.timings,
+            clamped_pixels=out.clamped_pixels,  # of the latent estimate the pixels are decoded from
+        )
+

@@ -1,0 +1,103 @@
+"""`bayesdiff fit|sample --model PIPELINE_DIR` on saved tiny SD 1.5, SDXL, SD3, Flux, PixArt-Σ and DiT folders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pipeline_components import (
+    SIZE,
+    dit_pipeline,
+    flux_pipeline,
+    pixart_pipeline,
+    sd3_pipeline,
+    sd15_pipeline,
+    sdxl_pipeline,
+    with_tokenizers,
+)
+from safetensors.torch import load_file
+from test_cli import run
+
+# name: (pipeline, its conditioning options, --sampler where its default scheduler is multistep)
+PIPELINES = {
+    "sd15": (sd15_pipeline, ["--prompt", "a cat", "--negative-prompt", "blur", "--guidance-scale", "3"], "ddim"),
+    "sdxl": (sdxl_pipeline, ["--prompt", "a cat", "--guidance-scale", "3"], None),
+    "sd3": (sd3_pipeline, ["--prompt", "a cat", "--guidance-scale", "3"], None),
+    "flux": (flux_pipeline, ["--prompt", "a cat", "--height", str(SIZE), "--width", str(SIZE)], None),
+    "pixart": (pixart_pipeline, ["--prompt", "a cat", "--guidance-scale", "3"], "ddim"),
+    "dit": (dit_pipeline, ["--class-label", "3", "--guidance-scale", "3"], None),
+}
+SAMPLING = ["--steps", "2", "--uq-every", "1", "--mc-samples", "2", "--num-images", "2", "--batch-size", "2",
+            "--decode-samples", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    for i, picture in enumerate(pixels):
+        Image.fromarray(picture).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_fit_and_sample_a_pipeline_folder(name, images, tmp_path, capsys):
+    make, options, sampler = PIPELINES[name]
+    pipe = with_tokenizers(make(), tmp_path / "tokenizers")
+    pipe.save_pretrained(tmp_path / "model")
+    pairs = dict(zip(options[::2], options[1::2]))
+    fit_options = [x for flag, value in pairs.items() if flag not in ("--negative-prompt", "--guidance-scale") for x in (flag, value)]
+    code, out, err = run(
+        ["fit", "--model", tmp_path / "model", "--data", images, "--out", tmp_path / "post.safetensors",
+         "--batch-size", "2", "--no-progress", *fit_options],
+        capsys,
+    )
+    assert code == 0, err
+    sampled = ["sample", "--model", tmp_path / "model", "--posterior", tmp_path / "post.safetensors", *options, *SAMPLING]
+    if sampler:  # the default scheduler is multistep: refused by name, then sampled with DDIM
+        code, _, err = run([*sampled, "--out", tmp_path / "refused"], capsys)
+        assert code == 2 and "is a multistep scheduler" in err and not (tmp_path / "refused").exists()
+        sampled += ["--sampler", sampler]
+    code, out, err = run([*sampled, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["settings"]["pipeline"] == type(pipe).__name__
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["00000.png", "00001.png"]
+    tensors = load_file(run_dir / "tensors.safetensors")
+    assert tensors["images"].shape == tensors["variance"].shape == (2, 3, SIZE, SIZE)
+    variance = tensors["variance"]
+    assert bool(torch.isfinite(variance).all()) and variance.min() >= 0 and variance.sum() > 0
+
+
+def test_the_command_lines_images_are_the_stock_pipelines(tmp_path, capsys):
+    """SDXL with its own Euler scheduler: the run's images are the stock call's with the same seed."""
+    pipe = with_tokenizers(sdxl_pipeline(), tmp_path / "tokenizers")
+    pipe.save_pretrained(tmp_path / "model")
+    from bayesdiff_ext.pipelines import fit_pipeline_posterior
+
+    fit_pipeline_posterior(pipe, torch.rand(2, 3, SIZE, SIZE) * 2 - 1, progress=False).save(tmp_path / "post.safetensors")
+    code, _, err = run(
+        ["sample", "--model", tmp_path / "model", "--posterior", tmp_path / "post.safetensors", "--prompt", "a cat",
+         "--guidance-scale", "3", *SAMPLING, "--out", tmp_path / "run"],
+        capsys,
+    )
+    assert code == 0, err
+    stock = pipe(
+        prompt=["a cat"] * 2, guidance_scale=3.0, num_inference_steps=2, output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert torch.equal(load_file(tmp_path / "run" / "tensors.safetensors")["images"], stock * 2 - 1)
+
+
+def test_pipeline_options_name_what_they_apply_to(tmp_path, capsys):
+    pipe = dit_pipeline()
+    pipe.save_pretrained(tmp_path / "dit")
+    code, _, err = run(["fit", "--model", tmp_path / "dit", "--data", tmp_path, "--prompt", "a cat"], capsys)
+    assert code == 2 and "class-conditional: pass --class-label" in err
+    code, _, err = run(
+        ["sample", "--model", tmp_path / "dit", "--posterior", tmp_path / "p.safetensors", "--method", "mc-dropout"],
+        capsys,
+    )
+    assert code == 2 and "--method mc-dropout takes unconditional UNet models" in err
