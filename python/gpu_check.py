@@ -73,7 +73,7 @@ def graph_checks() -> bool:
     def step(eng, call, normals):
         t = scheduler.timesteps[1]
         prediction, head_var = call(x, t, {}, want_head=eng.wants_head(1))
-        eng.advance(plan[1], t, prediction, head_var, lambda s: call.head_at(s, t, {}, torch.float32), normals)
+        eng.advance(plan[1], t, prediction, head_var, lambda s: call.head_at(s, t, {}, torch.float32, index=1), normals)
         return eng.mean, eng.var
 
     ok = True

@@ -198,7 +198,7 @@ def test_sample_refuses_bad_posterior_files(tiny, tmp_path, capsys, make, fragme
         (["--eta", "inf"], "argument --eta: must be a finite number >= 0, got inf"),
         (["--eta", "nan"], "argument --eta: must be a finite number >= 0, got nan"),
         (["--eta", "-1"], "argument --eta: must be a finite number >= 0, got -1"),
-        (["--mc-samples", "0"], "argument --mc-samples: must be >= 1"),
+        (["--mc-samples", "0"], "covariance='mc' needs mc_samples >= 1"),
         (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
         (["--num-images", "2.5"], "argument --num-images: expected an integer"),
     ],

@@ -47,7 +47,7 @@ def _engine_and_call(covariance):
 
 def _recurrence_step(engine, model_call, plan, index, x, t, normals):
     prediction, head_var = model_call(x, t, {}, want_head=engine.wants_head(index))
-    engine.advance(plan[index], t, prediction, head_var, lambda s: model_call.head_at(s, t, {}, torch.float32), normals)
+    engine.advance(plan[index], t, prediction, head_var, lambda s: model_call.head_at(s, t, {}, torch.float32, index=index), normals)
     return engine.mean, engine.var, engine.clamped()
 
 

@@ -208,12 +208,13 @@ def test_wrappers_refuse_what_is_not_linear_or_not_theirs(name, arguments, match
 
 
 def test_default_multistep_schedulers_are_refused_by_name():
-    """SD 1.5's PNDM and PixArt-Σ's DPM-Solver++ 2M: the recurrence names them and trajectory Monte Carlo."""
+    """SD 1.5's PNDM and PixArt-Σ's DPM-Solver++ 2M: the recurrence (preset 'paper') names them and
+    trajectory Monte Carlo, which runs them (the default preset)."""
     for make, fitted in ((sd15_pipeline, "sd15-ddim"), (pixart_pipeline, "pixart-ddim")):
         pipe, (_, posterior, call) = make(), family(fitted)  # the same weights, the default scheduler
         name = type(pipe.scheduler).__name__
         with pytest.raises(ValueError, match=f"{name} is a multistep scheduler.*estimator='trajectories'"):
-            BayesDiffPipeline.from_pipe(pipe, posterior)(**call)
+            BayesDiffPipeline.from_pipe(pipe, posterior)(preset="paper", **call)
 
 
 def test_callback_refuses_forms_it_cannot_follow():
