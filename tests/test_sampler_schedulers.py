@@ -49,7 +49,9 @@ def _noise(batch: int = 2) -> torch.Tensor:
 
 
 def _sample(unet, scheduler, posterior, **kwargs):
+    """The moment recurrence (these tests are about it), at every step unless told otherwise."""
     kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("uq_every", 1)
     return BayesDiffSampler(unet, scheduler, posterior).sample(progress=False, **kwargs)
 
 

@@ -311,7 +311,7 @@ def test_a_nonlinear_scheduler_is_refused_naming_the_setting(unet, scheduler, po
     stock = DDPMScheduler.from_config(scheduler.config, **{setting: True})
     pattern = f"has {setting}=True, which .* moment recurrence needs affine steps; pass {setting}=False"
     with pytest.raises(ValueError, match=pattern):
-        BayesDiffSampler(unet, stock, posterior)
+        BayesDiffSampler(unet, stock, posterior).sample(batch_size=1, preset="paper", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ class BayesDiffSampler:
           ``variance`` tensors and the per-image ``variance_sum``).
         """
         resolved = resolve_settings(preset, settings, **uncertainty)
+        num_inference_steps = check_count("num_inference_steps", num_inference_steps)
+        eta = check_number("eta", eta, minimum=0.0)
         if resolved.estimator != "recurrence":
             if return_trace:
                 raise ValueError(f"return_trace records the moment recurrence's steps; estimator={resolved.estimator!r} has none")
@@ -146,8 +148,8 @@ class BayesDiffSampler:
             )
         settings = dict(
             resolved.describe(),
-            num_inference_steps=check_count("num_inference_steps", num_inference_steps),
-            eta=check_number("eta", eta, minimum=0.0),
+            num_inference_steps=num_inference_steps,
+            eta=eta,
         )
         description = describe(self.scheduler, settings["eta"], **(scheduler_kwargs or {}))
         started = time.perf_counter()

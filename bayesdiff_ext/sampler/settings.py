@@ -30,6 +30,7 @@ from typing import Any
 
 from bayesdiff_ext.posterior.draws import DRAWS
 from bayesdiff_ext.sampler.trajectory_statistics import CENTRES
+from bayesdiff_ext.validation import check_count
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -177,9 +178,7 @@ def _check_field(name: str, value: Any) -> None:
     elif name in ("noise_samples", "chunk_size") and value is None:
         return
     else:
-        low = 0 if name == "mc_samples" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_count(name, value, minimum=0 if name == "mc_samples" else 1)
 
 
 def _check_recurrence(s: UncertaintySettings) -> None:
