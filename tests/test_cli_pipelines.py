@@ -17,6 +17,7 @@ from pipeline_components import (
     with_tokenizers,
 )
 from safetensors.torch import load_file
+from bayesdiff_ext.randomness import image_generators
 from test_cli import run
 
 # name: (pipeline, its conditioning options, --sampler where its default scheduler is multistep)
@@ -86,7 +87,7 @@ def test_the_command_lines_images_are_the_stock_pipelines(tmp_path, capsys):
     assert code == 0, err
     stock = pipe(
         prompt=["a cat"] * 2, guidance_scale=3.0, num_inference_steps=2, output_type="pt",
-        generator=torch.Generator().manual_seed(0),
+        generator=image_generators(0, range(2)),  # the command line's rule: image k from (seed, k)
     ).images
     assert torch.equal(load_file(tmp_path / "run" / "tensors.safetensors")["images"], stock * 2 - 1)
 
