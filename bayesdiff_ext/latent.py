@@ -116,9 +116,12 @@ def pixel_moments(
     *,
     samples: int = 16,
     batch_size: int = 8,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> PixelMoments:
     """Decode ``samples`` Gaussian draws of every latent, ``batch_size`` latents per decode call.
+
+    ``generator`` is one generator for all draws, or one per image: image b's draws then come from
+    ``generator[b]`` alone, in draw order, so its pixel moments do not depend on the batch.
 
     ``decoder`` is a VAE (model-scale latents (B, C, h, w) decoded by :func:`decode_latents`) or a
     function from a batch of latents in the layout of ``latent_mean`` to images — a pipeline's own
@@ -143,6 +146,8 @@ def pixel_moments(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(generator, list) and len(generator) != latent_mean.shape[0]:
+        raise ValueError(f"generator is a list of {len(generator)} generators for {latent_mean.shape[0]} images")
     moment_dtype = accumulation_dtype(latent_mean)
     mean = latent_mean.to(moment_dtype)
     std = latent_variance.to(moment_dtype).clamp_min(0).sqrt()
@@ -153,8 +158,9 @@ def pixel_moments(
         rows = torch.arange(start, min(start + batch_size, total), device=mean.device)
         which = rows % images  # sample-major: row r is draw r // B of image r % B
         # randn_tensor draws on a CPU generator's device and moves the draws, as the pipelines do.
+        row_generators = [generator[int(b)] for b in which] if isinstance(generator, list) else generator
         noise = randn_tensor(
-            (len(rows), *mean.shape[1:]), generator=generator, device=mean.device, dtype=moment_dtype
+            (len(rows), *mean.shape[1:]), generator=row_generators, device=mean.device, dtype=moment_dtype
         )
         decoded = decode(mean[which] + std[which] * noise)
         stats.update(decoded, which)

@@ -114,3 +114,19 @@ def test_fitted_posterior_does_not_depend_on_the_batch_size(unet):
     assert small.sigma_noise == pytest.approx(large.sigma_noise, rel=1e-6)
     assert small.prior_precision == pytest.approx(large.prior_precision, rel=1e-5)
     torch.testing.assert_close(small.posterior.h_weight, large.posterior.h_weight, rtol=1e-6, atol=0)
+
+
+def test_pixel_moments_of_an_image_do_not_depend_on_its_batch():
+    from bayesdiff_ext.latent import pixel_moments
+
+    mean = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    var = torch.rand(3, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+
+    def decode(z):
+        return z.flatten(1)[:, :3].reshape(-1, 3, 1, 1) * 2
+
+    whole = pixel_moments(decode, mean, var, samples=4, batch_size=5, generator=image_generators(SEED, range(3), stream="decode"))
+    part = pixel_moments(decode, mean[1:], var[1:], samples=4, batch_size=2,
+                         generator=image_generators(SEED, range(1, 3), stream="decode"))
+    torch.testing.assert_close(whole.variance[1:], part.variance)
+    torch.testing.assert_close(whole.mean[1:], part.mean)

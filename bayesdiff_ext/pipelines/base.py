@@ -21,7 +21,7 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, same_value
 from bayesdiff_ext.posterior.training_noise import training_noise
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
-from bayesdiff_ext.randomness import independent_generator
+from bayesdiff_ext.randomness import ImageStreams, independent_generator
 from bayesdiff_ext.sampler.settings import UNCERTAINTY_ARGUMENTS as SETTINGS_ARGUMENTS
 
 __all__ = [
@@ -91,7 +91,7 @@ _DECODE_DOC = """
                 the pipeline's own VAE path for `pixel_variance` (0: none).
             decode_batch_size (`int`, *optional*, defaults to 8): draws per VAE decode.
             decode_generator (`torch.Generator`, *optional*): the draws' stream (default: seeded from
-                `generator` without consuming it)."""
+                `generator` without consuming it; one stream per image for a list of per-image generators)."""
 
 _RETURNS_DOC = """
         Returns:
@@ -436,8 +436,12 @@ def refuse_extra_kwargs(extra: dict[str, Any]) -> None:
         raise TypeError(f"unexpected keyword arguments: {sorted(extra)}")
 
 
-def decode_stream(generator, device: torch.device) -> torch.Generator:
-    """A generator for the decode draws, seeded from ``generator`` (or its first element) without consuming it."""
+def decode_stream(generator, device: torch.device) -> torch.Generator | list[torch.Generator]:
+    """The decode draws' generators, seeded from ``generator`` without consuming it: for a list of
+    per-image generators one per image (the ``'decode'`` stream of :mod:`bayesdiff_ext.randomness`,
+    so an image's pixel map does not depend on its batch), else one for the batch."""
+    if isinstance(generator, list):
+        return ImageStreams.derived(generator, len(generator), torch.device("cpu"), "decode").generators
     seed = independent_generator(generator, device).initial_seed() ^ _DECODE_STREAM
     return torch.Generator(device=device).manual_seed(seed % 2**63)
 
