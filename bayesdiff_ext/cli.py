@@ -83,7 +83,7 @@ uncertainty map and a score; the most uncertain images are filtered out."""
 
 _EPILOG = """\
 examples:
-  bayesdiff demo                                   # bundled digits model, 64 images, < 1 min on a CPU
+  bayesdiff demo                                   # bundled digits model, 64 images, a few minutes on a CPU
   bayesdiff demo --num-images 16 --out my-first-run
   bayesdiff fit --model path/to/pipeline --data path/to/images/ --out posterior.safetensors
   bayesdiff sample --model path/to/pipeline --posterior posterior.safetensors --num-images 32

@@ -105,3 +105,24 @@ def test_callback_defaults_to_the_paper_preset_and_refuses_trajectories(unet_and
         UncertaintyCallback(posterior, preset="accurate")
     with pytest.raises(ValueError, match="mode='deterministic' only"):
         UncertaintyCallback(posterior, mode="bayesdiff")
+
+
+def test_clamped_pixels_are_counted_and_the_default_preset_has_none():
+    """The bundled digits model at the paper's settings clamps some estimates to 0 (13–17 of 256
+    pixels per image at 10 DDIM steps); every exact zero is counted; the trajectories clamp nothing."""
+    from bayesdiff_ext import LastLayerLaplace, digits
+    from bayesdiff_ext.randomness import image_generators
+
+    unet = digits.load_bundled_unet()
+    posterior = LastLayerLaplace.load(digits.bundled_dir() / "posterior_diag.safetensors", unet)
+
+    def run(**uncertainty):
+        return BayesDiffSampler(unet, DDIMScheduler.from_config(digits.load_bundled_scheduler().config), posterior).sample(
+            batch_size=2, generator=image_generators(0, range(2)), num_inference_steps=10, progress=False, **uncertainty
+        )
+
+    paper = run(preset="paper")
+    assert int(paper.clamped_pixels.sum()) > 0
+    assert torch.equal(paper.clamped_pixels, (paper.variance == 0).flatten(1).sum(1))
+    default = run(samples=2)
+    assert int(default.clamped_pixels.sum()) == 0 and bool((default.variance > 0).all())

@@ -1,4 +1,4 @@
-"""A weight draw's effect on x_0 without the feedback, the control variate of the trajectories (docs/MATH.md §11.5).
+"""A weight draw's effect on x_0 without the feedback, the control variate of the trajectories (docs/MATH.md §14.5).
 
 Were no model call fed back (the features φ_k of the stock trajectory fixed), a head deviation Δθ
 would move x_0 by Σ_k β_k·head(φ_k; Δθ) = head(φ̃; Δθ) (bias weighted Σβ_k instead of 1, see below),

@@ -185,7 +185,7 @@ class TrajectorySampler:
 
     def _controlled_epistemic(self, phi_tilde, draws_final, maps, deviations) -> torch.Tensor:
         """:func:`controlled_spread` of the draws' squared deviations from their stream's MAP trajectory,
-        controlled by head(φ̃; Δθ) (docs/MATH.md §11.5)."""
+        controlled by head(φ̃; Δθ) (docs/MATH.md §14.5)."""
         spec = self.posterior.spec
         deviation_sq = (draws_final - maps[: draws_final.shape[0], None]).to(torch.float64).square().flatten(0, 1)
         control_sq = torch.stack(
