@@ -25,6 +25,9 @@ _ATTRIBUTES = {
     "LastLayerVI": "bayesdiff_ext.posterior",
     "load_posterior": "bayesdiff_ext.posterior",
     "UncertaintyCallback": "bayesdiff_ext.pipelines",
+    "TrajectorySampler": "bayesdiff_ext.sampler",
+    "UncertaintySettings": "bayesdiff_ext.sampler",
+    "resolve_settings": "bayesdiff_ext.sampler",
     "mc_moments": "bayesdiff_ext.ops",
     "moment_step": "bayesdiff_ext.ops",
 }
@@ -45,6 +48,7 @@ _SUBMODULES = (
     "photos",
     "pipelines",
     "posterior",
+    "randomness",
     "reference",
     "sampler",
 )
@@ -57,7 +61,9 @@ __all__ = [
     "LastLayerLaplace",
     "LastLayerMCMC",
     "LastLayerVI",
+    "TrajectorySampler",
     "UncertaintyCallback",
+    "UncertaintySettings",
     "__version__",
     "aggregation",
     "build_info",
@@ -72,6 +78,7 @@ __all__ = [
     "ops",
     "photos",
     "reference",
+    "resolve_settings",
 ]
 
 
