@@ -70,7 +70,8 @@ class TrajectorySampler:
                 raise TypeError(f"the posterior needs `{needed}` for trajectory Monte Carlo; got {type(posterior).__name__}")
         self.model = model
         self.scheduler = scheduler
-        self.posterior = posterior
+        for_model = getattr(posterior, "for_model", None)  # a posterior follows copies of its model
+        self.posterior = posterior if for_model is None else for_model(model)
         self.denoiser = Denoiser(model)
 
     @torch.no_grad()
