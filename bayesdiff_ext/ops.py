@@ -67,7 +67,7 @@ def moment_step(
     clamp: bool = True,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One affine sampler step x' = a·x + b·ε + c·z on per-element moments (SPEC §2).
+    """One affine sampler step x' = a·x + b·ε + c·z on per-element moments (docs/MATH.md §2).
 
     Returns ``(mean_next, var_next)`` with ``mean_next = a·mean_x + b·eps_mean`` and
     ``var_next = a²·var_x + 2ab·cov_x_eps + b²·eps_var + c2`` (clamped at 0 when ``clamp``).
@@ -92,7 +92,7 @@ def mc_moments(
     *,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moments of ε_t from S Monte Carlo samples, in one pass (SPEC §2).
+    """Moments of ε_t from S Monte Carlo samples, in one pass (docs/MATH.md §2).
 
     ``x``, ``eps_mean`` and ``eps_var`` have shape (S, *shape); ``mean_x`` has shape ``shape``.
     Returns ``(e_eps, var_eps, cov_x_eps)``: the mean of ε, its total variance (mean of the head
@@ -133,7 +133,7 @@ def conv_diag_ggn(
 
     ``phi`` (N, C_in, H, W) is the head's input. Returns h of shape (C_in, kh, kw) with
     h[j] = Σ_n Σ_p φ_{n,p}[j]², φ_{n,p} the zero-padded im2col patch of output position p of image
-    n (SPEC §1.2). The GGN diagonal of ``weight[c]`` is h for every output channel c; that of the
+    n (docs/MATH.md §1.2). The GGN diagonal of ``weight[c]`` is h for every output channel c; that of the
     bias is N·H_out·W_out. This is laplace-torch's ``DiagLaplace.H`` for BackPackGGN and
     CurvlinopsGGN (factor 1). The batch is never unfolded; float64 for float64 ``phi``, otherwise
     float32 (16-bit inputs are accumulated in float32). Sum over batches by adding the results.
@@ -156,8 +156,9 @@ def conv_diag_ef(
     """Diagonal empirical Fisher of ½‖f − y‖² for a Conv2d head (groups=1), per-image gradients.
 
     ``residual`` = f − y of shape (N, C, H_out, W_out), the same dtype and device as ``phi``.
-    Returns the weight part of shape (C, C_in, kh, kw), Σ_n (Σ_p r_n[c, p] φ_{n,p}[j])² (SPEC §1.2),
-    and with ``with_bias=True`` also the bias part (C,), Σ_n (Σ_p r_n[c, p])² (a plain torch sum).
+    Returns the weight part of shape (C, C_in, kh, kw), Σ_n (Σ_p r_n[c, p] φ_{n,p}[j])²
+    (docs/MATH.md §1.2), and with ``with_bias=True`` also the bias part (C,), Σ_n (Σ_p r_n[c, p])²
+    (a plain torch sum).
     Convention: laplace-torch's BackPackEF and CurvlinopsEF return exactly 2× both parts (they
     square gradients of the sum of squares without the ½); BayesDiff's fit uses that ×2 form —
     multiply by 2 for parity. Never unfolds the batch; float64 for float64 inputs, else float32.
@@ -183,9 +184,9 @@ def conv_patch_gram(
 
     Returns A_aug = Σ_n Σ_p [φ_{n,p}; 1][φ_{n,p}; 1]ᵀ of shape (D+1, D+1), D = C_in·kh·kw, rows in
     ``weight.flatten(1)`` order and the bias "1" last (so A_aug[D, D] = N·H_out·W_out). The exact
-    last-layer GGN of ½‖f − y‖² is I_C ⊗ A_aug on per-channel blocks [W_c; b_c] (SPEC §1.1); see
-    ``bayesdiff_ext.posterior.curvature_layout`` for laplace-torch's parameter order and its KFAC
-    factors. Never unfolds the batch; float64 for float64 ``phi``, otherwise float32.
+    last-layer GGN of ½‖f − y‖² is I_C ⊗ A_aug on per-channel blocks [W_c; b_c]
+    (docs/MATH.md §1.1); see ``bayesdiff_ext.posterior.curvature_layout`` for laplace-torch's
+    parameter order and its KFAC factors. Never unfolds the batch; float64 for float64 ``phi``, otherwise float32.
     """
     return torch.ops.bayesdiff_ext.conv_patch_gram(
         phi, *_patch_geometry(kernel_size, stride, padding, dilation)
@@ -218,7 +219,7 @@ def conv_head_mean_var(
     groups: int = 1,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of a Conv2d head's output under a diagonal weight posterior (SPEC §1.1).
+    """Mean and variance of a Conv2d head's output under a diagonal weight posterior (docs/MATH.md §1.1).
 
     ``phi`` (B, C_in, H, W) is the head's input; ``weight``/``bias`` the posterior mean (as in
     ``nn.Conv2d``) and ``weight_var`` (same shape as ``weight``, required) / ``bias_var`` (C,) its
@@ -273,7 +274,7 @@ def conv_head_var_factored(
     dilation: int | tuple[int, int] = 1,
     check_values: bool = False,
 ) -> torch.Tensor:
-    """Per-pixel variance of a Conv2d head under a factored posterior (full GGN or KFAC, SPEC §1.1).
+    """Per-pixel variance of a Conv2d head under a factored posterior (full GGN or KFAC, docs/MATH.md §1.1).
 
     ``var[b, c, p] = Σ_r mix[c, r] · (conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c]``
     with ``proj_weight`` (R, C_in, kh, kw) holding R directions q_r as conv filters, ``proj_bias``

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable, Sequence
+
+import torch
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
@@ -17,6 +20,42 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(
+    fns: dict[Hashable, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    threads: Sequence[int] | None = None,
+) -> dict:
+    """Median seconds of each function, timed in rounds: one call of each per round, and with
+    ``threads`` one call of each at every thread count per round. A change of load on a shared
+    machine then falls on every candidate alike, so ratios within a round stay fair.
+
+    Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
+    """
+    counts = list(threads) if threads is not None else [None]
+    keys = [(n, name) for n in counts for name in fns]
+    for n, name in keys:
+        if n is not None:
+            torch.set_num_threads(n)
+        for _ in range(warmup):
+            fns[name]()
+    times = {key: [] for key in keys}
+    for _ in range(repeats):
+        for n, name in keys:
+            if n is not None:
+                torch.set_num_threads(n)
+            start = time.perf_counter()
+            fns[name]()
+            times[(n, name)].append(time.perf_counter() - start)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    return medians if threads is not None else {name: medians[(None, name)] for name in fns}
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as a table caption wants them."""
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,4 +1,4 @@
-// CPU implementation of the curvature accumulators (SPEC §1.2). The diagonal GGN reduces the
+// CPU implementation of the curvature accumulators (docs/MATH.md §1.2). The diagonal GGN reduces the
 // batch per input pixel first (kernels/curvature_math.h). The EF and the patch Gram unfold a chunk
 // of output positions at a time (the index math of curvature_math.h) and hand it to BLAS, so their
 // extra memory is one chunk, never the unfold of the whole batch.

@@ -1,6 +1,6 @@
-// CPU implementation of the head ops (SPEC §1.1): the per-element math of kernels/head_math.h in
-// register-blocked loops, compiled for AVX-512, AVX2 and the baseline ISA and picked at run time
-// (the wheel must run anywhere; the head is compute-bound, so the vector width matters).
+// CPU implementation of the head ops (docs/MATH.md §1.1): the per-element math of
+// kernels/head_math.h in register-blocked loops of explicit vectors (cpu/simd.h), compiled per ISA
+// and picked at run time (the head is compute-bound, so the vector width matters).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -8,105 +8,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
-#include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
 #include "glue/head_args.h"
 #include "glue/tensor_checks.h"
 #include "kernels/head_math.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BDX_X86_DISPATCH 1
-// `flatten` inlines the whole body into the wrapper, so all of it is compiled for that ISA.
-#define BDX_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"), flatten))
-#define BDX_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
-#endif
-
 namespace bdx::cpu {
 namespace {
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa hardware_isa() {
-#if defined(BDX_X86_DISPATCH)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBaseline;
-}
-
-// BAYESDIFF_CPU_ISA=avx2|baseline selects a lower compilation, so that the tests can run every
-// compilation of the kernels on one machine. Read at every call (once per op, not per row).
-Isa cpu_isa() {
-  static const Isa hardware = hardware_isa();
-  const char* forced = std::getenv("BAYESDIFF_CPU_ISA");
-  if (forced == nullptr || *forced == '\0') return hardware;
-  const std::string name(forced);
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
-              "BAYESDIFF_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
-  const Isa wanted = name == "baseline" ? Isa::kBaseline : (name == "avx2" ? Isa::kAvx2 : Isa::kAvx512);
-  return std::min(wanted, hardware);
-}
-
-// Inside a struct: static `run(isa, args...)` calls `body<kVectorBytes>(args...)` compiled for `isa`,
-// with that ISA's register width (wider vectors than the registers spill).
-#if defined(BDX_X86_DISPATCH)
-#define BDX_ISA_VARIANTS(body)                                                     \
-  template <typename... A>                                                         \
-  static BDX_TARGET_AVX512 void run_avx512(A... a) { body<64>(a...); }             \
-  template <typename... A>                                                         \
-  static BDX_TARGET_AVX2 void run_avx2(A... a) { body<32>(a...); }                 \
-  template <typename... A>                                                         \
-  static void run_baseline(A... a) { body<16>(a...); }                             \
-  template <typename... A>                                                         \
-  static void run(Isa isa, A... a) {                                               \
-    switch (isa) {                                                                 \
-      case Isa::kAvx512: return run_avx512(a...);                                  \
-      case Isa::kAvx2: return run_avx2(a...);                                      \
-      default: return run_baseline(a...);                                          \
-    }                                                                              \
-  }
-#else
-#define BDX_ISA_VARIANTS(body) \
-  template <typename... A>     \
-  static void run(Isa, A... a) { body<16>(a...); }
-#endif
-constexpr int kWidestVectorBytes = 64;
-
-// A SIMD vector of kBytes (GCC/Clang vector extension) and its lane count.
-template <typename Acc, int kBytes>
-struct simd {
-  typedef Acc type __attribute__((vector_size(kBytes)));
-};
-template <typename Acc, int kBytes>
-using Simd = typename simd<Acc, kBytes>::type;
-template <typename Acc, int kBytes>
-constexpr int kLanes = kBytes / sizeof(Acc);
 constexpr int kMaxChannels = 4;
-
-template <int kBytes, typename Acc>
-Simd<Acc, kBytes> broadcast(Acc value) {
-  return Simd<Acc, kBytes>{} + value;
-}
-
-template <int kBytes, bool kUnitStride, typename Acc>
-Simd<Acc, kBytes> load_lanes(const Acc* src, int64_t stride) {
-  Simd<Acc, kBytes> v;
-  if (kUnitStride) {
-    __builtin_memcpy(&v, src, sizeof v);
-  } else {
-    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = src[l * stride];
-  }
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------------
 // conv_head_mean_var: a tile of one vector of output pixels at a time, with the mean and variance
@@ -290,18 +203,6 @@ struct LinearJob {
   Acc* mean;
   Acc* var;
 };
-
-template <int kBytes, typename T>
-Simd<acc_t<T>, kBytes> load_converted(const T* src) {
-  using Acc = acc_t<T>;
-  if constexpr (std::is_same_v<T, Acc>) {
-    return load_lanes<kBytes, true>(src, 1);
-  } else {
-    Simd<Acc, kBytes> v;
-    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = load<Acc>(src, l);
-    return v;
-  }
-}
 
 template <int kBytes, typename T, int kChannels>
 void linear_channels(const LinearJob<T>& job, const T* x_row, int64_t c0, acc_t<T>* mean_row, acc_t<T>* var_row) {

@@ -1,4 +1,4 @@
-// CUDA kernels of the curvature accumulators (SPEC §1.2). No torch headers: see curvature_kernels.h.
+// CUDA kernels of the curvature accumulators (docs/MATH.md §1.2). No torch headers: see curvature_kernels.h.
 // Patch entries are read from φ on the fly (kernels/curvature_math.h): nothing is unfolded.
 #include "cuda/curvature_kernels.h"
 #include "cuda/launch_config.h"

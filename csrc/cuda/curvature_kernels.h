@@ -1,4 +1,4 @@
-// Launchers of the curvature-accumulator CUDA kernels (SPEC §1.2). Torch-free: the glue passes raw
+// Launchers of the curvature-accumulator CUDA kernels (docs/MATH.md §1.2). Torch-free: the glue passes raw
 // pointers to contiguous tensors and zero-filled outputs.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA kernels of the head ops (SPEC §1.1). No torch headers: see head_kernels.h.
+// CUDA kernels of the head ops (docs/MATH.md §1.1). No torch headers: see head_kernels.h.
 //
 // Threads are laid out with the output pixel fastest, so a warp reads neighbouring φ values and
 // writes neighbouring outputs, while every thread of the warp reads the same weight (a broadcast

@@ -1,4 +1,4 @@
-// Launchers of the head-op CUDA kernels (SPEC §1.1). Torch-free: the glue passes raw pointers.
+// Launchers of the head-op CUDA kernels (docs/MATH.md §1.1). Torch-free: the glue passes raw pointers.
 // phi is in its storage type T; the parameters are already in the accumulation type; optional
 // parameters (bias, bias_var, proj_bias) may be null and then count as zero.
 #pragma once

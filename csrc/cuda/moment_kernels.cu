@@ -1,4 +1,4 @@
-// CUDA kernels of the moment recurrence (SPEC §2). No torch headers: see moment_kernels.h.
+// CUDA kernels of the moment recurrence (docs/MATH.md §2). No torch headers: see moment_kernels.h.
 #include "cuda/launch_config.h"
 #include "cuda/moment_kernels.h"
 

@@ -1,4 +1,4 @@
-// Patch geometry of a Conv2d head and the index math of its zero-padded im2col patches (SPEC §1.2),
+// Patch geometry of a Conv2d head and the index math of its zero-padded im2col patches (docs/MATH.md §1.2),
 // shared by the CPU and CUDA curvature accumulators. A patch φ_{n,p} is the receptive field of
 // output position p of image n, flattened in `weight.flatten(1)` order (c_in, i, j); D = C_in·kh·kw.
 #pragma once

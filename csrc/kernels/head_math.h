@@ -1,4 +1,4 @@
-// Math of the Bayesian head ops (SPEC §1.1), shared by the CPU and CUDA kernels: the geometry of the
+// Math of the Bayesian head ops (docs/MATH.md §1.1), shared by the CPU and CUDA kernels: the geometry of the
 // head's convolution and the per-element updates of the closed-form predictive.
 //
 // Because the head is linear in its weights θ = (W, b), the ε prediction is exactly Gaussian with
@@ -28,7 +28,7 @@ struct ConvGeometry {
   BDX_HD int64_t out_channels_per_group() const { return out_channels / groups; }
   BDX_HD int64_t out_pixels() const { return out_h * out_w; }
   BDX_HD int64_t in_pixels() const { return in_h * in_w; }
-  // Weight entries per output channel (D in SPEC §1.1 for groups = 1).
+  // Weight entries per output channel (D in docs/MATH.md §1.1 for groups = 1).
   BDX_HD int64_t taps_per_channel() const { return in_channels_per_group() * kernel_h * kernel_w; }
 };
 
