@@ -204,6 +204,8 @@ LINEAR_SHAPES = {
     "leading-dims": ((2, 3, 70), 9),
     "one-row-one-output": ((1, 16), 1),
     "vector": ((21,), 4),
+    # From 16 outputs the CPU kernel runs two GEMMs on tiles of rows.
+    "wide-head": ((2, 3, 70), 24),
 }
 
 
@@ -224,6 +226,25 @@ def test_linear_head_mean_var_matches_reference(backend, shape, channels, dtype,
         assert out.shape == (*shape[:-1], channels) and out.dtype == ops.result_dtype(dtype) and out.is_contiguous()
         _assert_within(out, ref, bound, dtype)
     assert (var >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_head_mean_var_cpu_tiles(dtype):
+    """The CPU's wide-head path works through tiles of about 512 KiB of φ rows: several tiles, a
+    short last one, and (at 2 threads) tiles split between threads."""
+    phi = _rand((70, 2100), dtype, "cpu")
+    weight = _rand((17, 2100), dtype, "cpu", scale=0.5)
+    weight_var = _rand((17, 2100), dtype, "cpu", positive=True, scale=0.1)
+    args = (phi, weight, _rand((17,), dtype, "cpu"), weight_var, _rand((17,), dtype, "cpu", positive=True))
+    bounds = reference.linear_head_mean_var(*[t.double().abs() for t in args])
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for o, r, b in zip(torch.ops.bayesdiff_ext.linear_head_mean_var(*args), reference.linear_head_mean_var(*args), bounds):
+                _assert_within(o, r, b, dtype)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_linear_head_mean_var_non_contiguous(backend):

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -260,9 +261,81 @@ struct LinearRow {
   BDX_ISA_VARIANTS(linear_row)
 };
 
+// Wide heads (transformers: C = 32..64 outputs of D = 1k..3k features) are two GEMMs, mean = φ·Wᵀ + b
+// and var = φ²·Vᵀ + v, left to BLAS on tiles of rows: a tile of φ (and its square, formed here) stays
+// in the L2 cache between the two products, so φ is read from memory once and φ² never exists
+// whole. Narrow heads (a few outputs) are bound by reading φ; the register kernel above reads it
+// once for every kMaxChannels outputs and beats BLAS there.
+constexpr int64_t kLinearBlasMinOutputs = 16;
+constexpr int64_t kLinearTileBytes = int64_t(512) << 10;
+
+// φ rows converted to Acc (`converted`, skipped when null because φ already is Acc) and squared.
+template <int kBytes, typename T>
+void convert_and_square(const T* src, int64_t n, acc_t<T>* converted, acc_t<T>* squared) {
+  using Acc = acc_t<T>;
+  constexpr int kL = kLanes<Acc, kBytes>;
+  int64_t i = 0;
+  for (; i + kL <= n; i += kL) {
+    const auto x = load_converted<kBytes>(src + i);
+    if (converted) store_lanes<kBytes>(converted + i, x);
+    store_lanes<kBytes>(squared + i, x * x);
+  }
+  for (; i < n; ++i) {
+    const Acc x = load<Acc>(src, i);
+    if (converted) converted[i] = x;
+    squared[i] = x * x;
+  }
+}
+
+struct ConvertAndSquare {
+  BDX_ISA_VARIANTS(convert_and_square)
+};
+
+template <typename T>
+void linear_head_blas(const glue::LinearHeadMeanVarArgs& args) {
+  using Acc = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, Acc>;
+  const int64_t features = args.features;
+  const int64_t tile_rows =
+      std::clamp<int64_t>(kLinearTileBytes / std::max<int64_t>(1, features * int64_t(sizeof(Acc))), 1, args.rows);
+  const int64_t tiles = (args.rows + tile_rows - 1) / tile_rows;
+  const auto phi = args.phi.view({args.rows, features});
+  const auto mean = args.mean.view({args.rows, args.out_features});
+  const auto var = args.var.view({args.rows, args.out_features});
+  const auto weight_t = args.weight.t();
+  const auto weight_var_t = args.weight_var.t();
+  const Isa isa = cpu_isa();
+  // Each thread owns a contiguous run of tiles; BLAS runs single-threaded inside the region.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const auto options = args.mean.options();
+    at::Tensor squared = at::empty({tile_rows, features}, options);
+    at::Tensor converted = kConvert ? at::empty({tile_rows, features}, options) : at::Tensor();
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * tile_rows;
+      const int64_t n = std::min(tile_rows, args.rows - r0);
+      ConvertAndSquare::run(isa, glue::data_or_null<T>(args.phi) + r0 * features, n * features,
+                            kConvert ? converted.data_ptr<Acc>() : nullptr, squared.data_ptr<Acc>());
+      const auto x = kConvert ? converted.narrow(0, 0, n) : phi.narrow(0, r0, n);
+      auto mean_rows = mean.narrow(0, r0, n);
+      auto var_rows = var.narrow(0, r0, n);
+      if (args.bias.defined()) {
+        at::addmm_out(mean_rows, args.bias, x, weight_t);
+      } else {
+        at::mm_out(mean_rows, x, weight_t);
+      }
+      if (args.bias_var.defined()) {
+        at::addmm_out(var_rows, args.bias_var, squared.narrow(0, 0, n), weight_var_t);
+      } else {
+        at::mm_out(var_rows, squared.narrow(0, 0, n), weight_var_t);
+      }
+    }
+  });
+}
+
 void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "linear_head_mean_var", [&] {
     using Acc = acc_t<T>;
+    if (args.out_features >= kLinearBlasMinOutputs) return linear_head_blas<T>(args);
     const LinearJob<T> job{glue::data_or_null<T>(args.phi),
                            args.weight.const_data_ptr<Acc>(),
                            args.weight_var.const_data_ptr<Acc>(),
