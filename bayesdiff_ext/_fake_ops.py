@@ -7,11 +7,19 @@ host emulation of the CUDA kernels used by the tests.
 import torch
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+_FLOATING_TYPES = (*_HALF_TYPES, torch.float32, torch.float64)
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:
     """16-bit inputs are accumulated and returned in float32."""
     return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+def _check_floating(name: str, t) -> None:
+    torch._check(
+        t.dtype in _FLOATING_TYPES,
+        lambda: f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}",
+    )
 
 
 def _check_same(name: str, t, ref, ref_name: str, shape) -> None:
@@ -73,6 +81,27 @@ def register_fakes(namespace: str) -> None:
         _patch_output_size(phi, kernel_size, stride, padding, dilation)
         augmented = phi.shape[1] * kernel_size[0] * kernel_size[1] + 1
         return phi.new_empty((augmented, augmented), dtype=result_dtype(phi.dtype))
+
+    @torch.library.register_fake(f"{namespace}::linear_diag_ggn")
+    def _linear_diag_ggn_fake(phi):
+        _check_floating("phi", phi)
+        torch._check(phi.dim() >= 1, lambda: "`phi` must have shape (..., D)")
+        return phi.new_empty((phi.shape[-1],), dtype=torch.float64)
+
+    @torch.library.register_fake(f"{namespace}::linear_diag_ef")
+    def _linear_diag_ef_fake(phi, residual):
+        _check_floating("phi", phi)
+        torch._check(phi.dim() >= 2, lambda: "`phi` must have shape (N, ..., D) with a leading sample dim")
+        torch._check(residual.dim() == phi.dim(), lambda: "`residual` must have shape (N, ..., C) like `phi`")
+        _check_same("residual", residual, phi, "phi", (*phi.shape[:-1], residual.shape[-1]))
+        return phi.new_empty((residual.shape[-1], phi.shape[-1] + 1), dtype=torch.float64)
+
+    @torch.library.register_fake(f"{namespace}::linear_gram")
+    def _linear_gram_fake(phi):
+        _check_floating("phi", phi)
+        torch._check(phi.dim() >= 1, lambda: "`phi` must have shape (..., D)")
+        augmented = phi.shape[-1] + 1
+        return phi.new_empty((augmented, augmented), dtype=torch.float64)
 
     @torch.library.register_fake(f"{namespace}::conv_head_mean_var")
     def _conv_head_mean_var_fake(phi, weight, bias, weight_var, bias_var, stride, padding, dilation, groups):

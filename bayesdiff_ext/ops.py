@@ -22,6 +22,9 @@ __all__ = [
     "conv_head_mean_var",
     "conv_head_var_factored",
     "conv_patch_gram",
+    "linear_diag_ef",
+    "linear_diag_ggn",
+    "linear_gram",
     "linear_head_mean_var",
     "mc_moments",
     "moment_step",
@@ -191,6 +194,58 @@ def conv_patch_gram(
     return torch.ops.bayesdiff_ext.conv_patch_gram(
         phi, *_patch_geometry(kernel_size, stride, padding, dilation)
     )
+
+
+def linear_diag_ggn(phi: torch.Tensor) -> torch.Tensor:
+    """Diagonal GGN of ½‖f − y‖² for the weight of a Linear head, summed over every row of φ.
+
+    Args:
+        phi (`torch.Tensor` of shape `(..., D)`): the head's input, e.g. (B, N, D) tokens.
+
+    Returns:
+        `torch.Tensor` of shape `(D,)`, float64: h[j] = Σ_rows φ[j]² (docs/MATH.md §1.2), the GGN
+        diagonal of ``weight[c]`` for every output c (that of the bias is the number of rows).
+        Accumulated in float64 for every input dtype, without a float64 copy of φ.
+    """
+    return torch.ops.bayesdiff_ext.linear_diag_ggn(phi)
+
+
+def linear_diag_ef(
+    phi: torch.Tensor, residual: torch.Tensor, *, with_bias: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal empirical Fisher of ½‖f − y‖² for a Linear head, from per-sample gradients.
+
+    Args:
+        phi (`torch.Tensor` of shape `(N, ..., D)`): the head's input; a sample is one leading
+            index (an image), and every row under it (its tokens) adds to that sample's gradient.
+        residual (`torch.Tensor` of shape `(N, ..., C)`): f − y at the same rows, same dtype and
+            device as ``phi``.
+        with_bias (`bool`): also return the bias part.
+
+    Returns:
+        The weight part, `torch.Tensor` of shape `(C, D)`: Σ_n (Σ_t r[n, t, c]·φ[n, t, j])²
+        (docs/MATH.md §1.2); with ``with_bias=True`` also the bias part `(C,)`: Σ_n (Σ_t r[n, t, c])².
+        float64 for every input dtype; no per-token Jacobian and no float64 copy of φ is formed.
+        Convention as :func:`conv_diag_ef`: laplace-torch's EF backends give 2× both parts.
+    """
+    augmented = torch.ops.bayesdiff_ext.linear_diag_ef(phi, residual)  # (C, D + 1), bias column last
+    weight_part = augmented[:, :-1]
+    return (weight_part, augmented[:, -1]) if with_bias else weight_part
+
+
+def linear_gram(phi: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of the bias-augmented rows of a Linear head's input.
+
+    Args:
+        phi (`torch.Tensor` of shape `(..., D)`): the head's input, e.g. (B, N, D) tokens.
+
+    Returns:
+        `torch.Tensor` of shape `(D + 1, D + 1)`, float64: A_aug = Σ_rows [φ; 1][φ; 1]ᵀ with the
+        bias "1" last (A_aug[D, D] = the number of rows). The exact last-layer GGN of ½‖f − y‖² is
+        I_C ⊗ A_aug on per-output blocks [W_c; b_c] (docs/MATH.md §1.1), as for
+        :func:`conv_patch_gram`. Accumulated in float64 for every input dtype, tile by tile.
+    """
+    return torch.ops.bayesdiff_ext.linear_gram(phi)
 
 
 def _require(name: str, t: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,8 @@ clarity over memory and speed and are not meant for the sampling path.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -54,6 +56,30 @@ def conv_patch_gram(phi, kernel_size, stride, padding, dilation):
     ones = patches.new_ones(patches.shape[0], 1, patches.shape[2])
     augmented = torch.cat([patches, ones], dim=1)
     return torch.einsum("ndp,nep->de", augmented, augmented)
+
+
+def _augmented_rows(phi):
+    """φ (..., D) as float64 rows (R, D + 1) with the bias feature 1 last."""
+    rows = _f64(phi).reshape(math.prod(phi.shape[:-1]), phi.shape[-1])
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def linear_diag_ggn(phi):
+    rows = _f64(phi).reshape(math.prod(phi.shape[:-1]), phi.shape[-1])
+    return (rows * rows).sum(0)
+
+
+def linear_diag_ef(phi, residual):
+    samples, tokens = phi.shape[0], math.prod(phi.shape[1:-1])
+    features = _augmented_rows(phi).reshape(samples, tokens, phi.shape[-1] + 1)
+    r = _f64(residual).reshape(samples, tokens, residual.shape[-1])
+    per_sample_gradient = torch.einsum("ntc,ntd->ncd", r, features)
+    return (per_sample_gradient**2).sum(0)
+
+
+def linear_gram(phi):
+    augmented = _augmented_rows(phi)
+    return augmented.T @ augmented
 
 
 def conv_head_mean_var(phi, weight, bias, weight_var, bias_var, stride, padding, dilation, groups):

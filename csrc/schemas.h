@@ -31,6 +31,10 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "conv_patch_gram(Tensor phi, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
       "-> Tensor");
+  // Linear heads on rows of features (..., D); float64 results for every input dtype.
+  m.def("linear_diag_ggn(Tensor phi) -> Tensor");
+  m.def("linear_diag_ef(Tensor phi, Tensor residual) -> Tensor");
+  m.def("linear_gram(Tensor phi) -> Tensor");
 }
 
 }  // namespace bdx

@@ -110,32 +110,47 @@ void store_lanes(Acc* dst, Simd<Acc, kBytes> v) {
   __builtin_memcpy(dst, &v, sizeof v);
 }
 
-// kLanes<acc_t<T>> consecutive values of storage type T, converted to the accumulation type: the
+// kLanes<Out, kBytes> consecutive values of storage type T, widened to Out (float or double): the
 // 16-bit formats by vector instructions (F16C's vcvtph2ps for half, a 16-bit shift for bfloat16).
-template <int kBytes, typename T>
-Simd<acc_t<T>, kBytes> load_converted(const T* src) {
-  using Acc = acc_t<T>;
-  using V = Simd<Acc, kBytes>;
-  if constexpr (std::is_same_v<T, Acc>) {
+template <int kBytes, typename Out, typename T>
+Simd<Out, kBytes> load_widened(const T* src) {
+  using V = Simd<Out, kBytes>;
+  constexpr int kN = kLanes<Out, kBytes>;
+  constexpr int kSourceBytes = kN * static_cast<int>(sizeof(T));
+  if constexpr (std::is_same_v<T, Out>) {
     return load_lanes<kBytes, true>(src, 1);
   } else if constexpr (std::is_same_v<T, bfloat16_t>) {
-    Simd<uint16_t, kBytes / 2> bits;
+    Simd<uint16_t, kSourceBytes> bits;
     __builtin_memcpy(&bits, src, sizeof bits);
-    const Simd<uint32_t, kBytes> wide = __builtin_convertvector(bits, Simd<uint32_t, kBytes>) << 16;
-    V v;
-    __builtin_memcpy(&v, &wide, sizeof v);
-    return v;
-  } else {
+    const Simd<uint32_t, 4 * kN> wide = __builtin_convertvector(bits, Simd<uint32_t, 4 * kN>) << 16;
+    Simd<float, 4 * kN> f;
+    __builtin_memcpy(&f, &wide, sizeof f);
+    if constexpr (std::is_same_v<Out, float>) {
+      return f;
+    } else {
+      return __builtin_convertvector(f, V);
+    }
+  } else if constexpr (std::is_same_v<T, half_t>) {
 #if defined(__FLT16_MAX__)
-    Simd<_Float16, kBytes / 2> h;
+    Simd<_Float16, kSourceBytes> h;
     __builtin_memcpy(&h, src, sizeof h);
     return __builtin_convertvector(h, V);
 #else
     V v;
-    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = load<Acc>(src, l);
+    for (int l = 0; l < kN; ++l) v[l] = load<Out>(src, l);
     return v;
 #endif
+  } else {
+    Simd<T, kSourceBytes> x;
+    __builtin_memcpy(&x, src, sizeof x);
+    return __builtin_convertvector(x, V);
   }
+}
+
+// kLanes<acc_t<T>, kBytes> consecutive values of storage type T in the accumulation type.
+template <int kBytes, typename T>
+Simd<acc_t<T>, kBytes> load_converted(const T* src) {
+  return load_widened<kBytes, acc_t<T>>(src);
 }
 
 }  // namespace bdx::cpu
