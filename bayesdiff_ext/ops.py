@@ -1,8 +1,11 @@
 """The Python face of the compiled ops: keyword arguments, optional value checks, fake impls.
 
-The compiled ops check shapes, dtypes and devices themselves (errors name the argument); the
-wrappers here add what costs an extra pass over the data and is therefore optional: NaN/inf and
-negative-variance checks (``check_values=True``).
+The compiled ops check shapes, dtypes and devices themselves (errors name the argument). Values
+are not checked on the hot path: a check reads the data once more and, on a GPU, waits for it
+(a host synchronisation per call). Instead every op returns variances clamped at 0 (a negative
+input variance can never give a negative output; NaN stays NaN), and the wrappers offer the value
+checks as an option (``check_values=True``). Posterior variances live long: check them once where
+they are made, with :func:`check_nonnegative`.
 """
 
 from __future__ import annotations
@@ -72,10 +75,21 @@ def moment_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One affine sampler step x' = a·x + b·ε + c·z on per-element moments (docs/MATH.md §2).
 
-    Returns ``(mean_next, var_next)`` with ``mean_next = a·mean_x + b·eps_mean`` and
-    ``var_next = a²·var_x + 2ab·cov_x_eps + b²·eps_var + c2`` (clamped at 0 when ``clamp``).
-    ``eps_var`` and ``cov_x_eps`` default to zero. Outputs are contiguous, float32 for 16-bit
-    inputs and otherwise of the input dtype.
+    Args:
+        mean_x, var_x, eps_mean (`torch.Tensor`, one shape): E[x_t], Var[x_t], E[ε_t].
+        eps_var, cov_x_eps (`torch.Tensor` of the same shape, optional): Var[ε_t] and
+            Cov(x_t, ε_t); zero when absent.
+        a, b (`float`): the step's coefficients; finite.
+        c2 (`float`): the variance c² of the fresh noise; finite and >= 0.
+        clamp (`bool`): clamp ``var_next`` at 0 (the default; a noisy Monte Carlo covariance
+            or a negative ``var_x``/``eps_var`` can push the sum below zero). NaN stays NaN.
+        check_values (`bool`): first check every input for NaN/inf and the variances for
+            negative entries (a ValueError naming the argument); costs a pass and a host sync.
+
+    Returns:
+        `(mean_next, var_next)`: ``a·mean_x + b·eps_mean`` and
+        ``a²·var_x + 2ab·cov_x_eps + b²·eps_var + c2``, contiguous, float32 for 16-bit inputs
+        and otherwise of the input dtype.
     """
     if check_values:
         _check_values(
@@ -97,9 +111,17 @@ def mc_moments(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Moments of ε_t from S Monte Carlo samples, in one pass (docs/MATH.md §2).
 
-    ``x``, ``eps_mean`` and ``eps_var`` have shape (S, *shape); ``mean_x`` has shape ``shape``.
-    Returns ``(e_eps, var_eps, cov_x_eps)``: the mean of ε, its total variance (mean of the head
-    variances plus the population variance of the head means) and Cov(x, ε) about ``mean_x``.
+    Args:
+        x (`torch.Tensor` of shape `(S, *shape)`): the S samples of x_t, S >= 1.
+        eps_mean (`torch.Tensor` of shape `(S, *shape)`): the head's mean m^i at each sample.
+        eps_var (`torch.Tensor` of shape `(S, *shape)`, optional): the head's variance γ²^i.
+        mean_x (`torch.Tensor` of shape `shape`): E[x_t], the centre of the covariance.
+        check_values (`bool`): as in :func:`moment_step`.
+
+    Returns:
+        `(e_eps, var_eps, cov_x_eps)` of shape ``shape``: the mean of ε, its total variance (mean
+        of γ² plus the population variance of m, clamped at 0: only a negative ``eps_var`` can
+        make it negative) and Cov(x, ε) about ``mean_x``.
     """
     if check_values:
         _check_values(finite={"x": x, "eps_mean": eps_mean, "mean_x": mean_x}, variances={"eps_var": eps_var})
@@ -189,7 +211,8 @@ def conv_patch_gram(
     ``weight.flatten(1)`` order and the bias "1" last (so A_aug[D, D] = N·H_out·W_out). The exact
     last-layer GGN of ½‖f − y‖² is I_C ⊗ A_aug on per-channel blocks [W_c; b_c]
     (docs/MATH.md §1.1); see ``bayesdiff_ext.posterior.curvature_layout`` for laplace-torch's
-    parameter order and its KFAC factors. Never unfolds the batch; float64 for float64 ``phi``, otherwise float32.
+    parameter order and its KFAC factors. Never unfolds the batch; float64 for float64 ``phi``,
+    otherwise float32.
     """
     return torch.ops.bayesdiff_ext.conv_patch_gram(
         phi, *_patch_geometry(kernel_size, stride, padding, dilation)
@@ -274,14 +297,22 @@ def conv_head_mean_var(
     groups: int = 1,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of a Conv2d head's output under a diagonal weight posterior (docs/MATH.md §1.1).
+    """Mean and variance of a Conv2d head's output under a diagonal weight posterior
+    (docs/MATH.md §1.1).
 
-    ``phi`` (B, C_in, H, W) is the head's input; ``weight``/``bias`` the posterior mean (as in
-    ``nn.Conv2d``) and ``weight_var`` (same shape as ``weight``, required) / ``bias_var`` (C,) its
-    variances. Returns ``(mean, var)`` of shape (B, C, H_out, W_out) with
-    ``mean = conv2d(phi, weight, bias)`` and ``var = conv2d(phi², weight_var, bias_var)``, both from
-    one pass over ``phi``. Bias terms default to zero. Outputs are contiguous NCHW, float32 for
-    16-bit inputs and otherwise of the input dtype.
+    Args:
+        phi (`torch.Tensor` of shape `(B, C_in, H, W)`): the head's input.
+        weight, bias (`torch.Tensor`): the posterior mean, as in ``nn.Conv2d``; bias optional.
+        weight_var (`torch.Tensor`, the shape of ``weight``): required; bias_var (`(C,)`, optional):
+            the posterior variances. Not checked for negative entries here (see the module
+            docstring); the output variance is clamped at 0.
+        stride, padding, dilation, groups: the head's convolution, as ``nn.Conv2d`` takes them.
+        check_values (`bool`): as in :func:`moment_step`.
+
+    Returns:
+        `(mean, var)` of shape `(B, C, H_out, W_out)`: ``conv2d(phi, weight, bias)`` and
+        ``max(conv2d(phi², weight_var, bias_var), 0)``, both from one pass over ``phi``; bias
+        terms default to zero. Contiguous NCHW, float32 for 16-bit inputs, else the input dtype.
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
@@ -306,10 +337,18 @@ def linear_head_mean_var(
     *,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for a Linear head: ``phi`` (..., D), ``weight``/``weight_var`` (C, D), biases (C,).
+    """Mean and variance of a Linear head's output under a diagonal weight posterior
+    (docs/MATH.md §1.1).
 
-    Returns ``(mean, var)`` of shape (..., C): ``phi @ weight.T + bias`` and
-    ``phi² @ weight_var.T + bias_var``.
+    Args:
+        phi (`torch.Tensor` of shape `(..., D)`): the head's input, e.g. (B, N, D) tokens.
+        weight, weight_var (`torch.Tensor` of shape `(C, D)`); bias, bias_var (`(C,)`, optional):
+            as in :func:`conv_head_mean_var`.
+        check_values (`bool`): as in :func:`moment_step`.
+
+    Returns:
+        `(mean, var)` of shape `(..., C)`: ``phi @ weight.T + bias`` and
+        ``max(phi² @ weight_var.T + bias_var, 0)``.
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
@@ -329,13 +368,24 @@ def conv_head_var_factored(
     dilation: int | tuple[int, int] = 1,
     check_values: bool = False,
 ) -> torch.Tensor:
-    """Per-pixel variance of a Conv2d head under a factored posterior (full GGN or KFAC, docs/MATH.md §1.1).
+    """Per-pixel variance of a Conv2d head under a factored posterior (full GGN or KFAC,
+    docs/MATH.md §1.1).
 
-    ``var[b, c, p] = Σ_r mix[c, r] · (conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c]``
-    with ``proj_weight`` (R, C_in, kh, kw) holding R directions q_r as conv filters, ``proj_bias``
-    (R,) their offsets β_r and ``mix`` (C, R) >= 0. The (B, R, H, W) projection is never formed
-    whole: the kernels work through tiles of pixels. Build the inputs from a laplace-torch
-    posterior with ``bayesdiff_ext.posterior.laplace_convert``.
+    Args:
+        phi (`torch.Tensor` of shape `(B, C_in, H, W)`): the head's input.
+        proj_weight (`torch.Tensor` of shape `(R, C_in, kh, kw)`): R directions q_r as conv filters.
+        proj_bias (`torch.Tensor` of shape `(R,)`, optional): their offsets β_r.
+        mix (`torch.Tensor` of shape `(C, R)`): the weights M >= 0 of the squared projections.
+        bias_var (`torch.Tensor` of shape `(C,)`, optional): added to every pixel.
+        stride, padding, dilation: the head's convolution (groups = 1).
+        check_values (`bool`): as in :func:`moment_step`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, C, H_out, W_out)`: ``var[b, c, p] = max(Σ_r mix[c, r] ·
+        (conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c], 0)`` (clamped: a negative
+        ``mix`` or ``bias_var`` is not checked here). The (B, R, H, W) projection is never formed
+        whole: the kernels work through tiles of pixels. Build the inputs from a laplace-torch
+        posterior with ``bayesdiff_ext.posterior.laplace_convert``.
     """
     if check_values:
         _check_values(

@@ -1,5 +1,10 @@
 // Every op schema of the library, in one place. The real library (bayesdiff_ext) and the host
 // emulation of the CUDA kernels (bayesdiff_ext_emu) define the same schemas from here.
+//
+// Variances: inputs named *_var and `mix` are not checked for negative entries (a check would read
+// them once more and, on a GPU, synchronise with the host on every call); every variance an op
+// returns is clamped at 0 instead (kernels/variance.h; moment_step only when `clamp`), so a
+// negative input never gives a negative output. NaN stays NaN.
 #pragma once
 
 #include <torch/library.h>

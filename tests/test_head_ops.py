@@ -346,6 +346,36 @@ def test_mixed_devices_are_named():
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_negative_variances_give_clamped_outputs(backend, dtype):
+    """Negative weight_var, bias_var or mix are not checked on the hot path (a host sync per call);
+    every head op clamps the variance it returns at 0, and the float64 reference states that rule."""
+    case = CONV_CASES["many-channels-wide-rows"]
+    phi, weight, bias, weight_var, bias_var = _conv_inputs(case, dtype, backend.device)
+    weight_var, bias_var = weight_var - 0.05, bias_var - 2.0  # mostly negative sums
+    _, var = backend.ops.conv_head_mean_var(phi, weight, bias, weight_var, bias_var, *case.geometry, 1)
+    _, ref = reference.conv_head_mean_var(phi, weight, bias, weight_var, bias_var, *case.geometry, 1)
+    assert (ref == 0).float().mean() > 0.2 and (var >= 0).all()
+    torch.testing.assert_close(var.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+    tokens = _rand((5, 40), dtype, backend.device)
+    for channels in (3, 20):  # the CPU's register kernel and its BLAS tiles
+        w, wv = _rand((channels, 40), dtype, backend.device), _rand((channels, 40), dtype, backend.device)
+        bv = _rand((channels,), dtype, backend.device)
+        _, var = backend.ops.linear_head_mean_var(tokens, w, None, wv, bv)
+        _, ref = reference.linear_head_mean_var(tokens, w, None, wv, bv)
+        assert (ref == 0).any() and (var >= 0).all()
+        torch.testing.assert_close(var.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+    fcase = FACTORED_CASES["batch1-rank1"]
+    phi, proj_weight, proj_bias, mix, fbias_var = _factored_inputs(fcase, dtype, backend.device)
+    args = (phi, proj_weight, proj_bias, -mix, fbias_var)
+    var = backend.ops.conv_head_var_factored(*args, *fcase.conv.geometry)
+    ref = reference.conv_head_var_factored(*args, *fcase.conv.geometry)
+    assert (ref == 0).any() and (var >= 0).all()
+    torch.testing.assert_close(var.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_wrappers_take_ints_or_pairs_and_check_values():
     case = CONV_CASES["stride2-groups2-pad0"]
     phi, weight, bias, weight_var, bias_var = _conv_inputs(case, torch.float64, "cpu")

@@ -98,9 +98,10 @@ void diag_tile(const DiagConvJob<T>& job, const acc_t<T>* packed, int64_t kh_beg
   for (int k = 0; k < kChannels; ++k) {
     Acc* mean_out = job.mean + out_offset + k * plane + ow0;
     Acc* var_out = job.var + out_offset + k * plane + ow0;
+    const V clamped = clamp_variance(var[k]);
     for (int64_t t = 0; t < count; ++t) {
       mean_out[t] = mean[k][t];
-      var_out[t] = var[k][t];
+      var_out[t] = clamped[t];
     }
   }
 }
@@ -237,7 +238,7 @@ void linear_channels(const LinearJob<T>& job, const T* x_row, int64_t c0, acc_t<
       accumulate_mean_var(x, x * x, w[k * n + j], wv[k * n + j], m, v);
     }
     mean_row[c0 + k] = m;
-    var_row[c0 + k] = v;
+    var_row[c0 + k] = clamp_variance(v);
   }
 }
 
@@ -328,6 +329,7 @@ void linear_head_blas(const glue::LinearHeadMeanVarArgs& args) {
       } else {
         at::mm_out(var_rows, squared.narrow(0, 0, n), weight_var_t);
       }
+      var_rows.clamp_min_(0);  // clamp_variance's rule (kernels/variance.h); NaN stays NaN
     }
   });
 }
@@ -410,6 +412,9 @@ void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels
         Acc* out_c = out + c * plane;
         for (int64_t p = begin; p < end; ++p) out_c[p] = accumulate_squared_projection(out_c[p], m, proj[p]);
       }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t p = begin; p < end; ++p) out[c * plane + p] = clamp_variance(out[c * plane + p]);
     }
   });
 }

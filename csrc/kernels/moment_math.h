@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kernels/platform.h"
+#include "kernels/variance.h"
 
 namespace bdx {
 
@@ -12,14 +13,6 @@ struct MomentCoefficients {
   Acc c2;
   bool clamp;
 };
-
-// A variance, with the negative values that rounding or a bad input can produce set to 0. A NaN
-// stays a NaN: clamping must not hide broken inputs. `V` is a scalar or (on the CPU) a GCC/Clang
-// vector type, for which `<` and `?:` work lane by lane.
-template <typename V>
-BDX_HD V clamp_variance(V v) {
-  return v < V{} ? V{} : v;
-}
 
 // One affine sampler step x' = a·x + b·ε + c·z on diagonal moments. `V` is Acc or a vector of Acc.
 template <typename Acc, typename V>
