@@ -131,6 +131,9 @@ FACTORED_CASES = {
     "full-rank-D+1": Factored(Conv(2, 3, 4, 9, 7, (3, 3), padding=(1, 1)), rank=28),
     "stride2-dilation2-pad0": Factored(Conv(1, 4, 3, 17, 13, (3, 3), stride=(2, 2), dilation=(2, 2)), rank=9),
     "1x1-many-channels": Factored(Conv(2, 5, 9, 5, 37, (1, 1)), rank=6),
+    # A Linear head on rows (B, D, 1, 1), as posterior/head_ops.py calls it: the CPU's row tiles.
+    "rows-of-features": Factored(Conv(37, 9, 5, 1, 1, (1, 1)), rank=20),
+    "rows-of-features-no-biases": Factored(Conv(3, 4, 2, 1, 1, (1, 1), with_bias=False), rank=5, with_proj_bias=False),
 }
 
 
@@ -183,6 +186,15 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
     args = (phi, proj_weight, proj_bias, mix, None, [1, 1], [1, 1], [1, 1])
     var = backend.ops.conv_head_var_factored(*args)
     _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), torch.float64)
+
+
+def test_conv_head_var_factored_cpu_row_tiles():
+    """Rows (B, D, 1, 1) with (R + D)·4 B·B over the CPU's 32 MiB tile: two tiles of rows."""
+    case = Factored(Conv(1100, 4, 3, 1, 1, (1, 1)), rank=8000)
+    args = _factored_inputs(case, torch.float32, "cpu")
+    var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args, *case.conv.geometry)
+    bound = _factored_bound(*args, case.conv.geometry)
+    _assert_within(var, reference.conv_head_var_factored(*args, *case.conv.geometry), bound, torch.float32)
 
 
 def test_factored_with_unit_directions_is_the_diagonal_op(backend):

@@ -419,10 +419,52 @@ void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels
   });
 }
 
+// A Linear head reaches this op as a 1×1 convolution of rows (B, D, 1, 1) (posterior/head_ops.py):
+// one pixel per "image", so tiles run across images, and both steps are GEMMs on a tile of rows,
+// projection (n × R) = φ·Qᵀ + β, then var (n × C) = (projection²)·Mᵀ + v, written in place.
+bool is_rows_of_features(const ConvGeometry& g) {
+  return g.in_h == 1 && g.in_w == 1 && g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+}
+
+template <typename T>
+void factored_rows(const glue::ConvHeadVarFactoredArgs& args) {
+  using Acc = acc_t<T>;
+  const ConvGeometry& g = args.geometry;
+  const int64_t rank = g.out_channels;
+  const int64_t features = g.in_channels;
+  const int64_t bytes_per_row = (rank + features) * static_cast<int64_t>(sizeof(Acc));
+  const int64_t tile_rows = std::clamp<int64_t>(kFactoredTileBytes / std::max<int64_t>(1, bytes_per_row), 1,
+                                                std::max<int64_t>(1, g.batch));
+  const auto phi = args.phi.view({g.batch, features});
+  const auto var = args.var.view({g.batch, args.channels});
+  const auto directions_t = args.proj_weight.view({rank, features}).t();
+  const auto mix_t = args.mix.t();
+  at::Tensor projection = at::empty({tile_rows, rank}, args.var.options());
+  for (int64_t r0 = 0; r0 < g.batch; r0 += tile_rows) {
+    const int64_t n = std::min(tile_rows, g.batch - r0);
+    const auto x = phi.narrow(0, r0, n).to(args.var.scalar_type());
+    auto p = projection.narrow(0, 0, n);
+    if (args.proj_bias.defined()) {
+      at::addmm_out(p, args.proj_bias, x, directions_t);
+    } else {
+      at::mm_out(p, x, directions_t);
+    }
+    p.mul_(p);
+    auto out = var.narrow(0, r0, n);
+    if (args.bias_var.defined()) {
+      at::addmm_out(out, args.bias_var, p, mix_t);
+    } else {
+      at::mm_out(out, p, mix_t);
+    }
+    out.clamp_min_(0);  // clamp_variance's rule (kernels/variance.h); NaN stays NaN
+  }
+}
+
 void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
     using Acc = acc_t<T>;
     const ConvGeometry& g = args.geometry;
+    if (is_rows_of_features(g)) return factored_rows<T>(args);
     const int64_t rank = g.out_channels;
     const int64_t taps = g.taps_per_channel();
     const auto directions = args.proj_weight.view({rank, taps});
