@@ -1,26 +1,47 @@
 """bayesdiff_ext: per-pixel uncertainty for diffusion models (BayesDiff, exact and fused).
 
-Importing the package loads the compiled library, which registers the ops under
-``torch.ops.bayesdiff_ext``; ``bayesdiff_ext.ops`` is their checked Python face and
-``bayesdiff_ext.reference`` holds their float64 pure-PyTorch references.
+The package root is light: the names below load their submodules on first use (PEP 562), so
+``import bayesdiff_ext`` (and the ``bayesdiff`` command's ``--help``) imports neither torch nor
+diffusers. The compiled ops register under ``torch.ops.bayesdiff_ext`` when ``bayesdiff_ext.ops``
+is imported, which also registers their fake implementations for torch.compile; every module that
+uses the ops imports it. ``bayesdiff_ext.reference`` holds their float64 pure-PyTorch references.
 """
 
-from bayesdiff_ext import _C
-from bayesdiff_ext import aggregation, ops, reference
-from bayesdiff_ext import metrics
-from bayesdiff_ext.ops import mc_moments, moment_step
-from bayesdiff_ext.posterior import LastLayerLaplace
-from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
-from bayesdiff_ext import guidance, latent, methods
-from bayesdiff_ext.pipelines import BayesDiffPipeline, UncertaintyCallback
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
+from bayesdiff_ext._lazy import lazy_names
+from bayesdiff_ext._version import __version__
 
-def build_info() -> dict:
-    """Facts about the compiled library: torch version built against, CUDA mode and architectures."""
-    return dict(_C.build_info())
-
+#: Public classes and functions, and the module that defines each.
+_ATTRIBUTES = {
+    "BayesDiffOutput": "bayesdiff_ext.sampler",
+    "BayesDiffPipeline": "bayesdiff_ext.pipelines",
+    "BayesDiffSampler": "bayesdiff_ext.sampler",
+    "LastLayerLaplace": "bayesdiff_ext.posterior",
+    "UncertaintyCallback": "bayesdiff_ext.pipelines",
+    "mc_moments": "bayesdiff_ext.ops",
+    "moment_step": "bayesdiff_ext.ops",
+}
+_SUBMODULES = (
+    "aggregation",
+    "cli",
+    "digits",
+    "emulation",
+    "evaluation",
+    "guidance",
+    "io",
+    "latent",
+    "methods",
+    "metrics",
+    "numerics",
+    "ops",
+    "pipelines",
+    "posterior",
+    "reference",
+    "sampler",
+)
 
 __all__ = [
     "BayesDiffOutput",
@@ -28,6 +49,7 @@ __all__ = [
     "BayesDiffSampler",
     "LastLayerLaplace",
     "UncertaintyCallback",
+    "__version__",
     "aggregation",
     "build_info",
     "guidance",
@@ -39,3 +61,12 @@ __all__ = [
     "ops",
     "reference",
 ]
+
+
+__getattr__, __dir__ = lazy_names(__name__, _ATTRIBUTES, _SUBMODULES)
+
+
+def build_info() -> dict:
+    """Facts about the compiled library: torch version built against, CUDA mode and architectures."""
+    importlib.import_module(f"{__name__}.ops")  # loads _C, and the fake kernels with it
+    return dict(importlib.import_module(f"{__name__}._C").build_info())

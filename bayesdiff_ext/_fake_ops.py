@@ -10,13 +10,9 @@ import math
 
 import torch
 
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-_FLOATING_TYPES = (*_HALF_TYPES, torch.float32, torch.float64)
+from bayesdiff_ext.numerics import accumulation_dtype
 
-
-def result_dtype(dtype: torch.dtype) -> torch.dtype:
-    """16-bit inputs are accumulated and returned in float32."""
-    return torch.float32 if dtype in _HALF_TYPES else dtype
+_FLOATING_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_floating(name: str, t) -> None:
@@ -81,7 +77,7 @@ def register_fakes(namespace: str) -> None:
         for name, value in (("a", a), ("b", b), ("c2", c2)):
             torch._check(math.isfinite(value), lambda: f"`{name}` must be finite, got {value}")
         torch._check(c2 >= 0, lambda: f"`c2` is the variance of the fresh noise and must be >= 0, got {c2}")
-        dtype = result_dtype(mean_x.dtype)
+        dtype = accumulation_dtype(mean_x.dtype)
         return mean_x.new_empty(mean_x.shape, dtype=dtype), mean_x.new_empty(mean_x.shape, dtype=dtype)
 
     @torch.library.register_fake(f"{namespace}::mc_moments")
@@ -92,26 +88,26 @@ def register_fakes(namespace: str) -> None:
         _check_same("eps_mean", eps_mean, x, "x", x.shape)
         _check_same("eps_var", eps_var, x, "x", x.shape)
         _check_same("mean_x", mean_x, x, "x", x.shape[1:])
-        dtype = result_dtype(x.dtype)
+        dtype = accumulation_dtype(x.dtype)
         return tuple(mean_x.new_empty(mean_x.shape, dtype=dtype) for _ in range(3))
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ggn")
     def _conv_diag_ggn_fake(phi, kernel_size, stride, padding, dilation):
         _conv_output_size(phi, kernel_size, stride, padding, dilation)
-        return phi.new_empty((phi.shape[1], *kernel_size), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((phi.shape[1], *kernel_size), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ef")
     def _conv_diag_ef_fake(phi, residual, kernel_size, stride, padding, dilation):
         out_h, out_w = _conv_output_size(phi, kernel_size, stride, padding, dilation)
         torch._check(residual.dim() == 4, lambda: "`residual` must have shape (N, C, H_out, W_out)")
         _check_same("residual", residual, phi, "phi", (phi.shape[0], residual.shape[1], out_h, out_w))
-        return phi.new_empty((residual.shape[1], phi.shape[1], *kernel_size), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((residual.shape[1], phi.shape[1], *kernel_size), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_patch_gram")
     def _conv_patch_gram_fake(phi, kernel_size, stride, padding, dilation):
         _conv_output_size(phi, kernel_size, stride, padding, dilation)
         augmented = phi.shape[1] * kernel_size[0] * kernel_size[1] + 1
-        return phi.new_empty((augmented, augmented), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((augmented, augmented), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::linear_diag_ggn")
     def _linear_diag_ggn_fake(phi):
@@ -146,7 +142,7 @@ def register_fakes(namespace: str) -> None:
         _check_same("bias_var", bias_var, phi, "phi", weight.shape[:1])
         out_h, out_w = _conv_output_size(phi, weight.shape[2:], stride, padding, dilation)
         shape = (phi.shape[0], weight.shape[0], out_h, out_w)
-        dtype = result_dtype(phi.dtype)
+        dtype = accumulation_dtype(phi.dtype)
         return phi.new_empty(shape, dtype=dtype), phi.new_empty(shape, dtype=dtype)
 
     @torch.library.register_fake(f"{namespace}::linear_head_mean_var")
@@ -159,7 +155,7 @@ def register_fakes(namespace: str) -> None:
         _check_same("bias", bias, phi, "phi", weight.shape[:1])
         _check_same("bias_var", bias_var, phi, "phi", weight.shape[:1])
         shape = (*phi.shape[:-1], weight.shape[0])
-        dtype = result_dtype(phi.dtype)
+        dtype = accumulation_dtype(phi.dtype)
         return phi.new_empty(shape, dtype=dtype), phi.new_empty(shape, dtype=dtype)
 
     @torch.library.register_fake(f"{namespace}::conv_head_var_factored")
@@ -173,4 +169,4 @@ def register_fakes(namespace: str) -> None:
         out_h, out_w = _conv_output_size(phi, proj_weight.shape[2:], stride, padding, dilation)
         _check_same("proj_bias", proj_bias, phi, "phi", (rank,))
         _check_same("bias_var", bias_var, phi, "phi", mix.shape[:1])
-        return phi.new_empty((phi.shape[0], mix.shape[0], out_h, out_w), dtype=result_dtype(phi.dtype))
+        return phi.new_empty((phi.shape[0], mix.shape[0], out_h, out_w), dtype=accumulation_dtype(phi.dtype))

@@ -1,10 +1,10 @@
 """Per-image uncertainty scores from a per-pixel variance map, and the rules that filter on them.
 
-Layer 5 of ARCHITECTURE.md: pure functions on tensors (numpy arrays are accepted too); no model,
+Layer 5 of docs/ARCHITECTURE.md: pure functions on tensors (numpy arrays are accepted too); no model,
 no files. A variance map is Var[x_0] with shape (B, C, H, W); every score is a float64 tensor (B,)
 on the map's device, so long sums over float32/16-bit maps do not lose precision.
 
-Aggregations (SPEC §3), by name in :data:`AGGREGATIONS`::
+Aggregations (docs/MATH.md §3), by name in :data:`AGGREGATIONS`::
 
     sum          Σ over C, H, W                      (BayesDiff's score)
     mean         mean over C, H, W
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bayesdiff_ext.numerics import per_image_sum
 
 __all__ = [
     "AGGREGATIONS",
@@ -105,7 +107,7 @@ def _linear_quantile(rows_sorted: torch.Tensor, q: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def score_sum(variance) -> torch.Tensor:
     """Σ of the variance over channels and pixels: BayesDiff's image score."""
-    return _variance_map(variance).sum(dim=(1, 2, 3))
+    return per_image_sum(_variance_map(variance))
 
 
 def score_mean(variance) -> torch.Tensor:

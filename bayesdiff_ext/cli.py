@@ -1,6 +1,6 @@
 """The ``bayesdiff`` command: sample with per-pixel uncertainty, fit posteriors, write results.
 
-A front door (layer 6 of ARCHITECTURE.md): it parses arguments, calls the package and writes
+A front door (layer 6 of docs/ARCHITECTURE.md): it parses arguments, calls the package and writes
 files; the method itself lives in :mod:`bayesdiff_ext.posterior`, :mod:`bayesdiff_ext.sampler`,
 :mod:`bayesdiff_ext.aggregation` and :mod:`bayesdiff_ext.io`. Bad input ends with one line on
 stderr, ``bayesdiff: error: ...``, and a non-zero exit status; ``--debug`` adds the traceback.
@@ -478,7 +478,7 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation, methods
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.sampler import BayesDiffSampler
-    from bayesdiff_ext.sampler.coefficients import check_supported
+    from bayesdiff_ext.sampler.schedulers import check_supported
 
     out_dir, scores_to_report = run_options
     channels = unet.config.in_channels

@@ -1,4 +1,4 @@
-"""Classifier-free guidance with a Bayesian head: ε_cfg and its variance (SPEC §2).
+"""Classifier-free guidance with a Bayesian head: ε_cfg and its variance (docs/MATH.md §2).
 
 Guidance combines the unconditional and conditional predictions, ε_cfg = (1−s)·ε_u + s·ε_c. Both
 come from the *same* head weights θ, so with a head linear in θ,
@@ -146,18 +146,19 @@ class ClassifierFreeGuidance:
         """Both branches' kwargs for B rows, ``{"uncond": ..., "cond": ...}``; tile it like any kwargs."""
         return {"uncond": {**cond_kwargs, **self.uncond_kwargs}, "cond": dict(cond_kwargs)}
 
-    def forward(self, unet, posterior, x: torch.Tensor, t, branch_kwargs: Mapping[str, Any], want_head: bool):
-        """One UNet call on [x; x]: (ε_cfg, head mean, head var); the head moments only with ``want_head``.
+    def forward(self, denoiser, posterior, x: torch.Tensor, t, branch_kwargs: Mapping[str, Any], want_head: bool):
+        """One model call on [x; x]: (ε_cfg, head mean, head var); the head moments only with ``want_head``.
 
+        ``denoiser`` is a :class:`~bayesdiff_ext.denoiser.Denoiser` (called ``denoiser(sample, t, kwargs)``);
         ``branch_kwargs`` is :meth:`branch_kwargs`' result, tiled to the rows of ``x``.
         """
         rows = x.shape[0]
         kwargs = stack_branches(branch_kwargs["uncond"], branch_kwargs["cond"], rows)
         doubled = torch.cat([x, x])
         if not want_head:
-            return combine(*unet(doubled, t, **kwargs).sample.chunk(2), self.scale), None, None
+            return combine(*denoiser(doubled, t, kwargs).chunk(2), self.scale), None, None
         with posterior.capture() as cap:
-            out = unet(doubled, t, **kwargs).sample
+            out = denoiser(doubled, t, kwargs)
         head_mean, head_var = guided_head_moments(posterior, cap.phi, self.scale, self.variance)
         return combine(*out.chunk(2), self.scale), head_mean, head_var
 

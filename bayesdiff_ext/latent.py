@@ -1,6 +1,6 @@
 """Latent diffusion: the VAE's latent conventions, and pixel-space variance by decoding samples of z_0.
 
-The moments of a latent diffusion model live in latent space (SPEC §2): E[z_0] and Var[z_0] per
+The moments of a latent diffusion model live in latent space (docs/MATH.md §2): E[z_0] and Var[z_0] per
 latent element, and the image score is the sum of the latent variance (BayesDiff). A pixel map
 comes from decoding N Gaussian draws z ~ N(E[z_0], Var[z_0]) and taking the per-pixel variance of
 the decoded images. The paper's published script drew *uniform* noise here by mistake; these draws
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 
 __all__ = [
     "PixelMoments",
@@ -81,7 +83,7 @@ class PixelMoments:
 
     @property
     def scores(self) -> torch.Tensor:
-        return self.variance.flatten(1).sum(dim=1)
+        return per_image_sum(self.variance)
 
 
 @torch.no_grad()
@@ -113,7 +115,7 @@ def pixel_moments(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    moment_dtype = torch.float64 if latent_mean.dtype == torch.float64 else torch.float32
+    moment_dtype = accumulation_dtype(latent_mean)
     mean = latent_mean.to(moment_dtype)
     std = latent_variance.to(moment_dtype).clamp_min(0).sqrt()
     images = mean.shape[0]

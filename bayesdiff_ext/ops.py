@@ -1,11 +1,13 @@
 """The Python face of the compiled ops: keyword arguments, optional value checks, fake impls.
 
 The compiled ops check shapes, dtypes and devices themselves (errors name the argument). Values
-are not checked on the hot path: a check reads the data once more and, on a GPU, waits for it
-(a host synchronisation per call). Instead every op returns variances clamped at 0 (a negative
-input variance can never give a negative output; NaN stays NaN), and the wrappers offer the value
-checks as an option (``check_values=True``). Posterior variances live long: check them once where
-they are made, with :func:`check_nonnegative`.
+are not checked on the hot path: a check reads the data once more and, on a GPU, waits for it (a
+host synchronisation per call). Instead every variance an op returns is clamped at 0 in the
+kernel, so a negative input variance (``weight_var``, ``bias_var``, ``mix``, ``var_x``,
+``eps_var``) never gives a negative output; a NaN stays a NaN. The wrappers offer the checks as an
+option: with ``check_values=True`` every input is checked for NaN/inf, then every variance for
+negative entries, and the first bad argument in that order raises a ValueError naming it.
+Posterior variances live long: check them once where they are made, with :func:`check_nonnegative`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from bayesdiff_ext import _C  # noqa: F401  (loads the library that defines the ops)
-from bayesdiff_ext._fake_ops import register_fakes, result_dtype
+from bayesdiff_ext._fake_ops import register_fakes
+from bayesdiff_ext.numerics import accumulation_dtype as result_dtype  # the dtype every op returns
 
 register_fakes("bayesdiff_ext")
 
@@ -36,14 +39,28 @@ __all__ = [
 
 
 def check_finite(name: str, t: torch.Tensor | None) -> None:
-    """Raise ValueError naming `name` if `t` holds a NaN or an infinity."""
+    r"""
+    Args:
+        name (`str`): the argument name used in the error.
+        t (`torch.Tensor`, *optional*): the tensor to check; `None` passes.
+
+    Raises:
+        `ValueError`: `t` holds a NaN or an infinity.
+    """
     if t is not None and not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "an infinite value"
         raise ValueError(f"`{name}` contains {bad}")
 
 
 def check_nonnegative(name: str, t: torch.Tensor | None) -> None:
-    """Raise ValueError naming `name` if the variance `t` has a negative entry."""
+    r"""
+    Args:
+        name (`str`): the argument name used in the error.
+        t (`torch.Tensor`, *optional*): a variance; `None` passes.
+
+    Raises:
+        `ValueError`: `t` holds a NaN, an infinity or a negative entry.
+    """
     check_finite(name, t)
     if t is not None and bool((t < 0).any()):
         raise ValueError(f"`{name}` is a variance and must be >= 0, but its minimum is {float(t.min()):.3g}")
@@ -73,23 +90,36 @@ def moment_step(
     clamp: bool = True,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One affine sampler step x' = a·x + b·ε + c·z on per-element moments (docs/MATH.md §2).
+    r"""
+    One affine sampler step x' = a·x + b·ε + c·z on per-element moments (docs/MATH.md §2).
 
     Args:
-        mean_x, var_x, eps_mean (`torch.Tensor`, one shape): E[x_t], Var[x_t], E[ε_t].
-        eps_var, cov_x_eps (`torch.Tensor` of the same shape, optional): Var[ε_t] and
-            Cov(x_t, ε_t); zero when absent.
-        a, b (`float`): the step's coefficients; finite.
-        c2 (`float`): the variance c² of the fresh noise; finite and >= 0.
-        clamp (`bool`): clamp ``var_next`` at 0 (the default; a noisy Monte Carlo covariance
-            or a negative ``var_x``/``eps_var`` can push the sum below zero). NaN stays NaN.
-        check_values (`bool`): first check every input for NaN/inf and the variances for
-            negative entries (a ValueError naming the argument); costs a pass and a host sync.
+        mean_x (`torch.Tensor`):
+            E[x], any shape, e.g. `(batch_size, channels, height, width)`.
+        var_x (`torch.Tensor`):
+            Var[x], the shape, dtype and device of `mean_x` (as are all tensors below).
+        eps_mean (`torch.Tensor`):
+            E[ε].
+        eps_var (`torch.Tensor`, *optional*):
+            Var[ε]; zero when not given.
+        cov_x_eps (`torch.Tensor`, *optional*):
+            Cov(x, ε); zero when not given.
+        a (`float`):
+            The step's coefficient of x.
+        b (`float`):
+            The step's coefficient of ε.
+        c2 (`float`, *optional*, defaults to 0.0):
+            The variance c² of the step's fresh noise.
+        clamp (`bool`, *optional*, defaults to `True`):
+            Clamp the new variance at 0 (a NaN stays a NaN): a noisy Monte Carlo covariance, or a
+            negative `var_x`/`eps_var`, can push the sum below 0. `False` returns the raw sum.
+        check_values (`bool`, *optional*, defaults to `False`):
+            Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 
     Returns:
-        `(mean_next, var_next)`: ``a·mean_x + b·eps_mean`` and
-        ``a²·var_x + 2ab·cov_x_eps + b²·eps_var + c2``, contiguous, float32 for 16-bit inputs
-        and otherwise of the input dtype.
+        `tuple[torch.Tensor, torch.Tensor]`: `(mean_next, var_next)` of `mean_x`'s shape, contiguous, float32 for
+        16-bit inputs and otherwise of the input dtype: `mean_next = a·mean_x + b·eps_mean`,
+        `var_next = a²·var_x + 2ab·cov_x_eps + b²·eps_var + c2`.
     """
     if check_values:
         _check_values(
@@ -109,19 +139,26 @@ def mc_moments(
     *,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moments of ε_t from S Monte Carlo samples, in one pass (docs/MATH.md §2).
+    r"""
+    The moments of ε_t from S Monte Carlo samples of x_t, in one pass (docs/MATH.md §2).
 
     Args:
-        x (`torch.Tensor` of shape `(S, *shape)`): the S samples of x_t, S >= 1.
-        eps_mean (`torch.Tensor` of shape `(S, *shape)`): the head's mean m^i at each sample.
-        eps_var (`torch.Tensor` of shape `(S, *shape)`, optional): the head's variance γ²^i.
-        mean_x (`torch.Tensor` of shape `shape`): E[x_t], the centre of the covariance.
-        check_values (`bool`): as in :func:`moment_step`.
+        x (`torch.Tensor` of shape `(num_samples, *shape)`):
+            The samples x^i.
+        eps_mean (`torch.Tensor` of shape `(num_samples, *shape)`):
+            The head's mean m^i at each sample.
+        eps_var (`torch.Tensor` of shape `(num_samples, *shape)`, *optional*):
+            The head's variance γ²^i at each sample; zero when not given.
+        mean_x (`torch.Tensor` of shape `shape`):
+            E[x_t], about which the covariance is taken.
+        check_values (`bool`, *optional*, defaults to `False`):
+            Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 
     Returns:
-        `(e_eps, var_eps, cov_x_eps)` of shape ``shape``: the mean of ε, its total variance (mean
-        of γ² plus the population variance of m, clamped at 0: only a negative ``eps_var`` can
-        make it negative) and Cov(x, ε) about ``mean_x``.
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: `(e_eps, var_eps, cov_x_eps)`, each of shape `shape`:
+        mean_i m^i, mean_i γ²^i + the population variance of the m^i (clamped at 0: only a negative
+        `eps_var` can make it negative), and
+        mean_i x^i·m^i − mean_x·mean_i m^i. float32 for 16-bit inputs, otherwise the input dtype.
     """
     if check_values:
         _check_values(finite={"x": x, "eps_mean": eps_mean, "mean_x": mean_x}, variances={"eps_var": eps_var})
@@ -154,14 +191,23 @@ def conv_diag_ggn(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
 ) -> torch.Tensor:
-    """Diagonal GGN of ½‖f − y‖² for the weight of a Conv2d head (groups=1), summed over a batch.
+    r"""
+    The diagonal GGN of ½‖f − y‖² for the weight of a Conv2d head (groups=1), summed over a batch
+    (docs/MATH.md §1.2). The batch is never unfolded into patches.
 
-    ``phi`` (N, C_in, H, W) is the head's input. Returns h of shape (C_in, kh, kw) with
-    h[j] = Σ_n Σ_p φ_{n,p}[j]², φ_{n,p} the zero-padded im2col patch of output position p of image
-    n (docs/MATH.md §1.2). The GGN diagonal of ``weight[c]`` is h for every output channel c; that of the
-    bias is N·H_out·W_out. This is laplace-torch's ``DiagLaplace.H`` for BackPackGGN and
-    CurvlinopsGGN (factor 1). The batch is never unfolded; float64 for float64 ``phi``, otherwise
-    float32 (16-bit inputs are accumulated in float32). Sum over batches by adding the results.
+    Args:
+        phi (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+            The head's input.
+        kernel_size (`int` or `tuple[int, int]`):
+            The head's kernel size (kh, kw).
+        stride, padding, dilation (`int` or `tuple[int, int]`, *optional*, defaults to 1, 0, 1):
+            The head's geometry, as `nn.Conv2d` takes it (zero padding).
+
+    Returns:
+        `torch.Tensor` of shape `(in_channels, kh, kw)`: h[j] = Σ_n Σ_p φ_{n,p}[j]², φ_{n,p} the zero-padded
+        im2col patch of output position p of image n; float64 for float64 `phi`, otherwise float32. The GGN
+        diagonal of `weight[c]` is h for every output channel c, that of the bias N·H_out·W_out (laplace-torch's
+        `DiagLaplace.H` for BackPackGGN and CurvlinopsGGN). Sum over batches by adding the results.
     """
     return torch.ops.bayesdiff_ext.conv_diag_ggn(
         phi, *_patch_geometry(kernel_size, stride, padding, dilation)
@@ -178,15 +224,27 @@ def conv_diag_ef(
     dilation: int | tuple[int, int] = 1,
     with_bias: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Diagonal empirical Fisher of ½‖f − y‖² for a Conv2d head (groups=1), per-image gradients.
+    r"""
+    The diagonal empirical Fisher of ½‖f − y‖² for a Conv2d head (groups=1), from per-image gradients
+    (docs/MATH.md §1.2). The batch is never unfolded into patches.
 
-    ``residual`` = f − y of shape (N, C, H_out, W_out), the same dtype and device as ``phi``.
-    Returns the weight part of shape (C, C_in, kh, kw), Σ_n (Σ_p r_n[c, p] φ_{n,p}[j])²
-    (docs/MATH.md §1.2), and with ``with_bias=True`` also the bias part (C,), Σ_n (Σ_p r_n[c, p])²
-    (a plain torch sum).
-    Convention: laplace-torch's BackPackEF and CurvlinopsEF return exactly 2× both parts (they
-    square gradients of the sum of squares without the ½); BayesDiff's fit uses that ×2 form —
-    multiply by 2 for parity. Never unfolds the batch; float64 for float64 inputs, else float32.
+    Args:
+        phi (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+            The head's input.
+        residual (`torch.Tensor` of shape `(batch_size, channels, height_out, width_out)`):
+            f − y, the dtype and device of `phi`.
+        kernel_size (`int` or `tuple[int, int]`):
+            The head's kernel size (kh, kw).
+        stride, padding, dilation (`int` or `tuple[int, int]`, *optional*, defaults to 1, 0, 1):
+            The head's geometry, as `nn.Conv2d` takes it (zero padding).
+        with_bias (`bool`, *optional*, defaults to `False`):
+            Also return the bias part.
+
+    Returns:
+        `torch.Tensor` of shape `(channels, in_channels, kh, kw)`: Σ_n (Σ_p r_n[c,p]·φ_{n,p}[j])², float64 for
+        float64 inputs, otherwise float32; with `with_bias=True` a tuple with the bias part `(channels,)`,
+        Σ_n (Σ_p r_n[c,p])². laplace-torch's BackPackEF and CurvlinopsEF return exactly 2× both parts (they square
+        gradients of the sum of squares without the ½); BayesDiff's fit uses that form: multiply by 2 for parity.
     """
     weight_part = torch.ops.bayesdiff_ext.conv_diag_ef(
         phi, residual, *_patch_geometry(kernel_size, stride, padding, dilation)
@@ -205,14 +263,24 @@ def conv_patch_gram(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
 ) -> torch.Tensor:
-    """Gram matrix of the bias-augmented patches of a Conv2d head's input (groups=1).
+    r"""
+    The Gram matrix of the bias-augmented patches of a Conv2d head's input (groups=1): the exact last-layer GGN
+    of ½‖f − y‖² is I_C ⊗ A_aug on per-channel blocks [W_c; b_c] (docs/MATH.md §1.1). The batch is never
+    unfolded into patches.
 
-    Returns A_aug = Σ_n Σ_p [φ_{n,p}; 1][φ_{n,p}; 1]ᵀ of shape (D+1, D+1), D = C_in·kh·kw, rows in
-    ``weight.flatten(1)`` order and the bias "1" last (so A_aug[D, D] = N·H_out·W_out). The exact
-    last-layer GGN of ½‖f − y‖² is I_C ⊗ A_aug on per-channel blocks [W_c; b_c]
-    (docs/MATH.md §1.1); see ``bayesdiff_ext.posterior.curvature_layout`` for laplace-torch's
-    parameter order and its KFAC factors. Never unfolds the batch; float64 for float64 ``phi``,
-    otherwise float32.
+    Args:
+        phi (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+            The head's input.
+        kernel_size (`int` or `tuple[int, int]`):
+            The head's kernel size (kh, kw).
+        stride, padding, dilation (`int` or `tuple[int, int]`, *optional*, defaults to 1, 0, 1):
+            The head's geometry, as `nn.Conv2d` takes it (zero padding).
+
+    Returns:
+        `torch.Tensor` of shape `(D + 1, D + 1)`, D = in_channels·kh·kw: A_aug = Σ_n Σ_p [φ_{n,p}; 1][φ_{n,p}; 1]ᵀ,
+        rows in `weight.flatten(1)` order and the bias "1" last (A_aug[D, D] = N·H_out·W_out); float64 for
+        float64 `phi`, otherwise float32. `bayesdiff_ext.posterior.curvature_layout` converts it to
+        laplace-torch's parameter order and KFAC factors.
     """
     return torch.ops.bayesdiff_ext.conv_patch_gram(
         phi, *_patch_geometry(kernel_size, stride, padding, dilation)
@@ -220,15 +288,17 @@ def conv_patch_gram(
 
 
 def linear_diag_ggn(phi: torch.Tensor) -> torch.Tensor:
-    """Diagonal GGN of ½‖f − y‖² for the weight of a Linear head, summed over every row of φ.
+    r"""
+    The diagonal GGN of ½‖f − y‖² for the weight of a Linear head, summed over every row of `phi`
+    (docs/MATH.md §1.2), accumulated in float64 without a float64 copy of `phi`.
 
     Args:
-        phi (`torch.Tensor` of shape `(..., D)`): the head's input, e.g. (B, N, D) tokens.
+        phi (`torch.Tensor` of shape `(..., in_features)`):
+            The head's input, e.g. `(batch_size, num_tokens, in_features)`.
 
     Returns:
-        `torch.Tensor` of shape `(D,)`, float64: h[j] = Σ_rows φ[j]² (docs/MATH.md §1.2), the GGN
-        diagonal of ``weight[c]`` for every output c (that of the bias is the number of rows).
-        Accumulated in float64 for every input dtype, without a float64 copy of φ.
+        `torch.Tensor` of shape `(in_features,)`, float64 for every input dtype: h[j] = Σ_rows φ[j]², the GGN
+        diagonal of `weight[c]` for every output c (that of the bias is the number of rows).
     """
     return torch.ops.bayesdiff_ext.linear_diag_ggn(phi)
 
@@ -236,37 +306,43 @@ def linear_diag_ggn(phi: torch.Tensor) -> torch.Tensor:
 def linear_diag_ef(
     phi: torch.Tensor, residual: torch.Tensor, *, with_bias: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Diagonal empirical Fisher of ½‖f − y‖² for a Linear head, from per-sample gradients.
+    r"""
+    The diagonal empirical Fisher of ½‖f − y‖² for a Linear head, from per-sample gradients
+    (docs/MATH.md §1.2). No per-token Jacobian and no float64 copy of `phi` is formed.
 
     Args:
-        phi (`torch.Tensor` of shape `(N, ..., D)`): the head's input; a sample is one leading
-            index (an image), and every row under it (its tokens) adds to that sample's gradient.
-        residual (`torch.Tensor` of shape `(N, ..., C)`): f − y at the same rows, same dtype and
-            device as ``phi``.
-        with_bias (`bool`): also return the bias part.
+        phi (`torch.Tensor` of shape `(batch_size, ..., in_features)`):
+            The head's input; a sample is one leading index (an image), and every row under it (its
+            tokens) adds to that sample's gradient.
+        residual (`torch.Tensor` of shape `(batch_size, ..., channels)`):
+            f − y at the same rows, same dtype and device as `phi`.
+        with_bias (`bool`, *optional*, defaults to `False`):
+            Also return the bias part.
 
     Returns:
-        The weight part, `torch.Tensor` of shape `(C, D)`: Σ_n (Σ_t r[n, t, c]·φ[n, t, j])²
-        (docs/MATH.md §1.2); with ``with_bias=True`` also the bias part `(C,)`: Σ_n (Σ_t r[n, t, c])².
-        float64 for every input dtype; no per-token Jacobian and no float64 copy of φ is formed.
-        Convention as :func:`conv_diag_ef`: laplace-torch's EF backends give 2× both parts.
+        The weight part, `torch.Tensor` of shape `(channels, in_features)`: Σ_n (Σ_t r[n, t, c]·φ[n, t, j])²;
+        with `with_bias=True` the tuple `(weight part, bias part)`, the bias part of shape `(channels,)`:
+        Σ_n (Σ_t r[n, t, c])². float64 for every input dtype. As for `conv_diag_ef`, laplace-torch's EF
+        backends give 2× both parts.
     """
-    augmented = torch.ops.bayesdiff_ext.linear_diag_ef(phi, residual)  # (C, D + 1), bias column last
+    augmented = torch.ops.bayesdiff_ext.linear_diag_ef(phi, residual)  # (C, D + 1), the bias column last
     weight_part = augmented[:, :-1]
     return (weight_part, augmented[:, -1]) if with_bias else weight_part
 
 
 def linear_gram(phi: torch.Tensor) -> torch.Tensor:
-    """Gram matrix of the bias-augmented rows of a Linear head's input.
+    r"""
+    The Gram matrix of the bias-augmented rows of a Linear head's input: the exact last-layer GGN of
+    ½‖f − y‖² is I_C ⊗ A_aug on per-output blocks [W_c; b_c] (docs/MATH.md §1.1), as for `conv_patch_gram`.
+    Accumulated in float64, tile by tile, without a float64 copy of `phi`.
 
     Args:
-        phi (`torch.Tensor` of shape `(..., D)`): the head's input, e.g. (B, N, D) tokens.
+        phi (`torch.Tensor` of shape `(..., in_features)`):
+            The head's input, e.g. `(batch_size, num_tokens, in_features)`.
 
     Returns:
-        `torch.Tensor` of shape `(D + 1, D + 1)`, float64: A_aug = Σ_rows [φ; 1][φ; 1]ᵀ with the
-        bias "1" last (A_aug[D, D] = the number of rows). The exact last-layer GGN of ½‖f − y‖² is
-        I_C ⊗ A_aug on per-output blocks [W_c; b_c] (docs/MATH.md §1.1), as for
-        :func:`conv_patch_gram`. Accumulated in float64 for every input dtype, tile by tile.
+        `torch.Tensor` of shape `(D + 1, D + 1)`, D = in_features, float64 for every input dtype:
+        A_aug = Σ_rows [φ; 1][φ; 1]ᵀ, the bias "1" last (A_aug[D, D] = the number of rows).
     """
     return torch.ops.bayesdiff_ext.linear_gram(phi)
 
@@ -297,22 +373,33 @@ def conv_head_mean_var(
     groups: int = 1,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of a Conv2d head's output under a diagonal weight posterior
-    (docs/MATH.md §1.1).
+    r"""
+    The mean and variance of a Conv2d head's output under a diagonal weight posterior (docs/MATH.md §1.1), both
+    from one pass over `phi`.
 
     Args:
-        phi (`torch.Tensor` of shape `(B, C_in, H, W)`): the head's input.
-        weight, bias (`torch.Tensor`): the posterior mean, as in ``nn.Conv2d``; bias optional.
-        weight_var (`torch.Tensor`, the shape of ``weight``): required; bias_var (`(C,)`, optional):
-            the posterior variances. Not checked for negative entries here (see the module
-            docstring); the output variance is clamped at 0.
-        stride, padding, dilation, groups: the head's convolution, as ``nn.Conv2d`` takes them.
-        check_values (`bool`): as in :func:`moment_step`.
+        phi (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+            The head's input.
+        weight (`torch.Tensor` of shape `(channels, in_channels // groups, kh, kw)`):
+            The posterior mean of the weight, as in `nn.Conv2d`.
+        bias (`torch.Tensor` of shape `(channels,)`, *optional*):
+            The posterior mean of the bias; zero when not given.
+        weight_var (`torch.Tensor` of the shape of `weight`):
+            The weight's posterior variances (required).
+        bias_var (`torch.Tensor` of shape `(channels,)`, *optional*):
+            The bias's posterior variances; zero when not given.
+        stride, padding, dilation (`int` or `tuple[int, int]`, *optional*, defaults to 1, 0, 1):
+            The head's geometry, as `nn.Conv2d` takes it (zero padding).
+        groups (`int`, *optional*, defaults to 1):
+            The head's groups.
+        check_values (`bool`, *optional*, defaults to `False`):
+            Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 
     Returns:
-        `(mean, var)` of shape `(B, C, H_out, W_out)`: ``conv2d(phi, weight, bias)`` and
-        ``max(conv2d(phi², weight_var, bias_var), 0)``, both from one pass over ``phi``; bias
-        terms default to zero. Contiguous NCHW, float32 for 16-bit inputs, else the input dtype.
+        `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each of shape `(batch_size, channels, height_out,
+        width_out)`, contiguous, float32 for 16-bit inputs and otherwise of the input dtype:
+        `mean = conv2d(phi, weight, bias)`, `var = max(conv2d(phi², weight_var, bias_var), 0)` (negative
+        variances in are not checked here; see the module docstring).
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
@@ -337,18 +424,27 @@ def linear_head_mean_var(
     *,
     check_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of a Linear head's output under a diagonal weight posterior
-    (docs/MATH.md §1.1).
+    r"""
+    The mean and variance of a Linear head's output under a diagonal weight posterior (docs/MATH.md §1.1).
 
     Args:
-        phi (`torch.Tensor` of shape `(..., D)`): the head's input, e.g. (B, N, D) tokens.
-        weight, weight_var (`torch.Tensor` of shape `(C, D)`); bias, bias_var (`(C,)`, optional):
-            as in :func:`conv_head_mean_var`.
-        check_values (`bool`): as in :func:`moment_step`.
+        phi (`torch.Tensor` of shape `(..., in_features)`):
+            The head's input.
+        weight (`torch.Tensor` of shape `(channels, in_features)`):
+            The posterior mean of the weight.
+        bias (`torch.Tensor` of shape `(channels,)`, *optional*):
+            The posterior mean of the bias; zero when not given.
+        weight_var (`torch.Tensor` of shape `(channels, in_features)`):
+            The weight's posterior variances (required).
+        bias_var (`torch.Tensor` of shape `(channels,)`, *optional*):
+            The bias's posterior variances; zero when not given.
+        check_values (`bool`, *optional*, defaults to `False`):
+            Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 
     Returns:
-        `(mean, var)` of shape `(..., C)`: ``phi @ weight.T + bias`` and
-        ``max(phi² @ weight_var.T + bias_var, 0)``.
+        `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each of shape `(..., channels)`:
+        `phi @ weight.T + bias` and `max(phi² @ weight_var.T + bias_var, 0)`, float32 for 16-bit inputs and
+        otherwise of the input dtype.
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
@@ -368,24 +464,33 @@ def conv_head_var_factored(
     dilation: int | tuple[int, int] = 1,
     check_values: bool = False,
 ) -> torch.Tensor:
-    """Per-pixel variance of a Conv2d head under a factored posterior (full GGN or KFAC,
-    docs/MATH.md §1.1).
+    r"""
+    The per-pixel variance of a Conv2d head (groups=1) under a factored posterior, full GGN or KFAC
+    ("project–square–mix", docs/MATH.md §1.1). The `(batch_size, R, height_out, width_out)` projection is
+    never formed whole: the kernels work through tiles of pixels.
 
     Args:
-        phi (`torch.Tensor` of shape `(B, C_in, H, W)`): the head's input.
-        proj_weight (`torch.Tensor` of shape `(R, C_in, kh, kw)`): R directions q_r as conv filters.
-        proj_bias (`torch.Tensor` of shape `(R,)`, optional): their offsets β_r.
-        mix (`torch.Tensor` of shape `(C, R)`): the weights M >= 0 of the squared projections.
-        bias_var (`torch.Tensor` of shape `(C,)`, optional): added to every pixel.
-        stride, padding, dilation: the head's convolution (groups = 1).
-        check_values (`bool`): as in :func:`moment_step`.
+        phi (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+            The head's input.
+        proj_weight (`torch.Tensor` of shape `(R, in_channels, kh, kw)`):
+            R directions q_r as conv filters.
+        proj_bias (`torch.Tensor` of shape `(R,)`, *optional*):
+            Their offsets β_r; zero when `None`.
+        mix (`torch.Tensor` of shape `(channels, R)`):
+            The non-negative weight of each squared projection in each output channel's variance.
+        bias_var (`torch.Tensor` of shape `(channels,)`, *optional*):
+            A per-channel variance added at every pixel; zero when not given.
+        stride, padding, dilation (`int` or `tuple[int, int]`, *optional*, defaults to 1, 0, 1):
+            The head's geometry, as `nn.Conv2d` takes it (zero padding).
+        check_values (`bool`, *optional*, defaults to `False`):
+            Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 
     Returns:
-        `torch.Tensor` of shape `(B, C, H_out, W_out)`: ``var[b, c, p] = max(Σ_r mix[c, r] ·
-        (conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c], 0)`` (clamped: a negative
-        ``mix`` or ``bias_var`` is not checked here). The (B, R, H, W) projection is never formed
-        whole: the kernels work through tiles of pixels. Build the inputs from a laplace-torch
-        posterior with ``bayesdiff_ext.posterior.laplace_convert``.
+        `torch.Tensor` of shape `(batch_size, channels, height_out, width_out)`:
+        `var[b, c, p] = max(Σ_r mix[c, r]·(conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c], 0)`
+        (a negative `mix` or `bias_var` is not checked here), float32 for 16-bit inputs and otherwise of the
+        input dtype. `bayesdiff_ext.posterior.laplace_convert` builds the
+        inputs from a laplace-torch posterior.
     """
     if check_values:
         _check_values(

@@ -11,6 +11,8 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from bayesdiff_ext.io.atomic import atomic_write
+
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
     for _ in range(warmup):
@@ -105,6 +107,4 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if end == -1 else text[end:])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)

@@ -18,23 +18,20 @@ Reproduce the bundled assets (from the repository root):
 
     python python/train_digits.py --out bayesdiff_ext/assets/digits
 
-All files are written atomically (temporary file or folder in the same directory, then
-``os.replace``).
+All files are written atomically (``bayesdiff_ext.io.atomic``: a temporary file or folder in the
+same directory, then ``os.replace``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,42 +40,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save  # noqa: E402
+
+from bayesdiff_ext import digits  # noqa: E402  (the package root is light: no compiled extension needed)
+from bayesdiff_ext.io.atomic import atomic_directory, atomic_write  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-_UMASK = _umask()
-
-
-def _fix_mode(path) -> None:
-    """mkstemp/mkdtemp create private entries; give them the usual permissions."""
-    path = Path(path)
-    if path.is_dir():
-        os.chmod(path, 0o777 & ~_UMASK)
-        for p in path.rglob("*"):
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
-    else:
-        os.chmod(path, 0o666 & ~_UMASK)
-
-
-def _load_digits_module():
-    """Import ``bayesdiff_ext/digits.py`` by path, so that training never needs the compiled
-    extension (``bayesdiff_ext/__init__.py`` imports it)."""
-    path = REPO / "bayesdiff_ext" / "digits.py"
-    spec = importlib.util.spec_from_file_location("_bayesdiff_ext_digits", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-digits = _load_digits_module()
 
 # Architecture of the bundled UNet (1.1 M parameters; batch-64 forward ~55 ms on 2 CPU cores).
 UNET_KWARGS = dict(
@@ -100,60 +68,11 @@ SCHEDULER_KWARGS = dict(
 CLASSIFIER_KWARGS = dict(channels=(32, 64), feature_dim=128)
 
 
-# --------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _fix_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_dir(save_fn, dest: Path) -> None:
-    """``save_fn(tmpdir)`` writes a folder; it then replaces ``dest``."""
+def save_folder(save_fn, dest: Path) -> None:
+    """``save_fn(folder)`` writes a folder that then replaces ``dest`` whole."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    old = None
-    try:
-        save_fn(tmp)
-        _fix_mode(tmp)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dest.exists():
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _fix_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_directory(dest, replace=True) as folder:
+        save_fn(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,9 +139,10 @@ def train_classifier(args, x, y, log) -> dict:
     train_acc = accuracy(model, xtr, ytr)
     all_acc = accuracy(model, x, y)
     sd = model.state_dict()
-    atomic_save_safetensors(sd, args.out / "classifier.safetensors", metadata={"format": "pt"})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    atomic_write(args.out / "classifier.safetensors", save(tensors, metadata={"format": "pt"}))
     cfg = dict(model.config, resolution=args.resolution)
-    atomic_write_text(args.out / "classifier_config.json", json.dumps(cfg, indent=2) + "\n")
+    atomic_write(args.out / "classifier_config.json", json.dumps(cfg, indent=2) + "\n")
     entry = {
         "command": args.command,
         "architecture": "`bayesdiff_ext.digits.DigitsClassifier`: 2x(conv3x3,ReLU) -> maxpool -> "
@@ -441,8 +361,8 @@ def train_unet(args, x, log) -> dict:
     def save(tmp):
         final_model.save_pretrained(str(tmp), safe_serialization=True)
 
-    atomic_save_dir(save, dest)
-    atomic_save_dir(lambda tmp: scheduler.save_pretrained(str(tmp)), args.out / "scheduler")
+    save_folder(save, dest)
+    save_folder(lambda tmp: scheduler.save_pretrained(str(tmp)), args.out / "scheduler")
 
     ev_ema = eval_loss(ema, scheduler, x, args.seed)
     ev_raw = eval_loss(unet, scheduler, x, args.seed)
@@ -650,7 +570,7 @@ def write_card(out: Path, log: dict) -> None:
         if CARD_END in old:
             tail = old.split(CARD_END, 1)[1].lstrip("\n")
     text = "\n".join([CARD_BEGIN, *lines, CARD_END, ""]) + ("\n" + tail if tail else "")
-    atomic_write_text(card, text)
+    atomic_write(card, text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -743,16 +663,16 @@ def main(argv=None):
     variant = args.dropout > 0 or args.ensemble_member is not None
     if args.evaluate_only:
         evaluate_unet(args, x, log)
-        atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
+        atomic_write(log_path, json.dumps(log, indent=2) + "\n")
         write_card(args.out, log)
         print(f"updated {log_path}", flush=True)
         return
     if not args.unet_only and not variant:
         train_classifier(args, x, y, log)
-        atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
+        atomic_write(log_path, json.dumps(log, indent=2) + "\n")
     if not args.classifier_only:
         train_unet(args, x, log)
-    atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
+    atomic_write(log_path, json.dumps(log, indent=2) + "\n")
     write_card(args.out, log)
     print(f"wrote {args.out}", flush=True)
 

@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import bayesdiff_ext  # noqa: E402,F401  (registers the ops)
+import bayesdiff_ext.ops  # noqa: E402,F401  (registers the ops and their fake kernels)
 
 # The tests run tiny tensors, where intra-op threads cost more than they give: on a loaded 2-core
 # machine a tiny conv took 22 ms with 2 threads and 0.26 ms with 1. Override to test threading.

@@ -1,24 +1,9 @@
-"""Tiny UNets and the plain diffusers sampling loop, for the MC-dropout and ensemble tests."""
+"""Schedulers, noise and the plain diffusers sampling loop, for the MC-dropout and ensemble tests."""
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 
 STEPS = 4
-
-
-def tiny_unet(seed: int = 0, dropout: float = 0.0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        dropout=dropout,
-    ).eval()
 
 
 def ddim():
@@ -44,7 +29,7 @@ def plain_loop(unet, scheduler, x, seed: int = 11) -> torch.Tensor:
 
 
 def c2_only_variance(scheduler, eta: float = 0.0) -> float:
-    from bayesdiff_ext.sampler.coefficients import step_coefficients
+    from bayesdiff_ext.sampler.schedulers import step_coefficients
 
     scheduler.set_timesteps(STEPS)
     var = 0.0

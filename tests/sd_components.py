@@ -20,7 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from test_posterior_models import tiny_condition_unet, tiny_unet
+from tiny_models import tiny_condition_unet, tiny_unet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from bayesdiff_ext import LastLayerLaplace

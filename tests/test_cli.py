@@ -6,25 +6,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import LastLayerLaplace, cli
 
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    layers_per_block=1,
-    block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D"),
-    norm_num_groups=4,
-)
 FAST_SAMPLING = ["--steps", "4", "--uq-every", "2", "--mc-samples", "3", "--no-progress"]
-
-
-def tiny_unet(seed: int, **changes) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(**{**TINY_UNET, **changes})
 
 
 def save_pipeline(folder, unet):
@@ -37,7 +23,7 @@ def save_pipeline(folder, unet):
 def tiny(tmp_path_factory):
     """A tiny random-init pipeline folder, fitting data for it and a posterior fitted with the CLI."""
     root = tmp_path_factory.mktemp("tiny")
-    save_pipeline(root / "model", tiny_unet(0))
+    save_pipeline(root / "model", tiny_unet(0, channels=1))
     torch.save(torch.rand(12, 1, 8, 8) * 2 - 1, root / "data.pt")
     code = cli.main(
         [
@@ -380,7 +366,7 @@ def test_missing_and_empty_data(tiny, tmp_path, capsys):
 
 
 def test_head_the_method_cannot_handle(tmp_path, capsys):
-    unet = tiny_unet(0, time_embedding_type="fourier")
+    unet = tiny_unet(0, channels=1, time_embedding_type="fourier")
     save_pipeline(tmp_path / "fourier", unet)
     torch.save(torch.zeros(2, 1, 8, 8), tmp_path / "data.pt")
     code, _, err = run(
@@ -399,7 +385,7 @@ def test_head_the_method_cannot_handle(tmp_path, capsys):
 
 
 def test_posterior_for_another_model(tiny, tmp_path, capsys):
-    save_pipeline(tmp_path / "other_weights", tiny_unet(1))
+    save_pipeline(tmp_path / "other_weights", tiny_unet(1, channels=1))
     code, _, err = run(
         [
             "sample",
@@ -414,7 +400,8 @@ def test_posterior_for_another_model(tiny, tmp_path, capsys):
         capsys,
     )
     assert_one_line_error(code, err, "is a posterior for another model")
-    save_pipeline(tmp_path / "other_shape", tiny_unet(0, block_out_channels=(4, 8), norm_num_groups=2))
+    other_shape = tiny_unet(0, channels=1, block_out_channels=(4, 8), norm_num_groups=2)
+    save_pipeline(tmp_path / "other_shape", other_shape)
     code, _, err = run(
         [
             "sample",

@@ -11,8 +11,8 @@ from test_cli import (
     run,
     save_pipeline,
     tiny,
-    tiny_unet,
 )
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import cli
 
@@ -78,7 +78,7 @@ def test_fit_hfl_posterior_then_sample_it(tiny, tmp_path, capsys):
 
 
 def test_mc_dropout(tmp_path, capsys):
-    model = save_pipeline(tmp_path / "dropout-model", tiny_unet(0, dropout=0.3))
+    model = save_pipeline(tmp_path / "dropout-model", tiny_unet(0, channels=1, dropout=0.3))
     out = tmp_path / "run"
     method = ["--method", "mc-dropout", "--passes", "3", "--sampler", "ddpm"]
     argv = ["sample", "--model", model, *method, "--num-images", "2", "--out", out, *FAST_SAMPLING]
@@ -89,7 +89,7 @@ def test_mc_dropout(tmp_path, capsys):
     assert summary["settings"]["sampler_settings"]["passes"] == 3
     aleatoric, epistemic = _split_sums(out)
     assert min(aleatoric) > 0 and min(epistemic) > 0
-    plain = save_pipeline(tmp_path / "plain", tiny_unet(0))
+    plain = save_pipeline(tmp_path / "plain", tiny_unet(0, channels=1))
     argv = ["sample", "--model", plain, *method, "--out", tmp_path / "bad", *FAST_SAMPLING]
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, "no dropout layer with p > 0")
@@ -99,7 +99,7 @@ def test_ensemble(tiny, tmp_path, capsys):
     members = []
     for k in (1, 2):
         members.append(tmp_path / f"member_{k}")
-        tiny_unet(k).save_pretrained(members[-1])
+        tiny_unet(k, channels=1).save_pretrained(members[-1])
     out = tmp_path / "run"
     code, _, err = run(_sample(tiny, out, "--method", "ensemble", "--ensemble", *members), capsys)
     assert code == 0, err
@@ -131,7 +131,7 @@ def test_demo_with_the_bundled_dropout_unet_and_given_ensemble_members(tmp_path,
     members = []
     for k in (0, 1):
         members.append(tmp_path / f"member_{k}")
-        tiny_unet(k).save_pretrained(members[-1])
+        tiny_unet(k, channels=1).save_pretrained(members[-1])
     argv = ["demo", "--method", "ensemble", "--ensemble", *members, "--out", tmp_path / "ens", *fast]
     code, _, err = run(argv, capsys)
     assert code == 0, err

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from methods_helpers import STEPS, c2_only_variance, ddim, ddpm, noise, plain_loop, tiny_unet
+from methods_helpers import STEPS, c2_only_variance, ddim, ddpm, noise, plain_loop
+from tiny_models import tiny_unet
 
 from bayesdiff_ext.methods import EnsembleSampler
 
@@ -11,7 +12,7 @@ MEMBERS = 3
 
 @pytest.fixture(scope="module")
 def members():
-    return [tiny_unet(seed=k) for k in range(MEMBERS)]
+    return [tiny_unet(channels=1, seed=k) for k in range(MEMBERS)]
 
 
 @pytest.mark.parametrize("make_scheduler", [ddim, ddpm], ids=["ddim", "ddpm"])
@@ -39,7 +40,7 @@ def test_identical_members_have_zero_epistemic_variance(members):
 def test_refuses_one_member_and_mismatched_members(members):
     with pytest.raises(ValueError, match="at least 2 UNets"):
         EnsembleSampler(members[:1], ddim())
-    other = tiny_unet()
+    other = tiny_unet(channels=1)
     other.register_to_config(sample_size=16)
     with pytest.raises(ValueError, match="must share"):
         EnsembleSampler([members[0], other], ddim())

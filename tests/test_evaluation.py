@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 from scipy.stats import spearmanr
+from tiny_models import tiny_unet
 
 from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
@@ -19,27 +20,13 @@ from bayesdiff_ext.posterior import LastLayerLaplace
 from bayesdiff_ext.sampler import BayesDiffSampler
 
 
-def _tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).eval()
-
-
 def _scheduler():
     return DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    unet, scheduler = _tiny_unet(), _scheduler()
+    unet, scheduler = tiny_unet(channels=1, block_out_channels=(8, 8)), _scheduler()
     images = torch.rand(16, 1, 8, 8) * 2 - 1
     posterior = LastLayerLaplace(unet, "diag").fit(images, scheduler, batch_size=8, progress=False)
     return unet, scheduler, posterior

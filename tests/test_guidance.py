@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.guidance import (
     ClassifierFreeGuidance,
     combine,
@@ -115,13 +116,14 @@ def test_guided_forward_is_one_unet_call_on_both_branches(guided_call):
         guidance = ClassifierFreeGuidance(SCALE, {"encoder_hidden_states": uncond})
         branches = guidance.branch_kwargs({"encoder_hidden_states": cond})
         with torch.no_grad():
-            out, head_mean, head_var = guidance.forward(pipe_unet, post, x, 700, branches, want_head=True)
-            plain, none_mean, none_var = guidance.forward(pipe_unet, post, x, 700, branches, want_head=False)
+            denoiser = Denoiser(pipe_unet)
+            out, head_mean, head_var = guidance.forward(denoiser, post, x, 700, branches, want_head=True)
+            plain, none_mean, none_var = guidance.forward(denoiser, post, x, 700, branches, want_head=False)
     finally:
         handle.remove()
     assert len(calls) == 2 and none_mean is None and none_var is None
-    (sample, _), kwargs = calls[0]
-    assert torch.equal(sample, torch.cat([x, x]))
+    _, kwargs = calls[0]
+    assert torch.equal(kwargs["sample"], torch.cat([x, x]))
     assert torch.equal(kwargs["encoder_hidden_states"], torch.cat([uncond, cond]))
     with torch.no_grad():
         raw = pipe_unet(torch.cat([x, x]), 700, encoder_hidden_states=torch.cat([uncond, cond])).sample

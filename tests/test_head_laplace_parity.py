@@ -127,7 +127,7 @@ def test_full_ef_laplace_uses_per_channel_factors():
 @pytest.mark.parametrize("config", HEADS.values(), ids=HEADS.keys())
 def test_kron_laplace_matches_factored_op(backend, config, damping):
     """KFAC (G ⊗ A for W, G_b for b): directions = eigenvectors of A, mix from the eigenvalues
-    (SPEC §1.1). With damping=True laplace-torch 0.3 still predicts undamped (see module doc)."""
+    (docs/MATH.md §1.1). With damping=True laplace-torch 0.3 still predicts undamped (see module doc)."""
     head = _conv_head(config)
     la = _fitted(KronLaplace, head, backend=backend, damping=damping)
     assert la.H.damping == damping and la.posterior_precision.damping is False

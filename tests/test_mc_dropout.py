@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from methods_helpers import STEPS, c2_only_variance, ddim, ddpm, noise, plain_loop, tiny_unet
+from methods_helpers import STEPS, c2_only_variance, ddim, ddpm, noise, plain_loop
+from tiny_models import tiny_unet
 
 from bayesdiff_ext.methods import MCDropoutSampler, active_dropout
 
@@ -11,7 +12,7 @@ PASSES, SEED = 3, 5
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet(dropout=0.3)
+    return tiny_unet(channels=1, dropout=0.3)
 
 
 def _sample(unet, scheduler, **kwargs):
@@ -60,6 +61,6 @@ def test_same_seed_same_result_and_batch_of_one(unet):
 
 def test_refuses_a_unet_without_dropout_and_too_few_passes(unet):
     with pytest.raises(ValueError, match="no dropout layer with p > 0"):
-        MCDropoutSampler(tiny_unet(dropout=0.0), ddim())
+        MCDropoutSampler(tiny_unet(channels=1, dropout=0.0), ddim())
     with pytest.raises(ValueError, match="passes must be an integer >= 2"):
         MCDropoutSampler(unet, ddim(), passes=1)

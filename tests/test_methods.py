@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from methods_helpers import STEPS, ddim, noise, tiny_unet
+from methods_helpers import STEPS, ddim, noise
+from tiny_models import tiny_unet
 from test_posterior_models import conv_head, random_features
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
@@ -39,13 +40,13 @@ def test_laplace_methods_refuse_posteriors_they_cannot_use():
     with pytest.raises(ValueError, match="method 'hfl' needs a posterior of structure hfl or full"):
         laplace_posterior_for("hfl", diag)
     with pytest.raises(ValueError, match="needs a fitted posterior"):
-        sampler_for("laplace", tiny_unet(), ddim())
+        sampler_for("laplace", tiny_unet(channels=1), ddim())
     with pytest.raises(ValueError, match="method must be one of"):
-        sampler_for("dropout", tiny_unet(), ddim())
+        sampler_for("dropout", tiny_unet(channels=1), ddim())
 
 
 def test_every_method_samples_with_the_same_outputs():
-    unet = tiny_unet()
+    unet = tiny_unet(channels=1)
     images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     full = LastLayerLaplace(unet, "full").fit(images, ddim(), batch_size=4, progress=False)
     diag = LastLayerLaplace(unet, "diag").fit(images, ddim(), batch_size=4, progress=False)
@@ -53,8 +54,8 @@ def test_every_method_samples_with_the_same_outputs():
         "laplace": sampler_for("laplace", unet, ddim(), posterior=diag),
         "hfl": sampler_for("hfl", unet, ddim(), posterior=full, probes=5),
         "isotropic": sampler_for("isotropic", unet, ddim(), posterior=diag),
-        "mc-dropout": sampler_for("mc-dropout", tiny_unet(dropout=0.2), ddim(), passes=2),
-        "ensemble": sampler_for("ensemble", unet, ddim(), members=[tiny_unet(seed=1)]),
+        "mc-dropout": sampler_for("mc-dropout", tiny_unet(channels=1, dropout=0.2), ddim(), passes=2),
+        "ensemble": sampler_for("ensemble", unet, ddim(), members=[tiny_unet(channels=1, seed=1)]),
     }
     assert set(made) == set(METHODS)
     assert isinstance(made["mc-dropout"], MCDropoutSampler) and isinstance(made["ensemble"], EnsembleSampler)

@@ -356,7 +356,7 @@ def describe(case: Case) -> str:
 
 
 def search(seed: int, cases: int) -> int:
-    from bayesdiff_ext import emulation, reference
+    from bayesdiff_ext import emulation, ops, reference  # noqa: F401  (ops registers the library)
 
     torch.set_num_threads(1)
     libs = {"cpu": torch.ops.bayesdiff_ext, "emulated_cuda": emulation.load()}

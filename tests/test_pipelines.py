@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler
+from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler, EulerDiscreteScheduler
 
 from bayesdiff_ext import BayesDiffPipeline, UncertaintyCallback, latent
 from bayesdiff_ext.guidance import guided_head_moments
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 from sd_components import (
     DecodeRecorder,
     UNetCalls,
@@ -301,6 +301,9 @@ def test_callback_refuses_steps_it_cannot_follow(sd):
     with pytest.raises(ValueError, match="two-stage steps"):
         pipe(callback_on_step_end=callback, **sd_call(cond, uncond))
     assert not pipe.unet._forward_hooks and not post.head._forward_pre_hooks  # removed when the step failed
+    pipe.scheduler = EulerDiscreteScheduler.from_config(sd_scheduler().config)
+    with pytest.raises(ValueError, match="scales the model input"):
+        pipe(callback_on_step_end=UncertaintyCallback(post, mc_samples=2), **sd_call(cond, uncond))
     pipe.scheduler = sd_scheduler()
     with (
         UncertaintyCallback(post, mc_samples=2) as callback,

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from test_posterior_models import timesteps, tiny_condition_unet, tiny_unet
+from test_posterior_models import timesteps
+from tiny_models import tiny_condition_unet, tiny_unet
 
 from bayesdiff_ext.posterior import capture_head_input
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from test_posterior_models import tiny_condition_unet, tiny_scheduler, tiny_unet
+from test_posterior_models import tiny_scheduler
+from tiny_models import tiny_condition_unet, tiny_unet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -72,10 +73,10 @@ def test_condition_unet_with_model_kwargs_callable():
     assert post.fit_stats.n_images == 4 and post.prior_precision > 0
 
 
-def test_fit_refuses_non_epsilon_scheduler_and_empty_data():
+def test_fit_refuses_unknown_prediction_types_and_empty_data():
     unet = tiny_unet()
-    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
-        LastLayerLaplace(unet).fit(_images(2), DDPMScheduler(num_train_timesteps=10, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="prediction_type='flow_prediction'; the fit follows"):
+        LastLayerLaplace(unet).fit(_images(2), DDPMScheduler(num_train_timesteps=10, prediction_type="flow_prediction"))
     with pytest.raises(ValueError, match="empty"):
         LastLayerLaplace(unet).fit(torch.zeros(0, 3, 8, 8), tiny_scheduler(), progress=False)
     with pytest.raises(TypeError, match="must be a tensor, a Dataset or a DataLoader"):
@@ -90,7 +91,7 @@ class _Rescaled(nn.Module):
         self.body = nn.Conv2d(3, 4, 3, padding=1)
         self.out = nn.Conv2d(4, 3, 3, padding=1)
 
-    def forward(self, x, t):
+    def forward(self, x, timestep):
         return 2 * self.out(torch.relu(self.body(x)))
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_posterior_models import tiny_condition_unet, tiny_unet
+from tiny_models import tiny_condition_unet, tiny_unet
 from torch import nn
 
 from bayesdiff_ext import LastLayerLaplace

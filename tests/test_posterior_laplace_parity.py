@@ -1,4 +1,4 @@
-"""The fitted posteriors against laplace-torch 0.3 fitted on the same (φ, ε) data (SPEC §1.1–1.3).
+"""The fitted posteriors against laplace-torch 0.3 fitted on the same (φ, ε) data (docs/MATH.md §1.1–1.3).
 
 laplace-torch is the oracle: DiagLaplace/FullLaplace/KronLaplace on Sequential(head, Flatten) fed
 the captured features, its predictive variance the diagonal of its GLM covariance (tiny shapes).
@@ -10,7 +10,8 @@ import pytest
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
-from test_posterior_models import conv_head, random_features, tiny_scheduler, tiny_unet
+from test_posterior_models import conv_head, random_features, tiny_scheduler
+from tiny_models import tiny_unet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

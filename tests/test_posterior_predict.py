@@ -7,13 +7,8 @@ error √(2/(S−1)) ≈ 0.7% at S = 40000, so a 5% tolerance is > 7 standard er
 
 import pytest
 import torch
-from test_posterior_models import (
-    conv_head,
-    monte_carlo_variance,
-    random_features,
-    timesteps,
-    tiny_unet,
-)
+from test_posterior_models import conv_head, monte_carlo_variance, random_features, timesteps
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import LastLayerLaplace
 

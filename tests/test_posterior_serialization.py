@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from test_posterior_models import conv_head, random_features, tiny_unet
+from test_posterior_models import conv_head, random_features
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import LastLayerLaplace
 from bayesdiff_ext.posterior.serialization import METADATA_KEY
@@ -44,7 +45,7 @@ def test_metadata_is_readable_json(tmp_path):
     assert keys == {"curvature.h_weight", "curvature.h_bias"}
     assert meta["structure"] == "diag" and meta["prior_precision_choice"] == "mackay"
     assert meta["head"]["in_channels"] == 5 and meta["head"]["kernel_size"] == [3, 3]
-    assert meta["fit"]["n_samples"] == 12 and set(meta["versions"]) == {"bayesdiff_ext", "torch", "diffusers"}
+    assert meta["fit"]["n_samples"] == 12 and set(meta["versions"]) == {"bayesdiff_ext", "torch", "diffusers", "python"}
     assert meta["date"].endswith("+00:00")
 
 

@@ -16,27 +16,13 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.utils.torch_utils import randn_tensor
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import BayesDiffOutput, BayesDiffSampler, LastLayerLaplace
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
+from brute_force import brute_force_variance, correlation, with_output_tracking_input
 
 BATCH, STEPS = 2, 5
-
-
-def _unet(seed: int = 0, **overrides) -> UNet2DModel:
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    config.update(overrides)
-    return UNet2DModel(**config).eval()
 
 
 def _posterior(unet: UNet2DModel, model_kwargs=None) -> LastLayerLaplace:
@@ -55,7 +41,7 @@ def _posterior(unet: UNet2DModel, model_kwargs=None) -> LastLayerLaplace:
 
 @pytest.fixture(scope="module")
 def unet():
-    return _unet()
+    return tiny_unet()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +150,7 @@ def test_deterministic_images_equal_the_plain_scheduler_loop(unet, posterior, ma
 
 
 def test_unet_kwargs_reach_every_call_and_are_tiled_for_the_monte_carlo_batch():
-    unet = _unet(num_class_embeds=4)
+    unet = tiny_unet(num_class_embeds=4)
     labels = torch.tensor([1, 3])
     posterior = _posterior(unet, model_kwargs=lambda x0: {"class_labels": torch.arange(len(x0)) % 4})
     noise = _noise()
@@ -192,7 +178,7 @@ def test_unet_kwargs_reach_every_call_and_are_tiled_for_the_monte_carlo_batch():
 
 
 def test_learned_variance_heads_use_the_eps_channels():
-    unet = _unet(out_channels=6)
+    unet = tiny_unet(out_channels=6)
     posterior = _posterior(unet)
     assert posterior.eps_channels == 3
     noise = _noise()
@@ -210,51 +196,14 @@ def test_learned_variance_heads_use_the_eps_channels():
 # ------------------------------------------------------------------ the propagated variance
 
 
-def _with_eps_tracking_x(unet: UNet2DModel) -> UNet2DModel:
-    """Give a random UNet a trained denoiser's trait: ε at a pixel depends strongly on x_t there.
-
-    A random UNet's ε barely depends on x_t pixel by pixel, so Cov(x_t, ε) ≈ 0 and a test could not
-    tell a correct covariance from a missing one. Adding an identity path conv_in → skip connection
-    of the last resnet → conv_out (it keeps the GroupNorm and SiLU on the way) makes the covariance
-    term change Var[x_0] by ~40% (measured).
-    """
-    eye = torch.eye(3)
-    with torch.no_grad():
-        unet.conv_in.weight[:3, :, 1, 1] += eye
-        unet.up_blocks[-1].resnets[-1].conv_shortcut.weight[:3, 8:11, 0, 0] += (
-            eye  # skip channels follow 8 hidden
-        )
-        unet.conv_out.weight[:, :3, 1, 1] += eye
-    return unet
-
-
 @pytest.fixture(scope="module")
 def sensitive_unet():
-    return _with_eps_tracking_x(_unet())
+    return with_output_tracking_input(tiny_unet())
 
 
 @pytest.fixture(scope="module")
 def sensitive_posterior(sensitive_unet):
     return _posterior(sensitive_unet)
-
-
-def _brute_force_variance(unet, posterior, scheduler, noise, trajectories: int, seed: int):
-    """Per-pixel variance of x_0 over independent trajectories from ``noise``, ε ~ N(out, γ²) at every call."""
-    generator = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(STEPS)
-    x = noise.repeat(trajectories, 1, 1, 1)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            with posterior.capture() as cap:
-                out = unet(x, t).sample
-            _, head_var = posterior.predict(cap.phi)
-            drawn = out + head_var.sqrt() * torch.randn(out.shape, generator=generator)
-            x = scheduler.step(drawn, t, x, generator=generator).prev_sample
-    return x.unflatten(0, (trajectories, noise.shape[0])).var(dim=0)
-
-
-def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
 @pytest.mark.parametrize(
@@ -284,13 +233,13 @@ def test_propagated_variance_agrees_with_brute_force(
     noise = _noise()
     settings = dict(noise=noise, mc_samples=48, uq_every=1, generator=torch.Generator().manual_seed(1))
     ours = _sample(sensitive_unet, make_scheduler(), sensitive_posterior, **settings)
-    empirical = _brute_force_variance(
-        sensitive_unet, sensitive_posterior, make_scheduler(), noise, trajectories=200, seed=5
+    empirical = brute_force_variance(
+        sensitive_unet, sensitive_posterior, make_scheduler(), noise, steps=STEPS, trajectories=200, seed=5
     )
     ratio = float(ours.variance.sum() / empirical.sum())
     assert 0.85 < ratio < 1.15, f"propagated / brute-force variance = {ratio:.3f}"
-    correlation = _correlation(ours.variance, empirical)
-    assert correlation > min_correlation, f"per-pixel correlation {correlation:.3f}"
+    r = correlation(ours.variance, empirical)
+    assert r > min_correlation, f"per-pixel correlation {r:.3f}"
     if covariance_matters:
         without = _sample(
             sensitive_unet, make_scheduler(), sensitive_posterior, covariance="none", **settings
@@ -386,14 +335,15 @@ def test_uq_every_runs_the_monte_carlo_only_at_its_steps(unet, posterior, make_s
 @pytest.mark.parametrize("eps_variance", ["total", "bayesdiff"])
 def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, posterior, eps_variance):
     from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
+    from bayesdiff_ext.sampler.model_call import ModelCall
 
     scheduler = _ddim()
     scheduler.set_timesteps(STEPS)
     first = step_coefficients(scheduler, 0.0)[0]
     t = scheduler.timesteps[0]
-    sampler = BayesDiffSampler(unet, scheduler, posterior)
+    model_call = ModelCall(unet, scheduler, posterior)
     x = _noise()
-    out, _, head_var = sampler._forward(x, t, {}, want_head=True)
+    out, head_var = model_call(x, t, {}, want_head=True)
     closed = closed_form_moments(first, out, head_var, None)
     drawn, _ = monte_carlo_moments(
         first,
@@ -401,7 +351,7 @@ def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, poster
         x,
         torch.zeros_like(x),
         None,
-        lambda samples: sampler.head_at_samples(samples, t, {}, torch.float32),
+        lambda samples: model_call.head_at(samples, t, {}, torch.float32),
         samples=6,
         keep_eps=False,
         eps_variance=eps_variance,
@@ -506,7 +456,7 @@ def test_output_fields(unet, posterior):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_unets_keep_their_image_path_and_get_float32_moments(dtype):
-    unet = _unet().to(dtype)
+    unet = tiny_unet().to(dtype)
     posterior = _posterior(unet)
     noise = _noise().to(dtype)
     ours = _sample(unet, _ddim(), posterior, noise=noise, mc_samples=3)

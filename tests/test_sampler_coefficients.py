@@ -4,10 +4,17 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
-from bayesdiff_ext.sampler.coefficients import check_supported, step_coefficients
+from bayesdiff_ext.sampler.schedulers import check_supported, step_coefficients
 
 SHAPE = (1, 1, 1, 1)
 
@@ -167,6 +174,8 @@ def test_dpm_solver_2_coefficients_match_the_scheduler(
         (DDIMScheduler(clip_sample=False, prediction_type="flow"), "prediction_type"),
         (DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
         (DPMSolverSinglestepScheduler(solver_order=3), "solver_order"),
+        (EulerAncestralDiscreteScheduler(prediction_type="sample"), "prediction_type='sample'"),
+        (EulerDiscreteScheduler(prediction_type="flow"), "prediction_type"),
     ],
 )
 def test_non_affine_schedulers_are_rejected(scheduler, match):
@@ -177,3 +186,100 @@ def test_non_affine_schedulers_are_rejected(scheduler, match):
 def test_eta_is_for_ddim_only():
     with pytest.raises(ValueError, match="DDIMScheduler only"):
         check_supported(DDPMScheduler(clip_sample=False), eta=0.5)
+
+
+def test_step_settings_the_sampler_does_not_follow_are_named():
+    with pytest.raises(ValueError, match="s_churn=0.5 is not a setting of FlowMatchEulerDiscreteScheduler.step"):
+        check_supported(FlowMatchEulerDiscreteScheduler(), s_churn=0.5)
+    with pytest.raises(ValueError, match="eta=0.5 applies to DDIMScheduler only"):
+        check_supported(EulerDiscreteScheduler(), eta=0.5)
+    with pytest.raises(ValueError, match="scheduler must be one of .*FlowMatchEulerDiscreteScheduler"):
+        check_supported(object())
+
+
+# ------------------------------------------------------------------ Euler family and flow matching
+# Their step() upcasts the sample to float32 whatever its dtype, so a float64 probe carries float32
+# rounding: the affine form must match to float32 precision on random tensors.
+
+
+def _random_step_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def _assert_affine(scheduler, plan, step_kwargs=None, noise_dtype=torch.float64):
+    """Every step: scheduler.step(out, t, x) = a·x + b·out + c·z on random x, out (z replayed from the seed)."""
+    for s in plan:
+        x, out = _random_step_inputs(s.index)
+        stepped = copy.deepcopy(scheduler)
+        stepped._step_index = s.index
+        prev = stepped.step(
+            out, scheduler.timesteps[s.index], x, generator=torch.Generator().manual_seed(11), **(step_kwargs or {})
+        ).prev_sample
+        z = randn_tensor(x.shape, generator=torch.Generator().manual_seed(11), dtype=noise_dtype).double()
+        expected = s.a * x + s.b[0] * out + s.c2**0.5 * z
+        assert s.origin == s.index and len(s.b) == 1
+        torch.testing.assert_close(prev, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(timestep_spacing="linspace"),
+        dict(timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear"),
+        dict(timestep_spacing="trailing", use_karras_sigmas=True),
+        dict(timestep_spacing="linspace", final_sigmas_type="sigma_min", interpolation_type="log_linear"),
+    ],
+)
+def test_euler_coefficients_match_the_scheduler(prediction_type, config):
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, prediction_type=prediction_type, **config)
+    scheduler.set_timesteps(7)
+    plan = step_coefficients(scheduler)
+    assert [s.timestep for s in plan] == scheduler.timesteps.tolist()
+    assert all(s.c2 == 0.0 for s in plan)
+    _assert_affine(_in_float64(scheduler), plan)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_churn_is_affine_with_its_noise_as_c2(prediction_type):
+    """s_churn > 0 adds noise after the model call and steps from σ̂ = σ(1 + γ): still affine."""
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    scheduler.set_timesteps(6)
+    churn = dict(s_churn=2.0, s_tmin=0.5, s_tmax=8.0, s_noise=1.003)
+    plan = step_coefficients(scheduler, **churn)
+    churned = [s.index for s in plan if s.c2 > 0]
+    assert churned and len(churned) < len(plan)  # s_tmin/s_tmax select some steps only
+    _assert_affine(_in_float64(scheduler), plan, churn)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_euler_ancestral_coefficients_match_the_scheduler(prediction_type, spacing):
+    scheduler = EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000, prediction_type=prediction_type, timestep_spacing=spacing
+    )
+    scheduler.set_timesteps(8)
+    plan = step_coefficients(scheduler)
+    assert plan[-1].c2 == 0.0 and all(s.c2 > 0 for s in plan[:-1])  # σ_up = 0 on the step to σ = 0
+    _assert_affine(_in_float64(scheduler), plan)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize(
+    "config,set_timesteps",
+    [
+        (dict(shift=3.0), {}),
+        (dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), dict(mu=0.8)),
+        (dict(shift=1.0, shift_terminal=0.05, use_karras_sigmas=True), {}),
+        (dict(shift=2.0, invert_sigmas=True), {}),
+    ],
+)
+def test_flow_match_euler_coefficients_match_the_scheduler(stochastic, config, set_timesteps):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, stochastic_sampling=stochastic, **config)
+    scheduler.set_timesteps(6, **set_timesteps)
+    plan = step_coefficients(scheduler)
+    assert [s.timestep for s in plan] == scheduler.timesteps.tolist()
+    assert all(s.c2 > 0 for s in plan[:-1]) == stochastic
+    # the stochastic step draws its noise in float32 (it upcasts the sample to float32 first)
+    _assert_affine(_in_float64(scheduler), plan, noise_dtype=torch.float32)

@@ -2,27 +2,18 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
+from tiny_models import tiny_unet
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    return tiny_unet(channels=2)
 
 
 @pytest.fixture(scope="module")

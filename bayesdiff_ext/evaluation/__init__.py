@@ -1,4 +1,4 @@
-"""The filtering evaluation of SPEC §3: do uncertainty scores find bad images better than chance?
+"""The filtering evaluation of docs/MATH.md §3: do uncertainty scores find bad images better than chance?
 
 ``run_evaluation(EvaluationConfig(...))`` generates N samples of the bundled digits model once,
 scores them by every method on the same images, compares filtering by each score with random

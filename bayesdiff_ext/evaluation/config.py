@@ -10,7 +10,7 @@ __all__ = ["EvaluationConfig"]
 
 @dataclass
 class EvaluationConfig:
-    """What to generate and how to compare (defaults: the documented run, SPEC §3).
+    """What to generate and how to compare (defaults: the documented run, docs/MATH.md §3).
 
     * ``num_images`` N samples of the bundled digits model, DDIM (η = 0) with ``steps`` steps, in
       batches of ``batch_size``; x_T from ``seed``.

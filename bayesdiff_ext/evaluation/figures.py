@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from bayesdiff_ext.io.atomic import atomic_write
 
 __all__ = ["extremes_figure", "filtering_curves", "sweep_figure", "timestep_figure"]
 
@@ -21,9 +22,7 @@ def _save(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(buffer.getvalue())
-    os.replace(partial, path)
+    atomic_write(path, buffer.getvalue())
 
 
 def filtering_curves(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from bayesdiff_ext.numerics import per_image_sum
 __all__ = ["free_scores", "predicted_x0"]
 
 
@@ -31,4 +32,4 @@ def free_scores(calls, alphas_cumprod: torch.Tensor, last_steps: int, channels: 
             for c in calls[-last_steps:]
         ]
     )
-    return predictions.var(dim=0).flatten(1).sum(dim=1)
+    return per_image_sum(predictions.var(dim=0))

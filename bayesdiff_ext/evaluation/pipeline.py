@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from bayesdiff_ext import metrics
+from bayesdiff_ext._version import library_versions
 from bayesdiff_ext.evaluation import figures
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
 from bayesdiff_ext.evaluation.cost import PLAIN, measure_costs, plain_sampling
@@ -22,6 +22,7 @@ from bayesdiff_ext.evaluation.oracle import classifier_confidence, knn_realism
 from bayesdiff_ext.evaluation.posteriors import build_posteriors, fitting_features
 from bayesdiff_ext.evaluation.repeated import REPEATED, repeated_scores
 from bayesdiff_ext.evaluation.report import TABLE_METRICS, render_report
+from bayesdiff_ext.io.atomic import atomic_write
 
 __all__ = ["CACHE_NAME", "run_evaluation"]
 
@@ -33,13 +34,6 @@ FIGURES = {
     "timestep": "uncertainty_vs_timestep.png",
     "extremes": "extremes.png",
 }
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def _describe(posterior) -> str:
@@ -55,7 +49,7 @@ def _save_cache(path: Path, generated: Generated, costs: dict, meta: dict) -> No
     arrays["meta"] = np.array(json.dumps(dict(meta, costs=costs, seconds=generated.seconds)))
     buffer = __import__("io").BytesIO()
     np.savez_compressed(buffer, **arrays)
-    _write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _load_cache(path: Path) -> tuple[Generated, dict, dict]:
@@ -128,7 +122,6 @@ def _generate(config, started) -> tuple[Generated, dict, dict]:
         load_bundled_unet,
         load_digits_images,
     )
-    from bayesdiff_ext.io.outputs import versions
     from bayesdiff_ext.posterior import LastLayerLaplace
 
     unet = load_bundled_unet()
@@ -156,7 +149,7 @@ def _generate(config, started) -> tuple[Generated, dict, dict]:
         generated = generate(config, unet, scheduler, posteriors, sweep_posterior)
     meta = dict(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        versions=dict(versions(), threads=torch.get_num_threads()),
+        versions=dict(library_versions(), threads=torch.get_num_threads()),
         posteriors={name: _describe(p) for name, p in posteriors.items()},
         phases_s=dict(
             fitting=fitted - started,
@@ -169,7 +162,7 @@ def _generate(config, started) -> tuple[Generated, dict, dict]:
 
 
 def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Path:
-    """Run the filtering evaluation of SPEC §3 with ``config``; returns the report's path.
+    """Run the filtering evaluation of docs/MATH.md §3 with ``config``; returns the report's path.
 
     Writes ``config.out_dir``/``filtering_run.npz`` (the generated images, scores, maps, traces,
     sweep, costs: ``reuse=True`` starts from it instead of sampling), ``results.json``, and the
@@ -190,6 +183,7 @@ def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Pat
             _save_cache(cache, generated, costs, meta)
     else:
         generated, costs, meta = _generate(config, started)
+        out_dir.mkdir(parents=True, exist_ok=True)
         _save_cache(cache, generated, costs, meta)
     analysis_started = time.perf_counter()
     docs_dir = Path(config.docs_dir) if config.docs_dir is not None else out_dir
@@ -244,7 +238,7 @@ def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Pat
         config=config, results=results, labels=labels, costs=costs, meta=meta, figures=figure_paths
     )
     report_path = docs_dir / "EVALUATION.md"
-    _write_bytes(report_path, text.encode())
+    atomic_write(report_path, text)
     summary = dict(results, costs=costs, meta=meta, quality={k: v.tolist() for k, v in quality.items()})
-    _write_bytes(out_dir / "results.json", json.dumps(summary, indent=1, default=float).encode())
+    atomic_write(out_dir / "results.json", json.dumps(summary, indent=1, default=float))
     return report_path

@@ -29,23 +29,16 @@ class RecordedCall:
     output: torch.Tensor
 
 
-class _UNetFacade:
-    """What the sampler reads of a UNet besides calling it."""
+class _UNetFacade(nn.Module):
+    """A module around the real UNet that the sampler calls like the UNet (``forward(sample, timestep, ...)``)."""
 
     def __init__(self, unet: nn.Module):
+        super().__init__()
         self.unet = unet
 
     @property
     def config(self):
         return self.unet.config
-
-    @property
-    def device(self):
-        return self.unet.device
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
 
 
 class RecordingUNet(_UNetFacade):
@@ -56,10 +49,10 @@ class RecordingUNet(_UNetFacade):
         self.head = head
         self.calls: list[RecordedCall] = []
 
-    def __call__(self, x, t, **kwargs):
+    def forward(self, sample, timestep, **kwargs):
         with capture_head_input(self.head) as cap:
-            out = self.unet(x, t, **kwargs).sample
-        self.calls.append(RecordedCall(x.clone(), int(t), cap.phi.clone(), out.clone()))
+            out = self.unet(sample, timestep, **kwargs).sample
+        self.calls.append(RecordedCall(sample.clone(), int(timestep), cap.phi.clone(), out.clone()))
         return SimpleNamespace(sample=out)
 
 
@@ -81,13 +74,13 @@ class ReplayUNet(_UNetFacade):
         self.replayed = 0
         self.computed = 0
 
-    def __call__(self, x, t, **kwargs):
+    def forward(self, sample, timestep, **kwargs):
         if self.replayed < len(self.calls):
             call = self.calls[self.replayed]
             recorded = call.x[self.rows]
-            if call.timestep == int(t) and recorded.shape == x.shape and torch.equal(recorded, x):
+            if call.timestep == int(timestep) and recorded.shape == sample.shape and torch.equal(recorded, sample):
                 self.replayed += 1
                 self.head(call.phi[self.rows])  # the capture hook records φ, as in the real forward
                 return SimpleNamespace(sample=call.output[self.rows])
         self.computed += 1
-        return SimpleNamespace(sample=self.unet(x, t, **kwargs).sample)
+        return SimpleNamespace(sample=self.unet(sample, timestep, **kwargs).sample)

@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from bayesdiff_ext.numerics import per_image_sum
 from bayesdiff_ext.posterior.heads import eps_parameters
 
 __all__ = ["draw_head_weights", "fixed_weight_scores"]
@@ -85,4 +86,4 @@ def fixed_weight_scores(
             progress=progress,
         )
     finals = out.images.to(torch.float64).unflatten(0, (samples, batch))
-    return finals.var(dim=0).flatten(1).sum(dim=1)
+    return per_image_sum(finals.var(dim=0))

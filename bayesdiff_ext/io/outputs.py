@@ -30,10 +30,7 @@ import csv
 import io
 import json
 import os
-import platform
-import shutil
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,16 +40,18 @@ import numpy as np
 import torch
 
 from bayesdiff_ext import aggregation
+from bayesdiff_ext._version import library_versions
 from bayesdiff_ext.aggregation import FilterDecision
+from bayesdiff_ext.io.atomic import atomic_directory, atomic_write
 from bayesdiff_ext.io.grid import sorted_grid
 from bayesdiff_ext.io.images import colorize, display_factor, encode_png, to_uint8, upscale
+from bayesdiff_ext.numerics import per_image_sum
 
 __all__ = [
     "DISPLAY_PERCENTILE",
     "RunRecord",
     "check_output_dir",
     "timestamped_out_dir",
-    "versions",
     "write_run",
 ]
 
@@ -112,20 +111,6 @@ class RunRecord:
             raise ValueError(f"the filter decision covers {self.decision.keep.numel()} images, not {batch}")
 
 
-def versions() -> dict:
-    """Versions of what produced a run (recorded in summary.json)."""
-    import diffusers
-
-    import bayesdiff_ext
-
-    return {
-        "bayesdiff_ext": bayesdiff_ext.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def timestamped_out_dir(root: str | os.PathLike = "bayesdiff-out") -> Path:
     """``root/<YYYYmmdd-HHMMSS>``, with a ``-2``, ``-3`` ... suffix if that folder already exists."""
     base = Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -159,16 +144,10 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return out
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def _scores_csv(record: RunRecord) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    split = {f"{part}_sum": v.flatten(1).sum(dim=1) for part, v in record.variance_split().items()}
+    split = {f"{part}_sum": per_image_sum(v) for part, v in record.variance_split().items()}
     names = list(record.scores) + list(split)
     writer.writerow(["index", *names, "kept"])
     columns = [{**record.scores, **split}[name].tolist() for name in names]
@@ -211,7 +190,7 @@ def _summary(record: RunRecord, maps: torch.Tensor, vmax: float, factor: int, ti
         },
         **_split_summary(record),
         "settings": dict(record.settings),
-        "versions": versions(),
+        "versions": library_versions(),
         "timings": dict(timings),
     }
 
@@ -224,7 +203,7 @@ def _split_summary(record: RunRecord) -> dict:
         "variance_split": {
             "description": "Var[x_0] = aleatoric (the sampler's own noise) + epistemic (the model's "
             "uncertainty), law of total variance; per-image sums",
-            **{f"{part}_sum": v.flatten(1).sum(dim=1).tolist() for part, v in split.items()},
+            **{f"{part}_sum": per_image_sum(v).tolist() for part, v in split.items()},
         }
     }
 
@@ -246,16 +225,16 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
     for i in range(samples.shape[0]):
         name = f"{i:05d}.png"
         png = encode_png(upscale(samples[i], factor))
-        _write_file(folder / "samples" / name, png)
+        atomic_write(folder / "samples" / name, png)
         if keep[i]:
-            _write_file(folder / "kept" / name, png)
-        _write_file(folder / "uncertainty" / name, encode_png(upscale(heatmaps[i], factor)))
+            atomic_write(folder / "kept" / name, png)
+        atomic_write(folder / "uncertainty" / name, encode_png(upscale(heatmaps[i], factor)))
     for part, part_variance in record.variance_split().items():
         sub = folder / f"uncertainty_{part}"
         sub.mkdir()
         part_maps = colorize(part_variance.detach().to("cpu", torch.float64).mean(dim=1), vmax)
         for i in range(samples.shape[0]):
-            _write_file(sub / f"{i:05d}.png", encode_png(upscale(part_maps[i], factor)))
+            atomic_write(sub / f"{i:05d}.png", encode_png(upscale(part_maps[i], factor)))
     grid = sorted_grid(
         upscale(samples, factor),
         upscale(heatmaps, factor),
@@ -265,8 +244,8 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
         rule=record.decision.rule,
         vmax=vmax,
     )
-    _write_file(folder / "grid_sorted.png", encode_png(grid))
-    _write_file(folder / "scores.csv", _scores_csv(record))
+    atomic_write(folder / "grid_sorted.png", encode_png(grid))
+    atomic_write(folder / "scores.csv", _scores_csv(record))
     # Copies: safetensors refuses tensors that share memory (a sampler may return one tensor as
     # both the image and the mean).
     tensors = {"images": record.images, "variance": record.variance}
@@ -274,34 +253,28 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
         tensors["mean"] = record.mean
     tensors.update({f"{part}_variance": v for part, v in record.variance_split().items()})
     tensors.update({f"scores.{name}": s for name, s in record.scores.items()})
-    _write_file(
+    atomic_write(
         folder / "tensors.safetensors",
         save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}),
     )
     timings = {**record.timings, "write_s": time.perf_counter() - started}
     summary = json.dumps(_summary(record, maps, vmax, factor, timings), indent=2, default=str)
-    _write_file(folder / "summary.json", summary.encode())
+    atomic_write(folder / "summary.json", summary.encode())
 
 
 def write_run(out_dir: str | os.PathLike, record: RunRecord) -> Path:
     """Write ``record`` as a complete output folder at ``out_dir`` and return its absolute path.
 
-    The folder appears only once everything in it has been written: contents go to a hidden
-    sibling ``.<name>.partial-<id>`` that is renamed to ``out_dir`` at the end and removed if
-    anything fails (the error is re-raised).
+    The folder appears only once everything in it has been written (:func:`~bayesdiff_ext.io.atomic.atomic_directory`):
+    contents go to a hidden sibling folder that is renamed to ``out_dir`` at the end and removed
+    if anything fails (the error is re-raised).
     """
     record.check()
     out = check_output_dir(out_dir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
     except OSError as err:
         raise PermissionError(f"cannot create output folder {out}: {err.strerror or err}") from err
-    try:
+    with atomic_directory(out) as staging:
         _write_contents(staging, record)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

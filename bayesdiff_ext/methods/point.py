@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.capture import capture_head_input
 from bayesdiff_ext.posterior.heads import default_eps_channels, locate_head
 
@@ -30,5 +31,5 @@ class PointPosterior:
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.head(phi)[:, : self.eps_channels]
-        mean = mean.to(torch.promote_types(mean.dtype, torch.float32))
+        mean = mean.to(accumulation_dtype(mean))
         return mean, torch.zeros_like(mean)

@@ -28,7 +28,7 @@ import torch
 
 from bayesdiff_ext.methods.point import PointPosterior
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
-from bayesdiff_ext.sampler.coefficients import step_coefficients
+from bayesdiff_ext.sampler.schedulers import step_coefficients
 from bayesdiff_ext.sampler.variance_split import has_sampler_noise
 
 __all__ = ["RepeatedSampler"]
@@ -68,7 +68,7 @@ class RepeatedSampler(abc.ABC):
         ``mean``: the mean over the passes; ``variance`` = epistemic + aleatoric (see the module)."""
         started = time.perf_counter()
         reference = BayesDiffSampler(self.reference_unet, self.scheduler, PointPosterior(self.reference_unet))
-        x_t = reference._initial_noise(batch_size, noise, generator)
+        x_t = reference.draw_noise(batch_size, noise, generator)
         if generator is None:
             generator = torch.Generator(x_t.device)
             generator.seed()

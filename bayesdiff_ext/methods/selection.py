@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 from bayesdiff_ext.methods.ensemble import EnsembleSampler
 from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
 from bayesdiff_ext.posterior.hfl import DEFAULT_PROBES, HessianFreePosterior
@@ -39,15 +37,13 @@ def laplace_posterior_for(method: str, posterior, *, probes: int | None = None):
     keep = method == "laplace" or (posterior.structure == method and (method != "hfl" or probes is None))
     if keep:
         return posterior
-    derived = copy.copy(posterior)
     if method == "hfl":
-        derived.posterior = HessianFreePosterior(
+        structure = HessianFreePosterior(
             posterior.spec, posterior.posterior.gram, probes=DEFAULT_PROBES if probes is None else probes
         )
     else:
-        derived.posterior = IsotropicPosterior.from_diag(posterior.posterior)
-    derived.structure = method
-    return derived.set_hyperparameters()
+        structure = IsotropicPosterior.from_diag(posterior.posterior)
+    return posterior.with_structure(structure)
 
 
 def sampler_for(

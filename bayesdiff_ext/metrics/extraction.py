@@ -18,10 +18,14 @@ class FeatureExtractor(Protocol):
 
 
 def feature_function(module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The callable that maps images to features: ``module.features`` if present, else ``module``.
+    r"""
+    Args:
+        module (callable or object with `features`):
+            A feature extractor.
 
-    A classifier with ``features`` (the bundled digits classifier) is thus used for its embedding,
-    not its logits.
+    Returns:
+        The callable that maps images to features: `module.features` if present, else `module` (so a classifier
+        with `features`, such as the bundled digits classifier, is used for its embedding, not its logits).
     """
     features = getattr(module, "features", None)
     if callable(features):
@@ -43,12 +47,21 @@ def _check_feature_output(out, n: int, who: str) -> torch.Tensor:
 
 
 class FeatureModule(nn.Module):
-    """Wraps a feature extractor so that ``forward`` returns its (N, d) features.
+    r"""
+    Wraps a feature extractor so that `forward` returns its features `(N, num_features)`.
 
-    Pass it as ``torchmetrics.image.FrechetInceptionDistance(feature=FeatureModule(m))`` (or
-    ``KernelInceptionDistance``): torchmetrics calls ``forward`` and reads ``num_features``
-    (without it, it would probe the module with a random 3×299×299 image). ``num_features`` is
-    taken from the wrapped module's ``num_features`` or ``feature_dim`` when not given.
+    Pass it as `torchmetrics.image.FrechetInceptionDistance(feature=FeatureModule(m))` (or
+    `KernelInceptionDistance`): torchmetrics calls `forward` and reads `num_features` (without it, it would
+    probe the module with a random 3×299×299 image).
+
+    Args:
+        module (`FeatureExtractor` or callable):
+            Has `features(x)`, or maps a batch to features itself.
+        num_features (`int`, *optional*):
+            The feature width d; defaults to the module's `num_features` or `feature_dim`.
+
+    Raises:
+        `ValueError`: no width is given or found. `forward` raises one when the module returns another shape.
     """
 
     def __init__(self, module, num_features: Optional[int] = None):
@@ -115,13 +128,25 @@ def extract_features(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Features (N, d) as float64 numpy of ``images`` (N, ...) through ``module``, batch by batch.
+    r"""
+    Features of a set of images, batch by batch. The module runs in eval mode under `torch.no_grad` and gets
+    its train/eval mode back afterwards; it is never moved.
 
-    ``module`` is a :class:`FeatureExtractor` (``features(x)``) or a callable returning (N, d).
-    Batches are moved to ``device`` (default: the module's parameter device, else CPU) and, when
-    floating point, cast to the module's parameter dtype (integer images, e.g. uint8 for an
-    Inception network, pass unchanged). The module runs in eval mode under ``torch.no_grad`` and
-    its train/eval mode is restored afterwards; the module itself is never moved.
+    Args:
+        module (`FeatureExtractor` or callable):
+            Has `features(x)`, or maps a batch to features `(batch_size, d)` itself.
+        images (`torch.Tensor` or `numpy.ndarray` of shape `(N, ...)`):
+            The images. Floating-point batches are cast to the module's parameter dtype; integer images (e.g.
+            uint8 for an Inception network) pass unchanged.
+        batch_size (`int`, *optional*, defaults to 256):
+            Images per call.
+        device (`str` or `torch.device`, *optional*):
+            Where batches go; defaults to the module's parameter device, else the CPU.
+        progress (`bool`, *optional*, defaults to `False`):
+            Show a progress bar.
+
+    Returns:
+        `numpy.ndarray` of shape `(N, d)`: the features, float64.
     """
     fn = feature_function(module)
     if isinstance(images, np.ndarray):

@@ -8,7 +8,15 @@ from bayesdiff_ext.metrics._inputs import feature_matrix, same_width
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (d,) and unbiased covariance (d, d) of a feature matrix (N, d), N >= 2, in float64."""
+    r"""
+    Args:
+        features (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples, num_features)`):
+            At least 2 rows, any float dtype and device.
+
+    Returns:
+        `tuple[numpy.ndarray, numpy.ndarray]`: the mean `(num_features,)` and the unbiased covariance
+        `(num_features, num_features)` (ddof = 1), in float64.
+    """
     x = feature_matrix(features, "features", min_rows=2)
     return x.mean(axis=0), np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
 
@@ -36,12 +44,26 @@ def _check_statistics(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.
 
 
 def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) in float64.
+    r"""
+    The Fréchet distance ‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) between two Gaussians, in float64
+    (docs/MATH.md §3).
 
     tr((Σ₁Σ₂)^{1/2}) is computed as Σ √eig(Σ₁^{1/2} Σ₂ Σ₁^{1/2}): that matrix is symmetric PSD and
     similar to Σ₁Σ₂, so its eigenvalues are real and non-negative up to round-off. This avoids the
     complex ``sqrtm`` of the non-symmetric product (and pytorch-fid's eps-offset retry), and stays
     exact for singular covariances (fewer samples than features).
+
+    Args:
+        mu1, mu2 (`numpy.ndarray` of shape `(d,)`):
+            The means.
+        sigma1, sigma2 (`numpy.ndarray` of shape `(d, d)`):
+            The covariances (symmetrised before use).
+
+    Returns:
+        `float`: the distance, ≥ 0.
+
+    Raises:
+        `ValueError`: mismatched shapes, or NaN/inf entries.
     """
     mu1, sigma1 = _check_statistics(mu1, sigma1, "1")
     mu2, sigma2 = _check_statistics(mu2, sigma2, "2")
@@ -57,9 +79,18 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_distance(a, b) -> float:
-    """FID formula between feature sets ``a`` (N₁, d) and ``b`` (N₂, d), N ≥ 2 each.
+    r"""
+    The FID formula between two feature sets (docs/MATH.md §3).
 
-    Means and unbiased covariances (ddof = 1, as pytorch-fid and torchmetrics) in float64.
+    Args:
+        a (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples_a, d)`):
+            The first feature set, at least 2 rows, any float dtype and device.
+        b (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples_b, d)`):
+            The second feature set, at least 2 rows.
+
+    Returns:
+        `float`: the Fréchet distance between Gaussians with the sets' means and unbiased covariances
+        (ddof = 1, as pytorch-fid and torchmetrics), computed in float64.
     """
     xa = feature_matrix(a, "a", min_rows=2)
     xb = feature_matrix(b, "b", min_rows=2)

@@ -13,12 +13,21 @@ _ROW_SUM_TOLERANCE = 1e-3
 
 
 def inception_score(probs, splits: int = 10) -> MeanStd:
-    """Inception Score of class probabilities ``probs`` (N, C) (rows: p(y|x), e.g. a softmax).
+    r"""
+    The Inception Score of class probabilities (docs/MATH.md §3).
 
-    The N rows are cut into ``splits`` contiguous parts (boundaries ⌊iN/splits⌋, as in the original
-    code of Salimans et al.); in each, p(y) is the part's mean row and the score is
-    exp(mean KL(p(y|x) ‖ p(y))) with 0·log 0 = 0. Returns the mean and the population std over the
-    parts. The score lies in [1, C]: 1 when every row is the same, C for confident, balanced classes.
+    The N rows are cut into `splits` contiguous parts (boundaries ⌊iN/splits⌋, as in the original code of
+    Salimans et al.); in each, p(y) is the part's mean row and the score is exp(mean KL(p(y|x) ‖ p(y))) with
+    0·log 0 = 0. The score lies in [1, C]: 1 when every row is the same, C for confident, balanced classes.
+
+    Args:
+        probs (`numpy.ndarray` or `torch.Tensor` of shape `(N, C)`):
+            Rows p(y|x) (e.g. a softmax): non-negative, each summing to 1.
+        splits (`int`, *optional*, defaults to 10):
+            Parts, in [1, N].
+
+    Returns:
+        `MeanStd`: the mean and the population std of the score over the parts.
     """
     p = feature_matrix(probs, "probs")
     if (p < 0).any():

@@ -45,15 +45,36 @@ def kid(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
 ) -> MeanStd:
-    """KID between feature sets ``a`` (N₁, d) and ``b`` (N₂, d): mean ± std over ``subsets``.
+    r"""
+    The Kernel Inception Distance: the unbiased MMD² with a polynomial kernel, averaged over random subsets
+    (docs/MATH.md §3). Statistics in float64.
 
-    Each subset draws ``subset_size`` rows of ``a`` and of ``b`` without replacement and evaluates
-    the unbiased MMD² with k(x, y) = (γ x·y + coef0)^degree, γ = 1/d by default. ``subset_size``
-    defaults to min(1000, N₁, N₂) as in clean-fid. The std is the population std over subsets, as in
-    torchmetrics. Subsets come from ``torch.randperm`` on a CPU generator (``seed``, default 0, or
-    your ``generator``), drawn for ``a`` then ``b`` in each subset — the order torchmetrics'
-    ``KernelInceptionDistance`` draws real then fake, so with ``a`` = real features and the same seed
-    in ``torch.manual_seed`` the subsets are identical. Statistics in float64.
+    Each subset draws `subset_size` rows of `a` and of `b` without replacement from `torch.randperm` on a CPU
+    generator, for `a` then `b` — the order torchmetrics' `KernelInceptionDistance` draws real then fake, so
+    with `a` = real features and the same seed in `torch.manual_seed` the subsets are identical.
+
+    Args:
+        a (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples_a, d)`):
+            The first feature set (e.g. real), at least 2 rows.
+        b (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples_b, d)`):
+            The second feature set (e.g. generated), at least 2 rows.
+        subsets (`int`, *optional*, defaults to 100):
+            How many random subsets.
+        subset_size (`int`, *optional*):
+            Rows per subset, in [2, min(N_a, N_b)]; defaults to min(1000, N_a, N_b), as in clean-fid.
+        degree (`int`, *optional*, defaults to 3):
+            The kernel's degree: k(x, y) = (γ·x·y + coef0)^degree.
+        gamma (`float`, *optional*):
+            The kernel's γ; defaults to 1/d.
+        coef0 (`float`, *optional*, defaults to 1.0):
+            The kernel's offset.
+        seed (`int`, *optional*):
+            Seeds the subset generator (default 0); pass either `seed` or `generator`.
+        generator (`torch.Generator`, *optional*):
+            A CPU generator for the subsets.
+
+    Returns:
+        `MeanStd`: the mean of the subsets' MMD² and their population std (as torchmetrics).
     """
     xa = feature_matrix(a, "a", min_rows=2)
     xb = feature_matrix(b, "b", min_rows=2)

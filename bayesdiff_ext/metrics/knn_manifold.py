@@ -40,17 +40,27 @@ def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def prdc(real, fake, k: int = 5) -> PRDC:
-    """Precision, recall, density and coverage of ``fake`` (M, d) against ``real`` (N, d).
+    r"""
+    Precision, recall, density and coverage of a generated set against a real one (docs/MATH.md §3).
 
-    The definitions of the official ``prdc`` package (clovaai/generative-evaluation-prdc), with
-    r(·) the distance to the k-th nearest neighbour within the point's own set and strict "<":
+    The definitions of the official `prdc` package (clovaai/generative-evaluation-prdc), with r(·) the
+    distance to the k-th nearest neighbour within the point's own set and strict "<":
 
     * precision — fraction of fakes inside at least one real ball B(x_i, r(x_i));
     * recall    — fraction of reals inside at least one fake ball B(y_j, r(y_j));
     * density   — (1/(kM)) Σ_j #{i : y_j ∈ B(x_i, r(x_i))};
     * coverage  — fraction of reals whose nearest fake lies inside their own ball.
 
-    Distances in float64; needs k < N and k < M.
+    Args:
+        real (`numpy.ndarray` or `torch.Tensor` of shape `(N, d)`):
+            The real features.
+        fake (`numpy.ndarray` or `torch.Tensor` of shape `(M, d)`):
+            The generated features.
+        k (`int`, *optional*, defaults to 5):
+            The neighbour that sets each ball's radius; k < N and k < M.
+
+    Returns:
+        `PRDC`: `(precision, recall, density, coverage)`, distances computed in float64.
     """
     xr = feature_matrix(real, "real")
     xf = feature_matrix(fake, "fake")

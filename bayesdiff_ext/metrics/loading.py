@@ -51,17 +51,29 @@ def load_feature_module(
     device: Union[str, torch.device] = "cpu",
     strict: bool = True,
 ) -> nn.Module:
-    """Load a user-supplied feature extractor from a local file, in eval mode with frozen parameters.
+    r"""
+    Load a user-supplied feature extractor from a local file (weights are never downloaded).
 
-    * ``module=None``: ``path`` is a TorchScript archive (``torch.jit.save``), e.g. the Inception
-      network of clean-fid / StyleGAN.
-    * ``module`` given (an ``nn.Module`` or a zero-argument class/factory): ``path`` is its state dict
-      (``.safetensors``, or a ``torch.save``'d dict read with ``weights_only=True``), loaded with
-      ``load_state_dict(strict=strict)``.
+    The module is used through `features(x)` if it has one, else its forward; wrap it in :class:`FeatureModule`
+    to pass it to torchmetrics.
 
-    The module is used through ``features(x)`` if it has one, else its forward; wrap it in
-    :class:`FeatureModule` to pass it to torchmetrics. Raises FileNotFoundError if ``path`` does not
-    exist (weights are never downloaded).
+    Args:
+        path (`str` or `os.PathLike`):
+            With `module=None`, a TorchScript archive (`torch.jit.save`, e.g. the Inception network of clean-fid
+            / StyleGAN); otherwise the module's state dict (`.safetensors`, or a `torch.save`'d dict read with
+            `weights_only=True`).
+        module (`torch.nn.Module` or zero-argument factory, *optional*):
+            The module (or class) the state dict belongs to.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
+            Where the module goes.
+        strict (`bool`, *optional*, defaults to `True`):
+            Passed to `load_state_dict`.
+
+    Returns:
+        `torch.nn.Module`: the extractor, in eval mode with frozen parameters.
+
+    Raises:
+        `FileNotFoundError`: `path` does not exist. `ValueError`: it is not what `module` says.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,11 +102,21 @@ def load_feature_module(
 def digits_feature_extractor(
     root: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu"
 ) -> FeatureModule:
-    """The default extractor for the bundled digits model: the bundled classifier's embedding.
+    r"""
+    The default extractor for the bundled digits model: the bundled classifier's embedding, loaded when called.
 
-    Loaded when called (``bayesdiff_ext.digits.load_bundled_classifier``), never at import;
-    raises its FileNotFoundError, with the command that regenerates the assets, when they are
-    missing. ``root`` overrides the assets folder.
+    Args:
+        root (`str` or `os.PathLike`, *optional*):
+            The assets folder; defaults to the bundled one.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
+            Where the classifier goes.
+
+    Returns:
+        `FeatureModule`: its `forward` maps images `(N, 1, 16, 16)` at model scale to features
+        `(N, feature_dim)` (128 for the bundled classifier).
+
+    Raises:
+        `FileNotFoundError`: the assets are missing (the message names the command that regenerates them).
     """
     from bayesdiff_ext.digits import load_bundled_classifier
 

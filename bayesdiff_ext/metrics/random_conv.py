@@ -10,13 +10,24 @@ from torch import nn
 
 
 class RandomConvFeatures(nn.Module):
-    """Three random 3×3 conv layers (stride 1, 2, 2) with ReLU, then global average pooling → (N, dim).
+    r"""
+    A fixed random feature extractor: three 3×3 conv layers (stride 1, 2, 2) with ReLU, then global average
+    pooling. `forward` and `features` map images `(N, in_channels, H, W)` to features `(N, dim)`.
 
-    The weights are a pure function of ``seed``: they are drawn as float64 uniforms from a CPU
-    ``torch.Generator`` (integer Mersenne-Twister output scaled by powers of two, so bit-identical on
-    every machine) with He-uniform scale √(6/fan_in), then rounded to float32; biases are zero.
-    Parameters are frozen. ``forward`` and ``features`` both return the features, and
-    ``num_features`` is set, so the module plugs into :func:`extract_features` and torchmetrics.
+    The weights are a pure function of `seed`: float64 uniforms from a CPU `torch.Generator` (integer
+    Mersenne-Twister output scaled by powers of two, so bit-identical on every machine) with He-uniform scale
+    √(6/fan_in), rounded to float32; biases are zero; parameters are frozen. `num_features` is set, so the
+    module plugs into :func:`extract_features` and torchmetrics.
+
+    Args:
+        in_channels (`int`, *optional*, defaults to 1):
+            Image channels.
+        dim (`int`, *optional*, defaults to 64):
+            Feature width.
+        seed (`int`, *optional*, defaults to 0):
+            Fixes the weights.
+        width (`int`, *optional*, defaults to 32):
+            Channels of the first layer (the second has twice as many).
     """
 
     def __init__(self, in_channels: int = 1, dim: int = 64, seed: int = 0, width: int = 32):

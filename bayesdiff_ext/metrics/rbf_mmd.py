@@ -28,12 +28,25 @@ def rbf_kernel_mean(x: np.ndarray, y: np.ndarray, gamma: float) -> float:
 
 
 def cmmd(a, b, sigma: float = 10.0, scale: float = 1000.0) -> float:
-    """CMMD between embeddings ``a`` (N₁, d) and ``b`` (N₂, d), the google-research/cmmd formula.
+    r"""
+    CMMD between two embedding sets, the google-research/cmmd formula (docs/MATH.md §3), in float64.
 
     Embeddings are L2-normalised (the reference normalises its CLIP embeddings), the kernel is
-    k(x, y) = exp(−‖x − y‖² / (2σ²)) with σ = 10, and the biased V-statistic
-    mean k(a, a) + mean k(b, b) − 2 mean k(a, b) (means include the diagonal) is multiplied by
-    ``scale`` = 1000. Computed in float64.
+    k(x, y) = exp(−‖x − y‖² / (2σ²)), and the biased V-statistic mean k(a, a) + mean k(b, b) − 2·mean k(a, b)
+    (means include the diagonal) is multiplied by `scale`.
+
+    Args:
+        a (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples_a, d)`):
+            The first embedding set.
+        b (`numpy.ndarray` or `torch.Tensor` of shape `(num_samples_b, d)`):
+            The second embedding set.
+        sigma (`float`, *optional*, defaults to 10.0):
+            The RBF bandwidth σ.
+        scale (`float`, *optional*, defaults to 1000.0):
+            The factor of the reference's reported numbers.
+
+    Returns:
+        `float`: scale × the MMD², ≥ 0.
     """
     xa = l2_normalise(feature_matrix(a, "a"))
     xb = l2_normalise(feature_matrix(b, "b"))

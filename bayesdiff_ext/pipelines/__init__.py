@@ -9,4 +9,7 @@ from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.pipelines.callback import UncertaintyCallback
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
 
+# Defining the wrappers registers the stock pipelines they wrap with BayesDiffPipeline.from_pipe.
+from bayesdiff_ext.pipelines import pixel, stable_diffusion  # noqa: F401
+
 __all__ = ["BayesDiffPipeline", "BayesDiffPipelineOutput", "UncertaintyCallback"]

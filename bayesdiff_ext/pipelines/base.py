@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 
@@ -34,6 +34,15 @@ class BayesDiffPipeline:
     DPM-Solver singlestep, with ``clip_sample=False``).
     """
 
+    #: The stock pipeline class each wrapper wraps: every wrapper registers itself by declaring
+    #: ``class BayesDiffXPipeline(BayesDiffPipeline, wraps=XPipeline)``.
+    _wrappers: ClassVar[dict[type, type[BayesDiffPipeline]]] = {}
+
+    def __init_subclass__(cls, *, wraps: type | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if wraps is not None:
+            BayesDiffPipeline._wrappers[wraps] = cls
+
     def __init__(self, pipe, posterior) -> None:
         if type(self) is BayesDiffPipeline:
             raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
@@ -44,20 +53,11 @@ class BayesDiffPipeline:
 
     @classmethod
     def from_pipe(cls, pipe, posterior) -> BayesDiffPipeline:
-        """The wrapper for ``pipe``'s class: DDPMPipeline, DDIMPipeline or StableDiffusionPipeline."""
-        from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
-
-        from bayesdiff_ext.pipelines.pixel import BayesDiffDDIMPipeline, BayesDiffDDPMPipeline
-        from bayesdiff_ext.pipelines.stable_diffusion import BayesDiffStableDiffusionPipeline
-
-        wrappers = (
-            (StableDiffusionPipeline, BayesDiffStableDiffusionPipeline),
-            (DDIMPipeline, BayesDiffDDIMPipeline),
-            (DDPMPipeline, BayesDiffDDPMPipeline),
-        )
-        for stock, wrapper in wrappers:
-            if isinstance(pipe, stock):
-                return wrapper(pipe, posterior)
+        """The wrapper registered for ``pipe``'s class (or its nearest registered base class):
+        DDPMPipeline, DDIMPipeline or StableDiffusionPipeline."""
+        for stock in type(pipe).__mro__:
+            if stock in BayesDiffPipeline._wrappers:
+                return BayesDiffPipeline._wrappers[stock](pipe, posterior)
         raise TypeError(
             "BayesDiffPipeline wraps a DDPMPipeline, DDIMPipeline or StableDiffusionPipeline, "
             f"got {type(pipe).__name__}; "

@@ -10,18 +10,14 @@ from typing import Any
 import torch
 from diffusers.callbacks import PipelineCallback
 
-from bayesdiff_ext import latent, ops
-from bayesdiff_ext.guidance import (
-    ClassifierFreeGuidance,
-    check_guidance_variance,
-    combine,
-    guided_head_moments,
-    split_branches,
-)
-from bayesdiff_ext.sampler.coefficients import step_coefficients
-from bayesdiff_ext.sampler.eps_moments import closed_form_moments, monte_carlo_moments
+from bayesdiff_ext import latent
+from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_prediction
+from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
+from bayesdiff_ext.sampler.engine import StepEngine, check_settings
+from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
+from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.sampler.randomness import independent_generator
-from bayesdiff_ext.sampler.sampler import BayesDiffSampler, _check_settings, step_kinds
+from bayesdiff_ext.sampler.schedulers import describe
 
 __all__ = ["UncertaintyCallback"]
 
@@ -45,8 +41,10 @@ class UncertaintyCallback(PipelineCallback):
     are exactly the stock pipeline's); see x_T or the step's ε other than through those hooks;
     save UNet calls — its Monte Carlo passes (S samples, 2·S·B rows with guidance) are extra UNet
     calls it makes itself at every uncertainty step. It supports the sampler's schedulers with
-    one UNet call per step (DDIM, DDPM, first-order DPM-Solver; not DPM-Solver-2's two-stage
-    steps), needs ``eta`` to be the one given to the pipeline, and rejects ``guidance_rescale``.
+    one UNet call per step and an unscaled model input (DDIM, DDPM, first-order DPM-Solver; not
+    DPM-Solver-2's two-stage steps, nor the Euler family, whose model input is scaled by a σ the
+    scheduler has already moved past when the callback runs), needs ``eta`` to be the one given
+    to the pipeline, and rejects ``guidance_rescale``.
 
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
@@ -84,7 +82,7 @@ class UncertaintyCallback(PipelineCallback):
             skip=skip,
             guidance_variance=guidance_variance,
         )
-        _check_settings(self.settings)
+        check_settings(self.settings)
         check_guidance_variance(guidance_variance)
         self.posterior = posterior
         self.generator = generator
@@ -100,7 +98,7 @@ class UncertaintyCallback(PipelineCallback):
         """Per-image sum of the latent variance (BayesDiff's score), (B,)."""
         if self.variance is None:
             raise RuntimeError("no step has been tracked yet: pass the callback to a pipeline call first")
-        return self.variance.flatten(1).sum(dim=1)
+        return per_image_sum(self.variance)
 
     def pixel_moments(
         self, vae, *, samples: int = 16, batch_size: int = 8, generator=None
@@ -136,11 +134,11 @@ class UncertaintyCallback(PipelineCallback):
             batch = callback_kwargs["latents"].shape[0]
             if step_index == 0:
                 self._start(pipeline, call, batch)
-            self._step(pipeline, step_index, call, batch)
+            self._step(pipeline, step_index, timestep, call, batch)
         except BaseException:
             self.close()  # the pipeline stops here: leave its UNet without our hooks
             raise
-        if step_index == len(self._plan) - 1:
+        if step_index == len(self._engine.plan) - 1:
             self.close()
         return callback_kwargs
 
@@ -149,103 +147,66 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
-        self._plan = step_coefficients(pipeline.scheduler, self.settings["eta"])
-        restarts = [s.index for s in self._plan if s.origin != s.index]
+        description = describe(pipeline.scheduler, self.settings["eta"])
+        if description.scales_model_input:
+            raise ValueError(
+                f"{description.name} scales the model input by its current σ, and a step-end callback runs "
+                "after the scheduler has moved to the next one (its model input is not x_T either): "
+                "use BayesDiffSampler for this scheduler"
+            )
+        plan = description.steps()
+        restarts = [s.index for s in plan if s.origin != s.index]
         if restarts:
             raise ValueError(
                 f"{type(pipeline.scheduler).__name__} has two-stage steps (at {restarts}); "
                 "UncertaintyCallback follows one UNet call per step: use solver_order=1, "
                 "or BayesDiffSampler/BayesDiffPipeline"
             )
-        self._kinds = step_kinds(
-            self._plan, self.settings["uq_every"], self.settings["mc_samples"], self.settings["skip"]
-        )
-        self._sampler = BayesDiffSampler(self._recorder.unet, pipeline.scheduler, self.posterior)
+        self._model_call = ModelCall(self._recorder.unet, pipeline.scheduler, self.posterior)
         x_start = call.sample[:batch]
-        self._dtype = torch.float64 if x_start.dtype == torch.float64 else torch.float32
-        self._mc_generator = independent_generator(self.generator, x_start.device)
-        self.mean = x_start.to(self._dtype, copy=True)
-        self.variance = torch.zeros_like(self.mean)
-        if self.trace is not None:
-            self.trace.clear()
+        dtype = accumulation_dtype(x_start)
+        generator = independent_generator(self.generator, x_start.device)
+        self._engine = StepEngine(
+            plan, self.settings, moment_dtype=dtype, generator=generator, trace=self.trace is not None
+        )
+        self._engine.start(x_start)
+        self._publish()
 
-    def _step(self, pipeline, index: int, call: _UNetCall, batch: int) -> None:
-        settings, posterior = self.settings, self.posterior
-        step = self._plan[index]
+    def _step(self, pipeline, index: int, timestep, call: _UNetCall, batch: int) -> None:
         guidance, kwargs, out = None, call.kwargs, call.output
         if call.sample.shape[0] == 2 * batch:
             uncond, cond = split_branches(call.kwargs, batch)
             guidance = ClassifierFreeGuidance(
-                float(pipeline.guidance_scale), uncond, settings["guidance_variance"]
+                float(pipeline.guidance_scale), uncond, self.settings["guidance_variance"]
             )
             kwargs, out = guidance.branch_kwargs(cond), combine(*call.output.chunk(2), guidance.scale)
         elif call.sample.shape[0] != batch:
             raise ValueError(f"the pipeline's UNet call had {call.sample.shape[0]} rows for {batch} latents")
-        is_uncertain, monte_carlo, closed_form = self._kinds[index]
+        engine = self._engine
+        step = engine.plan[index]
+        head_var = head_moments(self.posterior, call.phi, guidance)[1] if engine.kinds[index].closed_form else None
 
-        if monte_carlo:
+        def head_at(samples):
+            with self._recorder.paused():
+                return self._model_call.head_at(samples, timestep, kwargs, engine.moment_dtype, guidance)
 
-            def head_at(samples):
-                with self._recorder.paused():
-                    return self._sampler.head_at_samples(
-                        samples, call.timestep, kwargs, self._dtype, guidance
-                    )
+        calls = engine.monte_carlo_calls
+        engine.advance(step, timestep, stepped_prediction(out, self.mean), head_var, head_at)
+        self.extra_unet_calls += engine.monte_carlo_calls - calls
+        self._publish()
 
-            moments, _ = monte_carlo_moments(
-                step,
-                step,
-                self.mean,
-                self.variance,
-                None,
-                head_at,
-                samples=settings["mc_samples"],
-                keep_eps=False,
-                eps_variance=settings["eps_variance"],
-                covariance=settings["covariance"],
-                generator=self._mc_generator,
-            )
-            self.extra_unet_calls += 1
-        else:
-            head_var = None
-            if closed_form:
-                if guidance is None:
-                    head_var = posterior.predict(call.phi)[1]
-                else:
-                    head_var = guided_head_moments(posterior, call.phi, guidance.scale, guidance.variance)[1]
-                head_var = head_var.to(self._dtype)
-            eps = out[:, : posterior.eps_channels].to(self._dtype)
-            moments = closed_form_moments(step, eps, head_var, None)
-        self.mean, self.variance = ops.moment_step(
-            self.mean,
-            self.variance,
-            moments.mean,
-            moments.var,
-            moments.cov,
-            a=step.a,
-            b=step.b[-1],
-            c2=step.c2,
-            clamp=settings["clamp"],
-        )
+    def _publish(self) -> None:
+        """The engine's moments (and trace) as this callback's results."""
+        self.mean, self.variance = self._engine.mean, self._engine.var
         if self.trace is not None:
-            self.trace.append(
-                dict(
-                    index=index,
-                    timestep=int(call.timestep),
-                    uncertainty_step=is_uncertain,
-                    monte_carlo=monte_carlo,
-                    mean=self.mean,
-                    variance=self.variance,
-                    variance_sum=self.variance.flatten(1).sum(dim=1),
-                )
-            )
+            self.trace[:] = self._engine.trace
 
 
 @dataclass
 class _UNetCall:
-    """One recorded UNet call of the pipeline: model input, timestep, kwargs, output, the head's input φ."""
+    """One recorded UNet call of the pipeline: model input, conditioning, output, the head's input φ."""
 
     sample: torch.Tensor
-    timestep: Any
     kwargs: dict[str, Any]
     output: torch.Tensor
     phi: torch.Tensor
@@ -256,6 +217,7 @@ class _UNetCallRecorder:
 
     def __init__(self, posterior) -> None:
         self.unet = posterior.model
+        self._sample_argument = Denoiser(self.unet).sample_argument
         self._capture = posterior.capture()
         self._head_input = self._capture.__enter__()
         self._handle = self.unet.register_forward_hook(self._record, with_kwargs=True)
@@ -268,11 +230,11 @@ class _UNetCallRecorder:
         if self._paused:
             return
         kwargs = dict(kwargs)
-        sample = args[0] if args else kwargs.pop("sample")
-        timestep = args[1] if len(args) > 1 else kwargs.pop("timestep")
+        sample = args[0] if args else kwargs.pop(self._sample_argument)
+        if len(args) < 2:  # the callback steps with the scheduler's timestep it is handed
+            kwargs.pop("timestep")
         kwargs.pop("return_dict", None)
-        out = output.sample if hasattr(output, "sample") else output[0]
-        self._latest = _UNetCall(sample, timestep, kwargs, out, self._head_input.phi)
+        self._latest = _UNetCall(sample, kwargs, model_prediction(output), self._head_input.phi)
         self._calls += 1
 
     def take(self) -> _UNetCall:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers import DDIMPipeline, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
@@ -48,7 +49,7 @@ class _PixelPipeline(BayesDiffPipeline):
         )
 
 
-class BayesDiffDDPMPipeline(_PixelPipeline):
+class BayesDiffDDPMPipeline(_PixelPipeline, wraps=DDPMPipeline):
     """``DDPMPipeline.__call__``'s arguments plus the sampler's uncertainty arguments."""
 
     @torch.no_grad()
@@ -76,7 +77,7 @@ class BayesDiffDDPMPipeline(_PixelPipeline):
         )
 
 
-class BayesDiffDDIMPipeline(_PixelPipeline):
+class BayesDiffDDIMPipeline(_PixelPipeline, wraps=DDIMPipeline):
     """``DDIMPipeline.__call__``'s arguments plus the sampler's uncertainty arguments."""
 
     @torch.no_grad()

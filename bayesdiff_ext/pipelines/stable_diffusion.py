@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance
@@ -19,7 +21,7 @@ __all__ = ["BayesDiffStableDiffusionPipeline"]
 _DECODE_STREAM = 0x5DEECE66D
 
 
-class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
+class BayesDiffStableDiffusionPipeline(BayesDiffPipeline, wraps=StableDiffusionPipeline):
     """``StableDiffusionPipeline.__call__``'s arguments plus the uncertainty arguments.
 
     The prompt is encoded, x_T drawn and the images decoded, checked and post-processed by the
@@ -126,11 +128,11 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
             lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
-        latents = pipe.prepare_latents(
-            batch_size * num_images_per_prompt,
-            unet.config.in_channels,
-            height,
-            width,
+        # The unit-variance draw of prepare_latents; the sampler scales it by init_noise_sigma once
+        # the timesteps are set, as the stock pipeline does after retrieve_timesteps.
+        noise = _unit_noise(
+            pipe,
+            (batch_size * num_images_per_prompt, unet.config.in_channels, height, width),
             prompt_embeds.dtype,
             device,
             generator,
@@ -148,7 +150,7 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
         # The stock pipeline hands eta to the scheduler only where its step takes one (DDIM).
         step_eta = eta if "eta" in pipe.prepare_extra_step_kwargs(generator, eta) else 0.0
         result = self._sample(
-            latents,
+            noise,
             num_inference_steps,
             generator,
             step_eta,
@@ -206,6 +208,20 @@ class BayesDiffStableDiffusionPipeline(BayesDiffPipeline):
             settings=settings,
             timings=timings,
         )
+
+
+def _unit_noise(pipe, size, dtype, device, generator, latents) -> torch.Tensor:
+    """``prepare_latents``' draw (or the given ``latents``) before its scaling by ``init_noise_sigma``."""
+    batch, channels, height, width = size
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+            f" size of {batch}. Make sure the batch size matches the length of the generators."
+        )
+    if latents is not None:
+        return latents.to(device)
+    shape = (batch, channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 def _refuse_unsupported(

@@ -1,4 +1,4 @@
-"""Diagonal posterior: Σ = diag(1/(s·h + δ)), predicted with one fused conv of φ² (SPEC §1.1)."""
+"""Diagonal posterior: Σ = diag(1/(s·h + δ)), predicted with one fused conv of φ² (docs/MATH.md §1.1)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class DiagCurvature:
 
 class DiagPosterior(PosteriorStructure):
     name = "diag"
+    curvatures = ("ggn", "ef", "ef_bayesdiff")
 
     def __init__(self, spec: HeadSpec, h_weight: torch.Tensor, h_bias: torch.Tensor | None):
         super().__init__(spec)

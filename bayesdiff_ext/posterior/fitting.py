@@ -1,8 +1,11 @@
 """The fitting data loop: noised training images through the model, φ from the hook, residuals.
 
-For every batch of images x_0 and each of ``timesteps_per_image`` draws: t ~ U{0..T−1}, ε ~ N(0, I),
-x_t = scheduler.add_noise(x_0, ε, t), f = ε channels of model(x_t, t), r = f − ε. The accumulator
-of the chosen structure gets (φ, r); the residual sum of squares gives σ by maximum likelihood.
+For every batch of images x_0 and each of ``timesteps_per_image`` draws, the training noise
+(:mod:`~bayesdiff_ext.posterior.training_noise`) gives (x_t, timestep, target); f = the ε channels
+of the model's output at x_t (called through :class:`~bayesdiff_ext.denoiser.Denoiser`), r = f − target.
+The accumulator of the chosen structure gets (φ, r), r moved to the head's output layout (a patch
+transformer's residual is patchified back onto its token grid); the residual sum of squares gives
+σ by maximum likelihood.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bayesdiff_ext.posterior.capture import capture_head_input
-from bayesdiff_ext.posterior.head_ops import accumulation_dtype
+from bayesdiff_ext.denoiser import Denoiser
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
+from bayesdiff_ext.posterior.output_layout import PatchLayout
+from bayesdiff_ext.posterior.training_noise import training_noise
 
 ModelKwargs = Mapping[str, Any] | Callable[[torch.Tensor], Mapping[str, Any]] | None
 
@@ -41,17 +46,6 @@ class FitStatistics:
         self.n_samples += len(residual)
         self.residual_elements += residual.numel()
         self.residual_sum_squares += float(residual.to(torch.float64).square().sum())
-
-
-def model_output(out) -> torch.Tensor:
-    """The prediction tensor of a diffusers output object, a tuple, or a plain tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot read the prediction from a model output of type {type(out).__name__}")
 
 
 def image_batches(images, batch_size: int) -> tuple[Iterable[torch.Tensor], int | None]:
@@ -87,24 +81,12 @@ def _image_tensor(batch) -> torch.Tensor:
     raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
 
 
-def check_scheduler(scheduler) -> int:
-    """The scheduler's number of training timesteps, after checking it predicts ε."""
-    config = getattr(scheduler, "config", None)
-    if config is None or not hasattr(scheduler, "add_noise"):
-        raise TypeError(f"`scheduler` must be a diffusers scheduler with add_noise, got {type(scheduler).__name__}")
-    prediction = getattr(config, "prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(
-            f"the scheduler has prediction_type={prediction!r}; BayesDiff propagates the variance of ε, "
-            "so the posterior needs an ε-prediction model (prediction_type='epsilon')"
-        )
-    return int(config.num_train_timesteps)
-
-
 def fit_on_images(
     model: nn.Module,
     head: nn.Module,
     spec: HeadSpec,
+    layout: PatchLayout | None,
+    capture: Callable,
     accumulator: CurvatureAccumulator,
     images,
     scheduler,
@@ -115,35 +97,37 @@ def fit_on_images(
     model_kwargs: ModelKwargs,
     progress: bool,
 ) -> FitStatistics:
-    """Run the data loop; the model must already be in eval mode and gradients off."""
+    """Run the data loop; the model must already be in eval mode and gradients off.
+
+    ``capture()`` records the head's input φ (on its token grid for a patch transformer);
+    ``scheduler`` is a diffusers scheduler or a :class:`~bayesdiff_ext.posterior.training_noise.TrainingNoise`.
+    """
     if timesteps_per_image < 1:
         raise ValueError(f"timesteps_per_image must be >= 1, got {timesteps_per_image}")
-    num_timesteps = check_scheduler(scheduler)
-    param = next(model.parameters())
+    noising = training_noise(scheduler)
+    denoiser = Denoiser(model)
     batches, count = image_batches(images, batch_size)
     stats = FitStatistics(timesteps_per_image=timesteps_per_image)
     total = None if count is None else count * timesteps_per_image
-    draw_device = generator.device if generator is not None else torch.device("cpu")
     checked = False
     with tqdm(total=total, disable=not progress, desc="Fitting last-layer Laplace", unit="batch") as bar:
         for x0 in batches:
-            x0 = x0.to(param.device, param.dtype)
+            x0 = x0.to(denoiser.device, denoiser.dtype)
             kwargs = model_kwargs(x0) if callable(model_kwargs) else dict(model_kwargs or {})
             for _ in range(timesteps_per_image):
-                t = torch.randint(0, num_timesteps, (len(x0),), generator=generator, device=draw_device)
-                t = t.to(param.device)
-                noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=torch.float32)
-                noise = noise.to(param.device, param.dtype)
-                x_t = scheduler.add_noise(x0, noise, t)
-                with capture_head_input(head) as cap:
-                    out = model_output(model(x_t, t, **kwargs))
+                x_t, timestep, target = noising.draw(x0, generator)
+                with capture() as cap:
+                    out = denoiser(x_t, timestep, kwargs)
                 if cap.phi is None:
                     raise RuntimeError("the head was not called during the model's forward")
                 if not checked:
-                    _check_output_is_head(head, spec, cap.phi, out)
+                    _check_output_is_head(head, spec, layout, cap.phi, out)
                     checked = True
                 dtype = accumulation_dtype(out)
-                residual = out[:, : spec.eps_channels].to(dtype) - noise.to(dtype)
+                channels = spec.eps_channels if layout is None else layout.eps_channels
+                residual = _eps_part(out, channels, spec).to(dtype) - _eps_part(target, channels, spec).to(dtype)
+                if layout is not None:
+                    residual = layout.to_tokens(residual)
                 accumulator.update(cap.phi, residual)
                 stats.add(residual)
                 bar.update(1)
@@ -153,9 +137,21 @@ def fit_on_images(
     return stats
 
 
-def _check_output_is_head(head: nn.Module, spec: HeadSpec, phi: torch.Tensor, out: torch.Tensor) -> None:
-    """The posterior describes the head's output; refuse a model that post-processes it."""
+def _eps_part(output: torch.Tensor, channels: int, spec: HeadSpec) -> torch.Tensor:
+    """The ε channels of a model output (or of its target): dim 1 for images, the last for tokens."""
+    if spec.is_conv or output.dim() == 4:
+        return output[:, :channels]
+    return output[..., :channels]
+
+
+def _check_output_is_head(
+    head: nn.Module, spec: HeadSpec, layout: PatchLayout | None, phi: torch.Tensor, out: torch.Tensor
+) -> None:
+    """The posterior describes the head's output; refuse a model that post-processes it (beyond the
+    unpatchify of a patch transformer, which is compared through)."""
     head_out = head(phi)
+    if layout is not None:
+        head_out = layout.to_output(head_out)
     if head_out.shape != out.shape or not torch.allclose(head_out, out, rtol=1e-4, atol=1e-5):
         raise ValueError(
             f"the model's output {tuple(out.shape)} is not the output of its head {spec.shape_text()} "

@@ -1,4 +1,4 @@
-"""Full GGN posterior: Σ = I_C ⊗ (s·A_aug + δ·I)⁻¹, exact for a Gaussian likelihood (SPEC §1.1).
+"""Full GGN posterior: Σ = I_C ⊗ (s·A_aug + δ·I)⁻¹, exact for a Gaussian likelihood (docs/MATH.md §1.1).
 
 With A_aug = Q·diag(a)·Qᵀ, var[c,p] = Σ_r (Q[:, r]·[φ_p; 1])² / (s·a_r + δ): the factored op with
 proj = Qᵀ (its last row as the projection bias) and mix[c, r] = 1/(s·a_r + δ). One eigendecomposition
@@ -11,7 +11,7 @@ import torch
 
 from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.heads import HeadSpec
-from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
+from bayesdiff_ext.posterior.structure import FactoredPosterior, OpInputs, PosteriorStructure
 
 
 def require_ungrouped(spec: HeadSpec, structure: str) -> None:
@@ -37,8 +37,9 @@ class GramCurvature:
         return self.build(self.spec, self.gram)
 
 
-class FullPosterior(PosteriorStructure):
+class FullPosterior(FactoredPosterior):
     name = "full"
+    curvatures = ("ggn",)
 
     def __init__(self, spec: HeadSpec, gram: torch.Tensor):
         super().__init__(spec)
@@ -61,13 +62,6 @@ class FullPosterior(PosteriorStructure):
         taps = self.spec.taps
         proj_bias = projection[:, taps].contiguous() if self.spec.has_bias else None
         return {"proj_weight": projection[:, :taps].contiguous(), "proj_bias": proj_bias, "mix": mix, "bias_var": None}
-
-    def predict_with(self, phi, weight, bias, inputs):
-        mean = head_ops.head_mean(self.spec, phi, weight, bias)
-        var = head_ops.factored_var(
-            self.spec, phi, inputs["proj_weight"], inputs["proj_bias"], inputs["mix"], inputs["bias_var"]
-        )
-        return mean, var
 
     def tensors(self):
         return {"gram": self.gram}

@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from bayesdiff_ext import ops
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
-
-
-def accumulation_dtype(phi: torch.Tensor) -> torch.dtype:
-    """float64 for float64 φ, float32 otherwise (16-bit inputs accumulate and return float32)."""
-    return torch.float64 if phi.dtype == torch.float64 else torch.float32
 
 
 def check_phi(spec: HeadSpec, phi: torch.Tensor) -> None:
@@ -50,7 +46,10 @@ def mean_and_diag_var(spec, phi, weight, bias, weight_var, bias_var) -> tuple[to
 
 
 def factored_var(spec, phi, proj_weight, proj_bias, mix, bias_var) -> torch.Tensor:
-    """var = Σ_r mix[c,r]·(proj_r·φ_p + β_r)² + bias_var[c] (SPEC §1.1); proj_weight is (R, D) or (R, *w)."""
+    """var = Σ_r mix[c,r]·(proj_r·φ_p + β_r)² + bias_var[c] (docs/MATH.md §1.1).
+
+    ``proj_weight`` is (R, D) or (R, *w).
+    """
     if spec.is_conv:
         proj_weight = proj_weight.reshape(-1, *spec.eps_weight_shape[1:])
         return ops.conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, **spec.geometry)
@@ -71,7 +70,10 @@ def output_positions(spec: HeadSpec, phi: torch.Tensor) -> int:
 
 
 def diag_ggn(spec: HeadSpec, phi: torch.Tensor) -> torch.Tensor:
-    """Σ_{n,p} φ_{n,p}[j]² per weight of the ε channels, shape ``spec.eps_weight_shape`` (SPEC §1.2)."""
+    """Σ_{n,p} φ_{n,p}[j]² per weight of the ε channels (docs/MATH.md §1.2).
+
+    Shape ``spec.eps_weight_shape``.
+    """
     if not spec.is_conv:
         return ops.linear_diag_ggn(phi).expand(spec.eps_weight_shape)
     per_tap = ops.conv_diag_ggn(phi, list(spec.kernel_size), **spec.geometry)  # (C_in, kh, kw)
@@ -107,7 +109,7 @@ def diag_ef(spec: HeadSpec, phi: torch.Tensor, residual: torch.Tensor) -> tuple[
 
 
 def patch_gram(spec: HeadSpec, phi: torch.Tensor) -> torch.Tensor:
-    """A_aug = Σ_{n,p} [φ_p; 1][φ_p; 1]ᵀ, (D+1)×(D+1), bias last (SPEC §1.1)."""
+    """A_aug = Σ_{n,p} [φ_p; 1][φ_p; 1]ᵀ, (D+1)×(D+1), bias last (docs/MATH.md §1.1)."""
     if spec.is_conv:
         return ops.conv_patch_gram(phi, list(spec.kernel_size), **spec.geometry)
     return ops.linear_gram(phi)

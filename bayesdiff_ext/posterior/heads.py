@@ -9,10 +9,18 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 SUPPORTED = (
-    "a diffusers UNet2DModel or UNet2DConditionModel (head: conv_out), a bare nn.Conv2d or nn.Linear "
-    "head, or any model together with head=<its nn.Conv2d/nn.Linear output layer> whose output is the "
-    "model's output"
+    "a diffusers UNet2DModel or UNet2DConditionModel (head: conv_out), DiTTransformer2DModel (proj_out_2), "
+    "PixArtTransformer2DModel, SD3Transformer2DModel or FluxTransformer2DModel (proj_out), a bare nn.Conv2d "
+    "or nn.Linear head, or any model together with head=<its nn.Conv2d/nn.Linear output layer> whose output "
+    "is the model's output"
 )
+# Transformers and their head: the top-level output layer (Flux's single blocks have a proj_out too).
+TRANSFORMER_HEADS = {
+    "DiTTransformer2DModel": "proj_out_2",  # proj_out_1 makes the AdaLN shift and scale
+    "PixArtTransformer2DModel": "proj_out",
+    "SD3Transformer2DModel": "proj_out",
+    "FluxTransformer2DModel": "proj_out",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +29,9 @@ class HeadSpec:
 
     For a conv head the weight is (out_channels, in_channels/groups, *kernel_size); for a Linear head
     it is (out_channels, in_channels) and the geometry fields keep their neutral values.
-    ``eps_channels`` leading output channels are ε (all of them unless the head also predicts a
-    variance, out_channels = 2·eps_channels); the posterior covers only their weights.
+    ``eps_channels`` output channels are ε (all of them unless the head also predicts a variance):
+    the leading ones, or for a patch transformer the rows ``eps_rows``; the posterior covers only
+    their weights.
     """
 
     kind: str  # "conv2d" or "linear"
@@ -35,6 +44,7 @@ class HeadSpec:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    eps_rows: tuple[int, ...] | None = None  # the ε outputs when they are not the leading ones
 
     @property
     def is_conv(self) -> bool:
@@ -48,7 +58,7 @@ class HeadSpec:
 
     @property
     def taps(self) -> int:
-        """Weights per output channel: D = C_in/groups·kh·kw (SPEC §1.1), or in_features."""
+        """Weights per output channel: D = C_in/groups·kh·kw (docs/MATH.md §1.1), or in_features."""
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
     @property
@@ -94,6 +104,10 @@ def locate_head(model: nn.Module, head: nn.Module | None = None) -> nn.Module:
         _check_head_type(model)
         return model
     name = type(model).__name__
+    if name in TRANSFORMER_HEADS:
+        head = getattr(model, TRANSFORMER_HEADS[name])
+        _check_head_type(head)
+        return head
     if name == "UNet2DModel":
         _check_unet2d_output_is_head(model)
     elif name != "UNet2DConditionModel":
@@ -141,10 +155,15 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return _pair(conv.padding)
 
 
+def output_channels(head: nn.Module) -> int:
+    """The outputs of a Conv2d (out_channels) or Linear (out_features) head."""
+    return head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+
+
 def default_eps_channels(model: nn.Module, head: nn.Module) -> int:
     """ε channels: half the head's outputs for a diffusers UNet that also predicts a variance
     (out_channels = 2·in_channels, "learned"/"learned_range" variance), otherwise all of them."""
-    out = head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+    out = output_channels(head)
     config = getattr(model, "config", None)
     in_channels = getattr(config, "in_channels", None) if config is not None else None
     if head is getattr(model, "conv_out", None) and in_channels is not None and out == 2 * in_channels:
@@ -152,8 +171,26 @@ def default_eps_channels(model: nn.Module, head: nn.Module) -> int:
     return out
 
 
-def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
-    out = head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+def resolve_head(
+    model: nn.Module, head: nn.Module | None = None, eps_channels: int | None = None
+) -> tuple[nn.Module, HeadSpec]:
+    """The head of ``model`` (:func:`locate_head`) and its spec, with the default ε channels
+    (:func:`default_eps_channels`) unless ``eps_channels`` is given."""
+    found = locate_head(model, head)
+    if eps_channels is None:
+        eps_channels = default_eps_channels(model, found)
+    return found, head_spec(found, eps_channels)
+
+
+def head_spec(head: nn.Module, eps_channels: int, eps_rows: tuple[int, ...] | None = None) -> HeadSpec:
+    """The spec of ``head`` with ``eps_channels`` ε outputs: the leading ones, or the rows ``eps_rows``."""
+    out = output_channels(head)
+    if eps_rows is not None:
+        eps_rows = tuple(int(r) for r in eps_rows)
+        if not isinstance(head, nn.Linear) or len(eps_rows) != eps_channels or not all(0 <= r < out for r in eps_rows):
+            raise ValueError(
+                f"eps_rows must be {eps_channels} distinct rows of a Linear head with {out} outputs, got {eps_rows}"
+            )
     if not 0 < eps_channels <= out:
         raise ValueError(f"eps_channels must be in 1..{out} (the head's outputs), got {eps_channels}")
     if isinstance(head, nn.Conv2d):
@@ -180,12 +217,14 @@ def head_spec(head: nn.Module, eps_channels: int) -> HeadSpec:
         out_channels=out,
         eps_channels=eps_channels,
         has_bias=head.bias is not None,
+        eps_rows=eps_rows,
     )
 
 
 def eps_parameters(head: nn.Module, spec: HeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """θ_MAP restricted to the ε channels: (weight[:C_eps], bias[:C_eps]), detached views."""
-    c = spec.eps_channels
-    weight = head.weight.detach()[:c]
-    bias = None if head.bias is None else head.bias.detach()[:c]
+    """θ_MAP restricted to the ε outputs: (weight[:C_eps], bias[:C_eps]) as detached views, or the
+    rows ``spec.eps_rows`` (copies)."""
+    rows = slice(spec.eps_channels) if spec.eps_rows is None else list(spec.eps_rows)
+    weight = head.weight.detach()[rows]
+    bias = None if head.bias is None else head.bias.detach()[rows]
     return weight, bias

@@ -50,6 +50,7 @@ class HessianFreePosterior(PosteriorStructure):
     """
 
     name = "hfl"
+    curvatures = ("ggn",)
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Observation noise σ and prior precision δ of a last-layer Laplace posterior (SPEC §1.2).
+"""Observation noise σ and prior precision δ of a last-layer Laplace posterior (docs/MATH.md §1.2).
 
 Everything here works on the curvature's spectrum: eigenvalues h_i of H over the P posterior
 parameters with multiplicities n_i (a diag posterior: its entries; full: eig(A_aug), each C times;

@@ -16,6 +16,7 @@ from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
 
 class IsotropicPosterior(PosteriorStructure):
     name = "isotropic"
+    curvatures = ("ggn", "ef")
 
     def __init__(self, spec: HeadSpec, mean_curvature: float | torch.Tensor):
         super().__init__(spec)

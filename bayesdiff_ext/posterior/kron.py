@@ -1,4 +1,4 @@
-"""KFAC posterior as laplace-torch forms it: H ≈ G ⊗ A for the weight, G_b for the bias (SPEC §1.1).
+"""KFAC posterior as laplace-torch forms it: H ≈ G ⊗ A for the weight, G_b for the bias (docs/MATH.md §1.1).
 
 With eig(G) = (Q_G, g), eig(A) = (Q_A, a), eig(G_b) = (Q_b, g_b) and laplace-torch's default
 undamped inverse of s·H + δ (``laplace_convert.factored_from_kron`` builds the op inputs):
@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayesdiff_ext.posterior import head_ops
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.curvature_layout import laplace_kron_factors
 from bayesdiff_ext.posterior.full import require_ungrouped
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.laplace_convert import factored_from_kron
-from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
+from bayesdiff_ext.posterior.structure import FactoredPosterior, OpInputs
 
 
 def eps_head_module(spec: HeadSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -68,7 +68,7 @@ class KronEFCurvature:
         from laplace import KronLaplace
         from laplace.curvature import CurvlinopsEF
 
-        dtype = head_ops.accumulation_dtype(phi)
+        dtype = accumulation_dtype(phi)
         phi = phi.to(dtype)
         first = self.laplace is None
         if first:
@@ -88,8 +88,9 @@ class KronEFCurvature:
         return KronPosterior.from_kron_factors(self.spec, self.laplace.H_facs.kfacs)
 
 
-class KronPosterior(PosteriorStructure):
+class KronPosterior(FactoredPosterior):
     name = "kron"
+    curvatures = ("ggn", "ef")
 
     def __init__(self, spec: HeadSpec, g: torch.Tensor, a: torch.Tensor, g_bias: torch.Tensor | None):
         super().__init__(spec)
@@ -142,13 +143,6 @@ class KronPosterior(PosteriorStructure):
             values.append([s * g_b])
         deltas = torch.full((len(vectors),), float(delta), dtype=torch.float64)
         return factored_from_kron(vectors, values, deltas, self.spec.eps_weight_shape, self.g_bias is not None)
-
-    def predict_with(self, phi, weight, bias, inputs):
-        mean = head_ops.head_mean(self.spec, phi, weight, bias)
-        var = head_ops.factored_var(
-            self.spec, phi, inputs["proj_weight"], inputs["proj_bias"], inputs["mix"], inputs["bias_var"]
-        )
-        return mean, var
 
     def tensors(self):
         out = {"G": self.g, "A": self.a}

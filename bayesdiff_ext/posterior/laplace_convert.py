@@ -3,7 +3,7 @@
 laplace-torch orders a head's parameters as ``parameters_to_vector``: vec(W) row-major (so weight
 c's D = C_in·kh·kw entries are contiguous, in ``weight.flatten(1)`` order), then the bias (C).
 A conv head is fitted as ``Sequential(head, Flatten)`` (its last-layer mode accepts only Linear
-heads, SPEC §1.3); Flatten of NCHW makes output k = c·H·W + p, which the ops' NCHW outputs
+heads, docs/MATH.md §1.3); Flatten of NCHW makes output k = c·H·W + p, which the ops' NCHW outputs
 flatten to. Each function returns a dict to splat into the op (the conv geometry included):
 
     ops.conv_head_mean_var(phi, **diag_from_laplace(la, head))          # conv head

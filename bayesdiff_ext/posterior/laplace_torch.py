@@ -1,4 +1,4 @@
-"""Adopt a laplace-torch posterior fitted on ``Sequential(head, Flatten)`` (SPEC §1.3).
+"""Adopt a laplace-torch posterior fitted on ``Sequential(head, Flatten)`` (docs/MATH.md §1.3).
 
 laplace-torch orders the parameters of that model as [vec(W) row-major, b] (converted with
 ``curvature_layout``); its curvature (H for Diag/Full, the Kron factors for Kron), σ, δ and T carry
@@ -8,6 +8,7 @@ data size give the fitting statistics, so σ by maximum likelihood and the evide
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -17,12 +18,28 @@ from bayesdiff_ext.posterior.curvature_layout import flat_to_channel_blocks, ful
 from bayesdiff_ext.posterior.diag import DiagPosterior
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.full import FullPosterior
-from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters
+from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, resolve_head
 from bayesdiff_ext.posterior.kron import KronPosterior
 from bayesdiff_ext.posterior.structure import PosteriorStructure
 
 
-def adopt(cls, la, head: nn.Module, eps_channels: int | None):
+@dataclasses.dataclass(frozen=True)
+class AdoptedPosterior:
+    """What a fitted laplace-torch posterior carries over: its structure, curvature, σ, δ, T and
+    fitting statistics, in the package's terms."""
+
+    spec: HeadSpec
+    structure: str
+    curvature: str
+    posterior: PosteriorStructure
+    fit_stats: FitStatistics
+    sigma_noise: float
+    prior_precision: float
+    temperature: float
+
+
+def adopt(la, head: nn.Module, eps_channels: int | None) -> AdoptedPosterior:
+    """Read a laplace-torch DiagLaplace/KronLaplace/FullLaplace fitted on ``Sequential(head, Flatten)``."""
     from laplace import DiagLaplace, FullLaplace, KronLaplace
 
     kinds = ((DiagLaplace, "diag"), (KronLaplace, "kron"), (FullLaplace, "full"))
@@ -31,21 +48,23 @@ def adopt(cls, la, head: nn.Module, eps_channels: int | None):
         raise TypeError(f"expected a laplace-torch DiagLaplace, KronLaplace or FullLaplace, got {type(la).__name__}")
     if not getattr(la, "n_data", 0):
         raise ValueError(f"the {type(la).__name__} is not fitted: call la.fit(...) first")
-    post = cls(head, structure, "ggn", eps_channels=eps_channels)
-    spec = post.spec
+    _, spec = resolve_head(head, eps_channels=eps_channels)
     _check_parameters(la, head, spec)
-    post.posterior = _structure(structure, la, spec)
-    post.curvature = _curvature_name(la)
-    post.sigma_choice = post.sigma_noise = float(la.sigma_noise)
-    post.prior_choice = post.prior_precision = _scalar_prior_precision(la)
-    post.temperature = float(la.temperature)
-    post.fit_stats = FitStatistics(
-        n_images=int(la.n_data),
-        n_samples=int(la.n_data),
-        residual_elements=int(la.n_data) * int(la.n_outputs),
-        residual_sum_squares=2.0 * float(la.loss),
+    return AdoptedPosterior(
+        spec=spec,
+        structure=structure,
+        curvature=_curvature_name(la),
+        posterior=_structure(structure, la, spec),
+        fit_stats=FitStatistics(
+            n_images=int(la.n_data),
+            n_samples=int(la.n_data),
+            residual_elements=int(la.n_data) * int(la.n_outputs),
+            residual_sum_squares=2.0 * float(la.loss),
+        ),
+        sigma_noise=float(la.sigma_noise),
+        prior_precision=_scalar_prior_precision(la),
+        temperature=float(la.temperature),
     )
-    return post
 
 
 def _structure(structure: str, la, spec: HeadSpec) -> PosteriorStructure:

@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from bayesdiff_ext.posterior import hyperparameters as hp
-from bayesdiff_ext.posterior.capture import capture_head_input
-from bayesdiff_ext.posterior.diag import DiagCurvature, DiagPosterior
+from bayesdiff_ext.posterior.capture import capture_head_input, capture_token_grid
+from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import HeadSpec, default_eps_channels, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import eps_parameters
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
+from bayesdiff_ext.posterior.output_layout import describe_head
+from bayesdiff_ext.posterior.registry import check_structure
+from bayesdiff_ext.posterior.serialization import load_posterior, save_posterior
 from bayesdiff_ext.posterior.structure import PosteriorStructure
 
-STRUCTURES: dict[str, type[PosteriorStructure]] = {
-    "diag": DiagPosterior,
-    "full": FullPosterior,
-    "kron": KronPosterior,
-    "isotropic": IsotropicPosterior,
-    "hfl": HessianFreePosterior,
-}
-CURVATURES = {
-    "diag": ("ggn", "ef", "ef_bayesdiff"),
-    "full": ("ggn",),
-    "kron": ("ggn", "ef"),
-    "isotropic": ("ggn", "ef"),
-    "hfl": ("ggn",),
-}
 # laplace-torch's EF is twice the squared per-sample gradients of ½‖r‖²; BayesDiff's code uses it
 # with σ = δ = 1.
 BAYESDIFF_EF_SCALE = 2.0
@@ -42,22 +32,47 @@ DEFAULTS = {"sigma_noise": "ml", "prior_precision": "mackay"}
 
 
 class LastLayerLaplace:
-    """A Laplace posterior N(θ_MAP, (s·H + δ·I)⁻¹) over the ε weights of a model's head.
+    r"""
+    A Laplace posterior N(θ_MAP, (s·H + δ·I)⁻¹) over the ε weights of a model's head, s = 1/(σ²·T)
+    (docs/MATH.md §1).
 
-    ``model`` is a diffusers ``UNet2DModel``/``UNet2DConditionModel`` (head: ``conv_out``), a bare
-    ``nn.Conv2d``/``nn.Linear`` head, or any model with ``head=`` naming its output layer. The model
-    is never modified: φ (the head's input) is read by a forward hook inside ``capture()``/``fit``.
+    The model is never modified: φ (the head's input) is read by a forward hook inside
+    :meth:`capture` and :meth:`fit`. Build it, then :meth:`fit` (or :meth:`fit_features`, or
+    :meth:`load` a saved one, or adopt a laplace-torch posterior with :meth:`from_laplace_torch`);
+    :meth:`predict` then gives the closed-form mean and variance of ε at any φ.
 
-    * ``structure``: ``'diag'``, ``'full'`` (exact GGN I_C ⊗ A_aug), ``'kron'`` (laplace-torch's
-      KFAC), ``'isotropic'`` (Σ = λ⁻¹·I, λ = s·mean(h) + δ: the reproduction's "Hessian-free"
-      baseline) or ``'hfl'`` (McInerney & Kallus's Hessian-free Laplace: the full-GGN variance
-      estimated from regularised optima with random probes, :mod:`~bayesdiff_ext.posterior.hfl`).
-    * ``curvature``: ``'ggn'`` (default), ``'ef'`` (empirical Fisher, per image), or for diag
-      ``'ef_bayesdiff'`` (laplace-torch's 2×EF with σ = δ = 1 unless given: BayesDiff's code).
-    * ``sigma_noise``: ``'ml'`` (√ mean residual², default) or a float; ``prior_precision``:
-      ``'mackay'`` (default), ``'marglik'`` or a float; ``temperature`` T; s = 1/(σ²·T).
-    * ``eps_channels``: the leading head outputs that are ε (default: half of them for a UNet whose
-      out_channels = 2·in_channels, i.e. a learned-variance head; otherwise all).
+    Args:
+        model (`torch.nn.Module`):
+            A diffusers `UNet2DModel` or `UNet2DConditionModel` (head: `conv_out`), `DiTTransformer2DModel`
+            (`proj_out_2`), `PixArtTransformer2DModel`, `SD3Transformer2DModel` or `FluxTransformer2DModel`
+            (the top-level `proj_out`), a bare `nn.Conv2d` or `nn.Linear` head, or any model whose output layer
+            (a token-wise `nn.Linear` included) is named by `head`. DiT, PixArt and SD3 unpatchify their head's
+            output: :meth:`capture` gives φ on the token grid and :meth:`predict` returns the model's layout
+            (docs/MATH.md §8).
+        structure (`str`, *optional*, defaults to `"diag"`):
+            `"diag"`, `"full"` (the exact GGN, I_C ⊗ A_aug), `"kron"` (laplace-torch's KFAC), `"isotropic"`
+            (Σ = λ⁻¹·I, λ = s·mean(h) + δ: the reproduction's "Hessian-free" baseline) or `"hfl"` (McInerney &
+            Kallus's Hessian-free Laplace on the full GGN's curvature, docs/MATH.md §7).
+        curvature (`str`, *optional*, defaults to `"ggn"`):
+            `"ggn"`, `"ef"` (empirical Fisher, per image; diag, kron, isotropic) or `"ef_bayesdiff"` (diag only:
+            laplace-torch's 2×EF with σ = δ = 1 unless given, as BayesDiff's code).
+        head (`torch.nn.Module`, *optional*):
+            The `nn.Conv2d` or `nn.Linear` output layer of `model`, when it is not found by itself.
+        eps_channels (`int`, *optional*):
+            How many leading output channels of the model are ε. Defaults to half of them for a UNet or
+            transformer whose `out_channels` is twice its `in_channels` (a learned-variance head), otherwise
+            all; for a patch transformer the head's ε rows follow (p² per channel).
+        sigma_noise (`str` or `float`, *optional*, defaults to `"ml"`):
+            The observation noise σ: `"ml"` (√ of the mean squared fitting residual) or a positive number.
+        prior_precision (`str` or `float`, *optional*, defaults to `"mackay"`):
+            The prior precision δ: `"mackay"` (MacKay's fixed point), `"marglik"` (the maximum of the Laplace
+            evidence) or a positive number.
+        temperature (`float`, *optional*, defaults to 1.0):
+            The temperature T of the likelihood.
+
+    Raises:
+        `ValueError`: an unknown structure or curvature, a curvature the structure cannot use, a head that is
+        not the model's output (see docs/MATH.md §1), or a non-positive σ, δ or T.
     """
 
     def __init__(
@@ -72,18 +87,9 @@ class LastLayerLaplace:
         prior_precision: str | float | None = None,
         temperature: float = 1.0,
     ):
-        if structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {sorted(STRUCTURES)}, got {structure!r}")
-        if curvature not in CURVATURES[structure]:
-            raise ValueError(
-                f"curvature {curvature!r} is not available for structure {structure!r}; "
-                f"choose one of {CURVATURES[structure]}"
-            )
+        check_structure(structure, curvature)
         self.model = model
-        self.head = locate_head(model, head)
-        if eps_channels is None:
-            eps_channels = default_eps_channels(model, self.head)
-        self.spec: HeadSpec = head_spec(self.head, eps_channels)
+        self.head, self.spec, self.layout = describe_head(model, head, eps_channels)
         self.structure = structure
         self.curvature = curvature
         defaults = BAYESDIFF_DEFAULTS if curvature == "ef_bayesdiff" else DEFAULTS
@@ -104,25 +110,59 @@ class LastLayerLaplace:
     # ------------------------------------------------------------------ what the sampler uses
     @property
     def eps_channels(self) -> int:
-        return self.spec.eps_channels
+        """`int`: the number C_eps of leading output channels of the model that are ε (the posterior covers
+        the weights of the head outputs they come from)."""
+        return self.spec.eps_channels if self.layout is None else self.layout.eps_channels
 
     def capture(self):
-        """Context manager recording the head's input: ``with post.capture() as cap: ...; cap.phi``."""
+        r"""
+        Record the head's input during the forwards inside a `with` block.
+
+        Returns:
+            A context manager yielding a `HeadInputCapture` whose `phi` is the head input of the latest
+            forward: `with posterior.capture() as cap: unet(x, t); posterior.predict(cap.phi)`. For DiT, PixArt
+            and SD3, `phi` is the tokens on their grid, `(batch_size, height / p, width / p, in_features)`.
+        """
+        if self.layout is not None:
+            return capture_token_grid(self.model, self.head, self.layout)
         return capture_head_input(self.head)
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, var) of ε at the head input φ through the fused ops; var ≥ 0, float32 or float64.
+        r"""
+        The closed-form mean and variance of ε given the head input φ (docs/MATH.md §1.1), through the fused
+        ops.
 
-        Conv heads: φ (B, C_in, H, W) → (B, C_eps, H_out, W_out); Linear heads: (..., D) → (..., C_eps).
+        Args:
+            phi (`torch.Tensor`):
+                The head's input: `(batch_size, in_channels, height, width)` for a conv head, `(..., in_features)`
+                for a Linear head, the token grid `(batch_size, h, w, in_features)` for a patch transformer (as
+                :meth:`capture` records it). float64 computes in float64; any other dtype in float32.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each of shape `(batch_size, eps_channels,
+            height_out, width_out)` for a conv head, `(..., eps_channels)` for a Linear head, or the model's
+            unpatchified `(batch_size, eps_channels, h·p, w·p)` for a patch transformer, float64 for float64
+            `phi` and float32 otherwise. `mean` is the head's own output on its ε channels; `var` ≥ 0.
+
+        Raises:
+            `RuntimeError`: the posterior is not fitted. `ValueError` / `TypeError`: `phi` does not fit the head.
         """
         posterior = self._fitted()
         check_phi(self.spec, phi)
+        if self.layout is not None and phi.dim() != 4:
+            raise ValueError(
+                f"`phi` of a patch transformer's head must be its tokens on their grid (B, h, w, "
+                f"{self.spec.in_channels}), as capture() records them; got {tuple(phi.shape)}"
+            )
         weight, bias = eps_parameters(self.head, self.spec)
-        return posterior.predict(phi, weight, bias, self.precision_scale, self.prior_precision)
+        mean, var = posterior.predict(phi, weight, bias, self.precision_scale, self.prior_precision)
+        if self.layout is not None:
+            return self.layout.to_output(mean), self.layout.to_output(var)
+        return mean, var
 
     @property
     def precision_scale(self) -> float:
-        """s = 1/(σ²·T), the weight of the curvature in the posterior precision."""
+        """`float`: s = 1/(σ²·T), the weight of the curvature in the posterior precision s·H + δ·I."""
         if self.sigma_noise is None:
             raise RuntimeError("the posterior is not fitted yet: call fit(...) or load(...)")
         return 1.0 / (self.sigma_noise**2 * self.temperature)
@@ -142,14 +182,49 @@ class LastLayerLaplace:
         prior_precision: str | float | None = None,
         temperature: float | None = None,
     ) -> LastLayerLaplace:
-        """Fit on training images x_0 (model scale; a tensor (N,C,H,W), a Dataset or a DataLoader).
+        r"""
+        Fit the curvature on noised training images (docs/MATH.md §1.2), then choose σ and δ.
 
-        Each image gets ``timesteps_per_image`` draws t ~ U{0..T−1} and ε ~ N(0, I) noised by
-        ``scheduler.add_noise`` (per batch and draw: t, then ε, both from ``generator`` on its
-        device, so a seed reproduces the fit). ``model_kwargs`` (a dict, or a callable of the x_0
-        batch returning one) is passed to the model. The model runs in eval mode without gradients
-        and gets its mode back afterwards. σ and δ are then chosen as configured (the keyword
-        arguments here override the constructor's).
+        Each image gets `timesteps_per_image` draws of the noise the model was trained with (docs/MATH.md §9):
+        t ~ U{0, …, T_train−1} and x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε for a DDPM-family scheduler, with the
+        target ε, v or x_0 by its `prediction_type`; σ and x_t = (1−σ)·x_0 + σ·ε with the target ε − x_0 for
+        flow matching. The head sees the model's features of x_t (the model is called through
+        :class:`~bayesdiff_ext.denoiser.Denoiser`) and the residual of its prediction, moved back onto the
+        token grid for a patch transformer. The model runs in eval mode without gradients and gets its
+        mode back afterwards.
+
+        Args:
+            images (`torch.Tensor`, `torch.utils.data.Dataset` or `torch.utils.data.DataLoader`):
+                Training images x_0 at model scale (usually [-1, 1]) in the model's sample layout: a tensor of
+                shape `(num_images, channels, height, width)` (Flux: packed tokens `(num_images, tokens,
+                channels)`), or a dataset/loader whose items are such images (or tuples, or dicts with an
+                `"images"`, `"image"` or `"pixel_values"` entry).
+            scheduler (`SchedulerMixin` or `TrainingNoise`):
+                A DDPM-family diffusers scheduler (its ᾱ table and `prediction_type`), a
+                `FlowMatchEulerDiscreteScheduler` (flow matching with σ uniform), or a
+                :class:`~bayesdiff_ext.posterior.training_noise.TrainingNoise` such as
+                `FlowMatchingNoise(scheduler, "logit_normal", mu=...)`.
+            batch_size (`int`, *optional*, defaults to 16):
+                Images per model forward (for a tensor or a dataset).
+            timesteps_per_image (`int`, *optional*, defaults to 1):
+                (t, ε) draws per image.
+            generator (`torch.Generator`, *optional*):
+                The source of the timesteps and ε (per batch and draw: the timestep, then ε, on the generator's
+                device); a seeded one reproduces the fit.
+            model_kwargs (`dict` or callable, *optional*):
+                Keyword arguments of every model call, or a function of the x_0 batch returning them (e.g.
+                `encoder_hidden_states` of a conditional UNet).
+            progress (`bool`, *optional*, defaults to `True`):
+                Show a progress bar.
+            sigma_noise (`str` or `float`, *optional*):
+                Overrides the constructor's choice of σ (`"ml"` or a positive number).
+            prior_precision (`str` or `float`, *optional*):
+                Overrides the constructor's choice of δ (`"mackay"`, `"marglik"` or a positive number).
+            temperature (`float`, *optional*):
+                Overrides the constructor's temperature T.
+
+        Returns:
+            `LastLayerLaplace`: this posterior, fitted.
         """
         accumulator = self._accumulator()
         with _eval_no_grad(self.model):
@@ -157,6 +232,8 @@ class LastLayerLaplace:
                 self.model,
                 self.head,
                 self.spec,
+                self.layout,
+                self.capture,
                 accumulator,
                 images,
                 scheduler,
@@ -177,8 +254,22 @@ class LastLayerLaplace:
         prior_precision: str | float | None = None,
         temperature: float | None = None,
     ) -> LastLayerLaplace:
-        """Fit on precomputed batches (φ, target), target = ε in the head's output layout (for
-        models whose output is not the head's output, e.g. a Linear head before unpatchify)."""
+        r"""
+        Fit the curvature on precomputed head inputs and targets, for models whose output is not the head's
+        output (e.g. a Linear head before unpatchify), then choose σ and δ.
+
+        Args:
+            features (iterable of `(torch.Tensor, torch.Tensor)`):
+                Batches `(phi, target)`: `phi` the head's input (`(batch_size, in_channels, height, width)` or
+                `(..., in_features)`), `target` the true ε in the layout of the head's ε outputs.
+            progress (`bool`, *optional*, defaults to `False`):
+                Show a progress bar.
+            sigma_noise, prior_precision, temperature (*optional*):
+                Override the constructor's choices, as in :meth:`fit`.
+
+        Returns:
+            `LastLayerLaplace`: this posterior, fitted.
+        """
         accumulator = self._accumulator()
         with _eval_no_grad(self.head):
             stats = fit_on_features(self.head, self.spec, accumulator, features, progress=progress)
@@ -213,9 +304,20 @@ class LastLayerLaplace:
         prior_precision: str | float | None = None,
         temperature: float | None = None,
     ) -> LastLayerLaplace:
-        """Re-choose σ, δ and T from the stored curvature (no refit): e.g. a sweep over δ.
+        r"""
+        Re-choose σ, δ and T from the stored curvature, without refitting (e.g. a sweep over δ).
 
-        None keeps the current choice; 'ml', 'mackay' and 'marglik' are re-evaluated.
+        Args:
+            sigma_noise (`str` or `float`, *optional*):
+                `"ml"` or a positive number; `None` keeps the current choice.
+            prior_precision (`str` or `float`, *optional*):
+                `"mackay"`, `"marglik"` or a positive number; `None` keeps the current choice.
+            temperature (`float`, *optional*):
+                A positive number; `None` keeps the current temperature.
+
+        Returns:
+            `LastLayerLaplace`: this posterior. `"ml"`, `"mackay"` and `"marglik"` are evaluated anew (on the
+            fitting residuals and the curvature's spectrum, docs/MATH.md §1.2).
         """
         self._fitted()
         if sigma_noise is not None:
@@ -242,7 +344,11 @@ class LastLayerLaplace:
         return hp.marglik_prior_precision(values, counts, theta, self.precision_scale)
 
     def theta_norm2(self) -> float:
-        """‖θ_MAP‖² of the ε weights and biases (the prior mean is 0)."""
+        r"""
+        Returns:
+            `float`: ‖θ_MAP‖², the squared norm of the head's ε weights and biases (the prior mean is 0), in
+            float64.
+        """
         weight, bias = eps_parameters(self.head, self.spec)
         total = weight.to(torch.float64).square().sum()
         if bias is not None:
@@ -250,7 +356,21 @@ class LastLayerLaplace:
         return float(total)
 
     def log_marginal_likelihood(self, prior_precision: float | None = None, sigma_noise: float | None = None) -> float:
-        """The Laplace evidence (laplace-torch's ``log_marginal_likelihood``) at the current or given σ, δ."""
+        r"""
+        The Laplace evidence log Z(σ, δ) (docs/MATH.md §1.2; laplace-torch's `log_marginal_likelihood`).
+
+        Args:
+            prior_precision (`float`, *optional*):
+                δ to evaluate at; defaults to the current one.
+            sigma_noise (`float`, *optional*):
+                σ to evaluate at; defaults to the current one.
+
+        Returns:
+            `float`: the log evidence at the current temperature.
+
+        Raises:
+            `RuntimeError`: the posterior is not fitted, or was adopted without fitting residuals.
+        """
         posterior = self._fitted()
         if self.fit_stats is None:
             raise RuntimeError("the evidence needs the fitting residuals; this posterior was not fitted here")
@@ -273,24 +393,104 @@ class LastLayerLaplace:
 
     # ------------------------------------------------------------------ persistence, adoption
     def save(self, path) -> None:
-        """One safetensors file: the curvature tensors, all settings as JSON in its header metadata."""
-        from bayesdiff_ext.posterior.serialization import save_posterior
+        r"""
+        Save the fitted posterior as one safetensors file, written atomically: the curvature tensors in float64,
+        and σ, δ, T, their choices, the head, the fitting statistics, a hash of the head's weights and the library
+        versions as JSON in its header metadata.
 
+        Args:
+            path (`str` or `os.PathLike`):
+                The file to write (its folder must exist); an existing file is replaced.
+        """
+        self._fitted()
         save_posterior(self, path)
 
     @classmethod
     def load(cls, path, model: nn.Module, *, head: nn.Module | None = None) -> LastLayerLaplace:
-        """Load a saved posterior onto ``model``; ValueError if its head differs from the saved one."""
-        from bayesdiff_ext.posterior.serialization import load_posterior
+        r"""
+        Load a posterior saved by :meth:`save` onto a model's head.
 
-        return load_posterior(cls, path, model, head)
+        Args:
+            path (`str` or `os.PathLike`):
+                The saved posterior.
+            model (`torch.nn.Module`):
+                The model (or bare head) it was fitted for.
+            head (`torch.nn.Module`, *optional*):
+                The model's output layer, as for the constructor.
+
+        Returns:
+            `LastLayerLaplace`: the posterior, with the σ and δ it was saved with.
+
+        Raises:
+            `ValueError`: the file is not a saved posterior, or the head's shape differs from the saved one.
+            A `UserWarning` says when only the head's weights differ.
+        """
+        saved = load_posterior(path, model, head)
+        post = cls(
+            model,
+            saved.structure,
+            saved.curvature,
+            head=saved.head,
+            eps_channels=saved.eps_channels,
+            sigma_noise=saved.sigma_choice,
+            prior_precision=saved.prior_choice,
+            temperature=saved.temperature,
+        )
+        return post._restore(saved.posterior, saved.fit_stats, saved.sigma_noise, saved.prior_precision)
 
     @classmethod
     def from_laplace_torch(cls, la, head: nn.Module, *, eps_channels: int | None = None) -> LastLayerLaplace:
-        """Adopt a laplace-torch DiagLaplace/KronLaplace/FullLaplace fitted on Sequential(head, Flatten)."""
+        r"""
+        Adopt a fitted laplace-torch posterior (docs/MATH.md §1.3): its curvature, σ, δ and T carry over.
+
+        Args:
+            la (`laplace.DiagLaplace`, `laplace.KronLaplace` or `laplace.FullLaplace`):
+                Fitted on `nn.Sequential(head, nn.Flatten())` (a conv head) or on the Linear head, with a zero
+                prior mean and a scalar prior precision; a `FullLaplace` must hold a GGN (I_C ⊗ A_aug).
+            head (`torch.nn.Conv2d` or `torch.nn.Linear`):
+                The head `la` was fitted on.
+            eps_channels (`int`, *optional*):
+                How many leading head outputs are ε (default: all).
+
+        Returns:
+            `LastLayerLaplace`: a posterior on `head` that predicts what `la` predicts.
+        """
         from bayesdiff_ext.posterior.laplace_torch import adopt
 
-        return adopt(cls, la, head, eps_channels)
+        adopted = adopt(la, head, eps_channels)
+        post = cls(
+            head,
+            adopted.structure,
+            adopted.curvature,
+            eps_channels=adopted.spec.eps_channels,
+            sigma_noise=adopted.sigma_noise,
+            prior_precision=adopted.prior_precision,
+            temperature=adopted.temperature,
+        )
+        return post._restore(adopted.posterior, adopted.fit_stats, adopted.sigma_noise, adopted.prior_precision)
+
+    def with_structure(self, posterior: PosteriorStructure) -> LastLayerLaplace:
+        r"""
+        A copy that predicts with another structure built from this one's curvature.
+
+        Args:
+            posterior (`PosteriorStructure`):
+                The structure, e.g. `HessianFreePosterior(spec, full.posterior.gram)` from a `"full"` posterior or
+                `IsotropicPosterior.from_diag(diag.posterior)` from a `"diag"` one.
+
+        Returns:
+            `LastLayerLaplace`: the copy, its σ, δ and T re-chosen as configured. It shares this posterior's
+            model, head and fitting statistics; this posterior is left unchanged.
+        """
+        derived = copy.copy(self)
+        derived.structure, derived.posterior = posterior.name, posterior
+        return derived.set_hyperparameters()
+
+    def _restore(self, posterior: PosteriorStructure, fit_stats, sigma_noise: float, prior_precision: float):
+        """Take a fitted structure with the σ and δ it was used with (loading, adoption): no re-choice."""
+        self.posterior, self.fit_stats = posterior, fit_stats
+        self.sigma_noise, self.prior_precision = float(sigma_noise), float(prior_precision)
+        return self
 
     def __repr__(self) -> str:
         state = (

@@ -4,8 +4,8 @@ Layout: tensors ``curvature.<name>`` (float64, the structure's curvature without
 metadata entry ``bayesdiff_ext.posterior`` holding a JSON object: format version, structure,
 curvature, σ/δ/T and how they were chosen, the head (kind, shapes, geometry, ε channels), the
 fitting statistics (images, samples, timesteps per image, residual sum of squares), a SHA-256 of
-the head's MAP weights, package versions and the UTC date. Written to a temporary file in the
-target directory and moved into place with os.replace, so a reader never sees a partial file.
+the head's MAP weights, package versions and the UTC date. Written atomically
+(``bayesdiff_ext.io.atomic``), so a reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from bayesdiff_ext._version import library_versions
+from bayesdiff_ext.io.atomic import atomic_write
 from bayesdiff_ext.posterior.fitting import FitStatistics
-from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head
+from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head, output_channels
+from bayesdiff_ext.posterior.registry import restore_structure
+from bayesdiff_ext.posterior.structure import PosteriorStructure
 
 METADATA_KEY = "bayesdiff_ext.posterior"
 FORMAT_VERSION = 1
@@ -39,21 +42,10 @@ def head_fingerprint(head: torch.nn.Module, spec: HeadSpec) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict:
-    import bayesdiff_ext
-
-    versions = {"bayesdiff_ext": bayesdiff_ext.__version__, "torch": torch.__version__}
-    try:
-        import diffusers
-
-        versions["diffusers"] = diffusers.__version__
-    except ImportError:
-        versions["diffusers"] = None
-    return versions
-
-
 def save_posterior(post, path) -> None:
-    posterior = post._fitted()
+    """Write the fitted ``LastLayerLaplace`` ``post`` to ``path`` (its public state only)."""
+    if post.posterior is None:
+        raise RuntimeError("the posterior is not fitted yet: call fit(...), fit_features(...) or load(...)")
     meta = {
         "format_version": FORMAT_VERSION,
         "structure": post.structure,
@@ -64,25 +56,16 @@ def save_posterior(post, path) -> None:
         "prior_precision_choice": post.prior_choice,
         "temperature": post.temperature,
         "head": post.spec.describe(),
+        "eps_channels": post.eps_channels,
         "head_sha256": head_fingerprint(post.head, post.spec),
         "fit": None if post.fit_stats is None else dataclasses.asdict(post.fit_stats),
-        "versions": _versions(),
+        "versions": library_versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     tensors = {
-        TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in posterior.tensors().items()
+        TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in post.posterior.tensors().items()
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
 def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -98,39 +81,53 @@ def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def load_posterior(cls, path, model, head):
-    from bayesdiff_ext.posterior.last_layer_laplace import STRUCTURES
+@dataclasses.dataclass(frozen=True)
+class SavedPosterior:
+    """A saved posterior, restored onto the head of the model it is loaded for."""
 
+    head: torch.nn.Module
+    spec: HeadSpec
+    eps_channels: int  # the model's output channels that are ε (for a patch transformer ≠ spec's rows)
+    structure: str
+    curvature: str
+    posterior: PosteriorStructure
+    fit_stats: FitStatistics | None
+    sigma_noise: float
+    prior_precision: float
+    sigma_choice: str | float
+    prior_choice: str | float
+    temperature: float
+
+
+def load_posterior(path, model, head=None) -> SavedPosterior:
+    """Read a saved posterior for ``model``'s head: ValueError if the head's shape differs from the
+    saved one, a warning if only its weights differ."""
     meta, tensors = read_posterior_file(path)
     saved = HeadSpec.from_description(meta["head"])
     target_head = locate_head(model, head)
-    current = head_spec(target_head, min(saved.eps_channels, _out_channels(target_head)))
+    current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)), saved.eps_rows)
     if current != saved:
         raise ValueError(
             f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
             f"{current.shape_text()}"
         )
-    post = cls(
-        model,
-        meta["structure"],
-        meta["curvature"],
-        head=target_head,
-        eps_channels=saved.eps_channels,
-        sigma_noise=meta["sigma_noise_choice"],
-        prior_precision=meta["prior_precision_choice"],
-        temperature=meta["temperature"],
-    )
     if head_fingerprint(target_head, saved) != meta["head_sha256"]:
         warnings.warn(
             f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
             "its curvature and hyperparameters belong to the other weights",
             stacklevel=3,
         )
-    post.posterior = STRUCTURES[meta["structure"]].from_tensors(saved, tensors)
-    post.fit_stats = None if meta["fit"] is None else FitStatistics(**meta["fit"])
-    post.sigma_noise, post.prior_precision = meta["sigma_noise"], meta["prior_precision"]
-    return post
-
-
-def _out_channels(head: torch.nn.Module) -> int:
-    return head.out_channels if isinstance(head, torch.nn.Conv2d) else head.out_features
+    return SavedPosterior(
+        head=target_head,
+        spec=saved,
+        eps_channels=meta.get("eps_channels", saved.eps_channels),
+        structure=meta["structure"],
+        curvature=meta["curvature"],
+        posterior=restore_structure(meta["structure"], saved, tensors),
+        fit_stats=None if meta["fit"] is None else FitStatistics(**meta["fit"]),
+        sigma_noise=meta["sigma_noise"],
+        prior_precision=meta["prior_precision"],
+        sigma_choice=meta["sigma_noise_choice"],
+        prior_choice=meta["prior_precision_choice"],
+        temperature=meta["temperature"],
+    )

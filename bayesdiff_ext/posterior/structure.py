@@ -7,7 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from bayesdiff_ext.posterior.head_ops import accumulation_dtype
+from bayesdiff_ext.numerics import accumulation_dtype
+from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.heads import HeadSpec
 
 OpInputs = dict[str, torch.Tensor | None]
@@ -23,6 +24,8 @@ class PosteriorStructure(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: The curvatures it can be fitted with (``LastLayerLaplace``'s ``curvature``).
+    curvatures: ClassVar[tuple[str, ...]]
 
     def __init__(self, spec: HeadSpec):
         self.spec = spec
@@ -64,3 +67,15 @@ class PosteriorStructure(abc.ABC):
             self._cache = {k: None if v is None else v.to(phi.device, dtype) for k, v in inputs.items()}
             self._cache_key = key
         return self.predict_with(phi, weight, bias, self._cache)
+
+
+class FactoredPosterior(PosteriorStructure):
+    """A structure predicted through the project–square–mix op (full, kron; docs/MATH.md §1.1): its
+    ``op_inputs`` are ``proj_weight``, ``proj_bias``, ``mix`` and ``bias_var``."""
+
+    def predict_with(self, phi, weight, bias, inputs):
+        mean = head_ops.head_mean(self.spec, phi, weight, bias)
+        var = head_ops.factored_var(
+            self.spec, phi, inputs["proj_weight"], inputs["proj_bias"], inputs["mix"], inputs["bias_var"]
+        )
+        return mean, var

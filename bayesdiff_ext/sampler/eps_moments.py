@@ -1,4 +1,4 @@
-"""The moments of a step's ε term: closed form at the image sample, or Monte Carlo over x_t (SPEC §2).
+"""The moments of a step's ε term: closed form at the image sample, or Monte Carlo over x_t (docs/MATH.md §2).
 
 A step x' = a·x_origin + Σ_j b_j·out_j + c·z is written a·x_origin + b·ε_eff + c·z with b = b_last
 and ε_eff = out_last + (b_first/b_last)·out_first for DPM-Solver-2's second stage (ε_eff = out
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bayesdiff_ext import ops
-from bayesdiff_ext.sampler.coefficients import AffineStep
+from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.randomness import antithetic_randn
 
 __all__ = ["EpsMoments", "MonteCarloDraws", "StepRecord", "closed_form_moments", "monte_carlo_moments"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from bayesdiff_ext.numerics import per_image_sum
 __all__ = ["BayesDiffOutput"]
 
 
@@ -37,7 +38,7 @@ class BayesDiffOutput:
     epistemic_variance: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.scores = self.variance.flatten(1).sum(dim=1)
+        self.scores = per_image_sum(self.variance)
         if self.aleatoric_variance is None:
             self.aleatoric_variance = torch.zeros_like(self.variance)
         self.aleatoric_variance = torch.minimum(self.aleatoric_variance.clamp_min(0), self.variance)

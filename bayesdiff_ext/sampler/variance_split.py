@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from bayesdiff_ext import ops
-from bayesdiff_ext.sampler.coefficients import AffineStep
+from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.eps_moments import EpsMoments
 
 __all__ = ["aleatoric_step", "has_sampler_noise"]

@@ -1,0 +1,106 @@
+"""The model with a posterior on its head, called as the step engine needs it (docs/MATH.md §2).
+
+What a model call means is decided here once, for the image path and the Monte Carlo batch alike:
+
+* the model is called through :class:`~bayesdiff_ext.denoiser.Denoiser` (UNets and transformers:
+  sample argument by name, timestep by keyword);
+* it sees ``scheduler.scale_model_input(x, t)`` where the scheduler has one (Euler: x/√(σ²+1)) while the moments and the
+  Monte Carlo draws stay in the scheduler's own space;
+* classifier-free guidance runs both branches in one call and the head's variance is that of the
+  guided prediction (:class:`~bayesdiff_ext.guidance.ClassifierFreeGuidance`);
+* the prediction is the part of the output the scheduler steps with (learned-variance channels
+  dropped), and the head's closed-form moments come from ``posterior.predict`` at the captured φ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
+from bayesdiff_ext.guidance import ClassifierFreeGuidance, guided_head_moments
+
+__all__ = ["ModelCall", "head_moments"]
+
+
+def head_moments(posterior, phi: torch.Tensor, guidance: ClassifierFreeGuidance | None):
+    """The head's (mean, var) at φ; under guidance, of the guided prediction from a [uncond; cond] φ."""
+    if guidance is None:
+        return posterior.predict(phi)
+    return guided_head_moments(posterior, phi, guidance.scale, guidance.variance)
+
+
+class ModelCall:
+    """``model`` (a diffusers UNet or transformer), ``scheduler`` and ``posterior`` on the model's head.
+
+    The posterior needs ``capture()`` and ``predict(phi)`` returning (mean, var) shaped like the
+    model's prediction (see :class:`~bayesdiff_ext.LastLayerLaplace`).
+    """
+
+    def __init__(self, model, scheduler, posterior) -> None:
+        self.denoiser = Denoiser(model)
+        self.scheduler = scheduler
+        self.posterior = posterior
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t,
+        kwargs: Mapping[str, Any],
+        *,
+        want_head: bool,
+        guidance: ClassifierFreeGuidance | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """At the image sample ``x`` (the scheduler's space): the prediction the scheduler steps with
+        (the model's dtype) and, with ``want_head``, the head's variance there (else None).
+
+        ``kwargs`` are the conditioning of the B rows (under guidance: ``guidance.branch_kwargs(...)``).
+        """
+        out, _, head_var = self._forward(self.model_input(x, t), t, kwargs, want_head, guidance)
+        prediction = stepped_prediction(out, x)
+        if head_var is not None and head_var.shape != prediction.shape:
+            raise ValueError(
+                f"the posterior predicts a variance of shape {tuple(head_var.shape)} but the model's prediction "
+                f"has shape {tuple(prediction.shape)}: is the posterior on this model's head?"
+            )
+        return prediction, head_var
+
+    def head_at(
+        self,
+        samples: torch.Tensor,
+        t,
+        kwargs: Mapping[str, Any],
+        dtype: torch.dtype,
+        guidance: ClassifierFreeGuidance | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head (mean, var) at S samples of x, (S, B, ...), through one model call on S·B (2·S·B guided) rows.
+
+        ``kwargs`` are for the B images; they are tiled here. The samples are in the scheduler's
+        space and scaled for the model here; the moments come back in ``dtype``.
+        """
+        repeats, batch = samples.shape[:2]
+        flat = self.model_input(samples.flatten(0, 1).to(self.denoiser.dtype), t)
+        tiled = Denoiser.tile(kwargs, batch, repeats)
+        _, head_mean, head_var = self._forward(flat, t, tiled, True, guidance)
+        return (
+            head_mean.to(dtype).unflatten(0, (repeats, batch)),
+            head_var.to(dtype).unflatten(0, (repeats, batch)),
+        )
+
+    def model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        """``scheduler.scale_model_input(x, t)``, or ``x`` for a scheduler without one (flow matching)."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        return x if scale is None else scale(x, t)
+
+    def _forward(self, x, t, kwargs, want_head: bool, guidance: ClassifierFreeGuidance | None):
+        """One model call (both guidance branches in it): its output and, with ``want_head``, the
+        head's closed-form (mean, var) at φ (at φ_cfg under guidance)."""
+        if guidance is not None:
+            return guidance.forward(self.denoiser, self.posterior, x, t, kwargs, want_head)
+        if not want_head:
+            return self.denoiser(x, t, kwargs), None, None
+        with self.posterior.capture() as cap:
+            out = self.denoiser(x, t, kwargs)
+        return (out, *head_moments(self.posterior, cap.phi, None))
