@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/gram.h"
 #include "glue/curvature_args.h"
 #include "glue/dtype_dispatch.h"
 #include "kernels/curvature_math.h"
@@ -138,8 +139,9 @@ void compute_conv_patch_gram(const glue::CurvatureArgs& args) {
       const int64_t count = std::min(chunk, total - q0);
       unfold_positions<Acc>(x, g, q0, count, augmented, columns.data_ptr<Acc>());
       const at::Tensor patches = columns.view(-1).narrow(0, 0, augmented * count).view({augmented, count});
-      args.out.addmm_(patches, patches.t());
+      add_upper_gram(args.out, patches.t());
     }
+    mirror_upper<Acc>(args.out);
   });
 }
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/gram.h"
 #include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
 #include "glue/linear_curvature_args.h"
@@ -118,7 +119,8 @@ void compute_linear_gram(const glue::LinearCurvatureArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "linear_gram", [&] {
     const at::Tensor scratch = at::empty({tile_rows(g, g.rows()), g.augmented()}, args.out.options());
     for_each_augmented_tile<T>(args, 0, g.rows(), scratch,
-                               [&](int64_t, const at::Tensor& tile) { args.out.addmm_(tile.t(), tile); });
+                               [&](int64_t, const at::Tensor& tile) { add_upper_gram(args.out, tile); });
+    mirror_upper<double>(args.out);
   });
 }
 
