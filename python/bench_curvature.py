@@ -34,7 +34,11 @@ from bench_timing import interleaved_medians, load_average, markdown_table, peak
 
 MIB = 2**20
 BATCH, C_IN, C_OUT, SIZE, KERNEL, PADDING = 4, 128, 3, 64, 3, 1
-LINEAR_SHAPES = {"Flux-like 1×4096 tokens (3072→64)": (1, 4096, 3072, 64), "SD3-medium-like 1×4096 tokens (1536→64)": (1, 4096, 1536, 64)}
+# (samples, tokens, features, outputs)
+LINEAR_SHAPES = {
+    "Flux-like 1×4096 tokens (3072→64)": (1, 4096, 3072, 64),
+    "SD3-medium-like 1×4096 tokens (1536→64)": (1, 4096, 1536, 64),
+}
 
 
 def conv_inputs():
@@ -97,8 +101,10 @@ METHODS = {
 
 def cases():
     """(row label, method, inputs name): the conv head once, each Linear shape for each Linear method."""
-    conv = [(f"{name}, {BATCH}×({C_IN}→{C_OUT})×{SIZE}²", name, "conv") for name in METHODS if name.startswith("conv")]
-    linear = [(f"{name}, {shape}", name, shape) for shape in LINEAR_SHAPES for name in METHODS if name.startswith("Linear")]
+    conv_methods = [name for name in METHODS if name.startswith("conv")]
+    linear_methods = [name for name in METHODS if name.startswith("Linear")]
+    conv = [(f"{name}, {BATCH}×({C_IN}→{C_OUT})×{SIZE}²", name, "conv") for name in conv_methods]
+    linear = [(f"{name}, {shape}", name, shape) for shape in LINEAR_SHAPES for name in linear_methods]
     return conv + linear
 
 
@@ -111,18 +117,21 @@ def analytic_extra_mib(method: str, which: str) -> tuple[float, float]:
     path's tiles (CPU: ≤ 16 MiB of unfolded positions or of float64 rows)."""
     if which == "conv":
         unfold = BATCH * C_IN * KERNEL * KERNEL * SIZE * SIZE * 4 / MIB
-        eager = {"conv diag GGN": 2 * unfold, "conv diag EF": unfold, "conv patch Gram": unfold + BATCH * (C_IN * 9) ** 2 * 4 / MIB}
+        per_image_grams = BATCH * (C_IN * KERNEL * KERNEL) ** 2 * 4 / MIB
+        eager = {"conv diag GGN": 2 * unfold, "conv diag EF": unfold, "conv patch Gram": unfold + per_image_grams}
         return eager[method], 16.0
     samples, tokens, features, outputs = LINEAR_SHAPES[which]
     copy64 = samples * tokens * features * 8 / MIB
-    eager = {"Linear diag GGN": 2 * copy64, "Linear diag EF": copy64 + samples * tokens * outputs * 8 / MIB, "Linear Gram": 2 * copy64}
+    residual64 = samples * tokens * outputs * 8 / MIB
+    eager = {"Linear diag GGN": 2 * copy64, "Linear diag EF": copy64 + residual64, "Linear Gram": 2 * copy64}
     return eager[method], 16.0 if method != "Linear diag GGN" else 2 * features * 8 / MIB
 
 
 def peak_rise_in_child(method: str, which: str, fused: bool, threads: int) -> float:
     """Run one method once in a fresh process: the peak rise of its resident set over the inputs'."""
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", method, "--inputs", which, "--fused" if fused else "--eager", "--threads", str(threads)],
+        [sys.executable, __file__, "--measure", method, "--inputs", which, "--fused" if fused else "--eager"]
+        + ["--threads", str(threads)],
         capture_output=True,
         text=True,
         check=True,
@@ -152,11 +161,11 @@ def main() -> None:
     for label, method, which in cases():
         phi, residual = inputs_for(which)
         eager, fused = METHODS[method]
-        for out, ref in zip(*(r if isinstance(r, tuple) else (r,) for r in (fused(phi, residual), eager(phi, residual)))):
+        outputs, expected = (r if isinstance(r, tuple) else (r,) for r in (fused(phi, residual), eager(phi, residual)))
+        for out, ref in zip(outputs, expected):
             torch.testing.assert_close(out.double(), ref.double(), rtol=1e-4, atol=1e-3)
-        t = interleaved_medians(
-            {"eager": lambda: eager(phi, residual), "fused": lambda: fused(phi, residual)}, args.repeats, threads=args.threads
-        )
+        candidates = {"eager": lambda: eager(phi, residual), "fused": lambda: fused(phi, residual)}
+        t = interleaved_medians(candidates, args.repeats, threads=args.threads)
         mem_eager, mem_fused = analytic_extra_mib(method, which)
         rss_eager = peak_rise_in_child(method, which, False, args.threads[-1])
         rss_fused = peak_rise_in_child(method, which, True, args.threads[-1])

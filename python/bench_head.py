@@ -82,11 +82,13 @@ class Head:
         return 4.0 * (rows * rows + rows * p + self.batch * self.outputs**2 + (p * p if full else 0))
 
     def phi(self, generator) -> torch.Tensor:
-        shape = (self.batch, self.size, self.in_channels) if self.is_linear else (self.batch, self.in_channels, self.size, self.size)
-        return torch.randn(shape, generator=generator)
+        if self.is_linear:
+            return torch.randn(self.batch, self.size, self.in_channels, generator=generator)
+        return torch.randn(self.batch, self.in_channels, self.size, self.size, generator=generator)
 
     def weight_shape(self) -> tuple:
-        return (self.channels, self.in_channels) if self.is_linear else (self.channels, self.in_channels, self.kernel, self.kernel)
+        kernel = () if self.is_linear else (self.kernel, self.kernel)
+        return (self.channels, self.in_channels, *kernel)
 
 
 CONV_HEADS = [
@@ -105,14 +107,18 @@ LINEAR_HEADS = [
     Head("SD3-medium-like 1×4096 tokens (1536→64)", 1, 1536, 64, 4096, kernel=0),
 ]
 # Small enough for laplace-torch's GLM predictive, so that it has a measured number.
-SMALL_HEADS = [Head("small conv 1×(128→3)×24²", 1, 128, 3, 24), Head("small Linear 1×64 tokens (256→16)", 1, 256, 16, 64, kernel=0)]
+SMALL_HEADS = [
+    Head("small conv 1×(128→3)×24²", 1, 128, 3, 24),
+    Head("small Linear 1×64 tokens (256→16)", 1, 256, 16, 64, kernel=0),
+]
 
 
 def diag_inputs(head: Head, generator):
     phi = head.phi(generator)
     weight = torch.randn(head.weight_shape(), generator=generator) * 0.05
     weight_var = torch.rand(head.weight_shape(), generator=generator) * 1e-4
-    return phi, weight, torch.randn(head.channels, generator=generator), weight_var, torch.rand(head.channels, generator=generator)
+    bias, bias_var = torch.randn(head.channels, generator=generator), torch.rand(head.channels, generator=generator)
+    return phi, weight, bias, weight_var, bias_var
 
 
 def full_inputs(head: Head, generator):
@@ -120,13 +126,15 @@ def full_inputs(head: Head, generator):
     phi = head.phi(generator)
     rank = head.taps + 1
     directions = torch.randn(rank, *head.weight_shape()[1:], generator=generator) * 0.01
-    return phi, directions, torch.randn(rank, generator=generator) * 0.01, torch.ones(head.channels, rank), torch.zeros(head.channels)
+    proj_bias = torch.randn(rank, generator=generator) * 0.01
+    return phi, directions, proj_bias, torch.ones(head.channels, rank), torch.zeros(head.channels)
 
 
 def eager_diag(head: Head, phi, weight, bias, weight_var, bias_var):
     if head.is_linear:
         return F.linear(phi, weight, bias), F.linear(phi * phi, weight_var, bias_var)
-    return F.conv2d(phi, weight, bias, padding=head.padding), F.conv2d(phi * phi, weight_var, bias_var, padding=head.padding)
+    mean = F.conv2d(phi, weight, bias, padding=head.padding)
+    return mean, F.conv2d(phi * phi, weight_var, bias_var, padding=head.padding)
 
 
 def fused_diag(head: Head, phi, weight, bias, weight_var, bias_var):
@@ -157,10 +165,10 @@ def fused_full(head: Head, phi, directions, proj_bias, mix, bias_var):
 
 def bayesdiff_draws(head: Head, phi, weight, bias, weight_var, bias_var, draws: int):
     """BayesDiff's head variance: `draws` sampled weight sets, one head call each."""
-    outputs = [
-        forward(head, phi, weight + weight_var.sqrt() * torch.randn_like(weight), bias + bias_var.sqrt() * torch.randn_like(bias), None, None)
-        for _ in range(draws)
-    ]
+    outputs = []
+    for _ in range(draws):
+        w = weight + weight_var.sqrt() * torch.randn_like(weight)
+        outputs.append(forward(head, phi, w, bias + bias_var.sqrt() * torch.randn_like(bias), None, None))
     stacked = torch.stack(outputs)
     return stacked.mean(0), stacked.var(0)
 
@@ -176,7 +184,10 @@ def batched_draws(head: Head, phi, weight, bias, weight_var, bias_var, draws: in
 
 
 def laplace_model(head: Head, weight, bias) -> nn.Module:
-    layer = nn.Linear(head.in_channels, head.channels) if head.is_linear else nn.Conv2d(head.in_channels, head.channels, head.kernel, padding=head.padding)
+    if head.is_linear:
+        layer = nn.Linear(head.in_channels, head.channels)
+    else:
+        layer = nn.Conv2d(head.in_channels, head.channels, head.kernel, padding=head.padding)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
@@ -259,7 +270,8 @@ def context_rows(heads, args, generator, checks):
         if "glm" in t:
             glm_cell = f"{_ms(t['glm'])} ms ({t['glm'] / t['fused']:.0f}× fused; {need / GIB:.2f} GiB)"
             _, glm_var = fns["glm"]()
-            checks.append(f"* {head.name}: laplace GLM var vs fused, max relative error {_rel_err(fused_diag(head, *data)[1].flatten(1), glm_var.diagonal(dim1=-2, dim2=-1)):.1e}")
+            error = _rel_err(fused_diag(head, *data)[1].flatten(1), glm_var.diagonal(dim1=-2, dim2=-1))
+            checks.append(f"* {head.name}: laplace GLM var vs fused, max relative error {error:.1e}")
         else:
             glm_cell = f"does not fit: needs {need / GIB:.1f} GiB"
         rows.append(
@@ -341,7 +353,8 @@ def main() -> None:
     diag_candidates = {"forward": forward, "eager": eager_diag, "fused": fused_diag}
     full_candidates = {"eager": eager_full, "fused": fused_full}
     scaling = [f"fused {args.threads[0]}→{args.threads[-1]} threads"] if len(args.threads) > 1 else []
-    diag_header = ["head", "threads", "forward alone (ms)", "eager pair (ms)", "fused (ms)", "eager / fused (≥ 1)", *scaling]
+    diag_header = ["head", "threads", "forward alone (ms)", "eager pair (ms)", "fused (ms)", "eager / fused (≥ 1)"]
+    diag_header += scaling
     full_header = ["head", "threads", "eager → square → mix (ms)", "fused (ms)", "eager / fused (≥ 1)", *scaling]
     tables = [
         ("Conv heads, diagonal posterior (`conv_head_mean_var`; 3×3, padding 1)", diag_header,
@@ -373,7 +386,16 @@ def main() -> None:
         "one call, and laplace-torch's GLM predictive where its memory (jacrev's B·K×B·K basis + the B·K·P "
         f"Jacobian + the B·K·K covariance, K = outputs per image, P = C·(D+1), float32) is below "
         f"{args.laplace_max_gib:g} GiB:\n\n"
-        + markdown_table(["head", "fused (ms)", f"{args.draws} draws (ms, × fused)", f"{args.draws} draws in one call (ms, × fused)", "laplace-torch GLM"], context)
+        + markdown_table(
+            [
+                "head",
+                "fused (ms)",
+                f"{args.draws} draws (ms, × fused)",
+                f"{args.draws} draws in one call (ms, × fused)",
+                "laplace-torch GLM",
+            ],
+            context,
+        )
         + f"\n\nPeak memory of the Linear heads (MiB: the rise of the resident set during a first call, each "
         f"method in a fresh process at {args.threads[-1]} threads, inputs allocated before; φ of the Flux-like "
         "head is 48 MiB):\n\n"

@@ -98,7 +98,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the `## name` section of a markdown file, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured numbers; each section is written by its script.\n"
+    header = "# Benchmarks\n\nMeasured numbers; each section is written by its script.\n"
+    text = path.read_text() if path.exists() else header
     heading = f"## {name}"
     section = f"{heading}\n\n{body.strip()}\n"
     start = text.find(heading + "\n")

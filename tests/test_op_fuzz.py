@@ -100,7 +100,9 @@ class Generator:
 
     def geometry(self):
         kernel = [self.int(1, 3), self.int(1, 3)]
-        stride, padding, dilation = [self.int(1, 3), self.int(1, 3)], [self.int(0, 2), self.int(0, 2)], [self.int(1, 2), self.int(1, 2)]
+        stride = [self.int(1, 3), self.int(1, 3)]
+        padding = [self.int(0, 2), self.int(0, 2)]
+        dilation = [self.int(1, 2), self.int(1, 2)]
         return kernel, stride, padding, dilation
 
     @staticmethod
@@ -110,7 +112,8 @@ class Generator:
     def bad_geometry(self, case: Case, slots: dict) -> Case:
         """Sometimes an invalid stride, padding, dilation or kernel size."""
         if self.chance(0.1):
-            name, minimum = self.rng.choice([(n, m) for n, m in (("stride", 1), ("padding", 0), ("dilation", 1), ("kernel_size", 1)) if n in slots])
+            minimums = {"stride": 1, "padding": 0, "dilation": 1, "kernel_size": 1}
+            name, minimum = self.rng.choice([(n, m) for n, m in minimums.items() if n in slots])
             case.args[slots[name]] = [minimum - 1, self.int(minimum, 2)]
             case.notes.append(f"{name} := {case.args[slots[name]]}")
             case.must_succeed = False
@@ -335,7 +338,10 @@ def check_result(case: Case, outputs, meta, meta_error, reference) -> str | None
     scales = rounding_scale(case, reference)
     for k, (out, ref, scale, fake) in enumerate(zip(outputs, expected, scales, meta)):
         if out.shape != ref.shape or fake.shape != out.shape or fake.dtype != out.dtype:
-            return f"output {k}: shape {tuple(out.shape)}, fake {tuple(fake.shape)} {fake.dtype}, reference {tuple(ref.shape)}"
+            return (
+                f"output {k}: shape {tuple(out.shape)}, fake {tuple(fake.shape)} {fake.dtype}, "
+                f"reference {tuple(ref.shape)}"
+            )
         tol = 1e-10 if out.dtype == torch.float64 else 5e-5
         got = out.double()
         nan = torch.isnan(ref)
@@ -351,7 +357,12 @@ def check_result(case: Case, outputs, meta, meta_error, reference) -> str | None
 
 
 def describe(case: Case) -> str:
-    parts = [f"{tuple(a.shape)}:{str(a.dtype)[6:]}:{'c' if a.is_contiguous() else 'nc'}" if isinstance(a, torch.Tensor) else repr(a) for a in case.args]
+    def one(a) -> str:
+        if not isinstance(a, torch.Tensor):
+            return repr(a)
+        return f"{tuple(a.shape)}:{str(a.dtype)[6:]}:{'c' if a.is_contiguous() else 'nc'}"
+
+    parts = [one(a) for a in case.args]
     return f"{case.op}({', '.join(parts)}){' ' + '; '.join(case.notes) if case.notes else ''}"
 
 
