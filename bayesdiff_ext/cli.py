@@ -30,6 +30,24 @@ SAMPLERS = ("ddim", "ddpm", "dpm2")
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
 METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
 
+#: ``fit --inference`` values: laplace and bayesdiff_ext.posterior.inference.INFERENCES.
+INFERENCES = ("laplace", "vi", "mcmc", "head-ensemble")
+#: ``fit`` options of one inference: argparse destination -> (inference, constructor keyword).
+INFERENCE_OPTIONS = {
+    "vi_steps": ("vi", "steps"),
+    "vi_samples": ("vi", "samples"),
+    "vi_lr": ("vi", "lr"),
+    "chains": ("mcmc", "chains"),
+    "warmup": ("mcmc", "warmup"),
+    "draws": ("mcmc", "draws"),
+    "thin": ("mcmc", "thin"),
+    "leapfrog_steps": ("mcmc", "leapfrog_steps"),
+    "target_accept": ("mcmc", "target_accept"),
+    "members": ("head-ensemble", "members"),
+    "bootstrap": ("head-ensemble", "bootstrap"),
+    "train_steps": ("head-ensemble", "steps"),
+}
+
 _DESCRIPTION = """\
 Per-pixel uncertainty for diffusion models (BayesDiff: a last-layer Laplace posterior on the
 UNet's noise-prediction head, its variance carried through the sampler). Every image gets an
@@ -170,8 +188,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         "--method",
         choices=METHODS,
         default="laplace",
-        help="laplace (default: the posterior as fitted), hfl (Hessian-free Laplace from a full "
-        "posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
+        help="laplace (default: the posterior file as fitted, whatever its inference), hfl (Hessian-free "
+        "Laplace from a full posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
         "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble)",
     )
     g.add_argument(
@@ -281,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="posterior file from `bayesdiff fit` for this model (methods laplace, hfl, isotropic)",
+        help="posterior file from `bayesdiff fit` for this model: any inference for --method laplace; "
+        "a full (hfl) or diag (isotropic) Laplace posterior for those methods",
     )
     sample.add_argument(
         "--scheduler",
@@ -295,15 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser(
         "fit",
-        help="fit a last-layer Laplace posterior to a model's head and save it",
+        help="fit a posterior (Laplace, VI, MCMC or a head ensemble) to a model's head and save it",
         description=_wrap(
-            "Fit the Laplace posterior of the model's last layer on training images (noised at random "
-            "timesteps, like in training) and save it for `bayesdiff sample`."
+            "Fit a posterior of the model's last layer on training images (noised at random timesteps, "
+            "like in training) and save it for `bayesdiff sample`. --inference laplace (default) is the "
+            "paper's last-layer Laplace; vi, mcmc and head-ensemble run on the same data pass (the model "
+            "runs once) with sigma and the prior precision chosen as for the full Laplace, then fixed."
         ),
         epilog="examples:\n"
         "  bayesdiff fit --model ./my-pipeline --data ./train-images/ --out posterior.safetensors\n"
         "  bayesdiff fit --model ./my-pipeline --data images.npy --structure full --prior-precision 1\n"
-        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors",
+        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --out p.safetensors\n"
+        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference mcmc --chains 4\n"
+        f"  bayesdiff fit --model bayesdiff_ext/assets/digits --data {BUILTIN_DIGITS} --inference vi --structure full",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument("--model", type=Path, required=True, metavar="DIR", help="local diffusers model folder")
@@ -327,21 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="where to save the posterior (default ./posterior_<structure>.safetensors)",
+        help="where to save the posterior (default ./posterior_<structure or inference>.safetensors)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing posterior file")
     fit.add_argument(
+        "--inference",
+        choices=INFERENCES,
+        default="laplace",
+        help="laplace (default), vi (variational inference), mcmc (Hamiltonian Monte Carlo), "
+        "head-ensemble (heads re-initialised and trained on the fixed trunk)",
+    )
+    fit.add_argument(
         "--structure",
         choices=("diag", "full", "kron", "isotropic", "hfl"),
-        default="diag",
-        help="covariance structure: diag (default, the paper's), full (exact GGN), kron (KFAC), "
-        "isotropic, hfl (Hessian-free Laplace: the full GGN's variance from random probes)",
+        default=None,
+        help="laplace: covariance structure, diag (default, the paper's), full (exact GGN), kron (KFAC), "
+        "isotropic, hfl (Hessian-free Laplace: the full GGN's variance from random probes); "
+        "vi: the variational family, diag (mean-field, default) or full",
     )
     fit.add_argument(
         "--curvature",
         choices=("ggn", "ef", "ef_bayesdiff"),
-        default="ggn",
-        help="ggn (default), ef (empirical Fisher), ef_bayesdiff (the paper code's 2x EF with "
+        default=None,
+        help="laplace only: ggn (default), ef (empirical Fisher), ef_bayesdiff (the paper code's 2x EF with "
         "sigma = prior precision = 1; diag only)",
     )
     fit.add_argument(
@@ -369,11 +400,45 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--batch-size", type=_int_at_least(1), default=64, metavar="B", help="images per forward (default 64)"
     )
-    fit.add_argument("--seed", type=int, default=0, help="seed of the timestep and noise draws (default 0)")
+    fit.add_argument(
+        "--seed", type=int, default=0, help="seed of the timestep and noise draws and of the inference (default 0)"
+    )
     fit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_inference_options(fit)
     _add_general_options(fit)
     _add_eval_command(commands)
     return parser
+
+
+def _add_inference_options(fit: argparse.ArgumentParser) -> None:
+    """Options of one --inference each (None = the class's default; INFERENCE_OPTIONS says whose)."""
+    count = _int_at_least(1)
+    g = fit.add_argument_group("--inference vi")
+    g.add_argument("--vi-steps", type=_int_at_least(4), metavar="N", help="Adam steps on the ELBO (default 3000)")
+    g.add_argument("--vi-samples", type=count, metavar="S", help="reparameterised draws per step (default 16)")
+    g.add_argument("--vi-lr", type=float, metavar="LR", help="Adam learning rate (default 0.05)")
+    g = fit.add_argument_group("--inference mcmc")
+    g.add_argument("--chains", type=count, help="chains (default 4)")
+    g.add_argument("--warmup", type=_int_at_least(0), metavar="N", help="adaptation iterations (default 1000)")
+    g.add_argument("--draws", type=_int_at_least(4), metavar="N", help="draws kept per chain (default 1000)")
+    g.add_argument("--thin", type=count, metavar="K", help="keep every K-th iteration (default 1)")
+    g.add_argument("--leapfrog-steps", type=count, metavar="L", help="most leapfrog steps per trajectory (default 16)")
+    g.add_argument("--target-accept", type=float, metavar="P", help="acceptance the step size aims at (default 0.8)")
+    g = fit.add_argument_group("--inference head-ensemble")
+    g.add_argument("--members", type=_int_at_least(2), metavar="N", help="heads in the ensemble (default 8)")
+    g.add_argument(
+        "--no-bootstrap",
+        dest="bootstrap",
+        action="store_const",
+        const=False,
+        help="train every head on all the data (they then all reach the same optimum: no spread)",
+    )
+    g.add_argument(
+        "--train-steps",
+        type=_int_at_least(0),
+        metavar="K",
+        help="gradient-descent steps per head (default: to convergence; a number = early stopping)",
+    )
 
 
 def _add_eval_command(commands) -> None:
@@ -589,6 +654,7 @@ def _sample_and_write(
 def _posterior_description(posterior, path) -> dict:
     return {
         "posterior": str(path),
+        "posterior_inference": getattr(posterior, "inference", "laplace"),
         "posterior_structure": posterior.structure,
         "posterior_curvature": posterior.curvature,
         "sigma_noise": posterior.sigma_noise,
@@ -602,14 +668,14 @@ def _load_posterior(path: Path, unet):
     hyperparameters belong to another model."""
     from safetensors import SafetensorError
 
-    from bayesdiff_ext import LastLayerLaplace
+    from bayesdiff_ext.posterior import load_posterior
 
     if not path.is_file():
         raise FileNotFoundError(f"posterior file {path} does not exist (make one with `bayesdiff fit`)")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the head weights differ")
         try:
-            return LastLayerLaplace.load(path, unet)
+            return load_posterior(path, unet)
         except UserWarning as mismatch:
             raise ValueError(f"{path} is a posterior for another model: {mismatch}") from None
         except SafetensorError as err:
@@ -707,13 +773,41 @@ def _fit_images(args, unet):
     return load_images(args.data, size=size, channels=unet.config.in_channels)
 
 
+def _fit_posterior(args, unet):
+    """The unfitted posterior that ``fit``'s options describe."""
+    from bayesdiff_ext import LastLayerLaplace
+    from bayesdiff_ext.posterior.inference import INFERENCES as CLASSES
+
+    options = {}
+    for dest, (inference, keyword) in INFERENCE_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            if inference != args.inference:
+                flag = "--no-bootstrap" if dest == "bootstrap" else "--" + dest.replace("_", "-")
+                raise ValueError(f"{flag} applies to --inference {inference}, not {args.inference}")
+            options[keyword] = value
+    hyperparameters = dict(sigma_noise=args.sigma, prior_precision=args.prior_precision)
+    if args.inference == "laplace":
+        return LastLayerLaplace(unet, args.structure or "diag", args.curvature or "ggn", **hyperparameters)
+    if args.curvature is not None:
+        raise ValueError(f"--curvature applies to --inference laplace, not {args.inference}")
+    if args.structure is not None:
+        if args.inference != "vi" or args.structure not in ("diag", "full"):
+            raise ValueError(
+                f"--structure {args.structure} does not apply to --inference {args.inference} "
+                "(laplace takes any structure, vi diag or full)"
+            )
+        options["family"] = args.structure
+    return CLASSES[args.inference](unet, seed=args.seed, **hyperparameters, **options)
+
+
 def _run_fit(args) -> int:
     import torch
 
-    from bayesdiff_ext import LastLayerLaplace
     from bayesdiff_ext.io.inputs import load_model
 
-    out = (args.out or Path(f"posterior_{args.structure}.safetensors")).expanduser().absolute()
+    default_name = (args.structure or "diag") if args.inference == "laplace" else args.inference
+    out = (args.out or Path(f"posterior_{default_name}.safetensors")).expanduser().absolute()
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; give a file name such as posterior.safetensors")
     if out.exists() and not args.overwrite:
@@ -721,16 +815,14 @@ def _run_fit(args) -> int:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
     unet, scheduler = load_model(args.model, args.scheduler)
-    posterior = LastLayerLaplace(
-        unet, args.structure, args.curvature, sigma_noise=args.sigma, prior_precision=args.prior_precision
-    )
+    posterior = _fit_posterior(args, unet)
     images = _fit_images(args, unet)
     device = _device(args.device)
     unet.to(device)
-    _say(
-        f"fitting a {args.structure}/{args.curvature} posterior on {len(images)} images "
-        f"x {args.timesteps_per_image} timestep(s) on {device}"
-    )
+    what = args.inference
+    if args.inference == "laplace":
+        what = f"{args.structure or 'diag'}/{args.curvature or 'ggn'} Laplace"
+    _say(f"fitting a {what} posterior on {len(images)} images x {args.timesteps_per_image} timestep(s) on {device}")
     posterior.fit(
         images,
         scheduler,
@@ -741,6 +833,10 @@ def _run_fit(args) -> int:
     )
     posterior.save(out)
     _say(repr(posterior))
+    record = getattr(posterior, "record", {})
+    reported = [f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if reported:
+        _say(", ".join(reported))
     print(out)
     return 0
 

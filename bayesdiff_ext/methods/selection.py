@@ -24,10 +24,16 @@ def laplace_posterior_for(method: str, posterior, *, probes: int | None = None):
 
     'hfl' reuses a 'full' posterior's Gram matrix (the same curvature), with ``probes`` Rademacher
     probes per image when given; 'isotropic' reduces a 'diag' posterior's curvature to its mean,
-    then re-chooses σ and δ as ``fit`` would.
+    then re-chooses σ and δ as ``fit`` would. 'laplace' takes any posterior as fitted, also the
+    non-Laplace ones (``bayesdiff_ext.posterior.inference``).
     """
     if method not in LAPLACE_METHODS:
         raise ValueError(f"method must be one of {tuple(LAPLACE_METHODS)}, got {method!r}")
+    inference = getattr(posterior, "inference", "laplace")
+    if inference != "laplace":  # VI, MCMC, head ensembles: 'laplace' samples with them as fitted
+        if method == "laplace":
+            return posterior
+        raise ValueError(f"method {method!r} derives its posterior from a Laplace one, got a {inference!r} posterior")
     accepted = LAPLACE_METHODS[method]
     if posterior.structure not in accepted:
         raise ValueError(

@@ -6,6 +6,10 @@ curvature, σ/δ/T and how they were chosen, the head (kind, shapes, geometry, �
 fitting statistics (images, samples, timesteps per image, residual sum of squares), a SHA-256 of
 the head's MAP weights, package versions and the UTC date. Written atomically
 (``bayesdiff_ext.io.atomic``), so a reader never sees a partial file.
+
+The other posteriors (``inference``) write the same layout through ``posterior_metadata`` and
+``write_posterior_file`` with their own tensor prefix and extra metadata (``inference`` names them);
+``load_posterior`` here reads Laplace files only, ``loading.load_posterior`` any of them.
 """
 
 from __future__ import annotations
@@ -42,11 +46,10 @@ def head_fingerprint(head: torch.nn.Module, spec: HeadSpec) -> str:
     return digest.hexdigest()
 
 
-def save_posterior(post, path) -> None:
-    """Write the fitted ``LastLayerLaplace`` ``post`` to ``path`` (its public state only)."""
-    if post.posterior is None:
-        raise RuntimeError("the posterior is not fitted yet: call fit(...), fit_features(...) or load(...)")
-    meta = {
+def posterior_metadata(post) -> dict:
+    """The settings every saved posterior records (``post``: a LastLayerLaplace, or another posterior
+    with the same attributes)."""
+    return {
         "format_version": FORMAT_VERSION,
         "structure": post.structure,
         "curvature": post.curvature,
@@ -62,23 +65,53 @@ def save_posterior(post, path) -> None:
         "versions": library_versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    tensors = {
-        TENSOR_PREFIX + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in post.posterior.tensors().items()
-    }
+
+
+def write_posterior_file(path, meta: dict, tensors: dict[str, torch.Tensor], prefix: str = TENSOR_PREFIX) -> None:
+    """Write ``tensors`` (float64, names under ``prefix``) and ``meta`` atomically to ``path``."""
+    tensors = {prefix + k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
     atomic_write(path, save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
-def read_posterior_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and curvature tensors of a saved posterior."""
+def save_posterior(post, path) -> None:
+    """Write the fitted ``LastLayerLaplace`` ``post`` to ``path`` (its public state only)."""
+    if post.posterior is None:
+        raise RuntimeError("the posterior is not fitted yet: call fit(...), fit_features(...) or load(...)")
+    write_posterior_file(path, posterior_metadata(post), post.posterior.tensors())
+
+
+def read_posterior_file(path, prefix: str | None = TENSOR_PREFIX) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and the tensors (names under ``prefix``; none for None) of a saved posterior."""
     with safe_open(os.fspath(path), framework="pt") as f:
         header = f.metadata() or {}
         if METADATA_KEY not in header:
             raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
-        tensors = {k[len(TENSOR_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(TENSOR_PREFIX)}
+        names = [] if prefix is None else [k for k in f.keys() if k.startswith(prefix)]
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names}
     meta = json.loads(header[METADATA_KEY])
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has posterior format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return meta, tensors
+
+
+def matching_head(meta: dict, path, model, head) -> tuple[torch.nn.Module, HeadSpec]:
+    """``model``'s head and the saved head's spec: ValueError if the head's shape differs from the
+    saved one, a warning if only its weights differ."""
+    saved = HeadSpec.from_description(meta["head"])
+    target_head = locate_head(model, head)
+    current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)), saved.eps_rows)
+    if current != saved:
+        raise ValueError(
+            f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
+            f"{current.shape_text()}"
+        )
+    if head_fingerprint(target_head, saved) != meta["head_sha256"]:
+        warnings.warn(
+            f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
+            "its curvature and hyperparameters belong to the other weights",
+            stacklevel=4,
+        )
+    return target_head, saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,23 +133,16 @@ class SavedPosterior:
 
 
 def load_posterior(path, model, head=None) -> SavedPosterior:
-    """Read a saved posterior for ``model``'s head: ValueError if the head's shape differs from the
-    saved one, a warning if only its weights differ."""
+    """Read a saved Laplace posterior for ``model``'s head: ValueError if the file holds another kind of
+    posterior or the head's shape differs from the saved one, a warning if only its weights differ."""
     meta, tensors = read_posterior_file(path)
-    saved = HeadSpec.from_description(meta["head"])
-    target_head = locate_head(model, head)
-    current = head_spec(target_head, min(saved.eps_channels, output_channels(target_head)), saved.eps_rows)
-    if current != saved:
+    inference = meta.get("inference", "laplace")
+    if inference != "laplace":
         raise ValueError(
-            f"the posterior in {path} was fitted for the head {saved.shape_text()}, but this model's head is "
-            f"{current.shape_text()}"
+            f"{path} holds a {inference!r} posterior, not a Laplace one; load it with "
+            "bayesdiff_ext.posterior.load_posterior(path, model)"
         )
-    if head_fingerprint(target_head, saved) != meta["head_sha256"]:
-        warnings.warn(
-            f"the head weights differ from those the posterior in {path} was fitted at (same shape); "
-            "its curvature and hyperparameters belong to the other weights",
-            stacklevel=3,
-        )
+    target_head, saved = matching_head(meta, path, model, head)
     return SavedPosterior(
         head=target_head,
         spec=saved,
