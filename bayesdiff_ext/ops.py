@@ -290,7 +290,8 @@ def conv_patch_gram(
 def linear_diag_ggn(phi: torch.Tensor) -> torch.Tensor:
     r"""
     The diagonal GGN of ½‖f − y‖² for the weight of a Linear head, summed over every row of `phi`
-    (docs/MATH.md §1.2), accumulated in float64 without a float64 copy of `phi`.
+    (docs/MATH.md §1.2; tokens as rows, §8), accumulated in float64 without a float64 copy of
+    `phi`.
 
     Args:
         phi (`torch.Tensor` of shape `(..., in_features)`):
@@ -308,7 +309,8 @@ def linear_diag_ef(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""
     The diagonal empirical Fisher of ½‖f − y‖² for a Linear head, from per-sample gradients
-    (docs/MATH.md §1.2). No per-token Jacobian and no float64 copy of `phi` is formed.
+    (docs/MATH.md §1.2; a sample is an image with all of its tokens, §8). No per-token Jacobian and
+    no float64 copy of `phi` is formed.
 
     Args:
         phi (`torch.Tensor` of shape `(batch_size, ..., in_features)`):
@@ -333,7 +335,8 @@ def linear_diag_ef(
 def linear_gram(phi: torch.Tensor) -> torch.Tensor:
     r"""
     The Gram matrix of the bias-augmented rows of a Linear head's input: the exact last-layer GGN of
-    ½‖f − y‖² is I_C ⊗ A_aug on per-output blocks [W_c; b_c] (docs/MATH.md §1.1), as for `conv_patch_gram`.
+    ½‖f − y‖² is I_C ⊗ A_aug on per-output blocks [W_c; b_c] (docs/MATH.md §1.1, §8), as for
+    `conv_patch_gram`.
     Accumulated in float64, tile by tile, without a float64 copy of `phi`.
 
     Args:

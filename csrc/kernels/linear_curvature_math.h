@@ -1,4 +1,4 @@
-// Fitting sums of a Linear head on rows of features (docs/MATH.md §1.2), shared by the CPU and CUDA
+// Fitting sums of a Linear head on rows of features (docs/MATH.md §1.2, §8), shared by the CPU and CUDA
 // kernels. φ is (samples, tokens, D) row-major: the leading dim is the sample (an image; for a
 // transformer all of its tokens together), every further dim but the last is flattened into tokens.
 // The residual r = f − y is (samples, tokens, C). The bias enters as the augmented feature φ̃[D] = 1,
