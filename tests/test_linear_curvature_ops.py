@@ -98,6 +98,19 @@ def test_cpu_gram_blocks():
     assert torch.equal(gram, gram.t())
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa_compilation_matches_reference(isa, dtype, monkeypatch):
+    """The CPU's vector code (square sums, float64 widening of rows) is compiled per ISA;
+    BAYESDIFF_CPU_ISA selects a lower one. The conv diagonal GGN shares the square sums."""
+    monkeypatch.setenv("BAYESDIFF_CPU_ISA", isa)
+    _check_all(torch.ops.bayesdiff_ext, *_inputs((2, 9, 37), 3, dtype, "cpu"))
+    phi = torch.randn(3, 2, 7, 37, dtype=torch.float64).to(dtype)
+    ggn = torch.ops.bayesdiff_ext.conv_diag_ggn(phi, [3, 3], [1, 1], [1, 1], [1, 1])
+    expected = reference.conv_diag_ggn(phi, [3, 3], [1, 1], [1, 1], [1, 1])
+    torch.testing.assert_close(ggn.double(), expected, rtol=1e-12 if dtype == torch.float64 else 2e-5, atol=0)
+
+
 def test_empty_inputs(backend):
     ops_ = backend.ops
     phi, residual = _inputs((0, 5, 4), 3, torch.float32, backend.device)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/gram.h"
+#include "cpu/square_sums.h"
 #include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
 #include "glue/linear_curvature_args.h"
@@ -31,28 +32,6 @@ int64_t row_grain(int64_t features) { return std::max<int64_t>(1, kElementGrain 
 // ---------------------------------------------------------------------------------------------
 // linear_diag_ggn
 
-template <int kBytes, typename T>
-void add_square_sums(const T* phi, int64_t begin, int64_t end, int64_t features, double* sums) {
-  using V = Simd<double, kBytes>;
-  constexpr int kL = kLanes<double, kBytes>;
-  for (int64_t r = begin; r < end; ++r) {
-    const T* row = phi + r * features;
-    int64_t j = 0;
-    for (; j + kL <= features; j += kL) {
-      const V x = load_widened<kBytes, double>(row + j);
-      store_lanes<kBytes>(sums + j, load_lanes<kBytes, true>(sums + j, 1) + x * x);
-    }
-    for (; j < features; ++j) {
-      const double x = load<double>(row, j);
-      sums[j] += x * x;
-    }
-  }
-}
-
-struct AddSquareSums {
-  BDX_ISA_VARIANTS(add_square_sums)
-};
-
 void compute_linear_diag_ggn(const glue::LinearCurvatureArgs& args) {
   const TokenGeometry& g = args.geometry;
   if (g.rows() == 0 || g.features == 0) return;
@@ -61,7 +40,8 @@ void compute_linear_diag_ggn(const glue::LinearCurvatureArgs& args) {
     std::vector<double> partial(static_cast<size_t>(at::get_num_threads() * g.features), 0.0);
     const Isa isa = cpu_isa();
     at::parallel_for(0, g.rows(), row_grain(g.features), [&](int64_t begin, int64_t end) {
-      AddSquareSums::run(isa, phi, begin, end, g.features, partial.data() + at::get_thread_num() * g.features);
+      AddSquareSums::run(isa, phi + begin * g.features, end - begin, g.features, g.features,
+                         partial.data() + at::get_thread_num() * g.features);
     });
     double* out = args.out.data_ptr<double>();
     for (size_t t = 0; t < partial.size(); t += g.features) {
