@@ -41,6 +41,7 @@ _SUBMODULES = (
     "metrics",
     "numerics",
     "ops",
+    "photos",
     "pipelines",
     "posterior",
     "reference",
@@ -67,6 +68,7 @@ __all__ = [
     "metrics",
     "moment_step",
     "ops",
+    "photos",
     "reference",
 ]
 

@@ -3,7 +3,9 @@
 A front door (layer 6 of docs/ARCHITECTURE.md): it parses arguments, calls the package and writes
 files; the method itself lives in :mod:`bayesdiff_ext.posterior`, :mod:`bayesdiff_ext.sampler`,
 :mod:`bayesdiff_ext.aggregation` and :mod:`bayesdiff_ext.io`. Bad input ends with one line on
-stderr, ``bayesdiff: error: ...``, and a non-zero exit status; ``--debug`` adds the traceback.
+stderr, ``bayesdiff: error: ...``: exit status 2 for bad input (an argument, or a file it names:
+the checks of :mod:`bayesdiff_ext.validation` and the loaders), 1 for a failure while running.
+Nothing is written then. ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -24,11 +26,30 @@ REPORTED_SCORES = {"sum": {}, "mean": {}, "max": {}, "percentile": {"q": 95.0}, 
 
 #: ``--data`` value that names the bundled scikit-learn digits (16x16) instead of a path.
 BUILTIN_DIGITS = "builtin:digits"
+#: ``--data`` value that names the bundled photo-crops model's data set (2000 RGB 16x16 crops).
+BUILTIN_PHOTOS = "builtin:photos"
 
-SAMPLERS = ("ddim", "ddpm", "dpm2")
+#: ``--sampler``: the scheduler class built from the model's scheduler config, and the settings it
+#: gets on top of that config (the moment recurrence needs affine steps: no x̂_0 clipping).
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "thresholding": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False, "thresholding": False}),
+    "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2, "thresholding": False}),
+}
+
+#: Errors that mean bad input (exit status 2); any other error is a failure while running (1).
+BAD_INPUT = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
-METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
 
 #: ``fit --inference`` values: laplace and bayesdiff_ext.posterior.inference.INFERENCES.
 INFERENCES = ("laplace", "vi", "mcmc", "head-ensemble")
@@ -69,8 +90,23 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=96)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default in its help (unless the help names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = "default" in text or action.default in (argparse.SUPPRESS, False) or action.required or action.nargs == 0
+        if shown or not action.option_strings:
+            return text
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage mistakes also end with a single line."""
+    """argparse, but usage mistakes also end with a single line, and every --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = _HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"bayesdiff: error: {message} (see `{self.prog} --help`)\n")
@@ -94,8 +130,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -156,9 +192,17 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
     )
     g.add_argument(
         "--sampler",
-        choices=SAMPLERS,
+        choices=tuple(SAMPLERS),
         default="ddim",
-        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep)",
+        help="ddim (default), ddpm, or dpm2 (DPM-Solver-2, singlestep), built from the model's scheduler "
+        "config (its noise schedule); a change of class is reported and recorded in summary.json",
+    )
+    g.add_argument(
+        "--no-clipping",
+        action="store_true",
+        help="sample a model whose scheduler has clip_sample or thresholding on with them off (the moment "
+        "recurrence needs affine steps; the images are then not clipped either). Without it such a "
+        "scheduler is refused",
     )
     g.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps (default 50)")
     g.add_argument(
@@ -190,7 +234,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         default="laplace",
         help="laplace (default: the posterior file as fitted, whatever its inference), hfl (Hessian-free "
         "Laplace from a full posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
-        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble)",
+        "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble), "
+        "x0-drift (how much the predicted final image still moves over the last --last-steps steps: "
+        "no posterior, no extra model calls)",
     )
     g.add_argument(
         "--passes",
@@ -206,6 +252,13 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         metavar="K",
         help="hfl: random probes per image (default 16); each costs one CG solve per uncertainty step, "
         "the estimate's error shrinks like 1/sqrt(K)",
+    )
+    g.add_argument(
+        "--last-steps",
+        type=_int_at_least(2),
+        default=5,
+        metavar="L",
+        help="x0-drift: the variance of the predicted x_0 over the last L steps (default 5)",
     )
     g.add_argument(
         "--ensemble",
@@ -343,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR|FILE",
         help="training images: a folder of PNG/JPG files (resized to the model's size), a .npy/.pt "
         "tensor (N, C, H, W) (uint8 0..255, or floats in [-1, 1]), or "
-        f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16)",
+        f"{BUILTIN_DIGITS} (scikit-learn's digits at 16x16) or {BUILTIN_PHOTOS} (the photo-crops model's 2000 "
+        "crops of scikit-learn's sample photos)",
     )
     fit.add_argument(
         "--out",
@@ -441,45 +495,111 @@ def _add_inference_options(fit: argparse.ArgumentParser) -> None:
     )
 
 
+#: ``bayesdiff eval`` options: (flag, type, metavar, help) per EvaluationConfig setting. Their parser
+#: default is None ("not given"): the run takes EvaluationConfig's default, or with --reuse the cached
+#: run's setting; the help shows EvaluationConfig's default.
+_EVAL_OPTIONS = {
+    "model": (
+        "--model",
+        str,
+        "builtin:NAME|DIR",
+        "the model: builtin:digits or builtin:photos (bundled), or a local diffusers model folder (an "
+        "unconditional UNet2DModel pipeline folder with unet/ and scheduler/)",
+    ),
+    "scheduler": ("--scheduler", str, "DIR", "the scheduler folder of a bare UNet folder (scheduler_config.json)"),
+    "data": ("--data", str, "DIR|FILE", "a model folder's real images: a folder of PNG/JPG or a .npy/.pt tensor"),
+    "features": (
+        "--features",
+        str,
+        "random_conv|PATH",
+        "a model folder's feature space for FID/KID/PRDC and the k-NN realism oracle: random_conv, or a "
+        "TorchScript file mapping images at model scale (N, C, H, W) to features (N, d) (default for a "
+        "folder: random_conv; the bundled models use their classifier's embedding)",
+    ),
+    "classifier": (
+        "--classifier",
+        str,
+        "PATH",
+        "a TorchScript classifier (images at model scale -> logits) whose confidence is a second oracle",
+    ),
+    "posterior": ("--posterior", str, "FILE", "the default posterior (default: the bundled one, or a diag GGN fitted on --data)"),
+    "num_images": ("--num-images", int, "N", "samples"),
+    "steps": ("--steps", int, "K", "DDIM steps"),
+    "batch_size": ("--batch-size", int, "B", "images per batch"),
+    "seed": ("--seed", int, "S", "seed of x_T and the random subsets"),
+    "costly_images": (
+        "--costly-images",
+        int,
+        "N",
+        "images scored by the methods with extra model calls other than the paper's (default: all)",
+    ),
+    "mc_samples": ("--mc-samples", int, "S", "Monte Carlo samples per uncertainty step"),
+    "uq_every": ("--uq-every", int, "K", "Skip: Monte Carlo every K-th step"),
+    "weight_samples": ("--weight-samples", int, "M", "head-weight draws of weight-samples"),
+    "dropout_passes": ("--dropout-passes", int, "T", "MC dropout passes (bundled digits)"),
+    "drift_last_steps": ("--drift-last-steps", int, "L", "steps whose x_0 predictions x0-drift compares"),
+    "hfl_probes": ("--hfl-probes", int, "K", "Hessian-free Laplace probes per image"),
+    "fit_images": ("--fit-images", int, "N", "real images the fitted posteriors see (default: all)"),
+    "random_seeds": (
+        "--random-seeds",
+        int,
+        "K",
+        "random subsets per kept fraction (fewer than 5: no σ advantages, no verdict)",
+    ),
+    "bad_fraction": ("--bad-fraction", float, "F", "share of images the oracle calls bad (AUROC)"),
+}
+
+
 def _add_eval_command(commands) -> None:
+    from bayesdiff_ext.evaluation.config import default_settings
+
+    defaults = default_settings()
     evaluate = commands.add_parser(
         "eval",
-        help="does the uncertainty find bad images? filtering vs random removal on the bundled model",
+        help="does the uncertainty find bad images? filtering vs random removal, on a bundled model or yours",
         description=_wrap(
-            "Generate N digits with the bundled model, score them by every uncertainty method on the same "
-            "images, and compare filtering by each score with removing random images (FID, KID, CMMD, "
-            "precision/recall over seeds), plus AUROC and Spearman against a quality oracle. Writes "
-            "EVALUATION.md, figures under evaluation/, results.json and a cache (filtering_run.npz) that "
-            "--reuse renders again without sampling."
+            "Generate N images with a model, score them by every uncertainty method on the same images, and "
+            "compare filtering by each score with removing random images (FID, KID, CMMD, precision/recall over "
+            "seeds), plus AUROC and Spearman against quality oracles (a k-NN realism score against the real "
+            "images in the chosen feature space; a classifier's confidence where there is one). The run time is "
+            "estimated before generation starts and shown by a progress bar. Writes the model's section of "
+            "EVALUATION.md, figures under evaluation/<model>/, results.json and a cache (filtering_run.npz) "
+            "with the settings that made it: --reuse renders again without sampling, with those settings."
         ),
-        epilog="example:\n  bayesdiff eval --out eval-out --docs docs --num-images 2000 --steps 20",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  bayesdiff eval --out eval-out --docs docs                       # bundled digits, the documented run\n"
+        "  bayesdiff eval --model builtin:photos --out eval-photos --docs docs\n"
+        "  bayesdiff eval --model ./my-pipeline --data ./images/ --num-images 500 --out my-eval\n"
+        "  bayesdiff eval --out eval-out --reuse --random-seeds 20         # re-render with other analysis settings",
     )
     evaluate.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="cache and results folder")
     evaluate.add_argument(
-        "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/*.png go (default --out)"
+        "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/ go (default: --out)"
     )
-    evaluate.add_argument("--reuse", action="store_true", help="render from the cached run in --out, no sampling")
-    evaluate.add_argument("--num-images", type=_int_at_least(12), default=2000, metavar="N", help="samples (default 2000)")
-    evaluate.add_argument("--steps", type=_int_at_least(2), default=20, help="DDIM steps (default 20)")
-    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=250, metavar="B", help="images per batch")
     evaluate.add_argument(
-        "--costly-images",
-        type=_int_at_least(12),
-        default=None,
-        metavar="N",
-        help="images scored by the methods with extra UNet calls other than the paper's (default all)",
+        "--reuse",
+        action="store_true",
+        help="render from the cached run in --out, no sampling; its settings are the cache's (an option that asks "
+        "for another generation setting is refused, naming it)",
     )
-    evaluate.add_argument("--mc-samples", type=_int_at_least(1), default=10, metavar="S", help="Monte Carlo samples")
-    evaluate.add_argument("--weight-samples", type=_int_at_least(2), default=4, metavar="M", help="fixed weight samples")
-    evaluate.add_argument("--free-last-steps", type=_int_at_least(2), default=5, metavar="L", help="free baseline steps")
-    evaluate.add_argument(
-        "--hfl-probes", type=_int_at_least(1), default=16, metavar="K", help="Hessian-free Laplace probes per image"
-    )
-    evaluate.add_argument("--random-seeds", type=_int_at_least(2), default=10, help="random subsets per fraction")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of x_T and the random subsets (default 0)")
-    evaluate.add_argument("--label", default=None, help="a line printed at the top of the report")
+    for name, (flag, kind, metavar, text) in _EVAL_OPTIONS.items():
+        default = defaults[name]
+        shown = "" if "default" in text else f" (default: {'none' if default is None else default})"
+        evaluate.add_argument(flag, dest=name, type=_eval_value(kind), default=None, metavar=metavar, help=text + shown)
+    evaluate.add_argument("--label", default=None, help="a line printed at the top of the report's section")
     _add_general_options(evaluate)
+
+
+def _eval_value(kind):
+    """Parse an eval option's value; range checks are EvaluationConfig's (one place)."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+    return parse if kind in (int, float) else kind
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,23 +614,53 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-def _scheduler_for(name: str, base):
-    """The ``--sampler`` family built from the model's own scheduler configuration (its noise
-    schedule), with x̂_0 clipping and thresholding off: the moment recurrence needs affine steps."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverSinglestepScheduler
+def _scheduler_for(args, base) -> tuple:
+    """The ``--sampler`` scheduler built from the model's scheduler ``base`` and what it changes of
+    ``base``: ``{"class": [old, new], setting: [old, new], ...}``. A ``base`` with clip_sample or
+    thresholding on is refused unless ``--no-clipping`` (the rule of the Python API, which refuses it)."""
+    import diffusers
 
-    linear = dict(clip_sample=False, thresholding=False)
-    if name == "ddim":
-        return DDIMScheduler.from_config(base.config, **linear)
-    if name == "ddpm":
-        return DDPMScheduler.from_config(base.config, **linear)
-    return DPMSolverSinglestepScheduler.from_config(base.config, solver_order=2, thresholding=False)
+    from bayesdiff_ext.validation import nonlinear_scheduler_settings
+
+    nonlinear = nonlinear_scheduler_settings(base.config)
+    if nonlinear and not args.no_clipping:
+        setting, effect = next(iter(nonlinear.items()))
+        raise ValueError(
+            f"the model's {type(base).__name__} has {setting}=True, which {effect}: the moment recurrence needs "
+            f"affine steps; pass --no-clipping to sample with {' and '.join(nonlinear)} off (the images are then "
+            "not clipped either)"
+        )
+    class_name, settings = SAMPLERS[args.sampler]
+    scheduler = getattr(diffusers, class_name).from_config(base.config, **settings)
+    changes = {}
+    if type(scheduler) is not type(base):
+        changes["class"] = [type(base).__name__, class_name]
+    for key, value in settings.items():
+        if key in base.config and base.config[key] != value:
+            changes[key] = [base.config[key], value]
+    return scheduler, changes
+
+
+def _describe_changes(args, changes: dict) -> str:
+    """One line saying what the run changed of the model's scheduler."""
+    parts = []
+    if "class" in changes:
+        old, new = changes["class"]
+        parts.append(f"{old} -> {new} (--sampler {args.sampler}; its noise schedule is kept)")
+    for key, (old, new) in changes.items():
+        if key != "class":
+            flag = "--no-clipping" if key in ("clip_sample", "thresholding") else f"--sampler {args.sampler}"
+            parts.append(f"{key} {old} -> {new} ({flag})")
+    return "the model's scheduler changed: " + "; ".join(parts)
 
 
 def _check_run_options(args) -> tuple[Path, dict]:
@@ -522,9 +672,13 @@ def _check_run_options(args) -> tuple[Path, dict]:
     method, params = args.aggregation
     if method == "masked_mean":
         raise ValueError("--aggregation masked_mean needs a mask; use bayesdiff_ext.aggregation from Python")
+    if method not in REPORTED_SCORES:
+        raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(REPORTED_SCORES)}")
     aggregation.check_aggregation(method, params)
     rule, rule_params = args.filter
     aggregation.check_filter(rule, rule_params)
+    if args.method == "x0-drift" and args.last_steps > args.steps:
+        raise ValueError(f"--last-steps {args.last_steps} compares more steps than the run has (--steps {args.steps})")
     if rule == "top_k" and rule_params["k"] > args.num_images:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
@@ -553,10 +707,11 @@ def _sample_and_write(
             "images only (for latent models use the Python API)"
         )
     device = _device(args.device)
+    scheduler, scheduler_changes = _scheduler_for(args, base_scheduler)
+    check_supported(scheduler, args.eta)
+    scheduler.set_timesteps(args.steps)  # refuses more steps than the model was trained with, before any work
     unet.to(device)
     members = [member.to(device) for member in method_inputs.get("members", ())]
-    scheduler = _scheduler_for(args.sampler, base_scheduler)
-    check_supported(scheduler, args.eta)
     sampler = methods.sampler_for(
         args.method,
         unet,
@@ -566,12 +721,18 @@ def _sample_and_write(
         passes=args.passes,
         seed=args.seed,
         probes=args.probes if args.method == "hfl" else None,
+        last_steps=args.last_steps,
     )
     generator = torch.Generator("cpu").manual_seed(args.seed)
 
+    # The options the method's sample() takes; the recorded settings say what the run used.
     uncertainty = dict(uq_every=args.uq_every, mc_samples=args.mc_samples)
+    recorded = uncertainty
     how = f"uncertainty every {args.uq_every} steps with {args.mc_samples} Monte Carlo samples"
-    if isinstance(sampler, BayesDiffSampler):
+    if args.method == "x0-drift":
+        uncertainty, recorded = {}, dict(last_steps=args.last_steps)
+        how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
+    elif isinstance(sampler, BayesDiffSampler):
         # hfl and isotropic derive their posterior from the file's (other structure, other δ)
         described = {**described, **_posterior_description(sampler.posterior, described["posterior"])}
     else:
@@ -579,6 +740,8 @@ def _sample_and_write(
         if args.method == "ensemble":
             passes = f"{len(members) + 1} members"
         how = f"{passes}, sampler-noise {how}"
+    if scheduler_changes:
+        _say(_describe_changes(args, scheduler_changes))
     _say(
         f"sampling {args.num_images} images: {args.sampler}, {args.steps} steps, method {args.method}, "
         f"{how}, on {device}"
@@ -612,7 +775,7 @@ def _sample_and_write(
         "sampler": args.sampler,
         "steps": args.steps,
         "eta": args.eta,
-        **uncertainty,
+        **recorded,
         **({"passes": args.passes} if args.method == "mc-dropout" else {}),
         **({"probes": args.probes} if args.method == "hfl" else {}),
         "seed": args.seed,
@@ -625,6 +788,7 @@ def _sample_and_write(
         "sampler_settings": {k: v for k, v in runs[0].settings.items() if k != "timesteps"},
         "timesteps": runs[0].settings.get("timesteps"),
         "scheduler_config": dict(scheduler.config),
+        "scheduler_changes": scheduler_changes,
     }
     timings = {
         "load_s": load_s,
@@ -666,11 +830,9 @@ def _load_posterior(path: Path, unet):
     """The saved posterior on ``unet``'s head. A posterior fitted at other head weights of the same
     shape loads with a warning in the package; here it is an error, because its curvature and
     hyperparameters belong to another model."""
-    from safetensors import SafetensorError
-
     from bayesdiff_ext.posterior import load_posterior
 
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"posterior file {path} does not exist (make one with `bayesdiff fit`)")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the head weights differ")
@@ -678,8 +840,6 @@ def _load_posterior(path: Path, unet):
             return load_posterior(path, unet)
         except UserWarning as mismatch:
             raise ValueError(f"{path} is a posterior for another model: {mismatch}") from None
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a posterior file (safetensors: {err})") from None
 
 
 def _run_demo(args) -> int:
@@ -697,6 +857,8 @@ def _run_demo(args) -> int:
         members = _ensemble_members(args, root, root / "scheduler")
         unet, inputs["members"] = members[0], members[1:]
         described["ensemble"] = [str(p) for p in args.ensemble] if args.ensemble else "bundled members"
+    elif args.method == "x0-drift":
+        unet = digits.load_bundled_unet()
     else:
         unet = digits.load_bundled_unet()
         path = root / ("posterior_full.safetensors" if args.method == "hfl" else "posterior_diag.safetensors")
@@ -770,6 +932,12 @@ def _fit_images(args, unet):
                 f"{BUILTIN_DIGITS} are grey images; the model takes {unet.config.in_channels} channels"
             )
         return load_digits_images(resolution=size)[0]
+    if args.data == BUILTIN_PHOTOS:
+        from bayesdiff_ext.photos import load_photo_crops
+
+        if unet.config.in_channels != 3:
+            raise ValueError(f"{BUILTIN_PHOTOS} are RGB images; the model takes {unet.config.in_channels} channels")
+        return load_photo_crops(resolution=size)[0]
     return load_images(args.data, size=size, channels=unet.config.in_channels)
 
 
@@ -843,21 +1011,14 @@ def _run_fit(args) -> int:
 
 def _run_eval(args) -> int:
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
+    from bayesdiff_ext.evaluation.cache import cached_settings
 
+    given = {name: getattr(args, name) for name in _EVAL_OPTIONS if getattr(args, name) is not None}
+    # With --reuse the cache's settings stand in for the ones not given; a given one that differs is
+    # refused by run_evaluation, naming it.
+    base = cached_settings(args.out) if args.reuse else {}
     config = EvaluationConfig(
-        out_dir=args.out,
-        docs_dir=args.docs,
-        num_images=args.num_images,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        costly_images=args.costly_images,
-        mc_samples=args.mc_samples,
-        weight_samples=args.weight_samples,
-        free_last_steps=args.free_last_steps,
-        hfl_probes=args.hfl_probes,
-        random_seeds=args.random_seeds,
-        seed=args.seed,
-        progress=not args.no_progress,
+        **{**base, **given}, out_dir=args.out, docs_dir=args.docs, progress=not args.no_progress
     )
     print(run_evaluation(config, reuse=args.reuse, label=args.label))
     return 0
@@ -880,12 +1041,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("bayesdiff: interrupted")
         return 130
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
         _say(f"bayesdiff: error: {message}")
-        return 1
+        return 2 if isinstance(err, BAD_INPUT) else 1
     finally:
         diffusers_logging.set_verbosity(verbosity)
 

@@ -54,7 +54,7 @@ def run(argv, capsys):
 
 
 def assert_one_line_error(code, err, *fragments):
-    assert code != 0
+    assert code == 2, (code, err)  # bad input
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bayesdiff: error: "), err
     assert "Traceback" not in err
@@ -235,7 +235,7 @@ def test_same_seed_same_images(tiny, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# bad input: a non-zero exit and one line, never a traceback
+# bad input: exit status 2 and one line, never a traceback
 # ------------------------------------------------------------------------------------------------
 def test_missing_model_folder(tmp_path, capsys):
     code, _, err = run(
@@ -485,7 +485,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     code, _, err = run(
         ["sample", "--model", tmp_path / "nope", "--posterior", tmp_path / "p", "--debug"], capsys
     )
-    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("bayesdiff: error: ")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("bayesdiff: error: ")
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["sample"], ["fit"]])

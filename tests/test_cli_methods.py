@@ -136,3 +136,45 @@ def test_demo_with_the_bundled_dropout_unet_and_given_ensemble_members(tmp_path,
     code, _, err = run(argv, capsys)
     assert code == 0, err
     assert check_run_folder(tmp_path / "ens", 2)["settings"]["sampler_settings"]["members"] == 2
+
+
+def test_x0_drift_needs_no_posterior_and_matches_the_python_method(tiny, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from bayesdiff_ext.io.inputs import load_model
+    from bayesdiff_ext.methods import sampler_for
+
+    out = tmp_path / "run"
+    code, _, err = run(_sample(tiny, out, "--method", "x0-drift", "--last-steps", "3"), capsys)
+    assert code == 0, err
+    summary = check_run_folder(out, 3)
+    settings = summary["settings"]
+    assert settings["method"] == "x0-drift" and settings["last_steps"] == 3 and "mc_samples" not in settings
+    assert settings["sampler_settings"]["prediction_type"] == "epsilon"
+    aleatoric, epistemic = _split_sums(out)
+    assert all(a == 0 for a in aleatoric) and min(epistemic) > 0
+    unet, scheduler = load_model(tiny / "model", None)
+    from diffusers import DDIMScheduler
+
+    generator = torch.Generator().manual_seed(0)
+    expected = [
+        sampler_for("x0-drift", unet, DDIMScheduler.from_config(scheduler.config, clip_sample=False), last_steps=3)
+        .sample(batch_size=b, num_inference_steps=4, generator=generator, progress=False)
+        .variance
+        for b in (2, 1)
+    ]
+    written = load_file(out / "tensors.safetensors")["variance"]
+    torch.testing.assert_close(written, torch.cat(expected).to(written.dtype))
+    code, _, err = run(_sample(tiny, tmp_path / "bad", "--method", "x0-drift", "--last-steps", "9"), capsys)
+    assert_one_line_error(code, err, "--last-steps 9 compares more steps than the run has (--steps 4)")
+
+
+def test_demo_with_x0_drift(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--method", "x0-drift", "--num-images", "2", "--steps", "4", "--no-progress", "--out", out]
+    code, _, err = run([*argv, "--last-steps", "3"], capsys)
+    assert code == 0, err
+    assert check_run_folder(out, 2)["settings"]["last_steps"] == 3
+    code, _, err = run([*argv[:-1], tmp_path / "default"], capsys)
+    assert_one_line_error(code, err, "--last-steps 5 compares more steps than the run has (--steps 4)")

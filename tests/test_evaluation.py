@@ -11,11 +11,12 @@ from tiny_models import tiny_unet
 
 from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
-from bayesdiff_ext.evaluation.free_baseline import free_scores, predicted_x0
-from bayesdiff_ext.evaluation.methods import CLOSED_FORM, sampler_runs, unet_forwards
 from bayesdiff_ext.evaluation.ranking import advantage, detection, kept_by_score, kept_count, random_subsets
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
-from bayesdiff_ext.evaluation.weight_samples import draw_head_weights, fixed_weight_scores
+from bayesdiff_ext.evaluation.scores import SCORES, forwards
+from bayesdiff_ext.evaluation.sources import CLOSED_FORM, Batch, Context, X0Drift
+from bayesdiff_ext.evaluation.weight_samples import draw_head_weights, fixed_weight_samples
+from bayesdiff_ext.methods import X0DriftSampler
 from bayesdiff_ext.posterior import LastLayerLaplace
 from bayesdiff_ext.sampler import BayesDiffSampler
 
@@ -56,13 +57,17 @@ def test_replay_reproduces_the_recorded_images_and_variance_of_another_posterior
 @pytest.mark.parametrize("steps, uq_every", [(7, 3), (6, 3), (5, 6), (5, 1)])
 def test_the_reported_unet_forwards_are_the_samplers_own_calls(tiny, steps, uq_every):
     unet, scheduler, posterior = tiny
-    config = EvaluationConfig(steps=steps, uq_every=uq_every, mc_samples=3, progress=False)
-    for source in ("paper", "full_closed"):
+    config = EvaluationConfig(steps=steps, uq_every=uq_every, mc_samples=3, drift_last_steps=2, progress=False)
+    by_name = {score.name: score for score in SCORES}
+    for name in ("paper", "full_ggn"):
         out = BayesDiffSampler(unet, scheduler, posterior).sample(
-            batch_size=2, num_inference_steps=steps, progress=False, **sampler_runs(config)[source].options
+            batch_size=2, num_inference_steps=steps, progress=False, **by_name[name].source.options(config)
         )
         calls = out.timings["image_unet_calls"] + out.timings["mc_unet_calls"] * config.mc_samples
-        assert unet_forwards(source, config) == calls, source
+        assert forwards(by_name[name], config) == calls, name
+    assert forwards(by_name["x0_drift"], config) == steps
+    # A rank mean of x0-drift (the image path) and weight samples pays for the image path once.
+    assert forwards(by_name["drift_and_weights"], config) == forwards(by_name["weight_samples"], config)
 
 
 def test_replay_runs_the_real_unet_for_inputs_off_the_recorded_path(tiny):
@@ -85,8 +90,8 @@ def test_fixed_weight_samples_leave_the_head_alone_and_vary_with_the_posterior(t
     head_before = unet.conv_out.weight.clone()
     sampler = BayesDiffSampler(unet, scheduler, posterior)
     noise = torch.randn(3, 1, 8, 8)
-    scores = fixed_weight_scores(sampler, noise, samples=3, seed=0, steps=3, progress=False)
-    assert scores.shape == (3,) and bool((scores > 0).all())
+    finals = fixed_weight_samples(sampler, noise, samples=3, seed=0, steps=3, progress=False)
+    assert finals.shape == (3, 3, 1, 8, 8) and bool((finals.var(dim=0).flatten(1).sum(1) > 0).all())
     assert torch.equal(unet.conv_out.weight, head_before)
     assert not unet.conv_out._forward_hooks
     weights, _ = draw_head_weights(posterior, 4000, seed=0)
@@ -99,22 +104,24 @@ def test_fixed_weight_samples_leave_the_head_alone_and_vary_with_the_posterior(t
     )
 
 
-def test_free_baseline_inverts_the_noising_and_is_zero_for_a_still_prediction():
-    alphas = torch.linspace(0.9, 0.1, 10, dtype=torch.float64)
-    x0, eps = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
-
-    class Call:
-        def __init__(self, t):
-            self.timestep, self.output = t, eps
-            self.x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
-
-    calls = [Call(t) for t in (7, 4, 1)]
-    torch.testing.assert_close(predicted_x0(calls[0].x, eps, float(alphas[7])), x0)
-    torch.testing.assert_close(
-        free_scores(calls, alphas, 3, 1), torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0
+def test_the_evaluations_x0_drift_is_the_methods_own_from_the_recorded_calls(tiny):
+    unet, scheduler, posterior = tiny
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    recorder = RecordingUNet(unet, posterior.head)
+    BayesDiffSampler(recorder, scheduler, posterior).sample(
+        noise=noise, num_inference_steps=5, progress=False, **CLOSED_FORM
     )
-    with pytest.raises(ValueError, match="last_steps"):
-        free_scores(calls, alphas, 1, 1)
+
+    class Subject:
+        pass
+
+    subject = Subject()
+    subject.scheduler = scheduler
+    config = EvaluationConfig(steps=5, drift_last_steps=3, progress=False)
+    rows = slice(1, 3)
+    drift = X0Drift().run(Context(subject, config, None), Batch(noise[rows], recorder.calls, rows))
+    method = X0DriftSampler(unet, scheduler, last_steps=3).sample(noise=noise[rows], num_inference_steps=5, progress=False)
+    torch.testing.assert_close(drift.variance, method.variance)
 
 
 def test_ranking_keeps_the_lowest_scores_and_random_subsets_have_the_kept_size():
@@ -162,6 +169,7 @@ def test_a_planted_score_that_ranks_known_bad_images_last_beats_random_removal()
         {"classifier": fake},
         {"classifier": real},
         {"confidence": -planted, "realism": -planted},
+        "confidence",
     )
     random = results["random"]["200"]["classifier"]
     assert {f: len(v["fid"]) for f, v in random.items()} == {str(f): 5 for f in config.fractions}
@@ -175,15 +183,19 @@ def test_a_planted_score_that_ranks_known_bad_images_last_beats_random_removal()
 def test_config_rejects_settings_that_cannot_give_a_comparison():
     with pytest.raises(ValueError, match="random_seeds"):
         EvaluationConfig(random_seeds=1)
-    with pytest.raises(ValueError, match="free_last_steps"):
-        EvaluationConfig(steps=3, free_last_steps=5)
+    with pytest.raises(ValueError, match="drift_last_steps"):
+        EvaluationConfig(steps=3, drift_last_steps=5)
     with pytest.raises(ValueError, match="costly_images"):
         EvaluationConfig(num_images=100, costly_images=200)
+    with pytest.raises(ValueError, match="pass data"):
+        EvaluationConfig(model="some/folder")
+    with pytest.raises(ValueError, match="builtin:digits, builtin:photos"):
+        EvaluationConfig(model="builtin:cats")
 
 
-@pytest.mark.slow
-def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
-    config = EvaluationConfig(
+def tiny_config(tmp_path, **changes) -> EvaluationConfig:
+    """A run small enough for the fast tests (every score, every phase)."""
+    settings = dict(
         out_dir=tmp_path / "run",
         docs_dir=tmp_path / "docs",
         num_images=24,
@@ -193,7 +205,7 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
         mc_samples=2,
         uq_every=2,
         weight_samples=2,
-        free_last_steps=3,
+        drift_last_steps=3,
         hfl_probes=8,
         random_seeds=3,
         cost_images=2,
@@ -204,25 +216,31 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
         sweep_priors=(1.0, 100.0),
         progress=False,
     )
+    return EvaluationConfig(**{**settings, **changes})
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_the_bundled_digits(tmp_path):
+    config = tiny_config(tmp_path)
     report = run_evaluation(config)
     assert report == tmp_path / "docs" / "EVALUATION.md"
     for name in (
-        "filtering_curves",
+        "filtering_curves_classifier",
         "filtering_curves_random_conv",
         "hyperparameter_sweep",
         "uncertainty_vs_timestep",
         "extremes",
     ):
-        png = tmp_path / "docs" / "evaluation" / f"{name}.png"
+        png = tmp_path / "docs" / "evaluation" / "digits" / f"{name}.png"
         assert png.stat().st_size > 1000
-        assert f"(evaluation/{name}.png)" in report.read_text()
+        assert f"(evaluation/digits/{name}.png)" in report.read_text()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     methods = results["methods"]
-    assert methods["paper"]["n"] == methods["covariance_none"]["n"] == 24
-    assert methods["default"]["n"] == methods["weight_samples"]["n"] == 12
+    assert methods["paper"]["n"] == methods["covariance_none"]["n"] == methods["x0_drift"]["n"] == 24
+    assert methods["default"]["n"] == methods["weight_samples"]["n"] == methods["mc_dropout"]["n"] == 12
     assert methods["hfl"]["n"] == 24
     # HFL estimates the full GGN's variance: summed over an image the probe noise averages out.
-    with np.load(tmp_path / "run" / "filtering_run.npz") as cached:
+    with np.load(tmp_path / "run" / "filtering_run.npz", allow_pickle=False) as cached:
         hfl, full = cached["score__hfl"], cached["score__full_ggn"]
     assert spearmanr(hfl, full).statistic > 0.9
     assert np.allclose(hfl, full, rtol=0.25)
@@ -232,9 +250,9 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
         reference = results["random"][str(entry["n"])]["classifier"]["1.0"]
         assert all(all_images[m] == v for m, vs in reference.items() for v in vs), name
     text = report.read_text()
-    assert "N = 24" in text and "## Conclusion" in text and "beat random removal" in text
-    assert "score the first 12 images" in text
-    assert "Precision and recall at kept 0.84" in text and "Best at finding the oracle's worst images" in text
+    assert "N = 24" in text and "### Conclusion" in text and "## The goal" in text
+    tables = text.split("### Filtering")[1].split("### Figures")[0]
+    assert "score the first 12 of the 24 images" in text and "3 seeds" in text and "σ)" not in tables
     assert text.count("| random removal (mean ± std over seeds) | 12 |") == 7
     assert REFERENCE in methods
 
@@ -242,4 +260,36 @@ def test_pipeline_end_to_end_on_a_tiny_run(tmp_path):
     again = run_evaluation(config, reuse=True)
     rerun = json.loads((tmp_path / "run" / "results.json").read_text())
     assert rerun["methods"] == methods and rerun["random"] == results["random"]
-    assert again.read_text().split("## Methods")[1] == text.split("## Methods")[1]
+    assert again.read_text().split("### Methods")[1] == text.split("### Methods")[1]
+
+
+def test_detection_statistics_are_sklearns_auroc_and_scipys_spearman():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    quality = rng.integers(0, 30, 300).astype(float)  # ties in both
+    scores = np.round(-quality + rng.normal(scale=8, size=300))
+    found = detection(scores, quality, 0.1)
+    bad = np.zeros(300, bool)
+    bad[np.argsort(quality, kind="stable")[:30]] = True
+    assert found["auroc"] == pytest.approx(roc_auc_score(bad, scores), abs=1e-12)
+    assert found["spearman"] == pytest.approx(spearmanr(scores, -quality).statistic, abs=1e-12)
+
+
+def test_a_monte_carlo_run_repeats_exactly_and_depends_on_the_batchs_place(tiny):
+    from types import SimpleNamespace
+
+    from bayesdiff_ext.evaluation.posteriors import DEFAULT
+    from bayesdiff_ext.evaluation.sources import SamplerRun
+
+    unet, scheduler, posterior = tiny
+    context = Context(
+        SimpleNamespace(unet=unet, scheduler=scheduler),
+        EvaluationConfig(steps=4, drift_last_steps=2, progress=False),
+        SimpleNamespace(get=lambda spec: posterior),
+    )
+    run = SamplerRun("mc", DEFAULT, lambda c: dict(mc_samples=3, uq_every=2, covariance="mc"))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    first, again = (run.run(context, Batch(noise, start=10)).variance for _ in range(2))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, run.run(context, Batch(noise, start=12)).variance)

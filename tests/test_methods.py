@@ -56,6 +56,7 @@ def test_every_method_samples_with_the_same_outputs():
         "isotropic": sampler_for("isotropic", unet, ddim(), posterior=diag),
         "mc-dropout": sampler_for("mc-dropout", tiny_unet(channels=1, dropout=0.2), ddim(), passes=2),
         "ensemble": sampler_for("ensemble", unet, ddim(), members=[tiny_unet(channels=1, seed=1)]),
+        "x0-drift": sampler_for("x0-drift", unet, ddim(), last_steps=2),
     }
     assert set(made) == set(METHODS)
     assert isinstance(made["mc-dropout"], MCDropoutSampler) and isinstance(made["ensemble"], EnsembleSampler)

@@ -105,7 +105,7 @@ def _platform() -> str:
 
 @pytest.fixture(scope="module")
 def pinned():
-    return torch.load(PINNED)
+    return torch.load(PINNED, weights_only=True)
 
 
 @pytest.mark.parametrize("runs", [sampler_runs, callback_runs])

@@ -1,15 +1,26 @@
 """The filtering evaluation of docs/MATH.md §3: do uncertainty scores find bad images better than chance?
 
-``run_evaluation(EvaluationConfig(...))`` generates N samples of the bundled digits model once,
-scores them by every method on the same images, compares filtering by each score with random
-removal (FID, KID, CMMD, PRDC over seeds) and detection of the quality oracle's worst images
-(AUROC, Spearman), and writes figures and ``EVALUATION.md``. Modules, one job each: ``methods``
-(what is compared), ``replay`` (one UNet pass shared by all posteriors), ``posteriors``,
-``weight_samples``, ``free_baseline``, ``sweep``, ``cost``, ``generation``, ``oracle``, ``ranking``,
-``analysis``, ``figures``, ``report``, ``pipeline``.
+``run_evaluation(EvaluationConfig(...))`` generates N samples of a model (a bundled one, or a user's
+model folder with its real images) once, scores them by every registered score on the same images,
+compares filtering by each score with random removal (FID, KID, CMMD, PRDC over seeds) and detection
+of a quality oracle's worst images (AUROC, Spearman), and writes figures and the model's section of
+``EVALUATION.md``. Modules, one job each: ``config`` (settings), ``subject`` (what is evaluated),
+``posteriors``, ``sources`` (how scores sample) and ``scores`` (the registry of what is compared),
+``replay``, ``weight_samples``, ``sweep``, ``cost``, ``progress``, ``generation``, ``cache``,
+``oracle``, ``ranking``, ``analysis``, ``figures``, ``report``, ``pipeline``.
+
+Importing this package loads only the settings (no torch), so that the command line's help can
+show their defaults; ``run_evaluation`` loads the rest on first use.
 """
 
 from bayesdiff_ext.evaluation.config import EvaluationConfig
-from bayesdiff_ext.evaluation.pipeline import run_evaluation
 
 __all__ = ["EvaluationConfig", "run_evaluation"]
+
+
+def __getattr__(name: str):
+    if name == "run_evaluation":
+        from bayesdiff_ext.evaluation.pipeline import run_evaluation
+
+        return run_evaluation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,47 +6,40 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bayesdiff_ext.evaluation.ranking import detection, kept_by_score, random_subsets, set_metrics
+from bayesdiff_ext.evaluation.scores import scored_prefix
 
-__all__ = ["PRIMARY", "REFERENCE", "analyse", "scored_count"]
+__all__ = ["REFERENCE", "analyse"]
 
-#: Ranking by the quality oracle itself: how much filtering could gain at best (not a method).
-REFERENCE = "oracle_confidence"
-#: The extractor with every metric; the others (sanity checks) get FID and CMMD only.
-PRIMARY = "classifier"
-
-
-def scored_count(scores: np.ndarray) -> int:
-    """How many leading images a method scored (the rest are NaN)."""
-    finite = np.isfinite(scores)
-    n = int(finite.sum())
-    if not finite[:n].all():
-        raise ValueError("a method must score a prefix of the images")
-    return n
+#: Ranking by the primary quality oracle itself: how much filtering could gain at best (not a method).
+REFERENCE = "oracle_reference"
 
 
-def analyse(config, scores: dict[str, np.ndarray], features: dict, real: dict, quality: dict) -> dict:
+def analyse(config, scores: dict[str, np.ndarray], features: dict, real: dict, quality: dict, primary_oracle: str) -> dict:
     """Filtering and detection results.
 
-    ``scores``: name -> (N,) (NaN = not scored); ``features``/``real``: extractor -> (N, d) / (M, d);
-    ``quality``: oracle -> (N,) higher = better. Returns a JSON-ready dict with ``methods`` (per
-    method: n, detection per oracle, filtering per extractor and fraction) and ``random`` (per
-    subset size n: extractor -> fraction -> metric -> list over seeds).
+    ``scores``: name -> (N,) (NaN = not scored); ``features``/``real``: extractor -> (N, d) / (M, d),
+    the primary extractor first (it gets every metric, the others FID and CMMD); ``quality``:
+    oracle -> (N,) higher = better, ``primary_oracle`` the one whose own ranking is the reference
+    row. Returns a JSON-ready dict with ``methods`` (per method: n, detection per oracle, filtering
+    per extractor and fraction) and ``random`` (per subset size n: extractor -> fraction -> metric ->
+    list over seeds).
     """
     scores = dict(scores)
-    scores[REFERENCE] = -quality["confidence"]
+    scores[REFERENCE] = -quality[primary_oracle]
+    primary = next(iter(features))
 
     def evaluate(extractor, rows):
         return set_metrics(
-            real[extractor], features[extractor][rows], k=config.knn_k, full=extractor == PRIMARY
+            real[extractor], features[extractor][rows], k=config.knn_k, full=extractor == primary
         )
 
     full_set: dict = {}
     methods: dict = {}
-    sizes = sorted({scored_count(s) for s in scores.values()})
+    sizes = sorted({scored_prefix(s) for s in scores.values()})
     jobs = (len(scores) + len(sizes) * config.random_seeds) * len(features) * len(config.fractions)
     bar = tqdm(total=jobs, desc="metrics", disable=not config.progress)
     for name, values in scores.items():
-        n = scored_count(values)
+        n = scored_prefix(values)
         values = values[:n]
         entry = {
             "n": n,

@@ -25,6 +25,14 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def _show(ax, image: np.ndarray) -> None:
+    """An image (C, H, W) at model scale [-1, 1]: grey for one channel, colour for three."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=-1, vmax=1)
+    else:
+        ax.imshow(np.clip((image.transpose(1, 2, 0) + 1) / 2, 0, 1))
+
+
 def filtering_curves(
     results: dict, fractions, labels: dict, extractor: str, metric_names, path: Path
 ) -> None:
@@ -103,7 +111,7 @@ def extremes_figure(
     for block, (title, indices) in enumerate(picks):
         for c, index in enumerate(indices):
             ax_img, ax_map = axes[2 * block, c], axes[2 * block + 1, c]
-            ax_img.imshow(images[index, 0], cmap="gray", vmin=-1, vmax=1)
+            _show(ax_img, images[index])
             ax_map.imshow(maps[index].mean(axis=0), cmap="inferno", vmin=0, vmax=vmax)
             ax_img.set_title(f"{scores[index]:.2e}", fontsize=6)
             for ax in (ax_img, ax_map):

@@ -1,45 +1,36 @@
-"""Generate the N images once and score them by every method, batch by batch.
+"""Generate the N images once and score them by every registered score, batch by batch.
 
-Per batch: the recording run (default posterior, closed form) samples the images with the real
-UNet; every other sampler run replays its calls (Monte Carlo samples go through the real UNet) and
-must reproduce the same images bit for bit; the free baseline reads the recorded ε predictions; the
-fixed-weight baseline runs its own M trajectories. The first batch also feeds the hyperparameter
-sweep and the per-timestep trace.
+Per batch: the recording run samples the images with the real UNet; every other source runs on
+the rows it scores (replaying the recorded calls where it can) and each score reduces its source's
+output; derived scores are combined at the end. The first batch also feeds the hyperparameter sweep
+and the per-timestep trace, and times every source on real work to refine the run-time estimate.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from bayesdiff_ext import aggregation
-from bayesdiff_ext.evaluation.free_baseline import free_scores
-from bayesdiff_ext.evaluation.methods import RECORDING_RUN, sampler_runs, score_specs
-from bayesdiff_ext.evaluation.repeated import available_repeated, repeated_scores
-from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
+from bayesdiff_ext.evaluation.posteriors import DEFAULT
+from bayesdiff_ext.evaluation.progress import RunClock
+from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Derived, SamplerRun, SourceOutput, batch_sources, rows_of
 from bayesdiff_ext.evaluation.sweep import hyperparameter_sweep
-from bayesdiff_ext.evaluation.weight_samples import fixed_weight_scores
-from bayesdiff_ext.sampler import BayesDiffSampler
 
 __all__ = ["Generated", "generate", "initial_noise"]
-
-#: Runs whose per-step variance sums are kept (first batch) for the timestep figure.
-TRACED = (RECORDING_RUN, "paper", "default_mc")
 
 
 @dataclass
 class Generated:
     images: np.ndarray  # (N, C, H, W) model scale
-    scores: dict[str, np.ndarray]  # name -> (N,) float64, NaN where the method did not score
-    maps: dict[str, np.ndarray]  # run -> Var[x_0] (N, C, H, W) for the figures (NaN where not run)
+    scores: dict[str, np.ndarray]  # name -> (N,) float64, NaN where the score did not run
+    maps: dict[str, np.ndarray]  # source -> per-pixel map (N, C, H, W) for the figures (NaN where not run)
     trace_timesteps: np.ndarray  # (K,)
-    traces: dict[str, np.ndarray]  # run -> (K, B0) per-image Σ Var[x_t] after each step, first batch
+    traces: dict[str, np.ndarray]  # source -> (K, B0) per-image Σ Var[x_t] after each step, first batch
     sweep: dict[str, np.ndarray]
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase (with replay)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per source (with replay)
 
 
 def initial_noise(config, shape) -> torch.Tensor:
@@ -47,111 +38,66 @@ def initial_noise(config, shape) -> torch.Tensor:
     return torch.randn((config.num_images, *shape), generator=generator)
 
 
-@contextlib.contextmanager
-def _timer(seconds: dict, name: str):
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
-
-
-def generate(config, unet, scheduler, posteriors, sweep_posterior) -> Generated:
-    runs = sampler_runs(config)
-    specs = score_specs(config)
-    head = posteriors["default"].head
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
-    noise = initial_noise(config, shape)
-    n, costly_n = config.num_images, config.costly_count
-    images = np.zeros((n, *shape), np.float32)
-    maps = {name: np.full((n, *shape), np.nan, np.float32) for name in runs}
-    scores = {spec.name: np.full(n, np.nan) for spec in specs}
-    traces: dict[str, list] = {}
-    timesteps = None
-    sweep = None
+def generate(context, scores, clock: RunClock) -> Generated:
+    config, subject = context.config, context.subject
+    sources = batch_sources(scores)
+    noise = initial_noise(config, subject.shape)
+    n = config.num_images
+    images = np.zeros((n, *subject.shape), np.float32)
+    kept = [s for s in sources if isinstance(s, SamplerRun) and s.keep_maps]
+    maps = {s.name: np.full((n, *subject.shape), np.nan, np.float32) for s in kept}
+    values = {score.name: np.full(n, np.nan) for score in scores}
+    traces, timesteps, sweep = {}, None, None
     seconds: dict[str, float] = {}
-    alphas = scheduler.alphas_cumprod
 
-    batch_starts = range(0, n, config.batch_size)
-    for number, start in enumerate(batch_starts):
+    def timed(name: str, images: int, job):
+        started = time.perf_counter()
+        result = job()
+        elapsed = time.perf_counter() - started
+        seconds[name] = seconds.get(name, 0.0) + elapsed
+        clock.done(name, images, elapsed)
+        return result
+
+    for start in range(0, n, config.batch_size):
         stop = min(start + config.batch_size, n)
-        x_t = noise[start:stop]
-        first = number == 0
-        costly_rows = slice(0, max(0, min(stop, costly_n) - start))
-        print(f"batch {number + 1}/{len(batch_starts)}: images {start}..{stop - 1}", flush=True)
-        recorder = RecordingUNet(unet, head)
-        outputs = {}
-        with _timer(seconds, RECORDING_RUN):
-            outputs[RECORDING_RUN] = BayesDiffSampler(recorder, scheduler, posteriors["default"]).sample(
-                noise=x_t,
-                num_inference_steps=config.steps,
-                return_trace=first,
-                progress=config.progress,
-                **runs[RECORDING_RUN].options,
-            )
-        reference = outputs[RECORDING_RUN].images
-        for name, run in runs.items():
-            rows = costly_rows if run.costly and not run.all_images else slice(0, stop - start)
-            if name == RECORDING_RUN or rows.stop == 0:
-                continue
-            replay = ReplayUNet(unet, head, recorder.calls, rows)
-            with _timer(seconds, name):
-                outputs[name] = BayesDiffSampler(replay, scheduler, posteriors[run.posterior]).sample(
-                    noise=x_t[rows],
-                    num_inference_steps=config.steps,
-                    return_trace=first and name in TRACED,
-                    progress=config.progress,
-                    **run.options,
-                )
-            if replay.replayed != len(recorder.calls) or not torch.equal(
-                outputs[name].images, reference[rows]
-            ):
-                raise RuntimeError(
-                    f"run {name!r} left the recorded image path: the methods would rank different images"
-                )
-
-        images[start:stop] = reference.numpy()
-        for name, out in outputs.items():
-            maps[name][start : start + len(out.variance)] = out.variance.numpy()
-            if out.trace is not None:
-                timesteps = np.array([step["timestep"] for step in out.trace])
-                traces[name] = np.stack([step["variance_sum"].numpy() for step in out.trace])
-        for spec in specs:
-            if spec.source in outputs:
-                values = aggregation.aggregate(outputs[spec.source].variance, spec.aggregation, **spec.params)
-                scores[spec.name][start : start + len(values)] = values.numpy()
-        with _timer(seconds, "free"):
-            scores["free"][start:stop] = free_scores(
-                recorder.calls, alphas, config.free_last_steps, shape[0]
-            ).numpy()
-        if costly_rows.stop > 0:
-            costly = slice(start, start + costly_rows.stop)
-            with _timer(seconds, "weight_samples"):
-                scores["weight_samples"][costly] = fixed_weight_scores(
-                    BayesDiffSampler(unet, scheduler, posteriors["default"]),
-                    x_t[costly_rows],
-                    samples=config.weight_samples,
-                    seed=config.seed + 1,
-                    steps=config.steps,
-                    progress=config.progress,
-                ).numpy()
-            for name in available_repeated():
-                with _timer(seconds, name):
-                    scores[name][costly] = repeated_scores(
-                        name, config, scheduler, x_t[costly_rows], config.progress
-                    ).numpy()
+        x_t, first = noise[start:stop], start == 0
+        clock.say(f"batch {start // config.batch_size + 1}/{-(-n // config.batch_size)}: images {start}..{stop - 1}")
+        recorded, calls = timed(
+            RECORDING.name, stop - start, lambda: RECORDING.record(context, x_t, trace=first, start=start)
+        )
+        outputs = {RECORDING.name: SourceOutput(recorded.variance, trace=recorded.trace)}
+        for source in sources[1:]:
+            rows = rows_of(source, config, start, stop)
+            if rows.stop > 0:
+                batch = Batch(x_t[rows], calls, rows, recorded.images[rows], trace=first, start=start)
+                outputs[source.name] = timed(source.name, rows.stop, lambda: source.run(context, batch))
+        for name, output in outputs.items():
+            if name in maps:
+                maps[name][start : start + len(output.variance)] = output.variance.numpy()
+            if output.trace is not None:
+                timesteps = np.array([step["timestep"] for step in output.trace])
+                traces[name] = np.stack([step["variance_sum"].numpy() for step in output.trace])
+        for score in scores:
+            if score.source.name in outputs:
+                reduced = score.reduce(outputs[score.source.name], context).numpy()
+                values[score.name][start : start + len(reduced)] = reduced
+        images[start:stop] = recorded.images.numpy()
         if first:
             rows = slice(0, min(config.sweep_images, stop - start))
-            with _timer(seconds, "sweep"):
-                sweep = hyperparameter_sweep(
-                    config, unet, scheduler, sweep_posterior, recorder.calls, x_t[rows], rows
-                )
-    scores["random"] = np.random.default_rng(config.seed + 2).random(n)
+            started = time.perf_counter()
+            sweep = hyperparameter_sweep(
+                config, subject.unet, subject.scheduler, context.posteriors.fresh(DEFAULT), calls, x_t[rows], rows
+            )
+            seconds["sweep"] = time.perf_counter() - started
+            clock.first_batch_done(seconds["sweep"])
+    for score in scores:
+        if isinstance(score.source, Derived):
+            values[score.name] = score.source.combine(values, config)
+    clock.close()
     return Generated(
         images=images,
-        scores=scores,
-        maps={name: maps[name] for name in (RECORDING_RUN, "paper", "default_mc")},
+        scores=values,
+        maps=maps,
         trace_timesteps=timesteps,
         traces=traces,
         sweep=sweep,

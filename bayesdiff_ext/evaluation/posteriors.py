@@ -1,11 +1,16 @@
 """The posteriors the evaluation compares, all on the same head and one pass of fitting features.
 
-The bundled posterior (diag GGN, σ by maximum likelihood, δ by MacKay) is loaded as shipped; the
-others are fitted here from one pass of noised training images through the UNet (one t and ε per
+Each is a :class:`PosteriorSpec` (a name and how to build it); a sampler run names the spec it
+samples with, and :class:`Posteriors` builds each spec once, when a run first needs it. The default
+posterior is the subject's file (the bundled one) or, for a model without one, a diag GGN fitted
+here; the others are fitted from one pass of noised real images through the UNet (one t and ε per
 image, seeded), so their differences come from the structure and hyperparameters alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -13,19 +18,41 @@ from tqdm.auto import tqdm
 from bayesdiff_ext.methods.selection import laplace_posterior_for
 from bayesdiff_ext.posterior import LastLayerLaplace, capture_head_input
 
-__all__ = ["FITTED", "build_posteriors", "fitting_features"]
+__all__ = ["DEFAULT", "FULL", "HFL", "ISOTROPIC", "PAPER", "PosteriorSpec", "Posteriors", "describe", "fitting_features"]
 
-#: name -> LastLayerLaplace constructor arguments for the posteriors fitted here.
-FITTED = {
-    "paper": dict(structure="diag", curvature="ef_bayesdiff"),  # σ = δ = 1, laplace-torch's 2×EF
-    "full": dict(structure="full", curvature="ggn"),
-    "isotropic": dict(structure="isotropic", curvature="ggn"),
-}
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """A posterior by name: ``build(posteriors)`` makes it (``posteriors`` gives the fitting features
+    and the other specs' posteriors)."""
+
+    name: str
+    build: Callable[[Posteriors], LastLayerLaplace]
+
+
+def _fitted(name: str, **options) -> PosteriorSpec:
+    return PosteriorSpec(name, lambda p: LastLayerLaplace(p.subject.unet, **options).fit_features(p.features()))
+
+
+def _default(p: Posteriors) -> LastLayerLaplace:
+    path = p.subject.posterior_path
+    if path is None:
+        return LastLayerLaplace(p.subject.unet, "diag").fit_features(p.features())
+    return LastLayerLaplace.load(path, p.subject.unet)
+
+
+DEFAULT = PosteriorSpec("default", _default)
+PAPER = _fitted("paper", structure="diag", curvature="ef_bayesdiff")  # σ = δ = 1, laplace-torch's 2×EF
+FULL = _fitted("full", structure="full", curvature="ggn")
+ISOTROPIC = _fitted("isotropic", structure="isotropic", curvature="ggn")
+#: Hessian-free Laplace on the full posterior's curvature: the full GGN's variance, by conjugate
+#: gradients and Rademacher probes instead of a factorisation.
+HFL = PosteriorSpec("hfl", lambda p: laplace_posterior_for("hfl", p.get(FULL), probes=p.config.hfl_probes))
 
 
 @torch.no_grad()
 def fitting_features(unet, scheduler, images, *, batch_size: int, seed: int, progress: bool):
-    """(φ, ε) batches of the training images noised at one random timestep each."""
+    """(φ, ε) batches of the images noised at one random timestep each."""
     posterior_head = LastLayerLaplace(unet, "diag").head
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -38,12 +65,41 @@ def fitting_features(unet, scheduler, images, *, batch_size: int, seed: int, pro
     return batches
 
 
-def build_posteriors(unet, default_path, features, *, hfl_probes: int) -> dict[str, LastLayerLaplace]:
-    """{'default': the bundled posterior, every entry of :data:`FITTED` fitted on ``features``, and
-    'hfl': Hessian-free Laplace with ``hfl_probes`` probes on the full posterior's curvature (so it
-    estimates the full GGN's variance, by conjugate gradients and probes instead of a factorisation)}."""
-    posteriors = {"default": LastLayerLaplace.load(default_path, unet)}
-    for name, options in FITTED.items():
-        posteriors[name] = LastLayerLaplace(unet, **options).fit_features(features)
-    posteriors["hfl"] = laplace_posterior_for("hfl", posteriors["full"], probes=hfl_probes)
-    return posteriors
+class Posteriors:
+    """Each spec's posterior, built once on first use; the fitting features likewise."""
+
+    def __init__(self, subject, config) -> None:
+        self.subject, self.config = subject, config
+        self._built: dict[str, LastLayerLaplace] = {}
+        self._features = None
+
+    def features(self):
+        if self._features is None:
+            self._features = fitting_features(
+                self.subject.unet,
+                self.subject.scheduler,
+                self.subject.real[: self.config.fit_images],
+                batch_size=self.config.fit_batch_size,
+                seed=self.config.seed,
+                progress=self.config.progress,
+            )
+        return self._features
+
+    def get(self, spec: PosteriorSpec) -> LastLayerLaplace:
+        if spec.name not in self._built:
+            self._built[spec.name] = spec.build(self)
+        return self._built[spec.name]
+
+    def fresh(self, spec: PosteriorSpec) -> LastLayerLaplace:
+        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters)."""
+        return spec.build(self)
+
+    def descriptions(self) -> dict[str, str]:
+        return {name: describe(posterior) for name, posterior in self._built.items()}
+
+
+def describe(posterior) -> str:
+    return (
+        f"{posterior.structure}/{posterior.curvature}, σ = {posterior.sigma_noise:.4g}, "
+        f"δ = {posterior.prior_precision:.4g}"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bayesdiff_ext import aggregation
-from bayesdiff_ext.evaluation.methods import CLOSED_FORM
+from bayesdiff_ext.evaluation.sources import CLOSED_FORM
 from bayesdiff_ext.evaluation.replay import ReplayUNet
 from bayesdiff_ext.sampler import BayesDiffSampler
 

@@ -1,9 +1,10 @@
 """M head-weight samples held fixed along whole trajectories (the 2025 successor's approach).
 
 Each draw θ_m ~ N(θ_MAP, Σ_diag) of the head's ε weights drives its own deterministic trajectory
-from the shared x_T; the score of an image is the summed per-pixel variance of its M final
-images. The M trajectories run as one batch of M·B images through the sampler; a forward hook on
-the head (removed on exit, the model is never modified) gives chunk m the output of draw m.
+from the shared x_T; the scores of an image are read from its M final images (their per-pixel
+variance, their entropy in a feature space). The M trajectories run as one batch of M·B images
+through the sampler; a forward hook on the head (removed on exit, the model is never modified)
+gives chunk m the output of draw m.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from bayesdiff_ext.numerics import per_image_sum
 from bayesdiff_ext.posterior.heads import eps_parameters
 
-__all__ = ["draw_head_weights", "fixed_weight_scores"]
+__all__ = ["draw_head_weights", "fixed_weight_samples"]
 
 
 def draw_head_weights(posterior, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,10 +66,10 @@ def _per_chunk_head(head, weights, biases, eps_channels: int):
         handle.remove()
 
 
-def fixed_weight_scores(
+def fixed_weight_samples(
     sampler, noise, *, samples: int, seed: int, steps: int, progress: bool
 ) -> torch.Tensor:
-    """Per-image score (B,): Σ over pixels of the variance of x_0 over ``samples`` fixed-weight trajectories."""
+    """The final images (M, B, C, H, W), float64, of ``samples`` = M fixed-weight trajectories per x_T."""
     posterior = sampler.posterior
     if not isinstance(posterior.head, torch.nn.Conv2d):
         raise ValueError("fixed weight samples are implemented for Conv2d heads")
@@ -85,5 +85,4 @@ def fixed_weight_scores(
             uq_every=steps,
             progress=progress,
         )
-    finals = out.images.to(torch.float64).unflatten(0, (samples, batch))
-    return per_image_sum(finals.var(dim=0))
+    return out.images.to(torch.float64).unflatten(0, (samples, batch))

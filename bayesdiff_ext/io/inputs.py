@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bayesdiff_ext.validation import pixels_to_model_scale
+
 __all__ = ["IMAGE_SUFFIXES", "load_images", "load_model"]
+
+#: The stem of a diffusers model's weights files (.safetensors, .bin, and their shards).
+WEIGHTS_NAME = "diffusion_pytorch_model"
 
 #: File endings read as images from a data folder (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -76,6 +82,11 @@ def load_model(model_dir: str | os.PathLike, scheduler_dir: str | os.PathLike | 
     scheduler_class = _config(sched_dir / "scheduler_config.json").get("_class_name", "")
     if not scheduler_class.endswith("Scheduler") or not hasattr(diffusers, scheduler_class):
         raise ValueError(f"{sched_dir} holds an unknown scheduler class {scheduler_class!r}")
+    if not any(unet_dir.glob(f"{WEIGHTS_NAME}*")):
+        raise FileNotFoundError(
+            f"{unet_dir} has a config.json but no weights ({WEIGHTS_NAME}.safetensors): save the model with "
+            "save_pretrained, or copy its weights file there"
+        )
     # Plain loading: builds float32 parameters (float16 files are upcast) and needs no `accelerate`.
     unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(str(sched_dir), local_files_only=True)
@@ -98,12 +109,20 @@ def _from_folder(folder: Path, size: int, channels: int) -> torch.Tensor:
 
 
 def _from_tensor_file(path: Path) -> torch.Tensor:
-    if path.suffix.lower() == ".npy":
-        data = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{path} holds a {type(data).__name__}, expected a single tensor")
+    """One tensor from a .npy or .pt file; neither loader runs code from the file (no unpickling)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"cannot read {path} as a plain tensor file ({reason}); save one tensor with torch.save(tensor, path) "
+            "or numpy.save(path, array)"
+        ) from None
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a single tensor")
     return data.unsqueeze(1) if data.dim() == 3 else data
 
 
@@ -113,7 +132,8 @@ def load_images(path: str | os.PathLike, size: int, channels: int) -> torch.Tens
     ``path`` is a folder of PNG/JPG files (read in name order, converted to grey or RGB and
     resized to size×size with bicubic interpolation), or a ``.npy`` / ``.pt`` file holding one
     tensor (N, C, H, W) or (N, H, W) that must already have the model's size. Integer data is
-    taken as 0..255 and mapped to [-1, 1]; floating-point data must already be in [-1, 1].
+    taken as 0..255 and mapped to [-1, 1]; floating-point data must already be in [-1, 1]
+    (:func:`bayesdiff_ext.validation.pixels_to_model_scale`).
     """
     source = Path(path).expanduser()
     if not source.exists():
@@ -132,22 +152,4 @@ def load_images(path: str | os.PathLike, size: int, channels: int) -> torch.Tens
             f"images from {source} have shape {tuple(data.shape)}; the model needs (N, {channels}, "
             f"{size}, {size}) with N >= 1"
         )
-    if data.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
-        if int(data.min()) < 0 or int(data.max()) > 255:
-            raise ValueError(
-                f"integer images from {source} range over [{int(data.min())}, {int(data.max())}]; "
-                "expected 0..255"
-            )
-        return data.to(torch.float32) / 127.5 - 1.0
-    if not data.is_floating_point():
-        raise ValueError(
-            f"images from {source} have dtype {data.dtype}; expected integers 0..255 or floats in [-1, 1]"
-        )
-    data = data.to(torch.float32)
-    low, high = float(data.min()), float(data.max())
-    if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
-        raise ValueError(
-            f"floating-point images from {source} range over [{low:.3g}, {high:.3g}]; they must be at "
-            "model scale [-1, 1] (or give uint8 0..255)"
-        )
-    return data.clamp_(-1.0, 1.0)
+    return pixels_to_model_scale(data, name=f"images from {source}")

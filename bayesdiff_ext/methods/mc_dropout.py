@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bayesdiff_ext.methods.repeated import RepeatedSampler
+from bayesdiff_ext.validation import check_count
 
 __all__ = ["MCDropoutSampler", "active_dropout"]
 
@@ -42,8 +43,7 @@ class MCDropoutSampler(RepeatedSampler):
     method = "mc-dropout"
 
     def __init__(self, unet, scheduler, passes: int = 10, seed: int = 0) -> None:
-        if not isinstance(passes, int) or passes < 2:
-            raise ValueError(f"passes must be an integer >= 2, got {passes!r}")
+        passes = check_count("passes", passes, minimum=2)
         if not _dropout_layers(unet):
             raise ValueError(
                 "the UNet has no dropout layer with p > 0, so MC dropout would give zero variance; train "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from bayesdiff_ext.methods.ensemble import EnsembleSampler
 from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
+from bayesdiff_ext.methods.x0_drift import X0DriftSampler
 from bayesdiff_ext.posterior.hfl import DEFAULT_PROBES, HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.sampler import BayesDiffSampler
 
 __all__ = ["LAPLACE_METHODS", "METHODS", "laplace_posterior_for", "sampler_for"]
 
-METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble")
+METHODS = ("laplace", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
 #: The methods that sample with a LastLayerLaplace, and the posterior structures each accepts.
 LAPLACE_METHODS = {
     "laplace": ("diag", "full", "kron", "isotropic", "hfl"),
@@ -62,13 +63,15 @@ def sampler_for(
     passes: int = 10,
     seed: int = 0,
     probes: int | None = None,
+    last_steps: int = 5,
 ):
     """A sampler for ``method`` whose ``sample(...)`` returns a ``BayesDiffOutput``.
 
     Laplace methods need ``posterior`` (a fitted LastLayerLaplace on ``unet``; 'hfl' takes
     ``probes`` per image, default that of the posterior or 64); 'mc-dropout' needs a
     UNet trained with dropout (``passes`` = T, mask seeds ``seed + k``); 'ensemble' uses ``unet``
-    as member 0 and ``members`` as the others.
+    as member 0 and ``members`` as the others; 'x0-drift' needs nothing but the model (no
+    posterior, no head: the variance of its last ``last_steps`` x̂₀ predictions).
     """
     if method in LAPLACE_METHODS:
         if posterior is None:
@@ -78,4 +81,6 @@ def sampler_for(
         return MCDropoutSampler(unet, scheduler, passes=passes, seed=seed)
     if method == "ensemble":
         return EnsembleSampler([unet, *members], scheduler)
+    if method == "x0-drift":
+        return X0DriftSampler(unet, scheduler, last_steps=last_steps)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -30,7 +30,8 @@ class BayesDiffPipeline:
     :class:`~bayesdiff_ext.pipelines.BayesDiffPipelineOutput`: the stock ``.images`` (identical to the
     stock call's in ``mode='deterministic'``) plus ``.variance``, ``.pixel_variance``, ``.scores``,
     ``.pixel_scores``. The loop is the sampler's; the pipeline's components are used as they are
-    (nothing is copied or modified). The scheduler must be one the sampler supports (DDIM, DDPM,
+    (nothing is copied or modified); a posterior fitted on a copy of the UNet moves onto this one
+    (``LastLayerLaplace.for_model``). The scheduler must be one the sampler supports (DDIM, DDPM,
     DPM-Solver singlestep, with ``clip_sample=False``).
     """
 
@@ -46,10 +47,8 @@ class BayesDiffPipeline:
     def __init__(self, pipe, posterior) -> None:
         if type(self) is BayesDiffPipeline:
             raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
-        if posterior.head is not _head_of(pipe.unet, posterior):
-            raise ValueError("the posterior is not on this pipeline's UNet: fit or load it with pipe.unet")
         self.pipe = pipe
-        self.posterior = posterior
+        self.posterior = posterior.for_model(pipe.unet)
 
     @classmethod
     def from_pipe(cls, pipe, posterior) -> BayesDiffPipeline:
@@ -82,8 +81,3 @@ class BayesDiffPipeline:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.pipe).__name__}, {self.posterior!r})"
-
-
-def _head_of(unet, posterior):
-    """The module of ``unet`` that is the posterior's head, or None."""
-    return next((m for m in unet.modules() if m is posterior.head), None)

@@ -246,7 +246,8 @@ class _UNetCallRecorder:
         if self._calls != 1 or self._latest is None:
             raise RuntimeError(
                 f"expected one UNet call of the pipeline per step, saw {self._calls}: UncertaintyCallback "
-                "follows pipelines that call the posterior's UNet once per scheduler step"
+                "follows pipelines that call the posterior's UNet once per scheduler step (for a pipeline with a "
+                "copy of that UNet, build the callback with posterior.for_model(pipe.unet))"
             )
         call, self._latest, self._calls = self._latest, None, 0
         return call

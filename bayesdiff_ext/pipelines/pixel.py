@@ -8,6 +8,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline, uncertainty_arguments
 from bayesdiff_ext.pipelines.outputs import BayesDiffPipelineOutput
+from bayesdiff_ext.validation import check_count
 
 __all__ = ["BayesDiffDDIMPipeline", "BayesDiffDDPMPipeline"]
 
@@ -16,6 +17,7 @@ class _PixelPipeline(BayesDiffPipeline):
     def _run(self, batch_size, generator, eta, num_inference_steps, output_type, return_dict, uncertainty):
         pipe, config = self.pipe, self.pipe.unet.config
         size = config.sample_size
+        batch_size = check_count("batch_size", batch_size)
         shape = (batch_size, config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(

@@ -24,6 +24,7 @@ from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.output_layout import PatchLayout
 from bayesdiff_ext.posterior.training_noise import training_noise
+from bayesdiff_ext.validation import check_count, check_finite, check_images, sample_shape
 
 ModelKwargs = Mapping[str, Any] | Callable[[torch.Tensor], Mapping[str, Any]] | None
 
@@ -102,16 +103,18 @@ def fit_on_images(
     ``capture()`` records the head's input φ (on its token grid for a patch transformer);
     ``scheduler`` is a diffusers scheduler or a :class:`~bayesdiff_ext.posterior.training_noise.TrainingNoise`.
     """
-    if timesteps_per_image < 1:
-        raise ValueError(f"timesteps_per_image must be >= 1, got {timesteps_per_image}")
+    timesteps_per_image = check_count("timesteps_per_image", timesteps_per_image)
     noising = training_noise(scheduler)
     denoiser = Denoiser(model)
-    batches, count = image_batches(images, batch_size)
+    batches, count = image_batches(images, check_count("batch_size", batch_size))
     stats = FitStatistics(timesteps_per_image=timesteps_per_image)
     total = None if count is None else count * timesteps_per_image
     checked = False
+    shape = sample_shape(model)
     with tqdm(total=total, disable=not progress, desc="Fitting last-layer Laplace", unit="batch") as bar:
-        for x0 in batches:
+        for number, x0 in enumerate(batches):
+            # the value range on the first batch only: a later small batch of bright images may be all >= 0
+            check_images(x0, shape, check_range=number == 0)
             x0 = x0.to(denoiser.device, denoiser.dtype)
             kwargs = model_kwargs(x0) if callable(model_kwargs) else dict(model_kwargs or {})
             for _ in range(timesteps_per_image):
@@ -149,6 +152,7 @@ def _check_output_is_head(
 ) -> None:
     """The posterior describes the head's output; refuse a model that post-processes it (beyond the
     unpatchify of a patch transformer, which is compared through)."""
+    check_finite("the model's output", out)
     head_out = head(phi)
     if layout is not None:
         head_out = layout.to_output(head_out)

@@ -228,3 +228,44 @@ def eps_parameters(head: nn.Module, spec: HeadSpec) -> tuple[torch.Tensor, torch
     weight = head.weight.detach()[rows]
     bias = None if head.bias is None else head.bias.detach()[rows]
     return weight, bias
+
+
+def head_of_copy(model: nn.Module, original: nn.Module, head: nn.Module, spec: HeadSpec) -> nn.Module:
+    """``head`` (a module of ``original``) in ``model``: itself when it is a module of ``model``, else
+    the module at its path in ``original`` (``model`` being a ``copy.deepcopy`` of ``original``, or one
+    moved to another device or dtype), checked for kind, shape and weights (equal after casting
+    ``head``'s to its dtype and device). ValueError saying what to do otherwise."""
+    if any(m is head for m in model.modules()):
+        return head
+    path = next(name for name, m in original.named_modules() if m is head)
+    where = f"`{path}`" if path else "the model itself"
+    try:
+        found = model.get_submodule(path)
+    except AttributeError:
+        found = None
+    remedy = (
+        "fit a posterior for this model, or load a saved one onto it with "
+        "bayesdiff_ext.posterior.load_posterior(file, model) (which warns when the weights differ)"
+    )
+    kind = type(head).__name__
+    if type(found) is not type(head):
+        raise ValueError(
+            f"the posterior's head is {where} ({kind}) of another model, and this {type(model).__name__} has "
+            f"no {kind} there: {remedy}"
+        )
+    found_spec = head_spec(found, spec.eps_channels, spec.eps_rows)
+    if found_spec != spec:
+        raise ValueError(
+            f"the posterior is for the head {spec.shape_text()}, but {where} of this {type(model).__name__} is "
+            f"{found_spec.shape_text()}: {remedy}"
+        )
+    if not all(_cast_equal(mine, theirs) for mine, theirs in zip(head.parameters(), found.parameters())):
+        raise ValueError(
+            f"{where} of this {type(model).__name__} has other weights than the head the posterior was fitted "
+            f"at (a copy cast to another dtype or device is fine, a changed one is not): {remedy}"
+        )
+    return found
+
+
+def _cast_equal(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    return mine.shape == theirs.shape and torch.equal(mine.detach().to(theirs), theirs.detach())

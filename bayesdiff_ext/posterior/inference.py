@@ -15,6 +15,7 @@ head's weights; ``predict`` returns that mean and the variance around it.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import time
 import warnings
@@ -28,6 +29,7 @@ from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.full import require_ungrouped
 from bayesdiff_ext.posterior.head_ensemble import initial_heads, train_members
 from bayesdiff_ext.posterior.head_ops import check_phi
+from bayesdiff_ext.posterior.heads import head_of_copy
 from bayesdiff_ext.posterior.hmc import run_hmc
 from bayesdiff_ext.posterior.last_layer_laplace import LastLayerLaplace
 from bayesdiff_ext.posterior.linear_gaussian import HeadStatistics, LinearGaussianHead, head_rows, rows_to_vector
@@ -162,6 +164,19 @@ class LastLayerPosterior(abc.ABC):
             A context manager yielding a `HeadInputCapture` whose `phi` is the head input of the latest forward.
         """
         return capture_head_input(self.head)
+
+    def for_model(self, model: nn.Module) -> LastLayerPosterior:
+        r"""
+        This posterior on `model`'s head: itself, or a copy on the head of a copy of its model, as
+        `LastLayerLaplace.for_model`.
+        """
+        head = head_of_copy(model, self.model, self.head, self.spec)
+        if head is self.head:
+            return self
+        self._fitted()
+        moved = copy.copy(self)
+        moved.model, moved.head = model, head
+        return moved
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""

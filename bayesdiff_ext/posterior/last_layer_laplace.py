@@ -9,13 +9,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior import hyperparameters as hp
 from bayesdiff_ext.posterior.capture import capture_head_input, capture_token_grid
 from bayesdiff_ext.posterior.diag import DiagCurvature
 from bayesdiff_ext.posterior.fitting import FitStatistics, ModelKwargs, fit_on_features, fit_on_images
 from bayesdiff_ext.posterior.full import FullPosterior, GramCurvature
 from bayesdiff_ext.posterior.head_ops import check_phi
-from bayesdiff_ext.posterior.heads import eps_parameters
+from bayesdiff_ext.posterior.heads import eps_parameters, head_of_copy
 from bayesdiff_ext.posterior.hfl import HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.posterior.kron import KronEFCurvature, KronPosterior
@@ -166,6 +167,60 @@ class LastLayerLaplace:
         if self.sigma_noise is None:
             raise RuntimeError("the posterior is not fitted yet: call fit(...) or load(...)")
         return 1.0 / (self.sigma_noise**2 * self.temperature)
+
+    # ------------------------------------------------------------------ following the model
+    def for_model(self, model: nn.Module) -> LastLayerLaplace:
+        r"""
+        This posterior on `model`'s head: itself when its head is a module of `model`, otherwise a copy on the
+        module of `model` at the head's path (e.g. `conv_out`), for a `copy.deepcopy` of the model or a copy
+        moved to another device or dtype. The samplers call it, so a posterior follows its model's copies.
+
+        Args:
+            model (`torch.nn.Module`):
+                The model to predict for.
+
+        Returns:
+            `LastLayerLaplace`: `self`, or a copy sharing the fitted state, its curvature on the head's device.
+
+        Raises:
+            `ValueError`: `model` has no module of the head's kind at its path, of its shape, with its weights (up
+            to the cast to the copy's dtype); the message says what to do. `RuntimeError`: a copy is needed but
+            the posterior is not fitted.
+        """
+        head = head_of_copy(model, self.model, self.head, self.spec)
+        if head is self.head:
+            return self
+        moved = copy.copy(self)
+        moved.model, moved.head = model, head
+        moved.posterior = self._fitted().to(head.weight.device)
+        return moved
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LastLayerLaplace:
+        r"""
+        Move the curvature to `device` and prepare the prediction for a head input φ of `dtype` there (in place,
+        like `nn.Module.to`). The curvature stays float64 and the variances are computed in float32 for 16- and
+        32-bit φ, float64 for float64 φ (`numerics.accumulation_dtype`); the model is not moved.
+
+        Args:
+            device (`torch.device` or `str`, *optional*):
+                Where the model runs; defaults to the head's device.
+            dtype (`torch.dtype`, *optional*):
+                The model's floating-point dtype; defaults to the head's.
+
+        Returns:
+            `LastLayerLaplace`: this posterior.
+
+        Raises:
+            `RuntimeError`: the posterior is not fitted. `TypeError`: `dtype` is not a floating-point dtype.
+        """
+        device = torch.device(device) if device is not None else self.head.weight.device
+        dtype = dtype if dtype is not None else self.head.weight.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        posterior = self._fitted().to(device)
+        posterior.prepared_inputs(self.precision_scale, self.prior_precision, device, accumulation_dtype(dtype))
+        self.posterior = posterior
+        return self
 
     # ------------------------------------------------------------------ fitting
     def fit(

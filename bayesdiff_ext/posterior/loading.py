@@ -11,7 +11,7 @@ from torch import nn
 
 from bayesdiff_ext.posterior.inference import INFERENCES, LastLayerPosterior
 from bayesdiff_ext.posterior.last_layer_laplace import LastLayerLaplace
-from bayesdiff_ext.posterior.serialization import read_posterior_file
+from bayesdiff_ext.posterior.serialization import damaged_file, read_posterior_file
 
 __all__ = ["load_posterior"]
 
@@ -30,4 +30,5 @@ def load_posterior(path, model: nn.Module, *, head: nn.Module | None = None) -> 
     if inference not in INFERENCES:
         known = ", ".join(["laplace", *INFERENCES])
         raise ValueError(f"{path} holds a posterior of unknown inference {inference!r}; known: {known}")
-    return INFERENCES[inference].load(path, model, head=head)
+    with damaged_file(path):
+        return INFERENCES[inference].load(path, model, head=head)

@@ -14,6 +14,7 @@ The other posteriors (``inference``) write the same layout through ``posterior_m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -22,10 +23,10 @@ import os
 import warnings
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from bayesdiff_ext._version import library_versions
+from bayesdiff_ext._version import __version__, library_versions
 from bayesdiff_ext.io.atomic import atomic_write
 from bayesdiff_ext.posterior.fitting import FitStatistics
 from bayesdiff_ext.posterior.heads import HeadSpec, eps_parameters, head_spec, locate_head, output_channels
@@ -81,17 +82,52 @@ def save_posterior(post, path) -> None:
 
 
 def read_posterior_file(path, prefix: str | None = TENSOR_PREFIX) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and the tensors (names under ``prefix``; none for None) of a saved posterior."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if METADATA_KEY not in header:
-            raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
-        names = [] if prefix is None else [k for k in f.keys() if k.startswith(prefix)]
-        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names}
-    meta = json.loads(header[METADATA_KEY])
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has posterior format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    """The metadata and the tensors (names under ``prefix``; none for None) of a saved posterior; one
+    clear error for a file that is missing, truncated, of another kind or of another format version.
+    Nothing is unpickled."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"posterior file {path} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"posterior file {path} is a folder; give the .safetensors file")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if METADATA_KEY not in header:
+                raise ValueError(f"{path} is not a saved bayesdiff_ext posterior (no {METADATA_KEY!r} metadata)")
+            names = [] if prefix is None else [k for k in f.keys() if k.startswith(prefix)]
+            tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names}
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a posterior file: safetensors cannot read it ({err}); "
+            "it is truncated or of another format"
+        ) from None
+    with damaged_file(path):
+        meta = json.loads(header[METADATA_KEY])
+        version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has posterior format version {version}, but this bayesdiff_ext ({__version__}) reads "
+            f"version {FORMAT_VERSION}: load it with the bayesdiff_ext that wrote it ({_writer(meta)}), or refit"
+        )
     return meta, tensors
+
+
+def _writer(meta: dict) -> str:
+    versions = meta.get("versions")
+    writer = versions.get("bayesdiff_ext") if isinstance(versions, dict) else None
+    return f"version {writer}" if writer else "version unknown"
+
+
+@contextlib.contextmanager
+def damaged_file(path):
+    """Reading a posterior file's contents: a missing entry or one of the wrong type is a ValueError
+    that names the file."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} is a damaged posterior file: {type(err).__name__} {err} in its contents"
+        ) from None
 
 
 def matching_head(meta: dict, path, model, head) -> tuple[torch.nn.Module, HeadSpec]:
@@ -136,24 +172,25 @@ def load_posterior(path, model, head=None) -> SavedPosterior:
     """Read a saved Laplace posterior for ``model``'s head: ValueError if the file holds another kind of
     posterior or the head's shape differs from the saved one, a warning if only its weights differ."""
     meta, tensors = read_posterior_file(path)
-    inference = meta.get("inference", "laplace")
-    if inference != "laplace":
-        raise ValueError(
-            f"{path} holds a {inference!r} posterior, not a Laplace one; load it with "
-            "bayesdiff_ext.posterior.load_posterior(path, model)"
+    with damaged_file(path):
+        inference = meta.get("inference", "laplace")
+        if inference != "laplace":
+            raise ValueError(
+                f"{path} holds a {inference!r} posterior, not a Laplace one; load it with "
+                "bayesdiff_ext.posterior.load_posterior(path, model)"
+            )
+        target_head, saved = matching_head(meta, path, model, head)
+        return SavedPosterior(
+            head=target_head,
+            spec=saved,
+            eps_channels=meta.get("eps_channels", saved.eps_channels),
+            structure=meta["structure"],
+            curvature=meta["curvature"],
+            posterior=restore_structure(meta["structure"], saved, tensors),
+            fit_stats=None if meta["fit"] is None else FitStatistics(**meta["fit"]),
+            sigma_noise=meta["sigma_noise"],
+            prior_precision=meta["prior_precision"],
+            sigma_choice=meta["sigma_noise_choice"],
+            prior_choice=meta["prior_precision_choice"],
+            temperature=meta["temperature"],
         )
-    target_head, saved = matching_head(meta, path, model, head)
-    return SavedPosterior(
-        head=target_head,
-        spec=saved,
-        eps_channels=meta.get("eps_channels", saved.eps_channels),
-        structure=meta["structure"],
-        curvature=meta["curvature"],
-        posterior=restore_structure(meta["structure"], saved, tensors),
-        fit_stats=None if meta["fit"] is None else FitStatistics(**meta["fit"]),
-        sigma_noise=meta["sigma_noise"],
-        prior_precision=meta["prior_precision"],
-        sigma_choice=meta["sigma_noise_choice"],
-        prior_choice=meta["prior_precision_choice"],
-        temperature=meta["temperature"],
-    )

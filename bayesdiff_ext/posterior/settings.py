@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from bayesdiff_ext.validation import check_count
+
 FAMILIES = ("diag", "full")
-
-
-def check_count(name: str, value, low: int) -> int:
-    """``value`` if it is an integer >= ``low`` (not a bool), else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 from typing import ClassVar
 
 import torch
@@ -61,12 +62,38 @@ class PosteriorStructure(abc.ABC):
         # would flush small ones to zero), so 16-bit φ is computed in float32. No-op otherwise.
         phi, weight = phi.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        key = (float(s), float(delta), phi.device, dtype)
+        return self.predict_with(phi, weight, bias, self.prepared_inputs(s, delta, phi.device, dtype))
+
+    def prepared_inputs(self, s: float, delta: float, device: torch.device, dtype: torch.dtype) -> OpInputs:
+        """The op inputs for (s, δ) on ``device`` in ``dtype``, cached for the next call."""
+        key = (float(s), float(delta), torch.device(device), dtype)
         if key != self._cache_key:
             inputs = self.op_inputs(s, delta)
-            self._cache = {k: None if v is None else v.to(phi.device, dtype) for k, v in inputs.items()}
+            self._cache = {k: None if v is None else v.to(device, dtype) for k, v in inputs.items()}
             self._cache_key = key
-        return self.predict_with(phi, weight, bias, self._cache)
+        return self._cache
+
+    def to(self, device: torch.device | str) -> PosteriorStructure:
+        """A copy with the curvature on ``device``, still float64: the curvature is a sum over the
+        whole fit, and the variances computed from it span many decades.
+
+        Every tensor the structure holds moves (directly, or in lists and tuples); caches keyed by
+        device stay valid and are kept.
+        """
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            setattr(moved, name, _on_device(value, device))
+        moved._cache_key, moved._cache = None, {}
+        return moved
+
+
+def _on_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        items = [_on_device(item, device) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 class FactoredPosterior(PosteriorStructure):

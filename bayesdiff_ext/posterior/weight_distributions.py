@@ -24,8 +24,8 @@ from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.linear_gaussian import row_size, rows_to_parameters, rows_to_vector, vector_to_rows
-from bayesdiff_ext.posterior.settings import check_count
 from bayesdiff_ext.posterior.structure import OpInputs
+from bayesdiff_ext.validation import check_count
 
 
 class WeightDistribution(abc.ABC):

@@ -21,6 +21,7 @@ from bayesdiff_ext.numerics import per_image_sum
 from bayesdiff_ext.sampler.eps_moments import StepRecord, closed_form_moments, monte_carlo_moments
 from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
+from bayesdiff_ext.validation import check_count
 
 __all__ = ["CHOICES", "StepEngine", "StepKind", "check_settings", "step_kinds"]
 
@@ -39,11 +40,8 @@ def check_settings(settings: dict[str, Any]) -> None:
     for name, allowed in CHOICES.items():
         if settings[name] not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {settings[name]!r}")
-    uq_every, mc_samples = settings["uq_every"], settings["mc_samples"]
-    if not isinstance(uq_every, int) or uq_every < 1:
-        raise ValueError(f"uq_every must be an integer >= 1 (1 = uncertainty at every step), got {uq_every!r}")
-    if not isinstance(mc_samples, int) or mc_samples < 0:
-        raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
+    check_count("uq_every", settings["uq_every"])
+    mc_samples = check_count("mc_samples", settings["mc_samples"], minimum=0)
     if mc_samples == 0 and settings["covariance"] == "mc":
         raise ValueError("covariance='mc' needs mc_samples >= 1; pass covariance='none' for the closed form only")
 

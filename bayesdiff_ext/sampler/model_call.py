@@ -36,13 +36,16 @@ class ModelCall:
     """``model`` (a diffusers UNet or transformer), ``scheduler`` and ``posterior`` on the model's head.
 
     The posterior needs ``capture()`` and ``predict(phi)`` returning (mean, var) shaped like the
-    model's prediction (see :class:`~bayesdiff_ext.LastLayerLaplace`).
+    model's prediction (see :class:`~bayesdiff_ext.LastLayerLaplace`). One with ``for_model(model)``
+    is moved onto ``model``'s head first: a posterior follows copies of its model (``copy.deepcopy``,
+    another device or dtype).
     """
 
     def __init__(self, model, scheduler, posterior) -> None:
         self.denoiser = Denoiser(model)
         self.scheduler = scheduler
-        self.posterior = posterior
+        for_model = getattr(posterior, "for_model", None)
+        self.posterior = posterior if for_model is None else for_model(model)
 
     def __call__(
         self,

@@ -16,6 +16,7 @@ from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.sampler.randomness import independent_generator
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.schedulers import describe
+from bayesdiff_ext.validation import check_count, check_noise, check_number, sample_shape
 
 __all__ = ["BayesDiffSampler"]
 
@@ -41,8 +42,8 @@ class BayesDiffSampler:
         describe(scheduler)
         self.model = model
         self.scheduler = scheduler
-        self.posterior = posterior
         self.model_call = ModelCall(model, scheduler, posterior)
+        self.posterior = self.model_call.posterior
 
     @torch.no_grad()
     def sample(
@@ -123,8 +124,8 @@ class BayesDiffSampler:
           ``variance`` tensors and the per-image ``variance_sum``).
         """
         settings = dict(
-            num_inference_steps=num_inference_steps,
-            eta=float(eta),
+            num_inference_steps=check_count("num_inference_steps", num_inference_steps),
+            eta=check_number("eta", eta, minimum=0.0),
             uq_every=uq_every,
             mc_samples=mc_samples,
             covariance=covariance,
@@ -134,7 +135,7 @@ class BayesDiffSampler:
             skip=skip,
         )
         check_settings(settings)
-        description = describe(self.scheduler, float(eta), **(scheduler_kwargs or {}))
+        description = describe(self.scheduler, settings["eta"], **(scheduler_kwargs or {}))
         started = time.perf_counter()
         scheduler, model_call = self.scheduler, self.model_call
         kwargs = _conditioning(model_kwargs, unet_kwargs)
@@ -194,19 +195,20 @@ class BayesDiffSampler:
     def draw_noise(self, batch_size, noise, generator) -> torch.Tensor:
         """The unit-variance initial noise: ``noise`` as given, or drawn as the pixel pipelines draw it."""
         denoiser = self.model_call.denoiser
-        shape = _sample_shape(denoiser.config)
+        shape = sample_shape(self.model)
+        if batch_size is not None:
+            batch_size = check_count("batch_size", batch_size)
         if noise is None:
             if batch_size is None:
                 raise ValueError("pass batch_size or the initial noise x_T as noise")
-            if shape is None:
+            if shape.full is None:
                 raise ValueError(
                     f"{type(self.model).__name__}'s config gives no sample size: pass the initial noise as noise"
                 )
-            return randn_tensor((batch_size, *shape), generator=generator, device=denoiser.device, dtype=denoiser.dtype)
-        if shape is not None and (noise.dim() != 1 + len(shape) or noise.shape[1] != shape[0]):
-            raise ValueError(
-                f"noise must have shape (B, {shape[0]}, H, W) for this model, got {tuple(noise.shape)}"
+            return randn_tensor(
+                (batch_size, *shape.full), generator=generator, device=denoiser.device, dtype=denoiser.dtype
             )
+        check_noise(noise, shape)
         if batch_size is not None and batch_size != noise.shape[0]:
             raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
         return noise.to(device=denoiser.device, dtype=denoiser.dtype)
@@ -216,15 +218,6 @@ def _conditioning(model_kwargs, unet_kwargs) -> dict[str, Any]:
     if model_kwargs is not None and unet_kwargs is not None:
         raise ValueError("pass the conditioning as model_kwargs or as unet_kwargs (its former name), not both")
     return dict(model_kwargs if model_kwargs is not None else unet_kwargs or {})
-
-
-def _sample_shape(config) -> tuple[int, ...] | None:
-    """(C, H, W) of the model's samples from its config, or None where the config does not say (Flux)."""
-    size = getattr(config, "sample_size", None)
-    channels = getattr(config, "in_channels", None)
-    if size is None or channels is None:
-        return None
-    return (channels, size, size) if isinstance(size, int) else (channels, *size)
 
 
 def _check_step_index(scheduler, index: int) -> None:

@@ -1,7 +1,8 @@
-"""Filtering evaluation of the bundled digits model (issue 7): writes docs/EVALUATION.md and figures.
+"""Filtering evaluation (issues 7 and 18): writes one model's section of docs/EVALUATION.md and its figures.
 
-    HF_HUB_OFFLINE=1 python python/experiments/filtering.py --out eval-out --docs docs
-    HF_HUB_OFFLINE=1 python python/experiments/filtering.py --out eval-out --docs docs --reuse
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python python/experiments/filtering.py --out eval-digits --docs docs
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python python/experiments/filtering.py --model builtin:photos --out eval-photos --docs docs
+    HF_HUB_OFFLINE=1 python python/experiments/filtering.py --out eval-digits --docs docs --reuse
 
 The same as ``bayesdiff eval``; all logic lives in ``bayesdiff_ext.evaluation``.
 """

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bayesdiff_ext.validation import nonlinear_scheduler_settings
+
 __all__ = ["AffineStep", "SchedulerDescription", "vp_prediction_forms"]
 
 
@@ -76,14 +78,11 @@ class SchedulerDescription(abc.ABC):
 
     def check(self) -> None:
         """Raise ValueError unless every step is affine in (sample, model output) with fixed noise."""
-        if self.config.get("clip_sample", False):
+        for setting, effect in nonlinear_scheduler_settings(self.config).items():
             raise ValueError(
-                f"{self.name} has clip_sample=True, which clips x̂_0 and makes the step non-linear; "
-                f"pass clip_sample=False (e.g. {self.name}.from_config(scheduler.config, clip_sample=False))"
-            )
-        if self.config.get("thresholding", False):
-            raise ValueError(
-                f"{self.name} has thresholding=True, which makes the step non-linear; pass thresholding=False"
+                f"{self.name} has {setting}=True, which {effect} and makes the step non-linear: the moment "
+                f"recurrence needs affine steps; pass {setting}=False "
+                f"(e.g. {self.name}.from_config(scheduler.config, {setting}=False))"
             )
         if self.prediction_type not in self.prediction_types:
             raise ValueError(
