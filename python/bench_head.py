@@ -101,6 +101,7 @@ CONV_HEADS = [
 CONV_FULL_HEADS = [
     Head("CelebA-like 1×(128→3)×64²", 1, 128, 3, 64),
     Head("SD-like 1×(320→4)×32²", 1, 320, 4, 32),
+    Head("ADM-128-like 1×(256→3)×128²", 1, 256, 3, 128),
 ]
 LINEAR_HEADS = [
     Head("Flux-like 1×4096 tokens (3072→64)", 1, 3072, 64, 4096, kernel=0),
