@@ -1,9 +1,13 @@
 """The Python face of the compiled ops: keyword arguments, optional value checks, fake impls.
 
-The compiled ops check shapes, dtypes and devices themselves (errors name the argument); the
-wrappers here add what costs an extra pass over the data and is therefore optional: with
-``check_values=True`` every input is checked for NaN/inf, then every variance for negative
-entries, and the first bad argument in that order raises a ValueError naming it.
+The compiled ops check shapes, dtypes and devices themselves (errors name the argument). Values
+are not checked on the hot path: a check reads the data once more and, on a GPU, waits for it (a
+host synchronisation per call). Instead every variance an op returns is clamped at 0 in the
+kernel, so a negative input variance (``weight_var``, ``bias_var``, ``mix``, ``var_x``,
+``eps_var``) never gives a negative output; a NaN stays a NaN. The wrappers offer the checks as an
+option: with ``check_values=True`` every input is checked for NaN/inf, then every variance for
+negative entries, and the first bad argument in that order raises a ValueError naming it.
+Posterior variances live long: check them once where they are made, with :func:`check_nonnegative`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ __all__ = [
     "conv_head_mean_var",
     "conv_head_var_factored",
     "conv_patch_gram",
+    "linear_diag_ef",
+    "linear_diag_ggn",
+    "linear_gram",
     "linear_head_mean_var",
     "mc_moments",
     "moment_step",
@@ -104,7 +111,8 @@ def moment_step(
         c2 (`float`, *optional*, defaults to 0.0):
             The variance c² of the step's fresh noise.
         clamp (`bool`, *optional*, defaults to `True`):
-            Clamp the new variance at 0 (a NaN stays a NaN).
+            Clamp the new variance at 0 (a NaN stays a NaN): a noisy Monte Carlo covariance, or a
+            negative `var_x`/`eps_var`, can push the sum below 0. `False` returns the raw sum.
         check_values (`bool`, *optional*, defaults to `False`):
             Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 
@@ -148,7 +156,8 @@ def mc_moments(
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: `(e_eps, var_eps, cov_x_eps)`, each of shape `shape`:
-        mean_i m^i, mean_i γ²^i + the population variance of the m^i (≥ 0), and
+        mean_i m^i, mean_i γ²^i + the population variance of the m^i (clamped at 0: only a negative
+        `eps_var` can make it negative), and
         mean_i x^i·m^i − mean_x·mean_i m^i. float32 for 16-bit inputs, otherwise the input dtype.
     """
     if check_values:
@@ -278,6 +287,69 @@ def conv_patch_gram(
     )
 
 
+def linear_diag_ggn(phi: torch.Tensor) -> torch.Tensor:
+    r"""
+    The diagonal GGN of ½‖f − y‖² for the weight of a Linear head, summed over every row of `phi`
+    (docs/MATH.md §1.2; tokens as rows, §8), accumulated in float64 without a float64 copy of
+    `phi`.
+
+    Args:
+        phi (`torch.Tensor` of shape `(..., in_features)`):
+            The head's input, e.g. `(batch_size, num_tokens, in_features)`.
+
+    Returns:
+        `torch.Tensor` of shape `(in_features,)`, float64 for every input dtype: h[j] = Σ_rows φ[j]², the GGN
+        diagonal of `weight[c]` for every output c (that of the bias is the number of rows).
+    """
+    return torch.ops.bayesdiff_ext.linear_diag_ggn(phi)
+
+
+def linear_diag_ef(
+    phi: torch.Tensor, residual: torch.Tensor, *, with_bias: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    The diagonal empirical Fisher of ½‖f − y‖² for a Linear head, from per-sample gradients
+    (docs/MATH.md §1.2; a sample is an image with all of its tokens, §8). No per-token Jacobian and
+    no float64 copy of `phi` is formed.
+
+    Args:
+        phi (`torch.Tensor` of shape `(batch_size, ..., in_features)`):
+            The head's input; a sample is one leading index (an image), and every row under it (its
+            tokens) adds to that sample's gradient.
+        residual (`torch.Tensor` of shape `(batch_size, ..., channels)`):
+            f − y at the same rows, same dtype and device as `phi`.
+        with_bias (`bool`, *optional*, defaults to `False`):
+            Also return the bias part.
+
+    Returns:
+        The weight part, `torch.Tensor` of shape `(channels, in_features)`: Σ_n (Σ_t r[n, t, c]·φ[n, t, j])²;
+        with `with_bias=True` the tuple `(weight part, bias part)`, the bias part of shape `(channels,)`:
+        Σ_n (Σ_t r[n, t, c])². float64 for every input dtype. As for `conv_diag_ef`, laplace-torch's EF
+        backends give 2× both parts.
+    """
+    augmented = torch.ops.bayesdiff_ext.linear_diag_ef(phi, residual)  # (C, D + 1), the bias column last
+    weight_part = augmented[:, :-1]
+    return (weight_part, augmented[:, -1]) if with_bias else weight_part
+
+
+def linear_gram(phi: torch.Tensor) -> torch.Tensor:
+    r"""
+    The Gram matrix of the bias-augmented rows of a Linear head's input: the exact last-layer GGN of
+    ½‖f − y‖² is I_C ⊗ A_aug on per-output blocks [W_c; b_c] (docs/MATH.md §1.1, §8), as for
+    `conv_patch_gram`.
+    Accumulated in float64, tile by tile, without a float64 copy of `phi`.
+
+    Args:
+        phi (`torch.Tensor` of shape `(..., in_features)`):
+            The head's input, e.g. `(batch_size, num_tokens, in_features)`.
+
+    Returns:
+        `torch.Tensor` of shape `(D + 1, D + 1)`, D = in_features, float64 for every input dtype:
+        A_aug = Σ_rows [φ; 1][φ; 1]ᵀ, the bias "1" last (A_aug[D, D] = the number of rows).
+    """
+    return torch.ops.bayesdiff_ext.linear_gram(phi)
+
+
 def _require(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         raise TypeError(f"`{name}` is required")
@@ -329,7 +401,8 @@ def conv_head_mean_var(
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each of shape `(batch_size, channels, height_out,
         width_out)`, contiguous, float32 for 16-bit inputs and otherwise of the input dtype:
-        `mean = conv2d(phi, weight, bias)`, `var = conv2d(phi², weight_var, bias_var)`.
+        `mean = conv2d(phi, weight, bias)`, `var = max(conv2d(phi², weight_var, bias_var), 0)` (negative
+        variances in are not checked here; see the module docstring).
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
@@ -373,8 +446,8 @@ def linear_head_mean_var(
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `(mean, var)`, each of shape `(..., channels)`:
-        `phi @ weight.T + bias` and `phi² @ weight_var.T + bias_var`, float32 for 16-bit inputs and otherwise of
-        the input dtype.
+        `phi @ weight.T + bias` and `max(phi² @ weight_var.T + bias_var, 0)`, float32 for 16-bit inputs and
+        otherwise of the input dtype.
     """
     weight_var = _require("weight_var", weight_var)
     if check_values:
@@ -417,8 +490,9 @@ def conv_head_var_factored(
 
     Returns:
         `torch.Tensor` of shape `(batch_size, channels, height_out, width_out)`:
-        `var[b, c, p] = Σ_r mix[c, r]·(conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c]`, float32 for
-        16-bit inputs and otherwise of the input dtype. `bayesdiff_ext.posterior.laplace_convert` builds the
+        `var[b, c, p] = max(Σ_r mix[c, r]·(conv2d(phi, proj_weight, proj_bias)[b, r, p])² + bias_var[c], 0)`
+        (a negative `mix` or `bias_var` is not checked here), float32 for 16-bit inputs and otherwise of the
+        input dtype. `bayesdiff_ext.posterior.laplace_convert` builds the
         inputs from a laplace-torch posterior.
     """
     if check_values:

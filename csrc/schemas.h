@@ -1,5 +1,10 @@
 // Every op schema of the library, in one place. The real library (bayesdiff_ext) and the host
 // emulation of the CUDA kernels (bayesdiff_ext_emu) define the same schemas from here.
+//
+// Variances: inputs named *_var and `mix` are not checked for negative entries (a check would read
+// them once more and, on a GPU, synchronise with the host on every call); every variance an op
+// returns is clamped at 0 instead (kernels/variance.h; moment_step only when `clamp`), so a
+// negative input never gives a negative output. NaN stays NaN.
 #pragma once
 
 #include <torch/library.h>
@@ -31,6 +36,10 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "conv_patch_gram(Tensor phi, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
       "-> Tensor");
+  // Linear heads on rows of features (..., D); float64 results for every input dtype.
+  m.def("linear_diag_ggn(Tensor phi) -> Tensor");
+  m.def("linear_diag_ef(Tensor phi, Tensor residual) -> Tensor");
+  m.def("linear_gram(Tensor phi) -> Tensor");
 }
 
 }  // namespace bdx

@@ -1,14 +1,20 @@
-"""Benchmark of the fused head ops (CPU) against the ways the head's predictive is computed today.
+"""Benchmark of the fused head ops (CPU) against the eager compositions a user would write, and
+against the ways the head's predictive is computed elsewhere.
 
-Diagonal posterior, ``conv_head_mean_var`` against
-  (a) BayesDiff's estimator: 100 weight draws W + √V·ε, 100 head convolutions, mean and variance;
-      also the same 100 draws batched into one convolution with 100·C output channels;
-  (b) the eager pair ``conv2d(φ, W, b)`` + ``conv2d(φ², V, v)``;
-  (c) laplace-torch's GLM predictive (DiagLaplace on Sequential(conv, Flatten)) where it fits in
-      memory; elsewhere the memory it would need;
-and against a single ``conv2d`` forward of the head (the floor: the target is within 1.5× of it).
-Factored posterior (full GGN, R = D+1 directions), ``conv_head_var_factored`` against its eager
-composition conv2d into R channels → square → mix.
+1. Targets (issue 23: no slower than eager), timed in interleaved rounds at 1 and 2 threads:
+   * conv heads, diagonal posterior: ``conv_head_mean_var`` vs the eager pair
+     ``conv2d(φ, W, b)`` + ``conv2d(φ², V, v)`` (and a single ``conv2d`` forward, the floor);
+   * conv heads, full GGN (R = D+1 directions): ``conv_head_var_factored`` vs conv2d into R channels
+     → square → mix;
+   * Linear heads on tokens (Flux-like 4096 × 3072 → 64, SD3-medium-like 4096 × 1536 → 64),
+     diagonal: ``linear_head_mean_var`` vs ``linear(φ, W, b)`` + ``linear(φ², V, v)``; full GGN:
+     the factored op as ``posterior.head_ops`` calls it (rows as 1×1 images) vs
+     ``linear(φ, Q, β)`` → square → mix.
+2. Context at the larger thread count (fewer rounds: these baselines are slow): BayesDiff's
+   estimator (100 weight draws, one head call each), the same draws batched into one call, and
+   laplace-torch's GLM predictive where it fits in memory (elsewhere the memory it would need).
+3. Peak memory of the Linear heads: the rise of the resident set during a first call, each method
+   in a fresh process.
 
 Run: .venv/bin/python python/bench_head.py   (writes the `bench_head` section of BENCHMARKS.md)
 """
@@ -16,10 +22,11 @@ Run: .venv/bin/python python/bench_head.py   (writes the `bench_head` section of
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import statistics
-import time
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,198 +37,184 @@ from torch import nn
 
 import bayesdiff_ext
 from bayesdiff_ext import ops
-from bench_timing import markdown_table, write_section
+from bench_timing import interleaved_medians, load_average, markdown_table, peak_rise_mib, write_section
 
 GIB = 2.0**30
 
 
 @dataclass(frozen=True)
 class Head:
+    """A conv head (kernel ≥ 1, spatial size) or a Linear head on tokens (kernel 0, size = tokens)."""
+
     name: str
     batch: int
     in_channels: int
     channels: int
     size: int
     kernel: int = 3
-    padding: int = 1
+
+    @property
+    def is_linear(self) -> bool:
+        return self.kernel == 0
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
 
     @property
     def taps(self) -> int:
-        return self.in_channels * self.kernel * self.kernel
+        return self.in_channels * max(self.kernel, 1) ** 2
 
     @property
     def outputs(self) -> int:
-        """K = C·H·W, the outputs per image laplace-torch treats as one vector."""
-        return self.channels * self.size * self.size
+        """K, the outputs per image laplace-torch treats as one vector: C·H·W, or C·tokens."""
+        return self.channels * (self.size if self.is_linear else self.size * self.size)
 
     @property
     def parameters(self) -> int:
         return self.channels * (self.taps + 1)
 
-    def laplace_glm_bytes(self) -> float:
+    def laplace_glm_bytes(self, full: bool = False) -> float:
         """float32 memory of laplace-torch's GLM predictive: jacrev's B·K × B·K cotangent basis,
-        the (B, K, P) Jacobian and the (B, K, K) output covariance."""
+        the (B, K, P) Jacobian and the (B, K, K) output covariance (+ the P×P covariance if full)."""
         rows = self.batch * self.outputs
-        return 4.0 * (rows * rows + rows * self.parameters + self.batch * self.outputs * self.outputs)
+        p = self.parameters
+        return 4.0 * (rows * rows + rows * p + self.batch * self.outputs**2 + (p * p if full else 0))
+
+    def phi(self, generator) -> torch.Tensor:
+        if self.is_linear:
+            return torch.randn(self.batch, self.size, self.in_channels, generator=generator)
+        return torch.randn(self.batch, self.in_channels, self.size, self.size, generator=generator)
+
+    def weight_shape(self) -> tuple:
+        kernel = () if self.is_linear else (self.kernel, self.kernel)
+        return (self.channels, self.in_channels, *kernel)
 
 
-HEADS = [
+CONV_HEADS = [
     Head("CelebA-like 4×(128→3)×64²", 4, 128, 3, 64),
     Head("SD-like 2×(320→4)×64²", 2, 320, 4, 64),
     Head("ADM-128-like 1×(256→3)×128²", 1, 256, 3, 128),
-    # Small enough for laplace-torch's GLM predictive, so that it has a measured number.
-    Head("small 1×(128→3)×24²", 1, 128, 3, 24),
+]
+# The full GGN costs R·D = (D+1)·D per pixel: one image each, so that ≥ 21 rounds at two thread
+# counts fit in minutes.
+CONV_FULL_HEADS = [
+    Head("CelebA-like 1×(128→3)×64²", 1, 128, 3, 64),
+    Head("SD-like 1×(320→4)×32²", 1, 320, 4, 32),
+    Head("ADM-128-like 1×(256→3)×128²", 1, 256, 3, 128),
+]
+LINEAR_HEADS = [
+    Head("Flux-like 1×4096 tokens (3072→64)", 1, 3072, 64, 4096, kernel=0),
+    Head("SD3-medium-like 1×4096 tokens (1536→64)", 1, 1536, 64, 4096, kernel=0),
+]
+# Small enough for laplace-torch's GLM predictive, so that it has a measured number.
+SMALL_HEADS = [
+    Head("small conv 1×(128→3)×24²", 1, 128, 3, 24),
+    Head("small Linear 1×64 tokens (256→16)", 1, 256, 16, 64, kernel=0),
 ]
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of each function, timed in rounds (one call of each per round), so that a
-    change of machine load hits every candidate alike (this machine is shared)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def make_inputs(head: Head, generator: torch.Generator):
-    phi = torch.randn(head.batch, head.in_channels, head.size, head.size, generator=generator)
-    weight = torch.randn(head.channels, head.in_channels, head.kernel, head.kernel, generator=generator) * 0.05
-    weight_var = torch.rand(weight.shape, generator=generator) * 1e-4
+def diag_inputs(head: Head, generator):
+    phi = head.phi(generator)
+    weight = torch.randn(head.weight_shape(), generator=generator) * 0.05
+    weight_var = torch.rand(head.weight_shape(), generator=generator) * 1e-4
     bias, bias_var = torch.randn(head.channels, generator=generator), torch.rand(head.channels, generator=generator)
     return phi, weight, bias, weight_var, bias_var
 
 
-def eager_pair(phi, weight, bias, weight_var, bias_var, padding):
-    return F.conv2d(phi, weight, bias, padding=padding), F.conv2d(phi * phi, weight_var, bias_var, padding=padding)
+def full_inputs(head: Head, generator):
+    """φ and a full-GGN factored posterior: R = D+1 directions (columns of a Cholesky factor), mix = 1."""
+    phi = head.phi(generator)
+    rank = head.taps + 1
+    directions = torch.randn(rank, *head.weight_shape()[1:], generator=generator) * 0.01
+    proj_bias = torch.randn(rank, generator=generator) * 0.01
+    return phi, directions, proj_bias, torch.ones(head.channels, rank), torch.zeros(head.channels)
 
 
-def bayesdiff_monte_carlo(phi, weight, bias, weight_var, bias_var, padding, draws):
-    """BayesDiff's head variance: `draws` sampled weight sets, one convolution each."""
+def eager_diag(head: Head, phi, weight, bias, weight_var, bias_var):
+    if head.is_linear:
+        return F.linear(phi, weight, bias), F.linear(phi * phi, weight_var, bias_var)
+    mean = F.conv2d(phi, weight, bias, padding=head.padding)
+    return mean, F.conv2d(phi * phi, weight_var, bias_var, padding=head.padding)
+
+
+def fused_diag(head: Head, phi, weight, bias, weight_var, bias_var):
+    if head.is_linear:
+        return ops.linear_head_mean_var(phi, weight, bias, weight_var, bias_var)
+    return ops.conv_head_mean_var(phi, weight, bias, weight_var, bias_var, padding=head.padding)
+
+
+def forward(head: Head, phi, weight, bias, weight_var, bias_var):
+    return F.linear(phi, weight, bias) if head.is_linear else F.conv2d(phi, weight, bias, padding=head.padding)
+
+
+def eager_full(head: Head, phi, directions, proj_bias, mix, bias_var):
+    if head.is_linear:
+        projection = F.linear(phi, directions, proj_bias)  # (B, N, R)
+        return (projection * projection) @ mix.T + bias_var
+    projection = F.conv2d(phi, directions, proj_bias, padding=head.padding)
+    return torch.einsum("cr,brhw->bchw", mix, projection * projection) + bias_var.view(1, -1, 1, 1)
+
+
+def fused_full(head: Head, phi, directions, proj_bias, mix, bias_var):
+    if head.is_linear:  # as posterior.head_ops.factored_var calls it
+        rows = phi.reshape(-1, head.in_channels, 1, 1)
+        var = ops.conv_head_var_factored(rows, directions.reshape(-1, head.in_channels, 1, 1), proj_bias, mix, bias_var)
+        return var.reshape(*phi.shape[:-1], mix.shape[0])
+    return ops.conv_head_var_factored(phi, directions, proj_bias, mix, bias_var, padding=head.padding)
+
+
+def bayesdiff_draws(head: Head, phi, weight, bias, weight_var, bias_var, draws: int):
+    """BayesDiff's head variance: `draws` sampled weight sets, one head call each."""
     outputs = []
     for _ in range(draws):
         w = weight + weight_var.sqrt() * torch.randn_like(weight)
-        b = bias + bias_var.sqrt() * torch.randn_like(bias)
-        outputs.append(F.conv2d(phi, w, b, padding=padding))
+        outputs.append(forward(head, phi, w, bias + bias_var.sqrt() * torch.randn_like(bias), None, None))
     stacked = torch.stack(outputs)
     return stacked.mean(0), stacked.var(0)
 
 
-def batched_monte_carlo(phi, weight, bias, weight_var, bias_var, padding, draws):
-    """The same draws as one convolution with draws·C output channels."""
-    w = weight + weight_var.sqrt() * torch.randn(draws, *weight.shape)
-    b = bias + bias_var.sqrt() * torch.randn(draws, *bias.shape)
-    out = F.conv2d(phi, w.flatten(0, 1), b.flatten(), padding=padding)
-    out = out.view(phi.shape[0], draws, weight.shape[0], *out.shape[2:])
-    return out.mean(1), out.var(1)
+def batched_draws(head: Head, phi, weight, bias, weight_var, bias_var, draws: int):
+    """The same draws as one head call with draws·C outputs."""
+    w = (weight + weight_var.sqrt() * torch.randn(draws, *weight.shape)).flatten(0, 1)
+    b = (bias + bias_var.sqrt() * torch.randn(draws, *bias.shape)).flatten()
+    out = forward(head, phi, w, b, None, None)
+    out = out.unflatten(-1, (draws, head.channels)) if head.is_linear else out.unflatten(1, (draws, head.channels))
+    dim = -2 if head.is_linear else 1
+    return out.mean(dim), out.var(dim)
 
 
-def laplace_glm(head: Head, phi, weight, bias, weight_var, bias_var):
-    """A DiagLaplace over Sequential(conv, Flatten) with this posterior, and its GLM predictive."""
+def laplace_model(head: Head, weight, bias) -> nn.Module:
+    if head.is_linear:
+        layer = nn.Linear(head.in_channels, head.channels)
+    else:
+        layer = nn.Conv2d(head.in_channels, head.channels, head.kernel, padding=head.padding)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return nn.Sequential(layer, nn.Flatten())
+
+
+def laplace_diag_glm(head: Head, phi, weight, bias, weight_var, bias_var):
+    """A DiagLaplace with this posterior, and a call of its GLM predictive."""
     from laplace import DiagLaplace
 
-    conv = nn.Conv2d(head.in_channels, head.channels, head.kernel, padding=head.padding)
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-    la = DiagLaplace(nn.Sequential(conv, nn.Flatten()), "regression", sigma_noise=1.0, prior_precision=1.0)
+    la = DiagLaplace(laplace_model(head, weight, bias), "regression", sigma_noise=1.0, prior_precision=1.0)
     # The posterior variance is 1 / (H + δ): choose H so that it is this diagonal.
     la.H = 1.0 / torch.cat([weight_var.flatten(), bias_var]) - 1.0
     la.n_data, la.n_outputs = 1, head.outputs
     return lambda: la(phi, pred_type="glm")
 
 
-def diag_rows(heads, args, generator):
-    rows, checks = [], []
-    for head in heads:
-        phi, weight, bias, weight_var, bias_var = make_inputs(head, generator)
-        p = head.padding
+def laplace_full_glm(head: Head, phi, weight, bias):
+    """A FullLaplace (a random SPD posterior precision) and a call of its GLM predictive."""
+    from laplace import FullLaplace
 
-        def fused():
-            return ops.conv_head_mean_var(phi, weight, bias, weight_var, bias_var, padding=p)
-
-        candidates = {
-            "forward": lambda: F.conv2d(phi, weight, bias, padding=p),
-            "pair": lambda: eager_pair(phi, weight, bias, weight_var, bias_var, p),
-            "fused": fused,
-            "mc": lambda: bayesdiff_monte_carlo(phi, weight, bias, weight_var, bias_var, p, args.draws),
-            "batched": lambda: batched_monte_carlo(phi, weight, bias, weight_var, bias_var, p, args.draws),
-        }
-        need = head.laplace_glm_bytes()
-        glm = laplace_glm(head, phi, weight, bias, weight_var, bias_var) if need <= args.laplace_max_gib * GIB else None
-        if glm is not None:
-            candidates["glm"] = glm
-        t = interleaved_medians(candidates, args.repeats)
-        t_forward, t_pair, t_fused, t_mc, t_batched = (t[k] for k in ("forward", "pair", "fused", "mc", "batched"))
-        if glm is not None:
-            laplace_cell = f"{t['glm'] * 1e3:.1f} ms ({t['glm'] / t_fused:.0f}× fused; {need / GIB:.2f} GiB)"
-            f_mu, f_var = glm()
-            mean, var = fused()
-            checks.append((head.name, "laplace GLM var", _rel_err(var.flatten(1), f_var.diagonal(dim1=-2, dim2=-1))))
-        else:
-            laplace_cell = f"does not fit: needs {need / GIB:.1f} GiB"
-
-        mean, var = fused()
-        ref_mean, ref_var = eager_pair(phi.double(), weight.double(), bias.double(), weight_var.double(), bias_var.double(), p)
-        checks.append((head.name, "fused vs float64 eager", max(_rel_err(mean, ref_mean), _rel_err(var, ref_var))))
-        rows.append(
-            [
-                head.name,
-                f"{t_forward * 1e3:.2f}",
-                f"{t_pair * 1e3:.2f}",
-                f"{t_fused * 1e3:.2f}",
-                f"{t_fused / t_forward:.2f}×",
-                f"{t_pair / t_fused:.1f}×",
-                f"{t_mc * 1e3:.0f} ({t_mc / t_fused:.0f}×)",
-                f"{t_batched * 1e3:.0f} ({t_batched / t_fused:.0f}×)",
-                laplace_cell,
-            ]
-        )
-    return rows, checks
-
-
-def eager_factored(phi, proj_weight, proj_bias, mix, bias_var, padding):
-    projection = F.conv2d(phi, proj_weight, proj_bias, padding=padding)
-    return torch.einsum("cr,brhw->bchw", mix, projection * projection) + bias_var.view(1, -1, 1, 1)
-
-
-def factored_rows(heads, args, generator):
-    rows, checks = [], []
-    for head in heads:
-        phi = make_inputs(head, generator)[0]
-        rank = head.taps + 1  # the full GGN posterior: q_r = columns of L, R = D+1
-        proj_weight = torch.randn(rank, head.in_channels, head.kernel, head.kernel, generator=generator) * 0.01
-        proj_bias = torch.randn(rank, generator=generator) * 0.01
-        mix = torch.ones(head.channels, rank)
-        bias_var = torch.zeros(head.channels)
-        p = head.padding
-
-        def fused():
-            return ops.conv_head_var_factored(phi, proj_weight, proj_bias, mix, bias_var, padding=p)
-
-        t = interleaved_medians(
-            {"eager": lambda: eager_factored(phi, proj_weight, proj_bias, mix, bias_var, p), "fused": fused}, args.repeats
-        )
-        t_eager, t_fused = t["eager"], t["fused"]
-        projection_bytes = 4.0 * head.batch * rank * head.size * head.size
-        ref = eager_factored(phi.double(), proj_weight.double(), proj_bias.double(), mix.double(), bias_var.double(), p)
-        checks.append((head.name, "factored vs float64 eager", _rel_err(fused(), ref)))
-        rows.append(
-            [
-                head.name,
-                str(rank),
-                f"{t_eager * 1e3:.0f}",
-                f"{projection_bytes / 2**20:.0f} MiB",
-                f"{t_fused * 1e3:.0f}",
-                f"{t_eager / t_fused:.2f}×",
-            ]
-        )
-    return rows, checks
+    la = FullLaplace(laplace_model(head, weight, bias), "regression", sigma_noise=1.0, prior_precision=1.0)
+    a = torch.randn(head.parameters, head.parameters) / head.parameters**0.5
+    la.H = a @ a.T
+    la.n_data, la.n_outputs = 1, head.outputs
+    return lambda: la(phi, pred_type="glm")
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -229,61 +222,187 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).abs().max() / expected.abs().max())
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds < 1 else f"{seconds * 1e3:.0f}"
+
+
+def target_rows(heads, inputs, candidates, args, generator, checks):
+    """One table row per head and thread count: each candidate's median, fused vs eager."""
+    rows = []
+    for head in heads:
+        data = inputs(head, generator)
+        fns = {name: (lambda fn=fn: fn(head, *data)) for name, fn in candidates.items()}
+        t = interleaved_medians(fns, args.repeats, threads=args.threads)
+        for n in args.threads:
+            cells = [_ms(t[(n, name)]) for name in candidates]
+            ratio = t[(n, "eager")] / t[(n, "fused")]
+            rows.append([head.name, str(n), *cells, f"{ratio:.2f}× ({'met' if ratio >= 1 else '**missed**'})"])
+        if len(args.threads) > 1:
+            lo, hi = args.threads[0], args.threads[-1]
+            rows[-1].append(f"{t[(lo, 'fused')] / t[(hi, 'fused')]:.2f}×")
+            rows[-2].append("")
+        expected = candidates["eager"](head, *(d.double() for d in data))
+        fused = candidates["fused"](head, *data)
+        outputs = as_tuple(fused)
+        for what, out, ref in zip(("mean", "var")[-len(outputs):], outputs, as_tuple(expected)):
+            checks.append(f"* {head.name}: fused {what} vs float64 eager, max relative error {_rel_err(out, ref):.1e}")
+    return rows
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def context_rows(heads, args, generator, checks):
+    threads = args.threads[-1]
+    torch.set_num_threads(threads)
+    rows = []
+    for head in heads:
+        data = diag_inputs(head, generator)
+        fns = {
+            "fused": lambda: fused_diag(head, *data),
+            "draws": lambda: bayesdiff_draws(head, *data, args.draws),
+            "batched": lambda: batched_draws(head, *data, args.draws),
+        }
+        need = head.laplace_glm_bytes()
+        if need <= args.laplace_max_gib * GIB:
+            fns["glm"] = laplace_diag_glm(head, *data)
+        t = interleaved_medians(fns, args.context_repeats)
+        if "glm" in t:
+            glm_cell = f"{_ms(t['glm'])} ms ({t['glm'] / t['fused']:.0f}× fused; {need / GIB:.2f} GiB)"
+            _, glm_var = fns["glm"]()
+            error = _rel_err(fused_diag(head, *data)[1].flatten(1), glm_var.diagonal(dim1=-2, dim2=-1))
+            checks.append(f"* {head.name}: laplace GLM var vs fused, max relative error {error:.1e}")
+        else:
+            glm_cell = f"does not fit: needs {need / GIB:.1f} GiB"
+        rows.append(
+            [
+                head.name,
+                _ms(t["fused"]),
+                f"{_ms(t['draws'])} ({t['draws'] / t['fused']:.0f}×)",
+                f"{_ms(t['batched'])} ({t['batched'] / t['fused']:.0f}×)",
+                glm_cell,
+            ]
+        )
+    return rows, threads
+
+
+METHODS = {
+    "fused diag": lambda head, g: (lambda d=diag_inputs(head, g): fused_diag(head, *d)),
+    "eager diag": lambda head, g: (lambda d=diag_inputs(head, g): eager_diag(head, *d)),
+    "fused full": lambda head, g: (lambda d=full_inputs(head, g): fused_full(head, *d)),
+    "eager full": lambda head, g: (lambda d=full_inputs(head, g): eager_full(head, *d)),
+    "laplace diag GLM": lambda head, g: laplace_diag_glm(head, *diag_inputs(head, g)),
+    "laplace full GLM": lambda head, g: laplace_full_glm(head, *diag_inputs(head, g)[:3]),
+}
+
+
+def measure_in_child(head_index: int, method: str, threads: int) -> float:
+    """Peak-RSS rise of one method's first call, in a fresh process (the inputs allocated first)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", method, "--head", str(head_index), "--threads", str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["rise_mib"]
+
+
+def memory_rows(args):
+    heads = LINEAR_HEADS + SMALL_HEADS[1:]
+    rows = []
+    for index, head in enumerate(heads):
+        cells = []
+        for method in METHODS:
+            laplace = method.startswith("laplace")
+            need = head.laplace_glm_bytes(full="full" in method)
+            if laplace and need > args.laplace_max_gib * GIB:
+                cells.append(f"needs {need / GIB:.0f} GiB")
+            else:
+                cells.append(f"{measure_in_child(index, method, args.threads[-1]):.0f}")
+        rows.append([head.name, *cells])
+    return rows
+
+
+def measure(method: str, head_index: int) -> None:
+    warnings.filterwarnings("ignore")
+    head = (LINEAR_HEADS + SMALL_HEADS[1:])[head_index]
+    fn = METHODS[method](head, torch.Generator().manual_seed(0))
+    print(json.dumps({"rise_mib": peak_rise_mib(fn)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--context-repeats", type=int, default=5)
     parser.add_argument("--draws", type=int, default=100, help="BayesDiff's weight draws per head call")
     parser.add_argument("--laplace-max-gib", type=float, default=2.0, help="run laplace-torch only below this memory")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--head", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.measure:
+        torch.set_num_threads(args.threads[-1])
+        measure(args.measure, args.head)
+        return
     generator = torch.Generator().manual_seed(0)
     warnings.filterwarnings("ignore", module="laplace")
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
+    checks: list[str] = []
 
-    diag, diag_checks = diag_rows(HEADS, args, generator)
-    factored, factored_checks = factored_rows(HEADS[:3], args, generator)
-    diag_table = markdown_table(
-        [
-            "head (3×3, padding 1)",
-            "conv2d forward (ms)",
-            "eager conv2d pair (ms)",
-            "fused mean+var (ms)",
-            "fused / forward",
-            "pair / fused",
-            f"BayesDiff {args.draws} draws (ms, × fused)",
-            f"{args.draws} draws in one conv (ms, × fused)",
-            "laplace-torch GLM",
-        ],
-        diag,
-    )
-    factored_table = markdown_table(
-        [
-            "head",
-            "R = D+1",
-            "eager conv→square→mix (ms)",
-            "eager (B,R,H,W) projection",
-            "conv_head_var_factored (ms)",
-            "eager / fused",
-        ],
-        factored,
-    )
-    load_after = os.getloadavg()[0]
-    check_lines = "\n".join(f"* {name}: {what} max relative error {err:.1e}" for name, what, err in diag_checks + factored_checks)
+    diag_candidates = {"forward": forward, "eager": eager_diag, "fused": fused_diag}
+    full_candidates = {"eager": eager_full, "fused": fused_full}
+    scaling = [f"fused {args.threads[0]}→{args.threads[-1]} threads"] if len(args.threads) > 1 else []
+    diag_header = ["head", "threads", "forward alone (ms)", "eager pair (ms)", "fused (ms)", "eager / fused (≥ 1)"]
+    diag_header += scaling
+    full_header = ["head", "threads", "eager → square → mix (ms)", "fused (ms)", "eager / fused (≥ 1)", *scaling]
+    tables = [
+        ("Conv heads, diagonal posterior (`conv_head_mean_var`; 3×3, padding 1)", diag_header,
+         target_rows(CONV_HEADS, diag_inputs, diag_candidates, args, generator, checks)),
+        ("Conv heads, full GGN (`conv_head_var_factored`, R = D+1 directions, mix = 1)", full_header,
+         target_rows(CONV_FULL_HEADS, full_inputs, full_candidates, args, generator, checks)),
+        ("Linear heads on tokens, diagonal posterior (`linear_head_mean_var`)", diag_header,
+         target_rows(LINEAR_HEADS, diag_inputs, diag_candidates, args, generator, checks)),
+        ("Linear heads on tokens, full GGN (the factored op on rows, R = D+1)", full_header,
+         target_rows(LINEAR_HEADS, full_inputs, full_candidates, args, generator, checks)),
+    ]
+    context, context_threads = context_rows(CONV_HEADS + LINEAR_HEADS + SMALL_HEADS, args, generator, checks)
+    memory = memory_rows(args)
+    load_after = load_average()
+
     body = (
-        f"`python/bench_head.py` — CPU ({platform.processor() or platform.machine()}, {args.threads} threads), "
-        f"median of {args.repeats} runs after warm-up, candidates timed in interleaved rounds; torch {torch.__version__}, bayesdiff_ext {bayesdiff_ext.__version__}, "
-        "float32. Ratios are against baselines measured in the same run. laplace-torch's GLM predictive is run "
-        f"only where its memory (jacrev's B·K×B·K basis + the B·K·P Jacobian + the B·K·K covariance, K = C·H·W, "
-        f"P = C·(D+1), float32) is below {args.laplace_max_gib:g} GiB. The machine is shared: its 1-minute load "
-        f"average was {load_before:.1f} at the start and {load_after:.1f} at the end ({os.cpu_count()} cores), so absolute "
-        "times move with it; compare the ratios, measured in interleaved rounds.\n\n"
-        "Diagonal posterior (`conv_head_mean_var`):\n\n" + diag_table + "\n\n"
-        "Full-GGN posterior (`conv_head_var_factored`, directions = columns of the Cholesky factor, mix = 1):\n\n"
-        + factored_table
+        f"`python/bench_head.py` — CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+        f"torch {torch.__version__}, bayesdiff_ext {bayesdiff_ext.__version__}, float32. Targets: median of "
+        f"{args.repeats} interleaved rounds (each round calls every candidate once at each of "
+        f"{', '.join(map(str, args.threads))} threads). Load average (1, 5, 15 min) {load_before} before and "
+        f"{load_after} after (the machine is shared: ratios within a round are fair, absolute times move "
+        "with the load).\n\n"
+    )
+    for title, header, rows in tables:
+        body += f"{title}:\n\n{markdown_table(header, rows)}\n\n"
+    body += (
+        f"Context at {context_threads} threads, median of {args.context_repeats} interleaved rounds (diagonal "
+        f"posterior): BayesDiff's estimator ({args.draws} weight draws, one head call each), the same draws in "
+        "one call, and laplace-torch's GLM predictive where its memory (jacrev's B·K×B·K basis + the B·K·P "
+        f"Jacobian + the B·K·K covariance, K = outputs per image, P = C·(D+1), float32) is below "
+        f"{args.laplace_max_gib:g} GiB:\n\n"
+        + markdown_table(
+            [
+                "head",
+                "fused (ms)",
+                f"{args.draws} draws (ms, × fused)",
+                f"{args.draws} draws in one call (ms, × fused)",
+                "laplace-torch GLM",
+            ],
+            context,
+        )
+        + f"\n\nPeak memory of the Linear heads (MiB: the rise of the resident set during a first call, each "
+        f"method in a fresh process at {args.threads[-1]} threads, inputs allocated before; φ of the Flux-like "
+        "head is 48 MiB):\n\n"
+        + markdown_table(["head", *METHODS], memory)
         + "\n\nOutputs checked in the same run:\n\n"
-        + check_lines
+        + "\n".join(checks)
     )
     print(body)
     if not args.no_write:

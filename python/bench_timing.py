@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable, Sequence
+
+import torch
 
 from bayesdiff_ext.io.atomic import atomic_write
 
@@ -21,6 +25,71 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[Hashable, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    threads: Sequence[int] | None = None,
+) -> dict:
+    """Median seconds of each function, timed in rounds: one call of each per round, and with
+    ``threads`` one call of each at every thread count per round. A change of load on a shared
+    machine then falls on every candidate alike, so ratios within a round stay fair.
+
+    Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
+    """
+    counts = list(threads) if threads is not None else [None]
+    keys = [(n, name) for n in counts for name in fns]
+    for n, name in keys:
+        if n is not None:
+            torch.set_num_threads(n)
+        for _ in range(warmup):
+            fns[name]()
+    times = {key: [] for key in keys}
+    for _ in range(repeats):
+        for n, name in keys:
+            if n is not None:
+                torch.set_num_threads(n)
+            start = time.perf_counter()
+            fns[name]()
+            times[(n, name)].append(time.perf_counter() - start)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    return medians if threads is not None else {name: medians[(None, name)] for name in fns}
+
+
+def resident_mib() -> float:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rise_mib(fn: Callable[[], object]) -> float:
+    """The peak rise of the resident set over its level before ``fn()``, sampled every 0.2 ms
+    while ``fn`` runs once. Meaningful for a first call in a fresh process (later calls reuse
+    memory the allocator keeps), so the scripts measure it in a child process per method."""
+    baseline = peak = resident_mib()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, resident_mib())
+            time.sleep(2e-4)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak, resident_mib()) - baseline
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as a table caption wants them."""
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -29,7 +98,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the `## name` section of a markdown file, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured numbers; each section is written by its script.\n"
+    header = "# Benchmarks\n\nMeasured numbers; each section is written by its script.\n"
+    text = path.read_text() if path.exists() else header
     heading = f"## {name}"
     section = f"{heading}\n\n{body.strip()}\n"
     start = text.find(heading + "\n")

@@ -17,6 +17,9 @@ OPS = [
     "conv_diag_ggn",
     "conv_diag_ef",
     "conv_patch_gram",
+    "linear_diag_ggn",
+    "linear_diag_ef",
+    "linear_gram",
 ]
 
 

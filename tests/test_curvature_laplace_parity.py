@@ -1,8 +1,9 @@
-"""The curvature accumulators against laplace-torch 0.3's fitted curvature of a Conv2d head.
+"""The curvature accumulators against laplace-torch 0.3's fitted curvature of a Conv2d head and of
+a Linear head on tokens.
 
-The head is the whole model, ``Sequential(conv, Flatten)`` on precomputed features (laplace-torch's
-last-layer mode takes only Linear heads), likelihood='regression', fitted from a DataLoader with
-uneven batches. Conventions pinned here (and in curvature_layout's docstring): GGN diagonal ×1,
+The head is the whole model, ``Sequential(conv or Linear, Flatten)`` on precomputed features
+(laplace-torch's last-layer mode takes only Linear heads on flat features), likelihood='regression',
+fitted from a DataLoader with uneven batches. Conventions pinned here (and in curvature_layout's docstring): GGN diagonal ×1,
 EF diagonal ×2, full GGN = I_C ⊗ A_aug in laplace's [vec(W); b] order, KFAC factors as
 ``laplace_kron_factors`` states them, bias a separate Kronecker block.
 """
@@ -147,3 +148,48 @@ def test_layout_round_trip():
     assert weight.shape == (3, 2, 2, 1) and bias.tolist() == [12, 13, 14]
     with pytest.raises(ValueError, match="`flat` must have shape"):
         layout.split_flat(flat[1:], (out_channels, 2, 2, 1))
+
+
+class LinearProblem:
+    """A random Linear head on tokens (N, T, D), as laplace-torch sees it: Sequential(Linear,
+    Flatten) with targets (N, T·C), so one sample is one image and all of its tokens."""
+
+    def __init__(self, tokens=4, features=3, outputs=2):
+        self.linear = nn.Linear(features, outputs).double()
+        self.phi = torch.randn(N_IMAGES, tokens, features, dtype=torch.float64)
+        with torch.no_grad():
+            out = self.linear(self.phi)
+        self.targets = torch.randn(out.flatten(1).shape, dtype=torch.float64)
+        self.residual = out - self.targets.view(out.shape)
+        self.outputs = outputs
+
+    def fitted(self, laplace_class, backend):
+        model = nn.Sequential(copy.deepcopy(self.linear), nn.Flatten())
+        loader = DataLoader(TensorDataset(self.phi, self.targets), batch_size=BATCH_SIZE)
+        la = laplace_class(model, "regression", backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la.fit(loader)
+        return la
+
+
+@pytest.mark.parametrize("backend", [BackPackGGN, CurvlinopsGGN])
+def test_linear_diag_ggn_is_laplace_diag_H(backend):
+    problem = LinearProblem()
+    la = problem.fitted(DiagLaplace, backend)
+    rows = problem.phi.shape[0] * problem.phi.shape[1]
+    _assert_close(la.H, layout.diag_ggn_flat(ops.linear_diag_ggn(problem.phi), rows, problem.outputs))
+
+
+@pytest.mark.parametrize("backend", [BackPackEF, CurvlinopsEF])
+def test_linear_diag_ef_is_half_of_laplace_diag_H(backend):
+    problem = LinearProblem()
+    la = problem.fitted(DiagLaplace, backend)
+    weight_part, bias_part = ops.linear_diag_ef(problem.phi, problem.residual, with_bias=True)
+    _assert_close(la.H, 2 * layout.join_flat(weight_part, bias_part))
+
+
+def test_linear_gram_gives_laplace_full_H():
+    problem = LinearProblem()
+    la = problem.fitted(FullLaplace, CurvlinopsGGN)
+    _assert_close(la.H, layout.full_ggn_from_gram(ops.linear_gram(problem.phi), problem.outputs))

@@ -107,6 +107,17 @@ def test_cpu_chunks_cover_large_inputs():
     _check_all(torch.ops.bayesdiff_ext, phi, residual, geometry, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_gram_blocks(dtype):
+    """The CPU forms Grams in blocks of 512 columns on and above the diagonal and mirrors them:
+    D + 1 = 1126 gives three blocks with a tail; the result is exactly symmetric."""
+    case = (2, 125, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 2)
+    phi, _, geometry = _inputs(case, dtype, "cpu")
+    gram = torch.ops.bayesdiff_ext.conv_patch_gram(phi, *geometry)
+    _assert_close(gram, reference.conv_patch_gram(phi, *geometry), dtype)
+    assert torch.equal(gram, gram.t())
+
+
 def test_empty_batch(backend):
     phi = torch.empty(0, 3, 5, 5, device=backend.device)
     residual = torch.empty(0, 2, 5, 5, device=backend.device)

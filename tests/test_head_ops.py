@@ -131,6 +131,9 @@ FACTORED_CASES = {
     "full-rank-D+1": Factored(Conv(2, 3, 4, 9, 7, (3, 3), padding=(1, 1)), rank=28),
     "stride2-dilation2-pad0": Factored(Conv(1, 4, 3, 17, 13, (3, 3), stride=(2, 2), dilation=(2, 2)), rank=9),
     "1x1-many-channels": Factored(Conv(2, 5, 9, 5, 37, (1, 1)), rank=6),
+    # A Linear head on rows (B, D, 1, 1), as posterior/head_ops.py calls it: the CPU's row tiles.
+    "rows-of-features": Factored(Conv(37, 9, 5, 1, 1, (1, 1)), rank=20),
+    "rows-of-features-no-biases": Factored(Conv(3, 4, 2, 1, 1, (1, 1), with_bias=False), rank=5, with_proj_bias=False),
 }
 
 
@@ -185,6 +188,15 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
     _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), torch.float64)
 
 
+def test_conv_head_var_factored_cpu_row_tiles():
+    """Rows (B, D, 1, 1) with (R + D)·4 B·B over the CPU's 32 MiB tile: two tiles of rows."""
+    case = Factored(Conv(1100, 4, 3, 1, 1, (1, 1)), rank=8000)
+    args = _factored_inputs(case, torch.float32, "cpu")
+    var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args, *case.conv.geometry)
+    bound = _factored_bound(*args, case.conv.geometry)
+    _assert_within(var, reference.conv_head_var_factored(*args, *case.conv.geometry), bound, torch.float32)
+
+
 def test_factored_with_unit_directions_is_the_diagonal_op(backend):
     """A diagonal posterior written in factored form (q_r = unit vectors, mix = V_w) gives the
     diagonal op's variance: the two kernels agree with each other, not only with the reference."""
@@ -204,6 +216,8 @@ LINEAR_SHAPES = {
     "leading-dims": ((2, 3, 70), 9),
     "one-row-one-output": ((1, 16), 1),
     "vector": ((21,), 4),
+    # From 16 outputs the CPU kernel runs two GEMMs on tiles of rows.
+    "wide-head": ((2, 3, 70), 24),
 }
 
 
@@ -224,6 +238,25 @@ def test_linear_head_mean_var_matches_reference(backend, shape, channels, dtype,
         assert out.shape == (*shape[:-1], channels) and out.dtype == ops.result_dtype(dtype) and out.is_contiguous()
         _assert_within(out, ref, bound, dtype)
     assert (var >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_head_mean_var_cpu_tiles(dtype):
+    """The CPU's wide-head path works through tiles of about 512 KiB of φ rows: several tiles, a
+    short last one, and (at 2 threads) tiles split between threads."""
+    phi = _rand((70, 2100), dtype, "cpu")
+    weight = _rand((17, 2100), dtype, "cpu", scale=0.5)
+    weight_var = _rand((17, 2100), dtype, "cpu", positive=True, scale=0.1)
+    args = (phi, weight, _rand((17,), dtype, "cpu"), weight_var, _rand((17,), dtype, "cpu", positive=True))
+    bounds = reference.linear_head_mean_var(*[t.double().abs() for t in args])
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for o, r, b in zip(torch.ops.bayesdiff_ext.linear_head_mean_var(*args), reference.linear_head_mean_var(*args), bounds):
+                _assert_within(o, r, b, dtype)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_linear_head_mean_var_non_contiguous(backend):
@@ -323,6 +356,36 @@ def test_mixed_devices_are_named():
         torch.ops.bayesdiff_ext.conv_head_var_factored(
             phi, weight, None, torch.empty(2, 3, device="meta"), None, [1, 1], [1, 1], [1, 1]
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_negative_variances_give_clamped_outputs(backend, dtype):
+    """Negative weight_var, bias_var or mix are not checked on the hot path (a host sync per call);
+    every head op clamps the variance it returns at 0, and the float64 reference states that rule."""
+    case = CONV_CASES["many-channels-wide-rows"]
+    phi, weight, bias, weight_var, bias_var = _conv_inputs(case, dtype, backend.device)
+    weight_var, bias_var = weight_var - 0.05, bias_var - 2.0  # mostly negative sums
+    _, var = backend.ops.conv_head_mean_var(phi, weight, bias, weight_var, bias_var, *case.geometry, 1)
+    _, ref = reference.conv_head_mean_var(phi, weight, bias, weight_var, bias_var, *case.geometry, 1)
+    assert (ref == 0).float().mean() > 0.2 and (var >= 0).all()
+    torch.testing.assert_close(var.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+    tokens = _rand((5, 40), dtype, backend.device)
+    for channels in (3, 20):  # the CPU's register kernel and its BLAS tiles
+        w, wv = _rand((channels, 40), dtype, backend.device), _rand((channels, 40), dtype, backend.device)
+        bv = _rand((channels,), dtype, backend.device)
+        _, var = backend.ops.linear_head_mean_var(tokens, w, None, wv, bv)
+        _, ref = reference.linear_head_mean_var(tokens, w, None, wv, bv)
+        assert (ref == 0).any() and (var >= 0).all()
+        torch.testing.assert_close(var.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+    fcase = FACTORED_CASES["batch1-rank1"]
+    phi, proj_weight, proj_bias, mix, fbias_var = _factored_inputs(fcase, dtype, backend.device)
+    args = (phi, proj_weight, proj_bias, -mix, fbias_var)
+    var = backend.ops.conv_head_var_factored(*args, *fcase.conv.geometry)
+    ref = reference.conv_head_var_factored(*args, *fcase.conv.geometry)
+    assert (ref == 0).any() and (var >= 0).all()
+    torch.testing.assert_close(var.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_wrappers_take_ints_or_pairs_and_check_values():

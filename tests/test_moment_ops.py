@@ -234,10 +234,11 @@ def test_torch_compile_fullgraph():
 
 
 def test_cpu_kernels_agree_across_threads():
-    """The suite runs single-threaded; the parallel_for chunking (grain 4096) needs its own check."""
-    args = _mc_inputs(6, (3, 5, 41, 43), torch.float32, "cpu")
+    """The suite runs single-threaded; the parallel_for chunking needs its own check (large enough
+    for both ops to split, and of odd size so that one thread's range ends in a tail)."""
+    args = _mc_inputs(6, (3, 5, 81, 83), torch.float32, "cpu")
     single = torch.ops.bayesdiff_ext.mc_moments(*args)
-    step_args = _moment_inputs((3, 5, 41, 43), torch.float32, "cpu")
+    step_args = _moment_inputs((3, 5, 81, 83), torch.float32, "cpu")
     single_step = torch.ops.bayesdiff_ext.moment_step(*step_args, 0.9, 0.3, 0.01, True)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -248,3 +249,30 @@ def test_cpu_kernels_agree_across_threads():
             torch.testing.assert_close(o, r, rtol=0, atol=0)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa_compilation_matches_reference(isa, dtype, monkeypatch):
+    """The CPU kernels are compiled per ISA (vector width, 16-bit conversions) and the best one the
+    CPU supports runs; BAYESDIFF_CPU_ISA selects a lower one, so that each compilation is checked
+    (sizes with vector blocks and a tail)."""
+    monkeypatch.setenv("BAYESDIFF_CPU_ISA", isa)
+    shape = (3, 7, 37)
+    for with_var in (True, False):
+        args = _mc_inputs(5, shape, dtype, "cpu", with_var=with_var)
+        for o, r in zip(torch.ops.bayesdiff_ext.mc_moments(*args), reference.mc_moments(*args)):
+            _assert_close(o, r, dtype, scale=8)
+        step_args = _moment_inputs(shape, dtype, "cpu", with_optional=with_var)
+        out = torch.ops.bayesdiff_ext.moment_step(*step_args, 1.0213, -0.3377, 0.0125, True)
+        for o, r in zip(out, reference.moment_step(*step_args, 1.0213, -0.3377, 0.0125, True)):
+            _assert_close(o, r, dtype, scale=4)
+
+
+def test_half_conversion_keeps_subnormals_infinities_and_nan():
+    """The vector float16 load (F16C) against torch's own conversion on every special class."""
+    special = torch.tensor([6e-8, -6e-8, 1e-5, 65504.0, -65504.0, float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    values = special.repeat(7).half()  # 70 elements: vector blocks and a tail
+    zeros = torch.zeros_like(values)
+    mean_next, _ = torch.ops.bayesdiff_ext.moment_step(values, zeros, zeros, None, None, 1.0, 0.0, 0.0, True)
+    torch.testing.assert_close(mean_next, values.float(), rtol=0, atol=0, equal_nan=True)

@@ -2,7 +2,7 @@
 
 Conv heads call the conv ops with the head's own geometry. A Linear head on φ (..., D) is a 1×1
 conv on rows: the factored-variance op runs on φ viewed as (rows, D, 1, 1); its curvature sums are
-plain matrix products (there is no patch extraction to fuse).
+the Linear accumulators (float64, no float64 copy of φ, no per-token Jacobians).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def diag_ggn(spec: HeadSpec, phi: torch.Tensor) -> torch.Tensor:
     Shape ``spec.eps_weight_shape``.
     """
     if not spec.is_conv:
-        return phi.reshape(-1, spec.in_channels).to(torch.float64).square().sum(0).expand(spec.eps_weight_shape)
+        return ops.linear_diag_ggn(phi).expand(spec.eps_weight_shape)
     per_tap = ops.conv_diag_ggn(phi, list(spec.kernel_size), **spec.geometry)  # (C_in, kh, kw)
     per_group = per_tap.reshape(spec.groups, -1, *spec.kernel_size)
     channels_per_group = spec.eps_channels // spec.groups
@@ -89,15 +89,10 @@ def diag_ef(spec: HeadSpec, phi: torch.Tensor, residual: torch.Tensor) -> tuple[
     index of φ (an image; for a Linear head on tokens, all its tokens together).
     """
     n = phi.shape[0]
-    if spec.is_conv:
-        bias_grad = residual.reshape(n, spec.eps_channels, -1).sum(-1)
-    else:
-        bias_grad = residual.reshape(n, -1, spec.eps_channels).sum(1)
-    bias_ef = bias_grad.to(torch.float64).square().sum(0)
     if not spec.is_conv:
-        rows_phi = phi.reshape(n, -1, spec.in_channels).to(torch.float64)
-        rows_res = residual.reshape(n, -1, spec.eps_channels).to(torch.float64)
-        return torch.einsum("ntc,ntd->ncd", rows_res, rows_phi).square().sum(0), bias_ef
+        tokens = phi.reshape(n, -1, spec.in_channels)
+        return ops.linear_diag_ef(tokens, residual.reshape(n, -1, spec.eps_channels), with_bias=True)
+    bias_ef = residual.reshape(n, spec.eps_channels, -1).sum(-1).to(torch.float64).square().sum(0)
     if spec.groups == 1:
         return ops.conv_diag_ef(phi, residual, list(spec.kernel_size), **spec.geometry), bias_ef
     in_per_group, out_per_group = spec.in_channels // spec.groups, spec.eps_channels // spec.groups
@@ -117,6 +112,4 @@ def patch_gram(spec: HeadSpec, phi: torch.Tensor) -> torch.Tensor:
     """A_aug = Σ_{n,p} [φ_p; 1][φ_p; 1]ᵀ, (D+1)×(D+1), bias last (docs/MATH.md §1.1)."""
     if spec.is_conv:
         return ops.conv_patch_gram(phi, list(spec.kernel_size), **spec.geometry)
-    rows = phi.reshape(-1, spec.in_channels).to(torch.float64)
-    augmented = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return augmented.T @ augmented
+    return ops.linear_gram(phi)

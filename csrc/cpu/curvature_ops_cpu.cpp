@@ -1,5 +1,5 @@
 // CPU implementation of the curvature accumulators (docs/MATH.md §1.2). The diagonal GGN reduces the
-// batch per input pixel first (kernels/curvature_math.h). The EF and the patch Gram unfold a chunk
+// batch per input pixel first (cpu/square_sums.h). The EF and the patch Gram unfold a chunk
 // of output positions at a time (the index math of curvature_math.h) and hand it to BLAS, so their
 // extra memory is one chunk, never the unfold of the whole batch.
 #include <ATen/Parallel.h>
@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/gram.h"
+#include "cpu/square_sums.h"
 #include "glue/curvature_args.h"
 #include "glue/dtype_dispatch.h"
 #include "kernels/curvature_math.h"
@@ -70,10 +72,13 @@ void compute_conv_diag_ggn(const glue::CurvatureArgs& args) {
     using Acc = acc_t<T>;
     const T* x = reinterpret_cast<const T*>(args.phi.const_data_ptr());
     Acc* out = args.out.data_ptr<Acc>();
+    const Isa isa = cpu_isa();
     at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
       std::vector<Acc> square_sum(g.plane());
       for (int64_t c = begin; c < end; ++c) {
-        for (int64_t hw = 0; hw < g.plane(); ++hw) square_sum[hw] = batch_square_sum<Acc>(x, g, c * g.plane() + hw);
+        // Σ_n φ[n, c]² per input pixel: the batch is reduced first, then each tap sums its pixels.
+        std::fill(square_sum.begin(), square_sum.end(), Acc(0));
+        AddSquareSums::run(isa, x + c * g.plane(), g.batch, g.channels * g.plane(), g.plane(), square_sum.data());
         for (int64_t i = 0; i < g.kernel_h; ++i) {
           for (int64_t j = 0; j < g.kernel_w; ++j) {
             Acc sum = Acc(0);
@@ -138,8 +143,9 @@ void compute_conv_patch_gram(const glue::CurvatureArgs& args) {
       const int64_t count = std::min(chunk, total - q0);
       unfold_positions<Acc>(x, g, q0, count, augmented, columns.data_ptr<Acc>());
       const at::Tensor patches = columns.view(-1).narrow(0, 0, augmented * count).view({augmented, count});
-      args.out.addmm_(patches, patches.t());
+      add_upper_gram(args.out, patches.t());
     }
+    mirror_upper<Acc>(args.out);
   });
 }
 

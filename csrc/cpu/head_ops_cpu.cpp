@@ -1,6 +1,6 @@
-// CPU implementation of the head ops (docs/MATH.md §1.1): the per-element math of kernels/head_math.h in
-// register-blocked loops, compiled for AVX-512, AVX2 and the baseline ISA and picked at run time
-// (the wheel must run anywhere; the head is compute-bound, so the vector width matters).
+// CPU implementation of the head ops (docs/MATH.md §1.1): the per-element math of
+// kernels/head_math.h in register-blocked loops of explicit vectors (cpu/simd.h), compiled per ISA
+// and picked at run time (the head is compute-bound, so the vector width matters).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -8,105 +8,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
 #include "glue/head_args.h"
 #include "glue/tensor_checks.h"
 #include "kernels/head_math.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BDX_X86_DISPATCH 1
-// `flatten` inlines the whole body into the wrapper, so all of it is compiled for that ISA.
-#define BDX_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"), flatten))
-#define BDX_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
-#endif
-
 namespace bdx::cpu {
 namespace {
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa hardware_isa() {
-#if defined(BDX_X86_DISPATCH)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBaseline;
-}
-
-// BAYESDIFF_CPU_ISA=avx2|baseline selects a lower compilation, so that the tests can run every
-// compilation of the kernels on one machine. Read at every call (once per op, not per row).
-Isa cpu_isa() {
-  static const Isa hardware = hardware_isa();
-  const char* forced = std::getenv("BAYESDIFF_CPU_ISA");
-  if (forced == nullptr || *forced == '\0') return hardware;
-  const std::string name(forced);
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
-              "BAYESDIFF_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
-  const Isa wanted = name == "baseline" ? Isa::kBaseline : (name == "avx2" ? Isa::kAvx2 : Isa::kAvx512);
-  return std::min(wanted, hardware);
-}
-
-// Inside a struct: static `run(isa, args...)` calls `body<kVectorBytes>(args...)` compiled for `isa`,
-// with that ISA's register width (wider vectors than the registers spill).
-#if defined(BDX_X86_DISPATCH)
-#define BDX_ISA_VARIANTS(body)                                                     \
-  template <typename... A>                                                         \
-  static BDX_TARGET_AVX512 void run_avx512(A... a) { body<64>(a...); }             \
-  template <typename... A>                                                         \
-  static BDX_TARGET_AVX2 void run_avx2(A... a) { body<32>(a...); }                 \
-  template <typename... A>                                                         \
-  static void run_baseline(A... a) { body<16>(a...); }                             \
-  template <typename... A>                                                         \
-  static void run(Isa isa, A... a) {                                               \
-    switch (isa) {                                                                 \
-      case Isa::kAvx512: return run_avx512(a...);                                  \
-      case Isa::kAvx2: return run_avx2(a...);                                      \
-      default: return run_baseline(a...);                                          \
-    }                                                                              \
-  }
-#else
-#define BDX_ISA_VARIANTS(body) \
-  template <typename... A>     \
-  static void run(Isa, A... a) { body<16>(a...); }
-#endif
-constexpr int kWidestVectorBytes = 64;
-
-// A SIMD vector of kBytes (GCC/Clang vector extension) and its lane count.
-template <typename Acc, int kBytes>
-struct simd {
-  typedef Acc type __attribute__((vector_size(kBytes)));
-};
-template <typename Acc, int kBytes>
-using Simd = typename simd<Acc, kBytes>::type;
-template <typename Acc, int kBytes>
-constexpr int kLanes = kBytes / sizeof(Acc);
 constexpr int kMaxChannels = 4;
-
-template <int kBytes, typename Acc>
-Simd<Acc, kBytes> broadcast(Acc value) {
-  return Simd<Acc, kBytes>{} + value;
-}
-
-template <int kBytes, bool kUnitStride, typename Acc>
-Simd<Acc, kBytes> load_lanes(const Acc* src, int64_t stride) {
-  Simd<Acc, kBytes> v;
-  if (kUnitStride) {
-    __builtin_memcpy(&v, src, sizeof v);
-  } else {
-    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = src[l * stride];
-  }
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------------
 // conv_head_mean_var: a tile of one vector of output pixels at a time, with the mean and variance
@@ -184,9 +98,10 @@ void diag_tile(const DiagConvJob<T>& job, const acc_t<T>* packed, int64_t kh_beg
   for (int k = 0; k < kChannels; ++k) {
     Acc* mean_out = job.mean + out_offset + k * plane + ow0;
     Acc* var_out = job.var + out_offset + k * plane + ow0;
+    const V clamped = clamp_variance(var[k]);
     for (int64_t t = 0; t < count; ++t) {
       mean_out[t] = mean[k][t];
-      var_out[t] = var[k][t];
+      var_out[t] = clamped[t];
     }
   }
 }
@@ -291,18 +206,6 @@ struct LinearJob {
   Acc* var;
 };
 
-template <int kBytes, typename T>
-Simd<acc_t<T>, kBytes> load_converted(const T* src) {
-  using Acc = acc_t<T>;
-  if constexpr (std::is_same_v<T, Acc>) {
-    return load_lanes<kBytes, true>(src, 1);
-  } else {
-    Simd<Acc, kBytes> v;
-    for (int l = 0; l < kLanes<Acc, kBytes>; ++l) v[l] = load<Acc>(src, l);
-    return v;
-  }
-}
-
 template <int kBytes, typename T, int kChannels>
 void linear_channels(const LinearJob<T>& job, const T* x_row, int64_t c0, acc_t<T>* mean_row, acc_t<T>* var_row) {
   using Acc = acc_t<T>;
@@ -335,7 +238,7 @@ void linear_channels(const LinearJob<T>& job, const T* x_row, int64_t c0, acc_t<
       accumulate_mean_var(x, x * x, w[k * n + j], wv[k * n + j], m, v);
     }
     mean_row[c0 + k] = m;
-    var_row[c0 + k] = v;
+    var_row[c0 + k] = clamp_variance(v);
   }
 }
 
@@ -359,9 +262,82 @@ struct LinearRow {
   BDX_ISA_VARIANTS(linear_row)
 };
 
+// Wide heads (transformers: C = 32..64 outputs of D = 1k..3k features) are two GEMMs, mean = φ·Wᵀ + b
+// and var = φ²·Vᵀ + v, left to BLAS on tiles of rows: a tile of φ (and its square, formed here) stays
+// in the L2 cache between the two products, so φ is read from memory once and φ² never exists
+// whole. Narrow heads (a few outputs) are bound by reading φ; the register kernel above reads it
+// once for every kMaxChannels outputs and beats BLAS there.
+constexpr int64_t kLinearBlasMinOutputs = 16;
+constexpr int64_t kLinearTileBytes = int64_t(512) << 10;
+
+// φ rows converted to Acc (`converted`, skipped when null because φ already is Acc) and squared.
+template <int kBytes, typename T>
+void convert_and_square(const T* src, int64_t n, acc_t<T>* converted, acc_t<T>* squared) {
+  using Acc = acc_t<T>;
+  constexpr int kL = kLanes<Acc, kBytes>;
+  int64_t i = 0;
+  for (; i + kL <= n; i += kL) {
+    const auto x = load_converted<kBytes>(src + i);
+    if (converted) store_lanes<kBytes>(converted + i, x);
+    store_lanes<kBytes>(squared + i, x * x);
+  }
+  for (; i < n; ++i) {
+    const Acc x = load<Acc>(src, i);
+    if (converted) converted[i] = x;
+    squared[i] = x * x;
+  }
+}
+
+struct ConvertAndSquare {
+  BDX_ISA_VARIANTS(convert_and_square)
+};
+
+template <typename T>
+void linear_head_blas(const glue::LinearHeadMeanVarArgs& args) {
+  using Acc = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, Acc>;
+  const int64_t features = args.features;
+  const int64_t tile_rows =
+      std::clamp<int64_t>(kLinearTileBytes / std::max<int64_t>(1, features * int64_t(sizeof(Acc))), 1, args.rows);
+  const int64_t tiles = (args.rows + tile_rows - 1) / tile_rows;
+  const auto phi = args.phi.view({args.rows, features});
+  const auto mean = args.mean.view({args.rows, args.out_features});
+  const auto var = args.var.view({args.rows, args.out_features});
+  const auto weight_t = args.weight.t();
+  const auto weight_var_t = args.weight_var.t();
+  const Isa isa = cpu_isa();
+  // Each thread owns a contiguous run of tiles; BLAS runs single-threaded inside the region.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const auto options = args.mean.options();
+    at::Tensor squared = at::empty({tile_rows, features}, options);
+    at::Tensor converted = kConvert ? at::empty({tile_rows, features}, options) : at::Tensor();
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * tile_rows;
+      const int64_t n = std::min(tile_rows, args.rows - r0);
+      ConvertAndSquare::run(isa, glue::data_or_null<T>(args.phi) + r0 * features, n * features,
+                            kConvert ? converted.data_ptr<Acc>() : nullptr, squared.data_ptr<Acc>());
+      const auto x = kConvert ? converted.narrow(0, 0, n) : phi.narrow(0, r0, n);
+      auto mean_rows = mean.narrow(0, r0, n);
+      auto var_rows = var.narrow(0, r0, n);
+      if (args.bias.defined()) {
+        at::addmm_out(mean_rows, args.bias, x, weight_t);
+      } else {
+        at::mm_out(mean_rows, x, weight_t);
+      }
+      if (args.bias_var.defined()) {
+        at::addmm_out(var_rows, args.bias_var, squared.narrow(0, 0, n), weight_var_t);
+      } else {
+        at::mm_out(var_rows, squared.narrow(0, 0, n), weight_var_t);
+      }
+      var_rows.clamp_min_(0);  // clamp_variance's rule (kernels/variance.h); NaN stays NaN
+    }
+  });
+}
+
 void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "linear_head_mean_var", [&] {
     using Acc = acc_t<T>;
+    if (args.out_features >= kLinearBlasMinOutputs) return linear_head_blas<T>(args);
     const LinearJob<T> job{glue::data_or_null<T>(args.phi),
                            args.weight.const_data_ptr<Acc>(),
                            args.weight_var.const_data_ptr<Acc>(),
@@ -437,13 +413,58 @@ void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels
         for (int64_t p = begin; p < end; ++p) out_c[p] = accumulate_squared_projection(out_c[p], m, proj[p]);
       }
     }
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t p = begin; p < end; ++p) out[c * plane + p] = clamp_variance(out[c * plane + p]);
+    }
   });
+}
+
+// A Linear head reaches this op as a 1×1 convolution of rows (B, D, 1, 1) (posterior/head_ops.py):
+// one pixel per "image", so tiles run across images, and both steps are GEMMs on a tile of rows,
+// projection (n × R) = φ·Qᵀ + β, then var (n × C) = (projection²)·Mᵀ + v, written in place.
+bool is_rows_of_features(const ConvGeometry& g) {
+  return g.in_h == 1 && g.in_w == 1 && g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+}
+
+template <typename T>
+void factored_rows(const glue::ConvHeadVarFactoredArgs& args) {
+  using Acc = acc_t<T>;
+  const ConvGeometry& g = args.geometry;
+  const int64_t rank = g.out_channels;
+  const int64_t features = g.in_channels;
+  const int64_t bytes_per_row = (rank + features) * static_cast<int64_t>(sizeof(Acc));
+  const int64_t tile_rows = std::clamp<int64_t>(kFactoredTileBytes / std::max<int64_t>(1, bytes_per_row), 1,
+                                                std::max<int64_t>(1, g.batch));
+  const auto phi = args.phi.view({g.batch, features});
+  const auto var = args.var.view({g.batch, args.channels});
+  const auto directions_t = args.proj_weight.view({rank, features}).t();
+  const auto mix_t = args.mix.t();
+  at::Tensor projection = at::empty({tile_rows, rank}, args.var.options());
+  for (int64_t r0 = 0; r0 < g.batch; r0 += tile_rows) {
+    const int64_t n = std::min(tile_rows, g.batch - r0);
+    const auto x = phi.narrow(0, r0, n).to(args.var.scalar_type());
+    auto p = projection.narrow(0, 0, n);
+    if (args.proj_bias.defined()) {
+      at::addmm_out(p, args.proj_bias, x, directions_t);
+    } else {
+      at::mm_out(p, x, directions_t);
+    }
+    p.mul_(p);
+    auto out = var.narrow(0, r0, n);
+    if (args.bias_var.defined()) {
+      at::addmm_out(out, args.bias_var, p, mix_t);
+    } else {
+      at::mm_out(out, p, mix_t);
+    }
+    out.clamp_min_(0);  // clamp_variance's rule (kernels/variance.h); NaN stays NaN
+  }
 }
 
 void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
   BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
     using Acc = acc_t<T>;
     const ConvGeometry& g = args.geometry;
+    if (is_rows_of_features(g)) return factored_rows<T>(args);
     const int64_t rank = g.out_channels;
     const int64_t taps = g.taps_per_channel();
     const auto directions = args.proj_weight.view({rank, taps});

@@ -2,6 +2,7 @@
 // Patch entries are read from φ on the fly (kernels/curvature_math.h): nothing is unfolded.
 #include "cuda/curvature_kernels.h"
 #include "cuda/launch_config.h"
+#include "cuda/linear_curvature_kernels.h"
 
 namespace bdx::cuda {
 namespace {
@@ -79,11 +80,11 @@ __global__ void tap_sum_kernel(const Acc* __restrict__ square_sum, PatchGeometry
 // Gram of the augmented patches: a block owns a kTile×kTile tile (row tile ≤ column tile, the
 // lower triangle is mirrored on write) over one slice of batch positions, and adds its partial
 // sums atomically. Each step stages kTile positions' entries of both tiles in shared memory.
-template <typename T>
+// Acc is acc_t<T> for conv heads and double for Linear heads (linear_curvature_math.h).
+template <typename T, typename Acc>
 __global__ void __launch_bounds__(kGramThreads * kGramThreads)
     patch_gram_kernel(const T* __restrict__ phi, PatchGeometry g, int64_t tiles, int64_t positions_per_split,
-                      acc_t<T>* __restrict__ gram) {
-  using Acc = acc_t<T>;
+                      Acc* __restrict__ gram) {
   // [position][entry]; the +1 column keeps the per-position stores free of bank conflicts.
   __shared__ Acc row_tile[kTile][kTile + 1];
   __shared__ Acc col_tile[kTile][kTile + 1];
@@ -233,8 +234,10 @@ cudaError_t launch_conv_diag_ef(const T* phi, const T* residual, const PatchGeom
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_conv_patch_gram(const T* phi, const PatchGeometry& g, acc_t<T>* gram, cudaStream_t stream) {
+namespace {
+
+template <typename T, typename Acc>
+cudaError_t launch_patch_gram(const T* phi, const PatchGeometry& g, Acc* gram, cudaStream_t stream) {
   const int64_t total = g.batch * g.positions();
   if (total == 0) return cudaSuccess;
   const int64_t tiles = ceil_div(g.patch_size() + 1, kTile);
@@ -249,9 +252,28 @@ cudaError_t launch_conv_patch_gram(const T* phi, const PatchGeometry& g, acc_t<T
   const int64_t split_blocks = ceil_div(total, positions_per_split);
   const int64_t room = kMaxBlocks / grid_x;
   const dim3 grid(grid_x, capped_blocks(split_blocks < room ? split_blocks : room));
-  BDX_LAUNCH(patch_gram_kernel<T>, grid, dim3(kGramThreads, kGramThreads), stream, phi, g, tiles,
-             positions_per_split, gram);
+  const auto kernel = patch_gram_kernel<T, Acc>;  // a name without a comma, for the launch macro
+  BDX_LAUNCH(kernel, grid, dim3(kGramThreads, kGramThreads), stream, phi, g, tiles, positions_per_split, gram);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_conv_patch_gram(const T* phi, const PatchGeometry& g, acc_t<T>* gram, cudaStream_t stream) {
+  return launch_patch_gram(phi, g, gram, stream);
+}
+
+// Rows (R, D) are the NCHW layout of R images of D channels at 1×1, seen by a 1×1 kernel.
+template <typename T>
+cudaError_t launch_linear_gram(const T* phi, const TokenGeometry& rows, double* gram, cudaStream_t stream) {
+  PatchGeometry g{};
+  g.batch = rows.rows();
+  g.channels = rows.features;
+  g.height = g.width = g.kernel_h = g.kernel_w = 1;
+  g.stride_h = g.stride_w = g.dilation_h = g.dilation_w = 1;
+  g.out_h = g.out_w = 1;
+  return launch_patch_gram(phi, g, gram, stream);
 }
 
 #define BDX_INSTANTIATE(T)                                                                                     \
@@ -259,7 +281,8 @@ cudaError_t launch_conv_patch_gram(const T* phi, const PatchGeometry& g, acc_t<T
                                                cudaStream_t);                                                  \
   template cudaError_t launch_conv_diag_ef<T>(const T*, const T*, const PatchGeometry&, int64_t, acc_t<T>*,    \
                                               cudaStream_t);                                                   \
-  template cudaError_t launch_conv_patch_gram<T>(const T*, const PatchGeometry&, acc_t<T>*, cudaStream_t);
+  template cudaError_t launch_conv_patch_gram<T>(const T*, const PatchGeometry&, acc_t<T>*, cudaStream_t);       \
+  template cudaError_t launch_linear_gram<T>(const T*, const TokenGeometry&, double*, cudaStream_t);
 BDX_INSTANTIATE(float)
 BDX_INSTANTIATE(double)
 BDX_INSTANTIATE(half_t)

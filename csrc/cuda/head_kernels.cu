@@ -77,7 +77,7 @@ __global__ void conv_head_mean_var_kernel(const T* __restrict__ phi, const acc_t
     for (int k = 0; k < kChannelChunk; ++k) {
       if (k < count) {
         mean[out + k * pixels] = m[k];
-        var[out + k * pixels] = v[k];
+        var[out + k * pixels] = clamp_variance(v[k]);
       }
     }
   }
@@ -132,7 +132,7 @@ __global__ void linear_head_mean_var_kernel(const T* __restrict__ phi, const acc
       for (int k = 0; k < kChannelChunk; ++k) {
         if (k < count) {
           mean[row * out_features + c0 + k] = m[k] + optional_value(bias, c0 + k);
-          var[row * out_features + c0 + k] = v[k] + optional_value(bias_var, c0 + k);
+          var[row * out_features + c0 + k] = clamp_variance(v[k] + optional_value(bias_var, c0 + k));
         }
       }
     }
@@ -193,6 +193,7 @@ __global__ void conv_head_var_factored_kernel(const T* __restrict__ phi, const a
         out[c * pixels] = acc;
       }
     }
+    for (int64_t c = 0; c < channels; ++c) out[c * pixels] = clamp_variance(out[c * pixels]);
   }
 }
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "kernels/platform.h"
+#include "kernels/variance.h"
 
 namespace bdx {
 
@@ -56,7 +57,8 @@ BDX_HD void accumulate_mean_var(Acc x, Acc x_squared, Acc weight, Acc weight_var
 }
 
 // One direction r of a factored posterior: its projection q_r·φ_p + β_r, squared and weighted by
-// M[c,r]. With M >= 0 every term is >= 0, so the sum needs no clamping.
+// M[c,r]. With M >= 0 every term is >= 0; the kernels clamp the finished sum (clamp_variance) so
+// that a negative M or bias variance never gives a negative output.
 template <typename Acc>
 BDX_HD Acc accumulate_squared_projection(Acc var, Acc mix, Acc projection) {
   return var + mix * (projection * projection);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kernels/platform.h"
+#include "kernels/variance.h"
 
 namespace bdx {
 
@@ -13,16 +14,14 @@ struct MomentCoefficients {
   bool clamp;
 };
 
-// One affine sampler step x' = a·x + b·ε + c·z on diagonal moments.
-template <typename Acc>
-BDX_HD void moment_step_element(const MomentCoefficients<Acc>& k, Acc mean_x, Acc var_x, Acc eps_mean,
-                                Acc eps_var, Acc cov_x_eps, Acc* mean_next, Acc* var_next) {
+// One affine sampler step x' = a·x + b·ε + c·z on diagonal moments. `V` is Acc or a vector of Acc.
+template <typename Acc, typename V>
+BDX_HD void moment_step_element(const MomentCoefficients<Acc>& k, V mean_x, V var_x, V eps_mean, V eps_var,
+                                V cov_x_eps, V* mean_next, V* var_next) {
   *mean_next = k.a * mean_x + k.b * eps_mean;
-  Acc v = k.a * k.a * var_x + Acc(2) * k.a * k.b * cov_x_eps + k.b * k.b * eps_var + k.c2;
-  // A noisy Monte Carlo covariance can push the sum below zero; a variance never is. A NaN stays
-  // a NaN: clamping must not hide broken inputs.
-  if (k.clamp && v < Acc(0)) v = Acc(0);
-  *var_next = v;
+  // A noisy Monte Carlo covariance (or a negative input variance) can push the sum below zero.
+  const V v = (k.a * k.a) * var_x + (Acc(2) * k.a * k.b) * cov_x_eps + (k.b * k.b) * eps_var + k.c2;
+  *var_next = k.clamp ? clamp_variance(v) : v;
 }
 
 // Running one-pass (Welford) statistics over the S Monte Carlo samples of one element.
@@ -37,27 +36,21 @@ struct McState {
 
 template <typename Acc>
 BDX_HD McState<Acc> mc_init() {
-  return McState<Acc>{Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)};
+  return McState<Acc>{Acc{}, Acc{}, Acc{}, Acc{}, Acc{}};
 }
 
-// `inv_count` is 1/(i+1) for the i-th sample (0-based). The scalar form lets the CPU kernel keep
-// the state in separate arrays (structure of arrays), which the compiler vectorises.
-template <typename Acc>
-BDX_HD void mc_accumulate(Acc& mean_x, Acc& mean_eps, Acc& m2_eps, Acc& comoment, Acc& sum_eps_var, Acc x, Acc eps,
-                          Acc eps_var, Acc inv_count) {
-  const Acc dx = x - mean_x;
-  const Acc de = eps - mean_eps;
-  mean_x += dx * inv_count;
-  mean_eps += de * inv_count;
-  const Acc de_after = eps - mean_eps;
-  m2_eps += de * de_after;
-  comoment += dx * de_after;
-  sum_eps_var += eps_var;
-}
-
+// `inv_count` is 1/(i+1) for the i-th sample (0-based). `Acc` may be a vector type on the CPU,
+// which keeps the state of a block of elements in registers.
 template <typename Acc>
 BDX_HD void mc_accumulate(McState<Acc>& s, Acc x, Acc eps, Acc eps_var, Acc inv_count) {
-  mc_accumulate(s.mean_x, s.mean_eps, s.m2_eps, s.comoment, s.sum_eps_var, x, eps, eps_var, inv_count);
+  const Acc dx = x - s.mean_x;
+  const Acc de = eps - s.mean_eps;
+  s.mean_x += dx * inv_count;
+  s.mean_eps += de * inv_count;
+  const Acc de_after = eps - s.mean_eps;
+  s.m2_eps += de * de_after;
+  s.comoment += dx * de_after;
+  s.sum_eps_var += eps_var;
 }
 
 // E[ε] = mean m; Var[ε] = mean γ² + population var of m; Cov(x, ε) = mean(x·m) − E[x]·E[ε],
@@ -66,9 +59,8 @@ template <typename Acc>
 BDX_HD void mc_finalize(const McState<Acc>& s, Acc inv_samples, Acc mean_x_given, Acc* e_eps, Acc* var_eps,
                         Acc* cov_x_eps) {
   *e_eps = s.mean_eps;
-  Acc v = s.sum_eps_var * inv_samples + s.m2_eps * inv_samples;
-  if (v < Acc(0)) v = Acc(0);  // rounding only: both terms are sums of non-negative values
-  *var_eps = v;
+  // Below zero only through a negative input variance γ² (the spread term m2 is a sum of squares).
+  *var_eps = clamp_variance(s.sum_eps_var * inv_samples + s.m2_eps * inv_samples);
   *cov_x_eps = s.comoment * inv_samples + (s.mean_x - mean_x_given) * s.mean_eps;
 }
 
