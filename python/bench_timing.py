@@ -113,3 +113,18 @@ def write_section(path: Path, name: str, body: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if end == -1 else text[end:])
     atomic_write(path, text)
+
+
+def add_paused_flag(parser) -> None:
+    """`--others-paused`: the run was made with every other compute process of the machine paused."""
+    parser.add_argument(
+        "--others-paused",
+        action="store_true",
+        help="say in the section that every other compute process was paused (SIGSTOP) during the run",
+    )
+
+
+def paused_note(args) -> str:
+    if not args.others_paused:
+        return ""
+    return " Every other compute process on the machine was paused (SIGSTOP) for the run."
