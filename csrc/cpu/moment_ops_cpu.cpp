@@ -81,10 +81,11 @@ void compute_moment_step(const glue::MomentStepArgs& args) {
 // ---------------------------------------------------------------------------------------------
 // mc_moments: the S samples of one element lie `numel` apart in each of the (S, ...) stacks. The
 // naive order (a block of elements, its Welford state in registers, all S samples) reads S·3
-// strided streams at once, more than the hardware prefetchers track: measured on Zen 4 it took
-// ~1.85× the time of one reduction over the same bytes (python/BENCHMARKS.md). So each thread
-// walks its range in chunks of kChunkBytes of accumulators per stream; per chunk it passes over
-// the samples kSamplesPerPass at a time (3·kSamplesPerPass contiguous streams), each block's state
+// strided streams at once, more than the hardware prefetchers track: measured on Zen 4 (quiet,
+// S = 10) it took ~1.85× the time of one reduction over the same bytes; chunked as below it takes
+// 1.0–1.2× (python/BENCHMARKS.md, bench_recurrence). So each thread walks its range in chunks
+// of kChunkBytes of accumulators per stream; per chunk it passes over the samples kSamplesPerPass
+// at a time (3·kSamplesPerPass contiguous streams), each block's state
 // in registers during a pass and in a per-thread buffer (5 accumulators × kChunkBytes, in L1)
 // between passes, and it prefetches the same samples of the next chunk into L2 as it goes. Sizes:
 // the best measured of 512–4096 elements and 1–10 samples per pass.
