@@ -380,10 +380,7 @@ def _split_half_reliability(draws, stochastic: bool) -> dict:
         parts = [trajectory_moments(finals[:, s], maps, "independent", "mean").variance for s in (slice(0, half), slice(half, None))]
     halves = compare(parts[0], parts[1], None)
     whole = 2 * halves["map_r"] / (1 + halves["map_r"])
-    score = halves["spearman"]
-    whole_score = 2 * score / (1 + score) if score > 0 else None
-    return dict(half_map_r=halves["map_r"], half_spearman=score, whole_map_r=whole, ceiling=whole**0.5,
-                whole_spearman=whole_score, score_ceiling=None if whole_score is None else whole_score**0.5)
+    return dict(half_map_r=halves["map_r"], half_spearman=halves["spearman"], whole_map_r=whole, ceiling=whole**0.5)
 
 
 def corrected(row: dict, reliability: dict | None) -> tuple[float | None, float | None]:
@@ -392,8 +389,15 @@ def corrected(row: dict, reliability: dict | None) -> tuple[float | None, float 
     against an exact truth. None where the truth's halves do not agree at all (ρ ≤ 0: no ceiling)."""
     if not reliability or row["estimator"] == "truth":
         return None, None
-    score_ceiling = reliability.get("score_ceiling")
-    return row["map_r"] / reliability["ceiling"], None if not score_ceiling else row["spearman"] / score_ceiling
+    ceiling = score_ceiling(reliability)
+    return row["map_r"] / reliability["ceiling"], None if ceiling is None else row["spearman"] / ceiling
+
+
+def score_ceiling(reliability: dict) -> float | None:
+    """The highest score ρ an exact estimator can show against the truth: √ of the whole truth's
+    reliability 2ρ_h/(1 + ρ_h) (Spearman–Brown from its halves' ρ_h); None where ρ_h ≤ 0."""
+    half = reliability["half_spearman"]
+    return (2 * half / (1 + half)) ** 0.5 if half > 0 else None
 
 
 def _subsets(most: int, stochastic: bool) -> list[tuple[int, int]]:
@@ -457,8 +461,8 @@ def render(results: list[dict]) -> str:
                 f"score ρ {result['truth_reliability']['half_spearman']:.2f}, so a repeat of the whole truth would "
                 f"agree at r ≈ {result['truth_reliability']['whole_map_r']:.3f} and no estimator can exceed map r ≈ "
                 f"{result['truth_reliability']['ceiling']:.3f} against it"
-                + (f", nor score ρ ≈ {result['truth_reliability']['score_ceiling']:.2f}"
-                   if result["truth_reliability"].get("score_ceiling") else "")
+                + (f", nor score ρ ≈ {score_ceiling(result['truth_reliability']):.2f}"
+                   if score_ceiling(result["truth_reliability"]) else "")
                 if "truth_reliability" in result else ""
             )
             + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min; load average "
