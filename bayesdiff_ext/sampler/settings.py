@@ -67,7 +67,9 @@ DEFAULTS = {
     "recurrence": dict(uq_every=5, mc_samples=10, covariance="mc", eps_variance="total", skip="all", mode="deterministic", clamp=True),
 }
 PRESETS = {
-    "accurate": dict(estimator="trajectories", samples=32, draws="sobol", centre="map", noise_samples=32),
+    # A stochastic sampler's map is limited by its noise streams, not by the weight draws (digits DDIM
+    # η = 1: M = 32 in J = 32 streams map r 0.942, in J = 64 streams 0.961): 64 streams.
+    "accurate": dict(estimator="trajectories", samples=32, draws="sobol", centre="map", noise_samples=64),
     "fast": dict(estimator="trajectories", **DEFAULTS["trajectories"]),
     "paper": dict(estimator="recurrence", **DEFAULTS["recurrence"]),
 }
