@@ -452,7 +452,8 @@ def render(results: list[dict]) -> str:
         truth_draws = result.get("truth_draws", TRUTH_DRAWS)
         truth_label = f"M = {truth_draws}" + (f" in J = {truth_draws // 2} noise streams" if result["stochastic"] else "")
         lines += [
-            f"### {result['config']}: {sampler}, {settings['steps']} steps, {settings['images']} images",
+            f"### {result['config']}: {sampler}, {settings['steps']} steps, {settings['images']} images, truth M = "
+            f"{truth_draws}, {result.get('grid', 'full')} grid",
             "",
             f"{result['described']}. Truth: {truth_label}, mean Var {result['truth_mean']:.4g}"
             + (f", of which the sampler's noise {result['truth_aleatoric_mean']:.4g}" if result["stochastic"] else "")
@@ -471,7 +472,7 @@ def render(results: list[dict]) -> str:
             + (" (stopped early: the rows so far)" if result.get("partial") else "") + ".",
             "",
         ]
-        lines += _verdict(result) + ["", COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
+        lines += _preset_lines(result) + [""] + _verdict(result) + ["", COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
                                      "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
         for row in result["rows"]:
             seed_r = "—" if row["seed_r"] is None else f"{row['seed_r']:.2f}"
@@ -485,6 +486,36 @@ def render(results: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+#: The table row each preset of ``bayesdiff_ext.sampler.settings.PRESETS`` runs, on a deterministic
+#: sampler (False: the control variate is used where the run allows it) and a stochastic one (True).
+PRESET_ROWS = {
+    "fast": {False: ("control variate, sobol", "M=16, around the map"),
+             True: ("trajectories, sobol", "M=16, J=32 noise streams, around the map")},
+    "accurate": {False: ("control variate, sobol", "M=32, around the map"),
+                 True: ("trajectories, sobol", "M=32, J=64 noise streams, around the map")},
+    "paper": {False: ("recurrence", "paper (Skip 5, S=10)"), True: ("recurrence", "paper (Skip 5, S=10)")},
+}
+
+
+def _preset_lines(result: dict) -> list[str]:
+    """Each preset's row with the bars it meets (raw; corrected in brackets)."""
+    lines = []
+    for preset, keys in PRESET_ROWS.items():
+        row = next((r for r in result["rows"] if (r["estimator"], r["setting"]) == keys[result["stochastic"]]), None)
+        if row is None:
+            lines.append(f"* preset `{preset}`: not on this table")
+            continue
+        map_c, score_c = corrected(row, result.get("truth_reliability"))
+        text = (f"* preset `{preset}` ({row['estimator']}, {row['setting']}): mean ratio {row['ratio']:.3g}, map r "
+                f"{row['map_r']:.3f} (corrected {map_c:.3f}), score ρ {row['spearman']:.2f} (corrected "
+                + ("—" if score_c is None else f"{score_c:.2f}") + f"), {row['forwards']:.0f} forwards per image, "
+                f"{row['time_ratio']:.1f}× plain")
+        if "aleatoric_ratio" in row:
+            text += f", sampler-noise part {row['aleatoric_ratio']:.3g}× the truth's"
+        lines.append(text)
+    return lines
 
 
 def _verdict(result: dict) -> list[str]:
@@ -555,9 +586,10 @@ def main() -> None:
         result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
-        results = [
-            json.loads((args.results / f"{name}.json").read_text()) for name in CONFIGS if (args.results / f"{name}.json").exists()
-        ]
+        # every result file: <config>.json from the latest run, older runs kept beside it under other names
+        results = [json.loads(path.read_text()) for path in args.results.glob("*.json")]
+        order = list(CONFIGS)
+        results.sort(key=lambda r: (order.index(r["config"]), -r.get("truth_draws", TRUTH_DRAWS), r.get("grid", "full")))
         write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_truth", render(results))
         print(render(results))
 
