@@ -508,14 +508,19 @@ def _preset_lines(result: dict) -> list[str]:
             lines.append(f"* preset `{preset}`: not on this table")
             continue
         map_c, score_c = corrected(row, result.get("truth_reliability"))
-        text = (f"* preset `{preset}` ({row['estimator']}, {row['setting']}): mean ratio {row['ratio']:.3g}, map r "
+        text = (f"* preset `{preset}` ({row['estimator']}, {row['setting']}): mean ratio {_ratio(row['ratio'])}, map r "
                 f"{row['map_r']:.3f} (corrected {map_c:.3f}), score ρ {row['spearman']:.2f} (corrected "
                 + ("—" if score_c is None else f"{score_c:.2f}") + f"), {row['forwards']:.0f} forwards per image, "
                 f"{row['time_ratio']:.1f}× plain")
         if "aleatoric_ratio" in row:
-            text += f", sampler-noise part {row['aleatoric_ratio']:.3g}× the truth's"
+            text += f", sampler-noise part {_ratio(row['aleatoric_ratio'])}× the truth's"
         lines.append(text)
     return lines
+
+
+def _ratio(value: float) -> str:
+    """Two decimals near 1 (1.00, not 1), three significant digits far from it."""
+    return f"{value:.2f}" if 0.1 <= value < 10 else f"{value:.3g}"
 
 
 def _verdict(result: dict) -> list[str]:
