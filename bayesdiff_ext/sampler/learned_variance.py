@@ -15,6 +15,8 @@ the run's ``settings['aleatoric_source']`` says which case a run is.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -92,10 +94,7 @@ def learned_step_variance(scheduler, timestep, output: torch.Tensor, channels: i
     beta_t = 1.0 - abar_t / abar_prev
     posterior_variance = max((1.0 - abar_prev) / (1.0 - abar_t) * beta_t, 1e-20)
     fraction = (predicted + 1) / 2
-    log_variance = fraction * torch.log(torch.tensor(beta_t, dtype=torch.float64)) + (1 - fraction) * torch.log(
-        torch.tensor(posterior_variance, dtype=torch.float64)
-    )
-    return torch.exp(log_variance)
+    return torch.exp(fraction * math.log(beta_t) + (1 - fraction) * math.log(posterior_variance))
 
 
 def aleatoric_source(scheduler, model, stochastic: bool) -> str:
