@@ -29,7 +29,10 @@ from bayesdiff_ext.evaluation.sources import RECORDING, Batch, Derived, SamplerR
 from bayesdiff_ext.evaluation.sweep import hyperparameter_sweep
 from bayesdiff_ext.randomness import image_generators
 
-__all__ = ["Generated", "generate", "initial_noise"]
+__all__ = ["NOISE_RULE", "Generated", "generate", "initial_noise"]
+
+#: How the run drew x_T, recorded in its cache (a cache without it drew all N from one stream).
+NOISE_RULE = "image k from image_generators(seed, [k])"
 
 
 @dataclass

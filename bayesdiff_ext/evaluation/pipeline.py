@@ -18,7 +18,7 @@ from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
 from bayesdiff_ext._version import library_versions
 from bayesdiff_ext.evaluation.cache import CACHE_NAME, cached_settings, check_settings, load_cache, save_cache
 from bayesdiff_ext.evaluation.cost import PLAIN, PLAIN_RUN, measure_costs, score_costs, seconds
-from bayesdiff_ext.evaluation.generation import Generated, generate, initial_noise
+from bayesdiff_ext.evaluation.generation import NOISE_RULE, Generated, generate, initial_noise
 from bayesdiff_ext.evaluation.oracle import classifier_confidence, knn_realism
 from bayesdiff_ext.evaluation.posteriors import Posteriors
 from bayesdiff_ext.evaluation.progress import RunClock, planned_images
@@ -97,6 +97,7 @@ def _generate(context, scores, started, run) -> tuple[Generated, dict, dict] | N
             generation=time.perf_counter() - generation_started,
         ),
         config=config.as_dict(),
+        x_T=NOISE_RULE,
     )
     return generated, source_costs, meta
 
@@ -107,7 +108,11 @@ def _supplement(context, scores, generated: Generated, source_costs: dict, meta:
     missing = [s for s in scores if s.name not in generated.scores]
     if not missing:
         return False
-    noise = initial_noise(config, generated.images.shape[1:], range(config.num_images))
+    shape = generated.images.shape[1:]
+    if meta.get("x_T") == NOISE_RULE:
+        noise = initial_noise(config, shape, range(config.num_images))
+    else:  # a cache made before x_T was drawn per image: its N images from one stream
+        noise = torch.randn((config.num_images, *shape), generator=torch.Generator().manual_seed(config.seed))
     for source in batch_sources([s for s in missing if not isinstance(s.source, Derived)]):
         if source is RECORDING or source.name in source_costs:
             continue
