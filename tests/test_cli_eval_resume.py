@@ -90,3 +90,16 @@ def test_sigterm_stops_eval_with_143_and_the_resume_line(folder, uninterrupted, 
     code, _, err = _run_plain([*eval_argv(folder, out), "--resume"])
     assert code == 0, err
     assert_same_cache(out, uninterrupted)
+
+
+def test_an_eval_into_an_out_another_run_holds_is_refused(folder, tmp_path):  # noqa: F811
+    from bayesdiff_ext.io.work_folder import WorkFolder
+
+    out = tmp_path / "out"
+    holder = WorkFolder.open(out, {"command": "eval"}, resume=False, command="bayesdiff eval (the first run)")
+    try:
+        code, _, err = _run_plain(eval_argv(folder, out))
+        assert code == 2 and f"another run is writing this output (pid {os.getpid()} on" in err, err
+        assert not out.exists()
+    finally:
+        holder.close()
