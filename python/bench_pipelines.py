@@ -11,8 +11,12 @@ denoisers, CPU), with a diag posterior fitted by ``fit_pipeline_posterior`` on r
   ``mc_samples=0``: no extra model calls) and no pixel draws; the images are the stock call's in
   both wrapper modes (checked).
 
-SD 1.5 and PixArt-Σ run with DDIM swapped in: their default schedulers (PNDM, DPM-Solver++ 2M) are
-multistep, which the moment recurrence refuses. The three modes alternate round after round so that
+SD 1.5 and PixArt-Σ run with DDIM swapped in there: their default schedulers (PNDM, DPM-Solver++ 2M)
+are multistep, which the moment recurrence refuses. ``--default-schedulers`` times those two with
+their default schedulers instead, through the estimators that run them: the default preset
+(``'fast'``: trajectory Monte Carlo, 16 weight draws, each a whole trajectory of the stock loop),
+with and without the 16 pixel draws, and the linearised estimator (8 weight directions as tangents
+along the one stock trajectory). The modes alternate round after round so that
 load from other processes falls on each alike; ratios are of medians. Model calls and rows are
 counted with a forward pre-hook on the denoiser (the Monte Carlo batches run S·B, 2·S·B under
 guidance, rows at once). With components this small the fixed costs of a call (Python, the text
@@ -20,6 +24,8 @@ encoders, the VAE) weigh more than in a real model: the ratios are an upper boun
 a real denoiser's cost would dilute.
 
 Run: .venv/bin/python python/bench_pipelines.py   (writes the `bench_pipelines` section of BENCHMARKS.md)
+     .venv/bin/python python/bench_pipelines.py --default-schedulers --threads 1
+                                                    (writes `bench_pipelines --default-schedulers`)
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ MODES = {
     ),
 }
 
+DEFAULT_SCHEDULER_MODES = {
+    "default preset (fast: trajectories, 16 draws), 16 pixel draws": dict(decode_samples=16),
+    "default preset (fast: trajectories, 16 draws), no pixel draws": dict(decode_samples=0),
+    "linearised (8 directions), no pixel draws": dict(estimator="linearised", decode_samples=0),
+}
+
 
 def _ddim(pipe):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
@@ -77,6 +89,13 @@ FAMILIES = {
         dict(guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None),
     ),
     "DiT (DDIM)": (dit_pipeline, dict(class_labels=[3, 7], guidance_scale=4.0)),
+}
+DEFAULT_SCHEDULER_FAMILIES = {
+    "SD 1.5 (PNDM, its default)": (sd15_pipeline, dict(guidance_scale=7.5)),
+    "PixArt-Σ (DPM-Solver++ 2M, its default)": (
+        pixart_pipeline,
+        dict(guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None),
+    ),
 }
 
 
@@ -108,12 +127,13 @@ def _setup(make, arguments, steps):
     return pipe, denoiser, BayesDiffPipeline.from_pipe(pipe, posterior), call
 
 
-def run(steps: int, rounds: int) -> str:
-    rows, notes = [], []
-    for family, (make, arguments) in FAMILIES.items():
+def run(steps: int, rounds: int, default_schedulers: bool = False) -> str:
+    rows = []
+    families, modes = (DEFAULT_SCHEDULER_FAMILIES, DEFAULT_SCHEDULER_MODES) if default_schedulers else (FAMILIES, MODES)
+    for family, (make, arguments) in families.items():
         pipe, denoiser, wrapper, call = _setup(make, arguments, steps)
         runs = {"stock": lambda: pipe(generator=torch.Generator().manual_seed(0), **call).images}
-        for mode, settings in MODES.items():
+        for mode, settings in modes.items():
             runs[mode] = lambda settings=settings: wrapper(
                 generator=torch.Generator().manual_seed(0), **settings, **call
             ).images
@@ -142,25 +162,47 @@ def run(steps: int, rounds: int) -> str:
     header = [
         "pipeline", "mode", "denoiser calls (rows)", "wall ms, median (min)", "× stock (medians)", "extra ms per step",
     ]
-    notes.append(
-        "How to read it: a step of these denoisers takes a few milliseconds, so the wrapper's fixed work per step "
+    note = DEFAULT_SCHEDULER_NOTE if default_schedulers else RECURRENCE_NOTE
+    return "\n\n".join([_intro(steps, rounds, default_schedulers), markdown_table(header, rows), note])
+
+
+RECURRENCE_NOTE = (
+    "How to read it: a step of these denoisers takes a few milliseconds, so the wrapper's fixed work per step "
         "(the head's closed-form variance — one `posterior.predict` on φ —, one `moment_step`, the φ capture, the "
         "Python of the step engine: the 'extra ms per step' of the cheapest mode) weighs as much as the denoiser "
         "itself; for a real SDXL UNet or SD3/Flux transformer, whose call takes 10–1000× longer, the cheapest mode "
         "costs the stock call plus that same fixed work, and the paper defaults cost about the ratio of model rows "
         "(2.5× the stock rows at 20 steps: 20 image calls plus 3 Monte Carlo calls of S·B rows, 2·S·B under "
-        "guidance) plus the 16 pixel draws through the VAE per image."
-    )
+    "guidance) plus the 16 pixel draws through the VAE per image."
+)
+
+
+DEFAULT_SCHEDULER_NOTE = (
+    "How to read it: trajectory Monte Carlo runs the stock loop once for the image and 16 more trajectories per "
+    "image (the copies go through the denoiser together, 256 rows per call at most), so its denoiser rows are "
+    "17× the stock call's and its wall time a bit less than 17× where the larger batches run faster per row; "
+    "the linearised estimator runs the stock loop, then each batch of tangents recomputes the primal pass with "
+    "forward-mode tangents (attention on the math kernel). These are the estimators the default schedulers of "
+    "SD 1.5 and PixArt-Σ can have: the moment recurrence (preset 'paper' and the table above's modes) refuses "
+    "multistep schedulers."
+)
+
+
+def _intro(steps: int, rounds: int, default_schedulers: bool) -> str:
     load = os.getloadavg()[0]
-    intro = (
+    which = (
+        "SD 1.5 and PixArt-Σ with their default multistep schedulers (PNDM with skip_prk_steps: "
+        f"{steps} steps are {steps + 1} denoiser calls; DPM-Solver++ 2M)"
+        if default_schedulers
+        else "SD 1.5 and PixArt-Σ with DDIM: their default multistep schedulers are refused by the moment recurrence"
+    )
+    return (
         f"`python/bench_pipelines.py` — CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, {platform.machine()}, bayesdiff_ext {bayesdiff_ext.__version__}; 1-minute load "
         f"{load:.1f} at the end. Tiny random-init components (8×8 latents, 16×16 images), batch {BATCH}, "
         f"{steps} steps, diag posterior; median (minimum) of {rounds} rounds after a counted warm-up, the modes "
-        "alternating. Every wrapper run's images were checked equal to the stock call's. SD 1.5 and PixArt-Σ "
-        "with DDIM: their default multistep schedulers are refused by the moment recurrence."
+        f"alternating. Every wrapper run's images were checked equal to the stock call's. {which}."
     )
-    return "\n\n".join([intro, markdown_table(header, rows), *notes])
 
 
 def main() -> None:
@@ -168,14 +210,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--default-schedulers", action="store_true",
+        help="SD 1.5 (PNDM) and PixArt-Σ (DPM-Solver++ 2M) with the estimators that run them",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section, do not write BENCHMARKS.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    body = run(args.steps, args.rounds)
+    body = run(args.steps, args.rounds, args.default_schedulers)
     print(body)
     if not args.no_write:
-        write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_pipelines", body)
+        name = "bench_pipelines --default-schedulers" if args.default_schedulers else "bench_pipelines"
+        write_section(Path(__file__).with_name("BENCHMARKS.md"), name, body)
 
 
 if __name__ == "__main__":

@@ -207,11 +207,49 @@ def test_wrappers_refuse_what_is_not_linear_or_not_theirs(name, arguments, match
         BayesDiffPipeline.from_pipe(pipe, posterior)(**call, **arguments)
 
 
+# SD 1.5 and PixArt-Σ with their default multistep schedulers, and the DDIM family whose weights they share
+DEFAULT_SCHEDULERS = {"sd15-pndm": (sd15_pipeline, "sd15-ddim"), "pixart-dpm-solver": (pixart_pipeline, "pixart-ddim")}
+
+
+def default_scheduler_family(name):
+    """(pipe with its default scheduler, the posterior fitted on the same weights, stock call)."""
+    make, fitted = DEFAULT_SCHEDULERS[name]
+    _, posterior, call = family(fitted)
+    pipe = make()
+    return pipe, posterior.for_model(getattr(pipe, "unet", None) or pipe.transformer), call
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_SCHEDULERS))
+def test_default_multistep_schedulers_run_through_the_wrapper_with_the_default_preset(name):
+    """PNDM (PLMS, skip_prk_steps) and DPM-Solver++ 2M: trajectory Monte Carlo runs their own loop, so the
+    images are the stock call's and the maps come through the VAE."""
+    pipe, posterior, call = default_scheduler_family(name)
+    scheduler = type(pipe.scheduler).__name__
+    stock = pipe(generator=seeded(), **call).images
+    out = BayesDiffPipeline.from_pipe(pipe, posterior)(generator=seeded(), decode_samples=3, **call)
+    assert np.array_equal(stock, out.images)
+    assert out.settings["estimator"] == "trajectories" and out.settings["preset"] == "fast"
+    assert out.settings["scheduler"] == scheduler and type(pipe.scheduler).__name__ == scheduler
+    assert out.variance.shape == out.mean.shape == (BATCH, 4, 8, 8)
+    _finite_nonnegative(out.variance)
+    assert out.pixel_variance.shape == (BATCH, 3, SIZE, SIZE)
+    _finite_nonnegative(out.pixel_variance)
+    latents = pipe(generator=seeded(), **{**call, "output_type": "latent"}).images
+    decoded = BayesDiffPipeline.from_pipe(pipe, posterior).decoder(SIZE, SIZE)(latents)
+    assert np.array_equal(pipe.image_processor.postprocess(decoded, output_type="np"), stock)
+    # the linearised estimator's tangents run the same loop inside torch.func (set_timesteps outside it)
+    linearised = BayesDiffPipeline.from_pipe(pipe, posterior)(
+        generator=seeded(), estimator="linearised", samples=2, decode_samples=0, **call
+    )
+    assert np.array_equal(stock, linearised.images)
+    _finite_nonnegative(linearised.variance)
+
+
 def test_default_multistep_schedulers_are_refused_by_name():
     """SD 1.5's PNDM and PixArt-Σ's DPM-Solver++ 2M: the recurrence (preset 'paper') names them and
     trajectory Monte Carlo, which runs them (the default preset)."""
-    for make, fitted in ((sd15_pipeline, "sd15-ddim"), (pixart_pipeline, "pixart-ddim")):
-        pipe, (_, posterior, call) = make(), family(fitted)  # the same weights, the default scheduler
+    for family_name in DEFAULT_SCHEDULERS:
+        pipe, posterior, call = default_scheduler_family(family_name)
         name = type(pipe.scheduler).__name__
         with pytest.raises(ValueError, match=f"{name} is a multistep scheduler.*estimator='trajectories'"):
             BayesDiffPipeline.from_pipe(pipe, posterior)(preset="paper", **call)
