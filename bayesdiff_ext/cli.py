@@ -792,6 +792,7 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.io.outputs import LATENT_MOMENTS
     from bayesdiff_ext.randomness import image_generators
 
     out_dir, scores_to_report = run_options
@@ -842,6 +843,7 @@ def _sample_and_write(
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance", "clamped_pixels")
     )
+    latent_moments = {k: torch.cat([getattr(r, k) for r in runs]).cpu() for k in LATENT_MOMENTS if hasattr(runs[0], k)}
     sampled = time.perf_counter()
 
     method, _ = args.aggregation
@@ -887,6 +889,7 @@ def _sample_and_write(
         mean=mean,
         aleatoric_variance=aleatoric,
         clamped_pixels=clamped,
+        latent_moments=latent_moments,
     )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
