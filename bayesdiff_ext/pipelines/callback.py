@@ -16,6 +16,7 @@ from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_predictio
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
 from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline
+from bayesdiff_ext.pipelines.callback_tangents import StepTangents
 from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.sampler.engine import StepEngine
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
@@ -90,14 +91,20 @@ class UncertaintyCallback(PipelineCallback):
         if preset is None and settings is None and not uncertainty:
             preset = "paper"  # the only preset a callback can follow (see the class docstring)
         resolved = resolve_settings(preset, settings, **uncertainty)
-        if resolved.estimator != "recurrence" or resolved.mode != "deterministic":
+        if resolved.estimator == "trajectories" or resolved.mode == "bayesdiff":
             raise ValueError(
                 f"UncertaintyCallback follows the pipeline's own loop and leaves its images alone, so it carries the "
-                f"moment recurrence with mode='deterministic' only (got estimator={resolved.estimator!r}"
-                f"{'' if resolved.mode is None else f', mode={resolved.mode!r}'}); for trajectory Monte Carlo use "
-                "BayesDiffPipeline or BayesDiffSampler"
+                f"moment recurrence with mode='deterministic' or the linearised estimator (got "
+                f"estimator={resolved.estimator!r}{'' if resolved.mode is None else f', mode={resolved.mode!r}'}); "
+                "for trajectory Monte Carlo use BayesDiffPipeline or BayesDiffSampler"
+            )
+        if resolved.estimator == "linearised" and (eta or return_trace):
+            raise ValueError(
+                "the linearised estimator of a callback follows deterministic steps (eta=0) and keeps no trace "
+                f"(return_trace records the recurrence's steps); got eta={eta}, return_trace={return_trace}"
             )
         check_guidance_variance(guidance_variance)
+        self._resolved = resolved
         self.settings = dict(resolved.describe(), eta=float(eta), guidance_variance=guidance_variance)
         self.posterior = posterior
         self.generator = generator
@@ -107,6 +114,8 @@ class UncertaintyCallback(PipelineCallback):
         self.trace: list[dict[str, Any]] | None = [] if return_trace else None
         self.extra_unet_calls = 0
         self._latents: torch.Tensor | None = None
+        self._tangents: StepTangents | None = None
+        self._steps = 0
         self._started = time.perf_counter()
         self._recorder = _ModelCallRecorder(posterior)
 
@@ -125,19 +134,21 @@ class UncertaintyCallback(PipelineCallback):
     def output(self) -> BayesDiffOutput:
         """The moments as every front door returns them (``images``: the pipeline's latents after the last step seen)."""
         self._tracked()
-        engine = self._engine
+        if self._tangents is not None:
+            timings = dict(image_unet_calls=self._steps, tangent_passes=self._tangents.passes)
+            aleatoric = None
+        else:
+            engine = self._engine
+            timings = dict(image_unet_calls=len(engine.plan), mc_unet_calls=engine.monte_carlo_calls)
+            aleatoric = engine.aleatoric
         return BayesDiffOutput(
             images=self._latents,
             variance=self.variance.clamp_min(0),
             mean=self.mean,
-            aleatoric_variance=engine.aleatoric,
+            aleatoric_variance=aleatoric,
             trace=self.trace,
             settings=dict(self.settings),
-            timings=dict(
-                total_s=time.perf_counter() - self._started,
-                image_unet_calls=len(engine.plan),
-                mc_unet_calls=engine.monte_carlo_calls,
-            ),
+            timings=dict(total_s=time.perf_counter() - self._started, **timings),
         )
 
     def pixel_moments(
@@ -191,12 +202,15 @@ class UncertaintyCallback(PipelineCallback):
             batch = callback_kwargs["latents"].shape[0]
             if step_index == 0:
                 self._start(pipeline, calls[0], batch)
-            self._step(pipeline, step_index, timestep, calls, batch)
+            if self._tangents is not None:
+                self._step_tangents(pipeline, timestep, calls, batch, callback_kwargs["latents"])
+            else:
+                self._step(pipeline, step_index, timestep, calls, batch)
         except BaseException:
             self.close()  # the pipeline stops here: leave its denoiser without our hooks
             raise
         self._latents = callback_kwargs["latents"]
-        if step_index == len(self._engine.plan) - 1:
+        if step_index == self._steps - 1:
             self.close()
         return callback_kwargs
 
@@ -205,13 +219,23 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
+        if self._resolved.estimator == "linearised":
+            self._steps = len(pipeline.scheduler.timesteps)
+            self._tangents = StepTangents(self.posterior, self._resolved, pipeline.scheduler, call.sample[:batch], self.generator)
+            self.settings["scheduler"] = type(pipeline.scheduler).__name__
+            return
         try:
             self._description = description = describe(pipeline.scheduler, self.settings["eta"])
         except ValueError as error:
             if type(pipeline.scheduler).__name__ in MULTISTEP:  # the trajectories it names need the wrapper
-                raise ValueError(f"{error}. A callback sees the one stock trajectory: run BayesDiffPipeline") from None
+                raise ValueError(
+                    f"{error}. A callback sees the one stock trajectory, so it cannot run trajectory Monte Carlo: "
+                    "pass UncertaintyCallback(..., estimator='linearised'), which follows any deterministic "
+                    "scheduler's own steps, or run BayesDiffPipeline (trajectory Monte Carlo, the default preset)"
+                ) from None
             raise
         plan = description.steps()
+        self._steps = len(plan)
         restarts = [s.index for s in plan if s.origin != s.index]
         if restarts:
             raise ValueError(
@@ -273,6 +297,13 @@ class UncertaintyCallback(PipelineCallback):
         engine.advance(step, timestep, stepped_prediction(out, self.mean), head_var, head_at)
         self.extra_unet_calls += engine.monte_carlo_calls - before
         self._publish()
+
+    def _step_tangents(self, pipeline, timestep, calls: list[_ModelCall], batch: int, latents: torch.Tensor) -> None:
+        """The linearised estimator's step: the tangents through this step's model input and the scheduler copy."""
+        guidance, kwargs, _, _ = self._guidance(pipeline, calls, batch)
+        with self._recorder.paused():
+            self._tangents.advance(calls[0].sample[:batch], timestep, kwargs, guidance)
+        self.mean, self.variance = latents.to(accumulation_dtype(latents)), self._tangents.variance
 
     def _publish(self) -> None:
         """The engine's moments (and trace) as this callback's results."""
