@@ -43,31 +43,39 @@ class UncertaintyCallback(PipelineCallback):
     classifier-free guidance with the exact variance (``guidance_variance``), Skip (``uq_every``,
     ``skip``) and the closed form only (``covariance='none'``). Its settings are the recurrence's
     (``preset='paper'`` when none are given, or the recurrence arguments of
-    :func:`~bayesdiff_ext.sampler.settings.resolve_settings`): a callback sees only the pipeline's one
-    trajectory, so it cannot run trajectory Monte Carlo, the estimator of Var[x_0 | x_T] the other
-    front doors default to (docs/MATH.md §2.3). It reads the denoiser calls of each step
+    :func:`~bayesdiff_ext.sampler.settings.resolve_settings`) or, with ``estimator='linearised'``
+    (``samples``, ``draws``, ``chunk_size``), the linearised estimator's: M weight directions carried
+    as tangents of x_t through each step's model call (``torch.func.jvp``) and through a copy of the
+    pipeline's scheduler (:mod:`~bayesdiff_ext.pipelines.callback_tangents`), for any deterministic
+    scheduler, multistep ones included (SD 1.5's PNDM, PixArt-Σ's DPM-Solver++ 2M); its variance is
+    the wrapper's ``estimator='linearised'``. A callback sees only the pipeline's one trajectory, so
+    it cannot run trajectory Monte Carlo, the estimator of Var[x_0 | x_T] the other front doors
+    default to (docs/MATH.md §2.3). It reads the denoiser calls of each step
     (their input, conditioning, output and the head's input φ) through forward hooks, so the mean
     path and the closed-form head variance cost nothing extra. Pipelines followed (with their
-    default schedulers): ``StableDiffusionPipeline`` (with a scheduler the recurrence follows:
-    SD 1.5's default PNDM is multistep), ``StableDiffusionXLPipeline`` (Euler: the Monte Carlo
+    default schedulers): ``StableDiffusionPipeline`` (its default PNDM is multistep: the linearised
+    estimator, or the recurrence with DDIM/Euler swapped in), ``StableDiffusionXLPipeline`` (Euler: the Monte Carlo
     samples are scaled for the step's σ from the scheduler's table, not from its current state),
     ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (flow matching; Flux's guidance-distilled single
     forward, and its ``true_cfg_scale`` as two forwards per step — pass that scale as
     ``guidance_scale``, the pipeline does not expose it to callbacks). ``PixArtSigmaPipeline`` takes
-    only the older ``callback=``: pass ``cb.legacy(pipe)`` and ``guidance_scale`` (with a scheduler the
-    recurrence follows: its default DPM-Solver++ 2M is multistep). ``DiTPipeline`` takes no callback:
+    only the older ``callback=``: pass ``cb.legacy(pipe)`` and ``guidance_scale`` (its default
+    DPM-Solver++ 2M is multistep: the linearised estimator). ``DiTPipeline`` takes no callback:
     use :class:`~bayesdiff_ext.BayesDiffPipeline`.
 
     What it cannot do: change the images (it returns the callback tensors untouched, so the images
     are exactly the stock pipeline's); save model calls — its Monte Carlo passes (S samples, 2·S·B
-    rows with guidance) are extra calls it makes itself at every uncertainty step. It refuses
-    DPM-Solver-2's two-stage steps, multistep schedulers, ``guidance_rescale > 0`` and SD3's
-    ``skip_guidance_layers``, and needs ``eta`` to be the one given to the pipeline. At the first
+    rows with guidance) are extra calls it makes itself at every uncertainty step, and the linearised
+    estimator's tangent passes (M directions, vmapped, at every step). The recurrence refuses
+    DPM-Solver-2's two-stage steps and multistep schedulers; the linearised estimator refuses steps
+    that draw noise and ``eta > 0``; both refuse ``guidance_rescale > 0`` and SD3's
+    ``skip_guidance_layers``; the recurrence needs ``eta`` to be the one given to the pipeline. At the first
     step of an Euler scheduler it recovers x_T from the model input x_T/√(σ²+1) (one rounding).
 
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
-    early. ``generator`` seeds the Monte Carlo draws (without being consumed); passing the
+    early. ``generator`` seeds the Monte Carlo draws and the linearised estimator's weight directions
+    (without being consumed); passing the
     pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
     the scheduler draws no step noise, since both then seed from the same state.
     """

@@ -2,7 +2,7 @@
 
 :class:`~bayesdiff_ext.sampler.linearised.LinearisedSampler` carries M weight directions v_m as
 forward-mode tangents of one whole trajectory. A step-end callback sees the same trajectory one
-step at a time, so it carries the tangents by the chain rule instead (docs/MATH.md §2.3): with
+step at a time, so it carries the tangents by the chain rule instead (docs/MATH.md §14.5): with
 dx_m the tangent of x_t,
 
     dε_m = ∂ε/∂x · dx_m + ∂ε/∂θ · v_m     (one ``torch.func.jvp`` at the pipeline's own model input),
