@@ -75,8 +75,7 @@ class UncertaintyCallback(PipelineCallback):
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
     early. ``generator`` seeds the Monte Carlo draws and the linearised estimator's weight directions
-    (without being consumed); passing the
-    pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
+    (without being consumed); passing the pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
     the scheduler draws no step noise, since both then seed from the same state.
 
     Args:
@@ -84,15 +83,18 @@ class UncertaintyCallback(PipelineCallback):
             (``posterior.for_model(pipe.unet)`` for a copy of the model it was fitted on).
         eta (`float`, defaults to 0.0): the DDIM η given to the pipeline.
         preset (`str`, *optional*): ``'paper'`` (the default here; the only preset a callback follows).
-        settings (`UncertaintySettings`, *optional*): recurrence settings instead of ``preset``.
+        settings (`UncertaintySettings`, *optional*): recurrence or linearised settings instead of ``preset``.
         guidance_variance (`str`, defaults to ``"exact"``): ``"exact"`` (head variance at the guided
-            feature) or ``"bayesdiff"`` (independent branches).
+            feature) or ``"independent"`` (BayesDiff's independent branches).
         guidance_scale (`float`, *optional*): the pipeline's guidance scale, where the pipeline does
             not hand it to callbacks (PixArt-Σ's ``callback=``, Flux's ``true_cfg_scale``).
-        generator (`torch.Generator` or a list of B of them, *optional*): seeds the Monte Carlo draws.
-        return_trace (`bool`, defaults to `False`): keep the per-step moments in ``output.trace``.
+        generator (`torch.Generator` or a list of B of them, *optional*): seeds the Monte Carlo draws and
+            the linearised estimator's weight directions.
+        return_trace (`bool`, defaults to `False`): keep the per-step moments in ``output.trace`` (the
+            recurrence).
         **uncertainty: the recurrence's arguments (``uq_every``, ``mc_samples``, ``covariance``, ``skip``,
-            ``eps_variance``, ``clamp``).
+            ``eps_variance``, ``clamp``), or ``estimator='linearised'`` with ``samples`` (M directions),
+            ``draws`` and ``chunk_size`` (directions per tangent pass).
 
     Returns:
         After the pipeline call, ``cb.output`` is a [`BayesDiffOutput`]: ``images`` (the final latents),
