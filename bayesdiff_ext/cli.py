@@ -969,7 +969,7 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     pipeline wrapper with the run's conditioning, its own scheduler unless --sampler names one."""
     from bayesdiff_ext import BayesDiffPipeline
     from bayesdiff_ext.pipelines.batch_sampler import PipelineSampler
-    from bayesdiff_ext.sampler.schedulers import check_supported
+    from bayesdiff_ext.sampler.schedulers import MULTISTEP, check_supported
 
     pipe = method_inputs["pipeline"]
     if args.sampler == "ddpm" or args.eta:
@@ -980,6 +980,13 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     device = _device(args.device)
     recurrence = settings is None or settings.estimator == "recurrence"
     scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler, affine=recurrence)
+    if recurrence and type(scheduler).__name__ in MULTISTEP:
+        raise ValueError(
+            f"the model's {type(scheduler).__name__} is a multistep scheduler (each step mixes earlier model "
+            "outputs), which the moment recurrence (--preset paper, --uq-every, --mc-samples, --covariance) does "
+            "not follow: leave those out for the default preset, trajectory Monte Carlo, which runs the model's own "
+            "scheduler, or pass --sampler ddim to swap one in"
+        )
     if recurrence:
         check_supported(scheduler, args.eta)
     pipe.scheduler = scheduler

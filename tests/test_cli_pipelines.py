@@ -59,7 +59,8 @@ def test_fit_and_sample_a_pipeline_folder(name, images, tmp_path, capsys):
     sampled = ["sample", "--model", tmp_path / "model", "--posterior", tmp_path / "post.safetensors", *options, *SAMPLING]
     if sampler:  # multistep: the recurrence options refuse it by name (the default preset runs it, below)
         code, _, err = run([*sampled, "--out", tmp_path / "refused"], capsys)
-        assert code == 2 and "is a multistep scheduler" in err and not (tmp_path / "refused").exists()
+        assert code == 2 and "is a multistep scheduler" in err and "--sampler ddim" in err
+        assert not (tmp_path / "refused").exists()
         sampled += ["--sampler", sampler]
     code, out, err = run([*sampled, "--out", tmp_path / "run"], capsys)
     assert code == 0, err
