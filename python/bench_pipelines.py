@@ -15,8 +15,9 @@ SD 1.5 and PixArt-Σ run with DDIM swapped in there: their default schedulers (P
 are multistep, which the moment recurrence refuses. ``--default-schedulers`` times those two with
 their default schedulers instead, through the estimators that run them: the default preset
 (``'fast'``: trajectory Monte Carlo, 16 weight draws, each a whole trajectory of the stock loop),
-with and without the 16 pixel draws, and the linearised estimator (8 weight directions as tangents
-along the one stock trajectory). The modes alternate round after round so that
+with and without the 16 pixel draws, the linearised estimator (8 weight directions as tangents
+along the one stock trajectory), and the stock call with ``UncertaintyCallback``'s linearised
+estimator (the same tangents carried step by step inside the stock loop). The modes alternate round after round so that
 load from other processes falls on each alike; ratios are of medians. Model calls and rows are
 counted with a forward pre-hook on the denoiser (the Monte Carlo batches run S·B, 2·S·B under
 guidance, rows at once). With components this small the fixed costs of a call (Python, the text
@@ -43,7 +44,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import bayesdiff_ext
-from bayesdiff_ext import BayesDiffPipeline
+from bayesdiff_ext import BayesDiffPipeline, UncertaintyCallback
 from bench_timing import markdown_table, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -71,6 +72,19 @@ DEFAULT_SCHEDULER_MODES = {
     "default preset (fast: trajectories, 16 draws), no pixel draws": dict(decode_samples=0),
     "linearised (8 directions), no pixel draws": dict(estimator="linearised", decode_samples=0),
 }
+
+
+CALLBACK_MODE = "UncertaintyCallback in the stock call, linearised (8 directions)"
+
+
+def _with_callback(pipe, posterior, call):
+    """The stock call with the linearised estimator's callback (PixArt-Σ: its older ``callback=``)."""
+    generator = torch.Generator().manual_seed(0)
+    if type(pipe).__name__ == "PixArtSigmaPipeline":
+        callback = UncertaintyCallback(posterior, estimator="linearised", generator=generator, guidance_scale=call["guidance_scale"])
+        return pipe(generator=generator, callback=callback.legacy(pipe), **call).images
+    callback = UncertaintyCallback(posterior, estimator="linearised", generator=generator)
+    return pipe(generator=generator, callback_on_step_end=callback, **call).images
 
 
 def _ddim(pipe):
@@ -137,6 +151,8 @@ def run(steps: int, rounds: int, default_schedulers: bool = False) -> str:
             runs[mode] = lambda settings=settings: wrapper(
                 generator=torch.Generator().manual_seed(0), **settings, **call
             ).images
+        if default_schedulers:
+            runs[CALLBACK_MODE] = lambda: _with_callback(pipe, wrapper.posterior, call)
         stock = runs["stock"]()
         counts = {}
         for name, fn in runs.items():
@@ -185,7 +201,8 @@ DEFAULT_SCHEDULER_NOTE = (
     "UNet or transformer, whose time grows with the rows, expect it nearer the 17× of the rows. The linearised "
     "estimator runs the stock loop, then the 8 directions as forward-mode tangents of one more pass (the "
     "counter sees that vmapped pass as B rows per call; it costs about a primal and 8 tangent passes, attention "
-    "on PyTorch's math kernel), slower than the trajectories here. The moment recurrence (preset 'paper', the "
+    "on PyTorch's math kernel), slower than the trajectories here; the callback carries the same tangents step "
+    "by step inside the stock call (the same variance), one vmapped jvp per step. The moment recurrence (preset 'paper', the "
     "modes of the table above) refuses multistep schedulers, so these are the estimators of SD 1.5's and "
     "PixArt-Σ's default schedulers."
 )
