@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
+from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.posterior.draws import weight_deviations
 from bayesdiff_ext.posterior.perturbation import perturbed_head
 from bayesdiff_ext.randomness import ImageStreams
@@ -44,7 +45,8 @@ class StepTangents:
         posterior: the posterior on the denoiser's head (``head``, ``spec``, ``model``).
         settings (`UncertaintySettings`): the linearised estimator's (``samples``, ``draws``, ``chunk_size``).
         scheduler: the pipeline's scheduler after its first step; a copy is reset to its first step.
-        x_start (`torch.Tensor`): x_T, (B, ...); its shape and device give the tangents'.
+        x_start (`torch.Tensor`): the pipeline's first model input for the B images, (B, ...): its shape
+            and device give the tangents' (kept in float32 or better whatever the model's dtype).
         generator: the pipeline's generator (the directions come from its ``'weights'`` stream, as
             :class:`~bayesdiff_ext.sampler.linearised.LinearisedSampler` draws them).
     """
@@ -61,16 +63,18 @@ class StepTangents:
         batch = x_start.shape[0]
         streams = ImageStreams.derived(generator, batch, generator_device(generator, x_start.device), "weights", 0)
         self.directions = weight_deviations(posterior, settings.draws, settings.samples, streams.generators).to(x_start.device)
-        self.tangents = torch.zeros((settings.samples, *x_start.shape), dtype=x_start.dtype, device=x_start.device)
+        dtype = accumulation_dtype(x_start)
+        self.tangents = torch.zeros((settings.samples, *x_start.shape), dtype=dtype, device=x_start.device)
         _check_linear(self.scheduler, self.tangents.flatten(0, 1))
         self.passes = 0
 
     def advance(self, x_in: torch.Tensor, timestep, kwargs, guidance) -> None:
         """One step: ``x_in`` is the pipeline's model input for the B images (after
         ``scale_model_input``), ``kwargs``/``guidance`` its conditioning as the callback reads it."""
-        samples, batch = self.tangents.shape[:2]
+        samples = self.tangents.shape[0]
         scheduler = self.scheduler
         tangents_in = scaled_model_input(scheduler, self.tangents.flatten(0, 1), timestep).view_as(self.tangents)
+        tangents_in = tangents_in.to(x_in.dtype)  # a jvp's tangent has its primal's dtype
         head, spec = self.posterior.head, self.posterior.spec
 
         def prediction(x, deviation):
@@ -96,9 +100,8 @@ class StepTangents:
 
     @property
     def variance(self) -> torch.Tensor:
-        """mean_m dx_m², (B, ...) float32 or better (float64 accumulation)."""
-        squares = self.tangents.to(torch.float64).square().mean(dim=0)
-        return squares.to(torch.promote_types(self.tangents.dtype, torch.float32))
+        """mean_m dx_m², (B, ...) in the tangents' dtype (float64 accumulation)."""
+        return self.tangents.to(torch.float64).square().mean(dim=0).to(self.tangents.dtype)
 
 
 def _reset(scheduler):
