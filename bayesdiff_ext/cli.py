@@ -661,6 +661,12 @@ def _add_eval_command(commands) -> None:
         "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/ go (default: --out)"
     )
     evaluate.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted generation into --out from the batches kept in DIR.work/ (the same settings "
+        "are required; the result is bit-identical to an uninterrupted run)",
+    )
+    evaluate.add_argument(
         "--reuse",
         action="store_true",
         help="render from the cached run in --out, no sampling; its settings are the cache's (an option that asks "
@@ -792,6 +798,8 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.io.outputs import LATENT_MOMENTS
+    from bayesdiff_ext.posterior.hfl import seed_batch_probes
     from bayesdiff_ext.randomness import image_generators
 
     out_dir, scores_to_report = run_options
@@ -823,7 +831,8 @@ def _sample_and_write(
     started = time.perf_counter()
 
     def sample_batch(indices):
-        _seed_probes(sampler, args.seed, indices)
+        # a batch must not depend on the batches before it (--resume, torchrun)
+        seed_batch_probes(getattr(sampler, "posterior", None), args.seed, indices[0])
         return sampler.sample(
             batch_size=len(indices),
             num_inference_steps=args.steps,
@@ -842,6 +851,7 @@ def _sample_and_write(
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance", "clamped_pixels")
     )
+    latent_moments = {k: torch.cat([getattr(r, k) for r in runs]).cpu() for k in LATENT_MOMENTS if hasattr(runs[0], k)}
     sampled = time.perf_counter()
 
     method, _ = args.aggregation
@@ -887,6 +897,7 @@ def _sample_and_write(
         mean=mean,
         aleatoric_variance=aleatoric,
         clamped_pixels=clamped,
+        latent_moments=latent_moments,
     )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
@@ -966,7 +977,7 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     pipeline wrapper with the run's conditioning, its own scheduler unless --sampler names one."""
     from bayesdiff_ext import BayesDiffPipeline
     from bayesdiff_ext.pipelines.batch_sampler import PipelineSampler
-    from bayesdiff_ext.sampler.schedulers import check_supported
+    from bayesdiff_ext.sampler.schedulers import MULTISTEP, check_supported
 
     pipe = method_inputs["pipeline"]
     if args.sampler == "ddpm" or args.eta:
@@ -977,6 +988,13 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     device = _device(args.device)
     recurrence = settings is None or settings.estimator == "recurrence"
     scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler, affine=recurrence)
+    if recurrence and type(scheduler).__name__ in MULTISTEP:
+        raise ValueError(
+            f"the model's {type(scheduler).__name__} is a multistep scheduler (each step mixes earlier model "
+            "outputs), which the moment recurrence (--preset paper, --uq-every, --mc-samples, --covariance) does "
+            "not follow: leave those out for the default preset, trajectory Monte Carlo, which runs the model's own "
+            "scheduler, or pass --sampler ddim to swap one in"
+        )
     if recurrence:
         check_supported(scheduler, args.eta)
     pipe.scheduler = scheduler
@@ -1019,17 +1037,6 @@ def _refuse_pipeline_options(args) -> None:
                 f"--{flag.replace('_', '-')} applies to pipeline folders (Stable Diffusion, SDXL, SD3, Flux, "
                 f"PixArt-Sigma, DiT); {args.model} is an unconditional UNet model"
             )
-
-
-def _seed_probes(sampler, seed: int, indices: range) -> None:
-    """A batch must not depend on the batches before it (--resume, torchrun): HFL's random probes come
-    from a generator its calls share, so it restarts at (seed, the batch's first index)."""
-    from bayesdiff_ext.posterior.hfl import HessianFreePosterior
-    from bayesdiff_ext.randomness import derived_seed
-
-    structure = getattr(getattr(sampler, "posterior", None), "posterior", None)
-    if isinstance(structure, HessianFreePosterior):
-        structure.seed_probes(derived_seed(seed, indices[0], "probes"))
 
 
 def _posterior_description(posterior, path) -> dict:
@@ -1301,6 +1308,7 @@ def _fit_pipeline(args, out: Path) -> int:
 
 
 def _run_eval(args) -> int:
+    from bayesdiff_ext.cli_session import batch_settings, current
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
     from bayesdiff_ext.evaluation.cache import cached_settings
 
@@ -1311,8 +1319,27 @@ def _run_eval(args) -> int:
     config = EvaluationConfig(
         **{**base, **given}, out_dir=args.out, docs_dir=args.docs, progress=not args.no_progress
     )
-    print(run_evaluation(config, reuse=args.reuse, label=args.label))
+    session = current()
+    if args.reuse:
+        if args.resume:
+            raise ValueError("--resume continues a generation and --reuse renders a cached run without one: give one of them")
+    else:
+        # the generation's batches are kept beside --out (--resume) and shared by torchrun's processes
+        session.open_work(batch_settings("eval", _eval_batch_options(config), "cpu"))
+    report = run_evaluation(config, reuse=args.reuse, label=args.label, run=session.run_batches)
+    if report is not None:  # process 0 writes the report
+        print(report)
     return 0
+
+
+def _eval_batch_options(config) -> dict:
+    """The generation settings of an eval, with the files and folders they name as paths (whose
+    contents then count, see batch_settings)."""
+    files = ("model", "scheduler", "data", "features", "posterior")
+    return {
+        name: Path(value) if name in files and value is not None and Path(value).expanduser().exists() else value
+        for name, value in config.generation().items()
+    }
 
 
 _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": _run_eval}

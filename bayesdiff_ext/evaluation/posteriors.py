@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.distributed import one_process
 from bayesdiff_ext.methods.selection import laplace_posterior_for
 from bayesdiff_ext.posterior import LastLayerLaplace, capture_head_input
 
@@ -94,14 +95,19 @@ class Posteriors:
     def get(self, spec: PosteriorSpec) -> LastLayerLaplace:
         if spec.name not in self._built:
             features_before, started = self.features_seconds, time.perf_counter()
-            self._built[spec.name] = spec.build(self)
+            self._built[spec.name] = self.fresh(spec)
             shared = self.features_seconds - features_before
             self.fit_seconds[spec.name] = time.perf_counter() - started - shared
         return self._built[spec.name]
 
     def fresh(self, spec: PosteriorSpec) -> LastLayerLaplace:
-        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters)."""
-        return spec.build(self)
+        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters).
+
+        Under ``torchrun`` every process fits it on all the data alone (no sum over the processes),
+        so that each holds the one-process posterior bit for bit.
+        """
+        with one_process():
+            return spec.build(self)
 
     def descriptions(self) -> dict[str, str]:
         return {
