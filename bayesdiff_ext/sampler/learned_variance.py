@@ -103,8 +103,8 @@ def aleatoric_source(scheduler, model, stochastic: bool) -> str:
     name = type(scheduler).__name__
     if uses_learned_variance(scheduler):
         return (
-            f"the model's learned variance ({name} variance_type={scheduler.config.variance_type!r}: c² from the "
-            "model's variance channels at the image sample, MAP head weights)"
+            f"the model's learned variance ({name} variance_type={scheduler.config.variance_type!r}: the step "
+            "noise's variance comes from the model's variance channels; docs/MATH.md §15)"
         )
     source = f"the sampler's own fixed noise ({name})" if stochastic else f"none: {name} is deterministic here"
     if model_predicts_variance(model):
