@@ -139,3 +139,11 @@ def test_the_output_says_where_the_aleatoric_part_comes_from(unet):
     dropped = aleatoric_source(DDIMScheduler(), unet, stochastic=False)
     assert "deterministic" in dropped and "drops" in dropped
     assert "learned variance" in aleatoric_source(_scheduler(), unet, stochastic=True)
+
+
+def test_trajectories_sample_the_learned_variance_as_diffusers_does(unet, posterior):
+    """Trajectory Monte Carlo runs scheduler.step on the full output: its aleatoric part (the spread of
+    fresh-noise MAP trajectories) is positive and the run says where it came from."""
+    out = _sample(unet, posterior, _scheduler(), estimator="trajectories", samples=2, noise_samples=4)
+    assert out.aleatoric_variance.sum() > 0 and (out.epistemic_variance >= 0).all()
+    assert "learned variance" in out.settings["aleatoric_source"]
