@@ -1,4 +1,4 @@
-"""VI, HMC and head ensembles as methods of the evaluation (docs/MATH.md §10): one posterior and one score each.
+"""VI, HMC and head ensembles as methods of the evaluation (docs/MATH.md §10): a posterior and a score each.
 
 Each posterior is fitted on the same fitting features as the Laplace posteriors (one pass of noised
 real images, ``posteriors.fitting_features``), with σ and δ chosen as the full-GGN Laplace chooses
@@ -39,15 +39,16 @@ _VI, _HMC, _ENSEMBLE = VISettings(), HMCSettings(), EnsembleSettings()
 register(
     Score(
         "vi",
-        lambda c: f"VI, mean-field Gaussian ({_VI.steps} ELBO steps, {_VI.samples} draws each), closed form, every step",
+        lambda c: f"VI, mean-field Gaussian ({_VI.steps} ELBO steps, {_VI.samples} draws each), closed form, "
+        "every step",
         SamplerRun("vi_closed", VI, lambda c: CLOSED_FORM),
     )
 )
 register(
     Score(
         "mcmc",
-        lambda c: f"HMC ({_HMC.chains} chains, {_HMC.warmup} warm-up + {_HMC.draws} draws), sample covariance, "
-        "closed form, every step",
+        lambda c: f"HMC ({_HMC.chains} chains, {_HMC.warmup} warm-up + {_HMC.draws} draws), sample "
+        "covariance, closed form, every step",
         SamplerRun("mcmc_closed", MCMC, lambda c: CLOSED_FORM),
     )
 )

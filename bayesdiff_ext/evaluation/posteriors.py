@@ -111,10 +111,12 @@ class Posteriors:
 
     def descriptions(self) -> dict[str, str]:
         return {
-            name: f"{describe(posterior)}, built in {self.fit_seconds[name]:.3g} s" for name, posterior in self._built.items()
+            name: f"{describe(posterior)}, built in {self.fit_seconds[name]:.3g} s"
+            for name, posterior in self._built.items()
         }
 
 
 def describe(posterior) -> str:
-    kind = getattr(posterior, "inference", None) or posterior.curvature  # VI, HMC, head ensembles name their inference
+    # VI, HMC and head ensembles name their inference instead of a curvature
+    kind = getattr(posterior, "inference", None) or posterior.curvature
     return f"{posterior.structure}/{kind}, σ = {posterior.sigma_noise:.4g}, δ = {posterior.prior_precision:.4g}"
