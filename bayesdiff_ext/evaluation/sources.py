@@ -31,7 +31,6 @@ from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
 from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import drift_variance, predicted_x0
-from bayesdiff_ext.randomness import image_generators
 from bayesdiff_ext.sampler import BayesDiffSampler
 from bayesdiff_ext.sampler.schedulers import step_coefficients
 from bayesdiff_ext.sampler.engine import step_kinds
@@ -204,8 +203,8 @@ class X0Drift(Source):
 @dataclass(frozen=True, eq=False)
 class WeightSamples(Source):
     """The weight-samples method with the default posterior: M head-weight draws, each fixed along its
-    own trajectory from the shared x_T; image k's draws come from its own stream of (seed, k), so a
-    score does not depend on the batch. The method's stock image must be the recorded one."""
+    own trajectory from the shared x_T — the same M draws for every image of the run, from
+    ``seed + 1``. The method's stock image must be the recorded one."""
 
     name: str = "weight_samples"
     costly: bool = True
@@ -218,13 +217,8 @@ class WeightSamples(Source):
         sampler = WeightSamplesSampler(
             context.subject.unet, context.subject.scheduler, context.posteriors.get(DEFAULT), samples=config.weight_samples
         )
-        first = batch.start + (batch.rows.start or 0)
         out = sampler.sample(
-            noise=batch.noise,
-            num_inference_steps=config.steps,
-            generator=image_generators(config.seed, range(first, first + len(batch.noise))),
-            progress=False,
-            return_draws=True,
+            noise=batch.noise, num_inference_steps=config.steps, progress=False, return_draws=True, weight_seed=config.seed + 1
         )
         if batch.reference is not None and not torch.equal(out.images, batch.reference):
             raise RuntimeError(f"run {self.name!r} left the recorded image path: the methods would rank different images")

@@ -11,6 +11,12 @@ per-image scores from the M final images:
 * ``feature_entropy``: the entropy of a diagonal Gaussian fitted to the M images' features in a
   pluggable feature space (:func:`~bayesdiff_ext.methods.feature_entropy.feature_entropy`).
 
+Whose draws: by default (``weight_seed=0``) the same M head weights for every image — M models drawn
+once, as in the successor paper — so that the scores of two images differ by the images, not by
+their draws (with M = 4 the Monte Carlo error of one image's variance is large: a χ² with 3 degrees
+of freedom, a relative standard deviation of √(2/3) ≈ 0.8). ``weight_seed=None`` draws each image's
+weights from its own stream instead, as the trajectory estimator does for Var[x_0 | x_T].
+
 The returned image is the stock one (the model's own weights), as for every trajectory estimator.
 Any posterior that samples (``LastLayerLaplace.sample``: diag, full, kron, isotropic, HFL; VI, HMC,
 head ensembles), conv and Linear heads, and every scheduler the trajectories run.
@@ -95,17 +101,19 @@ class WeightSamplesSampler:
         chunk_size: int | None = None,
         progress: bool = True,
         return_draws: bool = False,
+        weight_seed: int | None = 0,
     ) -> BayesDiffOutput:
         """Sample B images and score them by their M weight-sample trajectories.
 
         Args:
             batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance,
                 scheduler_kwargs, set_timesteps_kwargs, progress: as for
-                :meth:`~bayesdiff_ext.sampler.trajectories.TrajectorySampler.sample`. Image b's draws come
-                from its own stream (per-image generators: the same result in any batch).
+                :meth:`~bayesdiff_ext.sampler.trajectories.TrajectorySampler.sample`.
             noise_samples (`int`, *optional*), chunk_size (`int`, *optional*): the trajectories' noise
                 streams (stochastic samplers only) and rows per model call.
             return_draws (`bool`): keep the M final images and weight deviations in ``draws``.
+            weight_seed (`int`, *optional*, defaults to 0): the M draws shared by every image come from
+                this seed; None: each image's own draws from its stream of ``generator``.
 
         Returns:
             :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock sample (B, ...); ``variance``
@@ -131,12 +139,13 @@ class WeightSamplesSampler:
             set_timesteps_kwargs=set_timesteps_kwargs,
             progress=progress,
             return_draws=True,
+            weight_seed=weight_seed,
         )
         finals = out.draws.finals.flatten(0, 1)  # (M, B, ...): the M draws of every image
         entropy = None
         if self.features is not None:
             entropy = feature_entropy(finals, self.features, floor=self.floor)
-        settings = dict(out.settings, method=self.method, feature_entropy=self.features is not None)
+        settings = dict(out.settings, method=self.method, weight_seed=weight_seed, feature_entropy=self.features is not None)
         return dataclasses.replace(
             out, settings=settings, feature_entropy=entropy, draws=out.draws if return_draws else None
         )
