@@ -69,6 +69,26 @@ class UncertaintyCallback(PipelineCallback):
     early. ``generator`` seeds the Monte Carlo draws (without being consumed); passing the
     pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
     the scheduler draws no step noise, since both then seed from the same state.
+
+    Args:
+        posterior (`LastLayerLaplace`): the posterior on the pipeline's denoiser head
+            (``posterior.for_model(pipe.unet)`` for a copy of the model it was fitted on).
+        eta (`float`, defaults to 0.0): the DDIM η given to the pipeline.
+        preset (`str`, *optional*): ``'paper'`` (the default here; the only preset a callback follows).
+        settings (`UncertaintySettings`, *optional*): recurrence settings instead of ``preset``.
+        guidance_variance (`str`, defaults to ``"exact"``): ``"exact"`` (head variance at the guided
+            feature) or ``"bayesdiff"`` (independent branches).
+        guidance_scale (`float`, *optional*): the pipeline's guidance scale, where the pipeline does
+            not hand it to callbacks (PixArt-Σ's ``callback=``, Flux's ``true_cfg_scale``).
+        generator (`torch.Generator` or a list of B of them, *optional*): seeds the Monte Carlo draws.
+        return_trace (`bool`, defaults to `False`): keep the per-step moments in ``output.trace``.
+        **uncertainty: the recurrence's arguments (``uq_every``, ``mc_samples``, ``covariance``, ``skip``,
+            ``eps_variance``, ``clamp``).
+
+    Returns:
+        After the pipeline call, ``cb.output`` is a [`BayesDiffOutput`]: ``images`` (the final latents),
+        ``mean`` and ``variance`` `(B, C, h, w)` in the pipeline's latent layout (packed `(B, L, C)` for
+        Flux), ``scores`` `(B,)`, the aleatoric/epistemic split, ``settings``, ``timings``.
     """
 
     tensor_inputs = ["latents"]

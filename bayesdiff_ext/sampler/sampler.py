@@ -32,11 +32,13 @@ class BayesDiffSampler:
             transformer (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
             ``SD3Transformer2DModel``, ``FluxTransformer2DModel``), called through
             :class:`~bayesdiff_ext.denoiser.Denoiser`.
-        scheduler: one of the schedulers described in :mod:`bayesdiff_ext.sampler.schedulers`:
-            ``DDIMScheduler`` (any η), ``DDPMScheduler`` (fixed variances),
-            ``DPMSolverSinglestepScheduler`` (orders 1–2), ``EulerDiscreteScheduler``,
-            ``EulerAncestralDiscreteScheduler`` and ``FlowMatchEulerDiscreteScheduler``
-            (deterministic or ``stochastic_sampling``); no ``clip_sample`` or thresholding.
+        scheduler: any diffusers scheduler for the trajectory estimators (they run its own
+            ``step``); for the moment recurrence (``preset='paper'``) one of those described in
+            :mod:`bayesdiff_ext.sampler.schedulers`: ``DDIMScheduler`` (any η), ``DDPMScheduler``
+            (fixed variances), ``DPMSolverSinglestepScheduler`` (orders 1–2),
+            ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler`` and
+            ``FlowMatchEulerDiscreteScheduler`` (deterministic or ``stochastic_sampling``); no
+            ``clip_sample`` or thresholding.
         posterior: a :class:`~bayesdiff_ext.LastLayerLaplace` on the model's head (the sampler uses
             its ``capture()`` and ``predict(phi)``).
     """
@@ -133,6 +135,35 @@ class BayesDiffSampler:
         * ``return_trace``: one dict per scheduler step with ``index``, ``timestep``,
           ``uncertainty_step``, ``monte_carlo`` and the moments after the step (``mean``,
           ``variance`` tensors and the per-image ``variance_sum``).
+
+        Args:
+            batch_size (`int`, *optional*): images B; needed when ``noise`` is not given.
+            noise (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): the unit-variance x_T draw
+                (latents in the model's layout); drawn from ``generator`` when omitted.
+            num_inference_steps (`int`, defaults to 50): the scheduler's steps.
+            generator (`torch.Generator` or a list of B of them, *optional*): a list gives image k
+                its own stream (``randomness.image_generators(seed, indices)``), so results do not
+                depend on the batch size.
+            eta (`float`, defaults to 0.0): DDIM's η (the sampler's own noise for η > 0).
+            preset (`str`, *optional*): ``'accurate'``, ``'fast'`` or ``'paper'``.
+            settings (`UncertaintySettings`, *optional*): a resolved settings object instead of
+                ``preset`` and the keyword arguments.
+            return_trace (`bool`, defaults to `False`): keep the per-step moments (recurrence).
+            model_kwargs (`dict`, *optional*): extra keyword arguments of every model call.
+            guidance (`ClassifierFreeGuidance`, *optional*): classifier-free guidance.
+            progress (`bool`, defaults to `True`): show a progress bar.
+            unet_kwargs (`dict`, *optional*): the former name of ``model_kwargs``.
+            scheduler_kwargs (`dict`, *optional*): extra keyword arguments of ``scheduler.step``.
+            set_timesteps_kwargs (`dict`, *optional*): extra keyword arguments of
+                ``scheduler.set_timesteps``.
+            **uncertainty: the estimator's arguments listed above.
+
+        Returns:
+            [`BayesDiffOutput`]: ``images`` `(B, C, H, W)` (the stock loop's), ``mean`` and
+            ``variance`` `(B, C, H, W)` (Var[x_0 | x_T] ≥ 0 in the sampler's space, float32 or
+            better), ``aleatoric_variance`` and ``epistemic_variance`` `(B, C, H, W)` adding up to
+            ``variance``, ``scores`` `(B,)` (the per-image sum), ``clamped_pixels``, ``settings``,
+            ``timings`` and, with ``return_trace``, ``trace``.
         """
         resolved = resolve_settings(preset, settings, **uncertainty)
         num_inference_steps = check_count("num_inference_steps", num_inference_steps)
