@@ -281,7 +281,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble), "
         "x0-drift (how much the predicted final image still moves over the last --last-steps steps: "
         "no posterior, no extra model calls), weight-samples (--samples M head weights drawn from the "
-        "posterior, each fixed along a whole trajectory from the same x_T: the variance of the M final images, "
+        "posterior once (from --seed, the same for every image), each fixed along a whole trajectory from the "
+        "same x_T: the variance of the M final images, "
         "and their entropy in the --features space as the score feature_entropy)",
     )
     g.add_argument(
@@ -826,7 +827,7 @@ def _sample_and_write(
     if args.method == "x0-drift":
         settings, uncertainty, recorded = None, {}, dict(last_steps=args.last_steps)
     elif args.method == "weight-samples":
-        settings, uncertainty = None, {}
+        settings, uncertainty = None, {"weight_seed": args.seed}  # the same M draws for every image
         recorded = dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=args.features)
     elif args.method in REPEATED_METHODS:
         settings = None

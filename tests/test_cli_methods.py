@@ -197,7 +197,7 @@ def test_weight_samples_writes_its_maps_and_both_scores_and_matches_the_python_m
     sizes = ["--num-images", "3", "--batch-size", "2", "--steps", "4", "--no-progress"]
     argv = ["sample", "--model", tiny / "model", "--posterior", posterior_file, *sizes, "--method", "weight-samples"]
     out = tmp_path / "run"
-    code, _, err = run([*argv, "--samples", "3", "--aggregation", "feature_entropy", "--out", out], capsys)
+    code, _, err = run([*argv, "--samples", "3", "--seed", "5", "--aggregation", "feature_entropy", "--out", out], capsys)
     assert code == 0, err
     names = [f"{i:05d}.png" for i in range(3)]
     assert sorted(p.name for p in (out / "uncertainty").iterdir()) == names
@@ -208,6 +208,7 @@ def test_weight_samples_writes_its_maps_and_both_scores_and_matches_the_python_m
     settings = summary["settings"]
     assert settings["method"] == "weight-samples" and settings["samples"] == 3 and settings["features"] == "random_conv"
     assert settings["sampler_settings"]["draws"] == "independent" and settings["sampler_settings"]["centre"] == "mean"
+    assert settings["sampler_settings"]["weight_seed"] == 5
 
     unet, scheduler = load_model(tiny / "model", None)
     sampler = sampler_for(
@@ -215,8 +216,9 @@ def test_weight_samples_writes_its_maps_and_both_scores_and_matches_the_python_m
         posterior=load_posterior(posterior_file, unet), samples=3,
         features=ClampedFeatures(RandomConvFeatures(in_channels=1, seed=0)),
     )
-    expected = [  # the CLI draws image k from (seed, k)
-        sampler.sample(batch_size=len(b), num_inference_steps=4, generator=image_generators(0, b), progress=False)
+    expected = [  # the CLI draws image k from (seed, k), the weights once from seed
+        sampler.sample(batch_size=len(b), num_inference_steps=4, generator=image_generators(5, b), progress=False,
+                       weight_seed=5)
         for b in (range(0, 2), range(2, 3))
     ]
     written = load_file(out / "tensors.safetensors")
