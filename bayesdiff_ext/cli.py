@@ -309,7 +309,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
     )
     g.add_argument(
         "--features",
-        default="random_conv",
+        default=None,
         metavar="random_conv|PATH",
         help="weight-samples: the feature space of the entropy: random_conv (a fixed-seed random conv net), or a "
         "TorchScript file mapping images (N, C, H, W) to features (N, d); images are clamped to [-1, 1] first "
@@ -793,6 +793,8 @@ def _check_run_options(args) -> tuple[Path, dict]:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
         )
+    if args.features is not None and args.method != "weight-samples":
+        raise ValueError(f"--features is the feature space of --method weight-samples' entropy; --method {args.method} takes none")
     if args.method in (*REPEATED_METHODS, "x0-drift", "weight-samples"):
         estimators = ("preset", "draws", "covariance")
         if args.method == "weight-samples":
@@ -828,7 +830,7 @@ def _sample_and_write(
         settings, uncertainty, recorded = None, {}, dict(last_steps=args.last_steps)
     elif args.method == "weight-samples":
         settings, uncertainty = None, {"weight_seed": args.seed}  # the same M draws for every image
-        recorded = dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=args.features)
+        recorded = dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=args.features or "random_conv")
     elif args.method in REPEATED_METHODS:
         settings = None
         uncertainty = {k: getattr(args, k) for k in ("uq_every", "mc_samples") if getattr(args, k) is not None}
@@ -987,7 +989,7 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
     if settings is not None:
         how = _describe_uncertainty(settings)
     elif args.method == "weight-samples":
-        how = f"{sampler.samples} head-weight draws fixed per trajectory, entropy in {args.features} features"
+        how = f"{sampler.samples} head-weight draws fixed per trajectory, entropy in {args.features or 'random_conv'} features"
     elif args.method == "x0-drift":
         how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
     else:
@@ -1003,7 +1005,7 @@ def _weight_samples_options(args, channels: int, device) -> dict:
     from bayesdiff_ext.methods.feature_entropy import ClampedFeatures
     from bayesdiff_ext.metrics import RandomConvFeatures, load_feature_module
 
-    if args.features == "random_conv":
+    if args.features in (None, "random_conv"):
         extractor = RandomConvFeatures(in_channels=channels, seed=0)
     else:
         extractor = load_feature_module(Path(args.features))

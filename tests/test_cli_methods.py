@@ -232,3 +232,5 @@ def test_weight_samples_writes_its_maps_and_both_scores_and_matches_the_python_m
     code, _, err = run(["sample", "--model", tiny / "model", *sizes, "--aggregation", "feature_entropy",
                         "--posterior", posterior_file, "--out", tmp_path / "bad2"], capsys)
     assert_one_line_error(code, err, "--aggregation feature_entropy (no parameters) is the score of --method weight-samples")
+    code, _, err = run([*argv[:-2], "--method", "laplace", "--features", "random_conv", "--out", tmp_path / "bad3"], capsys)
+    assert_one_line_error(code, err, "--features is the feature space of --method weight-samples' entropy")
