@@ -678,6 +678,12 @@ def _add_eval_command(commands) -> None:
         "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/ go (default: --out)"
     )
     evaluate.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted generation into --out from the batches kept in DIR.work/ (the same settings "
+        "are required; the result is bit-identical to an uninterrupted run)",
+    )
+    evaluate.add_argument(
         "--reuse",
         action="store_true",
         help="render from the cached run in --out, no sampling; its settings are the cache's (an option that asks "
@@ -822,6 +828,7 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.posterior.hfl import seed_batch_probes
     from bayesdiff_ext.randomness import image_generators
 
     out_dir, scores_to_report = run_options
@@ -856,7 +863,8 @@ def _sample_and_write(
     started = time.perf_counter()
 
     def sample_batch(indices):
-        _seed_probes(sampler, args.seed, indices)
+        # a batch must not depend on the batches before it (--resume, torchrun)
+        seed_batch_probes(getattr(sampler, "posterior", None), args.seed, indices[0])
         return sampler.sample(
             batch_size=len(indices),
             num_inference_steps=args.steps,
@@ -1070,17 +1078,6 @@ def _refuse_pipeline_options(args) -> None:
                 f"--{flag.replace('_', '-')} applies to pipeline folders (Stable Diffusion, SDXL, SD3, Flux, "
                 f"PixArt-Sigma, DiT); {args.model} is an unconditional UNet model"
             )
-
-
-def _seed_probes(sampler, seed: int, indices: range) -> None:
-    """A batch must not depend on the batches before it (--resume, torchrun): HFL's random probes come
-    from a generator its calls share, so it restarts at (seed, the batch's first index)."""
-    from bayesdiff_ext.posterior.hfl import HessianFreePosterior
-    from bayesdiff_ext.randomness import derived_seed
-
-    structure = getattr(getattr(sampler, "posterior", None), "posterior", None)
-    if isinstance(structure, HessianFreePosterior):
-        structure.seed_probes(derived_seed(seed, indices[0], "probes"))
 
 
 def _posterior_description(posterior, path) -> dict:
@@ -1352,6 +1349,7 @@ def _fit_pipeline(args, out: Path) -> int:
 
 
 def _run_eval(args) -> int:
+    from bayesdiff_ext.cli_session import batch_settings, current
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
     from bayesdiff_ext.evaluation.cache import cached_settings
 
@@ -1362,8 +1360,27 @@ def _run_eval(args) -> int:
     config = EvaluationConfig(
         **{**base, **given}, out_dir=args.out, docs_dir=args.docs, progress=not args.no_progress
     )
-    print(run_evaluation(config, reuse=args.reuse, label=args.label))
+    session = current()
+    if args.reuse:
+        if args.resume:
+            raise ValueError("--resume continues a generation and --reuse renders a cached run without one: give one of them")
+    else:
+        # the generation's batches are kept beside --out (--resume) and shared by torchrun's processes
+        session.open_work(batch_settings("eval", _eval_batch_options(config), "cpu"))
+    report = run_evaluation(config, reuse=args.reuse, label=args.label, run=session.run_batches)
+    if report is not None:  # process 0 writes the report
+        print(report)
     return 0
+
+
+def _eval_batch_options(config) -> dict:
+    """The generation settings of an eval, with the files and folders they name as paths (whose
+    contents then count, see batch_settings)."""
+    files = ("model", "scheduler", "data", "features", "posterior")
+    return {
+        name: Path(value) if name in files and value is not None and Path(value).expanduser().exists() else value
+        for name, value in config.generation().items()
+    }
 
 
 _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": _run_eval}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.distributed import one_process
 from bayesdiff_ext.methods.selection import laplace_posterior_for
 from bayesdiff_ext.posterior import LastLayerLaplace, capture_head_input
 
@@ -87,12 +88,17 @@ class Posteriors:
 
     def get(self, spec: PosteriorSpec) -> LastLayerLaplace:
         if spec.name not in self._built:
-            self._built[spec.name] = spec.build(self)
+            self._built[spec.name] = self.fresh(spec)
         return self._built[spec.name]
 
     def fresh(self, spec: PosteriorSpec) -> LastLayerLaplace:
-        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters)."""
-        return spec.build(self)
+        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters).
+
+        Under ``torchrun`` every process fits it on all the data alone (no sum over the processes),
+        so that each holds the one-process posterior bit for bit.
+        """
+        with one_process():
+            return spec.build(self)
 
     def descriptions(self) -> dict[str, str]:
         return {name: describe(posterior) for name, posterior in self._built.items()}

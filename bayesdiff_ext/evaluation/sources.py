@@ -31,6 +31,8 @@ from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
 from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import drift_variance, predicted_x0
+from bayesdiff_ext.posterior.hfl import seed_batch_probes
+from bayesdiff_ext.randomness import image_generators
 from bayesdiff_ext.sampler import BayesDiffSampler
 from bayesdiff_ext.sampler.schedulers import step_coefficients
 from bayesdiff_ext.sampler.engine import step_kinds
@@ -68,7 +70,8 @@ class Context:
 class Batch:
     """What a source sees of a batch: x_T of the rows it scores, and the recording run's calls
     (``calls`` None: the source runs on its own, e.g. to be timed); ``start`` the index of its first
-    image in the run (it seeds the batch's Monte Carlo draws, so a run repeats exactly)."""
+    image in the run (image k's draws come from (seed, k), so a batch repeats exactly alone, resumed
+    or on another process)."""
 
     noise: torch.Tensor
     calls: list | None = None
@@ -132,12 +135,13 @@ class SamplerRun(Source):
         return BayesDiffSampler(unet, context.subject.scheduler, context.posteriors.get(self.posterior))
 
     def sample(self, context: Context, unet, batch: Batch):
-        # DDIM η = 0 draws no step noise: the generator seeds the Monte Carlo stream only.
-        generator = torch.Generator().manual_seed(context.config.seed * 1_000_003 + batch.start)
-        return self.sampler(context, unet).sample(
+        seed, sampler = context.config.seed, self.sampler(context, unet)
+        seed_batch_probes(sampler.posterior, seed, batch.start)
+        # DDIM η = 0 draws no step noise: the generators seed the Monte Carlo streams only.
+        return sampler.sample(
             noise=batch.noise,
             num_inference_steps=context.config.steps,
-            generator=generator,
+            generator=image_generators(seed, range(batch.start, batch.start + len(batch.noise))),
             return_trace=batch.trace and self.traced,
             progress=False,
             **self.options(context.config),
