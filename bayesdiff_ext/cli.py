@@ -828,6 +828,7 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.io.outputs import LATENT_MOMENTS
     from bayesdiff_ext.posterior.hfl import seed_batch_probes
     from bayesdiff_ext.randomness import image_generators
 
@@ -883,6 +884,7 @@ def _sample_and_write(
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance", "clamped_pixels")
     )
+    latent_moments = {k: torch.cat([getattr(r, k) for r in runs]).cpu() for k in LATENT_MOMENTS if hasattr(runs[0], k)}
     sampled = time.perf_counter()
 
     method, _ = args.aggregation
@@ -930,6 +932,7 @@ def _sample_and_write(
         mean=mean,
         aleatoric_variance=aleatoric,
         clamped_pixels=clamped,
+        latent_moments=latent_moments,
     )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
@@ -1025,7 +1028,7 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     pipeline wrapper with the run's conditioning, its own scheduler unless --sampler names one."""
     from bayesdiff_ext import BayesDiffPipeline
     from bayesdiff_ext.pipelines.batch_sampler import PipelineSampler
-    from bayesdiff_ext.sampler.schedulers import check_supported
+    from bayesdiff_ext.sampler.schedulers import MULTISTEP, check_supported
 
     pipe = method_inputs["pipeline"]
     if args.sampler == "ddpm" or args.eta:
@@ -1036,6 +1039,13 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     device = _device(args.device)
     recurrence = settings is None or settings.estimator == "recurrence"
     scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler, affine=recurrence)
+    if recurrence and type(scheduler).__name__ in MULTISTEP:
+        raise ValueError(
+            f"the model's {type(scheduler).__name__} is a multistep scheduler (each step mixes earlier model "
+            "outputs), which the moment recurrence (--preset paper, --uq-every, --mc-samples, --covariance) does "
+            "not follow: leave those out for the default preset, trajectory Monte Carlo, which runs the model's own "
+            "scheduler, or pass --sampler ddim to swap one in"
+        )
     if recurrence:
         check_supported(scheduler, args.eta)
     pipe.scheduler = scheduler

@@ -50,10 +50,13 @@ class SchedulerLoop:
         self.bar = None
         template.set_timesteps(steps, **self.set_timesteps_kwargs)
 
-    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int) -> torch.Tensor:
-        """x_0 of ``copies`` stacked copies of the batch (rows copy-major) on ``scheduler``."""
+    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int, fresh: bool = False) -> torch.Tensor:
+        """x_0 of ``copies`` stacked copies of the batch (rows copy-major) on ``scheduler``. ``fresh``: it
+        is a pristine copy of the template, its timesteps already set (so the loop can run inside a
+        functorch transform, where DPM-Solver++'s ``set_timesteps`` cannot: it reads a tensor's data)."""
         batch = x_unit.shape[0] // copies
-        scheduler.set_timesteps(self.steps, **self.set_timesteps_kwargs)
+        if not fresh:
+            scheduler.set_timesteps(self.steps, **self.set_timesteps_kwargs)
         x = x_unit * scheduler.init_noise_sigma if hasattr(scheduler, "init_noise_sigma") else x_unit
         kwargs = Denoiser.tile(self.kwargs, batch, copies)
         step_kwargs = dict(self.step_kwargs, **({"generator": generator} if self.takes_generator else {}))
@@ -99,7 +102,7 @@ class SchedulerLoop:
             )
             x = x_unit.repeat(len(chunk), *([1] * (x_unit.dim() - 1)))
             with perturbed_head(posterior.head, posterior.spec, torch.cat(parts).to(x.device)):
-                out = self.run(copy.deepcopy(self.template), x, row_generators, copies=len(chunk))
+                out = self.run(copy.deepcopy(self.template), x, row_generators, copies=len(chunk), fresh=True)
             self.chunks += 1
             for n, key in enumerate(chunk):
                 finals[key] = out[n * batch : (n + 1) * batch]
