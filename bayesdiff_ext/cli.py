@@ -49,7 +49,7 @@ BAD_INPUT = (
 )
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
-METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
+METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift", "weight-samples")
 #: ``--preset`` values and the default (bayesdiff_ext.sampler.settings, repeated for --help).
 PRESETS = ("accurate", "fast", "paper")
 DEFAULT_PRESET = "fast"
@@ -57,6 +57,10 @@ DRAWS = ("independent", "antithetic", "sobol")
 COVARIANCES = ("mc", "regression", "none")
 #: Methods that sample with their own models and take the recurrence's Skip and S for the sampler's noise only.
 REPEATED_METHODS = ("mc-dropout", "ensemble")
+#: weight-samples' M by default (bayesdiff_ext.methods.weight_samples.DEFAULT_WEIGHT_SAMPLES, repeated for --help).
+DEFAULT_WEIGHT_SAMPLES = 4
+#: The weight-samples method's per-image entropy, an ``--aggregation`` beside the variance's.
+FEATURE_ENTROPY = "feature_entropy"
 
 #: ``fit --inference`` values: laplace and bayesdiff_ext.posterior.inference.INFERENCES.
 INFERENCES = ("laplace", "vi", "mcmc", "head-ensemble")
@@ -233,7 +237,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         type=_int_at_least(1),
         default=None,
         metavar="M",
-        help="trajectory presets: head-weight draws per image, each a whole trajectory",
+        help="trajectory presets: head-weight draws per image, each a whole trajectory; weight-samples: M, the "
+        f"draws fixed per trajectory (default {DEFAULT_WEIGHT_SAMPLES}; even for a stochastic sampler)",
     )
     g.add_argument("--draws", choices=DRAWS, default=None, help="trajectory presets: how the weights are drawn")
     g.add_argument(
@@ -275,7 +280,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         "Laplace from a full posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
         "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble), "
         "x0-drift (how much the predicted final image still moves over the last --last-steps steps: "
-        "no posterior, no extra model calls)",
+        "no posterior, no extra model calls), weight-samples (--samples M head weights drawn from the "
+        "posterior once (from --seed, the same for every image), each fixed along a whole trajectory from the "
+        "same x_T: the variance of the M final images, "
+        "and their entropy in the --features space as the score feature_entropy)",
     )
     g.add_argument(
         "--passes",
@@ -300,6 +308,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         help="x0-drift: the variance of the predicted x_0 over the last L steps (default 5)",
     )
     g.add_argument(
+        "--features",
+        default=None,
+        metavar="random_conv|PATH",
+        help="weight-samples: the feature space of the entropy: random_conv (a fixed-seed random conv net), or a "
+        "TorchScript file mapping images (N, C, H, W) to features (N, d); images are clamped to [-1, 1] first "
+        "(default random_conv)",
+    )
+    g.add_argument(
         "--ensemble",
         type=Path,
         nargs="+",
@@ -320,7 +336,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         default=("sum", {}),
         metavar="NAME[:K=V]",
         help="the image score that filters and sorts: sum (default, the paper's), mean, max, "
-        "percentile:q=95, patch_max:patch=4. All of them are written to scores.csv",
+        "percentile:q=95, patch_max:patch=4, or feature_entropy (--method weight-samples). All of them are "
+        "written to scores.csv",
     )
     g.add_argument(
         "--filter",
@@ -767,9 +784,13 @@ def _check_run_options(args) -> tuple[Path, dict]:
     method, params = args.aggregation
     if method == "masked_mean":
         raise ValueError("--aggregation masked_mean needs a mask; use bayesdiff_ext.aggregation from Python")
-    if method not in REPORTED_SCORES:
-        raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(REPORTED_SCORES)}")
-    aggregation.check_aggregation(method, params)
+    if method == FEATURE_ENTROPY:
+        if args.method != "weight-samples" or params:
+            raise ValueError("--aggregation feature_entropy (no parameters) is the score of --method weight-samples")
+    elif method not in REPORTED_SCORES:
+        raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(REPORTED_SCORES)}, {FEATURE_ENTROPY}")
+    else:
+        aggregation.check_aggregation(method, params)
     rule, rule_params = args.filter
     aggregation.check_filter(rule, rule_params)
     if args.method == "x0-drift" and args.last_steps > args.steps:
@@ -778,13 +799,22 @@ def _check_run_options(args) -> tuple[Path, dict]:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
         )
-    if args.method in (*REPEATED_METHODS, "x0-drift"):
-        given = [f"--{k}" for k in ("preset", "samples", "draws", "covariance") if getattr(args, k) is not None]
+    if args.features is not None and args.method != "weight-samples":
+        raise ValueError(f"--features is the feature space of --method weight-samples' entropy; --method {args.method} takes none")
+    if args.method in (*REPEATED_METHODS, "x0-drift", "weight-samples"):
+        estimators = ("preset", "draws", "covariance")
+        if args.method == "weight-samples":
+            estimators += ("uq_every", "mc_samples")  # its draws are independent, around their mean
+        else:
+            estimators += ("samples",)
+        given = [f"--{k.replace('_', '-')}" for k in estimators if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} choose(s) the Laplace estimators; --method {args.method} takes none")
     else:
         _uncertainty_settings(args)  # refuse a bad combination before any work
     out_dir = check_output_dir(args.out if args.out is not None else timestamped_out_dir())
+    if method == FEATURE_ENTROPY:
+        return out_dir, dict(REPORTED_SCORES)
     return out_dir, {**REPORTED_SCORES, method: {**REPORTED_SCORES.get(method, {}), **params}}
 
 
@@ -806,6 +836,9 @@ def _sample_and_write(
     # The options the method's sample() takes; the recorded settings say what the run used.
     if args.method == "x0-drift":
         settings, uncertainty, recorded = None, {}, dict(last_steps=args.last_steps)
+    elif args.method == "weight-samples":
+        settings, uncertainty = None, {"weight_seed": args.seed}  # the same M draws for every image
+        recorded = dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=args.features or "random_conv")
     elif args.method in REPEATED_METHODS:
         settings = None
         uncertainty = {k: getattr(args, k) for k in ("uq_every", "mc_samples") if getattr(args, k) is not None}
@@ -857,6 +890,8 @@ def _sample_and_write(
     method, _ = args.aggregation
     rule, rule_params = args.filter
     scores = aggregation.aggregate_many(variance, scores_to_report)
+    if getattr(runs[0], FEATURE_ENTROPY, None) is not None:  # a weight-samples run with --features
+        scores[FEATURE_ENTROPY] = torch.cat([r.feature_entropy for r in runs]).cpu()
     decision = aggregation.filter_scores(scores[method], rule, **rule_params)
     settings = {
         **described,
@@ -942,7 +977,8 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
             "PixArt-Sigma or DiT)"
         )
     device = _device(args.device)
-    recurrence = settings is None or settings.estimator == "recurrence"
+    # weight-samples runs trajectories: any scheduler, clipping and thresholding included
+    recurrence = args.method != "weight-samples" and (settings is None or settings.estimator == "recurrence")
     scheduler, scheduler_changes = _scheduler_for(args, base_scheduler, affine=recurrence)
     if recurrence:
         check_supported(scheduler, args.eta)
@@ -959,9 +995,12 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
         seed=args.seed,
         probes=args.probes if args.method == "hfl" else None,
         last_steps=args.last_steps,
+        **(_weight_samples_options(args, channels, device) if args.method == "weight-samples" else {}),
     )
     if settings is not None:
         how = _describe_uncertainty(settings)
+    elif args.method == "weight-samples":
+        how = f"{sampler.samples} head-weight draws fixed per trajectory, entropy in {args.features or 'random_conv'} features"
     elif args.method == "x0-drift":
         how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
     else:
@@ -970,6 +1009,18 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
             f"{len(members) + 1} members, {recurrence}"
         )
     return sampler, scheduler, scheduler_changes, device, how
+
+
+def _weight_samples_options(args, channels: int, device) -> dict:
+    """weight-samples' M and its entropy's feature space (on ``device``), from --samples and --features."""
+    from bayesdiff_ext.methods.feature_entropy import ClampedFeatures
+    from bayesdiff_ext.metrics import RandomConvFeatures, load_feature_module
+
+    if args.features in (None, "random_conv"):
+        extractor = RandomConvFeatures(in_channels=channels, seed=0)
+    else:
+        extractor = load_feature_module(Path(args.features))
+    return dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=ClampedFeatures(extractor).to(device))
 
 
 def _pipeline_sampler(args, method_inputs: dict, settings):
@@ -1125,7 +1176,7 @@ def _run_sample(args) -> int:
         return _run_pipeline_sample(args, run_options)
     _refuse_pipeline_options(args)
     args.sampler = args.sampler or "ddim"
-    laplace = args.method in ("laplace", "trajectories", "hfl", "isotropic")
+    laplace = args.method in ("laplace", "trajectories", "hfl", "isotropic", "weight-samples")
     if laplace and args.posterior is None:
         raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
     if args.method == "ensemble" and not args.ensemble:

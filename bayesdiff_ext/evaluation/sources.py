@@ -9,7 +9,8 @@ per image. Kinds:
   run replays them (Monte Carlo draws go through the real UNet) and must reproduce the same images
   bit for bit.
 * :class:`X0Drift` — the recorded ε predictions' x̂₀ over the last L steps (no extra model call).
-* :class:`WeightSamples` — M head-weight draws, each held along its own trajectory from the same x_T.
+* :class:`WeightSamples` — the weight-samples method (:mod:`bayesdiff_ext.methods.weight_samples`): M
+  head-weight draws, each held along its own trajectory from the same x_T.
 * :class:`Repeated` — other UNets from the same x_T (MC dropout, a deep ensemble) where they exist.
 * :class:`Derived` — computed from other scores after generation (a random score, rank averages).
 
@@ -28,7 +29,7 @@ import torch
 
 from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
-from bayesdiff_ext.evaluation.weight_samples import fixed_weight_samples
+from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import drift_variance, predicted_x0
 from bayesdiff_ext.posterior.hfl import seed_batch_probes
 from bayesdiff_ext.randomness import image_generators
@@ -205,7 +206,9 @@ class X0Drift(Source):
 
 @dataclass(frozen=True, eq=False)
 class WeightSamples(Source):
-    """M diag head-weight draws, each fixed along its own trajectory from the shared x_T."""
+    """The weight-samples method with the default posterior: M head-weight draws, each fixed along its
+    own trajectory from the shared x_T — the same M draws for every image of the run, from
+    ``seed + 1``. The method's stock image must be the recorded one."""
 
     name: str = "weight_samples"
     costly: bool = True
@@ -214,18 +217,16 @@ class WeightSamples(Source):
         return (config.weight_samples + 1) * config.steps
 
     def run(self, context: Context, batch: Batch) -> SourceOutput:
-        if batch.calls is None:  # run as a method, it makes its image too
-            RECORDING.record(context, batch.noise)
-        posterior = context.posteriors.get(DEFAULT)
-        finals = fixed_weight_samples(
-            BayesDiffSampler(context.subject.unet, context.subject.scheduler, posterior),
-            batch.noise,
-            samples=context.config.weight_samples,
-            seed=context.config.seed + 1,
-            steps=context.config.steps,
-            progress=False,
+        config = context.config
+        sampler = WeightSamplesSampler(
+            context.subject.unet, context.subject.scheduler, context.posteriors.get(DEFAULT), samples=config.weight_samples
         )
-        return SourceOutput(finals.var(dim=0), samples=finals)
+        out = sampler.sample(
+            noise=batch.noise, num_inference_steps=config.steps, progress=False, return_draws=True, weight_seed=config.seed + 1
+        )
+        if batch.reference is not None and not torch.equal(out.images, batch.reference):
+            raise RuntimeError(f"run {self.name!r} left the recorded image path: the methods would rank different images")
+        return SourceOutput(out.variance.to(torch.float64), samples=out.draws.finals.flatten(0, 1).to(torch.float64))
 
 
 @dataclass(frozen=True, eq=False)

@@ -60,6 +60,9 @@ class BayesDiffOutput(BaseOutput):
         settings (`dict`): the settings the run used. timings (`dict`): wall times and model call counts.
         draws (`TrajectoryDraws`, *optional*): the trajectories behind a trajectory estimate, when asked for
             (``return_draws=True``).
+        feature_entropy (`torch.Tensor` of shape `(B,)`, *optional*): the weight-samples method's
+            feature-space entropy of each image's M final images (docs/MATH.md §11.2), float64; None
+            for the other methods.
         clamped_pixels (`torch.Tensor` of shape `(B,)`): per image, the elements whose variance estimate came
             out ≤ 0 and were set to 0 (an exact zero that means "clamped", not "certain"); zeros where nothing
             was clamped (the trajectory estimators never clamp).
@@ -78,6 +81,7 @@ class BayesDiffOutput(BaseOutput):
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     draws: TrajectoryDraws | None = None
+    feature_entropy: torch.Tensor | None = None
     clamped_pixels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
