@@ -224,3 +224,6 @@ register(
 register(
     Score("random", lambda c: "random score (sanity: AUROC ≈ 0.5)", Derived("random", _random), verdict=False)
 )
+
+# VI, HMC and head ensembles register their scores from their own module (imported for that).
+from bayesdiff_ext.evaluation import inference_scores  # noqa: E402, F401

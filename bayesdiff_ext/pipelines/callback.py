@@ -19,6 +19,7 @@ from bayesdiff_ext.pipelines.base import BayesDiffPipeline
 from bayesdiff_ext.pipelines.callback_tangents import StepTangents
 from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.sampler.engine import StepEngine
+from bayesdiff_ext.sampler.learned_variance import aleatoric_source, uses_learned_variance
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.schedulers import MULTISTEP, describe
@@ -249,6 +250,11 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
+        if uses_learned_variance(pipeline.scheduler):
+            raise ValueError(
+                f"{type(pipeline.scheduler).__name__} has variance_type={pipeline.scheduler.config.variance_type!r}: "
+                "UncertaintyCallback does not follow a learned step variance; use BayesDiffSampler"
+            )
         if self._resolved.estimator == "linearised":
             self._steps = len(pipeline.scheduler.timesteps)
             self._tangents = StepTangents(self.posterior, self._resolved, pipeline.scheduler, call.sample[:batch], self.generator)
@@ -281,6 +287,9 @@ class UncertaintyCallback(PipelineCallback):
             plan, self.settings, moment_dtype=dtype, generator=generator, trace=self.trace is not None
         )
         self._engine.start(x_start)
+        self.settings["aleatoric_source"] = aleatoric_source(
+            pipeline.scheduler, self._recorder.model, self._engine.split_variance
+        )
         self._publish()
 
     def _guidance(self, pipeline, calls: list[_ModelCall], batch: int):

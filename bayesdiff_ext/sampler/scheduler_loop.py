@@ -16,13 +16,13 @@ import torch
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.posterior.perturbation import perturbed_head
 from bayesdiff_ext.randomness import Generators, ImageStreams
+from bayesdiff_ext.sampler.learned_variance import uses_learned_variance
 from bayesdiff_ext.sampler.model_call import scaled_model_input
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "SchedulerLoop", "generator_device", "generator_states"]
 
 #: Rows per model call when ``chunk_size`` is not given (rounded down to whole copies of the batch).
 DEFAULT_CHUNK_ROWS = 256
-_LEARNED_VARIANCE = ("learned", "learned_range")
 
 
 class SchedulerLoop:
@@ -44,7 +44,7 @@ class SchedulerLoop:
         elif eta:
             raise ValueError(f"eta={eta} but {type(template).__name__}.step takes no eta")
         self.takes_generator = "generator" in accepted
-        self.learned_variance = getattr(template.config, "variance_type", None) in _LEARNED_VARIANCE
+        self.learned_variance = uses_learned_variance(template)
         self.model_rows = 0
         self.chunks = 0
         self.bar = None

@@ -43,6 +43,7 @@ from bayesdiff_ext.posterior.perturbation import head_perturbation
 from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.randomness import Generators, ImageStreams, image_generators, restartable
 from bayesdiff_ext.sampler.initial_noise import initial_noise
+from bayesdiff_ext.sampler.learned_variance import aleatoric_source, check_learned_variance
 from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
@@ -213,6 +214,7 @@ class TrajectorySampler:
         loop that runs the copies; shared by the trajectory estimators. With ``features``, also φ̃ of
         the stock trajectory (:mod:`~bayesdiff_ext.sampler.feedback_free`) where the scheduler allows."""
         started = time.perf_counter()
+        check_learned_variance(self.scheduler, self.model, guidance)
         kwargs = dict(model_kwargs or {})
         if guidance is not None:
             kwargs = guidance.branch_kwargs(kwargs)
@@ -270,6 +272,7 @@ class StockRun:
             timesteps=template.timesteps.tolist() if template.timesteps is not None else None,
             posterior_structure=getattr(sampler.posterior, "structure", None),
             guidance=None if guidance is None else dict(scale=guidance.scale),
+            aleatoric_source=aleatoric_source(sampler.scheduler, sampler.model, self.stochastic),
             **(record or {}),
         )
         timings = dict(
