@@ -264,10 +264,12 @@ def test_sample_and_demo_agree_for_one_seed_at_any_batch_size(tmp_path, capsys):
     demo, sample = (load_file(tmp_path / name / "tensors.safetensors") for name in ("demo", "sample"))
     torch.testing.assert_close(sample["images"], demo["images"], rtol=1e-5, atol=1e-5)
     # float32 convolutions round differently in batches of 2 and 3; the Monte Carlo covariance is a
-    # difference of O(1) float32 moments, so each pixel keeps an absolute round-off of ~1e-7
+    # difference of O(1) float32 moments, so each pixel keeps an absolute round-off of ~1e-7, and a
+    # per-image sum of ~1e-2 over 256 pixels a relative one of ~1e-4; the batch dependence this test
+    # guards against moved scores by 7%
     variance = demo["variance"]
     torch.testing.assert_close(sample["variance"], variance, rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(sample["variance"].sum((1, 2, 3)), variance.sum((1, 2, 3)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(sample["variance"].sum((1, 2, 3)), variance.sum((1, 2, 3)), rtol=1e-3, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -148,11 +148,12 @@ class BayesDiffPipeline:
     ``.dtype``, ``.components``, the components (``.vae``, ``.scheduler``, ...),
     ``set_progress_bar_config`` and ``enable_model_cpu_offload`` are the pipeline's.
 
-    Wrapped (each with its default scheduler where the moment recurrence follows it):
-    ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
-    ``FluxPipeline``, ``PixArtSigmaPipeline``, ``DiTPipeline``, ``DDPMPipeline``, ``DDIMPipeline``.
-    Multistep schedulers (SD 1.5's PNDM, PixArt's DPM-Solver++ 2M) are refused by the recurrence with
-    a ValueError naming them; swap in DDIM/Euler, or use trajectory Monte Carlo.
+    Wrapped, each with its default scheduler: ``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
+    ``PixArtSigmaPipeline``, ``DiTPipeline``, ``DDPMPipeline``, ``DDIMPipeline``. The default preset
+    (trajectory Monte Carlo) and the linearised estimator run any scheduler's own step, multistep
+    ones included (SD 1.5's PNDM, PixArt-Σ's DPM-Solver++ 2M); the moment recurrence
+    (``preset='paper'``) refuses multistep schedulers with a ValueError naming them.
     """
 
     #: Every wrapper registers itself by declaring ``class BayesDiffXPipeline(BayesDiffPipeline, wraps=XPipeline)``.

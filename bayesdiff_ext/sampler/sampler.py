@@ -13,6 +13,12 @@ from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.engine import StepEngine
 from bayesdiff_ext.sampler.initial_noise import initial_noise
+from bayesdiff_ext.sampler.learned_variance import (
+    aleatoric_source,
+    check_learned_variance,
+    learned_step_variance,
+    uses_learned_variance,
+)
 from bayesdiff_ext.sampler.linearised import LinearisedSampler
 from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.sampler.results import BayesDiffOutput
@@ -32,11 +38,13 @@ class BayesDiffSampler:
             transformer (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
             ``SD3Transformer2DModel``, ``FluxTransformer2DModel``), called through
             :class:`~bayesdiff_ext.denoiser.Denoiser`.
-        scheduler: one of the schedulers described in :mod:`bayesdiff_ext.sampler.schedulers`:
-            ``DDIMScheduler`` (any η), ``DDPMScheduler`` (fixed variances),
-            ``DPMSolverSinglestepScheduler`` (orders 1–2), ``EulerDiscreteScheduler``,
-            ``EulerAncestralDiscreteScheduler`` and ``FlowMatchEulerDiscreteScheduler``
-            (deterministic or ``stochastic_sampling``); no ``clip_sample`` or thresholding.
+        scheduler: any diffusers scheduler for the trajectory estimators (they run its own
+            ``step``); for the moment recurrence (``preset='paper'``) one of those described in
+            :mod:`bayesdiff_ext.sampler.schedulers`: ``DDIMScheduler`` (any η), ``DDPMScheduler``
+            (fixed or learned variances), ``DPMSolverSinglestepScheduler`` (orders 1–2),
+            ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler`` and
+            ``FlowMatchEulerDiscreteScheduler`` (deterministic or ``stochastic_sampling``); no
+            ``clip_sample`` or thresholding.
         posterior: a :class:`~bayesdiff_ext.LastLayerLaplace` on the model's head (the sampler uses
             its ``capture()`` and ``predict(phi)``).
     """
@@ -114,6 +122,12 @@ class BayesDiffSampler:
           image sample (the paper's sampled trajectory); images then differ from the plain loop
           but are reproducible with ``generator``.
         * ``clamp`` clamps Var at 0 after every step; the returned variance is ≥ 0 always.
+        * A learned variance (``DDPMScheduler(variance_type='learned_range'|'learned')`` with a model of
+          2·C output channels): each step's c² is the per-element variance the scheduler computes from
+          the model's variance channels at the image sample (docs/MATH.md §15), and the image path
+          steps with the full output, as ``DDPMPipeline`` does. Not with ``guidance``.
+          ``settings['aleatoric_source']`` says where a run's aleatoric part comes from (the learned
+          variance, the scheduler's fixed noise, or none) and whether the model's variance went unused.
         * Var[x_0] is also split into ``aleatoric_variance`` (the sampler's own noise c²: DDPM,
           DDIM η > 0, Euler-Ancestral, stochastic flow matching, Euler's churn; zero for
           deterministic samplers) and ``epistemic_variance`` (the weight posterior), which add up
@@ -133,6 +147,35 @@ class BayesDiffSampler:
         * ``return_trace``: one dict per scheduler step with ``index``, ``timestep``,
           ``uncertainty_step``, ``monte_carlo`` and the moments after the step (``mean``,
           ``variance`` tensors and the per-image ``variance_sum``).
+
+        Args:
+            batch_size (`int`, *optional*): images B; needed when ``noise`` is not given.
+            noise (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): the unit-variance x_T draw
+                (latents in the model's layout); drawn from ``generator`` when omitted.
+            num_inference_steps (`int`, defaults to 50): the scheduler's steps.
+            generator (`torch.Generator` or a list of B of them, *optional*): a list gives image k
+                its own stream (``randomness.image_generators(seed, indices)``), so results do not
+                depend on the batch size.
+            eta (`float`, defaults to 0.0): DDIM's η (the sampler's own noise for η > 0).
+            preset (`str`, *optional*): ``'accurate'``, ``'fast'`` or ``'paper'``.
+            settings (`UncertaintySettings`, *optional*): a resolved settings object instead of
+                ``preset`` and the keyword arguments.
+            return_trace (`bool`, defaults to `False`): keep the per-step moments (recurrence).
+            model_kwargs (`dict`, *optional*): extra keyword arguments of every model call.
+            guidance (`ClassifierFreeGuidance`, *optional*): classifier-free guidance.
+            progress (`bool`, defaults to `True`): show a progress bar.
+            unet_kwargs (`dict`, *optional*): the former name of ``model_kwargs``.
+            scheduler_kwargs (`dict`, *optional*): extra keyword arguments of ``scheduler.step``.
+            set_timesteps_kwargs (`dict`, *optional*): extra keyword arguments of
+                ``scheduler.set_timesteps``.
+            **uncertainty: the estimator's arguments listed above.
+
+        Returns:
+            [`BayesDiffOutput`]: ``images`` `(B, C, H, W)` (the stock loop's), ``mean`` and
+            ``variance`` `(B, C, H, W)` (Var[x_0 | x_T] ≥ 0 in the sampler's space, float32 or
+            better), ``aleatoric_variance`` and ``epistemic_variance`` `(B, C, H, W)` adding up to
+            ``variance``, ``scores`` `(B,)` (the per-image sum), ``clamped_pixels``, ``settings``,
+            ``timings`` and, with ``return_trace``, ``trace``.
         """
         resolved = resolve_settings(preset, settings, **uncertainty)
         num_inference_steps = check_count("num_inference_steps", num_inference_steps)
@@ -157,6 +200,8 @@ class BayesDiffSampler:
         kwargs = _conditioning(model_kwargs, unet_kwargs)
         if guidance is not None:
             kwargs = guidance.branch_kwargs(kwargs)
+        learned_variance = uses_learned_variance(scheduler)
+        check_learned_variance(scheduler, self.model, guidance)
         x = self.draw_noise(batch_size, noise, generator)
         moment_dtype = accumulation_dtype(x)
         mc_generator = ImageStreams.derived(generator, x.shape[0], x.device, "monte_carlo")
@@ -165,7 +210,12 @@ class BayesDiffSampler:
         if hasattr(scheduler, "init_noise_sigma"):
             x = x * scheduler.init_noise_sigma
         engine = StepEngine(
-            description.steps(), settings, moment_dtype=moment_dtype, generator=mc_generator, trace=return_trace
+            description.steps(),
+            settings,
+            moment_dtype=moment_dtype,
+            generator=mc_generator,
+            trace=return_trace,
+            learned_variance=learned_variance,
         )
         engine.start(x)
         step_kwargs = description.step_kwargs()
@@ -173,15 +223,20 @@ class BayesDiffSampler:
         with model_call.capturing():
             for step in tqdm(engine.plan, desc="BayesDiff", disable=not progress):
                 t = scheduler.timesteps[step.index]
-                prediction, head_var = model_call(x, t, kwargs, want_head=engine.wants_head(step.index), guidance=guidance)
+                out, prediction, head_var = model_call.outputs(
+                    x, t, kwargs, want_head=engine.wants_head(step.index), guidance=guidance
+                )
                 engine.advance(
                     step,
                     t,
                     prediction,
                     head_var,
                     lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance, index=step.index),
+                    step_noise=learned_step_variance(scheduler, t, out, x.shape[1]) if learned_variance else None,
                 )
                 image_prediction = engine.image_prediction(step, prediction, head_var)
+                if learned_variance:  # the scheduler reads its noise variance from the channels after ε
+                    image_prediction = torch.cat([image_prediction, out[:, x.shape[1] :]], dim=1)
                 x = scheduler.step(image_prediction, t, x, generator=generator, **step_kwargs).prev_sample
                 _check_step_index(scheduler, step.index)
 
@@ -192,6 +247,7 @@ class BayesDiffSampler:
             timesteps=scheduler.timesteps.tolist(),
             posterior_structure=getattr(self.posterior, "structure", None),
             guidance=None if guidance is None else dict(scale=guidance.scale, variance=guidance.variance),
+            aleatoric_source=aleatoric_source(scheduler, self.model, engine.split_variance),
         )
         timings = dict(
             total_s=time.perf_counter() - started,
