@@ -69,7 +69,7 @@ CONFIGS = {
 }
 TRUTH_DRAWS, SEEDS = 64, (1, 2)
 #: What a run measures: every estimator, or only what decides the presets and the bars (the truth, the
-#: paper recurrence and the closed form, Sobol trajectories around the MAP up to M = 32 with the
+#: paper recurrence and the closed form, Sobol trajectories around the MAP up to M = 32 (--max-draws) with the
 #: control variate; a stochastic sampler: up to M = 32 draws in up to J = 64 noise streams).
 GRIDS = ("full", "presets")
 X_T_SEED = 0
@@ -148,9 +148,10 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
-    def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None):
+    def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
+                 max_draws: int = 32):
         self.name, self.config = name, CONFIGS[name]
-        self.truth_draws, self.grid, self.save = truth_draws, grid, save
+        self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
         self.unet, self.scheduler_config, self.posterior, self.described = setup()
         self.unet.to(device)
@@ -282,7 +283,7 @@ class Bench:
         if self.stochastic:
             kinds = {"independent": 16, "sobol": 16}
         if self.grid == "presets":
-            kinds = {"sobol": 32}
+            kinds = {"sobol": self.max_draws}
         for draws, most in kinds.items():
             streams = 2 * most if self.stochastic else None
             centre = "map" if self.stochastic else "mean"
@@ -402,7 +403,7 @@ def score_ceiling(reliability: dict) -> float | None:
 
 def _subsets(most: int, stochastic: bool) -> list[tuple[int, int]]:
     """(M, J) pairs for the table: M draws, J noise streams (1 for a deterministic sampler)."""
-    sizes = [m for m in (2, 4, 8, 16, 32) if m <= most]
+    sizes = [m for m in (2, 4, 8, 16, 32, 64, 128) if m <= most]
     if not stochastic:
         return [(m, 1) for m in sizes]
     return sorted({(m, j) for m in sizes for j in (m, 2 * m) if j >= 2})
@@ -574,6 +575,8 @@ def main() -> None:
     parser.add_argument("--truth-draws", type=int, default=TRUTH_DRAWS,
                         help="M of the truth (a stochastic sampler: M/2 noise streams, 2 draws each); default 64")
     parser.add_argument("--grid", choices=GRIDS, default="full", help="every estimator, or what decides the presets")
+    parser.add_argument("--max-draws", type=int, choices=(32, 64, 128), default=32,
+                        help="presets grid: the most Sobol draws (M = 8 … this; a stochastic sampler in up to 2M streams)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
@@ -588,7 +591,7 @@ def main() -> None:
         def save(result: dict) -> None:
             atomic_write(path, json.dumps(result, indent=1).encode())
 
-        result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save).run()
+        result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
         # every result file: <config>.json from the latest run, older runs kept beside it under other names
