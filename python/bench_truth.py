@@ -494,8 +494,8 @@ def render(results: list[dict]) -> str:
 PRESET_ROWS = {
     "fast": {False: ("control variate, sobol", "M=16, around the map"),
              True: ("trajectories, sobol", "M=16, J=32 noise streams, around the map")},
-    "accurate": {False: ("control variate, sobol", "M=32, around the map"),
-                 True: ("trajectories, sobol", "M=32, J=64 noise streams, around the map")},
+    "accurate": {False: ("control variate, sobol", "M=64, around the map"),
+                 True: ("trajectories, sobol", "M=64, J=64 noise streams, around the map")},
     "paper": {False: ("recurrence", "paper (Skip 5, S=10)"), True: ("recurrence", "paper (Skip 5, S=10)")},
 }
 
