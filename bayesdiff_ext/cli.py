@@ -228,7 +228,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         choices=PRESETS,
         default=None,
         help="what estimates Var[x_0 | x_T]: fast (the default: trajectory Monte Carlo, 16 weight draws), "
-        "accurate (32 draws), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's "
+        "accurate (64 draws; 64 noise streams on a stochastic sampler), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's "
         "reproduction, which does not track the truth). Their numbers: python/BENCHMARKS.md, bench_truth. "
         "The options below override the preset's values",
     )

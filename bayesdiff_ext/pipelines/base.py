@@ -66,7 +66,8 @@ _DECODE_STREAM = 0x5DEECE66D
 _UNCERTAINTY_DOC = """
         Uncertainty (keyword-only; None means not given, see `bayesdiff_ext.sampler.settings.resolve_settings`):
             preset (`str`, *optional*): `'fast'` (the default: trajectory Monte Carlo, 16 weight draws),
-                `'accurate'` (32 draws) or `'paper'` (BayesDiff's moment recurrence, Skip 5, S = 10).
+                `'accurate'` (64 draws; 64 noise streams on a stochastic sampler) or `'paper'`
+                (BayesDiff's moment recurrence, Skip 5, S = 10).
             settings (`UncertaintySettings`, *optional*): settings made before.
             estimator (`str`, *optional*): `'trajectories'`, `'linearised'` or `'recurrence'`.
             samples, draws, centre, noise_samples, chunk_size, control_variate (*optional*): the
