@@ -49,7 +49,7 @@ BAD_INPUT = (
 )
 
 #: ``--method`` values (bayesdiff_ext.methods.METHODS, repeated so that --help needs no torch).
-METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
+METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift", "weight-samples")
 #: ``--preset`` values and the default (bayesdiff_ext.sampler.settings, repeated for --help).
 PRESETS = ("accurate", "fast", "paper")
 DEFAULT_PRESET = "fast"
@@ -57,6 +57,10 @@ DRAWS = ("independent", "antithetic", "sobol")
 COVARIANCES = ("mc", "regression", "none")
 #: Methods that sample with their own models and take the recurrence's Skip and S for the sampler's noise only.
 REPEATED_METHODS = ("mc-dropout", "ensemble")
+#: weight-samples' M by default (bayesdiff_ext.methods.weight_samples.DEFAULT_WEIGHT_SAMPLES, repeated for --help).
+DEFAULT_WEIGHT_SAMPLES = 4
+#: The weight-samples method's per-image entropy, an ``--aggregation`` beside the variance's.
+FEATURE_ENTROPY = "feature_entropy"
 
 #: ``fit --inference`` values: laplace and bayesdiff_ext.posterior.inference.INFERENCES.
 INFERENCES = ("laplace", "vi", "mcmc", "head-ensemble")
@@ -224,7 +228,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         choices=PRESETS,
         default=None,
         help="what estimates Var[x_0 | x_T]: fast (the default: trajectory Monte Carlo, 16 weight draws), "
-        "accurate (32 draws), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's "
+        "accurate (64 draws; 64 noise streams on a stochastic sampler), paper (BayesDiff's moment recurrence, Skip 5 and S = 10: the paper's "
         "reproduction, which does not track the truth). Their numbers: python/BENCHMARKS.md, bench_truth. "
         "The options below override the preset's values",
     )
@@ -233,7 +237,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         type=_int_at_least(1),
         default=None,
         metavar="M",
-        help="trajectory presets: head-weight draws per image, each a whole trajectory",
+        help="trajectory presets: head-weight draws per image, each a whole trajectory; weight-samples: M, the "
+        f"draws fixed per trajectory (default {DEFAULT_WEIGHT_SAMPLES}; even for a stochastic sampler)",
     )
     g.add_argument("--draws", choices=DRAWS, default=None, help="trajectory presets: how the weights are drawn")
     g.add_argument(
@@ -275,7 +280,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         "Laplace from a full posterior), isotropic (Sigma = I/lambda from a diag posterior), mc-dropout (--passes "
         "samples of a UNet trained with dropout), ensemble (independently trained UNets, --ensemble), "
         "x0-drift (how much the predicted final image still moves over the last --last-steps steps: "
-        "no posterior, no extra model calls)",
+        "no posterior, no extra model calls), weight-samples (--samples M head weights drawn from the "
+        "posterior once (from --seed, the same for every image), each fixed along a whole trajectory from the "
+        "same x_T: the variance of the M final images, "
+        "and their entropy in the --features space as the score feature_entropy)",
     )
     g.add_argument(
         "--passes",
@@ -300,6 +308,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         help="x0-drift: the variance of the predicted x_0 over the last L steps (default 5)",
     )
     g.add_argument(
+        "--features",
+        default=None,
+        metavar="random_conv|PATH",
+        help="weight-samples: the feature space of the entropy: random_conv (a fixed-seed random conv net), or a "
+        "TorchScript file mapping images (N, C, H, W) to features (N, d); images are clamped to [-1, 1] first "
+        "(default random_conv)",
+    )
+    g.add_argument(
         "--ensemble",
         type=Path,
         nargs="+",
@@ -320,7 +336,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         default=("sum", {}),
         metavar="NAME[:K=V]",
         help="the image score that filters and sorts: sum (default, the paper's), mean, max, "
-        "percentile:q=95, patch_max:patch=4. All of them are written to scores.csv",
+        "percentile:q=95, patch_max:patch=4, or feature_entropy (--method weight-samples). All of them are "
+        "written to scores.csv",
     )
     g.add_argument(
         "--filter",
@@ -661,6 +678,12 @@ def _add_eval_command(commands) -> None:
         "--docs", type=Path, default=None, metavar="DIR", help="where EVALUATION.md and evaluation/ go (default: --out)"
     )
     evaluate.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted generation into --out from the batches kept in DIR.work/ (the same settings "
+        "are required; the result is bit-identical to an uninterrupted run)",
+    )
+    evaluate.add_argument(
         "--reuse",
         action="store_true",
         help="render from the cached run in --out, no sampling; its settings are the cache's (an option that asks "
@@ -761,9 +784,13 @@ def _check_run_options(args) -> tuple[Path, dict]:
     method, params = args.aggregation
     if method == "masked_mean":
         raise ValueError("--aggregation masked_mean needs a mask; use bayesdiff_ext.aggregation from Python")
-    if method not in REPORTED_SCORES:
-        raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(REPORTED_SCORES)}")
-    aggregation.check_aggregation(method, params)
+    if method == FEATURE_ENTROPY:
+        if args.method != "weight-samples" or params:
+            raise ValueError("--aggregation feature_entropy (no parameters) is the score of --method weight-samples")
+    elif method not in REPORTED_SCORES:
+        raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(REPORTED_SCORES)}, {FEATURE_ENTROPY}")
+    else:
+        aggregation.check_aggregation(method, params)
     rule, rule_params = args.filter
     aggregation.check_filter(rule, rule_params)
     if args.method == "x0-drift" and args.last_steps > args.steps:
@@ -772,13 +799,22 @@ def _check_run_options(args) -> tuple[Path, dict]:
         raise ValueError(
             f"--filter top_k:k={rule_params['k']} removes more images than --num-images {args.num_images}"
         )
-    if args.method in (*REPEATED_METHODS, "x0-drift"):
-        given = [f"--{k}" for k in ("preset", "samples", "draws", "covariance") if getattr(args, k) is not None]
+    if args.features is not None and args.method != "weight-samples":
+        raise ValueError(f"--features is the feature space of --method weight-samples' entropy; --method {args.method} takes none")
+    if args.method in (*REPEATED_METHODS, "x0-drift", "weight-samples"):
+        estimators = ("preset", "draws", "covariance")
+        if args.method == "weight-samples":
+            estimators += ("uq_every", "mc_samples")  # its draws are independent, around their mean
+        else:
+            estimators += ("samples",)
+        given = [f"--{k.replace('_', '-')}" for k in estimators if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} choose(s) the Laplace estimators; --method {args.method} takes none")
     else:
         _uncertainty_settings(args)  # refuse a bad combination before any work
     out_dir = check_output_dir(args.out if args.out is not None else timestamped_out_dir())
+    if method == FEATURE_ENTROPY:
+        return out_dir, dict(REPORTED_SCORES)
     return out_dir, {**REPORTED_SCORES, method: {**REPORTED_SCORES.get(method, {}), **params}}
 
 
@@ -792,12 +828,17 @@ def _sample_and_write(
     from bayesdiff_ext import aggregation
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
+    from bayesdiff_ext.io.outputs import LATENT_MOMENTS
+    from bayesdiff_ext.posterior.hfl import seed_batch_probes
     from bayesdiff_ext.randomness import image_generators
 
     out_dir, scores_to_report = run_options
     # The options the method's sample() takes; the recorded settings say what the run used.
     if args.method == "x0-drift":
         settings, uncertainty, recorded = None, {}, dict(last_steps=args.last_steps)
+    elif args.method == "weight-samples":
+        settings, uncertainty = None, {"weight_seed": args.seed}  # the same M draws for every image
+        recorded = dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=args.features or "random_conv")
     elif args.method in REPEATED_METHODS:
         settings = None
         uncertainty = {k: getattr(args, k) for k in ("uq_every", "mc_samples") if getattr(args, k) is not None}
@@ -823,7 +864,8 @@ def _sample_and_write(
     started = time.perf_counter()
 
     def sample_batch(indices):
-        _seed_probes(sampler, args.seed, indices)
+        # a batch must not depend on the batches before it (--resume, torchrun)
+        seed_batch_probes(getattr(sampler, "posterior", None), args.seed, indices[0])
         return sampler.sample(
             batch_size=len(indices),
             num_inference_steps=args.steps,
@@ -842,11 +884,14 @@ def _sample_and_write(
         torch.cat([getattr(r, k) for r in runs]).cpu()
         for k in ("images", "variance", "mean", "aleatoric_variance", "clamped_pixels")
     )
+    latent_moments = {k: torch.cat([getattr(r, k) for r in runs]).cpu() for k in LATENT_MOMENTS if hasattr(runs[0], k)}
     sampled = time.perf_counter()
 
     method, _ = args.aggregation
     rule, rule_params = args.filter
     scores = aggregation.aggregate_many(variance, scores_to_report)
+    if getattr(runs[0], FEATURE_ENTROPY, None) is not None:  # a weight-samples run with --features
+        scores[FEATURE_ENTROPY] = torch.cat([r.feature_entropy for r in runs]).cpu()
     decision = aggregation.filter_scores(scores[method], rule, **rule_params)
     settings = {
         **described,
@@ -887,6 +932,7 @@ def _sample_and_write(
         mean=mean,
         aleatoric_variance=aleatoric,
         clamped_pixels=clamped,
+        latent_moments=latent_moments,
     )
     path = write_run(out_dir, record)
     kept, total = len(decision.kept), len(decision.keep)
@@ -931,7 +977,8 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
             "PixArt-Sigma or DiT)"
         )
     device = _device(args.device)
-    recurrence = settings is None or settings.estimator == "recurrence"
+    # weight-samples runs trajectories: any scheduler, clipping and thresholding included
+    recurrence = args.method != "weight-samples" and (settings is None or settings.estimator == "recurrence")
     scheduler, scheduler_changes = _scheduler_for(args, base_scheduler, affine=recurrence)
     if recurrence:
         check_supported(scheduler, args.eta)
@@ -948,9 +995,12 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
         seed=args.seed,
         probes=args.probes if args.method == "hfl" else None,
         last_steps=args.last_steps,
+        **(_weight_samples_options(args, channels, device) if args.method == "weight-samples" else {}),
     )
     if settings is not None:
         how = _describe_uncertainty(settings)
+    elif args.method == "weight-samples":
+        how = f"{sampler.samples} head-weight draws fixed per trajectory, entropy in {args.features or 'random_conv'} features"
     elif args.method == "x0-drift":
         how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
     else:
@@ -961,12 +1011,24 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
     return sampler, scheduler, scheduler_changes, device, how
 
 
+def _weight_samples_options(args, channels: int, device) -> dict:
+    """weight-samples' M and its entropy's feature space (on ``device``), from --samples and --features."""
+    from bayesdiff_ext.methods.feature_entropy import ClampedFeatures
+    from bayesdiff_ext.metrics import RandomConvFeatures, load_feature_module
+
+    if args.features in (None, "random_conv"):
+        extractor = RandomConvFeatures(in_channels=channels, seed=0)
+    else:
+        extractor = load_feature_module(Path(args.features))
+    return dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=ClampedFeatures(extractor).to(device))
+
+
 def _pipeline_sampler(args, method_inputs: dict, settings):
     """(sampler, scheduler, its changes, device, a line on the method) of a pipeline folder: the
     pipeline wrapper with the run's conditioning, its own scheduler unless --sampler names one."""
     from bayesdiff_ext import BayesDiffPipeline
     from bayesdiff_ext.pipelines.batch_sampler import PipelineSampler
-    from bayesdiff_ext.sampler.schedulers import check_supported
+    from bayesdiff_ext.sampler.schedulers import MULTISTEP, check_supported
 
     pipe = method_inputs["pipeline"]
     if args.sampler == "ddpm" or args.eta:
@@ -977,6 +1039,13 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     device = _device(args.device)
     recurrence = settings is None or settings.estimator == "recurrence"
     scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler, affine=recurrence)
+    if recurrence and type(scheduler).__name__ in MULTISTEP:
+        raise ValueError(
+            f"the model's {type(scheduler).__name__} is a multistep scheduler (each step mixes earlier model "
+            "outputs), which the moment recurrence (--preset paper, --uq-every, --mc-samples, --covariance) does "
+            "not follow: leave those out for the default preset, trajectory Monte Carlo, which runs the model's own "
+            "scheduler, or pass --sampler ddim to swap one in"
+        )
     if recurrence:
         check_supported(scheduler, args.eta)
     pipe.scheduler = scheduler
@@ -1019,17 +1088,6 @@ def _refuse_pipeline_options(args) -> None:
                 f"--{flag.replace('_', '-')} applies to pipeline folders (Stable Diffusion, SDXL, SD3, Flux, "
                 f"PixArt-Sigma, DiT); {args.model} is an unconditional UNet model"
             )
-
-
-def _seed_probes(sampler, seed: int, indices: range) -> None:
-    """A batch must not depend on the batches before it (--resume, torchrun): HFL's random probes come
-    from a generator its calls share, so it restarts at (seed, the batch's first index)."""
-    from bayesdiff_ext.posterior.hfl import HessianFreePosterior
-    from bayesdiff_ext.randomness import derived_seed
-
-    structure = getattr(getattr(sampler, "posterior", None), "posterior", None)
-    if isinstance(structure, HessianFreePosterior):
-        structure.seed_probes(derived_seed(seed, indices[0], "probes"))
 
 
 def _posterior_description(posterior, path) -> dict:
@@ -1118,7 +1176,7 @@ def _run_sample(args) -> int:
         return _run_pipeline_sample(args, run_options)
     _refuse_pipeline_options(args)
     args.sampler = args.sampler or "ddim"
-    laplace = args.method in ("laplace", "trajectories", "hfl", "isotropic")
+    laplace = args.method in ("laplace", "trajectories", "hfl", "isotropic", "weight-samples")
     if laplace and args.posterior is None:
         raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
     if args.method == "ensemble" and not args.ensemble:
@@ -1301,6 +1359,7 @@ def _fit_pipeline(args, out: Path) -> int:
 
 
 def _run_eval(args) -> int:
+    from bayesdiff_ext.cli_session import batch_settings, current
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
     from bayesdiff_ext.evaluation.cache import cached_settings
 
@@ -1311,8 +1370,27 @@ def _run_eval(args) -> int:
     config = EvaluationConfig(
         **{**base, **given}, out_dir=args.out, docs_dir=args.docs, progress=not args.no_progress
     )
-    print(run_evaluation(config, reuse=args.reuse, label=args.label))
+    session = current()
+    if args.reuse:
+        if args.resume:
+            raise ValueError("--resume continues a generation and --reuse renders a cached run without one: give one of them")
+    else:
+        # the generation's batches are kept beside --out (--resume) and shared by torchrun's processes
+        session.open_work(batch_settings("eval", _eval_batch_options(config), "cpu"))
+    report = run_evaluation(config, reuse=args.reuse, label=args.label, run=session.run_batches)
+    if report is not None:  # process 0 writes the report
+        print(report)
     return 0
+
+
+def _eval_batch_options(config) -> dict:
+    """The generation settings of an eval, with the files and folders they name as paths (whose
+    contents then count, see batch_settings)."""
+    files = ("model", "scheduler", "data", "features", "posterior")
+    return {
+        name: Path(value) if name in files and value is not None and Path(value).expanduser().exists() else value
+        for name, value in config.generation().items()
+    }
 
 
 _COMMANDS = {"demo": _run_demo, "sample": _run_sample, "fit": _run_fit, "eval": _run_eval}

@@ -8,9 +8,10 @@ A front-door helper of :mod:`bayesdiff_ext.cli` (docs/ARCHITECTURE.md):
   progress and writes files. A process that fails tells the others, which stop with its error
   (:mod:`bayesdiff_ext.distributed`); a final status exchange ends every command.
 * SIGINT and SIGTERM stop the command with exit status 130 and 143.
-* ``sample`` and ``demo`` run in the work folder beside their output (:mod:`bayesdiff_ext.io.work_folder`):
-  locked (a second run into the same ``--out`` is refused), finished batches kept, ``--resume``
-  continuing an interrupted run with the same settings. Once the output is written it is removed.
+* ``sample``, ``demo`` and ``eval``'s generation run in the work folder beside their output
+  (:mod:`bayesdiff_ext.io.work_folder`): locked (a second run into the same ``--out`` is refused),
+  finished batches kept, ``--resume`` continuing an interrupted run with the same settings. Once the
+  output is written it is removed.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from bayesdiff_ext.io.work_folder import WorkFolder, work_folder_for
 
 __all__ = ["CommandSession", "Stopped", "current"]
 
-#: Commands that sample batch by batch into an output folder.
+#: Commands that sample batch by batch into an output folder (opened before the command runs).
 BATCH_COMMANDS = ("sample", "demo")
+#: Commands whose batches are kept for ``--resume`` (``eval`` opens its work folder once its settings are known).
+RESUMABLE = (*BATCH_COMMANDS, "eval")
 #: Options that do not change a batch's numbers (left out of the settings a resume must match).
 PRESENTATION = ("out", "resume", "no_progress", "debug", "device", "aggregation", "filter")
 
@@ -115,24 +118,29 @@ class CommandSession:
         args = self.args
         if not self.is_main:
             args.no_progress = True
-        if args.command == "eval" and self.world > 1:
-            raise ValueError(
-                f"bayesdiff eval runs in one process (its generation is not split across processes yet); "
-                f"run it without torchrun (this launch has {self.world})"
-            )
+        if args.command == "eval" and args.reuse and self.world > 1:
+            raise ValueError(f"bayesdiff eval --reuse renders in one process: run it without torchrun (this launch has {self.world})")
         if args.command not in BATCH_COMMANDS:
             return
         if args.out is None:
             args.out = distributed.broadcast(timestamped_out_dir())
         args.out = check_output_dir(args.out)  # its errors before the work folder beside it is made
-        if self.is_main:
-            self.work = WorkFolder.open(
-                args.out, run_settings(args), resume=args.resume, command=shlex.join(["bayesdiff", *self.argv])
-            )
-            if self.work.stale_owner is not None:
-                self.say(f"bayesdiff: a run into {args.out} was killed ({self.work.stale_owner.describe()}); taking over")
-            if args.resume and not self.work.resumed:
-                self.say(f"bayesdiff: nothing to resume in {self.work.path}; starting the run")
+        self.open_work(run_settings(args))
+
+    def open_work(self, settings: dict[str, Any]) -> None:
+        """Open and lock (process 0) the work folder beside ``--out`` for a run made by ``settings``
+        (:func:`batch_settings`); its batches are then kept, and a ``--resume`` continues them. A
+        failure (another run's lock, other settings) stops every process."""
+        args = self.args
+        with distributed.failing_together():
+            if self.is_main:
+                command = shlex.join(["bayesdiff", *self.argv])
+                self.work = WorkFolder.open(args.out, settings, resume=args.resume, command=command)
+                if self.work.stale_owner is not None:
+                    self.say(f"bayesdiff: a run into {args.out} was killed ({self.work.stale_owner.describe()}); taking over")
+                if args.resume and not self.work.resumed:
+                    self.say(f"bayesdiff: nothing to resume in {self.work.path}; starting the run")
+        distributed.barrier()
 
     # ------------------------------------------------------------------ what the commands use
     def say(self, message: str) -> None:
@@ -152,8 +160,8 @@ class CommandSession:
         return run_batches(sample_batch, num_images, batch_size, self.work)
 
     def resume_hint(self) -> str | None:
-        """How to continue an interrupted sampling run (process 0, once batches are kept)."""
-        if not self.is_main or self.args.command not in BATCH_COMMANDS or self.args.out is None:
+        """How to continue an interrupted run (process 0, once batches are kept)."""
+        if not self.is_main or self.args.command not in RESUMABLE or self.args.out is None:
             return None
         folder = work_folder_for(self.args.out)
         kept = len(list((folder / "batches").glob("*.safetensors"))) if folder.is_dir() else 0
@@ -181,12 +189,16 @@ def _without_out_and_resume(argv: list[str]) -> list[str]:
 
 
 def run_settings(args) -> dict[str, Any]:
-    """What makes a run's batches: every option but :data:`PRESENTATION`, the device type, the package
-    version, and a fingerprint of each file or folder an option names."""
-    settings: dict[str, Any] = {"command": args.command, "version": __version__, "device type": _device_type(args.device)}
-    for name, value in sorted(vars(args).items()):
-        if name in PRESENTATION or name == "command":
-            continue
+    """What makes a sampling run's batches: every option but :data:`PRESENTATION` (see :func:`batch_settings`)."""
+    options = {name: value for name, value in vars(args).items() if name not in PRESENTATION and name != "command"}
+    return batch_settings(args.command, options, args.device)
+
+
+def batch_settings(command: str, options: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """What makes a run's batches: ``options`` (by name), the device type, the package version, and a
+    fingerprint of each file or folder an option names (a ``Path``)."""
+    settings: dict[str, Any] = {"command": command, "version": __version__, "device type": _device_type(device)}
+    for name, value in sorted(options.items()):
         option = "--" + name.replace("_", "-")
         paths = value if isinstance(value, (list, tuple)) and value and isinstance(value[0], Path) else [value]
         if all(isinstance(p, Path) for p in paths):

@@ -44,6 +44,7 @@ __all__ = [
     "init_from_environment",
     "is_distributed",
     "is_main_process",
+    "one_process",
     "rank_and_world",
     "report_failure",
     "shard_batches",
@@ -59,6 +60,26 @@ class RankFailed(RuntimeError):
     """Another process of the group failed; the message names it and its error."""
 
 
+_ALONE = 0  # depth of the one_process() blocks being run
+
+
+@contextlib.contextmanager
+def one_process() -> Iterator[None]:
+    """Run a block as if this process were the only one: inside it every helper here sees process 0
+    of 1 and makes no collective call.
+
+    For work every process repeats in full so that each holds the same result bit for bit, e.g. a
+    posterior fitted on all the data (a fit in a process group otherwise sums the processes' shards,
+    which equals one process's fit only to round-off).
+    """
+    global _ALONE
+    _ALONE += 1
+    try:
+        yield
+    finally:
+        _ALONE -= 1
+
+
 def rank_and_world(state: Any = None) -> tuple[int, int]:
     """(this process's rank, the number of processes).
 
@@ -66,7 +87,11 @@ def rank_and_world(state: Any = None) -> tuple[int, int]:
         state: None for the default torch.distributed group (or one process when none is
             initialised), or an object with ``process_index`` and ``num_processes`` (accelerate's
             ``PartialState``).
+
+    Inside :func:`one_process`, (0, 1) whatever ``state`` says.
     """
+    if _ALONE:
+        return 0, 1
     if state is not None:
         rank, world = int(state.process_index), int(state.num_processes)
         if world > 1:

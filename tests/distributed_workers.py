@@ -15,7 +15,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace
-from bayesdiff_ext.distributed import RankFailed, gather_by_index, rank_and_world, shard_batches, shard_indices
+from bayesdiff_ext.distributed import (
+    RankFailed,
+    gather_by_index,
+    one_process,
+    rank_and_world,
+    shard_batches,
+    shard_indices,
+)
 from bayesdiff_ext.posterior.inference import _StatisticsLaplace
 from bayesdiff_ext.posterior.linear_gaussian import HeadStatistics
 from bayesdiff_ext.randomness import image_generators
@@ -97,6 +104,9 @@ def work(rank: int, world: int, folder: str) -> None:
         dataset = TensorDataset(images())
         loader = DataLoader(dataset, batch_size=FIT_BATCH, sampler=DistributedSampler(dataset, shuffle=True, seed=4))
         results["loader"] = summary(fit(unet, "diag", "ggn", loader))
+        with one_process():  # every process fits on all the images alone
+            results["alone"] = summary(fit(unet, "diag", "ggn", images()))
+            results["alone_world"] = rank_and_world(AccelerateLikeState(rank, world))
 
         posterior = fit(unet, "diag", "ggn", images())
         parts = [sample(unet, posterior, batch) for batch in shard_batches(NUM_SAMPLES, SAMPLE_BATCH)]

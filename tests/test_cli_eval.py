@@ -4,6 +4,7 @@ import argparse
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -146,7 +147,7 @@ def test_a_new_method_is_one_registered_score_and_a_cached_run_gains_it(evaluate
     from bayesdiff_ext import LastLayerLaplace
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
     from bayesdiff_ext.evaluation.cache import cached_settings
-    from bayesdiff_ext.evaluation.posteriors import PosteriorSpec
+    from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
     from bayesdiff_ext.evaluation.scores import SCORES, Score
     from bayesdiff_ext.evaluation.sources import CLOSED_FORM, SamplerRun
 
@@ -157,10 +158,14 @@ def test_a_new_method_is_one_registered_score_and_a_cached_run_gains_it(evaluate
         lambda p: LastLayerLaplace(p.subject.unet, "diag", prior_precision=1e4).fit_features(p.features()),
     )
     score = Score("strong_prior", lambda c: "diag, δ = 1e4, closed form", SamplerRun("strong_closed", strong_prior, lambda c: CLOSED_FORM))
-    monkeypatch.setattr("bayesdiff_ext.evaluation.scores.SCORES", [*SCORES, score])
+    # the run's own closed form again: supplemented on the cached images' x_T, it gives their scores
+    again = Score("closed_again", lambda c: "covariance_none again", SamplerRun("closed_again", DEFAULT, lambda c: CLOSED_FORM))
+    monkeypatch.setattr("bayesdiff_ext.evaluation.scores.SCORES", [*SCORES, score, again])
     config = EvaluationConfig(**cached_settings(out), out_dir=out, progress=False)
     run_evaluation(config, reuse=True)
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["strong_prior"]["n"] == 24
+    with np.load(out / "filtering_run.npz") as cache:
+        np.testing.assert_allclose(cache["score__closed_again"], cache["score__covariance_none"], rtol=1e-6)
     assert "strong_closed" in results["meta"]["supplemented"]
     assert "diag, δ = 1e4, closed form" in (out / "EVALUATION.md").read_text()

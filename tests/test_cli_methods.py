@@ -179,3 +179,58 @@ def test_demo_with_x0_drift(tmp_path, capsys):
     assert check_run_folder(out, 2)["settings"]["last_steps"] == 3
     code, _, err = run([*argv[:-1], tmp_path / "default"], capsys)
     assert_one_line_error(code, err, "--last-steps 5 compares more steps than the run has (--steps 4)")
+
+
+def test_weight_samples_writes_its_maps_and_both_scores_and_matches_the_python_method(tiny, tmp_path, capsys):
+    import torch
+    from diffusers import DDIMScheduler
+    from safetensors.torch import load_file
+
+    from bayesdiff_ext.io.inputs import load_model
+    from bayesdiff_ext.methods import sampler_for
+    from bayesdiff_ext.methods.feature_entropy import ClampedFeatures
+    from bayesdiff_ext.metrics import RandomConvFeatures
+    from bayesdiff_ext.posterior import load_posterior
+    from bayesdiff_ext.randomness import image_generators
+
+    posterior_file = tiny / "posterior.safetensors"
+    sizes = ["--num-images", "3", "--batch-size", "2", "--steps", "4", "--no-progress"]
+    argv = ["sample", "--model", tiny / "model", "--posterior", posterior_file, *sizes, "--method", "weight-samples"]
+    out = tmp_path / "run"
+    code, _, err = run([*argv, "--samples", "3", "--seed", "5", "--aggregation", "feature_entropy", "--out", out], capsys)
+    assert code == 0, err
+    names = [f"{i:05d}.png" for i in range(3)]
+    assert sorted(p.name for p in (out / "uncertainty").iterdir()) == names
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert {"sum", "feature_entropy", "kept"} <= set(rows[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["primary_aggregation"] == "feature_entropy"
+    settings = summary["settings"]
+    assert settings["method"] == "weight-samples" and settings["samples"] == 3 and settings["features"] == "random_conv"
+    assert settings["sampler_settings"]["draws"] == "independent" and settings["sampler_settings"]["centre"] == "mean"
+    assert settings["sampler_settings"]["weight_seed"] == 5
+
+    unet, scheduler = load_model(tiny / "model", None)
+    sampler = sampler_for(
+        "weight-samples", unet, DDIMScheduler.from_config(scheduler.config, clip_sample=False),
+        posterior=load_posterior(posterior_file, unet), samples=3,
+        features=ClampedFeatures(RandomConvFeatures(in_channels=1, seed=0)),
+    )
+    expected = [  # the CLI draws image k from (seed, k), the weights once from seed
+        sampler.sample(batch_size=len(b), num_inference_steps=4, generator=image_generators(5, b), progress=False,
+                       weight_seed=5)
+        for b in (range(0, 2), range(2, 3))
+    ]
+    written = load_file(out / "tensors.safetensors")
+    torch.testing.assert_close(written["variance"], torch.cat([e.variance for e in expected]).to(written["variance"].dtype))
+    torch.testing.assert_close(written["scores.feature_entropy"], torch.cat([e.feature_entropy for e in expected]))
+    assert [float(r["feature_entropy"]) for r in rows] == pytest.approx(written["scores.feature_entropy"].tolist())
+    assert min(float(r["sum"]) for r in rows) > 0
+
+    code, _, err = run([*argv, "--preset", "fast", "--out", tmp_path / "bad"], capsys)
+    assert_one_line_error(code, err, "--preset choose(s) the Laplace estimators; --method weight-samples takes none")
+    code, _, err = run(["sample", "--model", tiny / "model", *sizes, "--aggregation", "feature_entropy",
+                        "--posterior", posterior_file, "--out", tmp_path / "bad2"], capsys)
+    assert_one_line_error(code, err, "--aggregation feature_entropy (no parameters) is the score of --method weight-samples")
+    code, _, err = run([*argv[:-2], "--method", "laplace", "--features", "random_conv", "--out", tmp_path / "bad3"], capsys)
+    assert_one_line_error(code, err, "--features is the feature space of --method weight-samples' entropy")

@@ -12,6 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import cli_failing_process
+from test_cli_eval import _run_plain, folder  # noqa: F401  (the tiny model folder fixture)
+from test_cli_eval_resume import assert_same_cache, eval_argv
+
 from bayesdiff_ext import LastLayerLaplace, cli, digits
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -62,6 +65,18 @@ def test_torchrun_fit_saves_the_single_process_posterior(tmp_path):
     assert two.prior_precision == pytest.approx(one.prior_precision, rel=1e-10)
     for name, tensor in one.posterior.tensors().items():
         torch.testing.assert_close(two.posterior.tensors()[name], tensor, rtol=1e-12, atol=0)
+
+
+def test_torchrun_eval_writes_the_single_process_cache(folder, tmp_path):  # noqa: F811
+    """Two processes share the generation's batches (process r takes batches r, r + 2, ...); process 0
+    gathers them and writes the cache and the report: the same images and scores as one process."""
+    code, _, err = _run_plain(eval_argv(folder, tmp_path / "one"))
+    assert code == 0, err
+    result = launch([*TORCHRUN, "-m", "bayesdiff_ext", *eval_argv(folder, tmp_path / "two")])
+    assert result.returncode == 0, result.stderr
+    assert_same_cache(tmp_path / "two", tmp_path / "one")
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "two" / "EVALUATION.md")  # process 0 reports
+    assert not Path(f"{tmp_path / 'two'}.work").exists()
 
 
 def test_a_failing_process_stops_both_leaves_no_output_and_the_run_resumes(one_process, tmp_path):

@@ -15,6 +15,7 @@ from bayesdiff_ext.distributed import (
     RankFailed,
     gather_by_index,
     global_batches,
+    one_process,
     rank_and_world,
     shard_batches,
     shard_indices,
@@ -104,6 +105,17 @@ def test_an_accelerate_like_state_gives_the_same_shards(ranks):
 
 
 @two_processes
+def test_inside_one_process_each_process_fits_alone_bit_for_bit(ranks, unet):
+    expected = workers.summary(workers.fit(unet, "diag", "ggn", workers.images()))
+    for rank in ranks:
+        assert rank["alone_world"] == (0, 1)
+        assert rank["alone"]["stats"] == expected["stats"]
+        assert (rank["alone"]["sigma"], rank["alone"]["delta"]) == (expected["sigma"], expected["delta"])
+        for name, tensor in expected["tensors"].items():
+            assert torch.equal(rank["alone"]["tensors"][name], tensor), name
+
+
+@two_processes
 def test_a_failing_process_stops_the_other_with_its_error(ranks):
     assert ranks[1]["failure"] == ("ValueError", workers.FAILURE)
     kind, message = ranks[0]["failure"]
@@ -124,6 +136,8 @@ def test_one_process_helpers():
         gather_by_index([0, 1, 2], torch.zeros(2))
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         rank_and_world(workers.AccelerateLikeState(0, 2))
+    with one_process():
+        assert rank_and_world(workers.AccelerateLikeState(1, 2)) == (0, 1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         global_batches(3, 0)
 

@@ -14,9 +14,8 @@ from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
 from bayesdiff_ext.evaluation.ranking import advantage, detection, kept_by_score, kept_count, random_subsets
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
 from bayesdiff_ext.evaluation.scores import SCORES, forwards
-from bayesdiff_ext.evaluation.sources import CLOSED_FORM, Batch, Context, X0Drift
-from bayesdiff_ext.evaluation.weight_samples import draw_head_weights, fixed_weight_samples
-from bayesdiff_ext.methods import X0DriftSampler
+from bayesdiff_ext.evaluation.sources import CLOSED_FORM, Batch, Context, WeightSamples, X0Drift
+from bayesdiff_ext.methods import WeightSamplesSampler, X0DriftSampler
 from bayesdiff_ext.posterior import LastLayerLaplace
 from bayesdiff_ext.sampler import BayesDiffSampler
 
@@ -85,23 +84,36 @@ def test_replay_runs_the_real_unet_for_inputs_off_the_recorded_path(tiny):
     assert out.variance.min() >= 0
 
 
-def test_fixed_weight_samples_leave_the_head_alone_and_vary_with_the_posterior(tiny):
+def test_the_evaluations_weight_samples_are_the_methods_own_on_the_recorded_images(tiny):
+    """The evaluation runs the weight-samples method (the same M draws for every image, from seed + 1),
+    its stock image is the recorded one, and the model's head is left as it was."""
     unet, scheduler, posterior = tiny
-    head_before = unet.conv_out.weight.clone()
-    sampler = BayesDiffSampler(unet, scheduler, posterior)
-    noise = torch.randn(3, 1, 8, 8)
-    finals = fixed_weight_samples(sampler, noise, samples=3, seed=0, steps=3, progress=False)
-    assert finals.shape == (3, 3, 1, 8, 8) and bool((finals.var(dim=0).flatten(1).sum(1) > 0).all())
-    assert torch.equal(unet.conv_out.weight, head_before)
-    assert not unet.conv_out._forward_hooks
-    weights, _ = draw_head_weights(posterior, 4000, seed=0)
-    inputs = posterior.posterior.op_inputs(posterior.precision_scale, posterior.prior_precision)
-    torch.testing.assert_close(
-        weights.to(torch.float64).var(dim=0),
-        inputs["weight_var"].reshape(weights.shape[1:]),
-        rtol=0.1,
-        atol=0,
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    recorded = BayesDiffSampler(unet, scheduler, posterior).sample(
+        noise=noise, num_inference_steps=3, progress=False, **CLOSED_FORM
     )
+    head_before = unet.conv_out.weight.clone()
+
+    class Posteriors:
+        def get(self, spec):
+            return posterior
+
+    class Subject:
+        pass
+
+    subject = Subject()
+    subject.unet, subject.scheduler = unet, scheduler
+    config = EvaluationConfig(steps=3, weight_samples=3, seed=4, drift_last_steps=2, progress=False)
+    out = WeightSamples().run(Context(subject, config, Posteriors()), Batch(noise, [], reference=recorded.images))
+    method = WeightSamplesSampler(unet, scheduler, posterior, samples=3).sample(
+        noise=noise, num_inference_steps=3, progress=False, return_draws=True, weight_seed=5
+    )
+    assert out.samples.shape == (3, 3, 1, 8, 8) and bool((out.variance.flatten(1).sum(1) > 0).all())
+    torch.testing.assert_close(out.variance, method.variance.to(torch.float64))
+    torch.testing.assert_close(out.samples, method.draws.finals.flatten(0, 1).to(torch.float64))
+    assert torch.equal(unet.conv_out.weight, head_before) and not unet.conv_out._forward_hooks
+    with pytest.raises(RuntimeError, match="left the recorded image path"):
+        WeightSamples().run(Context(subject, config, Posteriors()), Batch(noise, [], reference=recorded.images + 1))
 
 
 def test_the_evaluations_x0_drift_is_the_methods_own_from_the_recorded_calls(tiny):
@@ -293,3 +305,7 @@ def test_a_monte_carlo_run_repeats_exactly_and_depends_on_the_batchs_place(tiny)
     first, again = (run.run(context, Batch(noise, start=10)).variance for _ in range(2))
     assert torch.equal(first, again)
     assert not torch.equal(first, run.run(context, Batch(noise, start=12)).variance)
+    # image 11's Monte Carlo draws are its own (seed, 11): alone it gets the same variance (up to the
+    # float32 rounding of another batch size)
+    alone = run.run(context, Batch(noise[1:], start=11)).variance
+    torch.testing.assert_close(alone[0], first[1], rtol=1e-4, atol=1e-7)

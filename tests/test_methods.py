@@ -59,6 +59,7 @@ def test_every_method_samples_with_the_same_outputs():
         "mc-dropout": sampler_for("mc-dropout", tiny_unet(channels=1, dropout=0.2), ddim(), passes=2),
         "ensemble": sampler_for("ensemble", unet, ddim(), members=[tiny_unet(channels=1, seed=1)]),
         "x0-drift": sampler_for("x0-drift", unet, ddim(), last_steps=2),
+        "weight-samples": sampler_for("weight-samples", unet, ddim(), posterior=full, samples=2),
     }
     assert set(made) == set(METHODS)
     assert isinstance(made["mc-dropout"], MCDropoutSampler) and isinstance(made["ensemble"], EnsembleSampler)

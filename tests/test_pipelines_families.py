@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 from pipeline_components import (
     dit_pipeline,
@@ -207,11 +207,91 @@ def test_wrappers_refuse_what_is_not_linear_or_not_theirs(name, arguments, match
         BayesDiffPipeline.from_pipe(pipe, posterior)(**call, **arguments)
 
 
+# SD 1.5 and PixArt-Σ with their default multistep schedulers, and the DDIM family whose weights they share
+DEFAULT_SCHEDULERS = {"sd15-pndm": (sd15_pipeline, "sd15-ddim"), "pixart-dpm-solver": (pixart_pipeline, "pixart-ddim")}
+
+
+def default_scheduler_family(name):
+    """(pipe with its default scheduler, the posterior fitted on the same weights, stock call)."""
+    make, fitted = DEFAULT_SCHEDULERS[name]
+    _, posterior, call = family(fitted)
+    pipe = make()
+    return pipe, posterior.for_model(getattr(pipe, "unet", None) or pipe.transformer), call
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_SCHEDULERS))
+def test_default_multistep_schedulers_run_through_the_wrapper_with_the_default_preset(name):
+    """PNDM (PLMS, skip_prk_steps) and DPM-Solver++ 2M: trajectory Monte Carlo runs their own loop, so the
+    images are the stock call's and the maps come through the VAE."""
+    pipe, posterior, call = default_scheduler_family(name)
+    scheduler = type(pipe.scheduler).__name__
+    stock = pipe(generator=seeded(), **call).images
+    out = BayesDiffPipeline.from_pipe(pipe, posterior)(generator=seeded(), decode_samples=3, **call)
+    assert np.array_equal(stock, out.images)
+    assert out.settings["estimator"] == "trajectories" and out.settings["preset"] == "fast"
+    assert out.settings["scheduler"] == scheduler and type(pipe.scheduler).__name__ == scheduler
+    assert out.variance.shape == out.mean.shape == (BATCH, 4, 8, 8)
+    _finite_nonnegative(out.variance)
+    assert out.pixel_variance.shape == (BATCH, 3, SIZE, SIZE)
+    _finite_nonnegative(out.pixel_variance)
+    latents = pipe(generator=seeded(), **{**call, "output_type": "latent"}).images
+    decoded = BayesDiffPipeline.from_pipe(pipe, posterior).decoder(SIZE, SIZE)(latents)
+    assert np.array_equal(pipe.image_processor.postprocess(decoded, output_type="np"), stock)
+    # the linearised estimator's tangents run the same loop inside torch.func (set_timesteps outside it)
+    linearised = BayesDiffPipeline.from_pipe(pipe, posterior)(
+        generator=seeded(), estimator="linearised", samples=2, decode_samples=0, **call
+    )
+    assert np.array_equal(stock, linearised.images)
+    _finite_nonnegative(linearised.variance)
+
+
+@pytest.mark.parametrize("name", [*DEFAULT_SCHEDULERS, "sdxl", "flux-true-cfg"])
+def test_callback_runs_the_linearised_estimator_with_the_wrappers_moments(name):
+    """The callback's tangents, carried step by step through a copy of the pipeline's scheduler, give the
+    wrapper's linearised variance (its tangents of the whole trajectory): PNDM, DPM-Solver++ 2M (PixArt-Σ's
+    older callback=), Euler and Flux's two forwards per step."""
+    pipe, posterior, call = default_scheduler_family(name) if name in DEFAULT_SCHEDULERS else family(name)
+    settings = dict(estimator="linearised", samples=3)
+    stock = pipe(generator=seeded(), **call).images
+    generator = seeded()
+    scale = SCALE if name.startswith(("pixart", "flux")) else None
+    callback = UncertaintyCallback(posterior, generator=generator, guidance_scale=scale, **settings)
+    if name.startswith("pixart"):
+        images = pipe(generator=generator, callback=callback.legacy(pipe), **call).images
+    else:
+        images = pipe(generator=generator, callback_on_step_end=callback, **call).images
+    assert np.array_equal(stock, images)
+    wrapped = BayesDiffPipeline.from_pipe(pipe, posterior)(
+        generator=seeded(), decode_samples=3, decode_generator=seeded(9), **settings, **call
+    )
+    output = callback.output
+    assert output.settings["estimator"] == "linearised"
+    assert output.settings["scheduler"] == type(pipe.scheduler).__name__
+    torch.testing.assert_close(output.mean, wrapped.mean)
+    torch.testing.assert_close(output.variance, wrapped.variance, rtol=1e-4, atol=1e-6)
+    _finite_nonnegative(output.variance)
+    pixels = callback.pixel_moments(pipe, samples=3, generator=seeded(9), height=SIZE, width=SIZE)
+    torch.testing.assert_close(pixels.variance, wrapped.pixel_variance, rtol=1e-3, atol=1e-6)
+
+
+def test_callback_linearised_refuses_a_step_that_draws_noise():
+    pipe, posterior, call = default_scheduler_family("sd15-pndm")
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    callback = UncertaintyCallback(posterior, estimator="linearised", samples=2)
+    with pytest.raises(ValueError, match="EulerAncestralDiscreteScheduler draws noise in its step"):
+        pipe(generator=seeded(), callback_on_step_end=callback, **call)
+    assert not pipe.unet._forward_hooks
+    with pytest.raises(ValueError, match="return_trace"):
+        UncertaintyCallback(posterior, estimator="linearised", return_trace=True)
+    with pytest.raises(ValueError, match="trajectory Monte Carlo use BayesDiffPipeline"):
+        UncertaintyCallback(posterior, estimator="trajectories")
+
+
 def test_default_multistep_schedulers_are_refused_by_name():
     """SD 1.5's PNDM and PixArt-Σ's DPM-Solver++ 2M: the recurrence (preset 'paper') names them and
     trajectory Monte Carlo, which runs them (the default preset)."""
-    for make, fitted in ((sd15_pipeline, "sd15-ddim"), (pixart_pipeline, "pixart-ddim")):
-        pipe, (_, posterior, call) = make(), family(fitted)  # the same weights, the default scheduler
+    for family_name in DEFAULT_SCHEDULERS:
+        pipe, posterior, call = default_scheduler_family(family_name)
         name = type(pipe.scheduler).__name__
         with pytest.raises(ValueError, match=f"{name} is a multistep scheduler.*estimator='trajectories'"):
             BayesDiffPipeline.from_pipe(pipe, posterior)(preset="paper", **call)
@@ -223,7 +303,7 @@ def test_callback_refuses_forms_it_cannot_follow():
         pipe(callback_on_step_end=UncertaintyCallback(posterior, mc_samples=2), **call)
     pipe = sd15_pipeline()  # SD 1.5's PNDM: the callback cannot run the trajectories the refusal names
     _, posterior, call = family("sd15-ddim")
-    with pytest.raises(ValueError, match="PNDMScheduler is a multistep.*run BayesDiffPipeline"):
+    with pytest.raises(ValueError, match="PNDMScheduler is a multistep.*estimator='linearised'.*run BayesDiffPipeline"):
         pipe(callback_on_step_end=UncertaintyCallback(posterior.for_model(pipe.unet), mc_samples=2), **call)
     pipe, posterior, call = family("sd3")
     with pytest.raises(ValueError, match="skip_guidance_layers"):

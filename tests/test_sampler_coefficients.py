@@ -170,7 +170,7 @@ def test_dpm_solver_2_coefficients_match_the_scheduler(
         (DDIMScheduler(), "clip_sample=False"),
         (DDPMScheduler(), "clip_sample=False"),
         (DDIMScheduler(clip_sample=False, thresholding=True), "thresholding"),
-        (DDPMScheduler(clip_sample=False, variance_type="learned_range"), "variance_type"),
+        (DDPMScheduler(clip_sample=False, variance_type="fixed_large_log"), "variance_type"),
         (DDIMScheduler(clip_sample=False, prediction_type="flow"), "prediction_type"),
         (DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
         (DPMSolverSinglestepScheduler(solver_order=3), "solver_order"),

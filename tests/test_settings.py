@@ -102,9 +102,9 @@ def test_callback_defaults_to_the_paper_preset_and_refuses_trajectories(unet_and
     callback = UncertaintyCallback(posterior)
     assert callback.settings["preset"] == "paper" and callback.settings["uq_every"] == 5
     callback.close()
-    with pytest.raises(ValueError, match="moment recurrence with mode='deterministic' only"):
+    with pytest.raises(ValueError, match=r"mode='deterministic' or the linearised estimator \(got estimator='trajectories'\)"):
         UncertaintyCallback(posterior, preset="accurate")
-    with pytest.raises(ValueError, match="mode='deterministic' only"):
+    with pytest.raises(ValueError, match=r"\(got estimator='recurrence', mode='bayesdiff'\)"):
         UncertaintyCallback(posterior, mode="bayesdiff")
 
 

@@ -6,7 +6,7 @@ compares filtering by each score with random removal (FID, KID, CMMD, PRDC over 
 of a quality oracle's worst images (AUROC, Spearman), and writes figures and the model's section of
 ``EVALUATION.md``. Modules, one job each: ``config`` (settings), ``subject`` (what is evaluated),
 ``posteriors``, ``sources`` (how scores sample) and ``scores`` (the registry of what is compared),
-``replay``, ``weight_samples``, ``sweep``, ``cost``, ``progress``, ``generation``, ``cache``,
+``replay``, ``sweep``, ``cost``, ``progress``, ``generation``, ``cache``,
 ``oracle``, ``ranking``, ``analysis``, ``figures``, ``report``, ``pipeline``.
 
 Importing this package loads only the settings (no torch), so that the command line's help can

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from bayesdiff_ext import metrics
+from bayesdiff_ext.batch_runner import run_batches
+from bayesdiff_ext.distributed import is_main_process, shard_batches
 from bayesdiff_ext.evaluation import figures
 from bayesdiff_ext.evaluation.analysis import REFERENCE, analyse
 from bayesdiff_ext._version import library_versions
 from bayesdiff_ext.evaluation.cache import CACHE_NAME, cached_settings, check_settings, load_cache, save_cache
 from bayesdiff_ext.evaluation.cost import PLAIN, PLAIN_RUN, measure_costs, score_costs, seconds
-from bayesdiff_ext.evaluation.generation import Generated, generate, initial_noise
+from bayesdiff_ext.evaluation.generation import NOISE_RULE, Generated, generate, initial_noise
 from bayesdiff_ext.evaluation.oracle import classifier_confidence, knn_realism
 from bayesdiff_ext.evaluation.posteriors import Posteriors
 from bayesdiff_ext.evaluation.progress import RunClock, planned_images
@@ -50,30 +52,41 @@ def _subject_info(subject, features) -> dict:
     )
 
 
-def _generate(context, scores, started) -> tuple[Generated, dict, dict]:
+def _generate(context, scores, started, run) -> tuple[Generated, dict, dict] | None:
+    """The run's images and scores (through ``run``, see :func:`generate`), the cost of each source
+    and the run's description; None on a process other than 0, which measures no cost and writes
+    nothing."""
     config, subject = context.config, context.subject
     sources = batch_sources(scores)
+    main = is_main_process()
     with torch.no_grad():
         for source in (PLAIN_RUN, *sources):
             if isinstance(source, SamplerRun):
                 context.posteriors.get(source.posterior)
         fitted = time.perf_counter()
-        noise = initial_noise(config, subject.shape)[: config.cost_images]
-        print(f"timing every method on the same batch of {len(noise)} images", flush=True)
-        source_costs = measure_costs(context, sources, noise)
-        plain = source_costs[PLAIN]
-        # In the run, the sources on the recorded path skip its UNet calls (replay): their time on
-        # their own less plain sampling's.
-        rates = {
-            s.name: source_costs[s.name] - plain if s.shares_path and s is not RECORDING else source_costs[s.name]
-            for s in sources
-        }
-        rates = {name: max(rate, 0.0) for name, rate in rates.items()}
-        sweep_s = len(config.sweep_sigmas) * len(config.sweep_priors) * config.sweep_images * rates[RECORDING.name]
-        clock = RunClock(rates, planned_images(sources, config), sweep_s, config.progress)
-        clock.start(f"a batch of {len(noise)} images")
+        rates, source_costs, sweep_s = {source.name: 0.0 for source in sources}, {}, 0.0
+        if main:
+            noise = initial_noise(config, subject.shape, range(config.cost_images))
+            print(f"timing every method on the same batch of {len(noise)} images", flush=True)
+            source_costs = measure_costs(context, sources, noise)
+            plain = source_costs[PLAIN]
+            # In the run, the sources on the recorded path skip its UNet calls (replay): their time on
+            # their own less plain sampling's.
+            rates = {
+                s.name: source_costs[s.name] - plain if s.shares_path and s is not RECORDING else source_costs[s.name]
+                for s in sources
+            }
+            rates = {name: max(rate, 0.0) for name, rate in rates.items()}
+            sweep_s = len(config.sweep_sigmas) * len(config.sweep_priors) * config.sweep_images * rates[RECORDING.name]
+        # this process's share of the batches (the progress bar is process 0's)
+        planned = planned_images(sources, config, shard_batches(config.num_images, config.batch_size))
+        clock = RunClock(rates, planned, sweep_s, config.progress)
+        if main:
+            clock.start(f"a batch of {config.cost_images} images")
         generation_started = time.perf_counter()
-        generated = generate(context, scores, clock)
+        generated = generate(context, scores, clock, run)
+    if generated is None:
+        return None
     meta = dict(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions=dict(library_versions(), threads=torch.get_num_threads()),
@@ -84,6 +97,7 @@ def _generate(context, scores, started) -> tuple[Generated, dict, dict]:
             generation=time.perf_counter() - generation_started,
         ),
         config=config.as_dict(),
+        x_T=NOISE_RULE,
     )
     return generated, source_costs, meta
 
@@ -94,7 +108,11 @@ def _supplement(context, scores, generated: Generated, source_costs: dict, meta:
     missing = [s for s in scores if s.name not in generated.scores]
     if not missing:
         return False
-    noise = initial_noise(config, generated.images.shape[1:])
+    shape = generated.images.shape[1:]
+    if meta.get("x_T") == NOISE_RULE:
+        noise = initial_noise(config, shape, range(config.num_images))
+    else:  # a cache made before x_T was drawn per image: its N images from one stream
+        noise = torch.randn((config.num_images, *shape), generator=torch.Generator().manual_seed(config.seed))
     for source in batch_sources([s for s in missing if not isinstance(s.source, Derived)]):
         if source is RECORDING or source.name in source_costs:
             continue
@@ -135,8 +153,13 @@ def _read_summaries(figure_root: Path) -> dict:
     return found
 
 
-def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Path:
+def run_evaluation(config, reuse: bool = False, label: str | None = None, run=run_batches) -> Path | None:
     """Run the filtering evaluation (docs/MATH.md §3) with ``config``; returns the report's path.
+
+    The generation's batches go through ``run`` (:func:`~bayesdiff_ext.batch_runner.run_batches`, or
+    a command session's, which keeps them in a work folder for ``--resume``); in a process group the
+    processes share them and process 0 alone measures costs, analyses and writes (the others return
+    None). The images and scores do not depend on how the batches were shared or resumed.
 
     Writes ``config.out_dir``/``filtering_run.npz`` (the generated images, scores, maps, traces,
     sweep, costs and the settings that made them: ``reuse=True`` starts from it instead of sampling,
@@ -158,7 +181,10 @@ def run_evaluation(config, reuse: bool = False, label: str | None = None) -> Pat
         if _supplement(context, scores, generated, source_costs, meta):
             save_cache(cache, generated, source_costs, meta)
     else:
-        generated, source_costs, meta = _generate(context, scores, started)
+        made = _generate(context, scores, started, run)
+        if made is None:  # another process than 0: process 0 writes the cache and the report
+            return None
+        generated, source_costs, meta = made
         save_cache(cache, generated, source_costs, meta)
     analysis_started = time.perf_counter()
     docs_dir = Path(config.docs_dir) if config.docs_dir is not None else out_dir

@@ -9,12 +9,14 @@ image, seeded), so their differences come from the structure and hyperparameters
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.distributed import one_process
 from bayesdiff_ext.methods.selection import laplace_posterior_for
 from bayesdiff_ext.posterior import LastLayerLaplace, capture_head_input
 
@@ -66,15 +68,19 @@ def fitting_features(unet, scheduler, images, *, batch_size: int, seed: int, pro
 
 
 class Posteriors:
-    """Each spec's posterior, built once on first use; the fitting features likewise."""
+    """Each spec's posterior, built once on first use; the fitting features likewise. ``fit_seconds``:
+    each build's wall time, less the shared fitting pass it may have started."""
 
     def __init__(self, subject, config) -> None:
         self.subject, self.config = subject, config
         self._built: dict[str, LastLayerLaplace] = {}
         self._features = None
+        self.features_seconds = 0.0
+        self.fit_seconds: dict[str, float] = {}
 
     def features(self):
         if self._features is None:
+            started = time.perf_counter()
             self._features = fitting_features(
                 self.subject.unet,
                 self.subject.scheduler,
@@ -83,23 +89,34 @@ class Posteriors:
                 seed=self.config.seed,
                 progress=self.config.progress,
             )
+            self.features_seconds = time.perf_counter() - started
         return self._features
 
     def get(self, spec: PosteriorSpec) -> LastLayerLaplace:
         if spec.name not in self._built:
-            self._built[spec.name] = spec.build(self)
+            features_before, started = self.features_seconds, time.perf_counter()
+            self._built[spec.name] = self.fresh(spec)
+            shared = self.features_seconds - features_before
+            self.fit_seconds[spec.name] = time.perf_counter() - started - shared
         return self._built[spec.name]
 
     def fresh(self, spec: PosteriorSpec) -> LastLayerLaplace:
-        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters)."""
-        return spec.build(self)
+        """A new copy of ``spec``'s posterior (for a caller that changes its hyperparameters).
+
+        Under ``torchrun`` every process fits it on all the data alone (no sum over the processes),
+        so that each holds the one-process posterior bit for bit.
+        """
+        with one_process():
+            return spec.build(self)
 
     def descriptions(self) -> dict[str, str]:
-        return {name: describe(posterior) for name, posterior in self._built.items()}
+        return {
+            name: f"{describe(posterior)}, built in {self.fit_seconds[name]:.3g} s"
+            for name, posterior in self._built.items()
+        }
 
 
 def describe(posterior) -> str:
-    return (
-        f"{posterior.structure}/{posterior.curvature}, σ = {posterior.sigma_noise:.4g}, "
-        f"δ = {posterior.prior_precision:.4g}"
-    )
+    # VI, HMC and head ensembles name their inference instead of a curvature
+    kind = getattr(posterior, "inference", None) or posterior.curvature
+    return f"{posterior.structure}/{kind}, σ = {posterior.sigma_noise:.4g}, δ = {posterior.prior_precision:.4g}"

@@ -8,20 +8,17 @@ from datetime import datetime, timedelta
 
 from tqdm.auto import tqdm
 
+from bayesdiff_ext.distributed import global_batches
 from bayesdiff_ext.evaluation.sources import rows_of
 
 __all__ = ["RunClock", "planned_images"]
 
 
-def planned_images(sources, config) -> dict[str, int]:
-    """How many images each source will score over the whole run."""
-    planned = {}
-    for source in sources:
-        planned[source.name] = sum(
-            rows_of(source, config, start, min(start + config.batch_size, config.num_images)).stop
-            for start in range(0, config.num_images, config.batch_size)
-        )
-    return planned
+def planned_images(sources, config, batches=None) -> dict[str, int]:
+    """How many images each source will score over ``batches`` (ranges of indices; default the whole run)."""
+    if batches is None:
+        batches = global_batches(config.num_images, config.batch_size)
+    return {source.name: sum(rows_of(source, config, b.start, b.stop).stop for b in batches) for source in sources}
 
 
 def _minutes(seconds: float) -> str:

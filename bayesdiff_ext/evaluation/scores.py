@@ -32,7 +32,7 @@ from bayesdiff_ext.evaluation.sources import (
     X0Drift,
 )
 from bayesdiff_ext.evaluation.subject import ENSEMBLE_MEMBERS
-from bayesdiff_ext.methods.feature_entropy import feature_entropy
+from bayesdiff_ext.methods.feature_entropy import ClampedFeatures, feature_entropy
 
 __all__ = ["SCORES", "Score", "forwards", "register", "registered", "scored_prefix"]
 
@@ -95,12 +95,12 @@ def _aggregated(name: str, **params) -> Callable:
 
 
 def _entropy(extractor: str | None) -> Callable:
-    """Entropy of the M final images (clamped to [-1, 1], as a pipeline outputs them) in the feature
-    space ``extractor`` (None: the subject's primary one)."""
+    """The weight-samples method's entropy of the M final images (clamped to [-1, 1], as a pipeline
+    outputs them) in the feature space ``extractor`` (None: the subject's primary one)."""
 
     def reduce(output: SourceOutput, context: Context) -> torch.Tensor:
         subject = context.subject
-        return feature_entropy(output.samples.clamp(-1, 1), subject.extractors[extractor or subject.primary])
+        return feature_entropy(output.samples, ClampedFeatures(subject.extractors[extractor or subject.primary]))
 
     return reduce
 
@@ -224,3 +224,6 @@ register(
 register(
     Score("random", lambda c: "random score (sanity: AUROC ≈ 0.5)", Derived("random", _random), verdict=False)
 )
+
+# VI, HMC and head ensembles register their scores from their own module (imported for that).
+from bayesdiff_ext.evaluation import inference_scores  # noqa: E402, F401

@@ -9,7 +9,8 @@ per image. Kinds:
   run replays them (Monte Carlo draws go through the real UNet) and must reproduce the same images
   bit for bit.
 * :class:`X0Drift` — the recorded ε predictions' x̂₀ over the last L steps (no extra model call).
-* :class:`WeightSamples` — M head-weight draws, each held along its own trajectory from the same x_T.
+* :class:`WeightSamples` — the weight-samples method (:mod:`bayesdiff_ext.methods.weight_samples`): M
+  head-weight draws, each held along its own trajectory from the same x_T.
 * :class:`Repeated` — other UNets from the same x_T (MC dropout, a deep ensemble) where they exist.
 * :class:`Derived` — computed from other scores after generation (a random score, rank averages).
 
@@ -28,8 +29,10 @@ import torch
 
 from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
-from bayesdiff_ext.evaluation.weight_samples import fixed_weight_samples
+from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import drift_variance, predicted_x0
+from bayesdiff_ext.posterior.hfl import seed_batch_probes
+from bayesdiff_ext.randomness import image_generators
 from bayesdiff_ext.sampler import BayesDiffSampler
 from bayesdiff_ext.sampler.schedulers import step_coefficients
 from bayesdiff_ext.sampler.engine import step_kinds
@@ -67,7 +70,8 @@ class Context:
 class Batch:
     """What a source sees of a batch: x_T of the rows it scores, and the recording run's calls
     (``calls`` None: the source runs on its own, e.g. to be timed); ``start`` the index of its first
-    image in the run (it seeds the batch's Monte Carlo draws, so a run repeats exactly)."""
+    image in the run (image k's draws come from (seed, k), so a batch repeats exactly alone, resumed
+    or on another process)."""
 
     noise: torch.Tensor
     calls: list | None = None
@@ -131,12 +135,13 @@ class SamplerRun(Source):
         return BayesDiffSampler(unet, context.subject.scheduler, context.posteriors.get(self.posterior))
 
     def sample(self, context: Context, unet, batch: Batch):
-        # DDIM η = 0 draws no step noise: the generator seeds the Monte Carlo stream only.
-        generator = torch.Generator().manual_seed(context.config.seed * 1_000_003 + batch.start)
-        return self.sampler(context, unet).sample(
+        seed, sampler = context.config.seed, self.sampler(context, unet)
+        seed_batch_probes(sampler.posterior, seed, batch.start)
+        # DDIM η = 0 draws no step noise: the generators seed the Monte Carlo streams only.
+        return sampler.sample(
             noise=batch.noise,
             num_inference_steps=context.config.steps,
-            generator=generator,
+            generator=image_generators(seed, range(batch.start, batch.start + len(batch.noise))),
             return_trace=batch.trace and self.traced,
             progress=False,
             **self.options(context.config),
@@ -201,7 +206,9 @@ class X0Drift(Source):
 
 @dataclass(frozen=True, eq=False)
 class WeightSamples(Source):
-    """M diag head-weight draws, each fixed along its own trajectory from the shared x_T."""
+    """The weight-samples method with the default posterior: M head-weight draws, each fixed along its
+    own trajectory from the shared x_T — the same M draws for every image of the run, from
+    ``seed + 1``. The method's stock image must be the recorded one."""
 
     name: str = "weight_samples"
     costly: bool = True
@@ -210,18 +217,16 @@ class WeightSamples(Source):
         return (config.weight_samples + 1) * config.steps
 
     def run(self, context: Context, batch: Batch) -> SourceOutput:
-        if batch.calls is None:  # run as a method, it makes its image too
-            RECORDING.record(context, batch.noise)
-        posterior = context.posteriors.get(DEFAULT)
-        finals = fixed_weight_samples(
-            BayesDiffSampler(context.subject.unet, context.subject.scheduler, posterior),
-            batch.noise,
-            samples=context.config.weight_samples,
-            seed=context.config.seed + 1,
-            steps=context.config.steps,
-            progress=False,
+        config = context.config
+        sampler = WeightSamplesSampler(
+            context.subject.unet, context.subject.scheduler, context.posteriors.get(DEFAULT), samples=config.weight_samples
         )
-        return SourceOutput(finals.var(dim=0), samples=finals)
+        out = sampler.sample(
+            noise=batch.noise, num_inference_steps=config.steps, progress=False, return_draws=True, weight_seed=config.seed + 1
+        )
+        if batch.reference is not None and not torch.equal(out.images, batch.reference):
+            raise RuntimeError(f"run {self.name!r} left the recorded image path: the methods would rank different images")
+        return SourceOutput(out.variance.to(torch.float64), samples=out.draws.finals.flatten(0, 1).to(torch.float64))
 
 
 @dataclass(frozen=True, eq=False)

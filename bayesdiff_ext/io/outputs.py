@@ -9,7 +9,8 @@ Layout of an output folder (``bayesdiff-out/<timestamp>/`` by default)::
     grid_sorted.png            samples beside their maps, sorted by score, scores printed
     scores.csv                 index, one column per aggregation, kept (1/0)
     summary.json               scores, filter decision, colour scale, settings, versions, timings
-    tensors.safetensors        the native-resolution float tensors (images, variance, mean, scores)
+    tensors.safetensors        the native-resolution float tensors (images, variance, mean, scores;
+                               a pipeline run also latent_mean, latent_variance)
 
 With the variance split (``RunRecord.aleatoric_variance``) also ``uncertainty_aleatoric/`` and
 ``uncertainty_epistemic/`` (the two parts of Var[x_0], on the same colour scale as
@@ -59,6 +60,8 @@ __all__ = [
 #: variances are heavy-tailed (in the bundled demo the median is ~1/200 of the maximum), so a scale
 #: up to the maximum would paint nearly every map black; the few brighter pixels saturate instead.
 DISPLAY_PERCENTILE = 99.0
+#: The latent moments a pipeline run keeps beside the pixel maps.
+LATENT_MOMENTS = ("latent_mean", "latent_variance")
 
 
 @dataclass
@@ -69,7 +72,9 @@ class RunRecord:
     names to the parameters used; ``primary`` names the score that was filtered on and sorts the
     grid; ``decision`` is the filter's result on it. ``aleatoric_variance`` (optional) is the part
     of ``variance`` from the sampler's own noise; the rest is epistemic. ``clamped_pixels`` (optional,
-    (B,)) counts the elements whose estimate was clamped to 0.
+    (B,)) counts the elements whose estimate was clamped to 0. ``latent_moments`` (a latent pipeline's
+    run): ``latent_mean`` and ``latent_variance``, E and Var of z_0 in the pipeline's latent layout,
+    from which the pixel ``mean`` and ``variance`` were decoded.
     """
 
     images: torch.Tensor
@@ -83,6 +88,7 @@ class RunRecord:
     mean: torch.Tensor | None = None
     aleatoric_variance: torch.Tensor | None = None
     clamped_pixels: torch.Tensor | None = None
+    latent_moments: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def variance_split(self) -> dict[str, torch.Tensor]:
         """``{'aleatoric': ..., 'epistemic': ...}`` maps, or {} without a split."""
@@ -104,6 +110,9 @@ class RunRecord:
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but images have shape {shape}")
         batch = shape[0]
+        for name, t in self.latent_moments.items():
+            if name not in LATENT_MOMENTS or t.shape[0] != batch:
+                raise ValueError(f"latent_moments[{name!r}] must be one of {LATENT_MOMENTS} with {batch} rows")
         for name, s in self.scores.items():
             if tuple(s.shape) != (batch,):
                 raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}, expected ({batch},)")
@@ -192,6 +201,7 @@ def _summary(record: RunRecord, maps: torch.Tensor, vmax: float, factor: int, ti
         },
         **_split_summary(record),
         **_clamped_summary(record),
+        **_latent_summary(record),
         "settings": dict(record.settings),
         "versions": library_versions(),
         "timings": dict(timings),
@@ -209,6 +219,18 @@ def _clamped_summary(record: RunRecord) -> dict:
             "estimators never do)",
             "total": sum(per_image),
             "per_image": per_image,
+        }
+    }
+
+
+def _latent_summary(record: RunRecord) -> dict:
+    if not record.latent_moments:
+        return {}
+    return {
+        "latent_moments": {
+            "description": "E[z_0] and Var[z_0] in the pipeline's latent layout (model scale; Flux: packed "
+            "tokens), from which the pixel mean and variance were decoded; in tensors.safetensors",
+            **{name: list(t.shape) for name, t in record.latent_moments.items()},
         }
     }
 
@@ -270,6 +292,7 @@ def _write_contents(folder: Path, record: RunRecord) -> None:
     if record.mean is not None:
         tensors["mean"] = record.mean
     tensors.update({f"{part}_variance": v for part, v in record.variance_split().items()})
+    tensors.update(record.latent_moments)
     tensors.update({f"scores.{name}": s for name, s in record.scores.items()})
     atomic_write(
         folder / "tensors.safetensors",

@@ -10,6 +10,9 @@ epistemic/aleatoric split, scores).
   reproduction's Σ = λ⁻¹·I).
 * ``'mc-dropout'``: :class:`MCDropoutSampler`, T passes of a dropout-trained UNet.
 * ``'ensemble'``: :class:`EnsembleSampler`, K independently trained UNets.
+* ``'weight-samples'``: :class:`WeightSamplesSampler`, M head-weight draws fixed along whole
+  trajectories (trajectory Monte Carlo around the draws' mean): their pixel variance and the
+  feature-space entropy of the M final images.
 * ``'x0-drift'``: :class:`X0DriftSampler`, the variance of the model's last L predictions of x̂₀
   along the stock loop (no posterior, no head; any scheduler whose noise schedule it reads).
 """
@@ -18,6 +21,7 @@ from bayesdiff_ext.methods.ensemble import EnsembleSampler
 from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler, active_dropout
 from bayesdiff_ext.methods.point import PointPosterior
 from bayesdiff_ext.methods.selection import LAPLACE_METHODS, METHODS, sampler_for
+from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import X0DriftSampler
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "MCDropoutSampler",
     "METHODS",
     "PointPosterior",
+    "WeightSamplesSampler",
     "X0DriftSampler",
     "active_dropout",
     "sampler_for",

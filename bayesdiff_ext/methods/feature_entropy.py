@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-__all__ = ["DEFAULT_FLOOR", "feature_entropy", "gaussian_entropy"]
+__all__ = ["DEFAULT_FLOOR", "ClampedFeatures", "feature_entropy", "gaussian_entropy"]
 
 #: τ relative to the image's mean squared feature.
 DEFAULT_FLOOR = 1e-6
@@ -40,11 +41,40 @@ def gaussian_entropy(features: torch.Tensor, floor: float = DEFAULT_FLOOR) -> to
 
 
 def feature_entropy(samples: torch.Tensor, extractor, *, floor: float = DEFAULT_FLOOR, batch_size: int = 256) -> torch.Tensor:
-    """Entropy (B,) of each image's M samples (M, B, C, H, W) in ``extractor``'s feature space."""
+    """Entropy (B,) of each image's M samples (M, B, ...) in ``extractor``'s feature space.
+
+    Args:
+        samples (`torch.Tensor` of shape `(M, B, ...)`): M ≥ 2 samples of each of B images, in the layout
+            the extractor takes (e.g. (M, B, C, H, W) images).
+        extractor (callable or module with ``features(x)``): maps (N, ...) samples to features (N, d).
+        floor (`float`): τ relative to the image's mean squared feature.
+        batch_size (`int`): samples per extractor call.
+
+    Returns:
+        `torch.Tensor` of shape `(B,)`, float64, on the CPU.
+    """
     from bayesdiff_ext.metrics import extract_features
 
-    if samples.dim() != 5:
-        raise ValueError(f"samples must have shape (M, B, C, H, W), got {tuple(samples.shape)}")
+    if samples.dim() < 3 or samples.shape[0] < 2:
+        raise ValueError(f"samples must have shape (M >= 2, B, ...), got {tuple(samples.shape)}")
     m, b = samples.shape[:2]
     features = torch.as_tensor(extract_features(extractor, samples.flatten(0, 1), batch_size=batch_size))
     return gaussian_entropy(features.reshape(m, b, -1), floor)
+
+
+class ClampedFeatures(nn.Module):
+    """A feature extractor that reads images as a pixel pipeline outputs them: clamped to [-1, 1] first.
+
+    Args:
+        extractor (callable or module with ``features(x)``): images (N, C, H, W) → features (N, d).
+    """
+
+    def __init__(self, extractor) -> None:
+        super().__init__()
+        from bayesdiff_ext.metrics.extraction import feature_function
+
+        self.extractor = extractor
+        self._features = feature_function(extractor)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(x.clamp(-1, 1))

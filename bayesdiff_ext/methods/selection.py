@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bayesdiff_ext.methods.ensemble import EnsembleSampler
 from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
+from bayesdiff_ext.methods.weight_samples import DEFAULT_WEIGHT_SAMPLES, WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import X0DriftSampler
 from bayesdiff_ext.posterior.hfl import DEFAULT_PROBES, HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
@@ -12,7 +13,7 @@ from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 
 __all__ = ["LAPLACE_METHODS", "METHODS", "laplace_posterior_for", "sampler_for"]
 
-METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift")
+METHODS = ("laplace", "trajectories", "hfl", "isotropic", "mc-dropout", "ensemble", "x0-drift", "weight-samples")
 #: The methods that sample with a LastLayerLaplace, and the posterior structures each accepts.
 LAPLACE_METHODS = {
     "laplace": ("diag", "full", "kron", "isotropic", "hfl"),
@@ -68,6 +69,8 @@ def sampler_for(
     seed: int = 0,
     probes: int | None = None,
     last_steps: int = 5,
+    samples: int = DEFAULT_WEIGHT_SAMPLES,
+    features=None,
 ):
     """A sampler for ``method`` whose ``sample(...)`` returns a ``BayesDiffOutput``.
 
@@ -75,7 +78,9 @@ def sampler_for(
     ``probes`` per image, default that of the posterior or 64); 'mc-dropout' needs a
     UNet trained with dropout (``passes`` = T, mask seeds ``seed + k``); 'ensemble' uses ``unet``
     as member 0 and ``members`` as the others; 'x0-drift' needs nothing but the model (no
-    posterior, no head: the variance of its last ``last_steps`` x̂₀ predictions).
+    posterior, no head: the variance of its last ``last_steps`` x̂₀ predictions); 'weight-samples'
+    needs ``posterior`` (any that samples, as fitted) and takes ``samples`` = M draws per image and
+    ``features``, the feature space of its entropy (a callable images → (N, d); None: no entropy).
     """
     if method in LAPLACE_METHODS:
         if posterior is None:
@@ -88,6 +93,10 @@ def sampler_for(
         return MCDropoutSampler(unet, scheduler, passes=passes, seed=seed)
     if method == "ensemble":
         return EnsembleSampler([unet, *members], scheduler)
+    if method == "weight-samples":
+        if posterior is None:
+            raise ValueError("method 'weight-samples' needs a fitted posterior (posterior=LastLayerLaplace(...))")
+        return WeightSamplesSampler(unet, scheduler, posterior, samples=samples, features=features)
     if method == "x0-drift":
         return X0DriftSampler(unet, scheduler, last_steps=last_steps)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -66,7 +66,8 @@ _DECODE_STREAM = 0x5DEECE66D
 _UNCERTAINTY_DOC = """
         Uncertainty (keyword-only; None means not given, see `bayesdiff_ext.sampler.settings.resolve_settings`):
             preset (`str`, *optional*): `'fast'` (the default: trajectory Monte Carlo, 16 weight draws),
-                `'accurate'` (32 draws) or `'paper'` (BayesDiff's moment recurrence, Skip 5, S = 10).
+                `'accurate'` (64 draws; 64 noise streams on a stochastic sampler) or `'paper'`
+                (BayesDiff's moment recurrence, Skip 5, S = 10).
             settings (`UncertaintySettings`, *optional*): settings made before.
             estimator (`str`, *optional*): `'trajectories'`, `'linearised'` or `'recurrence'`.
             samples, draws, centre, noise_samples, chunk_size, control_variate (*optional*): the
@@ -147,11 +148,12 @@ class BayesDiffPipeline:
     ``.dtype``, ``.components``, the components (``.vae``, ``.scheduler``, ...),
     ``set_progress_bar_config`` and ``enable_model_cpu_offload`` are the pipeline's.
 
-    Wrapped (each with its default scheduler where the moment recurrence follows it):
-    ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
-    ``FluxPipeline``, ``PixArtSigmaPipeline``, ``DiTPipeline``, ``DDPMPipeline``, ``DDIMPipeline``.
-    Multistep schedulers (SD 1.5's PNDM, PixArt's DPM-Solver++ 2M) are refused by the recurrence with
-    a ValueError naming them; swap in DDIM/Euler, or use trajectory Monte Carlo.
+    Wrapped, each with its default scheduler: ``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
+    ``PixArtSigmaPipeline``, ``DiTPipeline``, ``DDPMPipeline``, ``DDIMPipeline``. The default preset
+    (trajectory Monte Carlo) and the linearised estimator run any scheduler's own step, multistep
+    ones included (SD 1.5's PNDM, PixArt-Σ's DPM-Solver++ 2M); the moment recurrence
+    (``preset='paper'``) refuses multistep schedulers with a ValueError naming them.
     """
 
     #: Every wrapper registers itself by declaring ``class BayesDiffXPipeline(BayesDiffPipeline, wraps=XPipeline)``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,7 +11,17 @@ from bayesdiff_ext import latent
 from bayesdiff_ext.pipelines.base import PER_IMAGE_ARGUMENTS, BayesDiffPipeline, decode_stream, per_image
 from bayesdiff_ext.sampler import BayesDiffOutput
 
-__all__ = ["PipelineSampler"]
+__all__ = ["PipelineBatchOutput", "PipelineSampler"]
+
+
+@dataclass
+class PipelineBatchOutput(BayesDiffOutput):
+    """A :class:`~bayesdiff_ext.BayesDiffOutput` in pixels (``images``, ``mean``, ``variance`` of the decoded
+    draws, (B, 3, H, W)) with the latent moments they were decoded from: ``latent_mean`` and
+    ``latent_variance`` (E and Var of z_0 in the pipeline's latent layout, float32; Flux: packed tokens)."""
+
+    latent_mean: torch.Tensor | None = None
+    latent_variance: torch.Tensor | None = None
 
 
 class PipelineSampler:
@@ -18,7 +29,8 @@ class PipelineSampler:
     :meth:`BayesDiffSampler.sample`, through a :class:`~bayesdiff_ext.BayesDiffPipeline`: every image of
     a batch gets the same conditioning, and the result is in pixels — the decoded images at model scale
     [−1, 1], and the mean and variance of ``decode_samples`` draws of z_0 decoded through the pipeline's
-    own VAE path. The samplers this serves are deterministic (no aleatoric part).
+    own VAE path, with the latent moments beside them (:class:`PipelineBatchOutput`). The samplers this
+    serves are deterministic (no aleatoric part).
 
     Args:
         wrapper (`BayesDiffPipeline`): the pipeline and its posterior.
@@ -42,7 +54,7 @@ class PipelineSampler:
         eta: float = 0.0,
         progress: bool = True,
         **uncertainty: Any,
-    ) -> BayesDiffOutput:
+    ) -> PipelineBatchOutput:
         wrapper = self.wrapper
         wrapper.set_progress_bar_config(disable=not progress)
         call = {
@@ -63,12 +75,14 @@ class PipelineSampler:
             samples=self.decode_samples,
             generator=decode_stream(generator, out.mean.device),
         )
-        return BayesDiffOutput(
+        return PipelineBatchOutput(
             images=out.images.to(pixels.mean.dtype) * 2 - 1,
             variance=pixels.variance,
             mean=pixels.mean,
             settings=dict(out.settings, decode_samples=self.decode_samples),
             timings=out.timings,
             clamped_pixels=out.clamped_pixels,  # of the latent estimate the pixels are decoded from
+            latent_mean=out.mean,
+            latent_variance=out.variance,
         )
 

@@ -16,8 +16,10 @@ from bayesdiff_ext.denoiser import Denoiser, model_prediction, stepped_predictio
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, combine, split_branches
 from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 from bayesdiff_ext.pipelines.base import BayesDiffPipeline
+from bayesdiff_ext.pipelines.callback_tangents import StepTangents
 from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.sampler.engine import StepEngine
+from bayesdiff_ext.sampler.learned_variance import aleatoric_source, uses_learned_variance
 from bayesdiff_ext.sampler.model_call import ModelCall, head_moments
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.schedulers import MULTISTEP, describe
@@ -42,32 +44,39 @@ class UncertaintyCallback(PipelineCallback):
     classifier-free guidance with the exact variance (``guidance_variance``), Skip (``uq_every``,
     ``skip``) and the closed form only (``covariance='none'``). Its settings are the recurrence's
     (``preset='paper'`` when none are given, or the recurrence arguments of
-    :func:`~bayesdiff_ext.sampler.settings.resolve_settings`): a callback sees only the pipeline's one
-    trajectory, so it cannot run trajectory Monte Carlo, the estimator of Var[x_0 | x_T] the other
-    front doors default to (docs/MATH.md §2.3). It reads the denoiser calls of each step
+    :func:`~bayesdiff_ext.sampler.settings.resolve_settings`) or, with ``estimator='linearised'``
+    (``samples``, ``draws``, ``chunk_size``), the linearised estimator's: M weight directions carried
+    as tangents of x_t through each step's model call (``torch.func.jvp``) and through a copy of the
+    pipeline's scheduler (:mod:`~bayesdiff_ext.pipelines.callback_tangents`), for any deterministic
+    scheduler, multistep ones included (SD 1.5's PNDM, PixArt-Σ's DPM-Solver++ 2M); its variance is
+    the wrapper's ``estimator='linearised'``. A callback sees only the pipeline's one trajectory, so
+    it cannot run trajectory Monte Carlo, the estimator of Var[x_0 | x_T] the other front doors
+    default to (docs/MATH.md §2.3). It reads the denoiser calls of each step
     (their input, conditioning, output and the head's input φ) through forward hooks, so the mean
     path and the closed-form head variance cost nothing extra. Pipelines followed (with their
-    default schedulers): ``StableDiffusionPipeline`` (with a scheduler the recurrence follows:
-    SD 1.5's default PNDM is multistep), ``StableDiffusionXLPipeline`` (Euler: the Monte Carlo
+    default schedulers): ``StableDiffusionPipeline`` (its default PNDM is multistep: the linearised
+    estimator, or the recurrence with DDIM/Euler swapped in), ``StableDiffusionXLPipeline`` (Euler: the Monte Carlo
     samples are scaled for the step's σ from the scheduler's table, not from its current state),
     ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (flow matching; Flux's guidance-distilled single
     forward, and its ``true_cfg_scale`` as two forwards per step — pass that scale as
     ``guidance_scale``, the pipeline does not expose it to callbacks). ``PixArtSigmaPipeline`` takes
-    only the older ``callback=``: pass ``cb.legacy(pipe)`` and ``guidance_scale`` (with a scheduler the
-    recurrence follows: its default DPM-Solver++ 2M is multistep). ``DiTPipeline`` takes no callback:
+    only the older ``callback=``: pass ``cb.legacy(pipe)`` and ``guidance_scale`` (its default
+    DPM-Solver++ 2M is multistep: the linearised estimator). ``DiTPipeline`` takes no callback:
     use :class:`~bayesdiff_ext.BayesDiffPipeline`.
 
     What it cannot do: change the images (it returns the callback tensors untouched, so the images
     are exactly the stock pipeline's); save model calls — its Monte Carlo passes (S samples, 2·S·B
-    rows with guidance) are extra calls it makes itself at every uncertainty step. It refuses
-    DPM-Solver-2's two-stage steps, multistep schedulers, ``guidance_rescale > 0`` and SD3's
-    ``skip_guidance_layers``, and needs ``eta`` to be the one given to the pipeline. At the first
+    rows with guidance) are extra calls it makes itself at every uncertainty step, and the linearised
+    estimator's tangent passes (M directions, vmapped, at every step). The recurrence refuses
+    DPM-Solver-2's two-stage steps and multistep schedulers; the linearised estimator refuses steps
+    that draw noise and ``eta > 0``; both refuse ``guidance_rescale > 0`` and SD3's
+    ``skip_guidance_layers``; the recurrence needs ``eta`` to be the one given to the pipeline. At the first
     step of an Euler scheduler it recovers x_T from the model input x_T/√(σ²+1) (one rounding).
 
     One callback serves one pipeline call: the hooks are attached when it is created and removed
     after the last step, or by :meth:`close` (also on leaving a ``with`` block) if the run stops
-    early. ``generator`` seeds the Monte Carlo draws (without being consumed); passing the
-    pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
+    early. ``generator`` seeds the Monte Carlo draws and the linearised estimator's weight directions
+    (without being consumed); passing the pipeline's own generator reproduces :class:`~bayesdiff_ext.BayesDiffPipeline`'s moments when
     the scheduler draws no step noise, since both then seed from the same state.
 
     Args:
@@ -75,15 +84,18 @@ class UncertaintyCallback(PipelineCallback):
             (``posterior.for_model(pipe.unet)`` for a copy of the model it was fitted on).
         eta (`float`, defaults to 0.0): the DDIM η given to the pipeline.
         preset (`str`, *optional*): ``'paper'`` (the default here; the only preset a callback follows).
-        settings (`UncertaintySettings`, *optional*): recurrence settings instead of ``preset``.
+        settings (`UncertaintySettings`, *optional*): recurrence or linearised settings instead of ``preset``.
         guidance_variance (`str`, defaults to ``"exact"``): ``"exact"`` (head variance at the guided
-            feature) or ``"bayesdiff"`` (independent branches).
+            feature) or ``"independent"`` (BayesDiff's independent branches).
         guidance_scale (`float`, *optional*): the pipeline's guidance scale, where the pipeline does
             not hand it to callbacks (PixArt-Σ's ``callback=``, Flux's ``true_cfg_scale``).
-        generator (`torch.Generator` or a list of B of them, *optional*): seeds the Monte Carlo draws.
-        return_trace (`bool`, defaults to `False`): keep the per-step moments in ``output.trace``.
+        generator (`torch.Generator` or a list of B of them, *optional*): seeds the Monte Carlo draws and
+            the linearised estimator's weight directions.
+        return_trace (`bool`, defaults to `False`): keep the per-step moments in ``output.trace`` (the
+            recurrence).
         **uncertainty: the recurrence's arguments (``uq_every``, ``mc_samples``, ``covariance``, ``skip``,
-            ``eps_variance``, ``clamp``).
+            ``eps_variance``, ``clamp``), or ``estimator='linearised'`` with ``samples`` (M directions),
+            ``draws`` and ``chunk_size`` (directions per tangent pass).
 
     Returns:
         After the pipeline call, ``cb.output`` is a [`BayesDiffOutput`]: ``images`` (the final latents),
@@ -110,14 +122,20 @@ class UncertaintyCallback(PipelineCallback):
         if preset is None and settings is None and not uncertainty:
             preset = "paper"  # the only preset a callback can follow (see the class docstring)
         resolved = resolve_settings(preset, settings, **uncertainty)
-        if resolved.estimator != "recurrence" or resolved.mode != "deterministic":
+        if resolved.estimator == "trajectories" or resolved.mode == "bayesdiff":
             raise ValueError(
                 f"UncertaintyCallback follows the pipeline's own loop and leaves its images alone, so it carries the "
-                f"moment recurrence with mode='deterministic' only (got estimator={resolved.estimator!r}"
-                f"{'' if resolved.mode is None else f', mode={resolved.mode!r}'}); for trajectory Monte Carlo use "
-                "BayesDiffPipeline or BayesDiffSampler"
+                f"moment recurrence with mode='deterministic' or the linearised estimator (got "
+                f"estimator={resolved.estimator!r}{'' if resolved.mode is None else f', mode={resolved.mode!r}'}); "
+                "for trajectory Monte Carlo use BayesDiffPipeline or BayesDiffSampler"
+            )
+        if resolved.estimator == "linearised" and (eta or return_trace):
+            raise ValueError(
+                "the linearised estimator of a callback follows deterministic steps (eta=0) and keeps no trace "
+                f"(return_trace records the recurrence's steps); got eta={eta}, return_trace={return_trace}"
             )
         check_guidance_variance(guidance_variance)
+        self._resolved = resolved
         self.settings = dict(resolved.describe(), eta=float(eta), guidance_variance=guidance_variance)
         self.posterior = posterior
         self.generator = generator
@@ -127,6 +145,8 @@ class UncertaintyCallback(PipelineCallback):
         self.trace: list[dict[str, Any]] | None = [] if return_trace else None
         self.extra_unet_calls = 0
         self._latents: torch.Tensor | None = None
+        self._tangents: StepTangents | None = None
+        self._steps = 0
         self._started = time.perf_counter()
         self._recorder = _ModelCallRecorder(posterior)
 
@@ -145,19 +165,21 @@ class UncertaintyCallback(PipelineCallback):
     def output(self) -> BayesDiffOutput:
         """The moments as every front door returns them (``images``: the pipeline's latents after the last step seen)."""
         self._tracked()
-        engine = self._engine
+        if self._tangents is not None:
+            timings = dict(image_unet_calls=self._steps, tangent_passes=self._tangents.passes)
+            aleatoric = None
+        else:
+            engine = self._engine
+            timings = dict(image_unet_calls=len(engine.plan), mc_unet_calls=engine.monte_carlo_calls)
+            aleatoric = engine.aleatoric
         return BayesDiffOutput(
             images=self._latents,
             variance=self.variance.clamp_min(0),
             mean=self.mean,
-            aleatoric_variance=engine.aleatoric,
+            aleatoric_variance=aleatoric,
             trace=self.trace,
             settings=dict(self.settings),
-            timings=dict(
-                total_s=time.perf_counter() - self._started,
-                image_unet_calls=len(engine.plan),
-                mc_unet_calls=engine.monte_carlo_calls,
-            ),
+            timings=dict(total_s=time.perf_counter() - self._started, **timings),
         )
 
     def pixel_moments(
@@ -211,12 +233,15 @@ class UncertaintyCallback(PipelineCallback):
             batch = callback_kwargs["latents"].shape[0]
             if step_index == 0:
                 self._start(pipeline, calls[0], batch)
-            self._step(pipeline, step_index, timestep, calls, batch)
+            if self._tangents is not None:
+                self._step_tangents(pipeline, timestep, calls, batch, callback_kwargs["latents"])
+            else:
+                self._step(pipeline, step_index, timestep, calls, batch)
         except BaseException:
             self.close()  # the pipeline stops here: leave its denoiser without our hooks
             raise
         self._latents = callback_kwargs["latents"]
-        if step_index == len(self._engine.plan) - 1:
+        if step_index == self._steps - 1:
             self.close()
         return callback_kwargs
 
@@ -225,13 +250,28 @@ class UncertaintyCallback(PipelineCallback):
             raise ValueError(
                 "guidance_rescale > 0 rescales ε non-linearly; UncertaintyCallback cannot follow it"
             )
+        if uses_learned_variance(pipeline.scheduler):
+            raise ValueError(
+                f"{type(pipeline.scheduler).__name__} has variance_type={pipeline.scheduler.config.variance_type!r}: "
+                "UncertaintyCallback does not follow a learned step variance; use BayesDiffSampler"
+            )
+        if self._resolved.estimator == "linearised":
+            self._steps = len(pipeline.scheduler.timesteps)
+            self._tangents = StepTangents(self.posterior, self._resolved, pipeline.scheduler, call.sample[:batch], self.generator)
+            self.settings["scheduler"] = type(pipeline.scheduler).__name__
+            return
         try:
             self._description = description = describe(pipeline.scheduler, self.settings["eta"])
         except ValueError as error:
             if type(pipeline.scheduler).__name__ in MULTISTEP:  # the trajectories it names need the wrapper
-                raise ValueError(f"{error}. A callback sees the one stock trajectory: run BayesDiffPipeline") from None
+                raise ValueError(
+                    f"{error}. A callback sees the one stock trajectory, so it cannot run trajectory Monte Carlo: "
+                    "pass UncertaintyCallback(..., estimator='linearised'), which follows any deterministic "
+                    "scheduler's own steps, or run BayesDiffPipeline (trajectory Monte Carlo, the default preset)"
+                ) from None
             raise
         plan = description.steps()
+        self._steps = len(plan)
         restarts = [s.index for s in plan if s.origin != s.index]
         if restarts:
             raise ValueError(
@@ -247,6 +287,9 @@ class UncertaintyCallback(PipelineCallback):
             plan, self.settings, moment_dtype=dtype, generator=generator, trace=self.trace is not None
         )
         self._engine.start(x_start)
+        self.settings["aleatoric_source"] = aleatoric_source(
+            pipeline.scheduler, self._recorder.model, self._engine.split_variance
+        )
         self._publish()
 
     def _guidance(self, pipeline, calls: list[_ModelCall], batch: int):
@@ -293,6 +336,13 @@ class UncertaintyCallback(PipelineCallback):
         engine.advance(step, timestep, stepped_prediction(out, self.mean), head_var, head_at)
         self.extra_unet_calls += engine.monte_carlo_calls - before
         self._publish()
+
+    def _step_tangents(self, pipeline, timestep, calls: list[_ModelCall], batch: int, latents: torch.Tensor) -> None:
+        """The linearised estimator's step: the tangents through this step's model input and the scheduler copy."""
+        guidance, kwargs, _, _ = self._guidance(pipeline, calls, batch)
+        with self._recorder.paused():
+            self._tangents.advance(calls[0].sample[:batch], timestep, kwargs, guidance)
+        self.mean, self.variance = latents.to(accumulation_dtype(latents)), self._tangents.variance
 
     def _publish(self) -> None:
         """The engine's moments (and trace) as this callback's results."""

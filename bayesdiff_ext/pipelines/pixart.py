@@ -37,10 +37,9 @@ class BayesDiffPixArtSigmaPipeline(BayesDiffPipeline, wraps=PixArtSigmaPipeline)
     resolution binning (the images, and every pixel draw, resized back to the asked size), guidance
     as [uncond; cond] on all 2·C output channels of which the stepped ε channels get the exact
     variance at φ_cfg (the learned-σ rows are not the posterior's). The default
-    ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) is multistep, which the moment recurrence
-    refuses by name: swap in
-    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)``, or use trajectory
-    Monte Carlo. Not supported (ValueError): custom ``timesteps``/``sigmas``, ``callback``.
+    ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) is multistep: the default preset (trajectory
+    Monte Carlo) runs it; the moment recurrence (``preset='paper'``) refuses it by name (swap in
+    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)`` for it). Not supported (ValueError): custom ``timesteps``/``sigmas``, ``callback``.
     """
 
     denoiser_name = "transformer"

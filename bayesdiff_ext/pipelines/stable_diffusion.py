@@ -2,8 +2,9 @@
 
 Both encode the prompt, draw x_T and decode with the stock pipeline's own methods and arithmetic;
 the loop is the sampler's, with both guidance branches in one UNet call as the stock loop does.
-SD 1.5's default ``PNDMScheduler`` is multistep, which the moment recurrence refuses by name;
-SDXL's default ``EulerDiscreteScheduler`` (the model sees x/√(σ²+1)) is followed.
+SD 1.5's default ``PNDMScheduler`` is multistep: the trajectory estimators (the default preset) run it,
+the moment recurrence refuses it by name. SDXL's default ``EulerDiscreteScheduler`` (the model sees
+x/√(σ²+1)) is followed by every estimator.
 """
 
 from __future__ import annotations
@@ -86,10 +87,9 @@ class BayesDiffStableDiffusionPipeline(_TextToImage, wraps=StableDiffusionPipeli
     φ_cfg = (1−s)·φ_u + s·φ_c (``guidance_variance='exact'``) or, as in BayesDiff's code, as
     (1−s)²·V_u + s²·V_c (``'independent'``); Monte Carlo samples of z_t go through the UNet as one
     2·S·B batch. ``decode_samples`` Gaussian draws of z_0 ~ N(E[z_0], Var[z_0]) per image are decoded
-    for the pixel variance. SD 1.5's default ``PNDMScheduler`` is multistep: the moment recurrence
-    refuses it (swap in
-    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)``, or use trajectory Monte
-    Carlo). Not supported (ValueError): custom ``timesteps``/``sigmas``, ``guidance_rescale > 0``,
+    for the pixel variance. SD 1.5's default ``PNDMScheduler`` is multistep: the default preset
+    (trajectory Monte Carlo) runs it; the moment recurrence (``preset='paper'``) refuses it (swap in
+    ``DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)`` for it). Not supported (ValueError): custom ``timesteps``/``sigmas``, ``guidance_rescale > 0``,
     IP-Adapter inputs, ``callback_on_step_end`` and UNets with a guidance embedding.
     """
 

@@ -34,6 +34,7 @@ from bayesdiff_ext.posterior import head_ops
 from bayesdiff_ext.posterior.full import gram_scale_normal, require_ungrouped
 from bayesdiff_ext.posterior.heads import HeadSpec
 from bayesdiff_ext.posterior.structure import OpInputs, PosteriorStructure
+from bayesdiff_ext.randomness import derived_seed
 
 DEFAULT_PROBES = 64
 #: Rows (probes × images × ε channels) per conjugate-gradient solve.
@@ -149,6 +150,16 @@ def output_patches(spec: HeadSpec, phi: torch.Tensor) -> tuple[torch.Tensor, tup
     if spec.has_bias:
         patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1, patches.shape[2])], dim=1)
     return patches, shape
+
+
+def seed_batch_probes(posterior, seed: int, first_index: int) -> None:
+    """Restart the probes of ``posterior`` (a ``LastLayerLaplace``; nothing happens unless its structure
+    is HFL) at the stream (``seed``, the batch's first image index, ``"probes"``) of
+    :mod:`bayesdiff_ext.randomness`: a batch's probes then do not depend on the calls before it
+    (a resumed run, a batch of another process)."""
+    structure = getattr(posterior, "posterior", None)
+    if isinstance(structure, HessianFreePosterior):
+        structure.seed_probes(derived_seed(seed, first_index, "probes"))
 
 
 def draw_probes(probes, batch: int, channels: int, positions: int, generator, device) -> torch.Tensor:

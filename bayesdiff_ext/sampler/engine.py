@@ -27,7 +27,7 @@ from bayesdiff_ext.sampler.eps_moments import (
     monte_carlo_moments,
 )
 from bayesdiff_ext.sampler.schedulers import AffineStep
-from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise
+from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise, with_step_noise
 
 __all__ = ["StepEngine", "StepKind", "step_kinds"]
 
@@ -74,6 +74,8 @@ class StepEngine:
         generator: the Monte Carlo streams (never the scheduler's own generator).
         trace: keep one record per step (``index``, ``timestep``, ``uncertainty_step``,
             ``monte_carlo``, ``mean``, ``variance``, ``variance_sum``, ``aleatoric_variance``).
+        learned_variance: the steps' noise variance is per element and comes with each step
+            (``step_noise`` of :meth:`advance`: a learned-variance DDPM, docs/MATH.md §15).
 
     Per step ``k``: :meth:`wants_head` says whether the caller must pass the head variance at the
     image sample; :meth:`advance` updates the moments; in ``mode='bayesdiff'``
@@ -88,12 +90,13 @@ class StepEngine:
         moment_dtype: torch.dtype,
         generator: ImageStreams,
         trace: bool = False,
+        learned_variance: bool = False,
     ) -> None:
         self.plan = plan
         self.settings = settings
         self.kinds = step_kinds(plan, settings["uq_every"], settings["mc_samples"], settings["skip"])
         self.restarted = {s.origin for s in plan if s.origin != s.index}
-        self.split_variance = has_sampler_noise(plan)
+        self.split_variance = learned_variance or has_sampler_noise(plan)
         self.moment_dtype = moment_dtype
         self.generator = generator
         self.trace: list[dict[str, Any]] | None = [] if trace else None
@@ -131,12 +134,14 @@ class StepEngine:
         head_var: torch.Tensor | None,
         head_at: HeadAt,
         normals: MonteCarloNormals | None = None,
+        step_noise: torch.Tensor | None = None,
     ) -> None:
         """Move the moments over ``step`` given the model's ``prediction`` at the image sample.
 
         ``head_var`` is the head's variance there (needed where :meth:`wants_head`); ``head_at``
         maps Monte Carlo samples (S, B, ...) of the step's input to the head's (mean, var) there;
-        ``normals`` are :meth:`normals` (drawn here when not given). With the normals given, the
+        ``normals`` are :meth:`normals` (drawn here when not given). ``step_noise``: the per-element
+        variance of the step's fresh noise where it is learned (added to ``step.c2``). With the normals given, the
         step makes no host synchronisation and no random draw: it compiles with
         ``torch.compile(fullgraph=True)`` (tested) and can be captured in a CUDA graph.
         """
@@ -175,13 +180,16 @@ class StepEngine:
             a=step.a,
             b=step.b[-1],
             c2=step.c2,
-            clamp=settings["clamp"],
+            clamp=settings["clamp"] and step_noise is None,
         )
+        if step_noise is not None:
+            step_noise = step_noise.to(self.moment_dtype)
+            next_var = with_step_noise(next_var, step_noise, settings["clamp"])
         next_aleatoric = self.aleatoric
         if self.split_variance:
             origin_aleatoric = self._previous_aleatoric if restart else self.aleatoric
             next_aleatoric = aleatoric_step(
-                step, origin_mean, origin_var, origin_aleatoric, moments, next_var, settings["clamp"]
+                step, origin_mean, origin_var, origin_aleatoric, moments, next_var, settings["clamp"], step_noise
             )
 
         self.received = self.received | (origin_var > 0)
@@ -189,6 +197,8 @@ class StepEngine:
             self.received = self.received | (moments.var > 0)
         if step.c2 > 0:
             self.received = torch.ones_like(self.received)
+        if step_noise is not None:
+            self.received = self.received | (step_noise > 0)
         self._previous = StepRecord(self.mean, self.var, eps, head_var, draws)
         self._previous_aleatoric = self.aleatoric
         self.mean, self.var, self.aleatoric = next_mean, next_var, next_aleatoric

@@ -93,7 +93,7 @@ class LinearisedSampler(TrajectorySampler):
 
             def trajectory(deviation):
                 with perturbed_head(self.posterior.head, self.posterior.spec, deviation):
-                    return loop.run(copy.deepcopy(loop.template), x_unit, run.replay(), copies=1)
+                    return loop.run(copy.deepcopy(loop.template), x_unit, run.replay(), copies=1, fresh=True)
 
             def tangent(direction):
                 return torch.func.jvp(trajectory, (torch.zeros_like(direction),), (direction,))[1]

@@ -72,6 +72,18 @@ class ModelCall:
 
         ``kwargs`` are the conditioning of the B rows (under guidance: ``guidance.branch_kwargs(...)``).
         """
+        return self.outputs(x, t, kwargs, want_head=want_head, guidance=guidance)[1:]
+
+    def outputs(
+        self,
+        x: torch.Tensor,
+        t,
+        kwargs: Mapping[str, Any],
+        *,
+        want_head: bool,
+        guidance: ClassifierFreeGuidance | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As calling this object, with the model's full output first (learned-variance channels included)."""
         out, _, head_var = self._forward(self.model_input(x, t), t, kwargs, want_head, guidance)
         prediction = stepped_prediction(out, x)
         if head_var is not None and head_var.shape != prediction.shape:
@@ -79,7 +91,7 @@ class ModelCall:
                 f"the posterior predicts a variance of shape {tuple(head_var.shape)} but the model's prediction "
                 f"has shape {tuple(prediction.shape)}: is the posterior on this model's head?"
             )
-        return prediction, head_var
+        return out, prediction, head_var
 
     def head_at(
         self,

@@ -47,9 +47,10 @@ class BayesDiffOutput(BaseOutput):
         scores (`torch.Tensor` of shape `(B,)`): the per-image sum of ``variance`` (BayesDiff's score);
             computed when not given.
         aleatoric_variance (`torch.Tensor`): the part of ``variance`` from the sampler's own noise (DDPM,
-            DDIM with η > 0, Euler-Ancestral, stochastic flow matching; zero for deterministic samplers
-            and when not given); ``epistemic_variance``: the rest, from the weight posterior. Both ≥ 0 and
-            they add up to ``variance``.
+            DDIM with η > 0, Euler-Ancestral, stochastic flow matching; the model's learned variance with
+            DDPM ``variance_type='learned_range'``; zero for deterministic samplers and when not given);
+            ``epistemic_variance``: the rest, from the weight posterior. Both ≥ 0 and they add up to
+            ``variance``. ``settings['aleatoric_source']`` says which source a run had (docs/MATH.md §15).
         pixel_variance (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): the variance of the decoded
             image in the VAE's output scale ([−1, 1]; divide by 4 for [0, 1] images), from Gaussian draws
             of z_0 decoded through the pipeline's own VAE path; ``pixel_scores`` (B,) its sums. For pixel
@@ -59,6 +60,9 @@ class BayesDiffOutput(BaseOutput):
         settings (`dict`): the settings the run used. timings (`dict`): wall times and model call counts.
         draws (`TrajectoryDraws`, *optional*): the trajectories behind a trajectory estimate, when asked for
             (``return_draws=True``).
+        feature_entropy (`torch.Tensor` of shape `(B,)`, *optional*): the weight-samples method's
+            feature-space entropy of each image's M final images (docs/MATH.md §11.2), float64; None
+            for the other methods.
         clamped_pixels (`torch.Tensor` of shape `(B,)`): per image, the elements whose variance estimate came
             out ≤ 0 and were set to 0 (an exact zero that means "clamped", not "certain"); zeros where nothing
             was clamped (the trajectory estimators never clamp).
@@ -77,6 +81,7 @@ class BayesDiffOutput(BaseOutput):
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     draws: TrajectoryDraws | None = None
+    feature_entropy: torch.Tensor | None = None
     clamped_pixels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:

@@ -13,6 +13,12 @@ from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.engine import StepEngine
 from bayesdiff_ext.sampler.initial_noise import initial_noise
+from bayesdiff_ext.sampler.learned_variance import (
+    aleatoric_source,
+    check_learned_variance,
+    learned_step_variance,
+    uses_learned_variance,
+)
 from bayesdiff_ext.sampler.linearised import LinearisedSampler
 from bayesdiff_ext.sampler.model_call import ModelCall
 from bayesdiff_ext.sampler.results import BayesDiffOutput
@@ -35,7 +41,7 @@ class BayesDiffSampler:
         scheduler: any diffusers scheduler for the trajectory estimators (they run its own
             ``step``); for the moment recurrence (``preset='paper'``) one of those described in
             :mod:`bayesdiff_ext.sampler.schedulers`: ``DDIMScheduler`` (any η), ``DDPMScheduler``
-            (fixed variances), ``DPMSolverSinglestepScheduler`` (orders 1–2),
+            (fixed or learned variances), ``DPMSolverSinglestepScheduler`` (orders 1–2),
             ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler`` and
             ``FlowMatchEulerDiscreteScheduler`` (deterministic or ``stochastic_sampling``); no
             ``clip_sample`` or thresholding.
@@ -116,6 +122,12 @@ class BayesDiffSampler:
           image sample (the paper's sampled trajectory); images then differ from the plain loop
           but are reproducible with ``generator``.
         * ``clamp`` clamps Var at 0 after every step; the returned variance is ≥ 0 always.
+        * A learned variance (``DDPMScheduler(variance_type='learned_range'|'learned')`` with a model of
+          2·C output channels): each step's c² is the per-element variance the scheduler computes from
+          the model's variance channels at the image sample (docs/MATH.md §15), and the image path
+          steps with the full output, as ``DDPMPipeline`` does. Not with ``guidance``.
+          ``settings['aleatoric_source']`` says where a run's aleatoric part comes from (the learned
+          variance, the scheduler's fixed noise, or none) and whether the model's variance went unused.
         * Var[x_0] is also split into ``aleatoric_variance`` (the sampler's own noise c²: DDPM,
           DDIM η > 0, Euler-Ancestral, stochastic flow matching, Euler's churn; zero for
           deterministic samplers) and ``epistemic_variance`` (the weight posterior), which add up
@@ -188,6 +200,8 @@ class BayesDiffSampler:
         kwargs = _conditioning(model_kwargs, unet_kwargs)
         if guidance is not None:
             kwargs = guidance.branch_kwargs(kwargs)
+        learned_variance = uses_learned_variance(scheduler)
+        check_learned_variance(scheduler, self.model, guidance)
         x = self.draw_noise(batch_size, noise, generator)
         moment_dtype = accumulation_dtype(x)
         mc_generator = ImageStreams.derived(generator, x.shape[0], x.device, "monte_carlo")
@@ -196,7 +210,12 @@ class BayesDiffSampler:
         if hasattr(scheduler, "init_noise_sigma"):
             x = x * scheduler.init_noise_sigma
         engine = StepEngine(
-            description.steps(), settings, moment_dtype=moment_dtype, generator=mc_generator, trace=return_trace
+            description.steps(),
+            settings,
+            moment_dtype=moment_dtype,
+            generator=mc_generator,
+            trace=return_trace,
+            learned_variance=learned_variance,
         )
         engine.start(x)
         step_kwargs = description.step_kwargs()
@@ -204,15 +223,20 @@ class BayesDiffSampler:
         with model_call.capturing():
             for step in tqdm(engine.plan, desc="BayesDiff", disable=not progress):
                 t = scheduler.timesteps[step.index]
-                prediction, head_var = model_call(x, t, kwargs, want_head=engine.wants_head(step.index), guidance=guidance)
+                out, prediction, head_var = model_call.outputs(
+                    x, t, kwargs, want_head=engine.wants_head(step.index), guidance=guidance
+                )
                 engine.advance(
                     step,
                     t,
                     prediction,
                     head_var,
                     lambda samples: model_call.head_at(samples, t, kwargs, moment_dtype, guidance, index=step.index),
+                    step_noise=learned_step_variance(scheduler, t, out, x.shape[1]) if learned_variance else None,
                 )
                 image_prediction = engine.image_prediction(step, prediction, head_var)
+                if learned_variance:  # the scheduler reads its noise variance from the channels after ε
+                    image_prediction = torch.cat([image_prediction, out[:, x.shape[1] :]], dim=1)
                 x = scheduler.step(image_prediction, t, x, generator=generator, **step_kwargs).prev_sample
                 _check_step_index(scheduler, step.index)
 
@@ -223,6 +247,7 @@ class BayesDiffSampler:
             timesteps=scheduler.timesteps.tolist(),
             posterior_structure=getattr(self.posterior, "structure", None),
             guidance=None if guidance is None else dict(scale=guidance.scale, variance=guidance.variance),
+            aleatoric_source=aleatoric_source(scheduler, self.model, engine.split_variance),
         )
         timings = dict(
             total_s=time.perf_counter() - started,

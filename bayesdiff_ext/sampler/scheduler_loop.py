@@ -16,13 +16,13 @@ import torch
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.posterior.perturbation import perturbed_head
 from bayesdiff_ext.randomness import Generators, ImageStreams
+from bayesdiff_ext.sampler.learned_variance import uses_learned_variance
 from bayesdiff_ext.sampler.model_call import scaled_model_input
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "SchedulerLoop", "generator_device", "generator_states"]
 
 #: Rows per model call when ``chunk_size`` is not given (rounded down to whole copies of the batch).
 DEFAULT_CHUNK_ROWS = 256
-_LEARNED_VARIANCE = ("learned", "learned_range")
 
 
 class SchedulerLoop:
@@ -44,16 +44,19 @@ class SchedulerLoop:
         elif eta:
             raise ValueError(f"eta={eta} but {type(template).__name__}.step takes no eta")
         self.takes_generator = "generator" in accepted
-        self.learned_variance = getattr(template.config, "variance_type", None) in _LEARNED_VARIANCE
+        self.learned_variance = uses_learned_variance(template)
         self.model_rows = 0
         self.chunks = 0
         self.bar = None
         template.set_timesteps(steps, **self.set_timesteps_kwargs)
 
-    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int) -> torch.Tensor:
-        """x_0 of ``copies`` stacked copies of the batch (rows copy-major) on ``scheduler``."""
+    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int, fresh: bool = False) -> torch.Tensor:
+        """x_0 of ``copies`` stacked copies of the batch (rows copy-major) on ``scheduler``. ``fresh``: it
+        is a pristine copy of the template, its timesteps already set (so the loop can run inside a
+        functorch transform, where DPM-Solver++'s ``set_timesteps`` cannot: it reads a tensor's data)."""
         batch = x_unit.shape[0] // copies
-        scheduler.set_timesteps(self.steps, **self.set_timesteps_kwargs)
+        if not fresh:
+            scheduler.set_timesteps(self.steps, **self.set_timesteps_kwargs)
         x = x_unit * scheduler.init_noise_sigma if hasattr(scheduler, "init_noise_sigma") else x_unit
         kwargs = Denoiser.tile(self.kwargs, batch, copies)
         step_kwargs = dict(self.step_kwargs, **({"generator": generator} if self.takes_generator else {}))
@@ -99,7 +102,7 @@ class SchedulerLoop:
             )
             x = x_unit.repeat(len(chunk), *([1] * (x_unit.dim() - 1)))
             with perturbed_head(posterior.head, posterior.spec, torch.cat(parts).to(x.device)):
-                out = self.run(copy.deepcopy(self.template), x, row_generators, copies=len(chunk))
+                out = self.run(copy.deepcopy(self.template), x, row_generators, copies=len(chunk), fresh=True)
             self.chunks += 1
             for n, key in enumerate(chunk):
                 finals[key] = out[n * batch : (n + 1) * batch]

@@ -11,10 +11,12 @@ Estimators of Var[x_0 | x_T] (docs/MATH.md §2.3):
 * ``'linearised'``: the forward-mode linearisation along the one stock trajectory.
 * ``'recurrence'``: BayesDiff's moment recurrence (``uq_every``, ``mc_samples``, ``covariance``...).
 
-Presets (measured against trajectory Monte Carlo with M = 64 in ``python/BENCHMARKS.md``):
+Presets (measured against trajectory Monte Carlo with M ≥ 64 in ``python/BENCHMARKS.md``, docs/MATH.md §14.7):
 
-* ``'accurate'``: trajectories with enough draws for a per-pixel map r ≥ 0.95 against the truth;
-* ``'fast'``: the cheapest estimator on the table with image-score Spearman ≥ 0.9 and map r ≥ 0.9;
+* ``'accurate'``: trajectories with enough draws for a per-pixel map r ≥ 0.95 against the truth (met on
+  the digits model; on a random-init UNet, whose truth can show at most 0.957, 32 draws reach 0.934);
+* ``'fast'``: the cheapest estimator on the table with map r ≥ 0.9 wherever the truth can see it (the
+  score-Spearman half of its bar, ≥ 0.9, is not demonstrated: the truth cannot rank the images);
 * ``'paper'``: BayesDiff's recurrence with the paper's settings (Skip 5, S = 10), as in its
   reproduction — it does not track the truth (docs/MATH.md §2.3).
 
@@ -67,11 +69,14 @@ DEFAULTS = {
     "recurrence": dict(uq_every=5, mc_samples=10, covariance="mc", eps_variance="total", skip="all", mode="deterministic", clamp=True),
 }
 PRESETS = {
-    "accurate": dict(estimator="trajectories", samples=32, draws="sobol", centre="map", noise_samples=32),
+    # 64 draws: against a truth of M = 128, digits DDIM reaches map r 0.948 with 32 (0.973 with 64). A
+    # stochastic sampler's map is limited by its noise streams more than by the draws (digits DDIM η = 1:
+    # M = 32 in J = 32 streams 0.942, in J = 64 streams 0.961): 64 streams.
+    "accurate": dict(estimator="trajectories", samples=64, draws="sobol", centre="map", noise_samples=64),
     "fast": dict(estimator="trajectories", **DEFAULTS["trajectories"]),
     "paper": dict(estimator="recurrence", **DEFAULTS["recurrence"]),
 }
-#: The cheapest preset that meets the truth bar (map r ≥ 0.9, score Spearman ≥ 0.9) on the table.
+#: The cheapest preset that meets the part of the truth bar the table can show (map r ≥ 0.9).
 DEFAULT_PRESET = "fast"
 
 

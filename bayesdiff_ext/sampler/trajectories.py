@@ -41,13 +41,15 @@ from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.posterior.draws import check_draws, weight_deviations
 from bayesdiff_ext.posterior.perturbation import head_perturbation
 from bayesdiff_ext.numerics import accumulation_dtype
-from bayesdiff_ext.randomness import Generators, ImageStreams, restartable
+from bayesdiff_ext.randomness import Generators, ImageStreams, image_generators, restartable
 from bayesdiff_ext.sampler.initial_noise import initial_noise
+from bayesdiff_ext.sampler.learned_variance import aleatoric_source, check_learned_variance
 from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device, generator_states
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
 from bayesdiff_ext.sampler.feedback_free import FeatureSum, accumulate_features, feedback_free_coefficients
 from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread, trajectory_moments
+from bayesdiff_ext.validation import check_count
 
 __all__ = ["TrajectorySampler"]
 
@@ -90,6 +92,7 @@ class TrajectorySampler:
         set_timesteps_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
         return_draws: bool = False,
+        weight_seed: int | None = None,
         **uncertainty: Any,
     ) -> BayesDiffOutput:
         """Sample B images and the variance of their final images over M weight draws.
@@ -118,6 +121,10 @@ class TrajectorySampler:
                   None (default) where the run allows it, True to require it, False never.
             model_kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs, progress: as for the sampler.
             return_draws (`bool`): keep every trajectory's x_0 and weight deviation in ``draws``.
+            weight_seed (`int`, *optional*): None (default): each image's draws from its own stream; an
+                int: every image gets the same draws, from the streams of (``weight_seed``, 0) — M models
+                shared by all images (common random numbers: their scores compare without the draws'
+                Monte Carlo noise between images, docs/MATH.md §11.2).
 
         Returns:
             :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock sample, ``variance`` Var[x_0]
@@ -125,6 +132,8 @@ class TrajectorySampler:
             mean, ``timings`` with ``model_forwards_per_image``.
         """
         resolved = resolve_settings(settings=settings, estimator="trajectories", **uncertainty)
+        if weight_seed is not None:
+            check_count("weight_seed", weight_seed, minimum=0)
         samples, draws, centre = resolved.samples, resolved.draws, resolved.centre
         check_draws(draws, samples, self.posterior)
         blocked = self._control_blocked(centre, guidance)
@@ -149,7 +158,9 @@ class TrajectorySampler:
                         self.posterior,
                         draws,
                         per_stream,
-                        ImageStreams.derived(generator, batch, draw_device, "weights", j).generators,
+                        ImageStreams.derived(generator, batch, draw_device, "weights", j).generators
+                        if weight_seed is None
+                        else image_generators(weight_seed, [0] * batch, draw_device, "weights", j),
                     )
                     for j in range(with_draws)
                 ]
@@ -203,6 +214,7 @@ class TrajectorySampler:
         loop that runs the copies; shared by the trajectory estimators. With ``features``, also φ̃ of
         the stock trajectory (:mod:`~bayesdiff_ext.sampler.feedback_free`) where the scheduler allows."""
         started = time.perf_counter()
+        check_learned_variance(self.scheduler, self.model, guidance)
         kwargs = dict(model_kwargs or {})
         if guidance is not None:
             kwargs = guidance.branch_kwargs(kwargs)
@@ -260,6 +272,7 @@ class StockRun:
             timesteps=template.timesteps.tolist() if template.timesteps is not None else None,
             posterior_structure=getattr(sampler.posterior, "structure", None),
             guidance=None if guidance is None else dict(scale=guidance.scale),
+            aleatoric_source=aleatoric_source(sampler.scheduler, sampler.model, self.stochastic),
             **(record or {}),
         )
         timings = dict(

@@ -28,7 +28,7 @@ from bayesdiff_ext import ops
 from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.eps_moments import EpsMoments
 
-__all__ = ["aleatoric_step", "has_sampler_noise"]
+__all__ = ["aleatoric_step", "has_sampler_noise", "with_step_noise"]
 
 
 def has_sampler_noise(plan: list[AffineStep]) -> bool:
@@ -43,8 +43,10 @@ def aleatoric_step(
     moments: EpsMoments,
     next_var: torch.Tensor,
     clamp: bool,
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The aleatoric part after ``step``, within [0, next_var] so that the epistemic rest is ≥ 0."""
+    """The aleatoric part after ``step``, within [0, next_var] so that the epistemic rest is ≥ 0;
+    ``step_noise`` is a learned per-element c² added to ``step.c2`` (docs/MATH.md §15)."""
     zero = torch.zeros_like(origin_var)
     share = torch.where(origin_var > 0, origin_aleatoric / origin_var, zero).clamp(0, 1)
     spread = None if moments.spread is None else share * moments.spread
@@ -58,6 +60,15 @@ def aleatoric_step(
         a=step.a,
         b=step.b[-1],
         c2=step.c2,
-        clamp=clamp,
+        clamp=clamp and step_noise is None,
     )
+    if step_noise is not None:
+        aleatoric = with_step_noise(aleatoric, step_noise, clamp)
     return torch.minimum(aleatoric.clamp_min(0), next_var.clamp_min(0))
+
+
+def with_step_noise(var: torch.Tensor, step_noise: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """``var`` (a ``moment_step`` result taken without its clamp) plus a per-element c², then clamped at 0
+    where ``clamp``: the same value ``moment_step`` gives for a scalar c²."""
+    total = var + step_noise
+    return total.clamp_min(0) if clamp else total
