@@ -30,7 +30,15 @@ import torch.nn.functional as F
 
 import bayesdiff_ext
 from bayesdiff_ext import ops
-from bench_timing import interleaved_medians, load_average, markdown_table, peak_rise_mib, write_section
+from bench_timing import (
+    add_paused_flag,
+    interleaved_medians,
+    load_average,
+    markdown_table,
+    paused_note,
+    peak_rise_mib,
+    write_section,
+)
 
 MIB = 2**20
 BATCH, C_IN, C_OUT, SIZE, KERNEL, PADDING = 4, 128, 3, 64, 3, 1
@@ -148,6 +156,12 @@ def main() -> None:
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cases", nargs="+",
+        help="measure only the rows whose label contains one of these strings (e.g. conv_diag_ggn, Flux); "
+        "written to their own `bench_curvature: CASES` section",
+    )
+    add_paused_flag(parser)
     args = parser.parse_args()
     if args.measure:
         torch.set_num_threads(args.threads[-1])
@@ -159,6 +173,8 @@ def main() -> None:
     load_before = load_average()
     rows, scaling = [], []
     for label, method, which in cases():
+        if args.cases and not any(case in label for case in args.cases):
+            continue
         phi, residual = inputs_for(which)
         eager, fused = METHODS[method]
         outputs, expected = (r if isinstance(r, tuple) else (r,) for r in (fused(phi, residual), eager(phi, residual)))
@@ -203,7 +219,7 @@ def main() -> None:
         f"torch {torch.__version__}, bayesdiff_ext {bayesdiff_ext.__version__}, float32 inputs; median of "
         f"{args.repeats} interleaved rounds (each round calls both candidates at each of "
         f"{', '.join(map(str, args.threads))} threads). Load average (1, 5, 15 min) {load_before} before and "
-        f"{load_average()} after (the machine is shared: ratios within a round are fair). Conv: eager = `F.unfold` "
+        f"{load_average()} after (the machine is shared: ratios within a round are fair).{paused_note(args)} Conv: eager = `F.unfold` "
         "of the whole batch then the same reductions; fused = the accumulators, which never unfold the batch. "
         "Linear: eager = the float64 code the ops replaced in `posterior.head_ops` (a float64 copy of φ); fused = "
         "float64 accumulation without the copy (GGN: per-thread partial sums; EF and Gram: float64 BLAS on 16 MiB "
@@ -218,7 +234,8 @@ def main() -> None:
         )
     print(body)
     if not args.no_write:
-        write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_curvature", body)
+        name = f"bench_curvature: {', '.join(args.cases)}" if args.cases else "bench_curvature"
+        write_section(Path(__file__).with_name("BENCHMARKS.md"), name, body)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,15 @@ from torch import nn
 
 import bayesdiff_ext
 from bayesdiff_ext import ops
-from bench_timing import interleaved_medians, load_average, markdown_table, peak_rise_mib, write_section
+from bench_timing import (
+    add_paused_flag,
+    interleaved_medians,
+    load_average,
+    markdown_table,
+    paused_note,
+    peak_rise_mib,
+    write_section,
+)
 
 GIB = 2.0**30
 
@@ -341,48 +349,63 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--head", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+        help="which tables to measure; each writes its own `bench_head: PART` section",
+    )
+    parser.add_argument("--heads", nargs="+", help="only the heads whose name contains one of these strings")
+    add_paused_flag(parser)
     args = parser.parse_args()
     if args.measure:
         torch.set_num_threads(args.threads[-1])
         measure(args.measure, args.head)
         return
-    generator = torch.Generator().manual_seed(0)
     warnings.filterwarnings("ignore", module="laplace")
-    load_before = load_average()
-    checks: list[str] = []
+    for part in args.parts:
+        generator = torch.Generator().manual_seed(0)
+        load_before = load_average()
+        checks: list[str] = []
+        text = PARTS[part](args, generator, checks)
+        name = f"bench_head: {part}" + (f" ({', '.join(args.heads)})" if args.heads else "")
+        body = (
+            f"`python/bench_head.py --parts {part}{' --heads ' + ' '.join(args.heads) if args.heads else ''}` — CPU ({platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores), torch {torch.__version__}, bayesdiff_ext {bayesdiff_ext.__version__}, float32. "
+            f"Load average (1, 5, 15 min) {load_before} before and {load_average()} after (the machine is shared: "
+            f"ratios within a round are fair, absolute times move with the load).{paused_note(args)}\n\n"
+            + text
+            + ("\n\nOutputs checked in the same run:\n\n" + "\n".join(checks) if checks else "")
+        )
+        print(body)
+        if not args.no_write:
+            write_section(Path(__file__).with_name("BENCHMARKS.md"), name, body)
 
-    diag_candidates = {"forward": forward, "eager": eager_diag, "fused": fused_diag}
-    full_candidates = {"eager": eager_full, "fused": fused_full}
-    scaling = [f"fused {args.threads[0]}→{args.threads[-1]} threads"] if len(args.threads) > 1 else []
-    diag_header = ["head", "threads", "forward alone (ms)", "eager pair (ms)", "fused (ms)", "eager / fused (≥ 1)"]
-    diag_header += scaling
-    full_header = ["head", "threads", "eager → square → mix (ms)", "fused (ms)", "eager / fused (≥ 1)", *scaling]
-    tables = [
-        ("Conv heads, diagonal posterior (`conv_head_mean_var`; 3×3, padding 1)", diag_header,
-         target_rows(CONV_HEADS, diag_inputs, diag_candidates, args, generator, checks)),
-        ("Conv heads, full GGN (`conv_head_var_factored`, R = D+1 directions, mix = 1)", full_header,
-         target_rows(CONV_FULL_HEADS, full_inputs, full_candidates, args, generator, checks)),
-        ("Linear heads on tokens, diagonal posterior (`linear_head_mean_var`)", diag_header,
-         target_rows(LINEAR_HEADS, diag_inputs, diag_candidates, args, generator, checks)),
-        ("Linear heads on tokens, full GGN (the factored op on rows, R = D+1)", full_header,
-         target_rows(LINEAR_HEADS, full_inputs, full_candidates, args, generator, checks)),
-    ]
-    context, context_threads = context_rows(CONV_HEADS + LINEAR_HEADS + SMALL_HEADS, args, generator, checks)
-    memory = memory_rows(args)
-    load_after = load_average()
 
-    body = (
-        f"`python/bench_head.py` — CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-        f"torch {torch.__version__}, bayesdiff_ext {bayesdiff_ext.__version__}, float32. Targets: median of "
-        f"{args.repeats} interleaved rounds (each round calls every candidate once at each of "
-        f"{', '.join(map(str, args.threads))} threads). Load average (1, 5, 15 min) {load_before} before and "
-        f"{load_after} after (the machine is shared: ratios within a round are fair, absolute times move "
-        "with the load).\n\n"
-    )
-    for title, header, rows in tables:
-        body += f"{title}:\n\n{markdown_table(header, rows)}\n\n"
-    body += (
-        f"Context at {context_threads} threads, median of {args.context_repeats} interleaved rounds (diagonal "
+def _chosen(heads, args):
+    return [head for head in heads if not args.heads or any(key in head.name for key in args.heads)]
+
+
+def _target_part(title, heads, inputs, candidates, full):
+    def run(args, generator, checks):
+        scaling = [f"fused {args.threads[0]}→{args.threads[-1]} threads"] if len(args.threads) > 1 else []
+        if full:
+            header = ["head", "threads", "eager → square → mix (ms)", "fused (ms)", "eager / fused (≥ 1)", *scaling]
+        else:
+            header = ["head", "threads", "forward alone (ms)", "eager pair (ms)", "fused (ms)", "eager / fused (≥ 1)"]
+            header += scaling
+        rows = target_rows(_chosen(heads, args), inputs, candidates, args, generator, checks)
+        return (
+            f"{title}; median of {args.repeats} interleaved rounds (each round calls every candidate once at each "
+            f"of {', '.join(map(str, args.threads))} threads, starting one candidate later each round):\n\n"
+            + markdown_table(header, rows)
+        )
+
+    return run
+
+
+def _context_part(args, generator, checks):
+    rows, threads = context_rows(_chosen(CONV_HEADS + LINEAR_HEADS + SMALL_HEADS, args), args, generator, checks)
+    return (
+        f"Context at {threads} threads, median of {args.context_repeats} interleaved rounds (diagonal "
         f"posterior): BayesDiff's estimator ({args.draws} weight draws, one head call each), the same draws in "
         "one call, and laplace-torch's GLM predictive where its memory (jacrev's B·K×B·K basis + the B·K·P "
         f"Jacobian + the B·K·K covariance, K = outputs per image, P = C·(D+1), float32) is below "
@@ -395,18 +418,33 @@ def main() -> None:
                 f"{args.draws} draws in one call (ms, × fused)",
                 "laplace-torch GLM",
             ],
-            context,
+            rows,
         )
-        + f"\n\nPeak memory of the Linear heads (MiB: the rise of the resident set during a first call, each "
-        f"method in a fresh process at {args.threads[-1]} threads, inputs allocated before; φ of the Flux-like "
-        "head is 48 MiB):\n\n"
-        + markdown_table(["head", *METHODS], memory)
-        + "\n\nOutputs checked in the same run:\n\n"
-        + "\n".join(checks)
     )
-    print(body)
-    if not args.no_write:
-        write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_head", body)
+
+
+def _memory_part(args, generator, checks):
+    return (
+        f"Peak memory of the Linear heads (MiB: the rise of the resident set during a first call, each "
+        f"method in a fresh process at {args.threads[-1]} threads, inputs allocated before; φ of the Flux-like "
+        "head is 48 MiB):\n\n" + markdown_table(["head", *METHODS], memory_rows(args))
+    )
+
+
+_DIAG = {"forward": forward, "eager": eager_diag, "fused": fused_diag}
+_FULL = {"eager": eager_full, "fused": fused_full}
+PARTS = {
+    "conv-diag": _target_part("Conv heads, diagonal posterior (`conv_head_mean_var`; 3×3, padding 1)",
+                              CONV_HEADS, diag_inputs, _DIAG, full=False),
+    "conv-full": _target_part("Conv heads, full GGN (`conv_head_var_factored`, R = D+1 directions, mix = 1)",
+                              CONV_FULL_HEADS, full_inputs, _FULL, full=True),
+    "linear-diag": _target_part("Linear heads on tokens, diagonal posterior (`linear_head_mean_var`)",
+                                LINEAR_HEADS, diag_inputs, _DIAG, full=False),
+    "linear-full": _target_part("Linear heads on tokens, full GGN (the factored op on rows, R = D+1)",
+                                LINEAR_HEADS, full_inputs, _FULL, full=True),
+    "context": _context_part,
+    "memory": _memory_part,
+}
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from scipy.stats import spearmanr
 import bayesdiff_ext
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace, ops
 from bayesdiff_ext.digits import bundled_dir, load_bundled_scheduler, load_bundled_unet
-from bench_timing import markdown_table, write_section
+from bench_timing import add_paused_flag, markdown_table, paused_note, write_section
 
 STEPS = 50
 SAMPLES = 10
@@ -388,6 +388,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default="digits,random32", help="comma-separated: digits, random32")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    add_paused_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -414,7 +415,8 @@ def main() -> None:
         "bit-identical to the plain loop's. UNet calls and images: forward hooks on the UNet, per sampling "
         f"run of {args.batch} images. The machine is shared: 1-minute load average "
         f"{min(loads):.1f}–{max(loads):.1f} over the rounds on {os.cpu_count()} cores, and at 2 threads a "
-        "descheduled thread stalls every parallel op, so absolute times move a lot with other processes' load.\n\n"
+        "descheduled thread stalls every parallel op, so absolute times move a lot with other processes' load."
+        f"{paused_note(args)}\n\n"
         + markdown_table(HEADER, rows)
         + "\n\n"
         + "\n".join(f"* {line}" for line in notes)
@@ -424,7 +426,9 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_sampler", body)
+        every_config = args.configs == parser.get_default("configs")
+        name = "bench_sampler" if every_config else f"bench_sampler: {args.configs}"
+        write_section(Path(__file__).with_name("BENCHMARKS.md"), name, body)
 
 
 HEADER = [

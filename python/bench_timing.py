@@ -33,7 +33,10 @@ def interleaved_medians(
 ) -> dict:
     """Median seconds of each function, timed in rounds: one call of each per round, and with
     ``threads`` one call of each at every thread count per round. A change of load on a shared
-    machine then falls on every candidate alike, so ratios within a round stay fair.
+    machine then falls on every candidate alike, so ratios within a round stay fair. Each round
+    starts one candidate later than the one before, so that every candidate follows every other
+    equally often (a memory-bound candidate is faster after one that left its inputs in cache,
+    slower after one that evicted them).
 
     Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
     """
@@ -45,8 +48,9 @@ def interleaved_medians(
         for _ in range(warmup):
             fns[name]()
     times = {key: [] for key in keys}
-    for _ in range(repeats):
-        for n, name in keys:
+    for round_index in range(repeats):
+        start_at = round_index % len(keys)
+        for n, name in keys[start_at:] + keys[:start_at]:
             if n is not None:
                 torch.set_num_threads(n)
             start = time.perf_counter()
@@ -109,3 +113,18 @@ def write_section(path: Path, name: str, body: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if end == -1 else text[end:])
     atomic_write(path, text)
+
+
+def add_paused_flag(parser) -> None:
+    """`--others-paused`: the run was made with every other compute process of the machine paused."""
+    parser.add_argument(
+        "--others-paused",
+        action="store_true",
+        help="say in the section that every other compute process was paused (SIGSTOP) during the run",
+    )
+
+
+def paused_note(args) -> str:
+    if not args.others_paused:
+        return ""
+    return " Every other compute process on the machine was paused (SIGSTOP) for the run."

@@ -256,10 +256,9 @@ def test_cpu_kernels_agree_across_threads():
 def test_every_isa_compilation_matches_reference(isa, dtype, monkeypatch):
     """The CPU kernels are compiled per ISA (vector width, 16-bit conversions) and the best one the
     CPU supports runs; BAYESDIFF_CPU_ISA selects a lower one, so that each compilation is checked
-    (sizes with vector blocks and a tail)."""
+    (sizes with vector blocks and a tail; the second spans several of mc_moments' chunks)."""
     monkeypatch.setenv("BAYESDIFF_CPU_ISA", isa)
-    shape = (3, 7, 37)
-    for with_var in (True, False):
+    for shape, with_var in (((3, 7, 37), True), ((3, 7, 37), False), ((5, 11, 41), True)):
         args = _mc_inputs(5, shape, dtype, "cpu", with_var=with_var)
         for o, r in zip(torch.ops.bayesdiff_ext.mc_moments(*args), reference.mc_moments(*args)):
             _assert_close(o, r, dtype, scale=8)
