@@ -165,7 +165,7 @@ def test_a_new_method_is_one_registered_score_and_a_cached_run_gains_it(evaluate
     run_evaluation(config, reuse=True)
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["strong_prior"]["n"] == 24
-    with np.load(out / "filtering_run.npz") as cache:
+    with np.load(out / "filtering_run.npz", allow_pickle=False) as cache:
         np.testing.assert_allclose(cache["score__closed_again"], cache["score__covariance_none"], rtol=1e-6)
     assert "strong_closed" in results["meta"]["supplemented"]
     assert "diag, δ = 1e4, closed form" in (out / "EVALUATION.md").read_text()

@@ -32,7 +32,7 @@ def eval_argv(folder: Path, out: Path) -> list[str]:
 def assert_same_cache(out: Path, reference: Path) -> None:
     """Every generated array of the two caches is equal (images, scores, maps, traces, sweep); only
     the run's description (its timings) differs."""
-    with np.load(out / CACHE_NAME) as ours, np.load(reference / CACHE_NAME) as expected:
+    with np.load(out / CACHE_NAME, allow_pickle=False) as ours, np.load(reference / CACHE_NAME, allow_pickle=False) as expected:
         assert set(ours.files) == set(expected.files)
         arrays = [name for name in expected.files if name != "meta"]
         assert {"images", "score__paper", "score__hfl", "map__paper", "sweep__scores"} <= set(arrays)

@@ -5,7 +5,8 @@ model folder with its real images) once, scores them by every registered score o
 compares filtering by each score with random removal (FID, KID, CMMD, PRDC over seeds) and detection
 of a quality oracle's worst images (AUROC, Spearman), and writes figures and the model's section of
 ``EVALUATION.md``. Modules, one job each: ``config`` (settings), ``subject`` (what is evaluated),
-``posteriors``, ``sources`` (how scores sample) and ``scores`` (the registry of what is compared),
+``posteriors``, ``sources`` (how scores sample), ``registry`` (what a score is, the registry) and
+``scores``/``inference_scores`` (what is compared),
 ``replay``, ``sweep``, ``cost``, ``progress``, ``generation``, ``cache``,
 ``oracle``, ``ranking``, ``analysis``, ``figures``, ``report``, ``pipeline``.
 

@@ -12,7 +12,7 @@ sum of Var[x_0].
 from __future__ import annotations
 
 from bayesdiff_ext.evaluation.posteriors import PosteriorSpec
-from bayesdiff_ext.evaluation.scores import Score, register
+from bayesdiff_ext.evaluation.registry import Score, register
 from bayesdiff_ext.evaluation.sources import CLOSED_FORM, SamplerRun
 from bayesdiff_ext.posterior import LastLayerHeadEnsemble, LastLayerMCMC, LastLayerVI
 from bayesdiff_ext.posterior.settings import EnsembleSettings, HMCSettings, VISettings
