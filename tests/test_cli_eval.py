@@ -148,7 +148,7 @@ def test_a_new_method_is_one_registered_score_and_a_cached_run_gains_it(evaluate
     from bayesdiff_ext.evaluation import EvaluationConfig, run_evaluation
     from bayesdiff_ext.evaluation.cache import cached_settings
     from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
-    from bayesdiff_ext.evaluation.scores import SCORES, Score
+    from bayesdiff_ext.evaluation.registry import SCORES, Score
     from bayesdiff_ext.evaluation.sources import CLOSED_FORM, SamplerRun
 
     out, code, _, err = evaluated
@@ -160,7 +160,7 @@ def test_a_new_method_is_one_registered_score_and_a_cached_run_gains_it(evaluate
     score = Score("strong_prior", lambda c: "diag, δ = 1e4, closed form", SamplerRun("strong_closed", strong_prior, lambda c: CLOSED_FORM))
     # the run's own closed form again: supplemented on the cached images' x_T, it gives their scores
     again = Score("closed_again", lambda c: "covariance_none again", SamplerRun("closed_again", DEFAULT, lambda c: CLOSED_FORM))
-    monkeypatch.setattr("bayesdiff_ext.evaluation.scores.SCORES", [*SCORES, score, again])
+    monkeypatch.setattr("bayesdiff_ext.evaluation.registry.SCORES", [*SCORES, score, again])
     config = EvaluationConfig(**cached_settings(out), out_dir=out, progress=False)
     run_evaluation(config, reuse=True)
     results = json.loads((out / "results.json").read_text())
