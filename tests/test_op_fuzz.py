@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from test_build import OPS  # every op; test_build checks the list against csrc/schemas.h
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NOT_FLOATS = [torch.int32, torch.int64, torch.bool, torch.complex64]
@@ -260,19 +261,6 @@ class Generator:
         return self._linear_curvature("linear_gram")
 
 
-OPS = [
-    "moment_step",
-    "mc_moments",
-    "conv_head_mean_var",
-    "linear_head_mean_var",
-    "conv_head_var_factored",
-    "conv_diag_ggn",
-    "conv_diag_ef",
-    "conv_patch_gram",
-    "linear_diag_ggn",
-    "linear_diag_ef",
-    "linear_gram",
-]
 
 
 def _abs(args):
