@@ -122,7 +122,7 @@ register(Score("x0_drift", lambda c: f"x0-drift: variance of x̂_0 over the last
 register(
     Score(
         "weight_samples",
-        lambda c: f"weight-samples: {c.weight_samples} diag head-weight draws fixed along whole trajectories, pixel variance",
+        lambda c: f"weight-samples: {c.weight_samples} diag head-weight draws shared by all images, each fixed along a whole trajectory, pixel variance",
         WEIGHT_SAMPLES,
     )
 )
