@@ -30,6 +30,7 @@ def interleaved_medians(
     repeats: int,
     warmup: int = 1,
     threads: Sequence[int] | None = None,
+    before: Callable[[], object] | None = None,
 ) -> dict:
     """Median seconds of each function, timed in rounds: one call of each per round, and with
     ``threads`` one call of each at every thread count per round. A change of load on a shared
@@ -38,7 +39,8 @@ def interleaved_medians(
     equally often (a memory-bound candidate is faster after one that left its inputs in cache,
     slower after one that evicted them).
 
-    Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
+    ``before``, when given, runs untimed before every timed call (e.g. to put the inputs in a known
+    cache state). Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
     """
     counts = list(threads) if threads is not None else [None]
     keys = [(n, name) for n in counts for name in fns]
@@ -53,6 +55,8 @@ def interleaved_medians(
         for n, name in keys[start_at:] + keys[:start_at]:
             if n is not None:
                 torch.set_num_threads(n)
+            if before is not None:
+                before()
             start = time.perf_counter()
             fns[name]()
             times[(n, name)].append(time.perf_counter() - start)
