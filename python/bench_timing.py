@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import threading
 import time
@@ -35,9 +36,9 @@ def interleaved_medians(
     """Median seconds of each function, timed in rounds: one call of each per round, and with
     ``threads`` one call of each at every thread count per round. A change of load on a shared
     machine then falls on every candidate alike, so ratios within a round stay fair. Each round
-    starts one candidate later than the one before, so that every candidate follows every other
-    equally often (a memory-bound candidate is faster after one that left its inputs in cache,
-    slower after one that evicted them).
+    calls them in a new random order (seeded), so that every candidate follows every other equally
+    often on average (a memory-bound candidate is faster after one that left its inputs in cache,
+    slower after one that evicted them or freed memory it must fault in again).
 
     ``before``, when given, runs untimed before every timed call (e.g. to put the inputs in a known
     cache state). Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
@@ -50,9 +51,11 @@ def interleaved_medians(
         for _ in range(warmup):
             fns[name]()
     times = {key: [] for key in keys}
-    for round_index in range(repeats):
-        start_at = round_index % len(keys)
-        for n, name in keys[start_at:] + keys[:start_at]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        # A fresh order each round: a rotation would keep each candidate behind the same one (the
+        # one whose temporaries evicted its inputs, or whose freed memory it must fault in again).
+        for n, name in order.sample(keys, len(keys)):
             if n is not None:
                 torch.set_num_threads(n)
             if before is not None:
