@@ -79,11 +79,11 @@ void compute_moment_step(const glue::MomentStepArgs& args) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mc_moments, mc_moment_step: the S samples of one element lie `numel` apart in each of the (S, ...) stacks. The
-// naive order (a block of elements, its Welford state in registers, all S samples) reads S·3
-// strided streams at once, more than the hardware prefetchers track: measured on Zen 4 (quiet,
-// S = 10) it took ~1.85× the time of one reduction over the same bytes; chunked as below it takes
-// 1.0–1.2× (python/BENCHMARKS.md, bench_recurrence). So each thread walks its range in chunks
+// mc_moments, mc_moment_step: the S samples of one element lie `numel` apart in each of the (S, ...)
+// stacks. The naive order (a block of elements, its Welford state in registers, all S samples)
+// reads S·3 strided streams at once, more than the hardware prefetchers track: measured on Zen 4
+// (quiet, S = 10) it took ~1.85× the time of one reduction over the same bytes; chunked as below it
+// takes 1.1–1.5× (python/BENCHMARKS.md, bench_recurrence). So each thread walks its range in chunks
 // of kChunkBytes of accumulators per stream; per chunk it passes over the samples kSamplesPerPass
 // at a time (3·kSamplesPerPass contiguous streams), each block's state
 // in registers during a pass and in a per-thread buffer (5 accumulators × kChunkBytes, in L1)
