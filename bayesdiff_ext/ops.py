@@ -184,24 +184,14 @@ def mc_moment_step(
     :func:`mc_moments` then :func:`moment_step`, without writing E[ε] and Cov(x, ε) to memory.
 
     Args:
-        x (`torch.Tensor` of shape `(num_samples, *shape)`):
-            The samples x^i.
-        eps_mean (`torch.Tensor` of shape `(num_samples, *shape)`):
-            The head's mean m^i at each sample.
-        eps_var (`torch.Tensor` of shape `(num_samples, *shape)`, *optional*):
-            The head's variance γ²^i at each sample; zero when not given.
-        mean_x (`torch.Tensor` of shape `shape`):
-            E[x], about which the covariance is taken.
+        x, eps_mean, eps_var, mean_x:
+            The samples x^i of shape `(num_samples, *shape)`, the head's mean m^i and variance γ²^i at
+            each (`eps_var` optional) and E[x] of shape `shape`, as for :func:`mc_moments`.
         var_x (`torch.Tensor` of shape `shape`):
             Var[x].
-        a (`float`):
-            The step's coefficient of x.
-        b (`float`):
-            The step's coefficient of ε.
-        c2 (`float`, *optional*, defaults to 0.0):
-            The variance c² of the step's fresh noise.
-        clamp (`bool`, *optional*, defaults to `True`):
-            Clamp the new variance at 0, as :func:`moment_step` does.
+        a, b, c2, clamp:
+            The step's coefficients of x and ε, its fresh noise's variance c² (defaults to 0.0) and
+            whether to clamp the new variance at 0 (defaults to `True`), as for :func:`moment_step`.
         check_values (`bool`, *optional*, defaults to `False`):
             Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
 

@@ -242,41 +242,39 @@ void run_mc(const McJob<T>& job) {
   });
 }
 
+// The fields both ops fill alike from their prepared arguments (the rest stay null).
+template <typename T, typename Args>
+McJob<T> samples_job(const Args& args) {
+  McJob<T> job{};
+  job.x = glue::data_or_null<T>(args.x);
+  job.eps_mean = glue::data_or_null<T>(args.eps_mean);
+  job.eps_var = glue::data_or_null<T>(args.eps_var);
+  job.mean_x = glue::data_or_null<T>(args.mean_x);
+  job.samples = args.samples;
+  job.numel = args.numel;
+  job.var_eps = args.var_eps.template data_ptr<acc_t<T>>();
+  return job;
+}
+
 void compute_mc_moments(const glue::McMomentsArgs& args) {
   BDX_DISPATCH_FLOATING(args.x.scalar_type(), "mc_moments", [&] {
     using Acc = acc_t<T>;
-    run_mc(McJob<T>{glue::data_or_null<T>(args.x),
-                    glue::data_or_null<T>(args.eps_mean),
-                    glue::data_or_null<T>(args.eps_var),
-                    glue::data_or_null<T>(args.mean_x),
-                    args.samples,
-                    args.numel,
-                    args.var_eps.data_ptr<Acc>(),
-                    args.e_eps.data_ptr<Acc>(),
-                    args.cov_x_eps.data_ptr<Acc>(),
-                    nullptr,
-                    {},
-                    nullptr,
-                    nullptr});
+    McJob<T> job = samples_job<T>(args);
+    job.e_eps = args.e_eps.data_ptr<Acc>();
+    job.cov_x_eps = args.cov_x_eps.data_ptr<Acc>();
+    run_mc(job);
   });
 }
 
 void compute_mc_moment_step(const glue::McMomentStepArgs& args) {
   BDX_DISPATCH_FLOATING(args.x.scalar_type(), "mc_moment_step", [&] {
     using Acc = acc_t<T>;
-    run_mc(McJob<T>{glue::data_or_null<T>(args.x),
-                    glue::data_or_null<T>(args.eps_mean),
-                    glue::data_or_null<T>(args.eps_var),
-                    glue::data_or_null<T>(args.mean_x),
-                    args.samples,
-                    args.numel,
-                    args.var_eps.data_ptr<Acc>(),
-                    nullptr,
-                    nullptr,
-                    glue::data_or_null<T>(args.var_x),
-                    args.step.coefficients<Acc>(),
-                    args.mean_next.data_ptr<Acc>(),
-                    args.var_next.data_ptr<Acc>()});
+    McJob<T> job = samples_job<T>(args);
+    job.var_x = glue::data_or_null<T>(args.var_x);
+    job.k = args.step.coefficients<Acc>();
+    job.mean_next = args.mean_next.data_ptr<Acc>();
+    job.var_next = args.var_next.data_ptr<Acc>();
+    run_mc(job);
   });
 }
 
