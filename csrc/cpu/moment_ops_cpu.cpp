@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
@@ -106,6 +107,9 @@ struct McJob {
   const T* var_x;          // mc_moment_step; null for mc_moments
   MomentCoefficients<Acc> k;
   Acc *mean_next, *var_next;
+  // 1/(s+1) for s < samples: Welford's weights, divided once per call instead of once per block and
+  // sample in the inner loop (measured, quiet: 5–10% of the AVX-512 kernel's time).
+  const Acc* inv_counts;
 
   bool steps() const { return mean_next != nullptr; }
 };
@@ -128,7 +132,7 @@ void mc_accumulate_block(const McJob<T>& j, int64_t i, int64_t s_begin, int64_t 
   using V = Simd<Acc, kBytes>;
   constexpr int kL = kLanes<Acc, kBytes>;
   for (int64_t s = s_begin; s < s_end; ++s) {
-    const V inv_count = broadcast<kBytes>(Acc(1) / static_cast<Acc>(s + 1));
+    const V inv_count = broadcast<kBytes>(j.inv_counts[s]);
     const int64_t at = s * j.numel + i;
     prefetch_next_chunk<kVectors * kL>(j.x + at);
     prefetch_next_chunk<kVectors * kL>(j.eps_mean + at);
@@ -190,7 +194,7 @@ void mc_element(const McJob<T>& j, int64_t i) {
   for (int64_t s = 0; s < j.samples; ++s) {
     const int64_t at = s * j.numel + i;
     mc_accumulate(state, load<Acc>(j.x, at), load<Acc>(j.eps_mean, at), j.eps_var ? load<Acc>(j.eps_var, at) : Acc(0),
-                  Acc(1) / static_cast<Acc>(s + 1));
+                  j.inv_counts[s]);
   }
   const Acc inv_samples = Acc(1) / static_cast<Acc>(j.samples);
   if (j.steps()) {
@@ -231,8 +235,11 @@ struct McRange {
 // Ranges of whole blocks of the widest ISA (cache-line multiples); the work per element grows with
 // S, so the grain shrinks with it.
 template <typename T>
-void run_mc(const McJob<T>& job) {
+void run_mc(McJob<T> job) {
   using Acc = acc_t<T>;
+  std::vector<Acc> inv_counts(job.samples);
+  for (int64_t s = 0; s < job.samples; ++s) inv_counts[s] = Acc(1) / static_cast<Acc>(s + 1);
+  job.inv_counts = inv_counts.data();
   const Isa isa = cpu_isa();
   constexpr int64_t kUnit = kMcVectors<kWidestVectorBytes> * kLanes<Acc, kWidestVectorBytes>;
   const int64_t units = (job.numel + kUnit - 1) / kUnit;
