@@ -90,7 +90,8 @@ _GUIDANCE_DOC = """
 
 _DECODE_DOC = """
             decode_samples (`int`, *optional*, defaults to 16): Gaussian draws of z_0 per image decoded through
-                the pipeline's own VAE path for `pixel_variance` (0: none).
+                the pipeline's own VAE path for `pixel_variance` (0: none). Methods weight-samples and
+                x0-drift decode their own M final latents or L predictions x̂₀ instead (0: none).
             decode_batch_size (`int`, *optional*, defaults to 8): draws per VAE decode.
             decode_generator (`torch.Generator`, *optional*): the draws' stream (default: seeded from
                 `generator` without consuming it; one stream per image for a list of per-image generators)."""
@@ -100,8 +101,9 @@ _RETURNS_DOC = """
             [`~bayesdiff_ext.BayesDiffOutput`] or `tuple`: `.images` exactly as the stock call returns them
             (bitwise, with `mode='deterministic'`), `.variance`/`.mean` (the latents' Var/E[z_0], float32,
             in the pipeline's latent layout), `.aleatoric_variance`/`.epistemic_variance`, `.scores` (B,),
-            `.pixel_variance` (B, 3, H, W) and `.pixel_scores` through the VAE, `.settings`, `.timings`,
-            `.trace`. With `return_dict=False`: the stock tuple followed by `(variance, pixel_variance)`.
+            `.pixel_variance` (B, 3, H, W), `.pixel_scores` and `.pixel_mean` through the VAE (weight-samples
+            and x0-drift: of their decoded images), `.feature_entropy` (weight-samples with `features`),
+            `.settings`, `.timings`, `.trace`. With `return_dict=False`: the stock tuple followed by `(variance, pixel_variance)`.
 """
 
 
