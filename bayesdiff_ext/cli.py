@@ -830,7 +830,7 @@ def _sample_and_write(
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.io.outputs import LATENT_MOMENTS
-    from bayesdiff_ext.posterior.hfl import seed_batch_probes
+    from bayesdiff_ext.posterior.hfl import seed_image_probes
     from bayesdiff_ext.randomness import image_generators
 
     out_dir, scores_to_report = run_options
@@ -866,8 +866,8 @@ def _sample_and_write(
     started = time.perf_counter()
 
     def sample_batch(indices):
-        # a batch must not depend on the batches before it (--resume, torchrun)
-        seed_batch_probes(getattr(sampler, "posterior", None), args.seed, indices[0])
+        # an image's probes from (seed, its index): any --batch-size, --resume, torchrun
+        seed_image_probes(getattr(sampler, "posterior", None), args.seed, indices)
         return sampler.sample(
             batch_size=len(indices),
             num_inference_steps=args.steps,
