@@ -24,3 +24,9 @@ def test_hessian_free_probes_follow_the_image_not_the_batch(tmp_path, capsys):
             "--mc-samples", "2", "--no-progress"]
     first = _same_run_at_batch_sizes(argv, tmp_path, capsys)
     assert first["variance"].sum() > 0
+
+
+def test_dropout_masks_follow_the_image_not_the_batch(tmp_path, capsys):
+    argv = ["demo", "--method", "mc-dropout", "--passes", "2", "--num-images", "3", "--steps", "3", "--no-progress"]
+    first = _same_run_at_batch_sizes(argv, tmp_path, capsys)
+    assert first["variance"].sum() > 0
