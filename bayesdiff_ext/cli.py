@@ -431,13 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Sample images with per-pixel uncertainty from a local diffusers model (an unconditional "
             "UNet2DModel: a pipeline folder with unet/ and scheduler/, or a bare UNet folder plus --scheduler; "
             "or a Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma or DiT pipeline folder, sampled with its own "
-            "scheduler, --prompt/--class-label, the maps decoded through its VAE) using a posterior "
-            f"made by `bayesdiff fit`. {files_written}."
+            "scheduler, --prompt/--class-label, the maps decoded through its VAE; --method laplace, weight-samples or "
+            f"x0-drift) using a posterior made by `bayesdiff fit`. {files_written}."
         ),
         epilog="examples:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
         "--num-images 32 --sampler ddim --steps 50\n"
         "  bayesdiff sample --model ./sdxl --posterior sdxl.safetensors --prompt 'a cat' --guidance-scale 5 "
-        "--steps 30 --num-images 8",
+        "--steps 30 --num-images 8\n"
+        "  bayesdiff sample --model ./sd3 --method x0-drift --prompt 'a cat' --steps 28 --num-images 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sample.add_argument(

@@ -247,7 +247,12 @@ class Repeated(Source):
 
     def run(self, context: Context, batch: Batch) -> SourceOutput:
         sampler = context.subject.repeated[self.name](context.config, context.subject.scheduler)
-        out = sampler.sample(noise=batch.noise, num_inference_steps=context.config.steps, progress=False)
+        # per-image generators: MC dropout's masks come from each image's stream, whatever the batch
+        indices = range(batch.start, batch.start + len(batch.noise))
+        out = sampler.sample(
+            noise=batch.noise, num_inference_steps=context.config.steps, progress=False,
+            generator=image_generators(context.config.seed, indices),
+        )
         return SourceOutput(out.epistemic_variance)
 
 

@@ -146,6 +146,9 @@ class BayesDiffPipeline:
     pixel maps decoded through the pipeline's own VAE path. The prompt encoding, x_T, timesteps and
     decoding are the stock pipeline's own methods and arithmetic; the denoising loop is the
     sampler's, which runs the same model calls and scheduler steps. Nothing is copied or modified.
+    ``from_pipe(pipe, posterior, method='weight-samples')`` or ``from_pipe(pipe, method='x0-drift')``
+    runs those detection scores in the same loop instead, their maps and feature entropy taken on the
+    decoded images (:mod:`bayesdiff_ext.pipelines.method`).
 
     It behaves as the pipeline: ``.to()`` moves the pipeline and returns the wrapper; ``.device``,
     ``.dtype``, ``.components``, the components (``.vae``, ``.scheduler``, ...),
