@@ -76,6 +76,7 @@ def test_stock_images_and_maps_on_the_decoded_images_for_any_batch(name, method)
     assert out.settings["method"] == method
     if method == "weight-samples":
         assert out.feature_entropy.shape == (BATCH,) and bool(torch.isfinite(out.feature_entropy).all())
+        assert out.settings["feature_entropy"] and out.settings["pixel_maps_from"] == "the M final latents"
     else:
         assert out.feature_entropy is None and out.settings["last_steps"] == 2
     # image 1 alone, from its own generator: the same image, map and score (the randomness rule)

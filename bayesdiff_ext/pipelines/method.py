@@ -122,5 +122,10 @@ class PipelineMethod:
         """What a run records of the method and of its pixel maps."""
         if self.name == "laplace":
             return dict(decode_samples=decode_samples)
-        decoded = "the M final latents" if self.name == "weight-samples" else "the last L predictions of x0"
-        return dict(method=self.name, pixel_maps_from=decoded if decode_samples else None)
+        if self.name == "x0-drift":
+            return dict(pixel_maps_from="the last L predictions of x0" if decode_samples else None)
+        decoded = bool(decode_samples)
+        return dict(
+            pixel_maps_from="the M final latents" if decoded else None,
+            feature_entropy=self.features is not None and decoded,  # on the decoded images
+        )
