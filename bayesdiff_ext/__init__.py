@@ -28,6 +28,7 @@ _ATTRIBUTES = {
     "TrajectorySampler": "bayesdiff_ext.sampler",
     "UncertaintySettings": "bayesdiff_ext.sampler",
     "resolve_settings": "bayesdiff_ext.sampler",
+    "mc_moment_step": "bayesdiff_ext.ops",
     "mc_moments": "bayesdiff_ext.ops",
     "moment_step": "bayesdiff_ext.ops",
 }
@@ -71,6 +72,7 @@ __all__ = [
     "guidance",
     "latent",
     "load_posterior",
+    "mc_moment_step",
     "mc_moments",
     "methods",
     "metrics",

@@ -68,28 +68,48 @@ def _check_conv_weight(name: str, weight, phi) -> None:
     torch._check(weight.dim() == 4, lambda: f"`{name}` must be a conv weight (C, C_in, kh, kw), got {tuple(weight.shape)}")
 
 
+def _check_step_scalars(a, b, c2) -> None:
+    for name, value in (("a", a), ("b", b), ("c2", c2)):
+        torch._check(math.isfinite(value), lambda: f"`{name}` must be finite, got {value}")
+    torch._check(c2 >= 0, lambda: f"`c2` is the variance of the fresh noise and must be >= 0, got {c2}")
+
+
+def _check_samples(x, eps_mean, eps_var, mean_x) -> None:
+    """The (S, ...) stacks of Monte Carlo samples and E[x] of shape (...)."""
+    _check_floating("x", x)
+    torch._check(x.dim() >= 1, lambda: "`x` must be a stack of Monte Carlo samples with shape (S, ...)")
+    torch._check(x.shape[0] >= 1, lambda: "`x` must hold at least one sample (S >= 1), got S = 0")
+    _check_same("eps_mean", eps_mean, x, "x", x.shape)
+    _check_same("eps_var", eps_var, x, "x", x.shape)
+    _check_same("mean_x", mean_x, x, "x", x.shape[1:])
+
+
+def _results(like, count: int) -> tuple:
+    """``count`` new tensors of ``like``'s shape in the dtype every op returns."""
+    dtype = accumulation_dtype(like.dtype)
+    return tuple(like.new_empty(like.shape, dtype=dtype) for _ in range(count))
+
+
 def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::moment_step")
     def _moment_step_fake(mean_x, var_x, eps_mean, eps_var, cov_x_eps, a, b, c2, clamp=True):
         _check_floating("mean_x", mean_x)
         for name, t in (("var_x", var_x), ("eps_mean", eps_mean), ("eps_var", eps_var), ("cov_x_eps", cov_x_eps)):
             _check_same(name, t, mean_x, "mean_x", mean_x.shape)
-        for name, value in (("a", a), ("b", b), ("c2", c2)):
-            torch._check(math.isfinite(value), lambda: f"`{name}` must be finite, got {value}")
-        torch._check(c2 >= 0, lambda: f"`c2` is the variance of the fresh noise and must be >= 0, got {c2}")
-        dtype = accumulation_dtype(mean_x.dtype)
-        return mean_x.new_empty(mean_x.shape, dtype=dtype), mean_x.new_empty(mean_x.shape, dtype=dtype)
+        _check_step_scalars(a, b, c2)
+        return _results(mean_x, 2)
 
     @torch.library.register_fake(f"{namespace}::mc_moments")
     def _mc_moments_fake(x, eps_mean, eps_var, mean_x):
-        _check_floating("x", x)
-        torch._check(x.dim() >= 1, lambda: "`x` must be a stack of Monte Carlo samples with shape (S, ...)")
-        torch._check(x.shape[0] >= 1, lambda: "`x` must hold at least one sample (S >= 1), got S = 0")
-        _check_same("eps_mean", eps_mean, x, "x", x.shape)
-        _check_same("eps_var", eps_var, x, "x", x.shape)
-        _check_same("mean_x", mean_x, x, "x", x.shape[1:])
-        dtype = accumulation_dtype(x.dtype)
-        return tuple(mean_x.new_empty(mean_x.shape, dtype=dtype) for _ in range(3))
+        _check_samples(x, eps_mean, eps_var, mean_x)
+        return _results(mean_x, 3)
+
+    @torch.library.register_fake(f"{namespace}::mc_moment_step")
+    def _mc_moment_step_fake(x, eps_mean, eps_var, mean_x, var_x, a, b, c2, clamp=True):
+        _check_samples(x, eps_mean, eps_var, mean_x)
+        _check_same("var_x", var_x, x, "x", x.shape[1:])
+        _check_step_scalars(a, b, c2)
+        return _results(mean_x, 3)
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ggn")
     def _conv_diag_ggn_fake(phi, kernel_size, stride, padding, dilation):

@@ -32,6 +32,7 @@ __all__ = [
     "linear_diag_ggn",
     "linear_gram",
     "linear_head_mean_var",
+    "mc_moment_step",
     "mc_moments",
     "moment_step",
     "result_dtype",
@@ -163,6 +164,51 @@ def mc_moments(
     if check_values:
         _check_values(finite={"x": x, "eps_mean": eps_mean, "mean_x": mean_x}, variances={"eps_var": eps_var})
     return torch.ops.bayesdiff_ext.mc_moments(x, eps_mean, eps_var, mean_x)
+
+
+def mc_moment_step(
+    x: torch.Tensor,
+    eps_mean: torch.Tensor,
+    eps_var: torch.Tensor | None,
+    mean_x: torch.Tensor,
+    var_x: torch.Tensor,
+    *,
+    a: float,
+    b: float,
+    c2: float = 0.0,
+    clamp: bool = True,
+    check_values: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    A Monte Carlo step of the moment recurrence in one pass over the samples (docs/MATH.md §2):
+    :func:`mc_moments` then :func:`moment_step`, without writing E[ε] and Cov(x, ε) to memory.
+
+    Args:
+        x, eps_mean, eps_var, mean_x:
+            The samples x^i of shape `(num_samples, *shape)`, the head's mean m^i and variance γ²^i at
+            each (`eps_var` optional) and E[x] of shape `shape`, as for :func:`mc_moments`.
+        var_x (`torch.Tensor` of shape `shape`):
+            Var[x].
+        a, b, c2, clamp:
+            The step's coefficients of x and ε, its fresh noise's variance c² (defaults to 0.0) and
+            whether to clamp the new variance at 0 (defaults to `True`), as for :func:`moment_step`.
+        check_values (`bool`, *optional*, defaults to `False`):
+            Also check for NaN/inf and negative variances (an extra pass; see the module docstring).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: `(mean_next, var_next, var_eps)`, each of shape
+        `shape`: what `moment_step(mean_x, var_x, *mc_moments(x, eps_mean, eps_var, mean_x), a=a, b=b,
+        c2=c2, clamp=clamp)` returns, and the `var_eps` of :func:`mc_moments`. float32 for 16-bit inputs,
+        otherwise the input dtype.
+    """
+    if check_values:
+        _check_values(
+            finite={"x": x, "eps_mean": eps_mean, "mean_x": mean_x},
+            variances={"eps_var": eps_var, "var_x": var_x},
+        )
+    return torch.ops.bayesdiff_ext.mc_moment_step(
+        x, eps_mean, eps_var, mean_x, var_x, float(a), float(b), float(c2), bool(clamp)
+    )
 
 
 def _conv_pair(value: int | tuple[int, int] | list[int], name: str) -> list[int]:

@@ -39,6 +39,12 @@ def mc_moments(x, eps_mean, eps_var, mean_x):
     return e_eps, var_eps, cov_x_eps
 
 
+def mc_moment_step(x, eps_mean, eps_var, mean_x, var_x, a, b, c2, clamp=True):
+    e_eps, var_eps, cov_x_eps = mc_moments(x, eps_mean, eps_var, mean_x)
+    mean_next, var_next = moment_step(mean_x, var_x, e_eps, var_eps, cov_x_eps, a, b, c2, clamp)
+    return mean_next, var_next, var_eps
+
+
 def _unfold_batch(phi, kernel_size, stride, padding, dilation):
     """The (N, D, P) im2col patches of the whole batch, in weight.flatten(1) order, float64."""
     return torch.nn.functional.unfold(_f64(phi), kernel_size, dilation=dilation, padding=padding, stride=stride)

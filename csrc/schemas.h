@@ -18,6 +18,10 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "mc_moments(Tensor x, Tensor eps_mean, Tensor? eps_var, Tensor mean_x) "
       "-> (Tensor e_eps, Tensor var_eps, Tensor cov_x_eps)");
+  // mc_moments then moment_step in one pass over the samples; var_eps as mc_moments returns it.
+  m.def(
+      "mc_moment_step(Tensor x, Tensor eps_mean, Tensor? eps_var, Tensor mean_x, Tensor var_x, "
+      "float a, float b, float c2, bool clamp=True) -> (Tensor mean_next, Tensor var_next, Tensor var_eps)");
   m.def(
       "conv_head_mean_var(Tensor phi, Tensor weight, Tensor? bias, Tensor weight_var, Tensor? bias_var, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor mean, Tensor var)");

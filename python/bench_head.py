@@ -395,7 +395,7 @@ def _target_part(title, heads, inputs, candidates, full):
         rows = target_rows(_chosen(heads, args), inputs, candidates, args, generator, checks)
         return (
             f"{title}; median of {args.repeats} interleaved rounds (each round calls every candidate once at each "
-            f"of {', '.join(map(str, args.threads))} threads, starting one candidate later each round):\n\n"
+            f"of {', '.join(map(str, args.threads))} threads, in a new random order each round):\n\n"
             + markdown_table(header, rows)
         )
 

@@ -1,5 +1,6 @@
-"""Microbenchmark of the moment-recurrence ops (CPU): the fused pair ``mc_moments`` + ``moment_step``
-against the one-pass eager composition a user would write and against the read limit.
+"""Microbenchmark of the moment-recurrence ops (CPU): a Monte Carlo step in one op
+(``mc_moment_step``), and as the pair ``mc_moments`` + ``moment_step``, against the one-pass eager
+composition a user would write and against the read limit.
 
 * one-pass eager: the same formulas as chained PyTorch ops, each Monte Carlo statistic one
   reduction over the samples (E[m], E[m²] − E[m]², E[x·m] − E[x]·E[m], E[γ²]), then the step;
@@ -7,8 +8,11 @@ against the one-pass eager composition a user would write and against the read l
   i.e. the cost of reading the same input bytes once with PyTorch's own vectorised reduction.
 
 All candidates are timed in interleaved rounds (one call of each, at 1 and at 2 threads, per
-round), medians over the rounds. Targets (issue 23): fused ≤ 1.3× the read limit and ≥ 1.5× faster
-than eager, at 1 and 2 threads.
+round), medians over the rounds, with the inputs in three cache states: warm (all five read once,
+untimed, before every call: as in the sampler, where the head has just written the samples), cold (a buffer of 3×
+the last-level cache written before every call: the inputs come from memory) and as the previous
+candidate left them (the eager candidate's temporaries evict part of them). Targets (issue 23): the fused recurrence (``mc_moment_step``) ≤ 1.3×
+the read limit and ≥ 1.5× faster than eager, at 1 and 2 threads.
 
 Run: make bench, or .venv/bin/python python/bench_recurrence.py (writes its section of BENCHMARKS.md)
 """
@@ -40,6 +44,10 @@ def eager_pair(xs, ms, vs, mean_x, var_x):
     return mean_next, var_next
 
 
+def fused(xs, ms, vs, mean_x, var_x):
+    return ops.mc_moment_step(xs, ms, vs, mean_x, var_x, a=A, b=B, c2=C2)
+
+
 def fused_pair(xs, ms, vs, mean_x, var_x):
     e_eps, var_eps, cov = ops.mc_moments(xs, ms, vs, mean_x)
     return ops.moment_step(mean_x, var_x, e_eps, var_eps, cov, a=A, b=B, c2=C2)
@@ -49,18 +57,23 @@ def read_limit(xs, ms, vs, mean_x, var_x):
     return xs.sum(0), ms.sum(0), vs.sum(0)
 
 
-# Why the pair cannot reach the read limit, in slices of one (B, C, H, W) tensor (S = 10).
+# Why the pair could not reach the read limit and the one op can, in slices of one (B, C, H, W) tensor.
 TRAFFIC = (
     "Memory traffic in slices (one (B, C, H, W) float32 tensor; S = 10; a store to memory not in cache "
     "also reads the line first): the read limit reads 3·S = 30 and writes 3 (33–36 slices moved). "
-    "`mc_moments` reads 30 + `mean_x` and writes E[ε], Var[ε], Cov (34–37: ≥ 1.03× the read limit's traffic); "
-    "`moment_step` then reads `mean_x`, `var_x` and the three moments and writes two outputs (7–9 more). "
-    "The pair therefore moves 41–46 slices, 1.24–1.28× the read limit's traffic, which leaves ≤ 5% for every "
-    "other cost (per-op argument checks, output allocation, thread start, and each op's bandwidth short of a "
-    "plain reduction's); the moment_step column is its share measured alone. The mc_moments column is the "
-    "kernel's own distance from the read limit: one op that read the stacks once and wrote only the next "
-    "moments (30 + 2 read, 2 written: 34–36 slices) would sit where mc_moments does."
+    "`mc_moment_step` reads 30 + `mean_x` + `var_x` and writes the next mean and variance and Var[ε] "
+    "(35–38 slices: 1.06× the read limit's traffic). The pair moves 41–46 (1.24–1.28×): `mc_moments` "
+    "reads 30 + `mean_x` and writes E[ε], Var[ε], Cov, which `moment_step` reads back with `mean_x` and "
+    "`var_x` to write its two outputs."
 )
+
+
+EVICT_MIB = 96  # 3× the 32 MiB last-level cache of the machine the numbers were taken on
+_evict_buffer = torch.empty(EVICT_MIB * 2**20 // 4)
+
+
+def evict_caches() -> None:
+    _evict_buffer.fill_(1.0)
 
 
 def _verdict(ok: bool) -> str:
@@ -84,51 +97,55 @@ def main() -> None:
         xs, ms = torch.randn(args.samples, *shape), torch.randn(args.samples, *shape)
         vs = torch.rand(args.samples, *shape)
         inputs = (xs, ms, vs, mean_x, var_x)
-        moments = ops.mc_moments(xs, ms, vs, mean_x)
         candidates = {
             "eager": lambda: eager_pair(*inputs),
-            "fused": lambda: fused_pair(*inputs),
+            "fused": lambda: fused(*inputs),
+            "pair": lambda: fused_pair(*inputs),
             "mc_moments": lambda: ops.mc_moments(xs, ms, vs, mean_x),
-            "moment_step": lambda: ops.moment_step(mean_x, var_x, *moments, a=A, b=B, c2=C2),
             "read": lambda: read_limit(*inputs),
         }
-        t = interleaved_medians(candidates, args.repeats, warmup=2, threads=args.threads)
         expected = eager_pair(*(v.double() for v in inputs))
-        error = max(float((f.double() - e).abs().max() / e.abs().max()) for f, e in zip(fused_pair(*inputs), expected))
-        checks.append(f"* {name}: fused vs float64 eager max relative error {error:.1e}")
-        for n in args.threads:
-            eager, fused, mc, step, read = (t[(n, k)] for k in ("eager", "fused", "mc_moments", "moment_step", "read"))
-            rows.append(
-                [
-                    f"{name}, S={args.samples}",
-                    str(n),
-                    f"{eager * 1e3:.2f}",
-                    f"{fused * 1e3:.2f}",
-                    f"{mc * 1e3:.2f} ({mc / read:.2f}×)",
-                    f"{step * 1e3:.2f} ({step / read:.2f}×)",
-                    f"{read * 1e3:.2f}",
-                    f"{fused / read:.2f}× ({_verdict(fused / read <= READ_LIMIT_TARGET)})",
-                    f"{eager / fused:.2f}× ({_verdict(eager / fused >= EAGER_TARGET)})",
-                ]
-            )
-        if len(args.threads) > 1:
-            lo, hi = args.threads[0], args.threads[-1]
-            scaling.append(
-                [f"{name}, S={args.samples}"]
-                + [f"{t[(lo, k)] / t[(hi, k)]:.2f}×" for k in ("eager", "fused", "mc_moments", "moment_step", "read")]
-            )
+        for label, run in (("mc_moment_step", fused), ("the pair", fused_pair)):
+            error = max(float((f.double() - e).abs().max() / e.abs().max()) for f, e in zip(run(*inputs), expected))
+            checks.append(f"* {name}: {label} vs float64 eager max relative error {error:.1e}")
+        cache_states = {"warm": lambda: [t.sum() for t in inputs], "cold": evict_caches, "left by the previous": None}
+        for state, before in cache_states.items():
+            t = interleaved_medians(candidates, args.repeats, warmup=2, threads=args.threads, before=before)
+            for n in args.threads:
+                eager, one, pair, mc, read = (t[(n, k)] for k in ("eager", "fused", "pair", "mc_moments", "read"))
+                rows.append(
+                    [
+                        f"{name}, S={args.samples}",
+                        str(n),
+                        state,
+                        f"{eager * 1e3:.2f}",
+                        f"{one * 1e3:.2f}",
+                        f"{pair * 1e3:.2f} ({pair / read:.2f}×)",
+                        f"{mc * 1e3:.2f} ({mc / read:.2f}×)",
+                        f"{read * 1e3:.2f}",
+                        f"{one / read:.2f}× ({_verdict(one / read <= READ_LIMIT_TARGET)})",
+                        f"{eager / one:.2f}× ({_verdict(eager / one >= EAGER_TARGET)})",
+                    ]
+                )
+            if len(args.threads) > 1:
+                lo, hi = args.threads[0], args.threads[-1]
+                scaling.append(
+                    [f"{name}, S={args.samples}", state]
+                    + [f"{t[(lo, k)] / t[(hi, k)]:.2f}×" for k in ("eager", "fused", "pair", "mc_moments", "read")]
+                )
 
     table = markdown_table(
         [
             "shape",
             "threads",
-            "one-pass eager pair (ms)",
-            "fused pair (ms)",
+            "inputs' cache state",
+            "one-pass eager (ms)",
+            "mc_moment_step (ms)",
+            "pair mc_moments + moment_step (ms, × read limit)",
             "mc_moments alone (ms, × read limit)",
-            "moment_step alone (ms, × read limit)",
             "read limit (ms)",
-            f"fused / read limit (≤ {READ_LIMIT_TARGET})",
-            f"eager / fused (≥ {EAGER_TARGET})",
+            f"mc_moment_step / read limit (≤ {READ_LIMIT_TARGET})",
+            f"eager / mc_moment_step (≥ {EAGER_TARGET})",
         ],
         rows,
     )
@@ -141,8 +158,12 @@ def main() -> None:
         "(the machine is shared: ratios within a round are fair, absolute times move with the load)."
         f"{paused_note(args)} "
         "One-pass eager: `mean(0)` of m, m², x·m and γ², then the step as tensor arithmetic. Read limit: "
-        "`sum(0)` of the three (S, ...) stacks the pair reads. Fused pair: `mc_moments` then `moment_step`. "
-        "Each round starts one candidate later than the one before (cache state).\n\n"
+        "`sum(0)` of the three (S, ...) stacks the ops read. `mc_moment_step`: the step in one op (it also "
+        "writes Var[ε]); pair: `mc_moments` then `moment_step`. "
+        "Each round calls the candidates in a new random order. Cache states: warm = the five inputs read once "
+        "(untimed) before every call, as in the sampler where the head has just written the samples; cold = "
+        f"{EVICT_MIB} MiB written before every call, so the inputs come from memory; 'left by the previous' = "
+        "no preparation (the eager candidate's temporaries evict part of the inputs).\n\n"
         + table
         + "\n\n"
         + TRAFFIC
@@ -150,7 +171,7 @@ def main() -> None:
     if scaling:
         body += (
             f"\n\nThread scaling (time at {args.threads[0]} thread(s) / time at {args.threads[-1]}, same rounds):\n\n"
-            + markdown_table(["shape", "eager", "fused pair", "mc_moments", "moment_step", "read limit"], scaling)
+            + markdown_table(["shape", "cache state", "eager", "mc_moment_step", "pair", "mc_moments", "read limit"], scaling)
         )
     body += "\n\nOutputs checked in the same run:\n\n" + "\n".join(checks)
     print(body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import threading
 import time
@@ -30,15 +31,17 @@ def interleaved_medians(
     repeats: int,
     warmup: int = 1,
     threads: Sequence[int] | None = None,
+    before: Callable[[], object] | None = None,
 ) -> dict:
     """Median seconds of each function, timed in rounds: one call of each per round, and with
     ``threads`` one call of each at every thread count per round. A change of load on a shared
     machine then falls on every candidate alike, so ratios within a round stay fair. Each round
-    starts one candidate later than the one before, so that every candidate follows every other
-    equally often (a memory-bound candidate is faster after one that left its inputs in cache,
-    slower after one that evicted them).
+    calls them in a new random order (seeded), so that every candidate follows every other equally
+    often on average (a memory-bound candidate is faster after one that left its inputs in cache,
+    slower after one that evicted them or freed memory it must fault in again).
 
-    Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
+    ``before``, when given, runs untimed before every timed call (e.g. to put the inputs in a known
+    cache state). Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
     """
     counts = list(threads) if threads is not None else [None]
     keys = [(n, name) for n in counts for name in fns]
@@ -48,11 +51,15 @@ def interleaved_medians(
         for _ in range(warmup):
             fns[name]()
     times = {key: [] for key in keys}
-    for round_index in range(repeats):
-        start_at = round_index % len(keys)
-        for n, name in keys[start_at:] + keys[:start_at]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        # A fresh order each round: a rotation would keep each candidate behind the same one (the
+        # one whose temporaries evicted its inputs, or whose freed memory it must fault in again).
+        for n, name in order.sample(keys, len(keys)):
             if n is not None:
                 torch.set_num_threads(n)
+            if before is not None:
+                before()
             start = time.perf_counter()
             fns[name]()
             times[(n, name)].append(time.perf_counter() - start)

@@ -11,6 +11,7 @@ import bayesdiff_ext
 OPS = [
     "moment_step",
     "mc_moments",
+    "mc_moment_step",
     "conv_head_mean_var",
     "linear_head_mean_var",
     "conv_head_var_factored",

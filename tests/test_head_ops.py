@@ -188,6 +188,24 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
     _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [((2, 1, 97, 50), (3, 3), (1, 1), (1, 1), (1, 1)), ((1, 2, 260, 40), (3, 2), (2, 1), (2, 1), (2, 2))],
+    ids=["3x3-pad1", "3x2-stride2-dilation2"],
+)
+def test_conv_head_var_factored_cpu_convolution_tiles(shape, kernel, stride, padding, dilation, dtype):
+    """An image that takes more than two tiles goes through the convolution of each tile's input rows
+    on the CPU (the first and last tiles reach into the vertical padding) instead of its patches."""
+    phi = _rand(shape, dtype, "cpu")
+    proj_weight = _rand((4100, shape[1], *kernel), dtype, "cpu", scale=0.3)
+    proj_bias = _rand((4100,), dtype, "cpu")
+    mix = _rand((3, 4100), dtype, "cpu", positive=True)
+    args = (phi, proj_weight, proj_bias, mix, None, list(stride), list(padding), list(dilation))
+    var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args)
+    _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), dtype)
+
+
 def test_conv_head_var_factored_cpu_row_tiles():
     """Rows (B, D, 1, 1) with (R + D)·4 B·B over the CPU's 32 MiB tile: two tiles of rows."""
     case = Factored(Conv(1100, 4, 3, 1, 1, (1, 1)), rank=8000)

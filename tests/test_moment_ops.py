@@ -1,4 +1,5 @@
-"""moment_step and mc_moments: every backend against the float64 reference, opcheck, compile, errors."""
+"""moment_step, mc_moments and mc_moment_step: every backend against the float64 reference, opcheck,
+compile, errors."""
 
 import pytest
 import torch
@@ -135,11 +136,71 @@ def test_mc_moments_non_contiguous(backend):
         _assert_close(o, r, torch.float32, scale=8)
 
 
+STEP = dict(a=1.0213, b=-0.3377, c2=0.0125)
+
+
+def _step_inputs(samples, shape, dtype, device, with_var=True, **mc):
+    return (*_mc_inputs(samples, shape, dtype, device, with_var=with_var, **mc), _rand(shape, dtype, device, positive=True))
+
+
+@pytest.mark.parametrize("samples", [1, 3, 10])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mc_moment_step_matches_reference(backend, samples, shape, dtype):
+    args = _step_inputs(samples, shape, dtype, backend.device, with_var=samples != 3)
+    out = backend.ops.mc_moment_step(*args, *STEP.values(), True)
+    ref = reference.mc_moment_step(*args, *STEP.values(), True)
+    for o, r in zip(out, ref):
+        assert o.shape == shape and o.dtype == ops.result_dtype(dtype) and o.is_contiguous()
+        _assert_close(o, r, dtype, scale=8)
+    assert (out[1] >= 0).all() and (out[2] >= 0).all()
+
+
+def test_mc_moment_step_is_the_pair_in_one_pass(backend):
+    """The same float32 arithmetic as mc_moments then moment_step, so the same values up to the
+    compiler's choice of fused multiply-adds; var_eps is mc_moments' own."""
+    args = _step_inputs(10, (2, 3, 33, 35), torch.float32, backend.device)
+    x, eps_mean, eps_var, mean_x, var_x = args
+    e_eps, var_eps, cov = backend.ops.mc_moments(x, eps_mean, eps_var, mean_x)
+    pair = backend.ops.moment_step(mean_x, var_x, e_eps, var_eps, cov, *STEP.values(), True)
+    fused = backend.ops.mc_moment_step(*args, *STEP.values(), True)
+    for o, r in zip(fused, (*pair, var_eps)):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
+def test_mc_moment_step_clamps_only_when_asked_and_keeps_nan(backend):
+    x, eps_mean, eps_var, mean_x, var_x = _step_inputs(4, (3, 37), torch.float32, backend.device)
+    x = x + 5 * (eps_mean - eps_mean.mean(0))  # a strong positive covariance ...
+    _, clamped, _ = backend.ops.mc_moment_step(x, eps_mean, eps_var, mean_x, var_x, 1.0, -1.0, 0.0, True)
+    _, raw, _ = backend.ops.mc_moment_step(x, eps_mean, eps_var, mean_x, var_x, 1.0, -1.0, 0.0, False)
+    assert (raw < 0).any() and (clamped >= 0).all()  # ... that 2ab·Cov (ab < 0) drives below zero
+    _assert_close(raw, reference.mc_moment_step(x, eps_mean, eps_var, mean_x, var_x, 1.0, -1.0, 0.0, False)[1], torch.float32, scale=80)
+    var_x[1, 5] = float("nan")
+    eps_var[2, 0, 9] = float("nan")
+    mean_next, var_next, var_eps = backend.ops.mc_moment_step(x, eps_mean, eps_var, mean_x, var_x, 0.9, 0.1, 0.0, True)
+    assert torch.isnan(var_next[1, 5]) and torch.isnan(var_next[0, 9]) and torch.isnan(var_eps[0, 9])
+    assert int(torch.isnan(var_next).sum()) == 2 and torch.isfinite(mean_next).all()
+
+
+def test_mc_moment_step_non_contiguous(backend):
+    base = _step_inputs(5, (3, 8, 10), torch.float32, backend.device)
+    views = [t.transpose(-1, -2) for t in base]
+    assert not views[0].is_contiguous()
+    out = backend.ops.mc_moment_step(*views, 0.7, 0.4, 0.01, True)
+    ref = reference.mc_moment_step(*views, 0.7, 0.4, 0.01, True)
+    for o, r in zip(out, ref):
+        assert o.is_contiguous()
+        _assert_close(o, r, torch.float32, scale=8)
+
+
 def test_empty_tensors(backend):
     e = torch.empty(0, 3, device=backend.device)
     mean_next, var_next = backend.ops.moment_step(e, e, e, None, None, 1.0, 1.0, 0.0, True)
     assert mean_next.shape == (0, 3)
-    out = backend.ops.mc_moments(torch.empty(4, 0, 3), torch.empty(4, 0, 3), None, e.cpu())
+    stack = torch.empty(4, 0, 3, device=backend.device)
+    out = backend.ops.mc_moments(stack, stack, None, e)
+    assert all(o.shape == (0, 3) for o in out)
+    out = backend.ops.mc_moment_step(stack, stack, None, e, e, 1.0, 1.0, 0.0, True)
     assert all(o.shape == (0, 3) for o in out)
 
 
@@ -181,6 +242,26 @@ def test_mc_moments_errors_name_the_argument(backend, mutate, message):
         backend.ops.mc_moments(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(var_x=a["var_x"][:, :2]), "`var_x` must have shape"),
+        (lambda a: a.update(var_x=a["var_x"].double()), "`var_x` has dtype"),
+        (lambda a: a.update(eps_mean=a["eps_mean"][:3]), "`eps_mean` must have shape"),
+        (lambda a: a.update(mean_x=a["mean_x"][0]), "`mean_x` must have shape"),
+        (lambda a: a.update(x=a["x"][:0], eps_mean=a["eps_mean"][:0], eps_var=None), "S >= 1"),
+        (lambda a: a.update(c2=-0.1), "`c2`"),
+        (lambda a: a.update(b=float("inf")), "`b` must be finite"),
+    ],
+)
+def test_mc_moment_step_errors_name_the_argument(backend, mutate, message):
+    x, eps_mean, eps_var, mean_x, var_x = _step_inputs(4, (2, 3), torch.float32, backend.device)
+    kwargs = dict(x=x, eps_mean=eps_mean, eps_var=eps_var, mean_x=mean_x, var_x=var_x, a=1.0, b=0.5, c2=0.0)
+    mutate(kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        backend.ops.mc_moment_step(**kwargs, clamp=True)
+
+
 def test_mixed_devices_are_named():
     meta = torch.empty(2, 3, device="meta")
     cpu = torch.zeros(2, 3)
@@ -201,6 +282,13 @@ def test_value_checks_in_python_wrappers():
     v[1, 1] = -0.5
     with pytest.raises(ValueError, match="`eps_var` is a variance"):
         ops.mc_moments(x, m, v, mx, check_values=True)
+    v[1, 1] = 0.5
+    bad_var_x = -torch.ones(4)
+    with pytest.raises(ValueError, match="`var_x` is a variance"):
+        ops.mc_moment_step(x, m, v, mx, bad_var_x, a=1.0, b=1.0, check_values=True)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`x` contains NaN"):
+        ops.mc_moment_step(x, m, v, mx, bad_var_x, a=1.0, b=1.0, check_values=True)
 
 
 def test_wrappers_route_to_the_ops():
@@ -208,6 +296,10 @@ def test_wrappers_route_to_the_ops():
     out = ops.moment_step(*args, a=0.5, b=0.25, c2=0.1)
     ref = reference.moment_step(*args, 0.5, 0.25, 0.1, True)
     for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+    args = _step_inputs(3, (3, 4), torch.float64, "cpu")
+    out = ops.mc_moment_step(*args, a=0.5, b=0.25, c2=0.1, clamp=False)
+    for o, r in zip(out, reference.mc_moment_step(*args, 0.5, 0.25, 0.1, False)):
         torch.testing.assert_close(o, r)
 
 
@@ -220,6 +312,8 @@ def test_opcheck(namespace):
         torch.library.opcheck(lib.moment_step, (*args, 0.9, -0.2, 0.05, True))
     for args in (_mc_inputs(3, (2, 5), torch.float32, "cpu"), _mc_inputs(1, (7,), torch.float64, "cpu", with_var=False)):
         torch.library.opcheck(lib.mc_moments, args)
+    for args in (_step_inputs(3, (2, 5), torch.float32, "cpu"), _step_inputs(1, (7,), torch.float64, "cpu", with_var=False)):
+        torch.library.opcheck(lib.mc_moment_step, (*args, 0.9, -0.2, 0.05, True))
 
 
 def test_torch_compile_fullgraph():
@@ -231,6 +325,9 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True)
     for o, r in zip(compiled(*args), step(*args)):
         torch.testing.assert_close(o, r)
+    fused = torch.compile(lambda *a: ops.mc_moment_step(*a, a=0.98, b=-0.1), fullgraph=True)
+    for o, r in zip(fused(*args), ops.mc_moment_step(*args, a=0.98, b=-0.1)):
+        torch.testing.assert_close(o, r)
 
 
 def test_cpu_kernels_agree_across_threads():
@@ -240,10 +337,14 @@ def test_cpu_kernels_agree_across_threads():
     single = torch.ops.bayesdiff_ext.mc_moments(*args)
     step_args = _moment_inputs((3, 5, 81, 83), torch.float32, "cpu")
     single_step = torch.ops.bayesdiff_ext.moment_step(*step_args, 0.9, 0.3, 0.01, True)
+    fused_args = (*args, step_args[1])
+    single_fused = torch.ops.bayesdiff_ext.mc_moment_step(*fused_args, 0.9, 0.3, 0.01, True)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for o, r in zip(torch.ops.bayesdiff_ext.mc_moments(*args), single):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+        for o, r in zip(torch.ops.bayesdiff_ext.mc_moment_step(*fused_args, 0.9, 0.3, 0.01, True), single_fused):
             torch.testing.assert_close(o, r, rtol=0, atol=0)
         for o, r in zip(torch.ops.bayesdiff_ext.moment_step(*step_args, 0.9, 0.3, 0.01, True), single_step):
             torch.testing.assert_close(o, r, rtol=0, atol=0)
@@ -266,6 +367,10 @@ def test_every_isa_compilation_matches_reference(isa, dtype, monkeypatch):
         out = torch.ops.bayesdiff_ext.moment_step(*step_args, 1.0213, -0.3377, 0.0125, True)
         for o, r in zip(out, reference.moment_step(*step_args, 1.0213, -0.3377, 0.0125, True)):
             _assert_close(o, r, dtype, scale=4)
+        fused_args = (*args, step_args[1])
+        out = torch.ops.bayesdiff_ext.mc_moment_step(*fused_args, *STEP.values(), True)
+        for o, r in zip(out, reference.mc_moment_step(*fused_args, *STEP.values(), True)):
+            _assert_close(o, r, dtype, scale=8)
 
 
 def test_half_conversion_keeps_subnormals_infinities_and_nan():

@@ -139,7 +139,8 @@ class Generator:
         bad_scalars = [(5, float("nan")), (6, float("inf")), (7, -0.5)]
         return self.mutate(case, [0, 1, 2, 3, 4], bad_scalars)
 
-    def mc_moments(self) -> Case:
+    def _samples(self, op: str, step: bool) -> Case:
+        """mc_moments' arguments, and with `step` mc_moment_step's (var_x and the step's scalars)."""
         shape, dtype, samples = self.shape(), self.rng.choice(FLOATS), self.int(1, 6)
         stack = (samples, *shape)
         args = [
@@ -148,12 +149,23 @@ class Generator:
             self.tensor(stack, dtype, positive=True) if self.chance(0.7) else None,
             self.tensor(shape, dtype),
         ]
-        case = Case("mc_moments", args, True, variances=(1,))
+        if step:
+            clamp = self.chance(0.8)
+            args += [self.tensor(shape, dtype, positive=True), self.rng.uniform(-2, 2), self.rng.uniform(-2, 2)]
+            args += [self.rng.uniform(0, 1), clamp]
+        case = Case(op, args, True, variances=((1, 2) if args[-1] else (2,)) if step else (1,))
         if self.chance(0.05):
-            case.args = [t[:0] if t is not None else None for t in args[:3]] + [args[3]]
+            case.args = [t[:0] if t is not None else None for t in args[:3]] + args[3:]
             case.notes.append("S := 0")
             case.must_succeed = False
-        return self.mutate(case, [0, 1, 2, 3], [])
+        bad_scalars = [(5, float("nan")), (6, float("inf")), (7, -0.5)] if step else []
+        return self.mutate(case, [0, 1, 2, 3, 4] if step else [0, 1, 2, 3], bad_scalars)
+
+    def mc_moments(self) -> Case:
+        return self._samples("mc_moments", step=False)
+
+    def mc_moment_step(self) -> Case:
+        return self._samples("mc_moment_step", step=True)
 
     def conv_head_mean_var(self) -> Case:
         groups = self.int(1, 3)
@@ -274,10 +286,14 @@ def rounding_scale(case: Case, reference) -> list[torch.Tensor]:
     if case.op == "moment_step":
         a, b, c2 = abs(args[5]), abs(args[6]), args[7]
         return list(ref(*_abs(args[:5]), a, b, c2, False))
-    if case.op == "mc_moments":
-        x, m, v, mean_x = (0.0 if t is None or t.numel() == 0 else float(t.double().abs().max()) for t in args)
+    if case.op in ("mc_moments", "mc_moment_step"):
+        x, m, v, mean_x, *var_x = (0.0 if t is None or t.numel() == 0 else float(t.double().abs().max()) for t in args[:5])
         big = m * m + x * m + mean_x * m + v
-        return [torch.full(args[3].shape, big, dtype=torch.float64)] * 3
+        if case.op == "mc_moments":
+            return [torch.full(args[3].shape, big, dtype=torch.float64)] * 3
+        a, b, c2 = abs(args[5]), abs(args[6]), args[7]
+        bounds = (a * mean_x + b * m, a * a * var_x[0] + (2 * a * b + b * b) * big + c2, big)
+        return [torch.full(args[3].shape, bound, dtype=torch.float64) for bound in bounds]
     bound = ref(*_abs(args))
     bound = list(bound) if isinstance(bound, tuple) else [bound]
     return [2 * b for b in bound] if case.op == "conv_head_var_factored" else bound

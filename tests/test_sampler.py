@@ -339,7 +339,12 @@ def test_uq_every_runs_the_monte_carlo_only_at_its_steps(unet, posterior, make_s
 
 @pytest.mark.parametrize("eps_variance", ["total", "bayesdiff"])
 def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, posterior, eps_variance):
-    from bayesdiff_ext.sampler.eps_moments import closed_form_moments, draw_normals, monte_carlo_moments
+    from bayesdiff_ext.sampler.eps_moments import (
+        closed_form_moments,
+        draw_normals,
+        monte_carlo_moments,
+        monte_carlo_samples,
+    )
     from bayesdiff_ext.sampler.model_call import ModelCall
 
     scheduler = _ddim()
@@ -350,19 +355,18 @@ def test_the_first_steps_closed_form_is_the_monte_carlo_it_replaces(unet, poster
     x = _noise()
     out, head_var = model_call(x, t, {}, want_head=True)
     closed = closed_form_moments(first, out, head_var, None)
-    drawn, _ = monte_carlo_moments(
+    zero = torch.zeros_like(x)
+    samples = monte_carlo_samples(
         first,
         first,
         x,
-        torch.zeros_like(x),
+        zero,
         None,
         lambda samples: model_call.head_at(samples, t, {}, torch.float32, index=0),
-        samples=6,
         keep_eps=False,
-        eps_variance=eps_variance,
-        covariance="mc",
         normals=draw_normals(first, x, 6, False, ImageStreams(torch.Generator().manual_seed(0), BATCH)),
     )
+    drawn = monte_carlo_moments(first, samples, x, zero, None, eps_variance=eps_variance, covariance="mc")
     torch.testing.assert_close(drawn.mean, closed.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(drawn.var, closed.var, rtol=1e-5, atol=1e-7)
     assert torch.equal(drawn.cov, torch.zeros_like(drawn.cov))

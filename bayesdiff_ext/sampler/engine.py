@@ -25,6 +25,7 @@ from bayesdiff_ext.sampler.eps_moments import (
     closed_form_moments,
     draw_normals,
     monte_carlo_moments,
+    monte_carlo_samples,
 )
 from bayesdiff_ext.sampler.schedulers import AffineStep
 from bayesdiff_ext.sampler.variance_split import aleatoric_step, has_sampler_noise, with_step_noise
@@ -97,6 +98,11 @@ class StepEngine:
         self.kinds = step_kinds(plan, settings["uq_every"], settings["mc_samples"], settings["skip"])
         self.restarted = {s.origin for s in plan if s.origin != s.index}
         self.split_variance = learned_variance or has_sampler_noise(plan)
+        # A Monte Carlo step then needs only the next moments and Var[ε]: one op, one pass over the
+        # samples (ops.mc_moment_step), instead of the moments of ε written out and read back.
+        self.one_pass_monte_carlo = (
+            settings["covariance"] == "mc" and settings["eps_variance"] == "total" and not self.split_variance
+        )
         self.moment_dtype = moment_dtype
         self.generator = generator
         self.trace: list[dict[str, Any]] | None = [] if trace else None
@@ -153,35 +159,40 @@ class StepEngine:
         restart = step.origin != step.index  # DPM-Solver-2's second stage starts from x_{k-1}
         origin_mean, origin_var = (previous.mean, previous.var) if restart else (self.mean, self.var)
 
-        draws = None
+        draws = moments = None
+        step_args = dict(a=step.a, b=step.b[-1], c2=step.c2, clamp=settings["clamp"] and step_noise is None)
         if monte_carlo:
-            moments, draws = monte_carlo_moments(
+            samples = monte_carlo_samples(
                 step,
                 self.plan[step.origin],
                 self.mean,
                 self.var,
                 previous,
                 head_at,
-                samples=settings["mc_samples"],
                 keep_eps=step.index in self.restarted,
-                eps_variance=settings["eps_variance"],
-                covariance=settings["covariance"],
                 normals=self.normals(step) if normals is None else normals,
             )
+            draws = samples.draws
             self.monte_carlo_calls += 1
+        if monte_carlo and self.one_pass_monte_carlo:
+            next_mean, next_var, eps_var = ops.mc_moment_step(
+                samples.x, samples.eps, samples.head_var, origin_mean, origin_var, **step_args
+            )
         else:
-            moments = closed_form_moments(step, eps, head_var if closed_form_var else None, previous)
-        next_mean, next_var = ops.moment_step(
-            origin_mean,
-            origin_var,
-            moments.mean,
-            moments.var,
-            moments.cov,
-            a=step.a,
-            b=step.b[-1],
-            c2=step.c2,
-            clamp=settings["clamp"] and step_noise is None,
-        )
+            if monte_carlo:
+                moments = monte_carlo_moments(
+                    step,
+                    samples,
+                    origin_mean,
+                    origin_var,
+                    previous,
+                    eps_variance=settings["eps_variance"],
+                    covariance=settings["covariance"],
+                )
+            else:
+                moments = closed_form_moments(step, eps, head_var if closed_form_var else None, previous)
+            next_mean, next_var = ops.moment_step(origin_mean, origin_var, moments.mean, moments.var, moments.cov, **step_args)
+            eps_var = moments.var
         if step_noise is not None:
             step_noise = step_noise.to(self.moment_dtype)
             next_var = with_step_noise(next_var, step_noise, settings["clamp"])
@@ -193,8 +204,8 @@ class StepEngine:
             )
 
         self.received = self.received | (origin_var > 0)
-        if moments.var is not None:
-            self.received = self.received | (moments.var > 0)
+        if eps_var is not None:
+            self.received = self.received | (eps_var > 0)
         if step.c2 > 0:
             self.received = torch.ones_like(self.received)
         if step_noise is not None:

@@ -21,10 +21,12 @@ __all__ = [
     "EpsMoments",
     "MonteCarloDraws",
     "MonteCarloNormals",
+    "MonteCarloSamples",
     "StepRecord",
     "closed_form_moments",
     "draw_normals",
     "monte_carlo_moments",
+    "monte_carlo_samples",
     "regression_moments",
 ]
 
@@ -72,7 +74,7 @@ class MonteCarloNormals(NamedTuple):
 
 
 def draw_normals(step: AffineStep, like: torch.Tensor, samples: int, keep_eps: bool, streams: ImageStreams) -> MonteCarloNormals:
-    """The draws of :func:`monte_carlo_moments` for ``step``, in the order it always made them."""
+    """The draws of :func:`monte_carlo_samples` for ``step``, in the order it always made them."""
     x = None if step.origin != step.index else antithetic_randn(samples, like, streams)
     eps = antithetic_randn(samples, like, streams) if keep_eps else None
     return MonteCarloNormals(x, eps)
@@ -114,7 +116,19 @@ def regression_moments(x: torch.Tensor, eps: torch.Tensor, var_x: torch.Tensor) 
     return slope.square() * var_x + residual.square().mean(dim=0), slope * var_x
 
 
-def monte_carlo_moments(
+@dataclass
+class MonteCarloSamples:
+    """What a Monte Carlo step reduces over its S samples, each (S, B, ...): ``x``, the samples of
+    the step's origin; ``eps``, ε_eff at each (the head mean, plus w·ε_s^i for a second stage);
+    ``head_var``, the head variance γ²^i there; and the draws a later stage may need."""
+
+    x: torch.Tensor
+    eps: torch.Tensor
+    head_var: torch.Tensor
+    draws: MonteCarloDraws
+
+
+def monte_carlo_samples(
     step: AffineStep,
     first_stage: AffineStep,
     mean: torch.Tensor,
@@ -122,40 +136,56 @@ def monte_carlo_moments(
     previous: StepRecord | None,
     head_at: HeadAt,
     *,
-    samples: int,
     keep_eps: bool,
-    eps_variance: str,
-    covariance: str,
     normals: MonteCarloNormals,
-) -> tuple[EpsMoments, MonteCarloDraws]:
-    """E[ε_eff], Var[ε_eff], Cov(x_origin, ε_eff) from S samples through one batched head call.
+) -> MonteCarloSamples:
+    """The S samples of a Monte Carlo step through one batched head call.
 
     ``head_at(x)`` maps samples (S, B, ...) to the head's (mean, var) there. A first step or
     single-output step draws x^i ~ N(mean, var) (antithetic pairs). A second stage instead moves
     its first stage's samples x_s^i to the intermediate point with their drawn ε_s^i, so that
     ε_eff^i = m^i + w·ε_s^i keeps its dependence on x_s^i and the covariance is taken against
-    x_s. ``covariance='regression'`` takes the spread and the covariance in the regression form
-    (:func:`regression_moments`). ``eps_variance='bayesdiff'`` keeps only the head variances (mean γ², plus w²·mean γ_s²
-    for a second stage), dropping the spread of the head means over the samples. The standard
-    normals come drawn (:func:`draw_normals`), so this function makes no random draw of its own: a
-    compiled or graph-captured step takes them as inputs.
+    x_s. The standard normals come drawn (:func:`draw_normals`), so this function makes no random
+    draw of its own: a compiled or graph-captured step takes them as inputs.
     """
     weight = first_output_weight(step)
     if step.origin != step.index:
-        origin_x, origin_mean = previous.draws.x, previous.mean
+        origin_x = previous.draws.x
         x = first_stage.a * origin_x + first_stage.b[0] * previous.draws.eps
     else:
-        x = mean + var.clamp_min(0).sqrt() * normals.x
-        origin_x, origin_mean = x, mean
+        x = origin_x = mean + var.clamp_min(0).sqrt() * normals.x
     head_mean, head_var = head_at(x)
     drawn = head_mean + head_var.sqrt() * normals.eps if keep_eps else None
     eff = head_mean + weight * previous.draws.eps if weight else head_mean
-    eps_mean, eps_var, cov = ops.mc_moments(origin_x, eff, head_var, origin_mean)
-    posterior_var = head_var.mean(dim=0)
+    return MonteCarloSamples(origin_x, eff, head_var, MonteCarloDraws(x, head_var, drawn))
+
+
+def monte_carlo_moments(
+    step: AffineStep,
+    samples: MonteCarloSamples,
+    origin_mean: torch.Tensor,
+    origin_var: torch.Tensor,
+    previous: StepRecord | None,
+    *,
+    eps_variance: str,
+    covariance: str,
+) -> EpsMoments:
+    """E[ε_eff], Var[ε_eff], Cov(x_origin, ε_eff) from the S ``samples`` about E[x_origin] =
+    ``origin_mean`` (Var[x_origin] = ``origin_var``).
+
+    ``covariance='regression'`` takes the spread and the covariance in the regression form
+    (:func:`regression_moments`). ``eps_variance='bayesdiff'`` keeps only the head variances (mean γ²,
+    plus w²·mean γ_s² for a second stage), dropping the spread of the head means over the samples.
+    With ``covariance='mc'`` and ``eps_variance='total'`` the step needs only what
+    ``ops.mc_moment_step`` computes in one pass (the engine uses it where it needs no more).
+    """
+    weight = first_output_weight(step)
+    eps_mean, eps_var, cov = ops.mc_moments(samples.x, samples.eps, samples.head_var, origin_mean)
+    posterior_var = samples.head_var.mean(dim=0)
     if weight:
         posterior_var = posterior_var + weight**2 * previous.draws.head_var.mean(dim=0)
     if covariance == "regression":
-        regression_spread, cov = regression_moments(origin_x, eff, previous.var if weight else var)
+        regression_spread, cov = regression_moments(samples.x, samples.eps, origin_var)
         eps_var = posterior_var + regression_spread
     spread = None
     if eps_variance == "bayesdiff":
@@ -164,4 +194,4 @@ def monte_carlo_moments(
         spread = (eps_var - posterior_var).clamp_min(0)
     if covariance == "none":
         cov = None
-    return EpsMoments(eps_mean, eps_var, cov, spread), MonteCarloDraws(x, head_var, drawn)
+    return EpsMoments(eps_mean, eps_var, cov, spread)

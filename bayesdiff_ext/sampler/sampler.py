@@ -102,7 +102,9 @@ class BayesDiffSampler:
           DPM-Solver-2 step counts once, both of its model calls belong to it). There, ``mc_samples``
           = S draws x^i ~ N(E[x_t], Var[x_t]) (antithetic pairs, see ``randomness.antithetic_randn``)
           go through the model in one batched call and the head's closed-form (m^i, γ²^i) give
-          E[ε], Var[ε] and Cov(x_t, ε) (``ops.mc_moments``).
+          E[ε], Var[ε] and Cov(x_t, ε) (``ops.mc_moments``; with ``covariance='mc'``,
+          ``eps_variance='total'`` and no aleatoric split, ``ops.mc_moment_step`` takes the step in
+          the same pass).
           At the first step Var[x_T] = 0, the draws would all be x_T, and the closed form at x_T
           (γ², no covariance) takes their place: no Monte Carlo call (except for a DPM-Solver-2
           first stage, whose draws its second stage reuses).

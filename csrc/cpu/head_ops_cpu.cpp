@@ -3,6 +3,8 @@
 // and picked at run time (the head is compute-bound, so the vector width matters).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
@@ -356,16 +358,37 @@ void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// conv_head_var_factored: tiles of whole output rows of one image. A tile's patches (D × P) go
-// through one GEMM with the R directions (the cost of the op: R·D per pixel, so it is left to BLAS),
-// then each projection is squared and mixed into the C outputs; the (R × P) projection of one tile
-// is all that is ever held.
+// conv_head_var_factored: tiles of whole output rows of one image. A tile's projection onto the R
+// directions (the cost of the op: R·D per pixel, so it is left to BLAS or oneDNN: its patches
+// (D × P) through one GEMM, or the convolution of its input rows) is squared and mixed into the C
+// outputs; the (R × P) projection of one tile (and its patches) is all that is ever held.
 
-// Whole output rows per tile, as many as fit this budget for the tile's patches and projections
-// (BLAS is far less efficient on narrow tiles: 256 pixels ran 1.7× slower than 4096), but at most
-// kFactoredMaxTilePixels.
+// Whole output rows per tile, as many as fit this budget for the tile's buffers (BLAS is far less
+// efficient on narrow tiles: 256 pixels ran 1.7× slower than 4096), but at most kFactoredMaxTilePixels.
 constexpr int64_t kFactoredTileBytes = int64_t(32) << 20;
 constexpr int64_t kFactoredMaxTilePixels = 4096;
+
+// The tile size for `total` units in tiles of at most `most`, with the units spread evenly over
+// the fewest tiles: a short last tile (e.g. 4096 rows in 2730 + 1366, or 128 image rows in 9×14 + 2)
+// runs its GEMM far below BLAS's speed on the others.
+int64_t even_tile(int64_t total, int64_t most) {
+  const int64_t tiles = (total + most - 1) / most;
+  return (total + tiles - 1) / tiles;
+}
+
+// The projection (1, R, rows, out_w) of output rows [oh0, oh0 + rows) of image b: the convolution
+// of the input rows those outputs see (zero rows where they reach into the vertical padding).
+at::Tensor project_rows(const glue::ConvHeadVarFactoredArgs& args, int64_t b, int64_t oh0, int64_t rows) {
+  const ConvGeometry& g = args.geometry;
+  const int64_t lo = oh0 * g.stride_h - g.pad_h;
+  const int64_t hi = (oh0 + rows - 1) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h + 1;
+  const int64_t first = std::clamp<int64_t>(lo, 0, g.in_h);
+  const int64_t last = std::clamp<int64_t>(hi, first, g.in_h);
+  at::Tensor input = args.phi.narrow(0, b, 1).narrow(2, first, last - first).to(args.var.scalar_type());
+  if (first - lo > 0 || hi - last > 0) input = at::constant_pad_nd(input, {0, 0, first - lo, hi - last});
+  const std::vector<int64_t> stride{g.stride_h, g.stride_w}, padding{0, g.pad_w}, dilation{g.dilation_h, g.dilation_w};
+  return at::conv2d(input, args.proj_weight, args.proj_bias, stride, padding, dilation);
+}
 
 template <typename T>
 void gather_patches(const ConvGeometry& g, const T* image, int64_t oh0, int64_t rows, acc_t<T>* patches) {
@@ -385,11 +408,15 @@ void gather_patches(const ConvGeometry& g, const T* image, int64_t oh0, int64_t 
           std::fill(dst_row, dst_row + g.out_w, Acc(0));
           continue;
         }
+        // Zeros where the tap falls in the padding, a branch-free (for stride 1, contiguous) copy between.
+        const int64_t offset = kw * g.dilation_w - g.pad_w;  // iw = ow·stride + offset
+        const int64_t first = std::clamp<int64_t>((-offset + g.stride_w - 1) / g.stride_w, 0, g.out_w);
+        const int64_t span = g.in_w - 1 - offset;  // the last valid ow is span / stride, if span >= 0
+        const int64_t last = span < 0 ? first : std::clamp<int64_t>(span / g.stride_w + 1, first, g.out_w);
         const T* src = plane + ih * g.in_w;
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          const int64_t iw = conv_input_coordinate(ow, kw, g.stride_w, g.pad_w, g.dilation_w);
-          dst_row[ow] = in_range(iw, g.in_w) ? load<Acc>(src, iw) : Acc(0);
-        }
+        std::fill(dst_row, dst_row + first, Acc(0));
+        for (int64_t ow = first; ow < last; ++ow) dst_row[ow] = load<Acc>(src, ow * g.stride_w + offset);
+        std::fill(dst_row + last, dst_row + g.out_w, Acc(0));
       }
     }
   });
@@ -433,8 +460,9 @@ void factored_rows(const glue::ConvHeadVarFactoredArgs& args) {
   const int64_t rank = g.out_channels;
   const int64_t features = g.in_channels;
   const int64_t bytes_per_row = (rank + features) * static_cast<int64_t>(sizeof(Acc));
-  const int64_t tile_rows = std::clamp<int64_t>(kFactoredTileBytes / std::max<int64_t>(1, bytes_per_row), 1,
-                                                std::max<int64_t>(1, g.batch));
+  const int64_t rows = std::max<int64_t>(1, g.batch);
+  const int64_t tile_rows =
+      even_tile(rows, std::clamp<int64_t>(kFactoredTileBytes / std::max<int64_t>(1, bytes_per_row), 1, rows));
   const auto phi = args.phi.view({g.batch, features});
   const auto var = args.var.view({g.batch, args.channels});
   const auto directions_t = args.proj_weight.view({rank, features}).t();
@@ -460,29 +488,42 @@ void factored_rows(const glue::ConvHeadVarFactoredArgs& args) {
   }
 }
 
-void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
-  BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
-    using Acc = acc_t<T>;
-    const ConvGeometry& g = args.geometry;
-    if (is_rows_of_features(g)) return factored_rows<T>(args);
-    const int64_t rank = g.out_channels;
-    const int64_t taps = g.taps_per_channel();
-    const auto directions = args.proj_weight.view({rank, taps});
-    const auto options = args.var.options();
-    const int64_t bytes_per_pixel = (rank + taps) * static_cast<int64_t>(sizeof(Acc));
-    const int64_t tile_pixels = std::min(kFactoredMaxTilePixels, kFactoredTileBytes / std::max<int64_t>(1, bytes_per_pixel));
-    const int64_t rows_per_tile = std::max<int64_t>(1, tile_pixels / g.out_w);
-    at::Tensor patches;
-    at::Tensor projection;
-    for (int64_t b = 0; b < g.batch; ++b) {
-      const T* image = glue::data_or_null<T>(args.phi) + b * g.in_channels * g.in_pixels();
-      Acc* out_image = args.var.data_ptr<Acc>() + b * args.channels * g.out_pixels();
-      for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += rows_per_tile) {
-        const int64_t rows = std::min(rows_per_tile, g.out_h - oh0);
-        const int64_t pixels = rows * g.out_w;
+// Whole output rows per tile, `bytes_per_pixel` of tile buffers each, within the budget, spread
+// evenly over the fewest tiles.
+int64_t rows_per_tile(const ConvGeometry& g, int64_t bytes_per_pixel) {
+  const int64_t pixels = std::min(kFactoredMaxTilePixels, kFactoredTileBytes / std::max<int64_t>(1, bytes_per_pixel));
+  return even_tile(std::max<int64_t>(1, g.out_h), std::max<int64_t>(1, pixels / std::max<int64_t>(1, g.out_w)));
+}
+
+// The projection of a tile, one of two ways. The patches and one GEMM is the faster where an image
+// takes at most two tiles (measured, quiet, 1 and 2 threads: CelebA-like 128→3 at 64², SD-like
+// 320→4 at 32²: 1.10–1.17× the eager conv2d → square → mix, against 1.0× through the convolution);
+// with more, narrower tiles (ADM-like 256→3 at 128², 10 tiles) it fell to 0.90–0.97×, and the
+// convolution of each tile's input rows (ATen's conv2d, oneDNN on the CPU) runs at 1.02–1.04×.
+constexpr int64_t kMostTilesForPatches = 2;
+
+template <typename T>
+void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
+  using Acc = acc_t<T>;
+  const ConvGeometry& g = args.geometry;
+  const int64_t rank = g.out_channels;
+  const int64_t taps = g.taps_per_channel();
+  const int64_t patch_rows = rows_per_tile(g, (rank + taps) * static_cast<int64_t>(sizeof(Acc)));
+  const bool through_patches = (g.out_h + patch_rows - 1) / patch_rows <= kMostTilesForPatches;
+  const int64_t tile_rows = through_patches ? patch_rows : rows_per_tile(g, rank * static_cast<int64_t>(sizeof(Acc)));
+  const auto directions = args.proj_weight.view({rank, taps});
+  at::Tensor patches;
+  at::Tensor projection;
+  for (int64_t b = 0; b < g.batch; ++b) {
+    const T* image = glue::data_or_null<T>(args.phi) + b * g.in_channels * g.in_pixels();
+    Acc* out_image = args.var.data_ptr<Acc>() + b * args.channels * g.out_pixels();
+    for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, g.out_h - oh0);
+      const int64_t pixels = rows * g.out_w;
+      if (through_patches) {
         if (!patches.defined() || patches.size(1) != pixels) {
-          patches = at::empty({taps, pixels}, options);
-          projection = at::empty({rank, pixels}, options);
+          patches = at::empty({taps, pixels}, args.var.options());
+          projection = at::empty({rank, pixels}, args.var.options());
         }
         gather_patches(g, image, oh0, rows, patches.data_ptr<Acc>());
         if (args.proj_bias.defined()) {
@@ -490,11 +531,20 @@ void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
         } else {
           at::mm_out(projection, directions, patches);
         }
-        mix_squared_projections(projection.const_data_ptr<Acc>(), rank, pixels, args.mix.const_data_ptr<Acc>(),
-                                glue::data_or_null<Acc>(args.bias_var), args.channels, g.out_pixels(),
-                                out_image + oh0 * g.out_w);
+      } else {
+        projection = project_rows(args, b, oh0, rows);
       }
+      mix_squared_projections(projection.const_data_ptr<Acc>(), rank, pixels, args.mix.const_data_ptr<Acc>(),
+                              glue::data_or_null<Acc>(args.bias_var), args.channels, g.out_pixels(),
+                              out_image + oh0 * g.out_w);
     }
+  }
+}
+
+void compute_conv_head_var_factored(const glue::ConvHeadVarFactoredArgs& args) {
+  BDX_DISPATCH_FLOATING(args.phi.scalar_type(), "conv_head_var_factored", [&] {
+    if (is_rows_of_features(args.geometry)) return factored_rows<T>(args);
+    factored_conv<T>(args);
   });
 }
 

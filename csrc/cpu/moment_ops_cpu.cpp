@@ -1,11 +1,12 @@
 // CPU implementation of the moment ops: the per-element math of kernels/moment_math.h on explicit
-// vectors (cpu/simd.h). Both ops stream their inputs once and are bound by memory bandwidth, so
+// vectors (cpu/simd.h). The ops stream their inputs once and are bound by memory bandwidth, so
 // each thread owns one contiguous range of elements (at::parallel_for) and keeps all of its state in
 // registers.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
@@ -60,7 +61,7 @@ struct MomentStepRange {
 void compute_moment_step(const glue::MomentStepArgs& args) {
   BDX_DISPATCH_FLOATING(args.mean_x.scalar_type(), "moment_step", [&] {
     using Acc = acc_t<T>;
-    const StepJob<T> job{args.coefficients<Acc>(),
+    const StepJob<T> job{args.step.coefficients<Acc>(),
                          glue::data_or_null<T>(args.mean_x),
                          glue::data_or_null<T>(args.var_x),
                          glue::data_or_null<T>(args.eps_mean),
@@ -79,26 +80,38 @@ void compute_moment_step(const glue::MomentStepArgs& args) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mc_moments: the S samples of one element lie `numel` apart in each of the (S, ...) stacks. The
-// naive order (a block of elements, its Welford state in registers, all S samples) reads S·3
-// strided streams at once, more than the hardware prefetchers track: measured on Zen 4 (quiet,
-// S = 10) it took ~1.85× the time of one reduction over the same bytes; chunked as below it takes
-// 1.0–1.2× (python/BENCHMARKS.md, bench_recurrence). So each thread walks its range in chunks
+// mc_moments, mc_moment_step: the S samples of one element lie `numel` apart in each of the (S, ...)
+// stacks. The naive order (a block of elements, its Welford state in registers, all S samples)
+// reads S·3 strided streams at once, more than the hardware prefetchers track: measured on Zen 4
+// (quiet, S = 10) it took ~1.85× the time of one reduction over the same bytes; chunked as below it
+// takes 1.1–1.5× (python/BENCHMARKS.md, bench_recurrence). So each thread walks its range in chunks
 // of kChunkBytes of accumulators per stream; per chunk it passes over the samples kSamplesPerPass
 // at a time (3·kSamplesPerPass contiguous streams), each block's state
 // in registers during a pass and in a per-thread buffer (5 accumulators × kChunkBytes, in L1)
-// between passes, and it prefetches the same samples of the next chunk into L2 as it goes. Sizes:
-// the best measured of 512–4096 elements and 1–10 samples per pass.
+// between passes, and it prefetches the same samples of the next chunk into L2 as it goes (without
+// the prefetch: 1.1–1.2× the time). Sizes: the best measured of 512–8192 bytes and 1–10 samples
+// per pass (quiet, S = 10, both threads counts: 4–5 samples per pass 5–25% faster than 3).
 
 constexpr int64_t kChunkBytes = 4096;
-constexpr int64_t kSamplesPerPass = 3;
+constexpr int64_t kSamplesPerPass = 5;
 
+// One job type for both ops: mc_moment_step (var_x and mean_next set) finishes each element with
+// the step instead of storing E[ε] and Cov, so the two share the walk over the samples.
 template <typename T>
 struct McJob {
   using Acc = acc_t<T>;
   const T *x, *eps_mean, *eps_var, *mean_x;
   int64_t samples, numel;
-  Acc *e_eps, *var_eps, *cov_x_eps;
+  Acc* var_eps;
+  Acc *e_eps, *cov_x_eps;  // mc_moments; null for mc_moment_step
+  const T* var_x;          // mc_moment_step; null for mc_moments
+  MomentCoefficients<Acc> k;
+  Acc *mean_next, *var_next;
+  // 1/(s+1) for s < samples: Welford's weights, divided once per call instead of once per block and
+  // sample in the inner loop (measured, quiet: 5–10% of the AVX-512 kernel's time).
+  const Acc* inv_counts;
+
+  bool steps() const { return mean_next != nullptr; }
 };
 
 template <typename T>
@@ -119,7 +132,7 @@ void mc_accumulate_block(const McJob<T>& j, int64_t i, int64_t s_begin, int64_t 
   using V = Simd<Acc, kBytes>;
   constexpr int kL = kLanes<Acc, kBytes>;
   for (int64_t s = s_begin; s < s_end; ++s) {
-    const V inv_count = broadcast<kBytes>(Acc(1) / static_cast<Acc>(s + 1));
+    const V inv_count = broadcast<kBytes>(j.inv_counts[s]);
     const int64_t at = s * j.numel + i;
     prefetch_next_chunk<kVectors * kL>(j.x + at);
     prefetch_next_chunk<kVectors * kL>(j.eps_mean + at);
@@ -140,11 +153,16 @@ void mc_store_block(const McJob<T>& j, int64_t i, const McState<Simd<acc_t<T>, k
   const V inv_samples = broadcast<kBytes>(Acc(1) / static_cast<Acc>(j.samples));
   for (int k = 0; k < kVectors; ++k) {
     const int64_t at = i + k * kL;
-    V e, v, c;
-    mc_finalize(state[k], inv_samples, load_converted<kBytes>(j.mean_x + at), &e, &v, &c);
-    store_lanes<kBytes>(j.e_eps + at, e);
+    const V mean_x = load_converted<kBytes>(j.mean_x + at);
+    V first, v, last;
+    if (j.steps()) {
+      mc_step_finalize(j.k, state[k], inv_samples, mean_x, load_converted<kBytes>(j.var_x + at), &first, &last, &v);
+    } else {
+      mc_finalize(state[k], inv_samples, mean_x, &first, &v, &last);
+    }
+    store_lanes<kBytes>((j.steps() ? j.mean_next : j.e_eps) + at, first);
     store_lanes<kBytes>(j.var_eps + at, v);
-    store_lanes<kBytes>(j.cov_x_eps + at, c);
+    store_lanes<kBytes>((j.steps() ? j.var_next : j.cov_x_eps) + at, last);
   }
 }
 
@@ -176,10 +194,15 @@ void mc_element(const McJob<T>& j, int64_t i) {
   for (int64_t s = 0; s < j.samples; ++s) {
     const int64_t at = s * j.numel + i;
     mc_accumulate(state, load<Acc>(j.x, at), load<Acc>(j.eps_mean, at), j.eps_var ? load<Acc>(j.eps_var, at) : Acc(0),
-                  Acc(1) / static_cast<Acc>(s + 1));
+                  j.inv_counts[s]);
   }
-  mc_finalize(state, Acc(1) / static_cast<Acc>(j.samples), load<Acc>(j.mean_x, i), &j.e_eps[i], &j.var_eps[i],
-              &j.cov_x_eps[i]);
+  const Acc inv_samples = Acc(1) / static_cast<Acc>(j.samples);
+  if (j.steps()) {
+    mc_step_finalize(j.k, state, inv_samples, load<Acc>(j.mean_x, i), load<Acc>(j.var_x, i), &j.mean_next[i],
+                     &j.var_next[i], &j.var_eps[i]);
+  } else {
+    mc_finalize(state, inv_samples, load<Acc>(j.mean_x, i), &j.e_eps[i], &j.var_eps[i], &j.cov_x_eps[i]);
+  }
 }
 
 // Four vectors per block where there are 32 vector registers (AVX-512), two where there are 16.
@@ -209,27 +232,56 @@ struct McRange {
   BDX_ISA_VARIANTS(mc_range)
 };
 
+// Ranges of whole blocks of the widest ISA (cache-line multiples); the work per element grows with
+// S, so the grain shrinks with it.
+template <typename T>
+void run_mc(McJob<T> job) {
+  using Acc = acc_t<T>;
+  std::vector<Acc> inv_counts(job.samples);
+  for (int64_t s = 0; s < job.samples; ++s) inv_counts[s] = Acc(1) / static_cast<Acc>(s + 1);
+  job.inv_counts = inv_counts.data();
+  const Isa isa = cpu_isa();
+  constexpr int64_t kUnit = kMcVectors<kWidestVectorBytes> * kLanes<Acc, kWidestVectorBytes>;
+  const int64_t units = (job.numel + kUnit - 1) / kUnit;
+  const int64_t grain = std::max<int64_t>(1, kElementGrain / (kUnit * job.samples));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    McRange::run(isa, &job, begin * kUnit, std::min(end * kUnit, job.numel));
+  });
+}
+
+// The fields both ops fill alike from their prepared arguments (the rest stay null).
+template <typename T, typename Args>
+McJob<T> samples_job(const Args& args) {
+  McJob<T> job{};
+  job.x = glue::data_or_null<T>(args.x);
+  job.eps_mean = glue::data_or_null<T>(args.eps_mean);
+  job.eps_var = glue::data_or_null<T>(args.eps_var);
+  job.mean_x = glue::data_or_null<T>(args.mean_x);
+  job.samples = args.samples;
+  job.numel = args.numel;
+  job.var_eps = args.var_eps.template data_ptr<acc_t<T>>();
+  return job;
+}
+
 void compute_mc_moments(const glue::McMomentsArgs& args) {
   BDX_DISPATCH_FLOATING(args.x.scalar_type(), "mc_moments", [&] {
     using Acc = acc_t<T>;
-    const McJob<T> job{glue::data_or_null<T>(args.x),
-                       glue::data_or_null<T>(args.eps_mean),
-                       glue::data_or_null<T>(args.eps_var),
-                       glue::data_or_null<T>(args.mean_x),
-                       args.samples,
-                       args.numel,
-                       args.e_eps.data_ptr<Acc>(),
-                       args.var_eps.data_ptr<Acc>(),
-                       args.cov_x_eps.data_ptr<Acc>()};
-    const Isa isa = cpu_isa();
-    // Ranges of whole blocks of the widest ISA (cache-line multiples); the work per element grows
-    // with S, so the grain shrinks with it.
-    constexpr int64_t kUnit = kMcVectors<kWidestVectorBytes> * kLanes<Acc, kWidestVectorBytes>;
-    const int64_t units = (args.numel + kUnit - 1) / kUnit;
-    const int64_t grain = std::max<int64_t>(1, kElementGrain / (kUnit * args.samples));
-    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-      McRange::run(isa, &job, begin * kUnit, std::min(end * kUnit, args.numel));
-    });
+    McJob<T> job = samples_job<T>(args);
+    job.e_eps = args.e_eps.data_ptr<Acc>();
+    job.cov_x_eps = args.cov_x_eps.data_ptr<Acc>();
+    run_mc(job);
+  });
+}
+
+void compute_mc_moment_step(const glue::McMomentStepArgs& args) {
+  BDX_DISPATCH_FLOATING(args.x.scalar_type(), "mc_moment_step", [&] {
+    using Acc = acc_t<T>;
+    McJob<T> job = samples_job<T>(args);
+    job.var_x = glue::data_or_null<T>(args.var_x);
+    job.k = args.step.coefficients<Acc>();
+    job.mean_next = args.mean_next.data_ptr<Acc>();
+    job.var_next = args.var_next.data_ptr<Acc>();
+    run_mc(job);
   });
 }
 
@@ -239,4 +291,5 @@ void compute_mc_moments(const glue::McMomentsArgs& args) {
 TORCH_LIBRARY_IMPL(bayesdiff_ext, CPU, m) {
   m.impl("moment_step", &bdx::glue::moment_step<&bdx::cpu::compute_moment_step>);
   m.impl("mc_moments", &bdx::glue::mc_moments<&bdx::cpu::compute_mc_moments>);
+  m.impl("mc_moment_step", &bdx::glue::mc_moment_step<&bdx::cpu::compute_mc_moment_step>);
 }

@@ -10,17 +10,22 @@
 
 namespace bdx::glue {
 
-struct MomentStepArgs {
-  at::Tensor mean_x, var_x, eps_mean, eps_var, cov_x_eps;  // eps_var/cov_x_eps undefined when absent
+// The scalars of one affine step x' = a·x + b·ε + c·z (checked: finite, c2 >= 0).
+struct StepScalars {
   double a, b, c2;
   bool clamp;
-  at::Tensor mean_next, var_next;
 
-  // The step's scalars in the kernels' accumulation type.
+  // In the kernels' accumulation type.
   template <typename Acc>
   MomentCoefficients<Acc> coefficients() const {
     return {static_cast<Acc>(a), static_cast<Acc>(b), static_cast<Acc>(c2), clamp};
   }
+};
+
+struct MomentStepArgs {
+  at::Tensor mean_x, var_x, eps_mean, eps_var, cov_x_eps;  // eps_var/cov_x_eps undefined when absent
+  StepScalars step;
+  at::Tensor mean_next, var_next;
 };
 
 MomentStepArgs prepare_moment_step(const at::Tensor& mean_x, const at::Tensor& var_x, const at::Tensor& eps_mean,
@@ -36,6 +41,17 @@ struct McMomentsArgs {
 
 McMomentsArgs prepare_mc_moments(const at::Tensor& x, const at::Tensor& eps_mean,
                                  const std::optional<at::Tensor>& eps_var, const at::Tensor& mean_x);
+
+struct McMomentStepArgs {
+  at::Tensor x, eps_mean, eps_var, mean_x, var_x;  // eps_var undefined when absent
+  int64_t samples, numel;
+  StepScalars step;
+  at::Tensor mean_next, var_next, var_eps;
+};
+
+McMomentStepArgs prepare_mc_moment_step(const at::Tensor& x, const at::Tensor& eps_mean,
+                                        const std::optional<at::Tensor>& eps_var, const at::Tensor& mean_x,
+                                        const at::Tensor& var_x, double a, double b, double c2, bool clamp);
 
 // The ops as registered (schemas.h): validation and allocation are the same for every backend, so
 // a backend supplies only `compute`, which fills the outputs of the prepared arguments.
@@ -56,6 +72,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_moments(const at::Tensor& x, c
   const auto args = prepare_mc_moments(x, eps_mean, eps_var, mean_x);
   compute(args);
   return {args.e_eps, args.var_eps, args.cov_x_eps};
+}
+
+template <void (*compute)(const McMomentStepArgs&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_moment_step(const at::Tensor& x, const at::Tensor& eps_mean,
+                                                              const std::optional<at::Tensor>& eps_var,
+                                                              const at::Tensor& mean_x, const at::Tensor& var_x,
+                                                              double a, double b, double c2, bool clamp) {
+  const auto args = prepare_mc_moment_step(x, eps_mean, eps_var, mean_x, var_x, a, b, c2, clamp);
+  compute(args);
+  return {args.mean_next, args.var_next, args.var_eps};
 }
 
 }  // namespace bdx::glue

@@ -64,4 +64,14 @@ BDX_HD void mc_finalize(const McState<Acc>& s, Acc inv_samples, Acc mean_x_given
   *cov_x_eps = s.comoment * inv_samples + (s.mean_x - mean_x_given) * s.mean_eps;
 }
 
+// The step straight from the Monte Carlo state (mc_moment_step): E[ε], Var[ε] and Cov(x, ε) of
+// mc_finalize go into moment_step_element without leaving registers. Var[ε] is returned too.
+template <typename Acc, typename V>
+BDX_HD void mc_step_finalize(const MomentCoefficients<Acc>& k, const McState<V>& s, V inv_samples, V mean_x_given,
+                             V var_x, V* mean_next, V* var_next, V* var_eps) {
+  V e_eps, cov_x_eps;
+  mc_finalize(s, inv_samples, mean_x_given, &e_eps, var_eps, &cov_x_eps);
+  moment_step_element(k, mean_x_given, var_x, e_eps, *var_eps, cov_x_eps, mean_next, var_next);
+}
+
 }  // namespace bdx
