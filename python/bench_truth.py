@@ -5,6 +5,9 @@ For one model and scheduler (``--config``), on the same x_T for every estimator:
 * truth: :class:`TrajectorySampler` with 64 independent weight draws around their own mean (a
   stochastic sampler: 32 noise streams × 2 draws, the aleatoric part from 32 fresh-noise runs at the
   posterior mean — the brute force of the sampler's noise);
+* by default every trajectory estimator and the truth give all images the same draws (weights and
+  noise streams, from the run's seed: the package's default, docs/MATH.md §14.10), the truth from
+  seed 100 and the estimators from seeds 1 and 2; ``--per-image-draws``: each image's own;
 * the moment recurrence (BayesDiff): the paper's defaults (Skip 5, S = 10), Monte Carlo at every
   step, each with the plain and the regression covariance, and the closed form without covariance;
 * trajectories with M = 2 … 32 weight draws — independent, antithetic (up to 16), Sobol — each
@@ -149,8 +152,9 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
     def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
-                 max_draws: int = 32):
+                 max_draws: int = 32, shared_draws: bool = True):
         self.name, self.config = name, CONFIGS[name]
+        self.shared_draws = shared_draws
         self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
         self.unet, self.scheduler_config, self.posterior, self.described = setup()
@@ -188,13 +192,17 @@ class Bench:
             times.append(time.perf_counter() - started)
         return sorted(times)[1]
 
+    def draw_options(self, seed: int) -> dict:
+        """The trajectory estimators' draws for ``seed``: shared by all images (from ``seed``), or each image's own."""
+        return dict(shared_draws=True, weight_seed=seed) if self.shared_draws else dict(shared_draws=False)
+
     def trajectories(self, seed, samples, draws, centre, noise_samples=None, return_draws=False):
         sampler = TrajectorySampler(self.unet, self.scheduler(), self.posterior)
         started = time.perf_counter()
         out = sampler.sample(
             noise=self.x_t, num_inference_steps=self.steps, generator=self.generators(seed), eta=self.eta,
             samples=samples, draws=draws, centre=centre, noise_samples=noise_samples, progress=False,
-            return_draws=return_draws,
+            return_draws=return_draws, **self.draw_options(seed),
         )
         return out, time.perf_counter() - started
 
@@ -236,7 +244,7 @@ class Bench:
         truth = self.truth
         result = dict(
             config=self.name, settings=self.config, described=self.described, plain_s=self.plain, grid=self.grid,
-            truth_draws=self.truth_draws, truth_mean=float(truth.variance.double().mean()),
+            truth_draws=self.truth_draws, shared_draws=self.shared_draws, truth_mean=float(truth.variance.double().mean()),
             truth_aleatoric_mean=float(truth.aleatoric_variance.double().mean()), truth_reliability=self.reliability,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - self.started,
             load_start=self.load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
@@ -332,7 +340,7 @@ class Bench:
                 sampler = LinearisedSampler(self.unet, self.scheduler(), self.posterior)
                 started = time.perf_counter()
                 out = sampler.sample(noise=self.x_t, num_inference_steps=self.steps, generator=self.generators(seed),
-                                     eta=self.eta, samples=samples, draws="sobol", progress=False)
+                                     eta=self.eta, samples=samples, draws="sobol", progress=False, **self.draw_options(seed))
                 runs.append((out, time.perf_counter() - started))
             (out, seconds), (other, _) = runs
             forwards = out.timings["model_forwards_per_image"] + out.timings["tangents_per_image"]
@@ -444,7 +452,11 @@ def render(results: list[dict]) -> str:
         "reliability, from its split halves by Spearman–Brown): the value against an exact truth, correcting for the "
         "truth's Monte Carlo noise only; \"—\" where the truth's halves do not agree on the scores at all. The bars "
         "of issue 22 are judged on the raw values; the corrected ones say whether a miss is the estimator's or the "
-        "yardstick's. A \"presets\" grid runs only what decides the presets and the bars.",
+        "yardstick's. A \"presets\" grid runs only what decides the presets and the bars. \"Draws shared by all "
+        "images\" (the package's default, docs/MATH.md §14.10): the truth and every trajectory estimator give all images "
+        "the same weight draws and noise streams, from the run's seed (the truth's seed 100, the estimators' seeds 1 "
+        "and 2, so the estimators' draws are independent of the truth's); \"each image's own draws\": from each image's "
+        "streams, as before (the recurrence's Monte Carlo draws are each image's own in both).",
         "",
     ]
     for result in results:
@@ -454,7 +466,8 @@ def render(results: list[dict]) -> str:
         truth_label = f"M = {truth_draws}" + (f" in J = {truth_draws // 2} noise streams" if result["stochastic"] else "")
         lines += [
             f"### {result['config']}: {sampler}, {settings['steps']} steps, {settings['images']} images, truth M = "
-            f"{truth_draws}, {result.get('grid', 'full')} grid",
+            f"{truth_draws}, {result.get('grid', 'full')} grid, "
+            + ("draws shared by all images" if result.get("shared_draws") else "each image's own draws"),
             "",
             f"{result['described']}. Truth: {truth_label}, mean Var {result['truth_mean']:.4g}"
             + (f", of which the sampler's noise {result['truth_aleatoric_mean']:.4g}" if result["stochastic"] else "")
@@ -577,6 +590,9 @@ def main() -> None:
     parser.add_argument("--grid", choices=GRIDS, default="full", help="every estimator, or what decides the presets")
     parser.add_argument("--max-draws", type=int, choices=(32, 64, 128), default=32,
                         help="presets grid: the most Sobol draws (M = 8 … this; a stochastic sampler in up to 2M streams)")
+    parser.add_argument("--per-image-draws", action="store_true",
+                        help="every trajectory estimator and the truth with each image's own weight draws and noise streams "
+                        "(default: the draws shared by all images, from each run's seed; results to <config>.per-image.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
@@ -586,18 +602,20 @@ def main() -> None:
         if args.truth_draws < 64 or args.truth_draws % 4:
             parser.error("--truth-draws must be a multiple of 4, at least 64 (issue 22's truth)")
         args.results.mkdir(exist_ok=True)
-        path = args.results / f"{args.config}.json"
+        path = args.results / f"{args.config}{'.per-image' if args.per_image_draws else ''}.json"
 
         def save(result: dict) -> None:
             atomic_write(path, json.dumps(result, indent=1).encode())
 
-        result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws).run()
+        result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws,
+                       shared_draws=not args.per_image_draws).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
         # every result file: <config>.json from the latest run, older runs kept beside it under other names
         results = [json.loads(path.read_text()) for path in args.results.glob("*.json")]
         order = list(CONFIGS)
-        results.sort(key=lambda r: (order.index(r["config"]), -r.get("truth_draws", TRUTH_DRAWS), r.get("grid", "full")))
+        results.sort(key=lambda r: (order.index(r["config"]), not r.get("shared_draws", False),
+                                    -r.get("truth_draws", TRUTH_DRAWS), r.get("grid", "full")))
         write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_truth", render(results))
         print(render(results))
 

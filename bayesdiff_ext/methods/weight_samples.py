@@ -139,6 +139,7 @@ class WeightSamplesSampler:
             set_timesteps_kwargs=set_timesteps_kwargs,
             progress=progress,
             return_draws=True,
+            shared_draws=weight_seed is not None,
             weight_seed=weight_seed,
         )
         finals = out.draws.finals.flatten(0, 1)  # (M, B, ...): the M draws of every image
