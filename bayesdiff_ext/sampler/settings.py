@@ -185,6 +185,8 @@ def resolve_settings(preset: str | None = None, settings: UncertaintySettings | 
                 "from its generator: pass one or the other"
             )
         values["weight_seed"] = None
+    elif values.get("shared_draws") and values.get("weight_seed") is None:  # shared again after settings without
+        values["weight_seed"] = DEFAULT_WEIGHT_SEED
     if estimator == "recurrence" and "covariance" in given and given["covariance"] == "none" and "mc_samples" not in given:
         values["mc_samples"] = 0  # no covariance: the closed form at the image sample, no Monte Carlo
     return UncertaintySettings(estimator=estimator, preset=preset, **values)
