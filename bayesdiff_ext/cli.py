@@ -396,7 +396,8 @@ def _add_pipeline_options(p: argparse.ArgumentParser, *, sampling: bool) -> None
         type=_int_at_least(2),
         default=16,
         metavar="N",
-        help="draws of the latent z_0 per image decoded by the pipeline's VAE for the pixel maps (default 16)",
+        help="--method laplace: draws of the latent z_0 per image decoded by the pipeline's VAE for the pixel maps "
+        "(weight-samples and x0-drift decode their own M final latents or L predictions of x_0) (default 16)",
     )
 
 
@@ -438,13 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Sample images with per-pixel uncertainty from a local diffusers model (an unconditional "
             "UNet2DModel: a pipeline folder with unet/ and scheduler/, or a bare UNet folder plus --scheduler; "
             "or a Stable Diffusion, SDXL, SD3, Flux, PixArt-Sigma or DiT pipeline folder, sampled with its own "
-            "scheduler, --prompt/--class-label, the maps decoded through its VAE) using a posterior "
-            f"made by `bayesdiff fit`. {files_written}."
+            "scheduler, --prompt/--class-label, the maps decoded through its VAE; --method laplace, weight-samples or "
+            f"x0-drift) using a posterior made by `bayesdiff fit`. {files_written}."
         ),
         epilog="examples:\n  bayesdiff sample --model ./my-pipeline --posterior posterior.safetensors "
         "--num-images 32 --sampler ddim --steps 50\n"
         "  bayesdiff sample --model ./sdxl --posterior sdxl.safetensors --prompt 'a cat' --guidance-scale 5 "
-        "--steps 30 --num-images 8",
+        "--steps 30 --num-images 8\n"
+        "  bayesdiff sample --model ./sd3 --method x0-drift --prompt 'a cat' --steps 28 --num-images 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sample.add_argument(
@@ -837,7 +839,7 @@ def _sample_and_write(
     from bayesdiff_ext.cli_session import current
     from bayesdiff_ext.io import RunRecord, write_run
     from bayesdiff_ext.io.outputs import LATENT_MOMENTS
-    from bayesdiff_ext.posterior.hfl import seed_batch_probes
+    from bayesdiff_ext.posterior.hfl import seed_image_probes
     from bayesdiff_ext.randomness import image_generators
 
     out_dir, scores_to_report = run_options
@@ -845,7 +847,8 @@ def _sample_and_write(
     if args.method == "x0-drift":
         settings, uncertainty, recorded = None, {}, dict(last_steps=args.last_steps)
     elif args.method == "weight-samples":
-        settings, uncertainty = None, {"weight_seed": args.seed}  # the same M draws for every image
+        # the same M draws for every image, from the seed: the sampler's option, a pipeline wrapper's own
+        settings, uncertainty = None, {} if "pipeline" in method_inputs else {"weight_seed": args.seed}
         recorded = dict(samples=args.samples or DEFAULT_WEIGHT_SAMPLES, features=args.features or "random_conv")
     elif args.method in REPEATED_METHODS:
         settings = None
@@ -872,8 +875,8 @@ def _sample_and_write(
     started = time.perf_counter()
 
     def sample_batch(indices):
-        # a batch must not depend on the batches before it (--resume, torchrun)
-        seed_batch_probes(getattr(sampler, "posterior", None), args.seed, indices[0])
+        # an image's probes from (seed, its index): any --batch-size, --resume, torchrun
+        seed_image_probes(getattr(sampler, "posterior", None), args.seed, indices)
         return sampler.sample(
             batch_size=len(indices),
             num_inference_steps=args.steps,
@@ -1011,16 +1014,21 @@ def _unet_sampler(args, unet, base_scheduler, method_inputs: dict, settings):
     )
     if settings is not None:
         how = _describe_uncertainty(settings)
-    elif args.method == "weight-samples":
-        how = f"{sampler.samples} head-weight draws fixed per trajectory, entropy in {args.features or 'random_conv'} features"
-    elif args.method == "x0-drift":
-        how = f"variance of the predicted x_0 over the last {args.last_steps} steps"
+    elif args.method in ("weight-samples", "x0-drift"):
+        how = _describe_method(args, getattr(sampler, "samples", None))
     else:
         recurrence = f"sampler-noise recurrence every {args.uq_every or 'default'} steps, S {args.mc_samples or 'default'}"
         how = f"{args.passes} dropout passes, {recurrence}" if args.method == "mc-dropout" else (
             f"{len(members) + 1} members, {recurrence}"
         )
     return sampler, scheduler, scheduler_changes, device, how
+
+
+def _describe_method(args, samples: int | None) -> str:
+    """A line on a weight-samples (``samples`` = M) or x0-drift run."""
+    if args.method == "weight-samples":
+        return f"{samples} head-weight draws fixed per trajectory, entropy in {args.features or 'random_conv'} features"
+    return f"variance of the predicted x_0 over the last {args.last_steps} steps"
 
 
 def _weight_samples_options(args, channels: int, device) -> dict:
@@ -1049,7 +1057,8 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
             "part): leave out --sampler ddpm and --eta"
         )
     device = _device(args.device)
-    recurrence = settings is None or settings.estimator == "recurrence"
+    # weight-samples and x0-drift run the scheduler's own step, as the trajectory estimators do
+    recurrence = args.method == "laplace" and settings.estimator == "recurrence"
     scheduler, scheduler_changes = _scheduler_for(args, pipe.scheduler, affine=recurrence)
     if recurrence and type(scheduler).__name__ in MULTISTEP:
         raise ValueError(
@@ -1061,9 +1070,19 @@ def _pipeline_sampler(args, method_inputs: dict, settings):
     if recurrence:
         check_supported(scheduler, args.eta)
     pipe.scheduler = scheduler
-    wrapper = BayesDiffPipeline.from_pipe(pipe.to(device), method_inputs["posterior"])
+    options: dict = {}
+    if args.method == "weight-samples":
+        options = dict(_weight_samples_options(args, 3, device), weight_seed=args.seed)  # entropy on decoded RGB
+    elif args.method == "x0-drift":
+        options = dict(last_steps=args.last_steps)
+    wrapper = BayesDiffPipeline.from_pipe(
+        pipe.to(device), method_inputs.get("posterior"), method=args.method, **options
+    )
     sampler = PipelineSampler(wrapper, _pipeline_conditioning(args, wrapper), decode_samples=args.decode_samples)
-    how = f"{_describe_uncertainty(settings)}, pixel maps from {args.decode_samples} decoded latents"
+    if args.method == "laplace":
+        how = f"{_describe_uncertainty(settings)}, pixel maps from {args.decode_samples} decoded latents"
+    else:
+        how = f"{_describe_method(args, sampler.wrapper.method.samples)}, pixel maps on the decoded images"
     return sampler, scheduler, scheduler_changes, device, how
 
 
@@ -1209,25 +1228,31 @@ def _run_sample(args) -> int:
 
 
 def _run_pipeline_sample(args, run_options) -> int:
-    """``sample`` on a pipeline folder: the Laplace method through the pipeline's wrapper."""
+    """``sample`` on a pipeline folder: the Laplace, weight-samples or x0-drift method through the pipeline's wrapper."""
     from bayesdiff_ext.io.inputs import load_pipeline
+    from bayesdiff_ext.pipelines.method import PIPELINE_METHODS
 
-    if args.method != "laplace":
-        raise ValueError(f"--method {args.method} takes unconditional UNet models; a pipeline folder samples --method laplace")
-    if args.posterior is None:
-        raise ValueError("--method laplace needs --posterior FILE (made by `bayesdiff fit`)")
+    if args.method not in PIPELINE_METHODS:
+        raise ValueError(
+            f"--method {args.method} takes unconditional UNet models; a pipeline folder samples --method "
+            f"{', '.join(PIPELINE_METHODS)}"
+        )
+    posterior_needed = args.method != "x0-drift"
+    if posterior_needed and args.posterior is None:
+        raise ValueError(f"--method {args.method} needs --posterior FILE (made by `bayesdiff fit`)")
     started = time.perf_counter()
     pipe = load_pipeline(args.model)
-    posterior = _load_posterior(args.posterior, getattr(pipe, "unet", None) or pipe.transformer)
     described = {
         "command": "sample",
         "model": str(args.model),
         "pipeline": type(pipe).__name__,
         **{k: getattr(args, k) for k in ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width")},
-        "decode_samples": args.decode_samples,
-        **_posterior_description(posterior, args.posterior),
+        **({"decode_samples": args.decode_samples} if args.method == "laplace" else {}),
     }
-    inputs = {"pipeline": pipe, "posterior": posterior}
+    inputs: dict = {"pipeline": pipe}
+    if posterior_needed:
+        inputs["posterior"] = _load_posterior(args.posterior, getattr(pipe, "unet", None) or pipe.transformer)
+        described.update(_posterior_description(inputs["posterior"], args.posterior))
     return _sample_and_write(args, run_options, None, pipe.scheduler, inputs, described, time.perf_counter() - started)
 
 

@@ -24,6 +24,7 @@ from bayesdiff_ext.numerics import accumulation_dtype, per_image_sum
 
 __all__ = [
     "PixelMoments",
+    "decode_each",
     "decode_latents",
     "encode_images",
     "pixel_moments",
@@ -166,6 +167,29 @@ def pixel_moments(
         stats.update(decoded, which)
     pixel_mean, pixel_var = stats.result()
     return PixelMoments(pixel_mean.to(moment_dtype), pixel_var.to(moment_dtype), samples)
+
+
+@torch.no_grad()
+def decode_each(decode, samples: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """``decode`` applied to each of N samples of B images, ``batch_size`` of them per call.
+
+    Args:
+        decode (callable): a batch of latents in the layout of ``samples[0]`` → images (a pipeline's
+            own decode path, as for :func:`pixel_moments`).
+        samples (`torch.Tensor` of shape `(N, B, ...)`): N latents of each image (weight-sample finals,
+            x̂₀ predictions, ...).
+        batch_size (`int`): latents per decode call.
+
+    Returns:
+        `torch.Tensor` of shape `(N, B, C, H, W)`: the decoded images, in the decoder's dtype.
+    """
+    if samples.dim() < 3:
+        raise ValueError(f"samples must have shape (N, B, ...), got {tuple(samples.shape)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    rows = samples.flatten(0, 1)
+    decoded = torch.cat([decode(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)])
+    return decoded.reshape(*samples.shape[:2], *decoded.shape[1:])
 
 
 class _RunningMoments:

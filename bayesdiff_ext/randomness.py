@@ -47,6 +47,7 @@ STREAMS = {
     "decode": 5,
     "bootstrap": 6,
     "probes": 7,
+    "dropout": 8,
 }
 
 Generators = torch.Generator | list[torch.Generator] | None

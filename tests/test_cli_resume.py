@@ -93,9 +93,9 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(uninterrupted, tmp_path, 
     assert_same_tensors(out, uninterrupted)
 
 
-def test_hessian_free_probes_are_drawn_per_batch(tmp_path, capsys):
-    """HFL's random probes come from a generator the sampler calls share; the run seeds it per batch
-    from (seed, first index), so a resumed run draws the probes the uninterrupted one drew."""
+def test_hessian_free_probes_are_drawn_per_image(tmp_path, capsys):
+    """HFL's random probes come from generators the sampler calls share; the run seeds one per image
+    from (seed, index), so a resumed run draws the probes the uninterrupted one drew."""
     hfl = ["demo", "--method", "hfl", "--probes", "4", "--num-images", "12", "--batch-size", "4", "--steps", "3", "--no-progress"]
     assert cli.main([*hfl, "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "run"

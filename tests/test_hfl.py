@@ -115,3 +115,20 @@ def test_images_solved_in_groups_get_the_same_variance_as_one_solve(monkeypatch)
     hfl.posterior.generator.manual_seed(7)
     grouped = hfl.predict(phi)[1]
     torch.testing.assert_close(grouped, together, rtol=1e-7, atol=0)
+
+
+def test_per_image_probes_give_an_image_its_variance_in_any_batch():
+    """Seeded per image, row r of a prediction (sample-major: r = s·B + b) draws from image b's stream."""
+    hfl = fitted_pair(conv_head(c_in=4, c_out=2, kernel=3))[1]
+    hfl.posterior.probes = 3
+    phi = torch.randn(2, 2, 4, 6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # (S, B, ...)
+    hfl.posterior.seed_probes([11, 12])
+    both = hfl.predict(phi.flatten(0, 1))[1].unflatten(0, (2, 2))
+    hfl.posterior.seed_probes([12])
+    alone = hfl.predict(phi[:, 1])[1]
+    torch.testing.assert_close(alone, both[:, 1], rtol=1e-10, atol=0)
+    hfl.posterior.seed_probes([13])
+    assert not torch.equal(hfl.predict(phi[:, 1])[1], alone)  # the probes are the seed's
+    hfl.posterior.seed_probes([11, 12, 13])
+    with pytest.raises(ValueError, match="rows must be a multiple of the images"):
+        hfl.predict(phi.flatten(0, 1))

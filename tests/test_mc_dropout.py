@@ -64,3 +64,23 @@ def test_refuses_a_unet_without_dropout_and_too_few_passes(unet):
         MCDropoutSampler(tiny_unet(channels=1, dropout=0.0), ddim())
     with pytest.raises(ValueError, match="passes must be an integer >= 2"):
         MCDropoutSampler(unet, ddim(), passes=1)
+
+
+def test_per_image_generators_give_each_image_its_own_masks_in_any_batch(unet):
+    from bayesdiff_ext.randomness import image_generators
+
+    sampler = MCDropoutSampler(unet, ddim(), passes=2, seed=1)
+    x_t = noise(3)
+    rng = torch.get_rng_state()
+    together = sampler.sample(noise=x_t, num_inference_steps=STEPS, generator=image_generators(4, range(3)), progress=False)
+    assert torch.equal(torch.get_rng_state(), rng) and not any(m.training for m in unet.modules())
+    assert not any(m._forward_hooks for m in unet.modules())
+    for k in range(3):
+        alone = sampler.sample(noise=x_t[k : k + 1], num_inference_steps=STEPS, generator=image_generators(4, [k]), progress=False)
+        # float32 convolutions round differently in batches of 1 and 3
+        torch.testing.assert_close(alone.variance, together.variance[k : k + 1], rtol=1e-3, atol=1e-6)
+    assert (together.epistemic_variance.flatten(1).sum(1) > 0).all()
+    other_seed = MCDropoutSampler(unet, ddim(), passes=2, seed=2).sample(
+        noise=x_t, num_inference_steps=STEPS, generator=image_generators(4, range(3)), progress=False
+    )
+    assert not torch.equal(other_seed.variance, together.variance)  # the masks are the seed's

@@ -189,7 +189,7 @@ def test_bad_settings_name_the_argument():
     with pytest.raises(ValueError, match="last_steps"):
         X0DriftSampler(unet, DDIMScheduler(**TRAIN), last_steps=1)
     sampler = X0DriftSampler(unet, DDPMScheduler(**TRAIN, clip_sample=False), last_steps=3)
-    with pytest.raises(ValueError, match="eta=0.5 applies to DDIM"):
+    with pytest.raises(ValueError, match="eta=0.5 but DDPMScheduler.step takes no eta"):
         sampler.sample(batch_size=1, num_inference_steps=4, eta=0.5, progress=False)
     with pytest.raises(ValueError, match="fewer than last_steps=3"):
         sampler.sample(batch_size=1, num_inference_steps=2, progress=False)

@@ -31,7 +31,7 @@ from bayesdiff_ext.evaluation.posteriors import DEFAULT, PosteriorSpec
 from bayesdiff_ext.evaluation.replay import RecordingUNet, ReplayUNet
 from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
 from bayesdiff_ext.methods.x0_drift import drift_variance, predicted_x0
-from bayesdiff_ext.posterior.hfl import seed_batch_probes
+from bayesdiff_ext.posterior.hfl import seed_image_probes
 from bayesdiff_ext.randomness import image_generators
 from bayesdiff_ext.sampler import BayesDiffSampler
 from bayesdiff_ext.sampler.schedulers import step_coefficients
@@ -136,12 +136,13 @@ class SamplerRun(Source):
 
     def sample(self, context: Context, unet, batch: Batch):
         seed, sampler = context.config.seed, self.sampler(context, unet)
-        seed_batch_probes(sampler.posterior, seed, batch.start)
+        indices = range(batch.start, batch.start + len(batch.noise))
+        seed_image_probes(sampler.posterior, seed, indices)
         # DDIM η = 0 draws no step noise: the generators seed the Monte Carlo streams only.
         return sampler.sample(
             noise=batch.noise,
             num_inference_steps=context.config.steps,
-            generator=image_generators(seed, range(batch.start, batch.start + len(batch.noise))),
+            generator=image_generators(seed, indices),
             return_trace=batch.trace and self.traced,
             progress=False,
             **self.options(context.config),
@@ -246,7 +247,12 @@ class Repeated(Source):
 
     def run(self, context: Context, batch: Batch) -> SourceOutput:
         sampler = context.subject.repeated[self.name](context.config, context.subject.scheduler)
-        out = sampler.sample(noise=batch.noise, num_inference_steps=context.config.steps, progress=False)
+        # per-image generators: MC dropout's masks come from each image's stream, whatever the batch
+        indices = range(batch.start, batch.start + len(batch.noise))
+        out = sampler.sample(
+            noise=batch.noise, num_inference_steps=context.config.steps, progress=False,
+            generator=image_generators(context.config.seed, indices),
+        )
         return SourceOutput(out.epistemic_variance)
 
 

@@ -18,7 +18,7 @@ epistemic/aleatoric split, scores).
 """
 
 from bayesdiff_ext.methods.ensemble import EnsembleSampler
-from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler, active_dropout
+from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler, active_dropout, image_dropout
 from bayesdiff_ext.methods.point import PointPosterior
 from bayesdiff_ext.methods.selection import LAPLACE_METHODS, METHODS, sampler_for
 from bayesdiff_ext.methods.weight_samples import WeightSamplesSampler
@@ -33,5 +33,6 @@ __all__ = [
     "WeightSamplesSampler",
     "X0DriftSampler",
     "active_dropout",
+    "image_dropout",
     "sampler_for",
 ]

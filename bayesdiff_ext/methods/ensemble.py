@@ -29,6 +29,5 @@ class EnsembleSampler(RepeatedSampler):
     def settings(self):
         return dict(members=len(self.members))
 
-    def passes(self):
-        for unet in self.members:
-            yield contextlib.nullcontext(unet)
+    def passes(self, generator, batch: int):
+        return [contextlib.nullcontext(unet) for unet in self.members]

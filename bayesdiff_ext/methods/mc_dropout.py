@@ -2,8 +2,12 @@
 
 Each of the T passes samples from the same x_T with the UNet's dropout layers active (every UNet
 call of a pass draws fresh masks, as a sampled network would at each step); nothing else changes
-mode (the UNet has GroupNorm, no batch norm). Pass k seeds the dropout masks with ``seed + k``
-inside a forked RNG, so a run is reproducible and the global RNG is left as it was.
+mode (the UNet has GroupNorm, no batch norm). With one generator per image (the command line's
+``image_generators(seed, indices)``), image b's masks in pass k come from its own stream
+(``'dropout'``, ``seed``, k) of :mod:`bayesdiff_ext.randomness` (:func:`image_dropout`), so its
+score is the same in any batch; with a single generator (or None) pass k seeds the batch's masks
+with ``seed + k`` inside a forked RNG. Either way a run is reproducible and the global RNG is left
+as it was.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import torch
 from torch import nn
 
 from bayesdiff_ext.methods.repeated import RepeatedSampler
+from bayesdiff_ext.randomness import ImageStreams
+from bayesdiff_ext.sampler.scheduler_loop import generator_device
 from bayesdiff_ext.validation import check_count
 
-__all__ = ["MCDropoutSampler", "active_dropout"]
+__all__ = ["MCDropoutSampler", "active_dropout", "image_dropout"]
 
 
 def _dropout_layers(unet: nn.Module) -> list[nn.Dropout]:
@@ -33,6 +39,42 @@ def active_dropout(unet: nn.Module):
     try:
         yield unet
     finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode
+
+
+@contextlib.contextmanager
+def image_dropout(unet: nn.Module, generators: list[torch.Generator]):
+    """The UNet's dropout with one mask stream per image, for the duration.
+
+    Row r of every model call keeps each unit with probability 1 − p by a draw from
+    ``generators[r mod B]`` (B = ``len(generators)``; the rows are the B images, or copies of them
+    laid out copy-major) and scales it by 1/(1 − p), as ``nn.Dropout`` does in training; the layers
+    themselves stay in eval mode (their modes come back after)."""
+    layers = _dropout_layers(unet)
+    batch = len(generators)
+
+    def masked(module, inputs, output):
+        x = inputs[0]
+        if x.shape[0] % batch:
+            raise ValueError(f"a model call of {x.shape[0]} rows cannot take its dropout masks from {batch} images' streams")
+        keep = 1.0 - module.p
+        masks = torch.stack(
+            [torch.rand(x.shape[1:], generator=generators[r % batch], device=generators[r % batch].device) < keep
+             for r in range(x.shape[0])]
+        )
+        return x * masks.to(x.device, x.dtype) / keep
+
+    modes = [m.training for m in layers]
+    handles = []
+    try:
+        for m in layers:
+            m.eval()
+            handles.append(m.register_forward_hook(masked))
+        yield unet
+    finally:
+        for handle in handles:
+            handle.remove()
         for m, mode in zip(layers, modes):
             m.training = mode
 
@@ -57,10 +99,13 @@ class MCDropoutSampler(RepeatedSampler):
         rates = sorted({m.p for m in _dropout_layers(self.reference_unet)})
         return dict(dropout_rates=rates, seed=self.seed)
 
-    def passes(self):
+    def passes(self, generator, batch: int):
+        if isinstance(generator, list):  # per-image streams: the masks follow the image
+            device = generator_device(generator, self.reference_unet.device)
+            streams = [ImageStreams.derived(generator, batch, device, "dropout", self.seed, k) for k in range(self.num_passes)]
+            return [image_dropout(self.reference_unet, s.generators) for s in streams]
         device = self.reference_unet.device
-        for k in range(self.num_passes):
-            yield self._pass(k, device)
+        return [self._pass(k, device) for k in range(self.num_passes)]
 
     @contextlib.contextmanager
     def _pass(self, k: int, device: torch.device):

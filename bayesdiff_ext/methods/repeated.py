@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -46,8 +46,9 @@ class RepeatedSampler(abc.ABC):
         self.eps_channels = PointPosterior(reference_unet).eps_channels
 
     @abc.abstractmethod
-    def passes(self) -> Iterator[contextlib.AbstractContextManager]:
-        """One context per pass; inside it, the pass's UNet is what the context yields."""
+    def passes(self, generator, batch: int) -> Iterable[contextlib.AbstractContextManager]:
+        """One context per pass for the B = ``batch`` images drawn from ``generator`` (the run's, not
+        consumed); inside it, the pass's UNet is what the context yields."""
 
     def settings(self) -> dict[str, Any]:
         return {}
@@ -88,9 +89,10 @@ class RepeatedSampler(abc.ABC):
                 progress=False,
             )
 
+        passes = self.passes(generator, x_t.shape[0])  # before the base run draws from the generator
         base = run(self.reference_unet, mc_samples)
         samples = []
-        for context in _progress(self.passes(), progress, self.method):
+        for context in _progress(passes, progress, self.method):
             with context as unet:
                 samples.append(run(unet).images.to(base.variance.dtype))
         if len(samples) < 2:

@@ -30,17 +30,21 @@ from typing import Any
 
 import torch
 
+from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
 from bayesdiff_ext.methods.feature_entropy import DEFAULT_FLOOR, feature_entropy
 from bayesdiff_ext.randomness import Generators
-from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
+from bayesdiff_ext.sampler.trajectory_statistics import TrajectoryMoments, trajectory_moments
 from bayesdiff_ext.validation import check_count
 
-__all__ = ["DEFAULT_WEIGHT_SAMPLES", "WeightSamplesSampler"]
+__all__ = ["DEFAULT_WEIGHT_SAMPLES", "WeightSamplesSampler", "weight_sample_spread"]
 
 #: M of the successor paper's experiments and of the evaluation.
 DEFAULT_WEIGHT_SAMPLES = 4
+# M independent draws, their spread around their own mean (unbiased for independent draws).
+_DRAWS, _CENTRE = "independent", "mean"
 
 
 class WeightSamplesSampler:
@@ -128,8 +132,8 @@ class WeightSamplesSampler:
             generator,
             eta,
             samples=self.samples,
-            draws="independent",
-            centre="mean",
+            draws=_DRAWS,
+            centre=_CENTRE,
             control_variate=False,
             noise_samples=noise_samples,
             chunk_size=chunk_size,
@@ -142,11 +146,38 @@ class WeightSamplesSampler:
             shared_draws=weight_seed is not None,
             weight_seed=weight_seed,
         )
-        finals = out.draws.finals.flatten(0, 1)  # (M, B, ...): the M draws of every image
-        entropy = None
-        if self.features is not None:
-            entropy = feature_entropy(finals, self.features, floor=self.floor)
+        entropy = weight_sample_spread(out.draws, features=self.features, floor=self.floor)[1]
         settings = dict(out.settings, method=self.method, weight_seed=weight_seed, feature_entropy=self.features is not None)
         return dataclasses.replace(
             out, settings=settings, feature_entropy=entropy, draws=out.draws if return_draws else None
         )
+
+
+def weight_sample_spread(
+    draws: TrajectoryDraws,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    features=None,
+    floor: float = DEFAULT_FLOOR,
+    batch_size: int = 8,
+) -> tuple[TrajectoryMoments, torch.Tensor | None]:
+    """The method's map and entropy from :meth:`WeightSamplesSampler.sample`'s ``draws``.
+
+    Args:
+        draws (`TrajectoryDraws`): the M final samples of every image and each noise stream's MAP trajectory.
+        decode (callable, *optional*): applied to every final sample and MAP trajectory first (a latent
+            pipeline's VAE path, ``batch_size`` latents per call), so that map and entropy are those of the
+            decoded images.
+        features, floor: the entropy's feature space (None: no entropy) and variance floor τ.
+
+    Returns:
+        (:class:`~bayesdiff_ext.sampler.trajectory_statistics.TrajectoryMoments`, float64, (B, ...) each;
+        the feature entropy (B,) of the M final images, or None without ``features``).
+    """
+    finals, maps = draws.finals, draws.maps
+    if decode is not None:
+        finals = latent.decode_each(decode, finals.flatten(0, 1), batch_size).unflatten(0, finals.shape[:2])
+        maps = latent.decode_each(decode, maps, batch_size)
+    moments = trajectory_moments(finals, maps, _DRAWS, _CENTRE)
+    entropy = None if features is None else feature_entropy(finals.flatten(0, 1), features, floor=floor)
+    return moments, entropy

@@ -5,9 +5,13 @@ trajectory the predictions settle as t → 0; an image whose x̂₀ still change
 is one the model has not made up its mind about. The score is the per-pixel variance of the last
 L predictions (unbiased, over the L steps), summed over the image.
 
-It needs no posterior and no head — only the model's own outputs along the stock sampling loop —
-so it works on any denoiser (UNets and transformers, conv or Linear heads alike) at the cost of
-plain sampling. The prediction is converted with the scheduler's own noise schedule:
+It needs no posterior and no head — only the model's own outputs along the stock sampling loop
+(the trajectory estimators' :class:`~bayesdiff_ext.sampler.scheduler_loop.SchedulerLoop`, with
+classifier-free guidance and any conditioning: x̂₀ is that of the guided prediction the scheduler
+steps with) — so it works on any denoiser (UNets and transformers, conv or Linear heads alike) at
+the cost of plain sampling. For a latent model the map can be taken on the decoded predictions
+(:func:`drift_variance` of ``draws`` decoded by :func:`~bayesdiff_ext.latent.decode_each`, as the
+pipeline wrappers do). The prediction is converted with the scheduler's own noise schedule:
 
 * ᾱ-schedulers (DDIM, DDPM, PNDM): x_t = α·x₀ + σ·ε with α = √ᾱ_t, σ = √(1 − ᾱ_t);
 * σ-table VP solvers (DPM-Solver single/multistep, UniPC, DEIS, SA-Solver): (α, σ) of step k from
@@ -22,15 +26,19 @@ x̂₀ = the output, flow prediction x̂₀ = x − σ·v̂ (v = ε − x₀).
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from bayesdiff_ext.denoiser import Denoiser
+from bayesdiff_ext.guidance import ClassifierFreeGuidance
+from bayesdiff_ext.randomness import Generators
+from bayesdiff_ext.sampler.initial_noise import initial_noise
+from bayesdiff_ext.sampler.learned_variance import check_learned_variance
 from bayesdiff_ext.sampler.results import BayesDiffOutput
+from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop
 
 __all__ = ["X0DriftSampler", "drift_variance", "predicted_x0", "prediction_type"]
 
@@ -129,6 +137,7 @@ class X0DriftSampler:
     """
 
     method = "x0-drift"
+    posterior = None  # none: the loop's model is the model as it is
 
     def __init__(self, model, scheduler, last_steps: int = 5) -> None:
         if not isinstance(last_steps, int) or last_steps < 2:
@@ -144,72 +153,68 @@ class X0DriftSampler:
         batch_size: int | None = None,
         noise: torch.Tensor | None = None,
         num_inference_steps: int = 50,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         eta: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
+        *,
+        guidance: ClassifierFreeGuidance | None = None,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        set_timesteps_kwargs: dict[str, Any] | None = None,
+        return_draws: bool = False,
     ) -> BayesDiffOutput:
-        """Run the stock loop from x_T (``noise`` or drawn with ``generator``) and score the images.
+        """Run the stock loop from x_T (``noise``, the unit-variance draw, or drawn with ``generator``)
+        and score the images.
+
+        Args:
+            batch_size, noise, num_inference_steps, generator, eta, model_kwargs, guidance,
+                scheduler_kwargs, set_timesteps_kwargs, progress: as for
+                :meth:`~bayesdiff_ext.sampler.trajectories.TrajectorySampler.sample` (x_T is scaled by the
+                scheduler's ``init_noise_sigma`` where it has one, as the pipelines do).
+            return_draws (`bool`): keep the last L predictions x̂₀ (L, B, ...) in ``draws``.
 
         Returns:
-            :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock loop's samples (B, C, H, W);
-            ``variance`` the per-pixel variance of the last L x̂₀ predictions (float64, ≥ 0);
+            :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock loop's samples (B, ...);
+            ``variance`` the per-element variance of the last L x̂₀ predictions (float64, ≥ 0);
             ``mean`` their mean; no sampler-noise part (``aleatoric_variance`` is 0).
         """
-        from tqdm.auto import tqdm
-
         started = time.perf_counter()
-        scheduler = self.scheduler
-        x = self._initial_noise(batch_size, noise, generator)
-        channels = x.shape[1]
-        scheduler.set_timesteps(num_inference_steps)
-        if len(scheduler.timesteps) < self.last_steps:
-            raise ValueError(
-                f"{len(scheduler.timesteps)} model calls are fewer than last_steps={self.last_steps}"
-            )
-        accepted = inspect.signature(scheduler.step).parameters
-        step_kwargs = {"eta": eta} if "eta" in accepted else {}
-        if eta and "eta" not in accepted:
-            raise ValueError(f"eta={eta} applies to DDIM-type schedulers; {type(scheduler).__name__} has none")
-        if "generator" in accepted:
-            step_kwargs["generator"] = generator
+        check_learned_variance(self.scheduler, self.model, guidance)
+        x_unit = initial_noise(self.denoiser, batch_size, noise, generator)
+        kwargs = dict(model_kwargs or {})
+        if guidance is not None:
+            kwargs = guidance.branch_kwargs(kwargs)
+        loop = SchedulerLoop(
+            self, self.scheduler, num_inference_steps, eta, kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs
+        )
+        calls = len(self.scheduler.timesteps)
+        if calls < self.last_steps:
+            raise ValueError(f"{calls} model calls are fewer than last_steps={self.last_steps}")
         predictions = []
-        for index, t in enumerate(tqdm(scheduler.timesteps, desc=self.method, disable=not progress)):
-            out = self.denoiser(scheduler.scale_model_input(x, t), t, model_kwargs)[:, :channels]
-            if index >= len(scheduler.timesteps) - self.last_steps:
-                predictions.append(predicted_x0(scheduler, out, x, t, index))
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+
+        def keep_the_last(index, t, x, prediction):
+            if index >= calls - self.last_steps:
+                predictions.append(predicted_x0(self.scheduler, prediction, x, t, index))
+
+        with tqdm(desc=self.method, disable=not progress, unit="step") as loop.bar:
+            images = loop.run(self.scheduler, x_unit, generator, copies=1, observe=keep_the_last)
         variance, mean = drift_variance(predictions, self.last_steps)
         settings = dict(
             method=self.method,
             last_steps=self.last_steps,
             num_inference_steps=num_inference_steps,
             eta=float(eta),
-            scheduler=type(scheduler).__name__,
-            prediction_type=prediction_type(scheduler),
-            timesteps=scheduler.timesteps.tolist(),
+            scheduler=type(self.scheduler).__name__,
+            prediction_type=prediction_type(self.scheduler),
+            timesteps=self.scheduler.timesteps.tolist(),
+            guidance=None if guidance is None else dict(scale=guidance.scale),
         )
         timings = dict(
             total_s=time.perf_counter() - started,
-            image_unet_calls=len(scheduler.timesteps),
+            image_unet_calls=calls,
             mc_unet_calls=0,
             mc_unet_batch=0,
+            model_forwards_per_image=loop.model_rows / x_unit.shape[0],
         )
-        return BayesDiffOutput(images=x, variance=variance, mean=mean, settings=settings, timings=timings)
-
-    def _initial_noise(self, batch_size, noise, generator) -> torch.Tensor:
-        """x_T: ``noise``, or a draw as the pipelines make it, times the scheduler's ``init_noise_sigma``."""
-        config = self.denoiser.config
-        if noise is None:
-            if batch_size is None:
-                raise ValueError("pass batch_size or the initial noise x_T as noise")
-            size = config.sample_size
-            shape = (config.in_channels, *((size, size) if isinstance(size, int) else size))
-            noise = randn_tensor(
-                (batch_size, *shape), generator=generator, device=self.denoiser.device, dtype=self.denoiser.dtype
-            )
-        elif batch_size is not None and batch_size != noise.shape[0]:
-            raise ValueError(f"batch_size={batch_size} but noise holds {noise.shape[0]} images")
-        noise = noise.to(device=self.denoiser.device, dtype=self.denoiser.dtype)
-        # Flow-matching schedulers have no init_noise_sigma: their pipelines start from the plain draw.
-        return noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        draws = torch.stack(predictions) if return_draws else None
+        return BayesDiffOutput(images=images, variance=variance, mean=mean, settings=settings, timings=timings, draws=draws)

@@ -19,8 +19,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bayesdiff_ext import latent
 from bayesdiff_ext.guidance import ClassifierFreeGuidance, check_guidance_variance, same_value
+from bayesdiff_ext.pipelines.method import PipelineMethod
 from bayesdiff_ext.posterior.training_noise import training_noise
-from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
+from bayesdiff_ext.sampler import BayesDiffOutput
 from bayesdiff_ext.randomness import ImageStreams, independent_generator
 from bayesdiff_ext.sampler.settings import UNCERTAINTY_ARGUMENTS as SETTINGS_ARGUMENTS
 
@@ -89,7 +90,8 @@ _GUIDANCE_DOC = """
 
 _DECODE_DOC = """
             decode_samples (`int`, *optional*, defaults to 16): Gaussian draws of z_0 per image decoded through
-                the pipeline's own VAE path for `pixel_variance` (0: none).
+                the pipeline's own VAE path for `pixel_variance` (0: none). Methods weight-samples and
+                x0-drift decode their own M final latents or L predictions x̂₀ instead (0: none).
             decode_batch_size (`int`, *optional*, defaults to 8): draws per VAE decode.
             decode_generator (`torch.Generator`, *optional*): the draws' stream (default: seeded from
                 `generator` without consuming it; one stream per image for a list of per-image generators)."""
@@ -99,8 +101,9 @@ _RETURNS_DOC = """
             [`~bayesdiff_ext.BayesDiffOutput`] or `tuple`: `.images` exactly as the stock call returns them
             (bitwise, with `mode='deterministic'`), `.variance`/`.mean` (the latents' Var/E[z_0], float32,
             in the pipeline's latent layout), `.aleatoric_variance`/`.epistemic_variance`, `.scores` (B,),
-            `.pixel_variance` (B, 3, H, W) and `.pixel_scores` through the VAE, `.settings`, `.timings`,
-            `.trace`. With `return_dict=False`: the stock tuple followed by `(variance, pixel_variance)`.
+            `.pixel_variance` (B, 3, H, W), `.pixel_scores` and `.pixel_mean` through the VAE (weight-samples
+            and x0-drift: of their decoded images), `.feature_entropy` (weight-samples with `features`),
+            `.settings`, `.timings`, `.trace`. With `return_dict=False`: the stock tuple followed by `(variance, pixel_variance)`.
 """
 
 
@@ -143,6 +146,9 @@ class BayesDiffPipeline:
     pixel maps decoded through the pipeline's own VAE path. The prompt encoding, x_T, timesteps and
     decoding are the stock pipeline's own methods and arithmetic; the denoising loop is the
     sampler's, which runs the same model calls and scheduler steps. Nothing is copied or modified.
+    ``from_pipe(pipe, posterior, method='weight-samples')`` or ``from_pipe(pipe, method='x0-drift')``
+    runs those detection scores in the same loop instead, their maps and feature entropy taken on the
+    decoded images (:mod:`bayesdiff_ext.pipelines.method`).
 
     It behaves as the pipeline: ``.to()`` moves the pipeline and returns the wrapper; ``.device``,
     ``.dtype``, ``.components``, the components (``.vae``, ``.scheduler``, ...),
@@ -177,19 +183,31 @@ class BayesDiffPipeline:
             cls.stock = wraps
             cls.__call__ = _wrapper_call(cls, wraps)
 
-    def __init__(self, pipe, posterior) -> None:
+    def __init__(self, pipe, posterior=None, method: str = "laplace", **method_options) -> None:
         if type(self) is BayesDiffPipeline:
             raise TypeError("build it with BayesDiffPipeline.from_pipe(pipe, posterior)")
         self.pipe = pipe
+        self.method = PipelineMethod(method, latent=self.latent, **method_options)
+        if posterior is None and self.method.needs_posterior:
+            raise ValueError(f"method {method!r} needs a fitted posterior (posterior=LastLayerLaplace(...))")
         # A posterior fitted on a copy of the denoiser (another device or dtype) moves onto this one.
-        self.posterior = posterior.for_model(self._denoiser)
+        self.posterior = None if posterior is None else posterior.for_model(self._denoiser)
 
     @classmethod
-    def from_pipe(cls, pipe, posterior) -> BayesDiffPipeline:
-        """The wrapper registered for ``pipe``'s class (or its nearest registered base class)."""
+    def from_pipe(cls, pipe, posterior=None, *, method: str = "laplace", **method_options) -> BayesDiffPipeline:
+        """The wrapper registered for ``pipe``'s class (or its nearest registered base class).
+
+        Args:
+            pipe: a stock diffusers pipeline of a wrapped class.
+            posterior (*optional*): a posterior on the pipeline's denoiser head (every method but x0-drift).
+            method (`str`, defaults to `'laplace'`): what the call estimates with the pipeline's own
+                conditioning, loop and decode path: ``'laplace'`` (the uncertainty arguments of the call),
+                ``'weight-samples'`` (options ``samples``, ``features``, ``weight_seed``) or ``'x0-drift'``
+                (option ``last_steps``); see :mod:`bayesdiff_ext.pipelines.method`.
+        """
         for stock in type(pipe).__mro__:
             if stock in BayesDiffPipeline._wrappers:
-                return BayesDiffPipeline._wrappers[stock](pipe, posterior)
+                return BayesDiffPipeline._wrappers[stock](pipe, posterior, method, **method_options)
         names = ", ".join(sorted(stock.__name__ for stock in BayesDiffPipeline._wrappers))
         raise TypeError(
             f"BayesDiffPipeline wraps {names}; got {type(pipe).__name__}. For another pipeline with "
@@ -224,7 +242,7 @@ class BayesDiffPipeline:
 
     def __getattr__(self, name: str):
         # The pipeline's components and methods (vae, scheduler, maybe_free_model_hooks, ...).
-        if name.startswith("__") or name in ("pipe", "posterior"):
+        if name.startswith("__") or name in ("pipe", "posterior", "method"):
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
@@ -247,15 +265,15 @@ class BayesDiffPipeline:
     def _sample(self, noise, num_inference_steps: int, generator, eta: float, options: WrapperOptions, **extra):
         """The sampler's loop with the pipeline's own denoiser, scheduler and progress-bar setting."""
         progress = not getattr(self.pipe, "_progress_bar_config", {}).get("disable", False)
-        sampler = BayesDiffSampler(self._denoiser, self.pipe.scheduler, self.posterior)
-        return sampler.sample(
+        sampler = self.method.sampler(self._denoiser, self.pipe.scheduler, self.posterior)
+        return self.method.run(
+            sampler,
+            options,
             noise=noise,
             num_inference_steps=num_inference_steps,
             generator=generator,
             eta=eta,
             progress=progress,
-            return_trace=options.return_trace,
-            **options.uncertainty,
             **extra,
         )
 
@@ -357,19 +375,22 @@ class BayesDiffPipeline:
         nsfw=None,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> BayesDiffOutput | tuple:
-        """The wrapper's return value: pixel moments through :meth:`_decode`, then the stock images and the maps."""
-        pixel_variance, pixel_scores = (None, None) if self.latent else (result.variance, result.scores)
+        """The wrapper's return value: pixel moments through :meth:`_decode` (the method's), then the stock
+        images and the maps."""
+        pixel_variance, pixel_scores, pixel_mean = (
+            (None, None, None) if self.latent else (result.variance, result.scores, result.mean)
+        )
+        entropy = result.feature_entropy
         started = time.perf_counter()
         if self.latent and options.decode_samples:
-            pixels = latent.pixel_moments(
+            pixels, entropy = self.method.pixels(
+                result,
                 decode or self.decoder(),
-                result.mean,
-                result.variance,
-                samples=options.decode_samples,
-                batch_size=options.decode_batch_size,
-                generator=options.decode_generator or decode_stream(generator, result.mean.device),
+                options.decode_samples,
+                options.decode_batch_size,
+                options.decode_generator or decode_stream(generator, result.mean.device),
             )
-            pixel_variance, pixel_scores = pixels.variance, pixels.scores
+            pixel_variance, pixel_scores, pixel_mean = pixels.variance, pixels.scores, pixels.mean
         if result.mean.device.type == "cuda":
             torch.cuda.synchronize(result.mean.device)
         self.pipe.maybe_free_model_hooks()
@@ -381,7 +402,7 @@ class BayesDiffPipeline:
                 guidance_variance=options.guidance_variance if guided else None,
             )
         if self.latent:
-            settings.update(decode_samples=options.decode_samples)
+            settings.update(self.method.settings(options.decode_samples))
         if not return_dict:
             return (*stock_tuple, result.variance, pixel_variance)
         return BayesDiffOutput(
@@ -392,6 +413,8 @@ class BayesDiffPipeline:
             aleatoric_variance=result.aleatoric_variance,
             pixel_variance=pixel_variance,
             pixel_scores=pixel_scores,
+            pixel_mean=pixel_mean,
+            feature_entropy=entropy,
             nsfw_content_detected=nsfw,
             trace=result.trace,
             settings=settings,

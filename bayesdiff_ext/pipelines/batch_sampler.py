@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from bayesdiff_ext import latent
-from bayesdiff_ext.pipelines.base import PER_IMAGE_ARGUMENTS, BayesDiffPipeline, decode_stream, per_image
+from bayesdiff_ext.pipelines.base import PER_IMAGE_ARGUMENTS, BayesDiffPipeline, per_image
 from bayesdiff_ext.sampler import BayesDiffOutput
 
 __all__ = ["PipelineBatchOutput", "PipelineSampler"]
@@ -28,16 +27,17 @@ class PipelineSampler:
     """``sample(batch_size, num_inference_steps, generator, eta, progress, **uncertainty)`` as
     :meth:`BayesDiffSampler.sample`, through a :class:`~bayesdiff_ext.BayesDiffPipeline`: every image of
     a batch gets the same conditioning, and the result is in pixels — the decoded images at model scale
-    [−1, 1], and the mean and variance of ``decode_samples`` draws of z_0 decoded through the pipeline's
-    own VAE path, with the latent moments beside them (:class:`PipelineBatchOutput`). The samplers this
-    serves are deterministic (no aleatoric part).
+    [−1, 1], and the wrapper's pixel maps through the pipeline's own VAE path (its method's:
+    ``decode_samples`` draws of z_0, or the decoded weight-sample finals or x̂₀ predictions), with the
+    latent moments beside them (:class:`PipelineBatchOutput`) and weight-samples' ``feature_entropy``.
+    The samplers this serves are deterministic (no aleatoric part).
 
     Args:
-        wrapper (`BayesDiffPipeline`): the pipeline and its posterior.
+        wrapper (`BayesDiffPipeline`): the pipeline, its posterior and its method.
         conditioning (`dict`): the stock call's conditioning for one image (``prompt``, ``negative_prompt``,
             ``class_labels`` as one label, ...; each is repeated for the batch) and its other arguments
             (``guidance_scale``, ``height``, ``width``, ...).
-        decode_samples (`int`): decoded draws of z_0 per image for the pixel moments.
+        decode_samples (`int`): decoded draws of z_0 per image for the pixel moments (the Laplace method).
     """
 
     def __init__(self, wrapper: BayesDiffPipeline, conditioning: dict[str, Any], decode_samples: int = 16) -> None:
@@ -64,25 +64,17 @@ class PipelineSampler:
         if eta:
             call["eta"] = eta
         out = wrapper(
-            num_inference_steps=num_inference_steps, generator=generator, output_type="pt", decode_samples=0,
-            **call, **uncertainty,
-        )
-        height, width = out.images.shape[-2:]
-        pixels = latent.pixel_moments(
-            wrapper.decoder(height, width),
-            out.mean,
-            out.variance,
-            samples=self.decode_samples,
-            generator=decode_stream(generator, out.mean.device),
+            num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
+            decode_samples=self.decode_samples, **call, **uncertainty,
         )
         return PipelineBatchOutput(
-            images=out.images.to(pixels.mean.dtype) * 2 - 1,
-            variance=pixels.variance,
-            mean=pixels.mean,
-            settings=dict(out.settings, decode_samples=self.decode_samples),
+            images=out.images.to(out.pixel_mean.dtype) * 2 - 1,
+            variance=out.pixel_variance,
+            mean=out.pixel_mean,
+            settings=out.settings,
             timings=out.timings,
             clamped_pixels=out.clamped_pixels,  # of the latent estimate the pixels are decoded from
+            feature_entropy=out.feature_entropy,
             latent_mean=out.mean,
             latent_variance=out.variance,
         )
-

@@ -27,6 +27,8 @@ Not the "isotropic" structure (Σ = λ⁻¹·I), which the student reproduction 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -77,14 +79,21 @@ class HessianFreePosterior(PosteriorStructure):
         self.gram = gram.to(torch.float64)
         self.probes, self.epsilon, self.tolerance = probes, float(epsilon), float(tolerance)
         self.generator = torch.Generator().manual_seed(seed)
+        self.image_generators: list[torch.Generator] | None = None  # per image, once seeded so
         self.last_iterations = 0  # CG iterations of the latest predict, for benchmarks
         self._device_gram: dict[torch.device, torch.Tensor] = {}
         self._gram_eig: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def seed_probes(self, seed: int) -> None:
-        """Restart the probes' generator at ``seed`` (a run seeds it per batch, so that a batch's
-        probes do not depend on the calls before it)."""
-        self.generator.manual_seed(seed)
+    def seed_probes(self, seed: int | Sequence[int]) -> None:
+        """Restart the probes at ``seed``: one generator for every row of a predict call, or, for a sequence
+        of B per-image seeds, one generator per image — row r of a call draws from image r mod B's (the
+        samplers lay their rows out sample-major, r = s·B + b), so an image's probes depend on its seed
+        alone, not on its batch or the calls before it."""
+        if isinstance(seed, int):
+            self.generator.manual_seed(seed)
+            self.image_generators = None
+        else:
+            self.image_generators = [torch.Generator().manual_seed(int(s)) for s in seed]
 
     @classmethod
     def from_augmented_gram(cls, spec: HeadSpec, gram: torch.Tensor) -> HessianFreePosterior:
@@ -111,7 +120,7 @@ class HessianFreePosterior(PosteriorStructure):
             probes=self.probes,
             epsilon=self.epsilon,
             tolerance=self.tolerance,
-            generator=self.generator,
+            generator=self.image_generators or self.generator,
         )
         return mean, var.to(mean.dtype)
 
@@ -152,22 +161,37 @@ def output_patches(spec: HeadSpec, phi: torch.Tensor) -> tuple[torch.Tensor, tup
     return patches, shape
 
 
-def seed_batch_probes(posterior, seed: int, first_index: int) -> None:
+def seed_image_probes(posterior, seed: int, indices: Iterable[int]) -> None:
     """Restart the probes of ``posterior`` (a ``LastLayerLaplace``; nothing happens unless its structure
-    is HFL) at the stream (``seed``, the batch's first image index, ``"probes"``) of
-    :mod:`bayesdiff_ext.randomness`: a batch's probes then do not depend on the calls before it
-    (a resumed run, a batch of another process)."""
+    is HFL) at each image's stream (``seed``, its global index, ``"probes"``) of
+    :mod:`bayesdiff_ext.randomness`: an image's probes then depend neither on its batch nor on the
+    calls before it (any batch size, a resumed run, a batch of another process)."""
     structure = getattr(posterior, "posterior", None)
     if isinstance(structure, HessianFreePosterior):
-        structure.seed_probes(derived_seed(seed, first_index, "probes"))
+        structure.seed_probes([derived_seed(seed, index, "probes") for index in indices])
 
 
-def draw_probes(probes, batch: int, channels: int, positions: int, generator, device) -> torch.Tensor:
-    """(K, B, C, P) probes: Rademacher ±1, or for 'basis' the unit vector of each position (K = P)."""
+def draw_probes(probes, batch: int, channels: int, positions: int, generator, device, rows: int | None = None) -> torch.Tensor:
+    """(K, B, C, P) probes: Rademacher ±1, or for 'basis' the unit vector of each position (K = P).
+
+    ``generator`` is one generator, or one per image: then each of the ``rows`` rows of φ (B/rows
+    patches each) draws its block from the generator of image ``row mod len(generator)``."""
     if probes == "basis":
         eye = torch.eye(positions, dtype=torch.float64, device=device)
         return eye[:, None, None, :].expand(positions, batch, channels, positions)
-    signs = torch.randint(0, 2, (probes, batch, channels, positions), generator=generator, dtype=torch.int8)
+    if isinstance(generator, list):
+        if rows is None or rows % len(generator):
+            raise ValueError(
+                f"a prediction of {rows} rows cannot take its probes from {len(generator)} images' streams: the "
+                "rows must be a multiple of the images, laid out sample-major"
+            )
+        block = (probes, batch // rows, channels, positions)
+        signs = torch.cat(
+            [torch.randint(0, 2, block, generator=generator[r % len(generator)], dtype=torch.int8) for r in range(rows)],
+            dim=1,
+        )
+    else:
+        signs = torch.randint(0, 2, (probes, batch, channels, positions), generator=generator, dtype=torch.int8)
     return (signs.to(device, torch.float64) * 2 - 1)
 
 
@@ -181,14 +205,14 @@ def hfl_variance(
     probes: int | str,
     epsilon: float,
     tolerance: float,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
 ) -> tuple[torch.Tensor, int]:
     """The HFL estimate of the head's per-output variance at φ (float64, the head output's shape)
     and the most CG iterations one group of images took."""
     patches, shape = output_patches(spec, phi)
     batch, size, positions = patches.shape
     channels = spec.eps_channels
-    v = draw_probes(probes, batch, channels, positions, generator, patches.device)
+    v = draw_probes(probes, batch, channels, positions, generator, patches.device, rows=shape[0])
 
     def hessian_vector_product(u):
         return s * (u @ gram) + delta * u

@@ -53,13 +53,16 @@ class BayesDiffOutput(BaseOutput):
             ``variance``. ``settings['aleatoric_source']`` says which source a run had (docs/MATH.md §15).
         pixel_variance (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): the variance of the decoded
             image in the VAE's output scale ([−1, 1]; divide by 4 for [0, 1] images), from Gaussian draws
-            of z_0 decoded through the pipeline's own VAE path; ``pixel_scores`` (B,) its sums. For pixel
-            pipelines these are ``variance`` and ``scores``; None when nothing was decoded.
+            of z_0 decoded through the pipeline's own VAE path (weight-samples and x0-drift: the spread of
+            their own decoded final images or x̂₀ predictions); ``pixel_scores`` (B,) its sums and
+            ``pixel_mean`` the decoded images' mean. For pixel pipelines these are ``variance``,
+            ``scores`` and ``mean``; None when nothing was decoded.
         nsfw_content_detected (`list[bool]`, *optional*): the safety checker's verdicts (Stable Diffusion).
         trace (`list[dict]`, *optional*): one record per scheduler step (``return_trace=True``).
         settings (`dict`): the settings the run used. timings (`dict`): wall times and model call counts.
-        draws (`TrajectoryDraws`, *optional*): the trajectories behind a trajectory estimate, when asked for
-            (``return_draws=True``).
+        draws (`TrajectoryDraws` or `torch.Tensor`, *optional*): what an estimate is the spread of, when asked
+            for (``return_draws=True``): the trajectories of a trajectory estimate; x0-drift's last L
+            predictions x̂₀, (L, B, ...).
         feature_entropy (`torch.Tensor` of shape `(B,)`, *optional*): the weight-samples method's
             feature-space entropy of each image's M final images (docs/MATH.md §11.2), float64; None
             for the other methods.
@@ -80,9 +83,10 @@ class BayesDiffOutput(BaseOutput):
     trace: list[dict[str, Any]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
-    draws: TrajectoryDraws | None = None
+    draws: TrajectoryDraws | torch.Tensor | None = None
     feature_entropy: torch.Tensor | None = None
     clamped_pixels: torch.Tensor | None = None
+    pixel_mean: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.scores is None:

@@ -50,10 +50,12 @@ class SchedulerLoop:
         self.bar = None
         template.set_timesteps(steps, **self.set_timesteps_kwargs)
 
-    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int, fresh: bool = False) -> torch.Tensor:
+    def run(self, scheduler, x_unit: torch.Tensor, generator, copies: int, fresh: bool = False, observe=None) -> torch.Tensor:
         """x_0 of ``copies`` stacked copies of the batch (rows copy-major) on ``scheduler``. ``fresh``: it
         is a pristine copy of the template, its timesteps already set (so the loop can run inside a
-        functorch transform, where DPM-Solver++'s ``set_timesteps`` cannot: it reads a tensor's data)."""
+        functorch transform, where DPM-Solver++'s ``set_timesteps`` cannot: it reads a tensor's data).
+        ``observe(index, t, x, prediction)``, where given, sees every model call before its step: the
+        sample x_t and the (guided) prediction shaped like it."""
         batch = x_unit.shape[0] // copies
         if not fresh:
             scheduler.set_timesteps(self.steps, **self.set_timesteps_kwargs)
@@ -63,9 +65,11 @@ class SchedulerLoop:
         if self.bar is not None:
             self.bar.total = (self.bar.total or 0) + len(scheduler.timesteps)
             self.bar.refresh()
-        for t in scheduler.timesteps:
+        for index, t in enumerate(scheduler.timesteps):
             out = self.predict(scaled_model_input(scheduler, x, t), t, kwargs)
             prediction = out if self.learned_variance else stepped_prediction(out, x)
+            if observe is not None:
+                observe(index, t, x, stepped_prediction(out, x))
             x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
             if self.bar is not None:
                 self.bar.update(1)
