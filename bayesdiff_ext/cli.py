@@ -11,6 +11,7 @@ Nothing is written then. ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
 import time
@@ -241,6 +242,13 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, num_images: int, batch_
         f"draws fixed per trajectory (default {DEFAULT_WEIGHT_SAMPLES}; even for a stochastic sampler)",
     )
     g.add_argument("--draws", choices=DRAWS, default=None, help="trajectory presets: how the weights are drawn")
+    g.add_argument(
+        "--per-image-draws",
+        action="store_true",
+        help="trajectory presets: each image's own weight draws (and noise streams) instead of the same draws for "
+        "every image, seeded by --seed (the default: common random numbers, so that the images' scores rank as "
+        "the true ones do; docs/MATH.md §14.10)",
+    )
     g.add_argument(
         "--uq-every",
         type=_int_at_least(1),
@@ -956,10 +964,14 @@ def _uncertainty_settings(args):
     from bayesdiff_ext.sampler.settings import resolve_settings
 
     explicit = {k: getattr(args, k) for k in ("samples", "draws", "uq_every", "mc_samples", "covariance")}
+    if args.per_image_draws:
+        explicit["shared_draws"] = False
     estimator = "trajectories" if args.method == "trajectories" else None
     if estimator and args.preset == "paper":
         raise ValueError("--method trajectories runs trajectory Monte Carlo; --preset paper is the recurrence")
-    return resolve_settings(args.preset, estimator=estimator, **explicit)
+    settings = resolve_settings(args.preset, estimator=estimator, **explicit)
+    # the draws every image shares come from the run's seed, like everything else it draws
+    return dataclasses.replace(settings, weight_seed=args.seed) if settings.shared_draws else settings
 
 
 def _describe_uncertainty(settings) -> str:

@@ -5,6 +5,9 @@ For one model and scheduler (``--config``), on the same x_T for every estimator:
 * truth: :class:`TrajectorySampler` with 64 independent weight draws around their own mean (a
   stochastic sampler: 32 noise streams × 2 draws, the aleatoric part from 32 fresh-noise runs at the
   posterior mean — the brute force of the sampler's noise);
+* by default every trajectory estimator and the truth give all images the same draws (weights and
+  noise streams, from the run's seed: the package's default, docs/MATH.md §14.10), the truth from
+  seed 100 and the estimators from seeds 1 and 2; ``--per-image-draws``: each image's own;
 * the moment recurrence (BayesDiff): the paper's defaults (Skip 5, S = 10), Monte Carlo at every
   step, each with the plain and the regression covariance, and the closed form without covariance;
 * trajectories with M = 2 … 32 weight draws — independent, antithetic (up to 16), Sobol — each
@@ -141,6 +144,8 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
     return dict(
         ratio=float(estimate.double().mean() / truth.double().mean()),
         map_r=pearson(estimate, truth),
+        # blind to each image's level (a per-image scale): the maps' shapes alone
+        image_map_r=sum(pearson(e, t) for e, t in zip(estimate, truth)) / len(truth),
         spearman=float(spearmanr(scores.numpy(), truth_scores.numpy()).statistic),
         seed_r=None if other_seed is None else pearson(estimate, other_seed),
     )
@@ -149,8 +154,9 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
     def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
-                 max_draws: int = 32):
+                 max_draws: int = 32, shared_draws: bool = True):
         self.name, self.config = name, CONFIGS[name]
+        self.shared_draws = shared_draws
         self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
         self.unet, self.scheduler_config, self.posterior, self.described = setup()
@@ -188,13 +194,17 @@ class Bench:
             times.append(time.perf_counter() - started)
         return sorted(times)[1]
 
+    def draw_options(self, seed: int) -> dict:
+        """The trajectory estimators' draws for ``seed``: shared by all images (from ``seed``), or each image's own."""
+        return dict(shared_draws=True, weight_seed=seed) if self.shared_draws else dict(shared_draws=False)
+
     def trajectories(self, seed, samples, draws, centre, noise_samples=None, return_draws=False):
         sampler = TrajectorySampler(self.unet, self.scheduler(), self.posterior)
         started = time.perf_counter()
         out = sampler.sample(
             noise=self.x_t, num_inference_steps=self.steps, generator=self.generators(seed), eta=self.eta,
             samples=samples, draws=draws, centre=centre, noise_samples=noise_samples, progress=False,
-            return_draws=return_draws,
+            return_draws=return_draws, **self.draw_options(seed),
         )
         return out, time.perf_counter() - started
 
@@ -236,7 +246,7 @@ class Bench:
         truth = self.truth
         result = dict(
             config=self.name, settings=self.config, described=self.described, plain_s=self.plain, grid=self.grid,
-            truth_draws=self.truth_draws, truth_mean=float(truth.variance.double().mean()),
+            truth_draws=self.truth_draws, shared_draws=self.shared_draws, truth_mean=float(truth.variance.double().mean()),
             truth_aleatoric_mean=float(truth.aleatoric_variance.double().mean()), truth_reliability=self.reliability,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - self.started,
             load_start=self.load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
@@ -332,7 +342,7 @@ class Bench:
                 sampler = LinearisedSampler(self.unet, self.scheduler(), self.posterior)
                 started = time.perf_counter()
                 out = sampler.sample(noise=self.x_t, num_inference_steps=self.steps, generator=self.generators(seed),
-                                     eta=self.eta, samples=samples, draws="sobol", progress=False)
+                                     eta=self.eta, samples=samples, draws="sobol", progress=False, **self.draw_options(seed))
                 runs.append((out, time.perf_counter() - started))
             (out, seconds), (other, _) = runs
             forwards = out.timings["model_forwards_per_image"] + out.timings["tangents_per_image"]
@@ -427,8 +437,8 @@ def _first_draws(draws, samples: int, streams: int, kind: str):
 
 
 # ------------------------------------------------------------------------------------------ report
-COLUMNS = ("| estimator | setting | mean Var / truth | map r | score ρ | map r, corrected | score ρ, corrected | "
-           "between-seed r | forwards / image | time / plain |")
+COLUMNS = ("| estimator | setting | mean Var / truth | map r | map r within images | score ρ | map r, corrected | "
+           "score ρ, corrected | between-seed r | forwards / image | time / plain |")
 
 
 def render(results: list[dict]) -> str:
@@ -438,13 +448,19 @@ def render(results: list[dict]) -> str:
         "thread (OMP_NUM_THREADS=1), the same x_T for every estimator (image k drawn from (seed 0, k)); "
         "\"time / plain\" is wall time over the plain loop's in the same process (trajectory subsets: "
         "from the largest run's time per trajectory), on a shared machine (load averages below). "
-        "\"forwards / image\": model calls per image, a JVP tangent counted as one. \"score ρ\": Spearman "
+        "\"forwards / image\": model calls per image, a JVP tangent counted as one. \"map r within images\": the "
+        "mean over images of each image's own map r, blind to the level of each image's map (— : not recorded by that "
+        "run). \"score ρ\": Spearman "
         "of the per-image sums; \"between-seed r\": the map of seed 1 against seed 2 (— : no randomness). "
         "\"corrected\": map r and score ρ divided by the truth's own ceiling (the square root of the whole truth's "
         "reliability, from its split halves by Spearman–Brown): the value against an exact truth, correcting for the "
         "truth's Monte Carlo noise only; \"—\" where the truth's halves do not agree on the scores at all. The bars "
         "of issue 22 are judged on the raw values; the corrected ones say whether a miss is the estimator's or the "
-        "yardstick's. A \"presets\" grid runs only what decides the presets and the bars.",
+        "yardstick's. A \"presets\" grid runs only what decides the presets and the bars. \"Draws shared by all "
+        "images\" (the package's default, docs/MATH.md §14.10): the truth and every trajectory estimator give all images "
+        "the same weight draws and noise streams, from the run's seed (the truth's seed 100, the estimators' seeds 1 "
+        "and 2, so the estimators' draws are independent of the truth's); \"each image's own draws\": from each image's "
+        "streams, as before (the recurrence's Monte Carlo draws are each image's own in both).",
         "",
     ]
     for result in results:
@@ -454,7 +470,8 @@ def render(results: list[dict]) -> str:
         truth_label = f"M = {truth_draws}" + (f" in J = {truth_draws // 2} noise streams" if result["stochastic"] else "")
         lines += [
             f"### {result['config']}: {sampler}, {settings['steps']} steps, {settings['images']} images, truth M = "
-            f"{truth_draws}, {result.get('grid', 'full')} grid",
+            f"{truth_draws}, {result.get('grid', 'full')} grid, "
+            + ("draws shared by all images" if result.get("shared_draws") else "each image's own draws"),
             "",
             f"{result['described']}. Truth: {truth_label}, mean Var {result['truth_mean']:.4g}"
             + (f", of which the sampler's noise {result['truth_aleatoric_mean']:.4g}" if result["stochastic"] else "")
@@ -474,12 +491,12 @@ def render(results: list[dict]) -> str:
             "",
         ]
         lines += _preset_lines(result) + [""] + _verdict(result) + ["", COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
-                                     "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
+                                     "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
         for row in result["rows"]:
             seed_r = "—" if row["seed_r"] is None else f"{row['seed_r']:.2f}"
             map_c, score_c = corrected(row, result.get("truth_reliability"))
             cells = [row["estimator"], row["setting"], f"{row['ratio']:.3g}", f"{row['map_r']:.3f}",
-                     f"{row['spearman']:.2f}", "—" if map_c is None else f"{map_c:.3f}",
+                     f"{row['image_map_r']:.3f}" if "image_map_r" in row else "—", f"{row['spearman']:.2f}", "—" if map_c is None else f"{map_c:.3f}",
                      "—" if score_c is None else f"{score_c:.2f}", seed_r, f"{row['forwards']:.0f}",
                      f"{row['time_ratio']:.1f}×"]
             if result["stochastic"]:
@@ -577,6 +594,9 @@ def main() -> None:
     parser.add_argument("--grid", choices=GRIDS, default="full", help="every estimator, or what decides the presets")
     parser.add_argument("--max-draws", type=int, choices=(32, 64, 128), default=32,
                         help="presets grid: the most Sobol draws (M = 8 … this; a stochastic sampler in up to 2M streams)")
+    parser.add_argument("--per-image-draws", action="store_true",
+                        help="every trajectory estimator and the truth with each image's own weight draws and noise streams "
+                        "(default: the draws shared by all images, from each run's seed; results to <config>.per-image.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
@@ -586,18 +606,20 @@ def main() -> None:
         if args.truth_draws < 64 or args.truth_draws % 4:
             parser.error("--truth-draws must be a multiple of 4, at least 64 (issue 22's truth)")
         args.results.mkdir(exist_ok=True)
-        path = args.results / f"{args.config}.json"
+        path = args.results / f"{args.config}{'.per-image' if args.per_image_draws else ''}.json"
 
         def save(result: dict) -> None:
             atomic_write(path, json.dumps(result, indent=1).encode())
 
-        result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws).run()
+        result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws,
+                       shared_draws=not args.per_image_draws).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
         # every result file: <config>.json from the latest run, older runs kept beside it under other names
         results = [json.loads(path.read_text()) for path in args.results.glob("*.json")]
         order = list(CONFIGS)
-        results.sort(key=lambda r: (order.index(r["config"]), -r.get("truth_draws", TRUTH_DRAWS), r.get("grid", "full")))
+        results.sort(key=lambda r: (order.index(r["config"]), not r.get("shared_draws", False),
+                                    -r.get("truth_draws", TRUTH_DRAWS), r.get("grid", "full")))
         write_section(Path(__file__).with_name("BENCHMARKS.md"), "bench_truth", render(results))
         print(render(results))
 

@@ -245,6 +245,13 @@ def test_presets_and_their_refusals(tiny, tmp_path, capsys):
     assert run([*base, "--method", "trajectories", "--samples", 2, "--out", tmp_path / "traj"], capsys)[0] == 0
     traj = json.loads((tmp_path / "traj" / "summary.json").read_text())
     assert traj["settings"]["samples"] == 2 and traj["settings"]["estimator"] == "trajectories"
+    assert traj["settings"]["shared_draws"] and traj["settings"]["weight_seed"] == traj["settings"]["seed"]  # drawn from --seed
+    own = [*base, "--method", "trajectories", "--samples", 2, "--per-image-draws", "--seed", 3]
+    assert run([*own, "--out", tmp_path / "own"], capsys)[0] == 0
+    own_settings = json.loads((tmp_path / "own" / "summary.json").read_text())["settings"]
+    assert (own_settings["shared_draws"], own_settings["weight_seed"]) == (False, None)
+    code, _, err = run([*base, "--preset", "paper", "--per-image-draws", "--out", tmp_path / "bad"], capsys)
+    assert_one_line_error(code, err, "shared_draws is not an argument of the 'recurrence' estimator")
     code, _, err = run([*base, "--preset", "fast", "--uq-every", 2, "--out", tmp_path / "bad"], capsys)
     assert_one_line_error(code, err, "uq_every is not an argument of the 'trajectories' estimator")
     code, _, err = run([*base, "--covariance", "none", "--mc-samples", 0, "--uq-every", 1, "--out", tmp_path / "cf"], capsys)

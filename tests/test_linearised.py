@@ -49,3 +49,15 @@ def test_image_is_the_stock_loops_and_stochastic_samplers_get_their_noise_part()
         _run(LinearisedSampler, model, DDIMScheduler(clip_sample=False), posterior, draws="antithetic", **common)
     with pytest.raises(ValueError, match="noise_samples"):
         _run(LinearisedSampler, model, DDPMScheduler(clip_sample=False), posterior, noise_samples=1, **common)
+
+
+def test_directions_are_shared_by_every_image_unless_asked_otherwise():
+    """Two images with the same x_T: the same M directions give the same variance; each image's own differ."""
+    model = LinearDenoiser().eval()
+    posterior = _linear_posterior(model, prior_precision=1.0)
+    noise = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1)
+    common = dict(noise=noise, samples=4, generator=image_generators(3, range(2)))
+    shared = _run(LinearisedSampler, model, DDIMScheduler(clip_sample=False), posterior, **common)
+    own = _run(LinearisedSampler, model, DDIMScheduler(clip_sample=False), posterior, shared_draws=False, **common)
+    assert torch.equal(shared.variance[0], shared.variance[1])
+    assert not torch.equal(own.variance[0], own.variance[1])

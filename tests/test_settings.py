@@ -27,6 +27,17 @@ def test_explicit_arguments_override_the_preset():
     assert (again.samples, again.draws, again.preset) == (PRESETS["accurate"]["samples"], "independent", "accurate")
 
 
+def test_draws_are_shared_by_default_from_weight_seed_and_per_image_on_request():
+    default = resolve_settings()
+    assert (default.shared_draws, default.weight_seed) == (True, 0)
+    assert resolve_settings(preset="accurate", weight_seed=9).weight_seed == 9
+    own = resolve_settings(preset="fast", shared_draws=False)
+    assert (own.shared_draws, own.weight_seed) == (False, None)
+    again = resolve_settings(settings=own, shared_draws=True)
+    assert (again.shared_draws, again.weight_seed) == (True, 0)
+    assert resolve_settings(estimator="linearised").shared_draws
+
+
 def test_recurrence_arguments_alone_mean_the_recurrence_with_the_papers_values():
     implied = resolve_settings(mc_samples=4)
     assert implied.estimator == "recurrence" and implied.uq_every == 5 and implied.mc_samples == 4
@@ -47,6 +58,10 @@ def test_recurrence_arguments_alone_mean_the_recurrence_with_the_papers_values()
         (dict(samples=3, draws="antithetic"), "even number of samples"),
         (dict(estimator="linearised", draws="antithetic"), "antithetic"),
         (dict(uq_every=0), "uq_every must be an integer >= 1"),
+        (dict(shared_draws=False, weight_seed=3), "weight_seed seeds the draws every image shares"),
+        (dict(weight_seed=-1), "weight_seed must be an integer >= 0"),
+        (dict(shared_draws="yes"), "shared_draws must be True or False"),
+        (dict(preset="paper", weight_seed=1), "weight_seed is not an argument of the 'recurrence' estimator"),
         (dict(preset="best"), "preset must be one of"),
         (dict(estimator="ensemble"), "estimator must be one of"),
     ],

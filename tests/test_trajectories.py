@@ -180,14 +180,15 @@ def test_variance_equals_the_jacobian_variance_of_a_linear_denoiser(draws):
 
     The estimate is Monte Carlo over M = 512 draws: per-pixel relative standard error √(2/512) = 6%
     for independent draws. Measured over 3 seeds: sums within 1.6% (Sobol 0.8%), pixels within
-    0.81–1.21 (Sobol 0.89–1.07). Bounds: sum within 5%, every pixel within 30%.
+    0.81–1.21 (Sobol 0.89–1.07). Bounds: sum within 5%, every pixel within 30%. Each image's own
+    draws, as measured (shared draws make the two images' errors one realisation, not two).
     """
     model = LinearDenoiser().eval()
     posterior = _linear_posterior(model, prior_precision=1e4)
     noise = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(1))
     exact = _jacobian_variance(model, posterior, noise)
     out = _trajectories(model, DDIMScheduler(clip_sample=False), posterior, noise=noise, samples=512, draws=draws,
-                        centre="mean", generator=image_generators(SEED, range(2)))
+                        centre="mean", generator=image_generators(SEED, range(2)), shared_draws=False)
     ratio = out.variance.double() / exact
     assert abs(float(out.variance.double().sum() / exact.sum()) - 1) < 0.05
     assert float(ratio.min()) > 0.7 and float(ratio.max()) < 1.3
@@ -202,7 +203,8 @@ def test_trajectories_converge_in_the_number_of_draws():
     for samples in (4, 32, 256):
         runs = [
             _trajectories(model, DDIMScheduler(clip_sample=False), posterior, noise=noise, samples=samples,
-                          draws="independent", centre="mean", generator=image_generators(seed, range(2))).variance
+                          draws="independent", centre="mean", generator=image_generators(seed, range(2)),
+                          weight_seed=seed).variance
             for seed in range(4)
         ]
         errors.append(float(torch.stack([(r.double() - exact).square().mean() for r in runs]).mean().sqrt()))
@@ -234,17 +236,47 @@ def test_aleatoric_part_equals_brute_force_sampler_noise(unet, posterior, schedu
 # ------------------------------------------------------------------ the randomness rule
 
 
+@pytest.mark.parametrize("shared_draws", [True, False])
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, DDPMScheduler])
-def test_results_do_not_depend_on_the_batch_or_the_chunks(unet, posterior, scheduler):
+def test_results_do_not_depend_on_the_batch_or_the_chunks(unet, posterior, scheduler, shared_draws):
     def run(indices, chunk_size=None):
         return _trajectories(unet, scheduler(clip_sample=False), posterior, batch_size=len(indices), samples=4,
-                             generator=image_generators(SEED, indices), chunk_size=chunk_size)
+                             generator=image_generators(SEED, indices), chunk_size=chunk_size, shared_draws=shared_draws)
 
     whole = run(range(3))
     parts = [run(range(0, 1)), run(range(1, 3), chunk_size=2)]
     for field in ("images", "variance", "aleatoric_variance"):
         joined, expected = torch.cat([getattr(p, field) for p in parts]), getattr(whole, field)
         torch.testing.assert_close(joined, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("scheduler, eta", [(DDIMScheduler, 0.0), (DDPMScheduler, 0.0)])
+def test_shared_draws_give_every_image_the_same_draws_and_noise(unet, posterior, scheduler, eta):
+    """Common random numbers: two images with the same x_T get the same weight deviations, the same
+    trajectory noise and so the same trajectories (bit for bit); each image's own draws differ, and
+    another weight_seed draws other weights. (DDPM's stock image, and with it the control variate's
+    features, follows the image's own noise: its variance is compared without the control.)"""
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(4)).repeat(2, 1, 1, 1)
+
+    def run(**kwargs):
+        return _trajectories(unet, scheduler(clip_sample=False), posterior, noise=noise, eta=eta, samples=4,
+                             generator=image_generators(SEED, range(2)), return_draws=True,
+                             control_variate=None if scheduler is DDIMScheduler else False, **kwargs)
+
+    shared, own, other = run(), run(shared_draws=False), run(weight_seed=7)
+    assert shared.settings["shared_draws"] and shared.settings["weight_seed"] == 0
+    deviations, finals, maps = shared.draws.deviations, shared.draws.finals, shared.draws.maps
+    assert torch.equal(deviations[:, :, 0], deviations[:, :, 1])
+    assert torch.equal(finals[:, :, 0], finals[:, :, 1]) and torch.equal(maps[:, 0], maps[:, 1])
+    assert torch.equal(shared.variance[0], shared.variance[1])
+    assert torch.equal(shared.aleatoric_variance[0], shared.aleatoric_variance[1])
+    assert not torch.equal(own.draws.deviations[:, :, 0], own.draws.deviations[:, :, 1])
+    assert not torch.equal(own.variance[0], own.variance[1])
+    assert not torch.equal(other.draws.deviations, deviations)
+    # an image's shared draws do not depend on which images it is sampled with
+    alone = _trajectories(unet, scheduler(clip_sample=False), posterior, noise=noise[:1], eta=eta, samples=4,
+                          generator=image_generators(SEED, [5]), return_draws=True)
+    assert torch.equal(alone.draws.deviations[:, :, 0], deviations[:, :, 0])
 
 
 def test_bad_arguments_are_named(unet, posterior):
@@ -317,7 +349,8 @@ def test_the_control_variate_cuts_the_error_where_the_run_allows_it(unet, poster
     def error(control_variate):
         runs = [
             _trajectories(model, DDIMScheduler(clip_sample=False), linear_posterior, noise=noise, samples=8,
-                          draws="independent", control_variate=control_variate, generator=image_generators(seed, range(2)))
+                          draws="independent", control_variate=control_variate, generator=image_generators(seed, range(2)),
+                          weight_seed=seed)
             for seed in range(6)
         ]
         assert all(r.settings["control_variate_used"] == (control_variate is not False) for r in runs)

@@ -143,6 +143,7 @@ class WeightSamplesSampler:
             set_timesteps_kwargs=set_timesteps_kwargs,
             progress=progress,
             return_draws=True,
+            shared_draws=weight_seed is not None,
             weight_seed=weight_seed,
         )
         entropy = weight_sample_spread(out.draws, features=self.features, floor=self.floor)[1]

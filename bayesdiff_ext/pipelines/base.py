@@ -75,6 +75,9 @@ _UNCERTAINTY_DOC = """
                 trajectory estimators' weight draws per image, their kind (`'independent'`,
                 `'antithetic'`, `'sobol'`), their centre (`'map'`, `'mean'`), the noise streams of a
                 stochastic sampler, rows per model call, the feedback-free control variate.
+            shared_draws, weight_seed (*optional*): the trajectory estimators' draws (and noise streams) are
+                the same for every image, from `weight_seed` (default `True`, seed 0: the images' scores
+                compare, docs/MATH.md §14.10), or with `shared_draws=False` each image's own.
             uq_every, mc_samples, covariance, eps_variance, skip, clamp, mode (*optional*): the
                 recurrence's Skip, Monte Carlo samples, covariance (`'mc'`, `'regression'`, `'none'`),
                 ε variance (`'total'`, `'bayesdiff'`), what runs between uncertainty steps, clamping,

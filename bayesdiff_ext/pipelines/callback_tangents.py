@@ -25,9 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.numerics import accumulation_dtype
-from bayesdiff_ext.posterior.draws import weight_deviations
+from bayesdiff_ext.posterior.draws import image_weight_deviations
 from bayesdiff_ext.posterior.perturbation import perturbed_head
-from bayesdiff_ext.randomness import ImageStreams
 from bayesdiff_ext.sampler.linearised import DEFAULT_TANGENTS
 from bayesdiff_ext.sampler.model_call import scaled_model_input
 from bayesdiff_ext.sampler.scheduler_loop import generator_device
@@ -43,12 +42,13 @@ class StepTangents:
 
     Args:
         posterior: the posterior on the denoiser's head (``head``, ``spec``, ``model``).
-        settings (`UncertaintySettings`): the linearised estimator's (``samples``, ``draws``, ``chunk_size``).
+        settings (`UncertaintySettings`): the linearised estimator's (``samples``, ``draws``, ``chunk_size``,
+            ``shared_draws`` and ``weight_seed``: the same directions for every image, or each image's own).
         scheduler: the pipeline's scheduler after its first step; a copy is reset to its first step.
         x_start (`torch.Tensor`): the pipeline's first model input for the B images, (B, ...): its shape
             and device give the tangents' (kept in float32 or better whatever the model's dtype).
-        generator: the pipeline's generator (the directions come from its ``'weights'`` stream, as
-            :class:`~bayesdiff_ext.sampler.linearised.LinearisedSampler` draws them).
+        generator: the pipeline's generator (each image's own directions come from its ``'weights'``
+            stream, as :class:`~bayesdiff_ext.sampler.linearised.LinearisedSampler` draws them).
     """
 
     def __init__(self, posterior, settings: UncertaintySettings, scheduler, x_start: torch.Tensor, generator) -> None:
@@ -61,8 +61,10 @@ class StepTangents:
         self.per_pass = settings.chunk_size or DEFAULT_TANGENTS
         self.scheduler = _reset(scheduler)
         batch = x_start.shape[0]
-        streams = ImageStreams.derived(generator, batch, generator_device(generator, x_start.device), "weights", 0)
-        self.directions = weight_deviations(posterior, settings.draws, settings.samples, streams.generators).to(x_start.device)
+        self.directions = image_weight_deviations(
+            posterior, settings.draws, settings.samples, generator, batch, generator_device(generator, x_start.device),
+            settings.weight_seed, 0,
+        ).to(x_start.device)
         dtype = accumulation_dtype(x_start)
         self.tangents = torch.zeros((settings.samples, *x_start.shape), dtype=dtype, device=x_start.device)
         _check_linear(self.scheduler, self.tangents.flatten(0, 1))

@@ -1,8 +1,8 @@
 """Draws of the head's weights for trajectory Monte Carlo: independent, antithetic or quasi-random.
 
-Every image gets its own draws from its own generator (docs/MATH.md §2.3, bayesdiff_ext.randomness),
-as deviations Δθ = θ − θ_head from the head's current ε parameters (``parameters_to_vector``
-order), in float64:
+Either every image gets its own draws from its own generator, or all images share one set of draws
+from a seed (common random numbers, docs/MATH.md §14.10; bayesdiff_ext.randomness), as deviations
+Δθ = θ − θ_head from the head's current ε parameters (``parameters_to_vector`` order), in float64:
 
 * ``'independent'``: θ ~ q by ``posterior.sample`` (any posterior with ``sample``);
 * ``'antithetic'``: pairs θ = μ ± Σ^{1/2}·z (the odd part of the response cancels in the pair
@@ -21,8 +21,9 @@ import torch
 from torch.quasirandom import SobolEngine
 
 from bayesdiff_ext.posterior.heads import eps_parameter_vector
+from bayesdiff_ext.randomness import Generators, ImageStreams, image_generators
 
-__all__ = ["DRAWS", "weight_deviations"]
+__all__ = ["DRAWS", "image_weight_deviations", "weight_deviations"]
 
 DRAWS = ("independent", "antithetic", "sobol")
 # Keeps Φ⁻¹(u) finite: a Sobol coordinate can be exactly 0.
@@ -81,3 +82,26 @@ def weight_deviations(posterior, kind: str, count: int, generators: list[torch.G
             theta = posterior.sample(count, generator=generator)
         rows.append(theta.to(torch.float64) - center.to(theta.device))
     return torch.stack(rows, dim=1)
+
+
+def image_weight_deviations(
+    posterior, kind: str, count: int, generator: Generators, batch: int, device: torch.device,
+    shared_seed: int | None, *key: int,
+) -> torch.Tensor:
+    """The ``'weights'`` draws (sub-stream ``key``) of B images, (count, B, P) float64.
+
+    Args:
+        posterior, kind, count: as for :func:`weight_deviations`.
+        generator: the batch's image generator(s); with ``shared_seed`` None, image b's draws come
+            from its own ``'weights'`` stream derived from it (:class:`~bayesdiff_ext.randomness.ImageStreams`).
+        batch (`int`): B.
+        device: where the generators draw.
+        shared_seed (`int`, *optional*): every image gets the same draws, those of image index 0 of
+            this seed (common random numbers: the draws' Monte Carlo error is then common to all
+            images and their scores compare, docs/MATH.md §14.10).
+    """
+    if shared_seed is not None:
+        return weight_deviations(posterior, kind, count, image_generators(shared_seed, [0], device, "weights", *key)).expand(
+            -1, batch, -1
+        )
+    return weight_deviations(posterior, kind, count, ImageStreams.derived(generator, batch, device, "weights", *key).generators)

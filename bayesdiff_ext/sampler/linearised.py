@@ -23,9 +23,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from bayesdiff_ext.posterior.draws import weight_deviations
+from bayesdiff_ext.posterior.draws import image_weight_deviations
 from bayesdiff_ext.posterior.perturbation import perturbed_head
-from bayesdiff_ext.randomness import Generators, ImageStreams
+from bayesdiff_ext.randomness import Generators
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
@@ -71,7 +71,10 @@ class LinearisedSampler(TrajectorySampler):
                 * ``noise_samples``: J fresh-noise MAP trajectories for a stochastic sampler's
                   aleatoric part (default 8, at least 2);
                 * ``chunk_size``: directions per tangent pass (default 16); each pass recomputes
-                  the primal.
+                  the primal;
+                * ``shared_draws``, ``weight_seed``: the same M directions (and noise streams) for
+                  every image, from ``weight_seed`` (default), or each image's own, as for
+                  :meth:`TrajectorySampler.sample`.
             The other arguments are those of :meth:`TrajectorySampler.sample`.
 
         Returns:
@@ -87,8 +90,8 @@ class LinearisedSampler(TrajectorySampler):
             )
             loop, x_unit, images = run.loop, run.x_unit, run.images
             streams = _noise_streams(resolved.noise_samples, run.stochastic)
-            directions = weight_deviations(
-                self.posterior, draws, samples, ImageStreams.derived(generator, run.batch, run.draw_device, "weights", 0).generators
+            directions = image_weight_deviations(
+                self.posterior, draws, samples, generator, run.batch, run.draw_device, resolved.weight_seed, 0
             ).to(x_unit.device)
 
             def trajectory(deviation):
@@ -108,7 +111,7 @@ class LinearisedSampler(TrajectorySampler):
             if run.stochastic:
                 zeros = torch.zeros((1, 1, *directions.shape[1:]), dtype=torch.float64)
                 finals = loop.run_copies([(j, None) for j in range(streams)], x_unit, zeros, generator, run.draw_device,
-                                         None, True)
+                                         None, True, resolved.weight_seed)
                 maps = torch.stack([finals[(j, None)] for j in range(streams)]).to(torch.float64)
                 aleatoric, mean = maps.var(dim=0), maps.mean(dim=0)
             else:

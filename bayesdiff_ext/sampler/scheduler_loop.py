@@ -15,7 +15,7 @@ import torch
 
 from bayesdiff_ext.denoiser import Denoiser, stepped_prediction
 from bayesdiff_ext.posterior.perturbation import perturbed_head
-from bayesdiff_ext.randomness import Generators, ImageStreams
+from bayesdiff_ext.randomness import Generators, ImageStreams, derived_seed
 from bayesdiff_ext.sampler.learned_variance import uses_learned_variance
 from bayesdiff_ext.sampler.model_call import scaled_model_input
 
@@ -82,8 +82,12 @@ class SchedulerLoop:
             return self.sampler.denoiser(x, t, kwargs)
         return self.guidance.forward(self.sampler.denoiser, None, x, t, kwargs, want_head=False)[0]
 
-    def run_copies(self, copies, x_unit, deviations, generator, draw_device, chunk_size, stochastic):
-        """x_0 of every copy (stream j, draw k; k None for a stream's MAP trajectory), in chunks."""
+    def run_copies(self, copies, x_unit, deviations, generator, draw_device, chunk_size, stochastic, shared_seed=None):
+        """x_0 of every copy (stream j, draw k; k None for a stream's MAP trajectory), in chunks.
+
+        A stochastic sampler's noise stream j is each image's own (``'trajectory_noise'`` of its
+        generator) or, with ``shared_seed``, the same for every image (that of image index 0 of the seed).
+        """
         batch = x_unit.shape[0]
         rows = DEFAULT_CHUNK_ROWS if chunk_size is None else chunk_size
         if not isinstance(rows, int) or rows < 1:
@@ -92,6 +96,9 @@ class SchedulerLoop:
         seeds = {}
         if stochastic:
             for j in sorted({j for j, _ in copies}):
+                if shared_seed is not None:
+                    seeds[j] = [derived_seed(shared_seed, 0, "trajectory_noise", j)] * batch
+                    continue
                 streams = ImageStreams.derived(generator, batch, draw_device, "trajectory_noise", j)
                 seeds[j] = [g.initial_seed() for g in streams.generators]
         posterior = self.sampler.posterior

@@ -15,8 +15,10 @@ How it runs:
   whole copies (``chunk_size`` rows at most per model call; each chunk has its own deep copy of the
   scheduler, so multistep state never mixes). Row r's head weights differ by a forward hook
   (:func:`~bayesdiff_ext.posterior.perturbation.perturbed_head`).
-* Weight draws per image come from the image's own stream (``'weights'``, one sub-stream per noise
-  stream), so each image's result is the same in any batch (:mod:`bayesdiff_ext.randomness`).
+* Weight draws (and a stochastic sampler's trajectory noise) are by default the same for every image,
+  from a seed (``shared_draws``, ``weight_seed``: common random numbers, docs/MATH.md §14.10), or
+  else from each image's own streams (``'weights'``, ``'trajectory_noise'``, one sub-stream per noise
+  stream); either way each image's result is the same in any batch (:mod:`bayesdiff_ext.randomness`).
 * Deterministic samplers (no draw from the generator during the stock loop): one noise stream, the
   stock trajectory is the MAP trajectory, M weight draws. Stochastic samplers: J noise streams
   (``noise_samples``), each with its own MAP trajectory, the M weight draws sharing the noise of
@@ -38,10 +40,10 @@ from tqdm.auto import tqdm
 
 from bayesdiff_ext.denoiser import Denoiser
 from bayesdiff_ext.guidance import ClassifierFreeGuidance
-from bayesdiff_ext.posterior.draws import check_draws, weight_deviations
+from bayesdiff_ext.posterior.draws import check_draws, image_weight_deviations
 from bayesdiff_ext.posterior.perturbation import head_perturbation
 from bayesdiff_ext.numerics import accumulation_dtype
-from bayesdiff_ext.randomness import Generators, ImageStreams, image_generators, restartable
+from bayesdiff_ext.randomness import Generators, restartable
 from bayesdiff_ext.sampler.initial_noise import initial_noise
 from bayesdiff_ext.sampler.learned_variance import aleatoric_source, check_learned_variance
 from bayesdiff_ext.sampler.results import BayesDiffOutput, TrajectoryDraws
@@ -49,7 +51,6 @@ from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop, generator_device
 from bayesdiff_ext.sampler.settings import UncertaintySettings, resolve_settings
 from bayesdiff_ext.sampler.feedback_free import FeatureSum, accumulate_features, feedback_free_coefficients
 from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread, trajectory_moments
-from bayesdiff_ext.validation import check_count
 
 __all__ = ["TrajectorySampler"]
 
@@ -92,7 +93,6 @@ class TrajectorySampler:
         set_timesteps_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
         return_draws: bool = False,
-        weight_seed: int | None = None,
         **uncertainty: Any,
     ) -> BayesDiffOutput:
         """Sample B images and the variance of their final images over M weight draws.
@@ -118,13 +118,14 @@ class TrajectorySampler:
                   the batch (at least one);
                 * ``control_variate``: correct the epistemic spread around the MAP trajectory by the
                   feedback-free response of each draw (:mod:`~bayesdiff_ext.sampler.feedback_free`);
-                  None (default) where the run allows it, True to require it, False never.
+                  None (default) where the run allows it, True to require it, False never;
+                * ``shared_draws``: True (default): every image gets the same M weight draws (and, for a
+                  stochastic sampler, the same trajectory noise streams), from ``weight_seed`` (default
+                  0) — common random numbers, so the draws' Monte Carlo error is common to all images
+                  and their scores rank as the true ones do (docs/MATH.md §14.10); False: each image's
+                  own draws from its ``'weights'`` and ``'trajectory_noise'`` streams of ``generator``.
             model_kwargs, guidance, scheduler_kwargs, set_timesteps_kwargs, progress: as for the sampler.
             return_draws (`bool`): keep every trajectory's x_0 and weight deviation in ``draws``.
-            weight_seed (`int`, *optional*): None (default): each image's draws from its own stream; an
-                int: every image gets the same draws, from the streams of (``weight_seed``, 0) — M models
-                shared by all images (common random numbers: their scores compare without the draws'
-                Monte Carlo noise between images, docs/MATH.md §11.2).
 
         Returns:
             :class:`~bayesdiff_ext.BayesDiffOutput`: ``images`` the stock sample, ``variance`` Var[x_0]
@@ -132,8 +133,6 @@ class TrajectorySampler:
             mean, ``timings`` with ``model_forwards_per_image``.
         """
         resolved = resolve_settings(settings=settings, estimator="trajectories", **uncertainty)
-        if weight_seed is not None:
-            check_count("weight_seed", weight_seed, minimum=0)
         samples, draws, centre = resolved.samples, resolved.draws, resolved.centre
         check_draws(draws, samples, self.posterior)
         blocked = self._control_blocked(centre, guidance)
@@ -154,20 +153,17 @@ class TrajectorySampler:
             streams, with_draws, per_stream = _stream_layout(samples, resolved.noise_samples, stochastic, draws, centre)
             deviations = torch.stack(
                 [
-                    weight_deviations(
-                        self.posterior,
-                        draws,
-                        per_stream,
-                        ImageStreams.derived(generator, batch, draw_device, "weights", j).generators
-                        if weight_seed is None
-                        else image_generators(weight_seed, [0] * batch, draw_device, "weights", j),
+                    image_weight_deviations(
+                        self.posterior, draws, per_stream, generator, batch, draw_device, resolved.weight_seed, j
                     )
                     for j in range(with_draws)
                 ]
             )  # (J_w, K, B, P)
             maps_needed = [(j, None) for j in range(streams)] if stochastic else []
             copies = maps_needed + [(j, k) for j in range(with_draws) for k in range(per_stream)]
-            finals = loop.run_copies(copies, x_unit, deviations, generator, draw_device, resolved.chunk_size, stochastic)
+            finals = loop.run_copies(
+                copies, x_unit, deviations, generator, draw_device, resolved.chunk_size, stochastic, resolved.weight_seed
+            )
 
         shape = images.shape[1:]
         draws_final = torch.stack([finals[(j, k)] for j in range(with_draws) for k in range(per_stream)])
