@@ -85,12 +85,15 @@ void compute_moment_step(const glue::MomentStepArgs& args) {
 // (quiet, Zen 4, one thread), chunked passes over 5 samples at a time with the state kept in L1
 // between passes at 1.3–1.5×: more concurrent streams than the hardware prefetchers follow. So each
 // thread walks its range in chunks of kChunkBytes of outputs and reads the stacks of a chunk in two
-// passes, each with its own streams in lockstep like a reduction over one stack: Σγ² over the S
-// samples of eps_var into the var_eps output (which stays in cache), then x and m together (2·S
-// streams, the sums that pair them), each stream prefetched kPrefetchBytes ahead. A stand-alone model
-// of the walks (quiet, one thread): 1.0–1.05× the read limit's time from cache and 0.9× from memory,
-// against 1.15–1.2× and 0.95× for the chunked passes; chunks of 8–64 KiB and prefetch distances of
-// 0.5–2 KiB all within 5%.
+// passes, each with its streams in lockstep like a reduction over one stack: Σγ² over the S samples
+// of eps_var into the var_eps output (which stays in cache), then x and m together (2·S streams, the
+// sums that pair them), each stream prefetched kPrefetchBytes ahead (without: ~1.6× slower).
+// Measured (python/BENCHMARKS.md, quiet): one thread 1.0–1.3× the read limit from cache, 1.3–1.45×
+// from memory; two threads 0.95–1.3×. What is left at one thread from memory is the arithmetic of the
+// second pass not overlapping the reads: a stand-alone model of this walk runs at the speed of a
+// plain reduction with the sums alone, and ~1.15–1.2× (from memory) to ~1.5× (from cache) slower
+// with the shifted-sum arithmetic, flat over chunks of 4–64 KiB, prefetch distances of 0.25–3 KiB,
+// prefetch hints (T0 and NTA are slower), 2 or 4 vectors per block and AVX2 vs AVX-512.
 
 constexpr int64_t kChunkBytes = 16384;
 constexpr int64_t kPrefetchBytes = 1024;
