@@ -63,6 +63,16 @@ def _conv_output_size(phi, kernel_size, stride, padding, dilation) -> tuple:
     return tuple(r // s + 1 for r, s in zip(room, stride))
 
 
+def _patch_output_size(phi, kernel_size, stride, padding, dilation) -> tuple:
+    """`_conv_output_size` for the curvature ops, whose patches need at least one input channel (checked
+    before the geometry, as csrc/glue/curvature_args.cpp does)."""
+    _check_features(phi)
+    torch._check_value(
+        phi.shape[1] >= 1, lambda: f"`phi` must have at least one channel (C_in >= 1), got shape {tuple(phi.shape)}"
+    )
+    return _conv_output_size(phi, kernel_size, stride, padding, dilation)
+
+
 def _check_conv_weight(name: str, weight, phi) -> None:
     _check_same(name, weight, phi, "phi", weight.shape)
     torch._check(weight.dim() == 4, lambda: f"`{name}` must be a conv weight (C, C_in, kh, kw), got {tuple(weight.shape)}")
@@ -113,19 +123,19 @@ def register_fakes(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ggn")
     def _conv_diag_ggn_fake(phi, kernel_size, stride, padding, dilation):
-        _conv_output_size(phi, kernel_size, stride, padding, dilation)
+        _patch_output_size(phi, kernel_size, stride, padding, dilation)
         return phi.new_empty((phi.shape[1], *kernel_size), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_diag_ef")
     def _conv_diag_ef_fake(phi, residual, kernel_size, stride, padding, dilation):
-        out_h, out_w = _conv_output_size(phi, kernel_size, stride, padding, dilation)
+        out_h, out_w = _patch_output_size(phi, kernel_size, stride, padding, dilation)
         torch._check(residual.dim() == 4, lambda: "`residual` must have shape (N, C, H_out, W_out)")
         _check_same("residual", residual, phi, "phi", (phi.shape[0], residual.shape[1], out_h, out_w))
         return phi.new_empty((residual.shape[1], phi.shape[1], *kernel_size), dtype=accumulation_dtype(phi.dtype))
 
     @torch.library.register_fake(f"{namespace}::conv_patch_gram")
     def _conv_patch_gram_fake(phi, kernel_size, stride, padding, dilation):
-        _conv_output_size(phi, kernel_size, stride, padding, dilation)
+        _patch_output_size(phi, kernel_size, stride, padding, dilation)
         augmented = phi.shape[1] * kernel_size[0] * kernel_size[1] + 1
         return phi.new_empty((augmented, augmented), dtype=accumulation_dtype(phi.dtype))
 

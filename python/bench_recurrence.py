@@ -64,7 +64,9 @@ TRAFFIC = (
     "`mc_moment_step` reads 30 + `mean_x` + `var_x` and writes the next mean and variance and Var[ε] "
     "(35–38 slices: 1.06× the read limit's traffic). The pair moves 41–46 (1.24–1.28×): `mc_moments` "
     "reads 30 + `mean_x` and writes E[ε], Var[ε], Cov, which `moment_step` reads back with `mean_x` and "
-    "`var_x` to write its two outputs."
+    "`var_x` to write its two outputs. At one thread with the inputs in memory the arithmetic of the walk's second "
+    "pass does not fully overlap its reads (csrc/cpu/moment_ops_cpu.cpp says what was measured); a second core "
+    "adds arithmetic throughput but little bandwidth, which is why two threads sit nearer the read limit."
 )
 
 

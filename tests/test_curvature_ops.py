@@ -162,6 +162,25 @@ def test_errors_name_the_argument(backend, mutate, error, message):
             backend.ops.conv_patch_gram(**kwargs)
 
 
+def test_phi_without_channels_is_a_value_error(backend):
+    """A head without input channels has no patches: F.unfold (the reference) rejects such a `phi`, and so do
+    the ops and their fakes (meta tensors), with a ValueError that names `phi` and the channel count."""
+    phi = torch.randn(2, 0, 5, 5, device=backend.device)
+    residual = torch.randn(2, 2, 5, 5, device=backend.device)
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError):
+        reference.conv_diag_ggn(phi.cpu(), *geometry)
+    for device in (backend.device, "meta"):
+        p, r = phi.to(device), residual.to(device)
+        for call in (
+            lambda: backend.ops.conv_diag_ggn(p, *geometry),
+            lambda: backend.ops.conv_diag_ef(p, r, *geometry),
+            lambda: backend.ops.conv_patch_gram(p, *geometry),
+        ):
+            with pytest.raises(ValueError, match=r"`phi` must have at least one channel \(C_in >= 1\)"):
+                call()
+
+
 def test_mixed_devices_are_named():
     phi = torch.zeros(1, 2, 4, 4)
     residual = torch.empty(1, 3, 4, 4, device="meta")

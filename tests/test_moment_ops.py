@@ -108,7 +108,7 @@ def test_mc_moments_single_sample_has_no_spread(backend):
 
 def test_mc_moments_large_magnitudes_stay_accurate(backend):
     """ε offset by 1e4 with unit spread: E[m²] − E[m]² cancels 8 digits in float32; the one-pass
-    (Welford) kernel does not. Its float32 result must match a float64 reference on the same
+    (shifted-sum) kernel does not. Its float32 result must match a float64 reference on the same
     (float32-rounded) inputs at float32 precision of the *spread*, not of the offset."""
     samples, shape = 64, (2, 5, 13)
     mean_x = torch.randn(shape)
@@ -123,6 +123,25 @@ def test_mc_moments_large_magnitudes_stay_accurate(backend):
     # The naive float32 formula, for contrast, is off by O(1) here.
     naive = (eps_mean * eps_mean).mean(0) - eps_mean.mean(0) ** 2
     assert (naive.double() - (ref[1] - eps_var.double().mean(0))).abs().max() > 1.0
+
+
+def test_mc_moments_large_x_offset_stays_accurate(backend):
+    """x and E[x] offset by 1e4 with spread 1e-2 (a pixel whose draws barely move): E[x·m] − E[x]·E[m]
+    cancels ~6 digits in float32; the kernel subtracts E[x] from each draw first,
+    so the covariance keeps float32 precision relative to the spread."""
+    samples, shape = 16, (3, 7, 5)
+    mean_x = 1e4 + torch.randn(shape)
+    x = mean_x + 1e-2 * torch.randn(samples, *shape)
+    eps_mean = 2.0 + 30.0 * (x - mean_x) + 0.1 * torch.randn(samples, *shape)
+    eps_var = torch.rand(samples, *shape)
+    args = [t.to(backend.device) for t in (x, eps_mean, eps_var, mean_x)]
+    out = backend.ops.mc_moments(*args)
+    ref = reference.mc_moments(*args)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.cpu().double(), r, rtol=1e-4, atol=1e-6)
+    # The naive float32 formula, for contrast, is off by more than 5% of the largest covariance here.
+    naive = (x * eps_mean).mean(0) - mean_x * eps_mean.mean(0)
+    assert (naive.double() - ref[2]).abs().max() > 0.05 * ref[2].abs().max()
 
 
 def test_mc_moments_non_contiguous(backend):

@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "cpu/simd.h"
 #include "glue/dtype_dispatch.h"
@@ -81,19 +80,23 @@ void compute_moment_step(const glue::MomentStepArgs& args) {
 
 // ---------------------------------------------------------------------------------------------
 // mc_moments, mc_moment_step: the S samples of one element lie `numel` apart in each of the (S, ...)
-// stacks. The naive order (a block of elements, its Welford state in registers, all S samples)
-// reads S·3 strided streams at once, more than the hardware prefetchers track: measured on Zen 4
-// (quiet, S = 10) it took ~1.85× the time of one reduction over the same bytes; chunked as below it
-// takes 1.1–1.5× (python/BENCHMARKS.md, bench_recurrence). So each thread walks its range in chunks
-// of kChunkBytes of accumulators per stream; per chunk it passes over the samples kSamplesPerPass
-// at a time (3·kSamplesPerPass contiguous streams), each block's state
-// in registers during a pass and in a per-thread buffer (5 accumulators × kChunkBytes, in L1)
-// between passes, and it prefetches the same samples of the next chunk into L2 as it goes (without
-// the prefetch: 1.1–1.2× the time). Sizes: the best measured of 512–8192 bytes and 1–10 samples
-// per pass (quiet, S = 10, both threads counts: 4–5 samples per pass 5–25% faster than 3).
+// stacks. A block of elements with its state in registers reads one stream per stack and sample.
+// All 3·S streams at once (S = 10) ran at ~1.4–1.9× the time of one reduction over the same bytes
+// (quiet, Zen 4, one thread), chunked passes over 5 samples at a time with the state kept in L1
+// between passes at 1.3–1.5×: more concurrent streams than the hardware prefetchers follow. So each
+// thread walks its range in chunks of kChunkBytes of outputs and reads the stacks of a chunk in two
+// passes, each with its streams in lockstep like a reduction over one stack: Σγ² over the S samples
+// of eps_var into the var_eps output (which stays in cache), then x and m together (2·S streams, the
+// sums that pair them), each stream prefetched kPrefetchBytes ahead (without: ~1.6× slower).
+// Measured (python/BENCHMARKS.md, quiet): one thread 1.0–1.3× the read limit from cache, 1.3–1.45×
+// from memory; two threads 0.95–1.3×. What is left at one thread from memory is the arithmetic of the
+// second pass not overlapping the reads: a stand-alone model of this walk runs at the speed of a
+// plain reduction with the sums alone, and ~1.15–1.2× (from memory) to ~1.5× (from cache) slower
+// with the shifted-sum arithmetic, flat over chunks of 4–64 KiB, prefetch distances of 0.25–3 KiB,
+// prefetch hints (T0 and NTA are slower), 2 or 4 vectors per block and AVX2 vs AVX-512.
 
-constexpr int64_t kChunkBytes = 4096;
-constexpr int64_t kSamplesPerPass = 5;
+constexpr int64_t kChunkBytes = 16384;
+constexpr int64_t kPrefetchBytes = 1024;
 
 // One job type for both ops: mc_moment_step (var_x and mean_next set) finishes each element with
 // the step instead of storing E[ε] and Cov, so the two share the walk over the samples.
@@ -107,9 +110,6 @@ struct McJob {
   const T* var_x;          // mc_moment_step; null for mc_moments
   MomentCoefficients<Acc> k;
   Acc *mean_next, *var_next;
-  // 1/(s+1) for s < samples: Welford's weights, divided once per call instead of once per block and
-  // sample in the inner loop (measured, quiet: 5–10% of the AVX-512 kernel's time).
-  const Acc* inv_counts;
 
   bool steps() const { return mean_next != nullptr; }
 };
@@ -117,91 +117,84 @@ struct McJob {
 template <typename T>
 constexpr int64_t kChunk = kChunkBytes / sizeof(acc_t<T>);
 
-// Into L2 (a prefetch never faults, so past the end of the stack is harmless).
+// The kElements values at `stream` + kPrefetchBytes into L2 (a prefetch never faults, so past the end
+// of the stack is harmless).
 template <int kElements, typename T>
-void prefetch_next_chunk(const T* stream) {
-  const char* ahead = reinterpret_cast<const char*>(stream + kChunk<T>);
+void prefetch_ahead(const T* stream) {
+  const char* ahead = reinterpret_cast<const char*>(stream) + kPrefetchBytes;
   for (int64_t line = 0; line < kElements * int64_t{sizeof(T)}; line += 64) __builtin_prefetch(ahead + line, 0, 2);
 }
 
-// Samples [s_begin, s_end) of the block of kVectors vectors at element i into `state`.
+// First pass over a block of kVectors vectors at element i: Σγ² over the samples into var_eps.
 template <int kBytes, typename T, int kVectors>
-void mc_accumulate_block(const McJob<T>& j, int64_t i, int64_t s_begin, int64_t s_end,
-                         McState<Simd<acc_t<T>, kBytes>>* state) {
-  using Acc = acc_t<T>;
-  using V = Simd<Acc, kBytes>;
-  constexpr int kL = kLanes<Acc, kBytes>;
-  for (int64_t s = s_begin; s < s_end; ++s) {
-    const V inv_count = broadcast<kBytes>(j.inv_counts[s]);
-    const int64_t at = s * j.numel + i;
-    prefetch_next_chunk<kVectors * kL>(j.x + at);
-    prefetch_next_chunk<kVectors * kL>(j.eps_mean + at);
-    if (j.eps_var) prefetch_next_chunk<kVectors * kL>(j.eps_var + at);
-    for (int k = 0; k < kVectors; ++k) {
-      const V ev = j.eps_var ? load_converted<kBytes>(j.eps_var + at + k * kL) : V{};
-      mc_accumulate(state[k], load_converted<kBytes>(j.x + at + k * kL), load_converted<kBytes>(j.eps_mean + at + k * kL),
-                    ev, inv_count);
-    }
+void mc_sum_eps_var_block(const McJob<T>& j, int64_t i) {
+  using V = Simd<acc_t<T>, kBytes>;
+  constexpr int kL = kLanes<acc_t<T>, kBytes>;
+  V sum[kVectors] = {};
+  for (int64_t s = 0; s < j.samples; ++s) {
+    const T* at = j.eps_var + s * j.numel + i;
+    prefetch_ahead<kVectors * kL>(at);
+    for (int k = 0; k < kVectors; ++k) sum[k] += load_converted<kBytes>(at + k * kL);
   }
+  for (int k = 0; k < kVectors; ++k) store_lanes<kBytes>(j.var_eps + i + k * kL, sum[k]);
 }
 
+// Second pass: the sums that pair x and m, then the outputs (Σγ² read back from var_eps).
 template <int kBytes, typename T, int kVectors>
-void mc_store_block(const McJob<T>& j, int64_t i, const McState<Simd<acc_t<T>, kBytes>>* state) {
+void mc_pairs_block(const McJob<T>& j, int64_t i) {
   using Acc = acc_t<T>;
   using V = Simd<Acc, kBytes>;
   constexpr int kL = kLanes<Acc, kBytes>;
+  V mean_x[kVectors], eps_first[kVectors];
+  McState<V> state[kVectors];
+  for (int k = 0; k < kVectors; ++k) {
+    mean_x[k] = load_converted<kBytes>(j.mean_x + i + k * kL);
+    eps_first[k] = load_converted<kBytes>(j.eps_mean + i + k * kL);
+    state[k] = mc_init<V>();
+  }
+  for (int64_t s = 0; s < j.samples; ++s) {
+    const int64_t at = s * j.numel + i;
+    prefetch_ahead<kVectors * kL>(j.x + at);
+    prefetch_ahead<kVectors * kL>(j.eps_mean + at);
+    for (int k = 0; k < kVectors; ++k) {
+      mc_accumulate_pairs(state[k], load_converted<kBytes>(j.x + at + k * kL),
+                          load_converted<kBytes>(j.eps_mean + at + k * kL), mean_x[k], eps_first[k]);
+    }
+  }
   const V inv_samples = broadcast<kBytes>(Acc(1) / static_cast<Acc>(j.samples));
   for (int k = 0; k < kVectors; ++k) {
-    const int64_t at = i + k * kL;
-    const V mean_x = load_converted<kBytes>(j.mean_x + at);
+    const int64_t out = i + k * kL;
+    if (j.eps_var) state[k].sum_eps_var = load_lanes<kBytes, true>(j.var_eps + out, 1);
     V first, v, last;
     if (j.steps()) {
-      mc_step_finalize(j.k, state[k], inv_samples, mean_x, load_converted<kBytes>(j.var_x + at), &first, &last, &v);
+      mc_step_finalize(j.k, state[k], inv_samples, mean_x[k], eps_first[k], load_converted<kBytes>(j.var_x + out),
+                       &first, &last, &v);
     } else {
-      mc_finalize(state[k], inv_samples, mean_x, &first, &v, &last);
+      mc_finalize(state[k], inv_samples, eps_first[k], &first, &v, &last);
     }
-    store_lanes<kBytes>((j.steps() ? j.mean_next : j.e_eps) + at, first);
-    store_lanes<kBytes>(j.var_eps + at, v);
-    store_lanes<kBytes>((j.steps() ? j.var_next : j.cov_x_eps) + at, last);
-  }
-}
-
-// Whole blocks [i, i + count) of one chunk, all samples; `saved` holds the state between passes.
-template <int kBytes, typename T, int kVectors>
-void mc_chunk(const McJob<T>& j, int64_t i, int64_t count, McState<Simd<acc_t<T>, kBytes>>* saved) {
-  using V = Simd<acc_t<T>, kBytes>;
-  constexpr int64_t kBlock = kVectors * kLanes<acc_t<T>, kBytes>;
-  for (int64_t s_begin = 0; s_begin < j.samples; s_begin += kSamplesPerPass) {
-    const int64_t s_end = std::min(j.samples, s_begin + kSamplesPerPass);
-    for (int64_t block = 0; block * kBlock < count; ++block) {
-      McState<V> state[kVectors];
-      McState<V>* kept = saved + block * kVectors;
-      for (int k = 0; k < kVectors; ++k) state[k] = s_begin == 0 ? mc_init<V>() : kept[k];
-      mc_accumulate_block<kBytes, T, kVectors>(j, i + block * kBlock, s_begin, s_end, state);
-      if (s_end < j.samples) {
-        for (int k = 0; k < kVectors; ++k) kept[k] = state[k];
-      } else {
-        mc_store_block<kBytes, T, kVectors>(j, i + block * kBlock, state);
-      }
-    }
+    store_lanes<kBytes>((j.steps() ? j.mean_next : j.e_eps) + out, first);
+    store_lanes<kBytes>(j.var_eps + out, v);
+    store_lanes<kBytes>((j.steps() ? j.var_next : j.cov_x_eps) + out, last);
   }
 }
 
 template <typename T>
 void mc_element(const McJob<T>& j, int64_t i) {
   using Acc = acc_t<T>;
+  const Acc mean_x = load<Acc>(j.mean_x, i);
+  const Acc eps_first = load<Acc>(j.eps_mean, i);
   McState<Acc> state = mc_init<Acc>();
   for (int64_t s = 0; s < j.samples; ++s) {
     const int64_t at = s * j.numel + i;
     mc_accumulate(state, load<Acc>(j.x, at), load<Acc>(j.eps_mean, at), j.eps_var ? load<Acc>(j.eps_var, at) : Acc(0),
-                  j.inv_counts[s]);
+                  mean_x, eps_first);
   }
   const Acc inv_samples = Acc(1) / static_cast<Acc>(j.samples);
   if (j.steps()) {
-    mc_step_finalize(j.k, state, inv_samples, load<Acc>(j.mean_x, i), load<Acc>(j.var_x, i), &j.mean_next[i],
+    mc_step_finalize(j.k, state, inv_samples, mean_x, eps_first, load<Acc>(j.var_x, i), &j.mean_next[i],
                      &j.var_next[i], &j.var_eps[i]);
   } else {
-    mc_finalize(state, inv_samples, load<Acc>(j.mean_x, i), &j.e_eps[i], &j.var_eps[i], &j.cov_x_eps[i]);
+    mc_finalize(state, inv_samples, eps_first, &j.e_eps[i], &j.var_eps[i], &j.cov_x_eps[i]);
   }
 }
 
@@ -211,21 +204,20 @@ constexpr int kMcVectors = kBytes == 64 ? 4 : 2;
 
 template <int kBytes, typename T>
 void mc_range(const McJob<T>* job_ptr, int64_t begin, int64_t end) {
-  using Acc = acc_t<T>;
+  const McJob<T>& j = *job_ptr;
   constexpr int kVectors = kMcVectors<kBytes>;
-  constexpr int64_t kBlock = kVectors * kLanes<Acc, kBytes>;
+  constexpr int64_t kBlock = kVectors * kLanes<acc_t<T>, kBytes>;
   static_assert(kChunk<T> % kBlock == 0, "a chunk holds whole blocks");
-  McState<Simd<Acc, kBytes>> saved[kChunk<T> / kBlock * kVectors];
   int64_t i = begin;
-  for (; i + kBlock <= end; i += kChunk<T>) {
-    const int64_t count = std::min(kChunk<T>, (end - i) / kBlock * kBlock);
-    mc_chunk<kBytes, T, kVectors>(*job_ptr, i, count, saved);
-    if (count < kChunk<T>) {
-      i += count;
-      break;
+  while (end - i >= kBlock) {
+    const int64_t chunk_end = i + std::min(kChunk<T>, (end - i) / kBlock * kBlock);
+    if (j.eps_var) {
+      for (int64_t block = i; block < chunk_end; block += kBlock) mc_sum_eps_var_block<kBytes, T, kVectors>(j, block);
     }
+    for (int64_t block = i; block < chunk_end; block += kBlock) mc_pairs_block<kBytes, T, kVectors>(j, block);
+    i = chunk_end;
   }
-  for (; i < end; ++i) mc_element(*job_ptr, i);
+  for (; i < end; ++i) mc_element(j, i);
 }
 
 struct McRange {
@@ -237,9 +229,6 @@ struct McRange {
 template <typename T>
 void run_mc(McJob<T> job) {
   using Acc = acc_t<T>;
-  std::vector<Acc> inv_counts(job.samples);
-  for (int64_t s = 0; s < job.samples; ++s) inv_counts[s] = Acc(1) / static_cast<Acc>(s + 1);
-  job.inv_counts = inv_counts.data();
   const Isa isa = cpu_isa();
   constexpr int64_t kUnit = kMcVectors<kWidestVectorBytes> * kLanes<Acc, kWidestVectorBytes>;
   const int64_t units = (job.numel + kUnit - 1) / kUnit;

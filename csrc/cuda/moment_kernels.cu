@@ -21,18 +21,20 @@ __global__ void moment_step_kernel(const T* __restrict__ mean_x, const T* __rest
   }
 }
 
-// One element's Welford state over its S samples. Neighbouring threads read neighbouring
-// addresses of each sample's slice, so every pass over the stack is coalesced.
+// One element's shifted sums over its S samples (shifts: the given E[x] and the first sample's
+// m). Neighbouring threads read neighbouring addresses of each sample's slice, so every pass over
+// the stack is coalesced.
 template <typename T>
 __device__ __forceinline__ McState<acc_t<T>> mc_state(const T* __restrict__ x, const T* __restrict__ eps_mean,
-                                                      const T* __restrict__ eps_var, int64_t samples, int64_t numel,
+                                                      const T* __restrict__ eps_var, acc_t<T> mean_x_given,
+                                                      acc_t<T> eps_first, int64_t samples, int64_t numel,
                                                       int64_t i) {
   using Acc = acc_t<T>;
   McState<Acc> state = mc_init<Acc>();
   for (int64_t s = 0; s < samples; ++s) {
     const int64_t at = s * numel + i;
     const Acc ev = eps_var ? load<Acc>(eps_var, at) : Acc(0);
-    mc_accumulate(state, load<Acc>(x, at), load<Acc>(eps_mean, at), ev, Acc(1) / static_cast<Acc>(s + 1));
+    mc_accumulate(state, load<Acc>(x, at), load<Acc>(eps_mean, at), ev, mean_x_given, eps_first);
   }
   return state;
 }
@@ -45,8 +47,10 @@ __global__ void mc_moments_kernel(const T* __restrict__ x, const T* __restrict__
   using Acc = acc_t<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    mc_finalize(mc_state(x, eps_mean, eps_var, samples, numel, i), Acc(1) / static_cast<Acc>(samples),
-                load<Acc>(mean_x, i), &e_eps[i], &var_eps[i], &cov_x_eps[i]);
+    const Acc mean_x_given = load<Acc>(mean_x, i);
+    const Acc eps_first = load<Acc>(eps_mean, i);
+    mc_finalize(mc_state(x, eps_mean, eps_var, mean_x_given, eps_first, samples, numel, i),
+                Acc(1) / static_cast<Acc>(samples), eps_first, &e_eps[i], &var_eps[i], &cov_x_eps[i]);
   }
 }
 
@@ -59,9 +63,11 @@ __global__ void mc_moment_step_kernel(const T* __restrict__ x, const T* __restri
   using Acc = acc_t<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    mc_step_finalize(coefficients, mc_state(x, eps_mean, eps_var, samples, numel, i),
-                     Acc(1) / static_cast<Acc>(samples), load<Acc>(mean_x, i), load<Acc>(var_x, i), &mean_next[i],
-                     &var_next[i], &var_eps[i]);
+    const Acc mean_x_given = load<Acc>(mean_x, i);
+    const Acc eps_first = load<Acc>(eps_mean, i);
+    mc_step_finalize(coefficients, mc_state(x, eps_mean, eps_var, mean_x_given, eps_first, samples, numel, i),
+                     Acc(1) / static_cast<Acc>(samples), mean_x_given, eps_first, load<Acc>(var_x, i),
+                     &mean_next[i], &var_next[i], &var_eps[i]);
   }
 }
 

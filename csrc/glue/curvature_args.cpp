@@ -15,6 +15,9 @@ PatchGeometry checked_geometry(const at::Tensor& phi, at::IntArrayRef kernel_siz
                                at::IntArrayRef padding, at::IntArrayRef dilation, const char* op) {
   check_floating(phi, op, "phi");
   TORCH_CHECK(phi.dim() == 4, op, ": `phi` must have shape (N, C_in, H, W), got ", phi.sizes());
+  // A head without input channels has no weights (and F.unfold, the reference, rejects it).
+  TORCH_CHECK_VALUE(phi.size(1) >= 1, op, ": `phi` must have at least one channel (C_in >= 1), got shape ",
+                    phi.sizes());
   check_pair(kernel_size, op, "kernel_size", 1);
   PatchGeometry g{};
   set_stride_padding_dilation(g, stride, padding, dilation, op);

@@ -24,13 +24,17 @@ BDX_HD void moment_step_element(const MomentCoefficients<Acc>& k, V mean_x, V va
   *var_next = k.clamp ? clamp_variance(v) : v;
 }
 
-// Running one-pass (Welford) statistics over the S Monte Carlo samples of one element.
+// One-pass statistics over the S Monte Carlo samples of one element, as shifted sums: with
+// d = x^i − E[x] (E[x] the given mean) and e = m^i − m^0 (m^0 the first sample's head mean), every
+// sample adds to five independent sums. No serial chain runs through the samples (Welford's running
+// means do), and the shifts keep the sums at the scale of the spread, so a large common offset of m
+// (or of x) cancels exactly in the subtractions, not in E[m²] − E[m]².
 template <typename Acc>
 struct McState {
-  Acc mean_x;       // running mean of x^i
-  Acc mean_eps;     // running mean of m^i
-  Acc m2_eps;       // Σ (m^i − mean)²
-  Acc comoment;     // Σ (x^i − mean_x)(m^i − mean_eps)
+  Acc sum_d;        // Σ (x^i − E[x])
+  Acc sum_e;        // Σ (m^i − m^0)
+  Acc sum_ee;       // Σ (m^i − m^0)²
+  Acc sum_de;       // Σ (x^i − E[x])(m^i − m^0)
   Acc sum_eps_var;  // Σ γ²^i
 };
 
@@ -39,38 +43,46 @@ BDX_HD McState<Acc> mc_init() {
   return McState<Acc>{Acc{}, Acc{}, Acc{}, Acc{}, Acc{}};
 }
 
-// `inv_count` is 1/(i+1) for the i-th sample (0-based). `Acc` may be a vector type on the CPU,
-// which keeps the state of a block of elements in registers.
+// The sums over one sample that need x and m (all but Σγ²), with the shifts of its element: E[x]
+// (`mean_x_given`) and m^0 (`eps_first`). `Acc` may be a vector type on the CPU, which keeps the
+// state of a block of elements in registers.
 template <typename Acc>
-BDX_HD void mc_accumulate(McState<Acc>& s, Acc x, Acc eps, Acc eps_var, Acc inv_count) {
-  const Acc dx = x - s.mean_x;
-  const Acc de = eps - s.mean_eps;
-  s.mean_x += dx * inv_count;
-  s.mean_eps += de * inv_count;
-  const Acc de_after = eps - s.mean_eps;
-  s.m2_eps += de * de_after;
-  s.comoment += dx * de_after;
+BDX_HD void mc_accumulate_pairs(McState<Acc>& s, Acc x, Acc eps, Acc mean_x_given, Acc eps_first) {
+  const Acc d = x - mean_x_given;
+  const Acc e = eps - eps_first;
+  s.sum_d += d;
+  s.sum_e += e;
+  s.sum_ee += e * e;
+  s.sum_de += d * e;
+}
+
+template <typename Acc>
+BDX_HD void mc_accumulate(McState<Acc>& s, Acc x, Acc eps, Acc eps_var, Acc mean_x_given, Acc eps_first) {
+  mc_accumulate_pairs(s, x, eps, mean_x_given, eps_first);
   s.sum_eps_var += eps_var;
 }
 
-// E[ε] = mean m; Var[ε] = mean γ² + population var of m; Cov(x, ε) = mean(x·m) − E[x]·E[ε],
-// written as comoment/S + (mean_S x − E[x])·E[ε] so that no large terms cancel.
+// E[ε] = m^0 + mean e; Var[ε] = mean γ² + population var of m = mean γ² + (mean e² − (mean e)²);
+// Cov(x, ε) = mean (x − E[x])·m = mean d·e + (mean d)·m^0.
 template <typename Acc>
-BDX_HD void mc_finalize(const McState<Acc>& s, Acc inv_samples, Acc mean_x_given, Acc* e_eps, Acc* var_eps,
+BDX_HD void mc_finalize(const McState<Acc>& s, Acc inv_samples, Acc eps_first, Acc* e_eps, Acc* var_eps,
                         Acc* cov_x_eps) {
-  *e_eps = s.mean_eps;
-  // Below zero only through a negative input variance γ² (the spread term m2 is a sum of squares).
-  *var_eps = clamp_variance(s.sum_eps_var * inv_samples + s.m2_eps * inv_samples);
-  *cov_x_eps = s.comoment * inv_samples + (s.mean_x - mean_x_given) * s.mean_eps;
+  const Acc mean_e = s.sum_e * inv_samples;
+  *e_eps = eps_first + mean_e;
+  // The spread is a variance (only rounding takes it below zero); the sum is below zero only
+  // through a negative input variance γ².
+  const Acc spread = clamp_variance(s.sum_ee * inv_samples - mean_e * mean_e);
+  *var_eps = clamp_variance(s.sum_eps_var * inv_samples + spread);
+  *cov_x_eps = s.sum_de * inv_samples + (s.sum_d * inv_samples) * eps_first;
 }
 
 // The step straight from the Monte Carlo state (mc_moment_step): E[ε], Var[ε] and Cov(x, ε) of
 // mc_finalize go into moment_step_element without leaving registers. Var[ε] is returned too.
 template <typename Acc, typename V>
 BDX_HD void mc_step_finalize(const MomentCoefficients<Acc>& k, const McState<V>& s, V inv_samples, V mean_x_given,
-                             V var_x, V* mean_next, V* var_next, V* var_eps) {
+                             V eps_first, V var_x, V* mean_next, V* var_next, V* var_eps) {
   V e_eps, cov_x_eps;
-  mc_finalize(s, inv_samples, mean_x_given, &e_eps, var_eps, &cov_x_eps);
+  mc_finalize(s, inv_samples, eps_first, &e_eps, var_eps, &cov_x_eps);
   moment_step_element(k, mean_x_given, var_x, e_eps, *var_eps, cov_x_eps, mean_next, var_next);
 }
 
