@@ -37,6 +37,8 @@ from bench_timing import (
     markdown_table,
     paused_note,
     peak_rise_mib,
+    thread_scaling,
+    verdict,
     write_section,
 )
 
@@ -193,14 +195,13 @@ def main() -> None:
                     str(n),
                     f"{t[(n, 'eager')] * 1e3:.1f}",
                     f"{t[(n, 'fused')] * 1e3:.1f}",
-                    f"{ratio:.2f}× ({'met' if ratio >= 1 else '**missed**'})",
+                    f"{ratio:.2f}× ({verdict(ratio >= 1)})",
                     f"{mem_eager:.0f} / {rss_eager:.0f}",
                     f"≤ {mem_fused:.2f} / {rss_fused:.0f}",
                 ]
             )
         if len(args.threads) > 1:
-            lo, hi = args.threads[0], args.threads[-1]
-            scaling.append([label] + [f"{t[(lo, k)] / t[(hi, k)]:.2f}×" for k in ("eager", "fused")])
+            scaling.append([label] + thread_scaling(t, args.threads, ("eager", "fused")))
 
     table = markdown_table(
         [

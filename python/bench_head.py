@@ -44,6 +44,8 @@ from bench_timing import (
     markdown_table,
     paused_note,
     peak_rise_mib,
+    thread_scaling,
+    verdict,
     write_section,
 )
 
@@ -244,10 +246,9 @@ def target_rows(heads, inputs, candidates, args, generator, checks):
         for n in args.threads:
             cells = [_ms(t[(n, name)]) for name in candidates]
             ratio = t[(n, "eager")] / t[(n, "fused")]
-            rows.append([head.name, str(n), *cells, f"{ratio:.2f}× ({'met' if ratio >= 1 else '**missed**'})"])
+            rows.append([head.name, str(n), *cells, f"{ratio:.2f}× ({verdict(ratio >= 1)})"])
         if len(args.threads) > 1:
-            lo, hi = args.threads[0], args.threads[-1]
-            rows[-1].append(f"{t[(lo, 'fused')] / t[(hi, 'fused')]:.2f}×")
+            rows[-1] += thread_scaling(t, args.threads, ("fused",))
             rows[-2].append("")
         expected = candidates["eager"](head, *(d.double() for d in data))
         fused = candidates["fused"](head, *data)

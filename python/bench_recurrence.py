@@ -28,7 +28,16 @@ import torch
 
 import bayesdiff_ext
 from bayesdiff_ext import ops
-from bench_timing import add_paused_flag, interleaved_medians, load_average, markdown_table, paused_note, write_section
+from bench_timing import (
+    add_paused_flag,
+    interleaved_medians,
+    load_average,
+    markdown_table,
+    paused_note,
+    thread_scaling,
+    verdict,
+    write_section,
+)
 
 SHAPES = {"16×3×64×64": (16, 3, 64, 64), "8×4×64×64": (8, 4, 64, 64)}
 A, B, C2 = 0.99, -0.1, 1e-4
@@ -78,9 +87,6 @@ def evict_caches() -> None:
     _evict_buffer.fill_(1.0)
 
 
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -125,15 +131,14 @@ def main() -> None:
                         f"{pair * 1e3:.2f} ({pair / read:.2f}×)",
                         f"{mc * 1e3:.2f} ({mc / read:.2f}×)",
                         f"{read * 1e3:.2f}",
-                        f"{one / read:.2f}× ({_verdict(one / read <= READ_LIMIT_TARGET)})",
-                        f"{eager / one:.2f}× ({_verdict(eager / one >= EAGER_TARGET)})",
+                        f"{one / read:.2f}× ({verdict(one / read <= READ_LIMIT_TARGET)})",
+                        f"{eager / one:.2f}× ({verdict(eager / one >= EAGER_TARGET)})",
                     ]
                 )
             if len(args.threads) > 1:
-                lo, hi = args.threads[0], args.threads[-1]
                 scaling.append(
                     [f"{name}, S={args.samples}", state]
-                    + [f"{t[(lo, k)] / t[(hi, k)]:.2f}×" for k in ("eager", "fused", "pair", "mc_moments", "read")]
+                    + thread_scaling(t, args.threads, ("eager", "fused", "pair", "mc_moments", "read"))
                 )
 
     table = markdown_table(

@@ -41,7 +41,7 @@ from scipy.stats import spearmanr
 import bayesdiff_ext
 from bayesdiff_ext import BayesDiffSampler, LastLayerLaplace, ops
 from bayesdiff_ext.digits import bundled_dir, load_bundled_scheduler, load_bundled_unet
-from bench_timing import add_paused_flag, markdown_table, paused_note, write_section
+from bench_timing import add_paused_flag, markdown_table, paused_note, verdict, write_section
 
 STEPS = 50
 SAMPLES = 10
@@ -321,7 +321,7 @@ def bench(setup: Setup, args, loads: list[float]) -> tuple[list[list[str]], list
                 "1" if target is None else f"**{ratio:.2f}×**",
                 "–" if target is None else f"{min(per_round):.2f}–{max(per_round):.2f}",
                 f"{med(r.over_image_path() for r in runs_of_mode):.2f}×",
-                "–" if target is None else f"≤ {target}×: {'met' if ratio <= target else '**missed**'}",
+                "–" if target is None else f"≤ {target}×: {verdict(ratio <= target)}",
             ]
         )
         totals = sum(walls)

@@ -122,6 +122,17 @@ def write_section(path: Path, name: str, body: str) -> None:
     atomic_write(path, text)
 
 
+def verdict(met: bool) -> str:
+    """A target's outcome as every benchmark table prints it."""
+    return "met" if met else "**missed**"
+
+
+def thread_scaling(times: dict, threads: list[int], keys) -> list[str]:
+    """Each candidate's time at the fewest threads over its time at the most (``times`` keyed (threads, key))."""
+    lo, hi = threads[0], threads[-1]
+    return [f"{times[(lo, k)] / times[(hi, k)]:.2f}×" for k in keys]
+
+
 def add_paused_flag(parser) -> None:
     """`--others-paused`: the run was made with every other compute process of the machine paused."""
     parser.add_argument(
