@@ -5,7 +5,7 @@ from __future__ import annotations
 from bayesdiff_ext.methods.ensemble import EnsembleSampler
 from bayesdiff_ext.methods.mc_dropout import MCDropoutSampler
 from bayesdiff_ext.methods.weight_samples import DEFAULT_WEIGHT_SAMPLES, WeightSamplesSampler
-from bayesdiff_ext.methods.x0_drift import X0DriftSampler
+from bayesdiff_ext.methods.x0_drift import DEFAULT_LAST_STEPS, X0DriftSampler
 from bayesdiff_ext.posterior.hfl import DEFAULT_PROBES, HessianFreePosterior
 from bayesdiff_ext.posterior.isotropic import IsotropicPosterior
 from bayesdiff_ext.sampler import BayesDiffSampler
@@ -68,7 +68,7 @@ def sampler_for(
     passes: int = 10,
     seed: int = 0,
     probes: int | None = None,
-    last_steps: int = 5,
+    last_steps: int = DEFAULT_LAST_STEPS,
     samples: int = DEFAULT_WEIGHT_SAMPLES,
     features=None,
 ):

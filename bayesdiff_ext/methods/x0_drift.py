@@ -40,7 +40,10 @@ from bayesdiff_ext.sampler.learned_variance import check_learned_variance
 from bayesdiff_ext.sampler.results import BayesDiffOutput
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop
 
-__all__ = ["X0DriftSampler", "drift_variance", "predicted_x0", "prediction_type"]
+__all__ = ["DEFAULT_LAST_STEPS", "X0DriftSampler", "drift_variance", "predicted_x0", "prediction_type"]
+
+#: L, the final predictions x0-drift compares, unless a caller says otherwise.
+DEFAULT_LAST_STEPS = 5
 
 _EULER_TYPE = (
     "EulerDiscreteScheduler",
@@ -139,7 +142,7 @@ class X0DriftSampler:
     method = "x0-drift"
     posterior = None  # none: the loop's model is the model as it is
 
-    def __init__(self, model, scheduler, last_steps: int = 5) -> None:
+    def __init__(self, model, scheduler, last_steps: int = DEFAULT_LAST_STEPS) -> None:
         if not isinstance(last_steps, int) or last_steps < 2:
             raise ValueError(f"last_steps must be an integer >= 2, got {last_steps!r}")
         self.denoiser = Denoiser(model)

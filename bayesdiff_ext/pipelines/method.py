@@ -23,7 +23,7 @@ import torch
 from bayesdiff_ext import latent
 from bayesdiff_ext.methods import sampler_for
 from bayesdiff_ext.methods.weight_samples import DEFAULT_WEIGHT_SAMPLES, weight_sample_spread
-from bayesdiff_ext.methods.x0_drift import drift_variance
+from bayesdiff_ext.methods.x0_drift import DEFAULT_LAST_STEPS, drift_variance
 from bayesdiff_ext.numerics import accumulation_dtype
 from bayesdiff_ext.sampler import BayesDiffOutput, BayesDiffSampler
 from bayesdiff_ext.validation import check_count
@@ -65,7 +65,7 @@ class PipelineMethod:
         self.samples = options.get("samples", DEFAULT_WEIGHT_SAMPLES)
         self.features = options.get("features")
         self.weight_seed = options.get("weight_seed", 0)
-        self.last_steps = options.get("last_steps", 5)
+        self.last_steps = options.get("last_steps", DEFAULT_LAST_STEPS)
         if name == "weight-samples" and self.weight_seed is not None:
             check_count("weight_seed", self.weight_seed, minimum=0)
 
