@@ -236,13 +236,20 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}" if seconds < 1 else f"{seconds * 1e3:.0f}"
 
 
+# A round in which other processes used more than this share of one CPU is timed again.
+MAX_OTHERS = 0.05
+
+
 def target_rows(heads, inputs, candidates, args, generator, checks):
-    """One table row per head and thread count: each candidate's median, fused vs eager."""
+    """One table row per head and thread count: each candidate's median, fused vs eager; and the
+    number of rounds timed again because other processes used the CPU."""
     rows = []
+    disturbed = 0
     for head in heads:
         data = inputs(head, generator)
         fns = {name: (lambda fn=fn: fn(head, *data)) for name, fn in candidates.items()}
-        t = interleaved_medians(fns, args.repeats, threads=args.threads)
+        t = interleaved_medians(fns, args.repeats, threads=args.threads, max_others=MAX_OTHERS)
+        disturbed += t.disturbed
         for n in args.threads:
             cells = [_ms(t[(n, name)]) for name in candidates]
             ratio = t[(n, "eager")] / t[(n, "fused")]
@@ -255,7 +262,7 @@ def target_rows(heads, inputs, candidates, args, generator, checks):
         outputs = as_tuple(fused)
         for what, out, ref in zip(("mean", "var")[-len(outputs):], outputs, as_tuple(expected)):
             checks.append(f"* {head.name}: fused {what} vs float64 eager, max relative error {_rel_err(out, ref):.1e}")
-    return rows
+    return rows, disturbed
 
 
 def as_tuple(x):
@@ -393,10 +400,11 @@ def _target_part(title, heads, inputs, candidates, full):
         else:
             header = ["head", "threads", "forward alone (ms)", "eager pair (ms)", "fused (ms)", "eager / fused (≥ 1)"]
             header += scaling
-        rows = target_rows(_chosen(heads, args), inputs, candidates, args, generator, checks)
+        rows, disturbed = target_rows(_chosen(heads, args), inputs, candidates, args, generator, checks)
         return (
             f"{title}; median of {args.repeats} interleaved rounds (each round calls every candidate once at each "
-            f"of {', '.join(map(str, args.threads))} threads, in a new random order each round):\n\n"
+            f"of {', '.join(map(str, args.threads))} threads, in a new random order each round; a round in which "
+            f"other processes used more than {MAX_OTHERS:.0%} of a CPU was timed again: {disturbed} of them):\n\n"
             + markdown_table(header, rows)
         )
 
