@@ -74,7 +74,8 @@ def interleaved_medians(
     other processes used more than that share of one CPU, and times another in its place, up to
     2·``repeats`` of them (a process that starts during the run is not paused by a caller that paused
     the others: its round would time a candidate on a shared core, and a candidate that synchronises
-    its threads more often loses more). Returns ``{name: seconds}``, or ``{(threads, name): seconds}``
+    its threads more often loses more; the CPU time comes in clock ticks, 10 ms, so rounds should last
+    ≥ 0.5 s). Returns ``{name: seconds}``, or ``{(threads, name): seconds}``
     when ``threads`` is given, with ``disturbed`` = the number of rounds dropped.
     """
     counts = list(threads) if threads is not None else [None]
