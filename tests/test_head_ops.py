@@ -188,6 +188,22 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
     _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), torch.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_head_var_factored_cpu_thread_bands(dtype):
+    """At 2 threads a tile of ≥ 2·512 pixels is split into bands of rows, one per thread (37 rows:
+    18 + 19), each gathered, projected and mixed on its own; the result must not depend on it."""
+    case = Factored(Conv(2, 3, 4, 37, 41, (3, 3), padding=(1, 1)), rank=28)
+    args = _factored_inputs(case, dtype, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args, *case.conv.geometry)
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference.conv_head_var_factored(*args, *case.conv.geometry)
+    _assert_within(var, ref, _factored_bound(*args, case.conv.geometry), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "shape, kernel, stride, padding, dilation",
