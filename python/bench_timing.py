@@ -27,10 +27,12 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
 
 
 class Medians(dict):
-    """``interleaved_medians``' result: the medians, and how many rounds were timed again because
+    """``interleaved_medians``' result: the medians; every kept round's seconds, in round order
+    (``rounds``, same keys), for ratios within a round; and how many rounds were timed again because
     other processes used the CPU during them (``disturbed``)."""
 
     disturbed: int = 0
+    rounds: dict
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -112,6 +114,7 @@ def interleaved_medians(
     medians = {key: statistics.median(t) for key, t in times.items()}
     result = Medians(medians if threads is not None else {name: medians[(None, name)] for name in fns})
     result.disturbed = disturbed
+    result.rounds = times if threads is not None else {name: times[(None, name)] for name in fns}
     return result
 
 
