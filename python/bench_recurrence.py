@@ -73,9 +73,10 @@ TRAFFIC = (
     "`mc_moment_step` reads 30 + `mean_x` + `var_x` and writes the next mean and variance and Var[ε] "
     "(35–38 slices: 1.06× the read limit's traffic). The pair moves 41–46 (1.24–1.28×): `mc_moments` "
     "reads 30 + `mean_x` and writes E[ε], Var[ε], Cov, which `moment_step` reads back with `mean_x` and "
-    "`var_x` to write its two outputs. At one thread with the inputs in memory the arithmetic of the walk's second "
-    "pass does not fully overlap its reads (csrc/cpu/moment_ops_cpu.cpp says what was measured); a second core "
-    "adds arithmetic throughput but little bandwidth, which is why two threads sit nearer the read limit."
+    "`var_x` to write its two outputs. At one thread with the inputs in memory the op sits above that 1.06×: "
+    "measured apart, its first pass (Σγ², a walk like sum(0)'s) takes 1.15–1.25× a sum(0) of `eps_var` and the rest "
+    "~1.1–1.2× the two sum(0)s of `x` and `m` (csrc/cpu/moment_ops_cpu.cpp lists the walks tried); with two threads, "
+    "where the read limit itself gains only ~1.1× from the second core, it sits nearer the read limit."
 )
 
 

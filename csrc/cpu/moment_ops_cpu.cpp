@@ -83,17 +83,19 @@ void compute_moment_step(const glue::MomentStepArgs& args) {
 // stacks. A block of elements with its state in registers reads one stream per stack and sample.
 // All 3·S streams at once (S = 10) ran at ~1.4–1.9× the time of one reduction over the same bytes
 // (quiet, Zen 4, one thread), chunked passes over 5 samples at a time with the state kept in L1
-// between passes at 1.3–1.5×: more concurrent streams than the hardware prefetchers follow. So each
-// thread walks its range in chunks of kChunkBytes of outputs and reads the stacks of a chunk in two
-// passes, each with its streams in lockstep like a reduction over one stack: Σγ² over the S samples
-// of eps_var into the var_eps output (which stays in cache), then x and m together (2·S streams, the
-// sums that pair them), each stream prefetched kPrefetchBytes ahead (without: ~1.6× slower).
-// Measured (python/BENCHMARKS.md, quiet): one thread 1.0–1.3× the read limit from cache, 1.3–1.45×
-// from memory; two threads 0.95–1.3×. What is left at one thread from memory is the arithmetic of the
-// second pass not overlapping the reads: a stand-alone model of this walk runs at the speed of a
-// plain reduction with the sums alone, and ~1.15–1.2× (from memory) to ~1.5× (from cache) slower
-// with the shifted-sum arithmetic, flat over chunks of 4–64 KiB, prefetch distances of 0.25–3 KiB,
-// prefetch hints (T0 and NTA are slower), 2 or 4 vectors per block and AVX2 vs AVX-512.
+// between passes at 1.3–1.5×. So each thread walks its range in chunks of kChunkBytes of outputs and
+// reads the stacks of a chunk in two passes: Σγ² over the S samples of eps_var into the var_eps
+// output (which stays in cache), walked like ATen's own sum(0) (vectorized_outer_sum: four vectors
+// of one stack, the S rows in turn), then x and m together (2·S streams, the sums that pair them),
+// one vector per stream and visit. Each stream is prefetched kPrefetchBytes ahead (without: ~1.2–1.3×
+// slower). Measured against the read limit (sum(0) of the three stacks), one thread, inputs in
+// memory, paired rounds: the second pass with four vectors per visit, as the first, ran the op at
+// 1.24–1.31×, with one at 1.13–1.25× (warm and two threads gain too). No better: chunks of 4–256
+// KiB, prefetch distances of 0.5–2 KiB and other hints, prefetching mean_x and var_x too, the passes
+// in the other order (the sums of x and m parked in L1), three passes of S streams each (x alone into
+// an L1/L2 buffer, then m), other byte offsets of the stacks within their pages. In the same runs the
+// first pass alone took 1.15–1.25× a sum(0) of eps_var (it also writes var_eps), the rest of the op
+// ~1.1–1.2× the two sum(0)s of x and m, which read ~7 % fewer bytes (no mean_x, var_x).
 
 constexpr int64_t kChunkBytes = 16384;
 constexpr int64_t kPrefetchBytes = 1024;
@@ -198,23 +200,33 @@ void mc_element(const McJob<T>& j, int64_t i) {
   }
 }
 
-// Four vectors per block where there are 32 vector registers (AVX-512), two where there are 16.
+// Vectors per block of the first pass (a plain sum, like one reduction): four where there are 32
+// vector registers (AVX-512), two where there are 16. The second pass takes one vector per block with
+// AVX-512 (one cache line per stream and visit; four ran 3–15 % slower), two with the 16-register ISAs
+// (on AVX2 one and two are equal, on the baseline ISA one is ~1.5× slower).
 template <int kBytes>
-constexpr int kMcVectors = kBytes == 64 ? 4 : 2;
+constexpr int kSumVectors = kBytes == 64 ? 4 : 2;
+template <int kBytes>
+constexpr int kPairVectors = kBytes == 64 ? 1 : 2;
 
 template <int kBytes, typename T>
 void mc_range(const McJob<T>* job_ptr, int64_t begin, int64_t end) {
   const McJob<T>& j = *job_ptr;
-  constexpr int kVectors = kMcVectors<kBytes>;
-  constexpr int64_t kBlock = kVectors * kLanes<acc_t<T>, kBytes>;
-  static_assert(kChunk<T> % kBlock == 0, "a chunk holds whole blocks");
+  constexpr int64_t kLanesAcc = kLanes<acc_t<T>, kBytes>;
+  constexpr int64_t kSumBlock = kSumVectors<kBytes> * kLanesAcc;
+  constexpr int64_t kPairBlock = kPairVectors<kBytes> * kLanesAcc;
+  static_assert(kSumBlock % kPairBlock == 0 && kChunk<T> % kSumBlock == 0, "a chunk holds whole blocks");
   int64_t i = begin;
-  while (end - i >= kBlock) {
-    const int64_t chunk_end = i + std::min(kChunk<T>, (end - i) / kBlock * kBlock);
+  while (end - i >= kSumBlock) {
+    const int64_t chunk_end = i + std::min(kChunk<T>, (end - i) / kSumBlock * kSumBlock);
     if (j.eps_var) {
-      for (int64_t block = i; block < chunk_end; block += kBlock) mc_sum_eps_var_block<kBytes, T, kVectors>(j, block);
+      for (int64_t block = i; block < chunk_end; block += kSumBlock) {
+        mc_sum_eps_var_block<kBytes, T, kSumVectors<kBytes>>(j, block);
+      }
     }
-    for (int64_t block = i; block < chunk_end; block += kBlock) mc_pairs_block<kBytes, T, kVectors>(j, block);
+    for (int64_t block = i; block < chunk_end; block += kPairBlock) {
+      mc_pairs_block<kBytes, T, kPairVectors<kBytes>>(j, block);
+    }
     i = chunk_end;
   }
   for (; i < end; ++i) mc_element(j, i);
@@ -230,7 +242,7 @@ template <typename T>
 void run_mc(McJob<T> job) {
   using Acc = acc_t<T>;
   const Isa isa = cpu_isa();
-  constexpr int64_t kUnit = kMcVectors<kWidestVectorBytes> * kLanes<Acc, kWidestVectorBytes>;
+  constexpr int64_t kUnit = kSumVectors<kWidestVectorBytes> * kLanes<Acc, kWidestVectorBytes>;
   const int64_t units = (job.numel + kUnit - 1) / kUnit;
   const int64_t grain = std::max<int64_t>(1, kElementGrain / (kUnit * job.samples));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {

@@ -25,16 +25,19 @@ BDX_HD void moment_step_element(const MomentCoefficients<Acc>& k, V mean_x, V va
 }
 
 // One-pass statistics over the S Monte Carlo samples of one element, as shifted sums: with
-// d = x^i − E[x] (E[x] the given mean) and e = m^i − m^0 (m^0 the first sample's head mean), every
+// d = E[x] − x^i (E[x] the given mean) and e = m^0 − m^i (m^0 the first sample's head mean), every
 // sample adds to five independent sums. No serial chain runs through the samples (Welford's running
 // means do), and the shifts keep the sums at the scale of the spread, so a large common offset of m
-// (or of x) cancels exactly in the subtractions, not in E[m²] − E[m]².
+// (or of x) cancels exactly in the subtractions, not in E[m²] − E[m]². The sample is the subtrahend
+// (shift − sample, not sample − shift) because that is the operand an x86 subtraction can read from
+// memory: one instruction fewer per sample in the CPU kernel's streaming loop (measured 1–5 % faster
+// with the inputs in memory). Negation is exact, so the results are bit-for-bit those of the other sign.
 template <typename Acc>
 struct McState {
-  Acc sum_d;        // Σ (x^i − E[x])
-  Acc sum_e;        // Σ (m^i − m^0)
-  Acc sum_ee;       // Σ (m^i − m^0)²
-  Acc sum_de;       // Σ (x^i − E[x])(m^i − m^0)
+  Acc sum_d;        // Σ (E[x] − x^i)
+  Acc sum_e;        // Σ (m^0 − m^i)
+  Acc sum_ee;       // Σ (m^0 − m^i)²
+  Acc sum_de;       // Σ (E[x] − x^i)(m^0 − m^i)
   Acc sum_eps_var;  // Σ γ²^i
 };
 
@@ -48,8 +51,8 @@ BDX_HD McState<Acc> mc_init() {
 // state of a block of elements in registers.
 template <typename Acc>
 BDX_HD void mc_accumulate_pairs(McState<Acc>& s, Acc x, Acc eps, Acc mean_x_given, Acc eps_first) {
-  const Acc d = x - mean_x_given;
-  const Acc e = eps - eps_first;
+  const Acc d = mean_x_given - x;
+  const Acc e = eps_first - eps;
   s.sum_d += d;
   s.sum_e += e;
   s.sum_ee += e * e;
@@ -62,18 +65,18 @@ BDX_HD void mc_accumulate(McState<Acc>& s, Acc x, Acc eps, Acc eps_var, Acc mean
   s.sum_eps_var += eps_var;
 }
 
-// E[ε] = m^0 + mean e; Var[ε] = mean γ² + population var of m = mean γ² + (mean e² − (mean e)²);
-// Cov(x, ε) = mean (x − E[x])·m = mean d·e + (mean d)·m^0.
+// E[ε] = m^0 − mean e; Var[ε] = mean γ² + population var of m = mean γ² + (mean e² − (mean e)²);
+// Cov(x, ε) = mean (x − E[x])·m = mean (−d)·(m^0 − e) = mean d·e − (mean d)·m^0.
 template <typename Acc>
 BDX_HD void mc_finalize(const McState<Acc>& s, Acc inv_samples, Acc eps_first, Acc* e_eps, Acc* var_eps,
                         Acc* cov_x_eps) {
   const Acc mean_e = s.sum_e * inv_samples;
-  *e_eps = eps_first + mean_e;
+  *e_eps = eps_first - mean_e;
   // The spread is a variance (only rounding takes it below zero); the sum is below zero only
   // through a negative input variance γ².
   const Acc spread = clamp_variance(s.sum_ee * inv_samples - mean_e * mean_e);
   *var_eps = clamp_variance(s.sum_eps_var * inv_samples + spread);
-  *cov_x_eps = s.sum_de * inv_samples + (s.sum_d * inv_samples) * eps_first;
+  *cov_x_eps = s.sum_de * inv_samples - (s.sum_d * inv_samples) * eps_first;
 }
 
 // The step straight from the Monte Carlo state (mc_moment_step): E[ε], Var[ε] and Cov(x, ε) of
