@@ -551,11 +551,11 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
       }
       // Each thread takes a band of the tile's rows through all three steps in its own part of the
       // buffers, BLAS single-threaded inside: no barrier between the steps, and each GEMM on one core.
-      // MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, and in some
-      // runs only 1.5× (CelebA-like and SD-like, quiet: 0.88–0.96× eager), where single-threaded
-      // GEMMs per core held up (CelebA-like: 75 against 88 ms); the bands scaled 1.85–1.97×, in
-      // 0.95–1.03× MKL's time in the same runs. With fewer than kFactoredMinBandPixels per thread
-      // the GEMMs would be too narrow, so the tile stays whole and BLAS threads it.
+      // MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the bands
+      // 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet). In some
+      // runs both scale only 1.5–1.7× (the GEMMs slow down on two cores, oneDNN's convolution in the
+      // eager composition does not). With fewer than kFactoredMinBandPixels per thread the GEMMs
+      // would be too narrow, so the tile stays whole and BLAS threads it.
       const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads, rows) : 1;
       at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
         for (int64_t band = begin; band < end; ++band) {
