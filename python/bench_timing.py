@@ -26,13 +26,44 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
     return statistics.median(times)
 
 
+class Medians(dict):
+    """``interleaved_medians``' result: the medians; every kept round's seconds, in round order
+    (``rounds``, same keys), for ratios within a round; and how many rounds were timed again because
+    other processes used the CPU during them (``disturbed``)."""
+
+    disturbed: int = 0
+    rounds: dict
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """Busy clock ticks of the whole machine and of this process so far (Linux /proc), else None."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:]]
+        with open("/proc/self/stat") as own:
+            fields = own.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], int(fields[11]) + int(fields[12])  # less idle, iowait; utime + stime
+
+
+def _others_share(before: tuple[int, int] | None, seconds: float) -> float:
+    """The share of one CPU's time that other processes used since ``before`` (0 without /proc)."""
+    after = _cpu_ticks()
+    if before is None or after is None:
+        return 0.0
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return others / (seconds * os.sysconf("SC_CLK_TCK"))
+
+
 def interleaved_medians(
     fns: dict[Hashable, Callable[[], object]],
     repeats: int,
     warmup: int = 1,
     threads: Sequence[int] | None = None,
     before: Callable[[], object] | None = None,
-) -> dict:
+    max_others: float | None = None,
+) -> Medians:
     """Median seconds of each function, timed in rounds: one call of each per round, and with
     ``threads`` one call of each at every thread count per round. A change of load on a shared
     machine then falls on every candidate alike, so ratios within a round stay fair. Each round
@@ -41,7 +72,13 @@ def interleaved_medians(
     slower after one that evicted them or freed memory it must fault in again).
 
     ``before``, when given, runs untimed before every timed call (e.g. to put the inputs in a known
-    cache state). Returns ``{name: seconds}``, or ``{(threads, name): seconds}`` when ``threads`` is given.
+    cache state). ``max_others``, when given, drops a round (every candidate's time in it) in which
+    other processes used more than that share of one CPU, and times another in its place, up to
+    2·``repeats`` of them (a process that starts during the run is not paused by a caller that paused
+    the others: its round would time a candidate on a shared core, and a candidate that synchronises
+    its threads more often loses more; the CPU time comes in clock ticks, 10 ms, so rounds should last
+    ≥ 0.5 s). Returns ``{name: seconds}``, or ``{(threads, name): seconds}``
+    when ``threads`` is given, with ``disturbed`` = the number of rounds dropped.
     """
     counts = list(threads) if threads is not None else [None]
     keys = [(n, name) for n in counts for name in fns]
@@ -52,7 +89,11 @@ def interleaved_medians(
             fns[name]()
     times = {key: [] for key in keys}
     order = random.Random(0)
-    for _ in range(repeats):
+    disturbed = 0
+    kept = 0
+    while kept < repeats:
+        ticks, round_start = _cpu_ticks(), time.perf_counter()
+        round_times = {}
         # A fresh order each round: a rotation would keep each candidate behind the same one (the
         # one whose temporaries evicted its inputs, or whose freed memory it must fault in again).
         for n, name in order.sample(keys, len(keys)):
@@ -62,9 +103,19 @@ def interleaved_medians(
                 before()
             start = time.perf_counter()
             fns[name]()
-            times[(n, name)].append(time.perf_counter() - start)
+            round_times[(n, name)] = time.perf_counter() - start
+        share = _others_share(ticks, time.perf_counter() - round_start)
+        if max_others is not None and share > max_others and disturbed < 2 * repeats:
+            disturbed += 1
+            continue
+        kept += 1
+        for key, seconds in round_times.items():
+            times[key].append(seconds)
     medians = {key: statistics.median(t) for key, t in times.items()}
-    return medians if threads is not None else {name: medians[(None, name)] for name in fns}
+    result = Medians(medians if threads is not None else {name: medians[(None, name)] for name in fns})
+    result.disturbed = disturbed
+    result.rounds = times if threads is not None else {name: times[(None, name)] for name in fns}
+    return result
 
 
 def resident_mib() -> float:

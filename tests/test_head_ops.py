@@ -188,6 +188,22 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
     _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), torch.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_head_var_factored_cpu_thread_bands(dtype):
+    """At 2 threads a tile of ≥ 2·512 pixels is split into bands of rows, one per thread (37 rows:
+    18 + 19), each gathered, projected and mixed on its own; the result must not depend on it."""
+    case = Factored(Conv(2, 3, 4, 37, 41, (3, 3), padding=(1, 1)), rank=28)
+    args = _factored_inputs(case, dtype, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args, *case.conv.geometry)
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference.conv_head_var_factored(*args, *case.conv.geometry)
+    _assert_within(var, ref, _factored_bound(*args, case.conv.geometry), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "shape, kernel, stride, padding, dilation",
@@ -206,9 +222,16 @@ def test_conv_head_var_factored_cpu_convolution_tiles(shape, kernel, stride, pad
     _assert_within(var, reference.conv_head_var_factored(*args), _factored_bound(*args[:5], args[5:]), dtype)
 
 
-def test_conv_head_var_factored_cpu_row_tiles():
-    """Rows (B, D, 1, 1) with (R + D)·4 B·B over the CPU's 32 MiB tile: two tiles of rows."""
-    case = Factored(Conv(1100, 4, 3, 1, 1, (1, 1)), rank=8000)
+@pytest.mark.parametrize(
+    "rows, rank",
+    [(1100, 8000), (300, 70000)],
+    ids=["over-512-rows", "over-32MiB"],
+)
+def test_conv_head_var_factored_cpu_row_tiles(rows, rank):
+    """Rows (B, D, 1, 1) in tiles of at most 512 rows and of at most 32 MiB of (2R + D)·4 B per row,
+    spread evenly: 367, 367, 366 rows; 5 × 60 rows of 560 kB (the large R also checks the rounding
+    of the mix, a float32 sum over R)."""
+    case = Factored(Conv(rows, 4, 3, 1, 1, (1, 1)), rank=rank)
     args = _factored_inputs(case, torch.float32, "cpu")
     var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args, *case.conv.geometry)
     bound = _factored_bound(*args, case.conv.geometry)
