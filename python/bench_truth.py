@@ -37,6 +37,7 @@ BENCHMARKS.md from every result file:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -154,8 +155,9 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
     def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
-                 max_draws: int = 32, shared_draws: bool = True):
+                 max_draws: int = 32, shared_draws: bool = True, keep_draws: Path | None = None):
         self.name, self.config = name, CONFIGS[name]
+        self.keep_draws = keep_draws
         self.shared_draws = shared_draws
         self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
@@ -208,6 +210,23 @@ class Bench:
         )
         return out, time.perf_counter() - started
 
+    def keep(self, name: str, draws) -> None:
+        """With ``keep_draws``: a run's draws to <keep_draws>/<config>.<name>.pt (finals and maps in float32, the
+        weight deviations once where all images share them), and φ̃ once, for analyses of other estimators on them."""
+        if self.keep_draws is None:
+            return
+        deviations = draws.deviations
+        if self.shared_draws:
+            deviations = deviations[:, :, :1]
+        kept = dict(finals=draws.finals.float().cpu(), maps=draws.maps.float().cpu(), deviations=deviations.cpu(),
+                    x_t=self.x_t.cpu())
+        if not self.stochastic:
+            kept["phi_tilde"] = self.feedback_free_features().cpu()
+        buffer = io.BytesIO()
+        torch.save(kept, buffer)
+        self.keep_draws.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.keep_draws / f"{self.name}.{name}.pt", buffer.getvalue())
+
     def add(self, family, setting, estimate, seconds, forwards, other=None, aleatoric=None):
         truth = self.truth
         row = dict(estimator=family, setting=setting, forwards=forwards, time_ratio=seconds / self.plain)
@@ -228,6 +247,7 @@ class Bench:
             noise_samples=self.truth_draws // 2 if stochastic_config else None,
         )
         self.truth, self.stochastic = truth, truth.settings["stochastic_sampler"]
+        self.keep("truth", truth.draws)
         self.reliability = _split_half_reliability(truth.draws, self.stochastic)
         label = f"trajectories M={self.truth_draws}" + (f", J={self.truth_draws // 2} noise streams" if self.stochastic else "")
         self.add("truth", label, truth.variance, truth_s, truth.timings["model_forwards_per_image"],
@@ -298,6 +318,8 @@ class Bench:
             streams = 2 * most if self.stochastic else None
             centre = "map" if self.stochastic else "mean"
             runs = [self.trajectories(seed, most, draws, centre, streams, return_draws=True) for seed in SEEDS]
+            for seed, (out, _) in zip(SEEDS, runs):
+                self.keep(f"{draws}-seed{seed}", out.draws)
             copies_run = runs[0][0].timings["model_forwards_per_image"] / self.steps - 1
             seconds_per_copy = (runs[0][1] - self.plain) / copies_run
             for samples, streams_used in _subsets(most, self.stochastic):
@@ -597,6 +619,8 @@ def main() -> None:
     parser.add_argument("--per-image-draws", action="store_true",
                         help="every trajectory estimator and the truth with each image's own weight draws and noise streams "
                         "(default: the draws shared by all images, from each run's seed; results to <config>.per-image.json)")
+    parser.add_argument("--keep-draws", type=Path, default=None,
+                        help="folder for the truth's and the trajectory runs' draws (<config>.<run>.pt), for offline analyses")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
@@ -612,7 +636,7 @@ def main() -> None:
             atomic_write(path, json.dumps(result, indent=1).encode())
 
         result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws,
-                       shared_draws=not args.per_image_draws).run()
+                       shared_draws=not args.per_image_draws, keep_draws=args.keep_draws).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
         # every result file: <config>.json from the latest run, older runs kept beside it under other names
