@@ -44,6 +44,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ from bayesdiff_ext.sampler.linearised import LinearisedSampler
 from bayesdiff_ext.sampler.feedback_free import accumulate_features, feedback_free_coefficients
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
+from bayesdiff_ext.sampler.results import TrajectoryDraws
 from bayesdiff_ext.sampler.trajectory_statistics import trajectory_moments
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -155,9 +157,10 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
     def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
-                 max_draws: int = 32, shared_draws: bool = True, keep_draws: Path | None = None):
+                 max_draws: int = 32, shared_draws: bool = True, keep_draws: Path | None = None,
+                 reuse_draws: Path | None = None):
         self.name, self.config = name, CONFIGS[name]
-        self.keep_draws = keep_draws
+        self.keep_draws, self.reuse_draws = keep_draws, reuse_draws
         self.shared_draws = shared_draws
         self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
@@ -200,7 +203,10 @@ class Bench:
         """The trajectory estimators' draws for ``seed``: shared by all images (from ``seed``), or each image's own."""
         return dict(shared_draws=True, weight_seed=seed) if self.shared_draws else dict(shared_draws=False)
 
-    def trajectories(self, seed, samples, draws, centre, noise_samples=None, return_draws=False):
+    def trajectories(self, seed, samples, draws, centre, noise_samples=None, return_draws=False, kept=None):
+        """One trajectory run; with ``reuse_draws`` and a kept run ``kept`` of it there, that run instead."""
+        if kept is not None and self.reuse_draws is not None and (self.reuse_draws / f"{self.name}.{kept}.pt").exists():
+            return self.reused(kept, centre, draws)
         sampler = TrajectorySampler(self.unet, self.scheduler(), self.posterior)
         started = time.perf_counter()
         out = sampler.sample(
@@ -208,19 +214,41 @@ class Bench:
             samples=samples, draws=draws, centre=centre, noise_samples=noise_samples, progress=False,
             return_draws=return_draws, **self.draw_options(seed),
         )
-        return out, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if kept is not None:
+            self.keep(kept, out, seconds)
+        return out, seconds
 
-    def keep(self, name: str, draws) -> None:
+    def reused(self, name: str, centre: str, draws: str):
+        """A kept run (:meth:`keep`) as the run's output: its draws, moments, forwards and time (scaled by this
+        process's plain loop over the keeping process's, so that its time ratio is the keeping run's)."""
+        kept = torch.load(self.reuse_draws / f"{self.name}.{name}.pt")
+        if not torch.equal(kept["x_t"], self.x_t.cpu()):
+            raise ValueError(f"{name}: kept for other x_T (another --images or config)")
+        deviations = kept["deviations"].expand(-1, -1, self.batch, -1) if self.shared_draws else kept["deviations"]
+        kept_draws = TrajectoryDraws(kept["finals"], kept["maps"], deviations)
+        moments = trajectory_moments(kept["finals"], kept["maps"], draws, centre)
+        out = SimpleNamespace(
+            draws=kept_draws, variance=moments.variance, aleatoric_variance=moments.aleatoric,
+            settings={"stochastic_sampler": kept["stochastic"]}, timings={"model_forwards_per_image": kept["forwards"]},
+        )
+        print(f"reused {name} (kept {kept['seconds']:.0f} s)", flush=True)
+        return out, kept["seconds"] * self.plain / kept["plain_s"]
+
+    def keep(self, name: str, out, seconds: float) -> None:
         """With ``keep_draws``: a run's draws to <keep_draws>/<config>.<name>.pt (finals and maps in float32, the
-        weight deviations once where all images share them), and φ̃ once, for analyses of other estimators on them."""
+        weight deviations once where all images share them, its forwards and time), and φ̃ (deterministic
+        samplers), for analyses of other estimators on them and for ``--reuse-draws``."""
         if self.keep_draws is None:
             return
+        draws = out.draws
         deviations = draws.deviations
         if self.shared_draws:
             deviations = deviations[:, :, :1]
         kept = dict(finals=draws.finals.float().cpu(), maps=draws.maps.float().cpu(), deviations=deviations.cpu(),
-                    x_t=self.x_t.cpu())
-        if not self.stochastic:
+                    x_t=self.x_t.cpu(), stochastic=out.settings["stochastic_sampler"], seconds=seconds, plain_s=self.plain,
+                    forwards=out.timings["model_forwards_per_image"])
+        if not kept["stochastic"]:
             kept["phi_tilde"] = self.feedback_free_features().cpu()
         buffer = io.BytesIO()
         torch.save(kept, buffer)
@@ -244,10 +272,9 @@ class Bench:
         stochastic_config = not (self.config["scheduler"] == "ddim" and not self.eta)
         truth, truth_s = self.trajectories(
             100, self.truth_draws, "independent", "mean", return_draws=True,
-            noise_samples=self.truth_draws // 2 if stochastic_config else None,
+            noise_samples=self.truth_draws // 2 if stochastic_config else None, kept="truth",
         )
         self.truth, self.stochastic = truth, truth.settings["stochastic_sampler"]
-        self.keep("truth", truth.draws)
         self.reliability = _split_half_reliability(truth.draws, self.stochastic)
         label = f"trajectories M={self.truth_draws}" + (f", J={self.truth_draws // 2} noise streams" if self.stochastic else "")
         self.add("truth", label, truth.variance, truth_s, truth.timings["model_forwards_per_image"],
@@ -317,9 +344,8 @@ class Bench:
         for draws, most in kinds.items():
             streams = 2 * most if self.stochastic else None
             centre = "map" if self.stochastic else "mean"
-            runs = [self.trajectories(seed, most, draws, centre, streams, return_draws=True) for seed in SEEDS]
-            for seed, (out, _) in zip(SEEDS, runs):
-                self.keep(f"{draws}-seed{seed}", out.draws)
+            runs = [self.trajectories(seed, most, draws, centre, streams, return_draws=True, kept=f"{draws}-seed{seed}")
+                    for seed in SEEDS]
             copies_run = runs[0][0].timings["model_forwards_per_image"] / self.steps - 1
             seconds_per_copy = (runs[0][1] - self.plain) / copies_run
             for samples, streams_used in _subsets(most, self.stochastic):
@@ -621,6 +647,9 @@ def main() -> None:
                         "(default: the draws shared by all images, from each run's seed; results to <config>.per-image.json)")
     parser.add_argument("--keep-draws", type=Path, default=None,
                         help="folder for the truth's and the trajectory runs' draws (<config>.<run>.pt), for offline analyses")
+    parser.add_argument("--reuse-draws", type=Path, default=None,
+                        help="folder of kept runs (--keep-draws) of the same configuration: those found there are loaded, "
+                        "not run again (the table's other rows are computed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
@@ -636,7 +665,8 @@ def main() -> None:
             atomic_write(path, json.dumps(result, indent=1).encode())
 
         result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws,
-                       shared_draws=not args.per_image_draws, keep_draws=args.keep_draws).run()
+                       shared_draws=not args.per_image_draws, keep_draws=args.keep_draws,
+                       reuse_draws=args.reuse_draws).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
         # every result file: <config>.json from the latest run, older runs kept beside it under other names
