@@ -60,7 +60,8 @@ from bayesdiff_ext.sampler.feedback_free import accumulate_features, feedback_fr
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
 from bayesdiff_ext.sampler.results import TrajectoryDraws
-from bayesdiff_ext.sampler.trajectory_statistics import trajectory_moments
+from bayesdiff_ext.posterior.perturbation import head_perturbation
+from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread, trajectory_moments
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_timing import write_section  # noqa: E402
@@ -259,6 +260,9 @@ class Bench:
         truth = self.truth
         row = dict(estimator=family, setting=setting, forwards=forwards, time_ratio=seconds / self.plain)
         row.update(compare(estimate, truth.variance, other))
+        if self.controlled is not None and family != "truth":
+            against = compare(estimate, self.controlled, None)
+            row["vs_controlled"] = {key: against[key] for key in ("ratio", "map_r", "image_map_r", "spearman")}
         if aleatoric is not None and self.stochastic:
             row["aleatoric_ratio"] = float(aleatoric.double().mean() / truth.aleatoric_variance.double().mean())
         self.rows.append(row)
@@ -276,6 +280,9 @@ class Bench:
         )
         self.truth, self.stochastic = truth, truth.settings["stochastic_sampler"]
         self.reliability = _split_half_reliability(truth.draws, self.stochastic)
+        self.controlled, self.controlled_reliability = None, None
+        if not self.stochastic:
+            self.controlled_truth(truth.draws)
         label = f"trajectories M={self.truth_draws}" + (f", J={self.truth_draws // 2} noise streams" if self.stochastic else "")
         self.add("truth", label, truth.variance, truth_s, truth.timings["model_forwards_per_image"],
                  aleatoric=truth.aleatoric_variance)
@@ -295,6 +302,7 @@ class Bench:
             config=self.name, settings=self.config, described=self.described, plain_s=self.plain, grid=self.grid,
             truth_draws=self.truth_draws, shared_draws=self.shared_draws, truth_mean=float(truth.variance.double().mean()),
             truth_aleatoric_mean=float(truth.aleatoric_variance.double().mean()), truth_reliability=self.reliability,
+            controlled_truth=self.controlled_reliability,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - self.started,
             load_start=self.load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
             torch=torch.__version__, machine=platform.machine(), device=str(self.x_t.device), partial=partial,
@@ -302,6 +310,33 @@ class Bench:
         if self.save is not None:
             self.save(result)
         return result
+
+    def controlled_truth(self, draws) -> None:
+        """A second yardstick from the truth's own draws: their spread around their mean with the feedback-free
+        control, n/(n − 1)·(mean (x − x̄)² − β·(mean (L − L̄)² − (n − 1)/n·V)), β per image (the package's
+        :func:`controlled_spread`; docs/MATH.md §14.5). Its expectation is the plain truth's up to the O(1/M)
+        bias of the fitted β; its draws are independent of the estimators', so it shares no Monte Carlo error
+        with them. Also its halves' agreement, against the plain truth and as ceilings."""
+        phi_tilde = self.feedback_free_features()
+        exact = self.posterior.predict(phi_tilde)[1].to(torch.float64)
+        finals, deviations = draws.finals[0].to(torch.float64), draws.deviations[0]
+        controls = torch.stack([head_perturbation(self.posterior.spec, phi_tilde, d) for d in deviations]).to(torch.float64)
+
+        def controlled(rows):
+            count = len(rows)
+            spread = (finals[rows] - finals[rows].mean(0)).square()
+            control = (controls[rows] - controls[rows].mean(0)).square()
+            return count / (count - 1) * controlled_spread(spread, control, exact * (count - 1) / count)
+
+        everything, half = torch.arange(finals.shape[0]), finals.shape[0] // 2
+        self.controlled = controlled(everything)
+        halves = compare(controlled(everything[:half]), controlled(everything[half:]), None)
+        whole = 2 * halves["map_r"] / (1 + halves["map_r"])
+        against = compare(self.controlled, self.truth.variance, None)
+        self.controlled_reliability = dict(
+            half_map_r=halves["map_r"], half_spearman=halves["spearman"], whole_map_r=whole, ceiling=whole**0.5,
+            mean_ratio=against["ratio"], map_r=against["map_r"], spearman=against["spearman"],
+        )
 
     # -------------------------------------------------------------- the moment recurrence
     def recurrence(self):
@@ -532,6 +567,7 @@ def render(results: list[dict]) -> str:
                    if score_ceiling(result["truth_reliability"]) else "")
                 if "truth_reliability" in result else ""
             )
+            + _controlled_sentence(result.get("controlled_truth"))
             + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min; load average "
             f"{result['load_start'][0]:.1f} at the start, {result['load_end'][0]:.1f} at the end; torch {result['torch']}, "
             f"{result['threads']} thread on {result.get('device', 'cpu')}; grid: {result.get('grid', 'full')}"
@@ -580,8 +616,23 @@ def _preset_lines(result: dict) -> list[str]:
                 f"{row['time_ratio']:.1f}× plain")
         if "aleatoric_ratio" in row:
             text += f", sampler-noise part {_ratio(row['aleatoric_ratio'])}× the truth's"
+        if "vs_controlled" in row:
+            against = row["vs_controlled"]
+            text += (f"; against the controlled truth: mean ratio {_ratio(against['ratio'])}, map r {against['map_r']:.3f}, "
+                     f"score ρ {against['spearman']:.2f}")
         lines.append(text)
     return lines
+
+
+def _controlled_sentence(controlled: dict | None) -> str:
+    """The controlled truth's own agreement (halves, ceilings) and its agreement with the plain truth."""
+    if not controlled:
+        return ""
+    return (f". The same draws with the control variate (the controlled truth, docs/MATH.md §14.6): halves agree at map r "
+            f"{controlled['half_map_r']:.3f}, score ρ {controlled['half_spearman']:.2f} (ceilings map r "
+            f"{controlled['ceiling']:.3f}" + (f", score ρ {score_ceiling(controlled):.2f}" if score_ceiling(controlled) else "")
+            + f"); against the plain truth: map r {controlled['map_r']:.3f}, score ρ {controlled['spearman']:.2f}, mean "
+            f"ratio {_ratio(controlled['mean_ratio'])}")
 
 
 def _ratio(value: float) -> str:
@@ -626,6 +677,17 @@ def _verdict(result: dict) -> list[str]:
                              f"map r {map_c:.3f}, score ρ {score_text} ({best['forwards']:.0f} forwards per image)")
             else:
                 lines.append(f"* {bar}, corrected for the truth's noise: not met")
+    if any("vs_controlled" in r for r in rows):
+        for bar, meets in bars.items():
+            passing = sorted((r for r in rows if "vs_controlled" in r and meets(r["vs_controlled"])
+                              and 0.5 <= r["vs_controlled"]["ratio"] <= 2), key=lambda r: (r["forwards"], r["time_ratio"]))
+            if passing:
+                best, against = passing[0], passing[0]["vs_controlled"]
+                lines.append(f"* {bar}, against the controlled truth: cheapest {best['estimator']}, {best['setting']} — "
+                             f"map r {against['map_r']:.3f}, score ρ {against['spearman']:.2f} ({best['forwards']:.0f} "
+                             "forwards per image)")
+            else:
+                lines.append(f"* {bar}, against the controlled truth: not met")
     return lines
 
 
