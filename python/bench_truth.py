@@ -161,7 +161,7 @@ class Bench:
                  max_draws: int = 32, shared_draws: bool = True, keep_draws: Path | None = None,
                  reuse_draws: Path | None = None):
         self.name, self.config = name, CONFIGS[name]
-        self.keep_draws, self.reuse_draws = keep_draws, reuse_draws
+        self.keep_draws, self.reuse_draws, self.reused_runs = keep_draws, reuse_draws, {}
         self.shared_draws = shared_draws
         self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
@@ -233,6 +233,7 @@ class Bench:
             draws=kept_draws, variance=moments.variance, aleatoric_variance=moments.aleatoric,
             settings={"stochastic_sampler": kept["stochastic"]}, timings={"model_forwards_per_image": kept["forwards"]},
         )
+        self.reused_runs[name] = kept["seconds"]
         print(f"reused {name} (kept {kept['seconds']:.0f} s)", flush=True)
         return out, kept["seconds"] * self.plain / kept["plain_s"]
 
@@ -302,7 +303,7 @@ class Bench:
             config=self.name, settings=self.config, described=self.described, plain_s=self.plain, grid=self.grid,
             truth_draws=self.truth_draws, shared_draws=self.shared_draws, truth_mean=float(truth.variance.double().mean()),
             truth_aleatoric_mean=float(truth.aleatoric_variance.double().mean()), truth_reliability=self.reliability,
-            controlled_truth=self.controlled_reliability,
+            controlled_truth=self.controlled_reliability, reused_runs=self.reused_runs,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - self.started,
             load_start=self.load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
             torch=torch.__version__, machine=platform.machine(), device=str(self.x_t.device), partial=partial,
@@ -521,7 +522,8 @@ def _first_draws(draws, samples: int, streams: int, kind: str):
 
 # ------------------------------------------------------------------------------------------ report
 COLUMNS = ("| estimator | setting | mean Var / truth | map r | map r within images | score ρ | map r, corrected | "
-           "score ρ, corrected | between-seed r | forwards / image | time / plain |")
+           "score ρ, corrected | map r, controlled truth | score ρ, controlled truth | between-seed r | forwards / image | "
+           "time / plain |")
 
 
 def render(results: list[dict]) -> str:
@@ -537,7 +539,9 @@ def render(results: list[dict]) -> str:
         "of the per-image sums; \"between-seed r\": the map of seed 1 against seed 2 (— : no randomness). "
         "\"corrected\": map r and score ρ divided by the truth's own ceiling (the square root of the whole truth's "
         "reliability, from its split halves by Spearman–Brown): the value against an exact truth, correcting for the "
-        "truth's Monte Carlo noise only; \"—\" where the truth's halves do not agree on the scores at all. The bars "
+        "truth's Monte Carlo noise only; \"—\" where the truth's halves do not agree on the scores at all. \"controlled "
+        "truth\" (deterministic samplers, runs since 2026-12-07): the same comparison against the truth's own draws "
+        "with the feedback-free control variate (docs/MATH.md §14.6), a far less noisy yardstick of the same quantity. The bars "
         "of issue 22 are judged on the raw values; the corrected ones say whether a miss is the estimator's or the "
         "yardstick's. A \"presets\" grid runs only what decides the presets and the bars. \"Draws shared by all "
         "images\" (the package's default, docs/MATH.md §14.10): the truth and every trajectory estimator give all images "
@@ -568,20 +572,24 @@ def render(results: list[dict]) -> str:
                 if "truth_reliability" in result else ""
             )
             + _controlled_sentence(result.get("controlled_truth"))
-            + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min; load average "
+            + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min"
+            + "".join(f" + kept {name} run {seconds / 60:.1f} min" for name, seconds in result.get("reused_runs", {}).items())
+            + "; load average "
             f"{result['load_start'][0]:.1f} at the start, {result['load_end'][0]:.1f} at the end; torch {result['torch']}, "
             f"{result['threads']} thread on {result.get('device', 'cpu')}; grid: {result.get('grid', 'full')}"
             + (" (stopped early: the rows so far)" if result.get("partial") else "") + ".",
             "",
         ]
         lines += _preset_lines(result) + [""] + _verdict(result) + ["", COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
-                                     "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
+                                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
         for row in result["rows"]:
             seed_r = "—" if row["seed_r"] is None else f"{row['seed_r']:.2f}"
             map_c, score_c = corrected(row, result.get("truth_reliability"))
             cells = [row["estimator"], row["setting"], f"{row['ratio']:.3g}", f"{row['map_r']:.3f}",
                      f"{row['image_map_r']:.3f}" if "image_map_r" in row else "—", f"{row['spearman']:.2f}", "—" if map_c is None else f"{map_c:.3f}",
-                     "—" if score_c is None else f"{score_c:.2f}", seed_r, f"{row['forwards']:.0f}",
+                     "—" if score_c is None else f"{score_c:.2f}",
+                     f"{row['vs_controlled']['map_r']:.3f}" if "vs_controlled" in row else "—",
+                     f"{row['vs_controlled']['spearman']:.2f}" if "vs_controlled" in row else "—", seed_r, f"{row['forwards']:.0f}",
                      f"{row['time_ratio']:.1f}×"]
             if result["stochastic"]:
                 cells.append(f"{row['aleatoric_ratio']:.3g}" if "aleatoric_ratio" in row else "—")
