@@ -20,6 +20,10 @@ For one model and scheduler (``--config``), on the same x_T for every estimator:
   closed-form response without feedback, whose variance is known), and the top eigen-directions of
   the posterior in the data's metric (± pairs along the R directions with the largest s·h·v).
 
+Deterministic samplers also get a second yardstick, the *controlled truth*: the truth's own draws around
+their mean with the feedback-free control variate (docs/MATH.md §14.6), unbiased up to O(1/M), independent
+of the estimators' draws and far less noisy where the control tracks the trajectories.
+
 Columns: mean Var / truth; per-pixel Pearson r of the map against the truth (all pixels of all
 images); Spearman's ρ of the per-image sums against the truth's; between-seed map r (the same
 estimator with another seed, "—" where it has no randomness); model forwards per image
@@ -32,6 +36,10 @@ BENCHMARKS.md from every result file:
 
     OMP_NUM_THREADS=1 .venv/bin/python python/bench_truth.py --config digits-ddim
     .venv/bin/python python/bench_truth.py --report
+
+``--keep-draws DIR`` keeps the truth's and the trajectory runs' draws (with their forwards and time);
+``--reuse-draws DIR`` loads the kept runs of the same configuration instead of running them again (the
+other rows are computed), e.g. to add an estimator or split a long truth from the rest of the table.
 """
 
 from __future__ import annotations
@@ -144,6 +152,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tensor | None) -> dict:
+    # on the host: a GPU run's estimates, kept (host) truths and scipy's ranks meet there
+    estimate, truth = estimate.cpu(), truth.cpu()
+    other_seed = None if other_seed is None else other_seed.cpu()
     scores, truth_scores = estimate.flatten(1).sum(1), truth.flatten(1).sum(1)
     return dict(
         ratio=float(estimate.double().mean() / truth.double().mean()),
