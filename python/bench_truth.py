@@ -20,6 +20,10 @@ For one model and scheduler (``--config``), on the same x_T for every estimator:
   closed-form response without feedback, whose variance is known), and the top eigen-directions of
   the posterior in the data's metric (± pairs along the R directions with the largest s·h·v).
 
+Deterministic samplers also get a second yardstick, the *controlled truth*: the truth's own draws around
+their mean with the feedback-free control variate (docs/MATH.md §14.6), unbiased up to O(1/M), independent
+of the estimators' draws and far less noisy where the control tracks the trajectories.
+
 Columns: mean Var / truth; per-pixel Pearson r of the map against the truth (all pixels of all
 images); Spearman's ρ of the per-image sums against the truth's; between-seed map r (the same
 estimator with another seed, "—" where it has no randomness); model forwards per image
@@ -32,17 +36,23 @@ BENCHMARKS.md from every result file:
 
     OMP_NUM_THREADS=1 .venv/bin/python python/bench_truth.py --config digits-ddim
     .venv/bin/python python/bench_truth.py --report
+
+``--keep-draws DIR`` keeps the truth's and the trajectory runs' draws (with their forwards and time);
+``--reuse-draws DIR`` loads the kept runs of the same configuration instead of running them again (the
+other rows are computed), e.g. to add an estimator or split a long truth from the rest of the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +67,9 @@ from bayesdiff_ext.sampler.linearised import LinearisedSampler
 from bayesdiff_ext.sampler.feedback_free import accumulate_features, feedback_free_coefficients
 from bayesdiff_ext.sampler.scheduler_loop import SchedulerLoop
 from bayesdiff_ext.sampler.trajectories import TrajectorySampler
-from bayesdiff_ext.sampler.trajectory_statistics import trajectory_moments
+from bayesdiff_ext.sampler.results import TrajectoryDraws
+from bayesdiff_ext.posterior.perturbation import head_perturbation
+from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread, trajectory_moments
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_timing import write_section  # noqa: E402
@@ -140,6 +152,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tensor | None) -> dict:
+    # on the host: a GPU run's estimates, kept (host) truths and scipy's ranks meet there
+    estimate, truth = estimate.cpu(), truth.cpu()
+    other_seed = None if other_seed is None else other_seed.cpu()
     scores, truth_scores = estimate.flatten(1).sum(1), truth.flatten(1).sum(1)
     return dict(
         ratio=float(estimate.double().mean() / truth.double().mean()),
@@ -154,8 +169,10 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
     def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
-                 max_draws: int = 32, shared_draws: bool = True):
+                 max_draws: int = 32, shared_draws: bool = True, keep_draws: Path | None = None,
+                 reuse_draws: Path | None = None):
         self.name, self.config = name, CONFIGS[name]
+        self.keep_draws, self.reuse_draws, self.reused_runs = keep_draws, reuse_draws, {}
         self.shared_draws = shared_draws
         self.truth_draws, self.grid, self.save, self.max_draws = truth_draws, grid, save, max_draws
         setup = digits_setup if self.config["model"] == "digits" else random_setup
@@ -198,7 +215,10 @@ class Bench:
         """The trajectory estimators' draws for ``seed``: shared by all images (from ``seed``), or each image's own."""
         return dict(shared_draws=True, weight_seed=seed) if self.shared_draws else dict(shared_draws=False)
 
-    def trajectories(self, seed, samples, draws, centre, noise_samples=None, return_draws=False):
+    def trajectories(self, seed, samples, draws, centre, noise_samples=None, return_draws=False, kept=None):
+        """One trajectory run; with ``reuse_draws`` and a kept run ``kept`` of it there, that run instead."""
+        if kept is not None and self.reuse_draws is not None and (self.reuse_draws / f"{self.name}.{kept}.pt").exists():
+            return self.reused(kept, centre, draws)
         sampler = TrajectorySampler(self.unet, self.scheduler(), self.posterior)
         started = time.perf_counter()
         out = sampler.sample(
@@ -206,12 +226,55 @@ class Bench:
             samples=samples, draws=draws, centre=centre, noise_samples=noise_samples, progress=False,
             return_draws=return_draws, **self.draw_options(seed),
         )
-        return out, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if kept is not None:
+            self.keep(kept, out, seconds)
+        return out, seconds
+
+    def reused(self, name: str, centre: str, draws: str):
+        """A kept run (:meth:`keep`) as the run's output: its draws, moments, forwards and time (scaled by this
+        process's plain loop over the keeping process's, so that its time ratio is the keeping run's)."""
+        kept = torch.load(self.reuse_draws / f"{self.name}.{name}.pt")
+        if not torch.equal(kept["x_t"], self.x_t.cpu()):
+            raise ValueError(f"{name}: kept for other x_T (another --images or config)")
+        deviations = kept["deviations"].expand(-1, -1, self.batch, -1) if self.shared_draws else kept["deviations"]
+        kept_draws = TrajectoryDraws(kept["finals"], kept["maps"], deviations)
+        moments = trajectory_moments(kept["finals"], kept["maps"], draws, centre)
+        out = SimpleNamespace(
+            draws=kept_draws, variance=moments.variance, aleatoric_variance=moments.aleatoric,
+            settings={"stochastic_sampler": kept["stochastic"]}, timings={"model_forwards_per_image": kept["forwards"]},
+        )
+        self.reused_runs[name] = kept["seconds"]
+        print(f"reused {name} (kept {kept['seconds']:.0f} s)", flush=True)
+        return out, kept["seconds"] * self.plain / kept["plain_s"]
+
+    def keep(self, name: str, out, seconds: float) -> None:
+        """With ``keep_draws``: a run's draws to <keep_draws>/<config>.<name>.pt (finals and maps in float32, the
+        weight deviations once where all images share them, its forwards and time), and φ̃ (deterministic
+        samplers), for analyses of other estimators on them and for ``--reuse-draws``."""
+        if self.keep_draws is None:
+            return
+        draws = out.draws
+        deviations = draws.deviations
+        if self.shared_draws:
+            deviations = deviations[:, :, :1]
+        kept = dict(finals=draws.finals.float().cpu(), maps=draws.maps.float().cpu(), deviations=deviations.cpu(),
+                    x_t=self.x_t.cpu(), stochastic=out.settings["stochastic_sampler"], seconds=seconds, plain_s=self.plain,
+                    forwards=out.timings["model_forwards_per_image"])
+        if not kept["stochastic"]:
+            kept["phi_tilde"] = self.feedback_free_features().cpu()
+        buffer = io.BytesIO()
+        torch.save(kept, buffer)
+        self.keep_draws.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.keep_draws / f"{self.name}.{name}.pt", buffer.getvalue())
 
     def add(self, family, setting, estimate, seconds, forwards, other=None, aleatoric=None):
         truth = self.truth
         row = dict(estimator=family, setting=setting, forwards=forwards, time_ratio=seconds / self.plain)
         row.update(compare(estimate, truth.variance, other))
+        if self.controlled is not None and family != "truth":
+            against = compare(estimate, self.controlled, None)
+            row["vs_controlled"] = {key: against[key] for key in ("ratio", "map_r", "image_map_r", "spearman")}
         if aleatoric is not None and self.stochastic:
             row["aleatoric_ratio"] = float(aleatoric.double().mean() / truth.aleatoric_variance.double().mean())
         self.rows.append(row)
@@ -225,10 +288,13 @@ class Bench:
         stochastic_config = not (self.config["scheduler"] == "ddim" and not self.eta)
         truth, truth_s = self.trajectories(
             100, self.truth_draws, "independent", "mean", return_draws=True,
-            noise_samples=self.truth_draws // 2 if stochastic_config else None,
+            noise_samples=self.truth_draws // 2 if stochastic_config else None, kept="truth",
         )
         self.truth, self.stochastic = truth, truth.settings["stochastic_sampler"]
         self.reliability = _split_half_reliability(truth.draws, self.stochastic)
+        self.controlled, self.controlled_reliability = None, None
+        if not self.stochastic:
+            self.controlled_truth(truth.draws)
         label = f"trajectories M={self.truth_draws}" + (f", J={self.truth_draws // 2} noise streams" if self.stochastic else "")
         self.add("truth", label, truth.variance, truth_s, truth.timings["model_forwards_per_image"],
                  aleatoric=truth.aleatoric_variance)
@@ -248,6 +314,7 @@ class Bench:
             config=self.name, settings=self.config, described=self.described, plain_s=self.plain, grid=self.grid,
             truth_draws=self.truth_draws, shared_draws=self.shared_draws, truth_mean=float(truth.variance.double().mean()),
             truth_aleatoric_mean=float(truth.aleatoric_variance.double().mean()), truth_reliability=self.reliability,
+            controlled_truth=self.controlled_reliability, reused_runs=self.reused_runs,
             stochastic=self.stochastic, rows=self.rows, wall_s=time.perf_counter() - self.started,
             load_start=self.load_start, load_end=os.getloadavg(), threads=torch.get_num_threads(),
             torch=torch.__version__, machine=platform.machine(), device=str(self.x_t.device), partial=partial,
@@ -255,6 +322,33 @@ class Bench:
         if self.save is not None:
             self.save(result)
         return result
+
+    def controlled_truth(self, draws) -> None:
+        """A second yardstick from the truth's own draws: their spread around their mean with the feedback-free
+        control, n/(n − 1)·(mean (x − x̄)² − β·(mean (L − L̄)² − (n − 1)/n·V)), β per image (the package's
+        :func:`controlled_spread`; docs/MATH.md §14.5). Its expectation is the plain truth's up to the O(1/M)
+        bias of the fitted β; its draws are independent of the estimators', so it shares no Monte Carlo error
+        with them. Also its halves' agreement, against the plain truth and as ceilings."""
+        phi_tilde = self.feedback_free_features()
+        exact = self.posterior.predict(phi_tilde)[1].to(torch.float64)
+        finals, deviations = draws.finals[0].to(torch.float64), draws.deviations[0]
+        controls = torch.stack([head_perturbation(self.posterior.spec, phi_tilde, d) for d in deviations]).to(torch.float64)
+
+        def controlled(rows):
+            count = len(rows)
+            spread = (finals[rows] - finals[rows].mean(0)).square()
+            control = (controls[rows] - controls[rows].mean(0)).square()
+            return count / (count - 1) * controlled_spread(spread, control, exact * (count - 1) / count)
+
+        everything, half = torch.arange(finals.shape[0]), finals.shape[0] // 2
+        self.controlled = controlled(everything)
+        halves = compare(controlled(everything[:half]), controlled(everything[half:]), None)
+        whole = 2 * halves["map_r"] / (1 + halves["map_r"])
+        against = compare(self.controlled, self.truth.variance, None)
+        self.controlled_reliability = dict(
+            half_map_r=halves["map_r"], half_spearman=halves["spearman"], whole_map_r=whole, ceiling=whole**0.5,
+            mean_ratio=against["ratio"], map_r=against["map_r"], spearman=against["spearman"],
+        )
 
     # -------------------------------------------------------------- the moment recurrence
     def recurrence(self):
@@ -297,7 +391,8 @@ class Bench:
         for draws, most in kinds.items():
             streams = 2 * most if self.stochastic else None
             centre = "map" if self.stochastic else "mean"
-            runs = [self.trajectories(seed, most, draws, centre, streams, return_draws=True) for seed in SEEDS]
+            runs = [self.trajectories(seed, most, draws, centre, streams, return_draws=True, kept=f"{draws}-seed{seed}")
+                    for seed in SEEDS]
             copies_run = runs[0][0].timings["model_forwards_per_image"] / self.steps - 1
             seconds_per_copy = (runs[0][1] - self.plain) / copies_run
             for samples, streams_used in _subsets(most, self.stochastic):
@@ -438,7 +533,8 @@ def _first_draws(draws, samples: int, streams: int, kind: str):
 
 # ------------------------------------------------------------------------------------------ report
 COLUMNS = ("| estimator | setting | mean Var / truth | map r | map r within images | score ρ | map r, corrected | "
-           "score ρ, corrected | between-seed r | forwards / image | time / plain |")
+           "score ρ, corrected | map r, controlled truth | score ρ, controlled truth | between-seed r | forwards / image | "
+           "time / plain |")
 
 
 def render(results: list[dict]) -> str:
@@ -454,7 +550,9 @@ def render(results: list[dict]) -> str:
         "of the per-image sums; \"between-seed r\": the map of seed 1 against seed 2 (— : no randomness). "
         "\"corrected\": map r and score ρ divided by the truth's own ceiling (the square root of the whole truth's "
         "reliability, from its split halves by Spearman–Brown): the value against an exact truth, correcting for the "
-        "truth's Monte Carlo noise only; \"—\" where the truth's halves do not agree on the scores at all. The bars "
+        "truth's Monte Carlo noise only; \"—\" where the truth's halves do not agree on the scores at all. \"controlled "
+        "truth\" (deterministic samplers, runs since 2026-12-07): the same comparison against the truth's own draws "
+        "with the feedback-free control variate (docs/MATH.md §14.6), a far less noisy yardstick of the same quantity. The bars "
         "of issue 22 are judged on the raw values; the corrected ones say whether a miss is the estimator's or the "
         "yardstick's. A \"presets\" grid runs only what decides the presets and the bars. \"Draws shared by all "
         "images\" (the package's default, docs/MATH.md §14.10): the truth and every trajectory estimator give all images "
@@ -484,20 +582,25 @@ def render(results: list[dict]) -> str:
                    if score_ceiling(result["truth_reliability"]) else "")
                 if "truth_reliability" in result else ""
             )
-            + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min; load average "
+            + _controlled_sentence(result.get("controlled_truth"))
+            + f". Plain loop {result['plain_s']:.2f} s; whole run {result['wall_s'] / 60:.1f} min"
+            + "".join(f" + kept {name} run {seconds / 60:.1f} min" for name, seconds in result.get("reused_runs", {}).items())
+            + "; load average "
             f"{result['load_start'][0]:.1f} at the start, {result['load_end'][0]:.1f} at the end; torch {result['torch']}, "
             f"{result['threads']} thread on {result.get('device', 'cpu')}; grid: {result.get('grid', 'full')}"
             + (" (stopped early: the rows so far)" if result.get("partial") else "") + ".",
             "",
         ]
         lines += _preset_lines(result) + [""] + _verdict(result) + ["", COLUMNS + (" sampler-noise part / truth's |" if result["stochastic"] else ""),
-                                     "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
+                                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result["stochastic"] else "")]
         for row in result["rows"]:
             seed_r = "—" if row["seed_r"] is None else f"{row['seed_r']:.2f}"
             map_c, score_c = corrected(row, result.get("truth_reliability"))
             cells = [row["estimator"], row["setting"], f"{row['ratio']:.3g}", f"{row['map_r']:.3f}",
                      f"{row['image_map_r']:.3f}" if "image_map_r" in row else "—", f"{row['spearman']:.2f}", "—" if map_c is None else f"{map_c:.3f}",
-                     "—" if score_c is None else f"{score_c:.2f}", seed_r, f"{row['forwards']:.0f}",
+                     "—" if score_c is None else f"{score_c:.2f}",
+                     f"{row['vs_controlled']['map_r']:.3f}" if "vs_controlled" in row else "—",
+                     f"{row['vs_controlled']['spearman']:.2f}" if "vs_controlled" in row else "—", seed_r, f"{row['forwards']:.0f}",
                      f"{row['time_ratio']:.1f}×"]
             if result["stochastic"]:
                 cells.append(f"{row['aleatoric_ratio']:.3g}" if "aleatoric_ratio" in row else "—")
@@ -532,8 +635,23 @@ def _preset_lines(result: dict) -> list[str]:
                 f"{row['time_ratio']:.1f}× plain")
         if "aleatoric_ratio" in row:
             text += f", sampler-noise part {_ratio(row['aleatoric_ratio'])}× the truth's"
+        if "vs_controlled" in row:
+            against = row["vs_controlled"]
+            text += (f"; against the controlled truth: mean ratio {_ratio(against['ratio'])}, map r {against['map_r']:.3f}, "
+                     f"score ρ {against['spearman']:.2f}")
         lines.append(text)
     return lines
+
+
+def _controlled_sentence(controlled: dict | None) -> str:
+    """The controlled truth's own agreement (halves, ceilings) and its agreement with the plain truth."""
+    if not controlled:
+        return ""
+    return (f". The same draws with the control variate (the controlled truth, docs/MATH.md §14.6): halves agree at map r "
+            f"{controlled['half_map_r']:.3f}, score ρ {controlled['half_spearman']:.2f} (ceilings map r "
+            f"{controlled['ceiling']:.3f}" + (f", score ρ {score_ceiling(controlled):.2f}" if score_ceiling(controlled) else "")
+            + f"); against the plain truth: map r {controlled['map_r']:.3f}, score ρ {controlled['spearman']:.2f}, mean "
+            f"ratio {_ratio(controlled['mean_ratio'])}")
 
 
 def _ratio(value: float) -> str:
@@ -578,6 +696,17 @@ def _verdict(result: dict) -> list[str]:
                              f"map r {map_c:.3f}, score ρ {score_text} ({best['forwards']:.0f} forwards per image)")
             else:
                 lines.append(f"* {bar}, corrected for the truth's noise: not met")
+    if any("vs_controlled" in r for r in rows):
+        for bar, meets in bars.items():
+            passing = sorted((r for r in rows if "vs_controlled" in r and meets(r["vs_controlled"])
+                              and 0.5 <= r["vs_controlled"]["ratio"] <= 2), key=lambda r: (r["forwards"], r["time_ratio"]))
+            if passing:
+                best, against = passing[0], passing[0]["vs_controlled"]
+                lines.append(f"* {bar}, against the controlled truth: cheapest {best['estimator']}, {best['setting']} — "
+                             f"map r {against['map_r']:.3f}, score ρ {against['spearman']:.2f} ({best['forwards']:.0f} "
+                             "forwards per image)")
+            else:
+                lines.append(f"* {bar}, against the controlled truth: not met")
     return lines
 
 
@@ -597,6 +726,11 @@ def main() -> None:
     parser.add_argument("--per-image-draws", action="store_true",
                         help="every trajectory estimator and the truth with each image's own weight draws and noise streams "
                         "(default: the draws shared by all images, from each run's seed; results to <config>.per-image.json)")
+    parser.add_argument("--keep-draws", type=Path, default=None,
+                        help="folder for the truth's and the trajectory runs' draws (<config>.<run>.pt), for offline analyses")
+    parser.add_argument("--reuse-draws", type=Path, default=None,
+                        help="folder of kept runs (--keep-draws) of the same configuration: those found there are loaded, "
+                        "not run again (the table's other rows are computed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
@@ -612,7 +746,8 @@ def main() -> None:
             atomic_write(path, json.dumps(result, indent=1).encode())
 
         result = Bench(args.config, torch.device(args.device), args.truth_draws, args.grid, save, args.max_draws,
-                       shared_draws=not args.per_image_draws).run()
+                       shared_draws=not args.per_image_draws, keep_draws=args.keep_draws,
+                       reuse_draws=args.reuse_draws).run()
         print(f"wrote {path} in {result['wall_s'] / 60:.1f} min")
     if args.report:
         # every result file: <config>.json from the latest run, older runs kept beside it under other names

@@ -17,8 +17,9 @@ Presets (measured against trajectory Monte Carlo with M ≥ 64 in ``python/BENCH
   the digits model and on a random-init UNet's DDIM, 0.967 against a truth of M = 512);
 * ``'fast'``: the cheapest estimator on the table with map r ≥ 0.9 wherever the truth can see it; with
   the draws shared by all images (``shared_draws``, the default: docs/MATH.md §14.10) its per-image
-  scores rank as the truth's at Spearman ρ 0.97 on digits DDIM and 0.82 on a random-init UNet's DDIM
-  (0.88 corrected for the truth's own noise); on DDPM the truth itself cannot rank the images (ρ ≤ 0.81);
+  scores rank as the truth's at Spearman ρ 0.97 on digits DDIM and 0.89 on a random-init UNet's DDIM
+  against a truth of 256 shared draws (0.96 against the same draws with the control variate, a truth
+  that sees the ranks: docs/MATH.md §14.6); on DDPM the truth itself cannot rank the images (ρ ≤ 0.81);
 * ``'paper'``: BayesDiff's recurrence with the paper's settings (Skip 5, S = 10), as in its
   reproduction — it does not track the truth (docs/MATH.md §2.3).
 
