@@ -526,9 +526,10 @@ namespace {
 #endif
 
 // projection (R × P) = directions (R × D) · patches (D × P), without the bias (the mix adds it).
-// float32 goes through oneDNN's matmul where it keeps IEEE float32 math: on this AMD EPYC (AVX-512)
-// MKL's SGEMM ran the conv heads' GEMMs 0.75–1.0× as fast as oneDNN (quiet, CelebA-like and SD-like,
-// 1 and 2 threads), and the eager composition's oneDNN convolution beat MKL in about half the runs.
+// float32 goes through oneDNN's matmul unless the user allowed it reduced-precision math (bf16/tf32):
+// on the AMD EPYC (Zen 4) where it was measured, MKL's SGEMM took 1.1–1.3× oneDNN's time for the conv
+// heads' GEMMs (quiet, 1 and 2 threads: CelebA-like 156 against 120 ms, SD-like 228 against 207 ms
+// at 1 thread), and with MKL the op lost to the eager composition's oneDNN convolution in some runs.
 void project_patches(const at::Tensor& directions, const at::Tensor& patches, at::Tensor& projection) {
 #if AT_MKLDNN_ENABLED() && defined(__x86_64__)
   const auto precision = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
@@ -546,6 +547,7 @@ void project_patches(const at::Tensor& directions, const at::Tensor& patches, at
 // 320→4 at 32²: 1.10–1.17× the eager conv2d → square → mix, against 1.0× through the convolution);
 // with more, narrower tiles (ADM-like 256→3 at 128², 10 tiles) it fell to 0.90–0.97×, and the
 // convolution of each tile's input rows (ATen's conv2d, oneDNN on the CPU) runs at 1.02–1.04×.
+// (With the GEMM in oneDNN, ADM-like's patches ran at 1.07–1.08×, within the convolution's spread.)
 constexpr int64_t kMostTilesForPatches = 2;
 constexpr int64_t kFactoredMinBandPixels = 512;
 
@@ -580,12 +582,11 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
         projection = at::empty({rank * pixels}, args.var.options());
       }
       // Each thread takes a band of the tile's rows through all three steps in its own part of the
-      // buffers, BLAS single-threaded inside: no barrier between the steps, and each GEMM on one core.
-      // MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the bands
-      // 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet). In some
-      // runs both scale only 1.5–1.7× (the GEMMs slow down on two cores, oneDNN's convolution in the
-      // eager composition does not). With fewer than kFactoredMinBandPixels per thread the GEMMs
-      // would be too narrow, so the tile stays whole and BLAS threads it.
+      // buffers, the GEMM single-threaded inside: no barrier between the steps, and each GEMM on one
+      // core. MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the
+      // bands 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet);
+      // with oneDNN's matmul the bands scale 1.77–1.89×. With fewer than kFactoredMinBandPixels per
+      // thread the GEMMs would be too narrow, so the tile stays whole and the GEMM threads it.
       const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads, rows) : 1;
       at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
         for (int64_t band = begin; band < end; ++band) {
