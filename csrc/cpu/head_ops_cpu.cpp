@@ -585,9 +585,14 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
       // buffers, the GEMM single-threaded inside: no barrier between the steps, and each GEMM on one
       // core. MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the
       // bands 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet);
-      // with oneDNN's matmul the bands scale 1.77–1.89×. With fewer than kFactoredMinBandPixels per
-      // thread the GEMMs would be too narrow, so the tile stays whole and the GEMM threads it.
-      const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads, rows) : 1;
+      // with oneDNN's matmul the bands scale 1.77–1.89×. Each thread takes as many bands of at least
+      // kFactoredMinBandPixels as fit: a GEMM's output (R × band) is revisited once per block of its
+      // sum over D, and SD-like's whole 1024-pixel tile (12 MB of output beside the 33 MB of
+      // directions) ran at 0.99–1.09× eager at 1 thread, two 512-pixel bands at 1.15× (quiet, same
+      // hour). With fewer than kFactoredMinBandPixels per thread the GEMMs would be too narrow, so the
+      // tile stays whole and the GEMM threads it.
+      const int64_t per_thread = std::max<int64_t>(1, pixels / (threads * kFactoredMinBandPixels));
+      const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads * per_thread, rows) : 1;
       at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
         for (int64_t band = begin; band < end; ++band) {
           const int64_t first = oh0 + rows * band / bands;
