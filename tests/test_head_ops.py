@@ -189,11 +189,12 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, threads", [(37, 2), (53, 2), (53, 1)], ids=["2-bands", "2-bands-a-thread", "4-bands"])
+@pytest.mark.parametrize("rows, threads", [(37, 2), (53, 2), (53, 1)], ids=["2-bands-a-thread", "4-bands-a-thread", "8-bands"])
 def test_conv_head_var_factored_cpu_thread_bands(rows, threads, dtype):
-    """A tile of ≥ 2·512 pixels (here 41 wide) is split into bands of rows of at least 512 pixels,
-    the same number for each thread (37 rows at 2 threads: 18 + 19; 53 rows at 1 or 2 threads: four
-    bands of 13–14), each gathered, projected and mixed on its own; the result must not depend on it."""
+    """A tile of ≥ 2·256 pixels (here 41 wide) is split into bands of rows of at least 256 pixels,
+    the same number for each thread (37 rows at 2 threads: 4 bands of 9–10 rows; 53 rows at 1 or 2
+    threads: 8 bands of 6–7), each gathered, projected and mixed on its own; the result must not
+    depend on it."""
     case = Factored(Conv(2, 3, 4, rows, 41, (3, 3), padding=(1, 1)), rank=28)
     args = _factored_inputs(case, dtype, "cpu")
     before = torch.get_num_threads()

@@ -366,8 +366,9 @@ void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
 // (D × P) through one GEMM, or the convolution of its input rows) is squared and mixed into the C
 // outputs; the (R × P) projection of one tile (and its patches) is all that is ever held.
 
-// Whole output rows per tile, as many as fit this budget for the tile's buffers (BLAS is far less
-// efficient on narrow tiles: 256 pixels ran 1.7× slower than 4096), but at most kFactoredMaxTilePixels.
+// Whole output rows per tile, as many as fit this budget for the tile's buffers (with MKL, tiles of
+// 256 pixels ran 1.7× slower than 4096; the patches path now splits a tile into narrower bands for
+// oneDNN's matmul), but at most kFactoredMaxTilePixels.
 constexpr int64_t kFactoredTileBytes = int64_t(32) << 20;
 constexpr int64_t kFactoredMaxTilePixels = 4096;
 
@@ -549,7 +550,7 @@ void project_patches(const at::Tensor& directions, const at::Tensor& patches, at
 // convolution of each tile's input rows (ATen's conv2d, oneDNN on the CPU) runs at 1.02–1.04×.
 // (With the GEMM in oneDNN, ADM-like's patches ran at 1.07–1.08×, within the convolution's spread.)
 constexpr int64_t kMostTilesForPatches = 2;
-constexpr int64_t kFactoredMinBandPixels = 512;
+constexpr int64_t kFactoredMinBandPixels = 256;
 
 template <typename T>
 void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
@@ -585,12 +586,12 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
       // buffers, the GEMM single-threaded inside: no barrier between the steps, and each GEMM on one
       // core. MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the
       // bands 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet);
-      // with oneDNN's matmul the bands scale 1.77–1.89×. Each thread takes as many bands of at least
+      // with oneDNN's matmul the bands scale 1.8–2.0×. Each thread takes as many bands of at least
       // kFactoredMinBandPixels as fit: a GEMM's output (R × band) is revisited once per block of its
-      // sum over D, and SD-like's whole 1024-pixel tile (12 MB of output beside the 33 MB of
-      // directions) ran at 0.99–1.09× eager at 1 thread, two 512-pixel bands at 1.15× (quiet, same
-      // hour). With fewer than kFactoredMinBandPixels per thread the GEMMs would be too narrow, so the
-      // tile stays whole and the GEMM threads it.
+      // sum over D, so narrow bands keep it in cache. Quiet, same hour, eager / fused at 1 | 2 threads:
+      // SD-like (R = 2881, 1024 pixels) one band a thread 0.99–1.09× | 1.03–1.08×, bands of ≥ 512
+      // pixels 1.15× | 1.06×, ≥ 256 1.28× | 1.40×, ≥ 128 1.28× | 1.33×; CelebA-like 1.22–1.32× in all.
+      // With fewer than kFactoredMinBandPixels per thread the tile stays whole and the GEMM threads it.
       const int64_t per_thread = std::max<int64_t>(1, pixels / (threads * kFactoredMinBandPixels));
       const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads * per_thread, rows) : 1;
       at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
