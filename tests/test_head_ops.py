@@ -189,17 +189,20 @@ def test_conv_head_var_factored_spans_several_tiles(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_head_var_factored_cpu_thread_bands(dtype):
-    """At 2 threads a tile of ≥ 2·512 pixels is split into bands of rows, one per thread (37 rows:
-    18 + 19), each gathered, projected and mixed on its own; the result must not depend on it."""
-    case = Factored(Conv(2, 3, 4, 37, 41, (3, 3), padding=(1, 1)), rank=28)
+@pytest.mark.parametrize("rows, threads", [(37, 2), (53, 2), (53, 1)], ids=["2-bands-a-thread", "4-bands-a-thread", "8-bands"])
+def test_conv_head_var_factored_cpu_thread_bands(rows, threads, dtype):
+    """A tile of ≥ 2·256 pixels (here 41 wide) is split into bands of rows of at least 256 pixels,
+    the same number for each thread (37 rows at 2 threads: 4 bands of 9–10 rows; 53 rows at 1 or 2
+    threads: 8 bands of 6–7), each gathered, projected and mixed on its own; the result must not
+    depend on it."""
+    case = Factored(Conv(2, 3, 4, rows, 41, (3, 3), padding=(1, 1)), rank=28)
     args = _factored_inputs(case, dtype, "cpu")
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         var = torch.ops.bayesdiff_ext.conv_head_var_factored(*args, *case.conv.geometry)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     ref = reference.conv_head_var_factored(*args, *case.conv.geometry)
     _assert_within(var, ref, _factored_bound(*args, case.conv.geometry), dtype)
 

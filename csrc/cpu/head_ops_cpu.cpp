@@ -1,6 +1,8 @@
 // CPU implementation of the head ops (docs/MATH.md §1.1): the per-element math of
 // kernels/head_math.h in register-blocked loops of explicit vectors (cpu/simd.h), compiled per ISA
 // and picked at run time (the head is compute-bound, so the vector width matters).
+#include <ATen/Config.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/constant_pad_nd.h>
@@ -364,8 +366,9 @@ void compute_linear_head_mean_var(const glue::LinearHeadMeanVarArgs& args) {
 // (D × P) through one GEMM, or the convolution of its input rows) is squared and mixed into the C
 // outputs; the (R × P) projection of one tile (and its patches) is all that is ever held.
 
-// Whole output rows per tile, as many as fit this budget for the tile's buffers (BLAS is far less
-// efficient on narrow tiles: 256 pixels ran 1.7× slower than 4096), but at most kFactoredMaxTilePixels.
+// Whole output rows per tile, as many as fit this budget for the tile's buffers (with MKL, tiles of
+// 256 pixels ran 1.7× slower than 4096; the patches path now splits a tile into narrower bands for
+// oneDNN's matmul), but at most kFactoredMaxTilePixels.
 constexpr int64_t kFactoredTileBytes = int64_t(32) << 20;
 constexpr int64_t kFactoredMaxTilePixels = 4096;
 
@@ -426,8 +429,8 @@ void gather_patches(const ConvGeometry& g, const T* image, int64_t oh0, int64_t 
 // Chunks of pixels small enough that the C output rows stay in L1 while the R projection rows
 // stream through once each.
 template <typename Acc>
-void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels, const Acc* mix,
-                             const Acc* bias_var, int64_t channels, int64_t plane, Acc* out) {
+void mix_squared_projections(const Acc* projection, const Acc* proj_bias, int64_t rank, int64_t pixels,
+                             const Acc* mix, const Acc* bias_var, int64_t channels, int64_t plane, Acc* out) {
   at::parallel_for(0, pixels, 512, [&](int64_t begin, int64_t end) {
     for (int64_t c = 0; c < channels; ++c) {
       const Acc bv = bias_var ? bias_var[c] : Acc(0);
@@ -435,10 +438,11 @@ void mix_squared_projections(const Acc* projection, int64_t rank, int64_t pixels
     }
     for (int64_t r = 0; r < rank; ++r) {
       const Acc* proj = projection + r * pixels;
+      const Acc beta = proj_bias ? proj_bias[r] : Acc(0);
       for (int64_t c = 0; c < channels; ++c) {
         const Acc m = mix[c * rank + r];
         Acc* out_c = out + c * plane;
-        for (int64_t p = begin; p < end; ++p) out_c[p] = accumulate_squared_projection(out_c[p], m, proj[p]);
+        for (int64_t p = begin; p < end; ++p) out_c[p] = accumulate_squared_projection(out_c[p], m, proj[p] + beta);
       }
     }
     for (int64_t c = 0; c < channels; ++c) {
@@ -510,13 +514,43 @@ int64_t rows_per_tile(const ConvGeometry& g, int64_t bytes_per_pixel) {
   return even_tile(std::max<int64_t>(1, g.out_h), std::max<int64_t>(1, pixels / std::max<int64_t>(1, g.out_w)));
 }
 
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
+}  // namespace
+}  // namespace bdx::cpu
+namespace at::native {
+// ATen's oneDNN matmul (aten/src/ATen/native/mkldnn/Matmul.h, exported from libtorch_cpu but not
+// among the installed headers): result = alpha·mat1·mat2 + beta·result, float32 on x86.
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
+}  // namespace at::native
+namespace bdx::cpu {
+namespace {
+#endif
+
+// projection (R × P) = directions (R × D) · patches (D × P), without the bias (the mix adds it).
+// float32 goes through oneDNN's matmul unless the user allowed it reduced-precision math (bf16/tf32):
+// on the AMD EPYC (Zen 4) where it was measured, MKL's SGEMM took 1.1–1.3× oneDNN's time for the conv
+// heads' GEMMs (quiet, 1 and 2 threads: CelebA-like 156 against 120 ms, SD-like 228 against 207 ms
+// at 1 thread), and with MKL the op lost to the eager composition's oneDNN convolution in some runs.
+void project_patches(const at::Tensor& directions, const at::Tensor& patches, at::Tensor& projection) {
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
+  const auto precision = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  if (projection.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+      precision != at::Float32Precision::BF16 && precision != at::Float32Precision::TF32) {
+    at::native::mkldnn_matmul(directions, patches, projection, 0.0f, 1.0f);
+    return;
+  }
+#endif
+  at::mm_out(projection, directions, patches);
+}
+
 // The projection of a tile, one of two ways. The patches and one GEMM is the faster where an image
 // takes at most two tiles (measured, quiet, 1 and 2 threads: CelebA-like 128→3 at 64², SD-like
 // 320→4 at 32²: 1.10–1.17× the eager conv2d → square → mix, against 1.0× through the convolution);
 // with more, narrower tiles (ADM-like 256→3 at 128², 10 tiles) it fell to 0.90–0.97×, and the
 // convolution of each tile's input rows (ATen's conv2d, oneDNN on the CPU) runs at 1.02–1.04×.
+// (With the GEMM in oneDNN, ADM-like's patches ran at 1.07–1.08×, within the convolution's spread.)
 constexpr int64_t kMostTilesForPatches = 2;
-constexpr int64_t kFactoredMinBandPixels = 512;
+constexpr int64_t kFactoredMinBandPixels = 256;
 
 template <typename T>
 void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
@@ -528,7 +562,6 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
   const bool through_patches = (g.out_h + patch_rows - 1) / patch_rows <= kMostTilesForPatches;
   const int64_t tile_rows = through_patches ? patch_rows : rows_per_tile(g, rank * static_cast<int64_t>(sizeof(Acc)));
   const auto directions = args.proj_weight.view({rank, taps});
-  const auto proj_bias = args.proj_bias.defined() ? args.proj_bias.unsqueeze(1) : at::Tensor();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::Tensor patches;
   at::Tensor projection;
@@ -540,7 +573,7 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
       const int64_t pixels = rows * g.out_w;
       if (!through_patches) {
         projection = project_rows(args, b, oh0, rows);
-        mix_squared_projections(projection.const_data_ptr<Acc>(), rank, pixels, args.mix.const_data_ptr<Acc>(),
+        mix_squared_projections<Acc>(projection.const_data_ptr<Acc>(), nullptr, rank, pixels, args.mix.const_data_ptr<Acc>(),
                                 glue::data_or_null<Acc>(args.bias_var), args.channels, g.out_pixels(),
                                 out_image + oh0 * g.out_w);
         continue;
@@ -550,13 +583,17 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
         projection = at::empty({rank * pixels}, args.var.options());
       }
       // Each thread takes a band of the tile's rows through all three steps in its own part of the
-      // buffers, BLAS single-threaded inside: no barrier between the steps, and each GEMM on one core.
-      // MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the bands
-      // 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet). In some
-      // runs both scale only 1.5–1.7× (the GEMMs slow down on two cores, oneDNN's convolution in the
-      // eager composition does not). With fewer than kFactoredMinBandPixels per thread the GEMMs
-      // would be too narrow, so the tile stays whole and BLAS threads it.
-      const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads, rows) : 1;
+      // buffers, the GEMM single-threaded inside: no barrier between the steps, and each GEMM on one
+      // core. MKL's own threads on the whole tile scaled 1.75–1.97× from 1 to 2 threads here, the
+      // bands 1.85–2.00×, in 0.95–1.03× MKL's time in the same runs (CelebA-like, SD-like, quiet);
+      // with oneDNN's matmul the bands scale 1.8–2.0×. Each thread takes as many bands of at least
+      // kFactoredMinBandPixels as fit: a GEMM's output (R × band) is revisited once per block of its
+      // sum over D, so narrow bands keep it in cache. Quiet, same hour, eager / fused at 1 | 2 threads:
+      // SD-like (R = 2881, 1024 pixels) one band a thread 0.99–1.09× | 1.03–1.08×, bands of ≥ 512
+      // pixels 1.15× | 1.06×, ≥ 256 1.28× | 1.40×, ≥ 128 1.28× | 1.33×; CelebA-like 1.22–1.32× in all.
+      // With fewer than kFactoredMinBandPixels per thread the tile stays whole and the GEMM threads it.
+      const int64_t per_thread = std::max<int64_t>(1, pixels / (threads * kFactoredMinBandPixels));
+      const int64_t bands = pixels >= threads * kFactoredMinBandPixels ? std::min(threads * per_thread, rows) : 1;
       at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
         for (int64_t band = begin; band < end; ++band) {
           const int64_t first = oh0 + rows * band / bands;
@@ -566,12 +603,9 @@ void factored_conv(const glue::ConvHeadVarFactoredArgs& args) {
           auto band_patches = patches.narrow(0, taps * offset, taps * band_pixels).view({taps, band_pixels});
           auto band_projection = projection.narrow(0, rank * offset, rank * band_pixels).view({rank, band_pixels});
           gather_patches(g, image, first, band_rows, band_patches.data_ptr<Acc>());
-          if (proj_bias.defined()) {
-            at::addmm_out(band_projection, proj_bias, directions, band_patches);
-          } else {
-            at::mm_out(band_projection, directions, band_patches);
-          }
-          mix_squared_projections(band_projection.const_data_ptr<Acc>(), rank, band_pixels,
+          project_patches(directions, band_patches, band_projection);
+          mix_squared_projections(band_projection.const_data_ptr<Acc>(), glue::data_or_null<Acc>(args.proj_bias),
+                                  rank, band_pixels,
                                   args.mix.const_data_ptr<Acc>(), glue::data_or_null<Acc>(args.bias_var),
                                   args.channels, g.out_pixels(), out_image + first * g.out_w);
         }
