@@ -234,7 +234,7 @@ class Bench:
     def reused(self, name: str, centre: str, draws: str):
         """A kept run (:meth:`keep`) as the run's output: its draws, moments, forwards and time (scaled by this
         process's plain loop over the keeping process's, so that its time ratio is the keeping run's)."""
-        kept = torch.load(self.reuse_draws / f"{self.name}.{name}.pt")
+        kept = torch.load(self.reuse_draws / f"{self.name}.{name}.pt", weights_only=True)
         if not torch.equal(kept["x_t"], self.x_t.cpu()):
             raise ValueError(f"{name}: kept for other x_T (another --images or config)")
         deviations = kept["deviations"].expand(-1, -1, self.batch, -1) if self.shared_draws else kept["deviations"]

@@ -30,7 +30,7 @@ from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread
 
 def load_run(folder: Path, config: str, run: str):
     """A kept run: finals (M, B, ...), the MAP images (B, ...), weight deviations (M, P), φ̃."""
-    kept = torch.load(folder / f"{config}.{run}.pt")
+    kept = torch.load(folder / f"{config}.{run}.pt", weights_only=True)
     return kept["finals"][0].double(), kept["maps"][0].double(), kept["deviations"][0, :, 0], kept["phi_tilde"]
 
 
