@@ -166,6 +166,25 @@ def compare(estimate: torch.Tensor, truth: torch.Tensor, other_seed: torch.Tenso
     )
 
 
+
+def draw_controls(spec, phi_tilde: torch.Tensor, deviations: torch.Tensor) -> torch.Tensor:
+    """L_m = head(φ̃; Δθ_m), every draw's response without feedback (docs/MATH.md §14.5), float64 (M, B, ...);
+    `deviations` (M, B, P), or (M, 1, P) / (M, P) for draws shared by all images."""
+    batch = phi_tilde.shape[0]
+    return torch.stack(
+        [head_perturbation(spec, phi_tilde, d.expand(batch, -1).contiguous()) for d in deviations]
+    ).to(torch.float64)
+
+
+def controlled_truth(finals: torch.Tensor, controls: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """The controlled truth (docs/MATH.md §14.6): the draws' spread around their mean with the feedback-free
+    control, n/(n − 1)·(mean (x − x̄)² − β·(mean (L − L̄)² − (n − 1)/n·V)), β per image (the package's
+    :func:`controlled_spread`). `finals` and `controls` (M, B, ...), `exact` = V (B, ...)."""
+    count = finals.shape[0]
+    spread = (finals - finals.mean(0)).square()
+    control = (controls - controls.mean(0)).square()
+    return count / (count - 1) * controlled_spread(spread, control, exact * (count - 1) / count)
+
 # ------------------------------------------------------------------------------------------ the bench
 class Bench:
     def __init__(self, name: str, device: torch.device, truth_draws: int = TRUTH_DRAWS, grid: str = "full", save=None,
@@ -331,14 +350,11 @@ class Bench:
         with them. Also its halves' agreement, against the plain truth and as ceilings."""
         phi_tilde = self.feedback_free_features()
         exact = self.posterior.predict(phi_tilde)[1].to(torch.float64)
-        finals, deviations = draws.finals[0].to(torch.float64), draws.deviations[0]
-        controls = torch.stack([head_perturbation(self.posterior.spec, phi_tilde, d) for d in deviations]).to(torch.float64)
+        finals = draws.finals[0].to(torch.float64)
+        controls = draw_controls(self.posterior.spec, phi_tilde, draws.deviations[0])
 
         def controlled(rows):
-            count = len(rows)
-            spread = (finals[rows] - finals[rows].mean(0)).square()
-            control = (controls[rows] - controls[rows].mean(0)).square()
-            return count / (count - 1) * controlled_spread(spread, control, exact * (count - 1) / count)
+            return controlled_truth(finals[rows], controls[rows], exact)
 
         everything, half = torch.arange(finals.shape[0]), finals.shape[0] // 2
         self.controlled = controlled(everything)

@@ -21,10 +21,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
 
 import bench_truth
-from bayesdiff_ext.posterior.perturbation import head_perturbation
+from bench_truth import controlled_truth, draw_controls
 from bayesdiff_ext.sampler.trajectory_statistics import controlled_spread
 
 
@@ -32,12 +31,6 @@ def load_run(folder: Path, config: str, run: str):
     """A kept run: finals (M, B, ...), the MAP images (B, ...), weight deviations (M, P), φ̃."""
     kept = torch.load(folder / f"{config}.{run}.pt", weights_only=True)
     return kept["finals"][0].double(), kept["maps"][0].double(), kept["deviations"][0, :, 0], kept["phi_tilde"]
-
-
-def controls(spec, phi: torch.Tensor, deviations: torch.Tensor) -> torch.Tensor:
-    """L_m = head(φ̃; Δθ_m) for every draw: (M, B, ...)."""
-    batch = phi.shape[0]
-    return torch.stack([head_perturbation(spec, phi, d.expand(batch, -1).contiguous()) for d in deviations]).double()
 
 
 def estimators(dev_sq: torch.Tensor, control_sq: torch.Tensor, exact: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,21 +60,14 @@ def estimators(dev_sq: torch.Tensor, control_sq: torch.Tensor, exact: torch.Tens
     }
 
 
-def controlled_truth(finals: torch.Tensor, control: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """Draws around their mean with the feedback-free control variate, unbiased up to O(1/M)."""
-    n = finals.shape[0]
-    spread = (finals - finals.mean(0)).square()
-    control_spread = (control - control.mean(0)).square()
-    return n / (n - 1) * controlled_spread(spread, control_spread, exact * (n - 1) / n)
-
-
 def agreement(estimate: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    row = bench_truth.compare(estimate, reference, None)
     scores, true_scores = estimate.flatten(1).sum(1), reference.flatten(1).sum(1)
     return {
-        "map r": bench_truth.pearson(estimate, reference),
-        "within": sum(bench_truth.pearson(a, b) for a, b in zip(estimate, reference)) / len(reference),
-        "score ρ": float(spearmanr(scores.numpy(), true_scores.numpy()).statistic),
-        "mean ratio": float(estimate.mean() / reference.mean()),
+        "map r": row["map_r"],
+        "within": row["image_map_r"],
+        "score ρ": row["spearman"],
+        "mean ratio": row["ratio"],
         "image error": float(torch.log(scores / true_scores).std()),
         "score r": bench_truth.pearson(scores, true_scores),
     }
@@ -114,7 +100,7 @@ def main() -> None:
     scores = truth.flatten(1).sum(1)
     print(f"truth: M = {draws}, {finals.shape[1]} images, true scores' coefficient of variation "
           f"{float(scores.std() / scores.mean()):.4f}")
-    control = controls(posterior.spec, phi, deviations)
+    control = draw_controls(posterior.spec, phi, deviations)
     half = draws // 2
     print_table([{"controlled truth": agreement(controlled_truth(finals, control, exact), truth)}],
                 "the controlled truth against the plain truth")
